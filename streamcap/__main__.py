@@ -1,0 +1,3 @@
+from streamcap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The ``streamcap`` command line.
+
+Every expected failure is a :class:`~streamcap.errors.StreamcapError` and ends
+as one ``streamcap: error: ...`` line per problem on stderr, never a traceback
+(``--debug`` shows it). Exit codes: 0 success, 1 runtime failure, 2 bad
+configuration or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamcap import __version__
+from streamcap.errors import ConfigError, StreamcapError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamcap",
+        description="Live natural-language captioning of everyday sound.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamcap {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="capture, window, caption and publish until stopped")
+    run.add_argument("--config", type=Path, help="config file (default: embedded defaults)")
+    run.add_argument("--model", help="bundle directory or preset name (overrides [model] bundle)")
+    run.add_argument("--source", metavar="URI",
+                     help="capture this URI instead of the configured sources")
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("path", nargs="?", type=Path, default=Path("config.toml"),
+                       help="config file (default: ./config.toml)")
+
+    devices = sub.add_parser("devices", help="list audio capture devices")
+    devices.add_argument("--json", action="store_true", help="print JSON")
+
+    caption = sub.add_parser("caption", help="caption audio files window by window")
+    caption.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    caption.add_argument("--model", help="bundle directory or preset name")
+    caption.add_argument("--config", type=Path, help="config file for model and decoding")
+    caption.add_argument("--window-s", type=float, default=None, help="window length (s)")
+    caption.add_argument("--hop-s", type=float, default=None, help="hop between windows (s)")
+    caption.add_argument("--json", action="store_true", help="print one JSON object per window")
+
+    models = sub.add_parser("models", help="model presets and bundles")
+    msub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+    presets = msub.add_parser("presets", help="list presets with parameter counts")
+    presets.add_argument("--json", action="store_true", help="print JSON")
+    build = msub.add_parser("build", help="write a bundle with a preset's (random) weights")
+    build.add_argument("preset")
+    build.add_argument("directory", type=Path)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--overwrite", action="store_true")
+    verify = msub.add_parser("verify", help="check a bundle's manifest and hashes")
+    verify.add_argument("directory", type=Path)
+    convert = msub.add_parser("convert-dac",
+                              help="convert a descript DAC weights .pth into a codec state dict")
+    convert.add_argument("pth", type=Path)
+    convert.add_argument("output", type=Path, help="output .safetensors file")
+    return parser
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from streamcap.config import load_config
+
+    config = load_config(args.path)
+    names = ", ".join(config.sources) or "none (embedded default source)"
+    sinks = ", ".join(f"{n} ({s.plugin})" for n, s in config.sinks.items()) or "none"
+    print(f"{args.path}: valid; sources: {names}; sinks: {sinks}")
+    return EXIT_OK
+
+
+def _cmd_devices(args: argparse.Namespace) -> int:
+    from streamcap.sources.devices import list_input_devices
+
+    devices, reason = list_input_devices()
+    if args.json:
+        print(json.dumps({"devices": [d.to_dict() for d in devices], "note": reason}, indent=2))
+        return EXIT_OK
+    if not devices:
+        print(f"no audio capture devices found{': ' + reason if reason else ''}")
+        return EXIT_OK
+    for d in devices:
+        mark = "*" if d.is_default else " "
+        print(f"{mark} {d.index:3d}  {d.name}  ({d.host_api}, {d.max_input_channels} ch, "
+              f"{d.default_sample_rate_hz:g} Hz)")
+    print("(* = default; capture one with uri = \"mic:<index or name>\")")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from streamcap.daemon import run_daemon
+
+    return run_daemon(config_path=args.config, model=args.model, source_uri=args.source)
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from streamcap.captioning import caption_files_command
+
+    return caption_files_command(args)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from streamcap.models import commands
+
+    if args.models_command is None:
+        raise ConfigError("models: a subcommand is needed: presets, build, verify, convert-dac")
+    return commands.run(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from streamcap.logs import configure_logging
+
+    configure_logging("auto", "debug" if args.debug else "info")
+    handlers = {
+        "run": _cmd_run,
+        "check-config": _cmd_check_config,
+        "devices": _cmd_devices,
+        "caption": _cmd_caption,
+        "models": _cmd_models,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"streamcap: error: {line}", file=sys.stderr)
+        if args.debug:
+            raise
+        return EXIT_USAGE
+    except StreamcapError as exc:
+        print(f"streamcap: error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,402 @@
+"""Configuration: TOML in, frozen dataclasses out.
+
+Every problem is reported with its dotted key and what was expected, all of
+them at once (``ConfigError.problems``). Secrets never live in the file: a
+sink names the environment variable that holds its password or token
+(``password_env``, ``token_env``) and the value is read when the sink starts.
+Nothing after this module sees a raw dict, except a sink plugin's own options,
+which the plugin validates.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from streamcap.errors import ConfigError
+
+MIN_WINDOW_S: Final = 10.0
+MAX_WINDOW_S: Final = 30.0
+LOG_FORMATS: Final = ("auto", "json", "console")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+DEVICES: Final = ("auto", "cpu", "cuda")
+PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
+DECODING_MODES: Final = ("sample", "beam")
+SECRET_KEYS: Final = frozenset({"password", "token", "secret", "api_key", "passwd"})
+_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DaemonConfig:
+    node_id: str = field(default_factory=socket.gethostname)
+    log_format: str = "auto"  # auto: console on a TTY, JSON lines otherwise
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodingConfig:
+    mode: str = "sample"  # sample: nucleus sampling + reranking; beam: beam search
+    n_candidates: int = 30
+    top_p: float = 0.95
+    temperature: float = 0.5
+    max_new_tokens: int = 30
+    no_repeat_ngram_size: int = 0
+    encoder_weight: float = 0.7
+    decoder_weight: float = 0.3
+    fluency_threshold: float = 0.9
+    num_beams: int = 4
+    beam_max_length: int = 50
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+    bundle: str = "tiny"  # a bundle directory or a preset name
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 = all cores
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceConfig:
+    name: str
+    uri: str
+    window_s: float = 10.0
+    hop_s: float = 5.0
+    sample_rate_hz: int = 0  # capture rate; 0 = the device's or file's own rate
+    channels: int = 0  # capture channels before downmix; 0 = automatic
+    block_s: float = 0.1
+    realtime: bool = True  # file sources: pace at wall-clock speed
+    loop: bool = False  # file sources: start again at the end
+    stall_s: float = 5.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    backoff_reset_s: float = 60.0
+    max_retries: int = 0  # 0 = retry forever
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SinkConfig:
+    name: str
+    plugin: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    daemon: DaemonConfig
+    model: ModelConfig
+    sources: Mapping[str, SourceConfig]
+    sinks: Mapping[str, SinkConfig]
+    http: HttpConfig
+    path: Path | None = None
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Reads typed values out of one TOML table, collecting problems by dotted key."""
+
+    def __init__(self, table: Mapping[str, Any], prefix: str, problems: list[str]) -> None:
+        self.table = table
+        self.prefix = prefix
+        self.problems = problems
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.key(name)}: {message}")
+
+    def get(
+        self,
+        name: str,
+        kind: type[T] | tuple[type, ...],
+        default: T,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> T:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        value = self.table[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a TOML boolean is never a number here.
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            expected = " or ".join(_type_name(k) for k in kinds)
+            self.fail(name, f"expected {expected} (got {_type_name(type(value))} {value!r})")
+            return default
+        if isinstance(value, float) and not math.isfinite(value):
+            self.fail(name, f"must be a finite number (got {value!r})")
+            return default
+        if check is not None and (message := check(value)) is not None:
+            self.fail(name, f"{message} (got {value!r})")
+            return default
+        return value  # type: ignore[return-value]
+
+    def subtable(self, name: str) -> Mapping[str, Any]:
+        self.seen.add(name)
+        value = self.table.get(name, {})
+        if not isinstance(value, Mapping):
+            self.fail(name, f"expected a table (got {_type_name(type(value))})")
+            return {}
+        return value
+
+    def reject_unknown(self, allowed_hint: str = "") -> None:
+        for name in self.table:
+            if name not in self.seen:
+                known = ", ".join(sorted(self.seen))
+                self.fail(name, f"unknown key (known keys: {known}){allowed_hint}")
+
+
+def _type_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            list: "an array", dict: "a table"}.get(kind, kind.__name__)
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+
+
+def _whole_ms(v: float) -> str | None:
+    return None if abs(v * 1000 - round(v * 1000)) < 1e-6 else "must be a whole number of milliseconds"
+
+
+def _read_daemon(r: _Reader) -> DaemonConfig:
+    default = DaemonConfig()
+    node_id = r.get("node_id", str, default.node_id,
+                    lambda v: None if _NAME_RE.match(v) else
+                    "must be 1-64 letters, digits, '-' or '_' (it is used in MQTT topics)")
+    return DaemonConfig(
+        node_id=node_id,
+        log_format=r.get("log_format", str, default.log_format, _one_of(LOG_FORMATS)),
+        log_level=r.get("log_level", str, default.log_level, _one_of(LOG_LEVELS)),
+    )
+
+
+def _read_decoding(r: _Reader) -> DecodingConfig:
+    d = DecodingConfig()
+    weight = _in_range(0.0, 1.0)
+    seed = r.get("seed", int, -1, _non_negative)
+    return DecodingConfig(
+        mode=r.get("mode", str, d.mode, _one_of(DECODING_MODES)),
+        n_candidates=r.get("n_candidates", int, d.n_candidates, _in_range(1, 256)),
+        top_p=r.get("top_p", float, d.top_p,
+                    lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1"),
+        temperature=r.get("temperature", float, d.temperature, _positive),
+        max_new_tokens=r.get("max_new_tokens", int, d.max_new_tokens, _in_range(1, 512)),
+        no_repeat_ngram_size=r.get("no_repeat_ngram_size", int, d.no_repeat_ngram_size,
+                                   _non_negative),
+        encoder_weight=r.get("encoder_weight", float, d.encoder_weight, weight),
+        decoder_weight=r.get("decoder_weight", float, d.decoder_weight, weight),
+        fluency_threshold=r.get("fluency_threshold", float, d.fluency_threshold, weight),
+        num_beams=r.get("num_beams", int, d.num_beams, _in_range(1, 64)),
+        beam_max_length=r.get("beam_max_length", int, d.beam_max_length, _in_range(2, 512)),
+        seed=None if seed < 0 else seed,
+    )
+
+
+def _read_model(r: _Reader) -> ModelConfig:
+    d = ModelConfig()
+    dec = _Reader(r.subtable("decoding"), r.key("decoding"), r.problems)
+    decoding = _read_decoding(dec)
+    dec.reject_unknown()
+    return ModelConfig(
+        bundle=r.get("bundle", str, d.bundle,
+                     lambda v: None if v.strip() else "must name a bundle directory or a preset"),
+        device=r.get("device", str, d.device, _one_of(DEVICES)),
+        precision=r.get("precision", str, d.precision, _one_of(PRECISIONS)),
+        threads=r.get("threads", int, d.threads, _in_range(0, 1024)),
+        decoding=decoding,
+    )
+
+
+def _read_source(name: str, r: _Reader) -> SourceConfig:
+    d = SourceConfig(name=name, uri="")
+    uri = r.get("uri", str, "", lambda v: None if v.strip() else "must not be empty")
+    if "uri" not in r.table:
+        r.fail("uri", "missing: every source needs a uri such as 'mic:default', "
+                      "'file:/path/clip.wav?loop=true' or 'rtsp://camera/stream'")
+    window_in_range = _in_range(MIN_WINDOW_S, MAX_WINDOW_S)
+    window_s = r.get("window_s", float, d.window_s,
+                     lambda v: window_in_range(v) or _whole_ms(v))
+    hop_s = r.get("hop_s", float, d.hop_s, lambda v: _positive(v) or _whole_ms(v))
+    if "hop_s" in r.table and hop_s > window_s:
+        r.fail("hop_s", f"must be > 0 and <= window_s (got {hop_s:g} > {window_s:g})")
+    elif "hop_s" not in r.table and hop_s > window_s:
+        hop_s = window_s
+    backoff_initial_s = r.get("backoff_initial_s", float, d.backoff_initial_s, _positive)
+    backoff_max_s = r.get("backoff_max_s", float, d.backoff_max_s, _positive)
+    if backoff_max_s < backoff_initial_s:
+        r.fail("backoff_max_s", f"must be >= backoff_initial_s "
+                                f"(got {backoff_max_s:g} < {backoff_initial_s:g})")
+    return SourceConfig(
+        name=name,
+        uri=uri,
+        window_s=window_s,
+        hop_s=hop_s,
+        sample_rate_hz=r.get("sample_rate_hz", int, d.sample_rate_hz,
+                             lambda v: None if v == 0 or 8000 <= v <= 192000
+                             else "must be 0 (automatic) or between 8000 and 192000"),
+        channels=r.get("channels", int, d.channels, _in_range(0, 64)),
+        block_s=r.get("block_s", float, d.block_s, _in_range(0.005, 2.0)),
+        realtime=r.get("realtime", bool, d.realtime),
+        loop=r.get("loop", bool, d.loop),
+        stall_s=r.get("stall_s", float, d.stall_s, _positive),
+        backoff_initial_s=backoff_initial_s,
+        backoff_max_s=backoff_max_s,
+        backoff_reset_s=r.get("backoff_reset_s", float, d.backoff_reset_s, _positive),
+        max_retries=r.get("max_retries", int, d.max_retries, _non_negative),
+    )
+
+
+def _read_sink(name: str, r: _Reader) -> SinkConfig:
+    plugin = r.get("plugin", str, name,
+                   lambda v: None if _NAME_RE.match(v) else "must be a plugin name")
+    options: dict[str, Any] = {}
+    for key, value in r.table.items():
+        if key == "plugin":
+            continue
+        if key.lower() in SECRET_KEYS:
+            r.fail(key, f"secrets are not read from the config file: put the value in an "
+                        f"environment variable and name it with '{key}_env'")
+            continue
+        if key.endswith("_env") and not (isinstance(value, str) and value):
+            r.fail(key, "expected the name of an environment variable")
+            continue
+        options[key] = value
+    return SinkConfig(name=name, plugin=plugin, options=options)
+
+
+def _read_http(r: _Reader) -> HttpConfig:
+    d = HttpConfig()
+    return HttpConfig(
+        enabled=r.get("enabled", bool, d.enabled),
+        host=r.get("host", str, d.host, lambda v: None if v else "must not be empty"),
+        port=r.get("port", int, d.port, _in_range(0, 65535)),
+    )
+
+
+def _named_tables(r: _Reader, section: str,
+                  read: Callable[[str, _Reader], T]) -> dict[str, T]:
+    out: dict[str, T] = {}
+    for name, table in r.subtable(section).items():
+        key = f"{section}.{name}"
+        if not _NAME_RE.match(name):
+            r.problems.append(f"{key}: a {section[:-1]} name must be 1-64 letters, digits, "
+                              f"'-' or '_'")
+            continue
+        if not isinstance(table, Mapping):
+            r.problems.append(f"{key}: expected a table (got {_type_name(type(table))})")
+            continue
+        sub = _Reader(table, key, r.problems)
+        out[name] = read(name, sub)
+        if section == "sources":
+            sub.reject_unknown()
+    return out
+
+
+def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
+    """Validate a parsed TOML document.
+
+    Raises:
+        ConfigError: with one line per problem, each naming its dotted key.
+    """
+    problems: list[str] = []
+    top = _Reader(data, "", problems)
+    sections: dict[str, Any] = {}
+    for name, reader_fn in (("daemon", _read_daemon), ("model", _read_model),
+                            ("http", _read_http)):
+        sub = _Reader(top.subtable(name), name, problems)
+        sections[name] = reader_fn(sub)
+        sub.reject_unknown()
+    sources = _named_tables(top, "sources", _read_source)
+    sinks = _named_tables(top, "sinks", _read_sink)
+    top.reject_unknown()
+    if not sources and "sources" in data:
+        problems.append("sources: at least one [sources.<name>] table is needed")
+    if problems:
+        where = f"{path}: " if path else ""
+        raise ConfigError([f"{where}{p}" for p in problems])
+    return Config(daemon=sections["daemon"], model=sections["model"], sources=sources,
+                  sinks=sinks, http=sections["http"], path=path)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file.
+
+    Raises:
+        ConfigError: unreadable file, invalid TOML (with line and column) or bad values.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from None
+    return parse_config(data, p)
+
+
+def default_config(source_uri: str | None = None) -> Config:
+    """The embedded defaults, used by ``streamcap run`` when no config file is given.
+
+    Args:
+        source_uri: the capture source; the caller decides (a microphone when
+            one exists, else the bundled example clip, looped).
+    """
+    uri = source_uri or "mic:default"
+    return parse_config({"sources": {"default": {"uri": uri}}})
+
+
+def secret_from_env(options: Mapping[str, Any], key: str, where: str) -> str | None:
+    """Read the secret named by ``options[f"{key}_env"]`` from the environment.
+
+    Returns None when the option is not set. Raises ConfigError naming the
+    option and the variable when the variable is unset or empty.
+    """
+    env_key = f"{key}_env"
+    var = options.get(env_key)
+    if var is None:
+        return None
+    value = os.environ.get(str(var), "")
+    if not value:
+        raise ConfigError(f"{where}.{env_key}: environment variable {var} is not set or empty")
+    return value

@@ -1,0 +1,63 @@
+"""The one exception tree of streamcap.
+
+::
+
+    StreamcapError
+    ├── ConfigError          bad config file, key or value; CLI exit code 2, no traceback
+    ├── PluginError          entry point missing, import failed, or plugin fails the protocol
+    ├── SourceError          an audio source cannot deliver
+    │   ├── SourceUnavailable    device, file or URL cannot be opened now; the watchdog retries
+    │   └── SourceFormatError    the input exists but cannot be decoded (corrupt, unsupported)
+    ├── ModelError           a model cannot be built, loaded or run
+    │   └── WeightsError         missing weight file, wrong layout or checksum mismatch
+    └── InboxClosed          internal signal to sinks that the bus is shutting down
+
+Adapters convert library exceptions into these with ``raise ... from exc``; no
+third-party exception type escapes its adapter.
+"""
+
+from __future__ import annotations
+
+
+class StreamcapError(Exception):
+    """Base class of every error streamcap raises on purpose."""
+
+
+class ConfigError(StreamcapError):
+    """A configuration problem; the message names the dotted key and what was expected.
+
+    ``problems`` holds every problem found, one line each, so that a user fixes
+    a bad file in one pass instead of one error per run.
+    """
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PluginError(StreamcapError):
+    """A plugin could not be found, imported or verified."""
+
+
+class SourceError(StreamcapError):
+    """An audio source failed."""
+
+
+class SourceUnavailable(SourceError):
+    """The device, file or URL cannot be opened or stopped delivering; retrying may help."""
+
+
+class SourceFormatError(SourceError):
+    """The input was reached but cannot be decoded: corrupt or unsupported."""
+
+
+class ModelError(StreamcapError):
+    """A model cannot be built, loaded or run."""
+
+
+class WeightsError(ModelError):
+    """A weight file is missing, malformed, or does not match its recorded hash."""
+
+
+class InboxClosed(StreamcapError):
+    """Raised by an inbox's ``get`` once it is closed and empty."""

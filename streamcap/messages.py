@@ -1,0 +1,202 @@
+"""Frozen messages that cross stage boundaries.
+
+Only these types travel between a source, the windower, the inference
+worker and the sinks. Arrays are made read-only by the factory functions
+(``make_block``, ``make_window``): ``frozen=True`` alone would not protect
+their contents. Times named ``*_s`` are seconds on the source's stream
+clock (sample index / sample rate); times named ``*_at`` are wall-clock
+UNIX seconds (UTC).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+
+Float32Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AudioBlock:
+    """A contiguous block of mono float32 samples from one source, as captured.
+
+    ``start_sample`` counts samples at ``sample_rate_hz`` since the source
+    (re)started its stream clock; a source restart after a failure starts a
+    new clock epoch (``epoch``), so that windows never span a gap.
+    """
+
+    source_id: str
+    start_sample: int
+    sample_rate_hz: int
+    samples: Float32Array  # float32 (n,), read-only, nominally in [-1, 1]
+    captured_at: float  # wall clock of samples[0]
+    epoch: int = 0
+    overflowed: bool = False  # the device or decoder reported lost input before this block
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate_hz
+
+
+def make_block(
+    *,
+    source_id: str,
+    start_sample: int,
+    sample_rate_hz: int,
+    samples: npt.ArrayLike,
+    captured_at: float,
+    epoch: int = 0,
+    overflowed: bool = False,
+) -> AudioBlock:
+    """Build an :class:`AudioBlock`, copying ``samples`` into a read-only float32 array."""
+    arr = np.array(samples, dtype=np.float32, copy=True).reshape(-1)
+    arr.flags.writeable = False
+    return AudioBlock(
+        source_id=source_id,
+        start_sample=start_sample,
+        sample_rate_hz=sample_rate_hz,
+        samples=arr,
+        captured_at=captured_at,
+        epoch=epoch,
+        overflowed=overflowed,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Window:
+    """A ``window_s``-long slice cut every ``hop_s``; the unit of captioning.
+
+    ``audio`` maps each sample rate the models asked for to the window's
+    samples at that rate (float32 (n,), read-only). Every rate covers the
+    same stream interval ``[start_s, end_s)``.
+    """
+
+    window_id: str  # f"{source_id}:{epoch}:{start_ms}"
+    source_id: str
+    seq: int  # per source, +1 per window, never reset while the daemon runs
+    epoch: int
+    start_s: float
+    end_s: float
+    captured_at: float  # wall clock of the window's first sample
+    level_dbfs: float  # RMS level of the window
+    audio: Mapping[int, Float32Array]
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+    def samples(self, sample_rate_hz: int) -> Float32Array:
+        """The window's samples at ``sample_rate_hz``; ``KeyError`` names the rates on offer."""
+        try:
+            return self.audio[sample_rate_hz]
+        except KeyError:
+            raise KeyError(
+                f"window {self.window_id} has no audio at {sample_rate_hz} Hz "
+                f"(has {sorted(self.audio)})"
+            ) from None
+
+
+def make_window(
+    *,
+    source_id: str,
+    seq: int,
+    epoch: int,
+    start_s: float,
+    end_s: float,
+    captured_at: float,
+    level_dbfs: float,
+    audio: Mapping[int, npt.ArrayLike],
+) -> Window:
+    """Build a :class:`Window` with read-only arrays and a derived ``window_id``."""
+    frozen: dict[int, Float32Array] = {}
+    for rate, arr in audio.items():
+        a = np.array(arr, dtype=np.float32, copy=True).reshape(-1)
+        a.flags.writeable = False
+        frozen[int(rate)] = a
+    start_ms = int(round(start_s * 1000))
+    return Window(
+        window_id=f"{source_id}:{epoch}:{start_ms}",
+        source_id=source_id,
+        seq=seq,
+        epoch=epoch,
+        start_s=start_s,
+        end_s=end_s,
+        captured_at=captured_at,
+        level_dbfs=level_dbfs,
+        audio=types.MappingProxyType(frozen),
+    )
+
+
+class SourceState(StrEnum):
+    """States a source goes through; every change is published with a reason."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STALLED = "stalled"  # open but no data within stall_s
+    RETRYING = "retrying"  # waiting out a backoff before reopening
+    FAILED = "failed"  # gave up (permanent error or retries exhausted)
+    STOPPED = "stopped"  # ended normally (end of a file, or shutdown)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceStatus:
+    """A source's state change and the reason for it."""
+
+    source_id: str
+    state: SourceState
+    reason: str = ""
+    at: float = 0.0  # wall clock
+    retry_in_s: float | None = None  # set with RETRYING
+    attempt: int = 0  # consecutive failed attempts so far
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaptionCandidate:
+    """One sampled caption and its scores."""
+
+    text: str
+    decoder_score: float  # mean token log-probability under the untempered model
+    encoder_score: float | None = None  # cosine(retriever audio, retriever text)
+    score: float = 0.0  # the blended score used for ranking
+    flagged: bool = False  # the fluency filter found an error
+    error_prob: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Caption:
+    """The caption of one window, as published."""
+
+    window_id: str
+    source_id: str
+    seq: int
+    start_s: float
+    end_s: float
+    captured_at: float
+    text: str
+    score: float
+    flagged: bool = False
+    candidates: tuple[CaptionCandidate, ...] = ()
+    model: str = ""
+    latency_ms: float = 0.0  # inference time for this window
+    lag_s: float = 0.0  # publish time - (captured_at + window duration)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Embedding:
+    """The retriever's L2-normalised audio embedding of one window."""
+
+    window_id: str
+    source_id: str
+    seq: int
+    start_s: float
+    end_s: float
+    model: str
+    vector: Float32Array = field(repr=False)  # float32 (dim,), read-only
+
+
+Published = Caption | Embedding | SourceStatus
