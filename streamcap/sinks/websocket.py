@@ -1,0 +1,530 @@
+"""The WebSocket sink: captions, embeddings and source status for any number of clients.
+
+``websockets.asyncio.server.serve`` does the protocol work; this module adds
+the streamcap parts around it:
+
+- bearer-token auth at the handshake (``Authorization: Bearer <token>`` or
+  ``?token=`` for browsers), compared in constant time; a bad or missing token
+  gets HTTP 401 and no connection;
+- a ``hello`` frame on connect, then the default subscription (captions and
+  status of every source) with its backfill;
+- per-client subscriptions, parsed and answered by :mod:`streamcap.sinks.ws_protocol`;
+- one bounded :class:`~streamcap.sinks.ws_protocol.ClientQueue` and one writer
+  task per client, so that a client that stops reading only loses its own
+  oldest frames (counted, and announced to it by a ``dropped`` error frame
+  when it reads again) and never delays the sink or another client.
+
+Options are validated by :func:`create_sink` (the ``websocket`` entry point);
+``docs/websocket.md`` documents them and the client protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import itertools
+import os
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Final, get_args
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Origin
+
+from streamcap.bus import wire
+from streamcap.bus.inbox import Inbox
+from streamcap.bus.plugin import SinkContext
+from streamcap.errors import ConfigError
+from streamcap.messages import Published
+from streamcap.sinks.ws_protocol import (
+    CONTROL,
+    KINDS,
+    BackfillScope,
+    ClientQueue,
+    FrameError,
+    History,
+    PingRequest,
+    Subscription,
+    default_subscription,
+    parse_client_frame,
+)
+from streamcap.stats import Counter, Gauge
+
+FLUSH_TIMEOUT_S: Final = 2.0
+"""On shutdown, how long the sink waits for clients to read what is queued for them."""
+
+CLOSE_TIMEOUT_S: Final = 2.0
+"""How long a closing handshake may take before the connection is dropped."""
+
+MAX_CLIENT_FRAME_BYTES: Final = 64 * 1024
+"""Client frames are small requests; a larger one closes the connection (1009)."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WebSocketOptions:
+    """The ``[sinks.<instance>]`` table of a ``websocket`` sink, validated.
+
+    ``token_env`` names the environment variable holding the bearer token; the
+    token itself never appears in the config file or in this object.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8765  # 0: an ephemeral port, logged and exposed as WebSocketSink.bound_port
+    backfill: int = 20  # captions replayed to a new subscriber
+    backfill_scope: BackfillScope = "source"  # last `backfill` per source, or overall
+    max_queue: int = 256  # frames pending per client before its oldest are dropped
+    token_env: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    accepts: frozenset[str] = frozenset(KINDS)
+    allowed_origins: tuple[str, ...] | None = None  # None: any Origin
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+
+
+_OPTION_NAMES: Final = frozenset(WebSocketOptions.__dataclass_fields__)
+MAX_BACKFILL: Final = 10_000
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_options(
+    instance: str, options: Mapping[str, object]
+) -> tuple[WebSocketOptions, str | None, ssl.SSLContext | None]:
+    """Validate a sink's options, read its token and load its TLS certificate.
+
+    Args:
+        instance: the config table name, used in messages as ``sinks.<instance>.<key>``.
+        options: the table's keys. The daemon's bus removes ``plugin``, ``accepts``
+            and ``queue_size`` first (it handles them); ``accepts`` is still read
+            here when given, for a sink built directly.
+
+    Returns:
+        The options, the bearer token (None without ``token_env``) and the
+        server-side TLS context (None without ``tls_cert``/``tls_key``).
+
+    Raises:
+        ConfigError: listing every problem, each naming its dotted key.
+    """
+    where = f"sinks.{instance}"
+    problems: list[str] = []
+    d = WebSocketOptions()
+
+    def fail(key: str, message: str) -> None:
+        problems.append(f"{where}.{key}: {message}")
+
+    def integer(key: str, default: int, lo: int, hi: int) -> int:
+        value = options.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            fail(key, f"expected an integer from {lo} to {hi} (got {value!r})")
+            return default
+        return value
+
+    def number(key: str, default: float) -> float:
+        value = options.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            fail(key, f"expected a number of seconds > 0 (got {value!r})")
+            return default
+        return float(value)
+
+    def text(key: str, default: str | None) -> str | None:
+        value = options.get(key, default)
+        if value is not None and (not isinstance(value, str) or not value):
+            fail(key, f"expected a non-empty string (got {value!r})")
+            return default
+        return value
+
+    def strings(key: str) -> list[str] | None:
+        value = options.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            fail(key, f"expected an array of non-empty strings (got {value!r})")
+            return None
+        return value
+
+    for key in sorted(set(options) - _OPTION_NAMES):
+        fail(key, f"unknown key (known keys: {', '.join(sorted(_OPTION_NAMES))})")
+
+    host = text("host", d.host) or d.host
+    port = integer("port", d.port, 0, 65535)
+    backfill = integer("backfill", d.backfill, 0, MAX_BACKFILL)
+    max_queue = integer("max_queue", d.max_queue, 1, 1_000_000)
+    scope_value = options.get("backfill_scope", d.backfill_scope)
+    scopes: tuple[BackfillScope, ...] = get_args(BackfillScope)
+    scope: BackfillScope = d.backfill_scope
+    if scope_value in scopes:
+        scope = scopes[scopes.index(scope_value)]
+    else:
+        fail("backfill_scope", f"expected one of {', '.join(scopes)} (got {scope_value!r})")
+    accepts = d.accepts
+    if (kinds := strings("accepts")) is not None:
+        unknown = [k for k in kinds if k not in KINDS]
+        if unknown or not kinds:
+            fail("accepts", f"expected a non-empty subset of {', '.join(KINDS)} (got {kinds!r})")
+        else:
+            accepts = frozenset(kinds)
+    origins = strings("allowed_origins")
+    ping_interval = number("ping_interval_s", d.ping_interval_s)
+    ping_timeout = number("ping_timeout_s", d.ping_timeout_s)
+
+    token_env = text("token_env", None)
+    token: str | None = None
+    if token_env is not None:
+        token = os.environ.get(token_env, "")
+        if not token:
+            fail("token_env", f"environment variable {token_env} is not set or empty "
+                              f"(it must hold the bearer token clients present)")
+            token = None
+    elif not is_loopback(host):
+        fail("host", f"{host!r} is not a loopback address, so anyone who can reach this "
+                     f"machine could read every caption; set {where}.token_env to the name of "
+                     f"an environment variable holding a bearer token (clients then send "
+                     f"'Authorization: Bearer <token>' or '?token=<token>'), or bind "
+                     f"127.0.0.1")
+
+    cert_text, key_text = text("tls_cert", None), text("tls_key", None)
+    cert = Path(cert_text) if cert_text else None
+    key_path = Path(key_text) if key_text else None
+    context: ssl.SSLContext | None = None
+    if (cert is None) != (key_path is None):
+        missing, given = ("tls_key", "tls_cert") if key_path is None else ("tls_cert", "tls_key")
+        fail(missing, f"{where}.{given} is set, so {where}.{missing} is needed too")
+    elif cert is not None and key_path is not None:
+        unreadable = False
+        for name, path in (("tls_cert", cert), ("tls_key", key_path)):
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                fail(name, f"cannot read {path}: {exc.strerror or exc}")
+                unreadable = True
+        if not unreadable:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                context.load_cert_chain(cert, key_path)
+            except (ssl.SSLError, OSError) as exc:
+                fail("tls_cert", f"cannot load the certificate {cert} with the key {key_path} "
+                                 f"(tls_key): {exc}")
+                context = None
+
+    if problems:
+        raise ConfigError(problems)
+    return (
+        WebSocketOptions(
+            host=host, port=port, backfill=backfill, backfill_scope=scope,
+            max_queue=max_queue, token_env=token_env, tls_cert=cert, tls_key=key_path,
+            accepts=accepts, allowed_origins=tuple(origins) if origins is not None else None,
+            ping_interval_s=ping_interval, ping_timeout_s=ping_timeout,
+        ),
+        token,
+        context,
+    )
+
+
+# --------------------------------------------------------------------------- the sink
+
+
+class _Client:
+    """One connection's state: its subscription, its queue and its writer's wake-up."""
+
+    def __init__(self, number: int, ws: ServerConnection, max_queue: int,
+                 subscription: Subscription) -> None:
+        self.number = number
+        self.ws = ws
+        self.queue = ClientQueue(max_queue)
+        self.subscription = subscription
+        self.wakeup = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+class WebSocketSink:
+    """Serves the bus's messages to WebSocket clients (see the module docstring).
+
+    Attributes:
+        accepts: the kinds the bus delivers to this sink (option ``accepts``).
+        bound_port: the TCP port actually listened on (useful with ``port = 0``),
+            set once listening; None before.
+    """
+
+    def __init__(self, instance: str, options: WebSocketOptions, *,
+                 token: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.instance = instance
+        self.options = options
+        self.accepts: frozenset[str] = options.accepts
+        self.bound_port: int | None = None
+        self._token = token
+        self._ssl = ssl_context
+        self._clients: dict[int, _Client] = {}
+        self._numbers = itertools.count(1)
+        self._history = History(options.backfill, options.backfill_scope)
+        self._ready_called = False
+        self._ctx: SinkContext | None = None
+        self._clients_gauge: Gauge | None = None
+        self._dropped: Counter | None = None
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+        """Listen, fan the inbox's messages out to clients until it closes, then flush and stop."""
+        self._ctx = ctx
+        self._clients_gauge = ctx.metrics.gauge(
+            "streamcap_websocket_clients", "Connected WebSocket clients", ("sink",))
+        self._dropped = ctx.metrics.counter(
+            "streamcap_websocket_dropped_total",
+            "Frames dropped from WebSocket clients' queues because the client was not reading",
+            ("sink", "kind"))
+        self._clients_gauge.set(len(self._clients), self.instance)
+        opts = self.options
+        origins: list[Origin | None] | None = None
+        if opts.allowed_origins is not None:
+            # Clients that send no Origin header (not browsers) stay welcome.
+            origins = [Origin(o) for o in opts.allowed_origins] + [None]
+        async with serve(
+            self._serve_client, opts.host, opts.port,
+            process_request=self._authorize,
+            ssl=self._ssl,
+            origins=origins,
+            ping_interval=opts.ping_interval_s,
+            ping_timeout=opts.ping_timeout_s,
+            close_timeout=CLOSE_TIMEOUT_S,
+            max_size=MAX_CLIENT_FRAME_BYTES,
+        ) as server:
+            self._announce(server, ctx)
+            async for msg in inbox:
+                self._dispatch(msg)
+                # Let the writers run between the messages of a burst, so that a
+                # backlog in the inbox does not overflow every client's queue at once.
+                await asyncio.sleep(0)
+            await self._flush()
+        ctx.logger.info("websocket sink stopped")
+
+    def _announce(self, server: Server, ctx: SinkContext) -> None:
+        addresses = [s.getsockname() for s in server.sockets]
+        self.bound_port = int(addresses[0][1])
+        scheme = "wss" if self._ssl is not None else "ws"
+        ctx.logger.info("websocket sink listening",
+                        urls=[f"{scheme}://{_host_for_url(a[0])}:{a[1]}/" for a in addresses],
+                        port=self.bound_port, auth=self._token is not None,
+                        tls=self._ssl is not None)
+        if self._token is not None and self._ssl is None and not is_loopback(self.options.host):
+            ctx.logger.warning(
+                "websocket sink serves a non-loopback address without TLS: the bearer token "
+                "and every caption cross the network in clear text; set tls_cert/tls_key or "
+                "put a TLS reverse proxy in front", host=self.options.host)
+        if not self._ready_called:
+            self._ready_called = True
+            ctx.ready()
+
+    async def _flush(self) -> None:
+        waits = [c.idle.wait() for c in self._clients.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), FLUSH_TIMEOUT_S)
+
+    # ------------------------------------------------------------------ fan-out
+
+    def _dispatch(self, msg: Published) -> None:
+        """Encode ``msg`` once and queue it for every client that wants it; never awaits."""
+        kind = wire.kind_of(msg)
+        source_id = msg.source_id
+        wanting = [c for c in self._clients.values() if c.subscription.wants(kind, source_id)]
+        frame = ""  # an embedding nobody wants is never encoded; History ignores it
+        if wanting or kind != "embedding":
+            frame = wire.encode(wire.to_wire(msg, node_id=self._node_id))
+        self._history.add(kind, source_id, frame)
+        for client in wanting:
+            self._push(client, kind, frame)
+
+    def _push(self, client: _Client, kind: str, frame: str) -> None:
+        dropped = client.queue.push(kind, frame)
+        if dropped is not None and self._dropped is not None:
+            self._dropped.inc(1.0, self.instance, dropped)
+        client.idle.clear()
+        client.wakeup.set()
+
+    def _count_clients(self) -> None:
+        if self._clients_gauge is not None:
+            self._clients_gauge.set(len(self._clients), self.instance)
+
+    def _push_control(self, client: _Client, frame: Mapping[str, object]) -> None:
+        self._push(client, CONTROL, wire.encode(frame))
+
+    @property
+    def _node_id(self) -> str:
+        return self._ctx.node_id if self._ctx is not None else ""
+
+    # ------------------------------------------------------------------ connections
+
+    def _authorize(self, connection: ServerConnection, request: Request) -> Response | None:
+        """``process_request`` hook: 401 unless the request carries the token (when one is set)."""
+        if self._token is None:
+            return None
+        presented = _presented_token(request)
+        if presented is not None and hmac.compare_digest(presented.encode(),
+                                                         self._token.encode()):
+            return None
+        if self._ctx is not None:
+            self._ctx.logger.warning(
+                "websocket client refused: missing or invalid bearer token",
+                remote=_remote(connection), token_given=presented is not None)
+        response = connection.respond(HTTPStatus.UNAUTHORIZED,
+                                      "missing or invalid bearer token\n")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="streamcap"'
+        return response
+
+    async def _serve_client(self, ws: ServerConnection) -> None:
+        """websockets' connection handler: hello, default subscription, then read client frames."""
+        number = next(self._numbers)
+        name = f"streamcap[sink:{self.instance}].client-{number}"
+        task = asyncio.current_task()
+        if task is not None:
+            task.set_name(name)
+        ctx = self._ctx
+        if ctx is None:  # run() sets it before serving; a connection cannot come earlier
+            return
+        client = _Client(number, ws, self.options.max_queue, default_subscription(self.accepts))
+        self._clients[number] = client
+        self._count_clients()
+        ctx.logger.info("websocket client connected", client=number, remote=_remote(ws))
+        # hello and the default subscription's backfill are queued before any other
+        # message can be dispatched to this client: nothing awaits in between.
+        self._push_control(client, wire.hello(ctx.node_id, self._capabilities()))
+        self._subscribe(client, client.subscription, None, self.options.backfill, None)
+        writer = asyncio.create_task(self._write(client), name=f"{name}.writer")
+        try:
+            async for data in ws:
+                self._on_frame(client, data)
+        except ConnectionClosed:
+            pass
+        finally:
+            del self._clients[number]
+            self._count_clients()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            ctx.logger.info("websocket client disconnected", client=number,
+                            code=ws.close_code, dropped=client.queue.dropped_total)
+
+    async def _write(self, client: _Client) -> None:
+        """Send the client's queue in order; only this task ever waits on this client."""
+        try:
+            while True:
+                await client.wakeup.wait()
+                client.wakeup.clear()
+                while (item := client.queue.pop()) is not None:
+                    drops, frame = item
+                    if drops:
+                        await client.ws.send(wire.encode(_dropped_notice(drops)))
+                    await client.ws.send(frame)
+                client.idle.set()
+        except ConnectionClosed:
+            client.idle.set()
+
+    def _on_frame(self, client: _Client, data: str | bytes) -> None:
+        request = parse_client_frame(data, offered=self.accepts,
+                                     max_backfill=self.options.backfill)
+        if isinstance(request, FrameError):
+            self._push_control(client, wire.error_frame(request.code, request.message,
+                                                        **request.details))
+        elif isinstance(request, PingRequest):
+            pong: dict[str, object] = {"type": "pong", "v": wire.PROTOCOL_VERSION}
+            if request.request_id is not None:
+                pong["id"] = request.request_id
+            self._push_control(client, pong)
+        else:
+            limit = self.options.backfill if request.backfill is None else request.backfill
+            old, client.subscription = client.subscription, request.subscription
+            self._subscribe(client, request.subscription, old, limit, request.request_id)
+
+    def _subscribe(self, client: _Client, new: Subscription, old: Subscription | None,
+                   limit: int, request_id: str | int | None) -> None:
+        replay = self._history.replay(new, old, limit)
+        ack: dict[str, object] = {"type": "subscribed", "v": wire.PROTOCOL_VERSION,
+                                  **new.describe(),
+                                  "backfill": sum(1 for k, _ in replay if k == "caption")}
+        if request_id is not None:
+            ack["id"] = request_id
+        self._push_control(client, ack)
+        for kind, frame in replay:
+            self._push(client, kind, frame)
+
+    def _capabilities(self) -> dict[str, object]:
+        return {
+            "kinds": sorted(self.accepts),
+            "sources": self._history.sources,
+            "backfill": self.options.backfill,
+            "backfill_scope": self.options.backfill_scope,
+            "auth_required": self._token is not None,
+            "tls": self._ssl is not None,
+            "max_queue": self.options.max_queue,
+            "client_frames": ["subscribe", "ping"],
+            "default_subscription": default_subscription(self.accepts).describe(),
+        }
+
+
+def _dropped_notice(drops: Mapping[str, int]) -> dict[str, object]:
+    total = sum(drops.values())
+    return wire.error_frame(
+        "dropped",
+        f"{total} frame(s) were dropped because this client was not reading fast enough",
+        dropped=total, by_kind=dict(sorted(drops.items())))
+
+
+def _presented_token(request: Request) -> str | None:
+    """The token in ``Authorization: Bearer <token>``, else in the ``token`` query parameter."""
+    headers: Headers = request.headers
+    auth = headers.get("Authorization")
+    if auth is not None:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    values = parse_qs(urlsplit(request.path).query).get("token")
+    return values[0] if values else None
+
+
+def _remote(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{_host_for_url(str(address[0]))}:{address[1]}"
+    return str(address)
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def create_sink(instance: str, options: Mapping[str, object]) -> WebSocketSink:
+    """Plugin entry point ``websocket``: validate ``[sinks.<instance>]`` and build the sink.
+
+    Reads the token from the environment variable named by ``token_env`` and
+    loads the TLS certificate and key, so that every configuration problem is
+    reported before the daemon starts.
+
+    Raises:
+        ConfigError: naming ``sinks.<instance>.<key>`` for each bad, unknown or
+            unreadable option, or a non-loopback ``host`` without ``token_env``.
+    """
+    opts, token, ssl_context = parse_options(instance, options)
+    return WebSocketSink(instance, opts, token=token, ssl_context=ssl_context)

@@ -1,0 +1,339 @@
+"""The WebSocket sink's per-client logic, with no sockets and no asyncio.
+
+Three pieces, each a plain synchronous class or function:
+
+- :func:`parse_client_frame` turns one client frame (text or bytes) into a
+  :class:`SubscribeRequest`, a :class:`PingRequest` or a :class:`FrameError`
+  that the sink sends back as an ``error`` frame (the connection stays up);
+- :class:`ClientQueue` is one client's bounded queue of encoded frames: when a
+  client stops reading, the oldest frames are dropped (embeddings first), every
+  drop is counted, and the next frame the client gets is preceded by the count;
+- :class:`History` remembers the last captions (per source or overall), the
+  latest status of every source and the sources seen so far, and replays what a
+  new subscription adds.
+
+Frames are kept as encoded JSON text, so that a message is encoded once however
+many clients receive it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from streamcap.bus import wire
+
+KINDS: Final = tuple(sorted(wire.KINDS))
+"""Message kinds a client can subscribe to: caption, embedding, status."""
+
+DEFAULT_KINDS: Final = frozenset({"caption", "status"})
+"""What a client receives before it subscribes: embeddings are opt-in."""
+
+CONTROL: Final = "control"
+"""Queue kind of the sink's own frames (hello, subscribed, pong, error)."""
+
+BackfillScope = Literal["source", "global"]
+
+ErrorCode = Literal["bad_json", "bad_frame", "unknown_type", "bad_field"]
+
+_ID_TYPES: Final = (str, int)
+_SUBSCRIBE_FIELDS: Final = frozenset({"type", "id", "sources", "kinds", "backfill"})
+_PING_FIELDS: Final = frozenset({"type", "id"})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Subscription:
+    """What one client wants: ``sources`` None means every source, present and future."""
+
+    sources: frozenset[str] | None = None
+    kinds: frozenset[str] = DEFAULT_KINDS
+
+    def wants(self, kind: str, source_id: str) -> bool:
+        """Whether a message of ``kind`` from ``source_id`` goes to this client."""
+        return kind in self.kinds and (self.sources is None or source_id in self.sources)
+
+    def describe(self) -> dict[str, object]:
+        """The JSON form used in ``subscribed`` frames: ``sources`` is ``"*"`` or a sorted list."""
+        return {
+            "sources": "*" if self.sources is None else sorted(self.sources),
+            "kinds": sorted(self.kinds),
+        }
+
+
+def default_subscription(offered: frozenset[str]) -> Subscription:
+    """Captions and status of every source, limited to the kinds this sink offers."""
+    return Subscription(sources=None, kinds=DEFAULT_KINDS & offered)
+
+
+# --------------------------------------------------------------------------- client frames
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubscribeRequest:
+    """``{"type": "subscribe", ...}``: replace the client's subscription.
+
+    ``backfill`` is how many past captions the client asked for (None: the
+    sink's default), already capped at the sink's ``backfill``.
+    """
+
+    subscription: Subscription
+    backfill: int | None = None
+    request_id: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PingRequest:
+    """``{"type": "ping"}``: an application-level keepalive for browsers, answered by ``pong``."""
+
+    request_id: str | int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FrameError:
+    """A malformed client frame: sent back as an ``error`` frame; the connection stays up."""
+
+    code: ErrorCode
+    message: str
+    details: Mapping[str, object] = field(default_factory=dict)
+
+
+ClientFrame = SubscribeRequest | PingRequest | FrameError
+
+
+def _bad_field(name: str, message: str, request_id: str | int | None) -> FrameError:
+    details: dict[str, object] = {"field": name}
+    if request_id is not None:
+        details["id"] = request_id
+    return FrameError(code="bad_field", message=f"{name}: {message}", details=details)
+
+
+def parse_client_frame(
+    data: str | bytes, *, offered: frozenset[str], max_backfill: int
+) -> ClientFrame:
+    """Parse one frame a client sent.
+
+    Args:
+        data: the frame's payload: ``str`` for a text frame, ``bytes`` for binary.
+        offered: the kinds this sink publishes (a client may only subscribe to these).
+        max_backfill: the sink's ``backfill``; a client's ``backfill`` is capped at it.
+
+    Returns:
+        The request, or a :class:`FrameError` naming what is wrong.
+    """
+    if isinstance(data, bytes):
+        return FrameError(code="bad_frame",
+                          message="binary frames are not supported: send JSON text frames")
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        return FrameError(code="bad_json", message=f"frame is not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return FrameError(code="bad_frame",
+                          message=f"frame must be a JSON object, got {type(obj).__name__}")
+    request_id = obj.get("id")
+    if "id" in obj and (not isinstance(request_id, _ID_TYPES) or isinstance(request_id, bool)):
+        return _bad_field("id", "expected a string or an integer", None)
+    frame_type = obj.get("type")
+    if not isinstance(frame_type, str):
+        return _bad_field("type", "expected a string: subscribe or ping", request_id)
+    if frame_type == "subscribe":
+        return _parse_subscribe(obj, request_id, offered=offered, max_backfill=max_backfill)
+    if frame_type == "ping":
+        unknown = sorted(set(obj) - _PING_FIELDS)
+        if unknown:
+            return _bad_field(unknown[0], "unknown field in a ping frame (known: type, id)",
+                              request_id)
+        return PingRequest(request_id=request_id)
+    details: dict[str, object] = {"type": frame_type}
+    if request_id is not None:
+        details["id"] = request_id
+    return FrameError(code="unknown_type",
+                      message=f"unknown frame type {frame_type!r} (known: subscribe, ping)",
+                      details=details)
+
+
+def _parse_subscribe(
+    obj: Mapping[str, object], request_id: str | int | None, *,
+    offered: frozenset[str], max_backfill: int,
+) -> ClientFrame:
+    unknown = sorted(set(obj) - _SUBSCRIBE_FIELDS)
+    if unknown:
+        known = ", ".join(sorted(_SUBSCRIBE_FIELDS))
+        return _bad_field(unknown[0], f"unknown field in a subscribe frame (known: {known})",
+                          request_id)
+
+    sources: frozenset[str] | None = None
+    raw_sources = obj.get("sources", "*")
+    if raw_sources != "*":
+        if not isinstance(raw_sources, list) or not all(
+                isinstance(s, str) and s for s in raw_sources):
+            return _bad_field("sources", 'expected "*" or a list of source ids (strings)',
+                              request_id)
+        sources = frozenset(raw_sources)
+
+    kinds = DEFAULT_KINDS & offered
+    raw_kinds = obj.get("kinds")
+    if raw_kinds == "*":
+        kinds = offered
+    elif raw_kinds is not None:
+        if not isinstance(raw_kinds, list) or not all(isinstance(k, str) for k in raw_kinds):
+            return _bad_field("kinds", f'expected "*" or a list of kinds ({", ".join(KINDS)})',
+                              request_id)
+        for k in raw_kinds:
+            if k not in KINDS:
+                return _bad_field("kinds", f"unknown kind {k!r} (known: {', '.join(KINDS)})",
+                                  request_id)
+            if k not in offered:
+                return _bad_field("kinds", f"kind {k!r} is not offered by this server "
+                                           f"(offered: {', '.join(sorted(offered))})",
+                                  request_id)
+        kinds = frozenset(raw_kinds)
+
+    backfill: int | None = None
+    if "backfill" in obj:
+        raw = obj["backfill"]
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+            return _bad_field("backfill", "expected an integer >= 0", request_id)
+        backfill = min(raw, max_backfill)
+
+    return SubscribeRequest(subscription=Subscription(sources=sources, kinds=kinds),
+                            backfill=backfill, request_id=request_id)
+
+
+# --------------------------------------------------------------------------- per-client queue
+
+# Drop order when a client's queue is full: embeddings first (bulky, and the
+# next window supersedes them), then the oldest caption or status; the sink's
+# own frames only when nothing else is left.
+_TIER: Final[Mapping[str, int]] = {"embedding": 0, "caption": 1, "status": 1, CONTROL: 2}
+
+
+class ClientQueue:
+    """One client's bounded queue of encoded frames.
+
+    :meth:`push` never blocks: past ``max_pending`` it drops the oldest frame of
+    the lowest tier present (embedding, then caption/status, then the sink's own
+    frames) and counts it. :meth:`pop` returns the oldest remaining frame together
+    with the drops since the previous pop, so that the sink can tell the client
+    how many frames it missed right before the frames that follow the gap.
+    """
+
+    def __init__(self, max_pending: int) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1 (got {max_pending})")
+        self.max_pending = max_pending
+        self._tiers: tuple[deque[tuple[int, str, str]], ...] = (deque(), deque(), deque())
+        self._order = itertools.count()
+        self._unreported: dict[str, int] = {}
+        self._dropped_total = 0
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._tiers)
+
+    @property
+    def dropped_total(self) -> int:
+        """Frames dropped from this queue since it was created."""
+        return self._dropped_total
+
+    def push(self, kind: str, frame: str) -> str | None:
+        """Queue ``frame`` (a message of ``kind``, or :data:`CONTROL`).
+
+        Returns:
+            The kind of the frame dropped to make room, or None.
+        """
+        self._tiers[_TIER[kind]].append((next(self._order), kind, frame))
+        if len(self) <= self.max_pending:
+            return None
+        victim_tier = next(t for t in self._tiers if t)
+        _, dropped_kind, _ = victim_tier.popleft()
+        self._unreported[dropped_kind] = self._unreported.get(dropped_kind, 0) + 1
+        self._dropped_total += 1
+        return dropped_kind
+
+    def pop(self) -> tuple[dict[str, int], str] | None:
+        """The oldest queued frame and the drops (by kind) not yet reported, or None if empty."""
+        heads = [t for t in self._tiers if t]
+        if not heads:
+            return None
+        oldest = min(heads, key=lambda t: t[0][0])
+        _, _, frame = oldest.popleft()
+        drops, self._unreported = self._unreported, {}
+        return drops, frame
+
+
+# --------------------------------------------------------------------------- history
+
+
+class History:
+    """The sink's memory for new subscribers.
+
+    Keeps the last ``size`` caption frames per source (``scope="source"``) or
+    overall (``scope="global"``), the latest status frame of every source, and
+    the ids of every source seen so far, in order of first appearance.
+    """
+
+    def __init__(self, size: int, scope: BackfillScope = "source") -> None:
+        if size < 0:
+            raise ValueError(f"size must be >= 0 (got {size})")
+        self.size = size
+        self.scope: BackfillScope = scope
+        self._order = itertools.count()
+        self._global: deque[tuple[int, str, str]] = deque(maxlen=size)
+        self._per_source: dict[str, deque[tuple[int, str, str]]] = {}
+        self._status: dict[str, str] = {}
+        self._sources: dict[str, None] = {}
+
+    @property
+    def sources(self) -> list[str]:
+        """Source ids seen so far, in order of first appearance."""
+        return list(self._sources)
+
+    def add(self, kind: str, source_id: str, frame: str) -> bool:
+        """Remember ``frame``; returns True if ``source_id`` was not seen before."""
+        new = source_id not in self._sources
+        self._sources[source_id] = None
+        if kind == "caption" and self.size > 0:
+            entry = (next(self._order), source_id, frame)
+            if self.scope == "global":
+                self._global.append(entry)
+            else:
+                self._per_source.setdefault(source_id, deque(maxlen=self.size)).append(entry)
+        elif kind == "status":
+            self._status[source_id] = frame
+        return new
+
+    def replay(self, new: Subscription, old: Subscription | None,
+               limit: int) -> list[tuple[str, str]]:
+        """Frames to send after a subscription changes from ``old`` to ``new``.
+
+        Only what ``new`` adds is replayed (a source and kind ``old`` already
+        delivered is skipped): first the latest status of each newly covered
+        source, then up to ``limit`` captions (per source or overall, as
+        ``scope`` says), oldest first.
+
+        Returns:
+            ``(kind, frame)`` pairs in sending order.
+        """
+        def added(kind: str, source_id: str) -> bool:
+            return new.wants(kind, source_id) and not (old is not None
+                                                        and old.wants(kind, source_id))
+
+        out: list[tuple[str, str]] = [
+            ("status", frame) for sid, frame in self._status.items() if added("status", sid)
+        ]
+        if limit <= 0:
+            return out
+        if self.scope == "global":
+            picked = [e for e in self._global if added("caption", e[1])][-limit:]
+        else:
+            picked = []
+            for sid, entries in self._per_source.items():
+                if added("caption", sid):
+                    picked.extend(list(entries)[-limit:])
+            picked.sort(key=lambda e: e[0])
+        out.extend(("caption", frame) for _, _, frame in picked)
+        return out

@@ -1,0 +1,575 @@
+"""Tests for streamcap.sinks.websocket with real websockets clients on 127.0.0.1.
+
+Every sink listens on port 0 and is driven through a real Inbox. The slow-client
+test uses a raw socket with a tiny receive buffer, speaking WebSocket through
+websockets' sans-I/O ClientProtocol, so that it can stop reading for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.typing import Origin
+from websockets.uri import parse_uri
+
+from streamcap.bus import wire
+from streamcap.bus.inbox import DropPolicy, Inbox
+from streamcap.bus.plugin import SinkContext
+from streamcap.errors import ConfigError
+from streamcap.messages import Caption, CaptionCandidate, Embedding, SourceState, SourceStatus
+from streamcap.sinks.websocket import WebSocketSink, create_sink, is_loopback
+from streamcap.stats import Metrics
+
+TIMEOUT = 20.0 * float(os.environ.get("STREAMCAP_TEST_TIME_SCALE", "1"))
+"""Generous bound on every wait: a test fails by timing out only when something is broken."""
+
+Json = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def caption(source: str, seq: int, text: str = "a dog barks") -> Caption:
+    return Caption(
+        window_id=f"{source}:0:{seq * 5000}", source_id=source, seq=seq,
+        start_s=seq * 5.0, end_s=seq * 5.0 + 10.0, captured_at=1_700_000_000.0 + seq * 5,
+        text=f"{text} {seq}", score=0.5, model="tiny",
+        candidates=(CaptionCandidate(text=f"{text} {seq}", decoder_score=-1.5, score=0.5),),
+        latency_ms=12.0, lag_s=0.3,
+    )
+
+
+def embedding(source: str, seq: int, dim: int = 8) -> Embedding:
+    vec = np.random.default_rng(seq).standard_normal(dim).astype(np.float32)
+    vec /= np.linalg.norm(vec)
+    vec.flags.writeable = False
+    return Embedding(window_id=f"{source}:0:{seq * 5000}", source_id=source, seq=seq,
+                     start_s=seq * 5.0, end_s=seq * 5.0 + 10.0, model="tiny-retriever",
+                     vector=vec)
+
+
+def status(source: str, state: SourceState = SourceState.RUNNING) -> SourceStatus:
+    return SourceStatus(source_id=source, state=state, reason="test", at=1_700_000_000.0)
+
+
+def expected(msg: Caption | Embedding | SourceStatus) -> Json:
+    """What a client must receive for ``msg``: the wire frame, through JSON."""
+    out: Json = json.loads(wire.encode(wire.to_wire(msg, node_id="node1")))
+    return out
+
+
+# --------------------------------------------------------------------------- harness
+
+
+@dataclass
+class Running:
+    sink: WebSocketSink
+    inbox: Inbox
+    task: asyncio.Task[None]
+    metrics: Metrics
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.sink.bound_port}/"
+
+    def offer(self, *msgs: Caption | Embedding | SourceStatus) -> None:
+        for m in msgs:
+            self.inbox.offer(m)
+
+    async def settled(self) -> None:
+        """Until the sink has taken (and so dispatched) everything offered so far."""
+        await until(lambda: self.inbox.depth == 0)
+
+    def dropped(self, kind: str) -> float:
+        return self.metrics.counter("streamcap_websocket_dropped_total", "",
+                                    ("sink", "kind")).value("ws", kind)
+
+    def clients(self) -> float:
+        return self.metrics.gauge("streamcap_websocket_clients", "", ("sink",)).value("ws")
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), TIMEOUT)
+
+
+SinkFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_sink(tmp_path: Path) -> AsyncIterator[SinkFactory]:
+    """Start a sink with the given options; every sink is stopped (inbox closed) at teardown."""
+    running: list[Running] = []
+
+    async def start(options: Mapping[str, object] | None = None) -> Running:
+        sink = create_sink("ws", {"port": 0, **(options or {})})
+        inbox = Inbox("ws", max_pending=10_000,
+                      policies={"embedding": DropPolicy.DROP_OLDEST,
+                                "status": DropPolicy.DROP_OLDEST})
+        metrics = Metrics()
+        ready = asyncio.Event()
+        ctx = SinkContext(instance="ws", node_id="node1", metrics=metrics, ready=ready.set,
+                          logger=structlog.get_logger().bind(sink="ws"), state_dir=tmp_path)
+        task = asyncio.create_task(sink.run(inbox, ctx), name="streamcap[sink:ws].run")
+        await asyncio.wait_for(ready.wait(), TIMEOUT)
+        assert sink.bound_port is not None and sink.bound_port > 0
+        r = Running(sink=sink, inbox=inbox, task=task, metrics=metrics)
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        r.inbox.close()
+        await asyncio.wait_for(r.task, TIMEOUT)
+
+
+async def recv(ws: ClientConnection) -> Json:
+    data = await asyncio.wait_for(ws.recv(), TIMEOUT)
+    assert isinstance(data, str)
+    frame: Json = json.loads(data)
+    return frame
+
+
+async def recv_until(ws: ClientConnection, frame_type: str) -> Json:
+    while (frame := await recv(ws))["type"] != frame_type:
+        pass
+    return frame
+
+
+async def greet(ws: ClientConnection) -> tuple[Json, Json]:
+    """The hello and the default subscription's ``subscribed`` frame."""
+    hello, subscribed = await recv(ws), await recv(ws)
+    assert hello["type"] == "hello" and subscribed["type"] == "subscribed"
+    return hello, subscribed
+
+
+async def subscribe(ws: ClientConnection, **fields: object) -> Json:
+    await ws.send(json.dumps({"type": "subscribe", **fields}))
+    return await recv_until(ws, "subscribed")
+
+
+# --------------------------------------------------------------------------- hello, order, fields
+
+
+async def test_hello_then_default_subscription(start_sink: SinkFactory) -> None:
+    r = await start_sink()
+    r.offer(status("kitchen"), caption("garden", 0))
+    await r.settled()
+    async with connect(r.url) as ws:
+        hello, subscribed = await greet(ws)
+        assert hello["v"] == wire.PROTOCOL_VERSION and hello["protocol"] == wire.PROTOCOL
+        assert hello["node_id"] == "node1"
+        caps = hello["capabilities"]
+        assert caps["kinds"] == ["caption", "embedding", "status"]
+        assert caps["sources"] == ["kitchen", "garden"]
+        assert caps["backfill"] == 20 and caps["backfill_scope"] == "source"
+        assert caps["auth_required"] is False and caps["tls"] is False
+        assert caps["default_subscription"] == {"sources": "*", "kinds": ["caption", "status"]}
+        assert subscribed == {"type": "subscribed", "v": 1, "sources": "*",
+                              "kinds": ["caption", "status"], "backfill": 1}
+        # the replay: current status of each source, then the backfilled captions
+        assert await recv(ws) == expected(status("kitchen"))
+        assert await recv(ws) == expected(caption("garden", 0))
+        names = {t.get_name() for t in asyncio.all_tasks()}
+        assert "streamcap[sink:ws].client-1" in names
+        assert "streamcap[sink:ws].client-1.writer" in names
+        assert r.clients() == 1
+    await until(lambda: r.clients() == 0)
+
+
+async def test_every_kind_arrives_in_order_with_the_schema_fields(
+        start_sink: SinkFactory) -> None:
+    r = await start_sink()
+    async with connect(r.url) as ws:
+        await greet(ws)
+        ack = await subscribe(ws, kinds="*", id="s1")
+        assert ack["kinds"] == ["caption", "embedding", "status"] and ack["id"] == "s1"
+        msgs: list[Caption | Embedding | SourceStatus] = [status("kitchen")]
+        for seq in range(5):
+            msgs += [embedding("kitchen", seq, dim=16), caption("kitchen", seq),
+                     caption("garden", seq)]
+        msgs.append(status("kitchen", SourceState.STALLED))
+        r.offer(*msgs)
+        got = [await recv(ws) for _ in msgs]
+    assert got == [expected(m) for m in msgs]
+    kitchen_seqs = [f["seq"] for f in got if f["type"] == "caption" and
+                    f["source_id"] == "kitchen"]
+    assert kitchen_seqs == list(range(5))
+    emb = next(f for f in got if f["type"] == "embedding")
+    assert emb["dim"] == 16 and len(emb["vector"]) == 16
+
+
+async def test_subscription_filters_by_source_and_kind(start_sink: SinkFactory) -> None:
+    r = await start_sink()
+    async with connect(r.url) as only_kitchen_captions, connect(r.url) as everything:
+        await greet(only_kitchen_captions)
+        await greet(everything)
+        ack = await subscribe(only_kitchen_captions, sources=["kitchen"], kinds=["caption"])
+        assert ack["sources"] == ["kitchen"] and ack["kinds"] == ["caption"]
+        msgs: list[Caption | Embedding | SourceStatus] = [
+            caption("garden", 1), status("kitchen"), embedding("kitchen", 1),
+            caption("kitchen", 1), status("garden"), caption("kitchen", 2)]
+        r.offer(*msgs)
+        assert await recv(only_kitchen_captions) == expected(caption("kitchen", 1))
+        assert await recv(only_kitchen_captions) == expected(caption("kitchen", 2))
+        # the default subscription: captions and status of every source, no embeddings
+        default = [m for m in msgs if not isinstance(m, Embedding)]
+        assert [await recv(everything) for _ in default] == [expected(m) for m in default]
+        # nothing else was queued for the filtered client: the next frame is the pong
+        await only_kitchen_captions.send(json.dumps({"type": "ping", "id": 3}))
+        assert await recv(only_kitchen_captions) == {"type": "pong", "v": 1, "id": 3}
+
+
+async def test_backfill_on_connect_per_source(start_sink: SinkFactory) -> None:
+    r = await start_sink({"backfill": 4})
+    msgs: list[Caption | Embedding | SourceStatus] = [caption("kitchen", s) for s in range(6)]
+    msgs.append(caption("garden", 0))
+    msgs.insert(3, caption("garden", 99))
+    r.offer(*msgs)
+    await r.settled()
+    async with connect(r.url) as ws:
+        _, subscribed = await greet(ws)
+        assert subscribed["backfill"] == 6
+        got = [await recv(ws) for _ in range(6)]
+        want = [caption("garden", 99), caption("kitchen", 3), caption("kitchen", 4),
+                caption("kitchen", 5), caption("garden", 0)]
+        # the last 4 of kitchen (2..5) and both of garden, in the order they were published
+        assert [(f["source_id"], f["seq"]) for f in got] == [
+            ("kitchen", 2), ("garden", 99), ("kitchen", 3), ("kitchen", 4), ("kitchen", 5),
+            ("garden", 0)]
+        assert got[1:] == [expected(m) for m in want]
+        # narrowing the subscription replays nothing; widening replays only what it adds
+        assert (await subscribe(ws, sources=["garden"]))["backfill"] == 0
+        ack = await subscribe(ws, sources="*", backfill=1)
+        assert ack["backfill"] == 1
+        assert await recv(ws) == expected(caption("kitchen", 5))
+        # a later live caption follows the backfill
+        r.offer(caption("kitchen", 6))
+        assert await recv(ws) == expected(caption("kitchen", 6))
+
+
+async def test_backfill_global_keeps_the_last_n_overall(start_sink: SinkFactory) -> None:
+    r = await start_sink({"backfill": 3, "backfill_scope": "global"})
+    r.offer(caption("a", 0), caption("b", 0), caption("a", 1), caption("b", 1))
+    await r.settled()
+    async with connect(r.url) as ws:
+        _, subscribed = await greet(ws)
+        assert subscribed["backfill"] == 3
+        assert [await recv(ws) for _ in range(3)] == [
+            expected(caption("b", 0)), expected(caption("a", 1)), expected(caption("b", 1))]
+
+
+# --------------------------------------------------------------------------- slow clients
+
+
+class RawClient:
+    """A WebSocket client on a plain socket with a tiny receive buffer, read only on demand."""
+
+    def __init__(self, sock: socket.socket, protocol: ClientProtocol) -> None:
+        self.sock = sock
+        self.protocol = protocol
+        self.frames: list[Json] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> RawClient:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: small window
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        protocol = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/"))
+        protocol.send_request(protocol.connect())
+        client = cls(sock, protocol)
+        await client._flush()
+        while protocol.state is State.CONNECTING:
+            await client._read_some()
+        if protocol.handshake_exc is not None:
+            raise protocol.handshake_exc
+        return client
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        for data in self.protocol.data_to_send():
+            if data:
+                await loop.sock_sendall(self.sock, data)
+
+    async def _read_some(self) -> None:
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.sock_recv(self.sock, 65536), TIMEOUT)
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+        for event in self.protocol.events_received():
+            if isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                self.frames.append(json.loads(bytes(event.data)))
+        await self._flush()  # pongs
+
+    async def send_json(self, obj: object) -> None:
+        self.protocol.send_text(json.dumps(obj).encode())
+        await self._flush()
+
+    async def read_until(self, cond: Callable[[Json], bool]) -> None:
+        async def loop() -> None:
+            while not any(cond(f) for f in self.frames):
+                await self._read_some()
+        await asyncio.wait_for(loop(), TIMEOUT)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_a_client_that_stops_reading_does_not_delay_another(
+        start_sink: SinkFactory) -> None:
+    r = await start_sink({"max_queue": 16})
+    assert r.sink.bound_port is not None
+    slow = await RawClient.connect(r.sink.bound_port)
+    try:
+        await slow.send_json({"type": "subscribe", "kinds": "*"})
+        await slow.read_until(lambda f: f["type"] == "subscribed" and
+                              "embedding" in f["kinds"])
+        async with connect(r.url) as fast:
+            await greet(fast)
+            n = 200
+            # about 45 kB per embedding: megabytes more than the socket buffers hold
+            msgs: list[Caption | Embedding | SourceStatus] = []
+            for seq in range(n):
+                msgs += [embedding("kitchen", seq, dim=4096), caption("kitchen", seq)]
+            msgs.append(status("kitchen", SourceState.STOPPED))
+            r.offer(*msgs)
+            got = [await recv(fast) for _ in range(n + 1)]
+            # the fast client got every caption, in order, and never a drop notice
+            assert [f["seq"] for f in got[:n]] == list(range(n))
+            assert all(f["type"] == "caption" for f in got[:n])
+            assert got[n] == expected(status("kitchen", SourceState.STOPPED))
+            # ... while the slow one really was stuck: its queue overflowed
+            assert r.dropped("embedding") > 0
+
+            # once it reads again it learns how many frames it missed, then gets the rest
+            before = len(slow.frames)
+            await slow.read_until(lambda f: f["type"] == "status")
+            later = slow.frames[before:]
+            notices = [f for f in later if f["type"] == "error"]
+            assert notices and all(f["code"] == "dropped" for f in notices)
+            missed = sum(f["details"]["dropped"] for f in notices)
+            dropped_total = sum(r.dropped(k) for k in ("caption", "embedding", "status"))
+            assert missed == dropped_total
+            data = [f for f in later if f["type"] != "error"]
+            assert len(data) + missed == len(msgs)
+            seqs = [f["seq"] for f in data if f["type"] == "caption"]
+            assert seqs == sorted(seqs)
+    finally:
+        slow.close()
+
+
+# --------------------------------------------------------------------------- client errors
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ("this is not json", "bad_json"),
+        (b"\x01\x02binary", "bad_frame"),
+        ("[1, 2, 3]", "bad_frame"),
+        ('{"type": "unsubscribe"}', "unknown_type"),
+        ('{"type": "subscribe", "kinds": "caption"}', "bad_field"),
+        ('{"type": "subscribe", "sources": [1, 2]}', "bad_field"),
+        ('{"type": "subscribe", "backfill": "all"}', "bad_field"),
+        ('{"type": "subscribe", "kinds": ["smell"]}', "bad_field"),
+    ],
+)
+async def test_malformed_frames_get_an_error_and_the_connection_stays_up(
+        start_sink: SinkFactory, payload: str | bytes, code: str) -> None:
+    r = await start_sink()
+    async with connect(r.url) as ws:
+        await greet(ws)
+        await ws.send(payload)
+        err = await recv(ws)
+        assert err["type"] == "error" and err["code"] == code and err["message"]
+        assert err["v"] == wire.PROTOCOL_VERSION
+        # still connected, and a later subscribe works
+        ack = await subscribe(ws, sources=["hall"], kinds=["status"])
+        assert ack["sources"] == ["hall"]
+        r.offer(caption("hall", 1), status("hall"))
+        assert await recv(ws) == expected(status("hall"))
+
+
+async def test_application_and_protocol_pings(start_sink: SinkFactory) -> None:
+    r = await start_sink({"ping_interval_s": 0.5, "ping_timeout_s": 5})
+    async with connect(r.url) as ws:
+        await greet(ws)
+        await ws.send(json.dumps({"type": "ping"}))
+        assert await recv(ws) == {"type": "pong", "v": 1}
+        latency = await asyncio.wait_for(await ws.ping(), TIMEOUT)
+        assert latency >= 0
+
+
+async def test_shutdown_flushes_queued_frames_then_closes_going_away(
+        start_sink: SinkFactory) -> None:
+    r = await start_sink()
+    async with connect(r.url) as ws:
+        await greet(ws)
+        r.offer(caption("kitchen", 1), caption("kitchen", 2))
+        r.inbox.close()
+        assert await recv(ws) == expected(caption("kitchen", 1))
+        assert await recv(ws) == expected(caption("kitchen", 2))
+        with pytest.raises(ConnectionClosed):
+            await recv(ws)
+        assert ws.close_code == 1001
+    await asyncio.wait_for(r.task, TIMEOUT)
+
+
+# --------------------------------------------------------------------------- auth
+
+
+async def test_bearer_token_header_and_query(start_sink: SinkFactory,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_WS_TOKEN", "s3cret-token")
+    r = await start_sink({"token_env": "TEST_WS_TOKEN"})
+    for headers, query in [({}, ""), ({"Authorization": "Bearer wrong"}, ""),
+                           ({"Authorization": "Basic s3cret-token"}, ""), ({}, "?token=nope")]:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(r.url + query, additional_headers=headers):
+                pass
+        assert info.value.response.status_code == 401
+        assert info.value.response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert r.clients() == 0  # refused at the handshake: never a client
+    async with connect(r.url, additional_headers={"Authorization": "Bearer s3cret-token"}) as ws:
+        hello, _ = await greet(ws)
+        assert hello["capabilities"]["auth_required"] is True
+    async with connect(r.url + "?token=s3cret-token") as ws:
+        await greet(ws)
+
+
+async def test_allowed_origins(start_sink: SinkFactory) -> None:
+    r = await start_sink({"allowed_origins": ["https://home.example"]})
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(r.url, origin=Origin("https://evil.example")):
+            pass
+    assert info.value.response.status_code == 403
+    async with connect(r.url, origin=Origin("https://home.example")) as ws:
+        await greet(ws)
+    async with connect(r.url) as ws:  # no Origin header: not a browser, allowed
+        await greet(ws)
+
+
+def test_non_loopback_bind_without_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_sink("ws", {"host": "0.0.0.0"})
+    assert "sinks.ws.host" in str(info.value) and "token_env" in str(info.value)
+    monkeypatch.setenv("TEST_WS_TOKEN", "x" * 32)
+    sink = create_sink("ws", {"host": "0.0.0.0", "token_env": "TEST_WS_TOKEN"})
+    assert sink.options.host == "0.0.0.0"
+    assert create_sink("ws", {"host": "::1"}).options.host == "::1"
+
+
+def test_loopback_detection() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("127.3.2.1") and is_loopback("::1")
+    assert is_loopback("localhost") and is_loopback("[::1]")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("")
+    assert not is_loopback("192.168.1.5") and not is_loopback("myhost.lan")
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "fragment"),
+    [
+        ({"port": 70000}, "sinks.ws.port", "0 to 65535"),
+        ({"port": "8765"}, "sinks.ws.port", "integer"),
+        ({"backfill": -1}, "sinks.ws.backfill", "integer"),
+        ({"max_queue": 0}, "sinks.ws.max_queue", "integer"),
+        ({"backfill_scope": "node"}, "sinks.ws.backfill_scope", "source, global"),
+        ({"accepts": ["caption", "smell"]}, "sinks.ws.accepts", "subset"),
+        ({"allowed_origins": "https://a"}, "sinks.ws.allowed_origins", "array"),
+        ({"ping_interval_s": 0}, "sinks.ws.ping_interval_s", "> 0"),
+        ({"token_env": "STREAMCAP_TEST_UNSET_VAR"}, "sinks.ws.token_env",
+         "STREAMCAP_TEST_UNSET_VAR is not set"),
+        ({"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"},
+         "sinks.ws.tls_cert", "/nonexistent/cert.pem"),
+        ({"tls_cert": "/nonexistent/cert.pem"}, "sinks.ws.tls_key", "needed"),
+        ({"prot": 1}, "sinks.ws.prot", "unknown key"),
+    ],
+)
+def test_bad_options_name_the_key(options: dict[str, object], key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_sink("ws", options)
+    line = next((p for p in info.value.problems if p.startswith(key + ":")), None)
+    assert line is not None, info.value.problems
+    assert fragment in line
+
+
+def test_all_problems_are_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        create_sink("ws", {"port": -1, "backfill": "x", "bogus": True})
+    keys = {p.split(":")[0] for p in info.value.problems}
+    assert keys == {"sinks.ws.port", "sinks.ws.backfill", "sinks.ws.bogus"}
+
+
+def test_accepts_limits_what_clients_may_subscribe_to() -> None:
+    sink = create_sink("ws", {"accepts": ["caption"]})
+    assert sink.accepts == {"caption"}
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+async def test_tls_with_a_trusted_self_signed_certificate(
+        start_sink: SinkFactory, self_signed: tuple[Path, Path]) -> None:
+    cert, key = self_signed
+    r = await start_sink({"tls_cert": str(cert), "tls_key": str(key)})
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    url = f"wss://127.0.0.1:{r.sink.bound_port}/"
+    async with connect(url, ssl=client_ctx) as ws:
+        hello, _ = await greet(ws)
+        assert hello["capabilities"]["tls"] is True
+        r.offer(caption("kitchen", 7))
+        assert await recv(ws) == expected(caption("kitchen", 7))
+    # a client that does not trust the certificate is refused by its own TLS check
+    with pytest.raises(ssl.SSLCertVerificationError):
+        async with connect(url, ssl=ssl.create_default_context()):
+            pass
+
+
+def test_tls_key_that_does_not_match_is_a_config_error(
+        self_signed: tuple[Path, Path], tmp_path: Path) -> None:
+    cert, _ = self_signed
+    bogus = tmp_path / "key.pem"
+    bogus.write_text("not a key\n")
+    with pytest.raises(ConfigError) as info:
+        create_sink("ws", {"tls_cert": str(cert), "tls_key": str(bogus)})
+    assert "sinks.ws.tls_cert" in str(info.value) and str(bogus) in str(info.value)

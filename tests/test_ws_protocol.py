@@ -1,0 +1,239 @@
+"""Tests for streamcap.sinks.ws_protocol: client frames, per-client queue, history."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from streamcap.sinks.ws_protocol import (
+    CONTROL,
+    DEFAULT_KINDS,
+    ClientQueue,
+    FrameError,
+    History,
+    PingRequest,
+    SubscribeRequest,
+    Subscription,
+    default_subscription,
+    parse_client_frame,
+)
+
+ALL = frozenset({"caption", "embedding", "status"})
+
+
+def parse(obj: object, *, offered: frozenset[str] = ALL, max_backfill: int = 20) -> object:
+    data = obj if isinstance(obj, (str, bytes)) else json.dumps(obj)
+    return parse_client_frame(data, offered=offered, max_backfill=max_backfill)
+
+
+# --------------------------------------------------------------------------- subscriptions
+
+
+def test_default_subscription_is_captions_and_status_of_every_source() -> None:
+    sub = default_subscription(ALL)
+    assert sub.kinds == DEFAULT_KINDS == {"caption", "status"}
+    assert sub.wants("caption", "anything") and sub.wants("status", "x")
+    assert not sub.wants("embedding", "x")
+    assert default_subscription(frozenset({"caption"})).kinds == {"caption"}
+
+
+def test_subscription_filters_by_source_and_kind() -> None:
+    sub = Subscription(sources=frozenset({"kitchen"}), kinds=frozenset({"embedding"}))
+    assert sub.wants("embedding", "kitchen")
+    assert not sub.wants("embedding", "garden")
+    assert not sub.wants("caption", "kitchen")
+    assert sub.describe() == {"sources": ["kitchen"], "kinds": ["embedding"]}
+    assert Subscription().describe() == {"sources": "*", "kinds": ["caption", "status"]}
+
+
+# --------------------------------------------------------------------------- client frames
+
+
+def test_subscribe_with_sources_and_kinds() -> None:
+    req = parse({"type": "subscribe", "sources": ["kitchen", "hall"], "kinds": ["caption"],
+                 "id": 7})
+    assert isinstance(req, SubscribeRequest)
+    assert req.subscription == Subscription(sources=frozenset({"kitchen", "hall"}),
+                                            kinds=frozenset({"caption"}))
+    assert req.request_id == 7 and req.backfill is None
+
+
+def test_subscribe_defaults_and_wildcards() -> None:
+    req = parse({"type": "subscribe"})
+    assert isinstance(req, SubscribeRequest)
+    assert req.subscription == Subscription(sources=None, kinds=DEFAULT_KINDS)
+    req = parse({"type": "subscribe", "sources": "*", "kinds": "*"},
+                offered=frozenset({"caption", "embedding"}))
+    assert isinstance(req, SubscribeRequest)
+    assert req.subscription.kinds == {"caption", "embedding"}
+    assert req.subscription.sources is None
+
+
+def test_subscribe_backfill_is_capped_at_the_sink_setting() -> None:
+    req = parse({"type": "subscribe", "backfill": 500}, max_backfill=20)
+    assert isinstance(req, SubscribeRequest) and req.backfill == 20
+    req = parse({"type": "subscribe", "backfill": 0})
+    assert isinstance(req, SubscribeRequest) and req.backfill == 0
+
+
+def test_ping() -> None:
+    assert parse({"type": "ping", "id": "a"}) == PingRequest(request_id="a")
+    assert parse({"type": "ping"}) == PingRequest()
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "field"),
+    [
+        ("not json {", "bad_json", None),
+        ("", "bad_json", None),
+        (b"\x00\x01", "bad_frame", None),
+        ("[1, 2]", "bad_frame", None),
+        ('"subscribe"', "bad_frame", None),
+        ({"type": "unsubscribe"}, "unknown_type", None),
+        ({"kinds": ["caption"]}, "bad_field", "type"),
+        ({"type": 3}, "bad_field", "type"),
+        ({"type": "subscribe", "sources": "kitchen"}, "bad_field", "sources"),
+        ({"type": "subscribe", "sources": [1]}, "bad_field", "sources"),
+        ({"type": "subscribe", "sources": [""]}, "bad_field", "sources"),
+        ({"type": "subscribe", "kinds": "caption"}, "bad_field", "kinds"),
+        ({"type": "subscribe", "kinds": ["captions"]}, "bad_field", "kinds"),
+        ({"type": "subscribe", "backfill": -1}, "bad_field", "backfill"),
+        ({"type": "subscribe", "backfill": True}, "bad_field", "backfill"),
+        ({"type": "subscribe", "backfill": 2.5}, "bad_field", "backfill"),
+        ({"type": "subscribe", "source": ["kitchen"]}, "bad_field", "source"),
+        ({"type": "ping", "extra": 1}, "bad_field", "extra"),
+        ({"type": "ping", "id": [1]}, "bad_field", "id"),
+    ],
+)
+def test_malformed_frames_name_the_problem(data: object, code: str, field: str | None) -> None:
+    err = parse(data)
+    assert isinstance(err, FrameError)
+    assert err.code == code
+    assert err.message
+    if field is not None:
+        assert err.details["field"] == field
+
+
+def test_kind_not_offered_is_a_bad_field() -> None:
+    err = parse({"type": "subscribe", "kinds": ["embedding"]},
+                offered=frozenset({"caption", "status"}))
+    assert isinstance(err, FrameError) and err.code == "bad_field"
+    assert "not offered" in err.message
+
+
+def test_errors_echo_the_request_id() -> None:
+    err = parse({"type": "subscribe", "id": "r1", "kinds": 5})
+    assert isinstance(err, FrameError) and err.details["id"] == "r1"
+    err = parse({"type": "nope", "id": 9})
+    assert isinstance(err, FrameError) and err.details == {"type": "nope", "id": 9}
+
+
+# --------------------------------------------------------------------------- client queue
+
+
+def drain(q: ClientQueue) -> list[tuple[dict[str, int], str]]:
+    out = []
+    while (item := q.pop()) is not None:
+        out.append(item)
+    return out
+
+
+def test_queue_is_fifo_across_kinds() -> None:
+    q = ClientQueue(10)
+    for kind, frame in [(CONTROL, "h"), ("caption", "c1"), ("embedding", "e1"),
+                        ("status", "s1"), ("caption", "c2")]:
+        assert q.push(kind, frame) is None
+    assert [f for _, f in drain(q)] == ["h", "c1", "e1", "s1", "c2"]
+    assert q.pop() is None and len(q) == 0
+
+
+def test_queue_drops_embeddings_first_then_oldest_and_reports_once() -> None:
+    q = ClientQueue(3)
+    q.push(CONTROL, "hello")
+    q.push("caption", "c1")
+    q.push("embedding", "e1")
+    assert q.push("caption", "c2") == "embedding"  # e1 goes first, though c1 is older
+    assert q.push("caption", "c3") == "caption"  # then the oldest caption, c1
+    assert q.dropped_total == 2
+    items = drain(q)
+    assert items[0] == ({"embedding": 1, "caption": 1}, "hello")
+    assert [f for _, f in items] == ["hello", "c2", "c3"]
+    assert all(d == {} for d, _ in items[1:])
+
+
+def test_queue_drops_control_frames_only_when_nothing_else_is_left() -> None:
+    q = ClientQueue(2)
+    for i in range(5):
+        q.push(CONTROL, f"x{i}")
+    assert [f for _, f in drain(q)] == ["x3", "x4"]
+    assert q.dropped_total == 3
+
+
+def test_queue_reports_drops_that_happen_between_pops() -> None:
+    q = ClientQueue(2)
+    q.push("caption", "c1")
+    assert q.pop() == ({}, "c1")
+    for i in range(2, 7):
+        q.push("caption", f"c{i}")
+    assert q.pop() == ({"caption": 3}, "c5")
+    assert q.pop() == ({}, "c6")
+
+
+def test_queue_rejects_a_zero_bound() -> None:
+    with pytest.raises(ValueError, match="max_pending"):
+        ClientQueue(0)
+
+
+# --------------------------------------------------------------------------- history
+
+
+def test_history_tracks_sources_and_latest_status() -> None:
+    h = History(2)
+    assert h.add("status", "kitchen", "s1") is True
+    assert h.add("caption", "garden", "g1") is True
+    assert h.add("status", "kitchen", "s2") is False
+    assert h.add("embedding", "hall", "e1") is True
+    assert h.sources == ["kitchen", "garden", "hall"]
+    assert h.replay(Subscription(), None, 20) == [("status", "s2"), ("caption", "g1")]
+
+
+def test_history_per_source_keeps_last_n_of_each_in_arrival_order() -> None:
+    h = History(2, "source")
+    for frame, src in [("k1", "k"), ("g1", "g"), ("k2", "k"), ("k3", "k"), ("g2", "g"),
+                       ("g3", "g")]:
+        h.add("caption", src, frame)
+    assert [f for _, f in h.replay(Subscription(), None, 2)] == ["k2", "k3", "g2", "g3"]
+    assert [f for _, f in h.replay(Subscription(), None, 1)] == ["k3", "g3"]
+    only_k = Subscription(sources=frozenset({"k"}))
+    assert [f for _, f in h.replay(only_k, None, 5)] == ["k2", "k3"]
+
+
+def test_history_global_keeps_last_n_overall() -> None:
+    h = History(3, "global")
+    for frame, src in [("k1", "k"), ("g1", "g"), ("k2", "k"), ("k3", "k"), ("g2", "g")]:
+        h.add("caption", src, frame)
+    assert [f for _, f in h.replay(Subscription(), None, 3)] == ["k2", "k3", "g2"]
+    only_g = Subscription(sources=frozenset({"g"}))
+    assert [f for _, f in h.replay(only_g, None, 3)] == ["g2"]
+    assert [f for _, f in h.replay(Subscription(), None, 0)] == []
+
+
+def test_history_replays_only_what_a_new_subscription_adds() -> None:
+    h = History(5)
+    h.add("caption", "k", "k1")
+    h.add("status", "k", "ks")
+    h.add("caption", "g", "g1")
+    h.add("status", "g", "gs")
+    old = Subscription(sources=frozenset({"k"}))
+    assert h.replay(Subscription(), old, 5) == [("status", "gs"), ("caption", "g1")]
+    assert h.replay(old, Subscription(), 5) == []
+    no_captions = Subscription(kinds=frozenset({"status", "embedding"}))
+    assert h.replay(no_captions, None, 5) == [("status", "ks"), ("status", "gs")]
+
+
+def test_history_with_size_zero_keeps_no_captions() -> None:
+    h = History(0)
+    h.add("caption", "k", "k1")
+    assert h.replay(Subscription(), None, 10) == []
+    assert h.sources == ["k"]
