@@ -1,0 +1,308 @@
+"""What every audio source shares: the protocol, URI parsing, options, URL redaction.
+
+A source is anything with a ``source_id`` and a ``blocks()`` async generator
+yielding mono float32 :class:`~streamcap.messages.AudioBlock` objects. It
+raises :class:`~streamcap.errors.SourceUnavailable` when the input cannot be
+opened or is lost (retrying may help), :class:`~streamcap.errors.SourceFormatError`
+when the input is reached but cannot be decoded (retrying will not help), and
+returns normally at the end of finite input.
+
+Source URIs::
+
+    mic:default            the default input device
+    mic:3                  input device number 3 (see ``streamcap devices``)
+    mic:USB Audio          the first input device whose name contains "USB Audio"
+    file:/path/x.wav?loop=true&realtime=false
+    file:///path/x.mp3     the same, in URL form (percent-decoded)
+    rtsp:// rtmp:// http:// https:// udp:// tcp:// srt://   network streams (ffmpeg)
+    hls+http:// hls+https://                                 HLS playlists (ffmpeg)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+from streamcap.errors import ConfigError
+from streamcap.messages import AudioBlock
+
+STREAM_SCHEMES: frozenset[str] = frozenset(
+    {
+        "rtsp",
+        "rtsps",
+        "rtmp",
+        "rtmps",
+        "http",
+        "https",
+        "udp",
+        "tcp",
+        "srt",
+        "hls+http",
+        "hls+https",
+    }
+)
+"""URI schemes handled by the ffmpeg stream source."""
+
+ACCEPTED_FORMS = (
+    "mic:default, mic:<index>, mic:<device name part>, file:<path>[?loop=true&realtime=false], "
+    "or a stream URL (" + ", ".join(f"{s}://" for s in sorted(STREAM_SCHEMES)) + ")"
+)
+
+_SECRET_PARAMS = frozenset({"password", "passwd", "pass", "pwd", "token", "key", "secret"})
+_REDACTED = "***"
+
+DEFAULT_BLOCK_S = 0.1
+DEFAULT_STREAM_RATE_HZ = 48000
+
+
+@runtime_checkable
+class AudioSource(Protocol):
+    """An audio input delivering mono float32 blocks on its own stream clock."""
+
+    @property
+    def source_id(self) -> str:
+        """The configured name of this source, as used in every message."""
+        ...
+
+    def blocks(self) -> AsyncIterator[AudioBlock]:
+        """Yield blocks until the input ends; raise ``SourceError`` subclasses on failure.
+
+        Each block's ``samples`` are float32 of shape (n,); ``start_sample``
+        counts samples since this call began (0 for the first block) and
+        ``captured_at`` is the wall clock of the block's first sample.
+        """
+        ...
+
+
+class SourceFactory(Protocol):
+    """The signature of every ``create_source`` plugin entry point."""
+
+    def __call__(self, source_id: str, uri: str, options: Mapping[str, object]) -> AudioSource: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceOptions:
+    """Options common to the built-in sources, validated.
+
+    Attributes:
+        sample_rate_hz: Capture rate; ``None`` means the device default, the
+            file's native rate, or 48000 Hz for streams.
+        channels: Channels captured before the downmix to mono (microphones);
+            ``None`` means min(2, the device's maximum).
+        block_s: Duration of each yielded block in seconds.
+        realtime: Files only: pace blocks at wall-clock speed.
+        loop: Files only: restart at the end, continuing the stream clock.
+        probe_s: Streams only: how long ffmpeg may analyse the input before
+            it starts decoding.
+        ffmpeg: Files and streams: the ffmpeg executable to run.
+    """
+
+    sample_rate_hz: int | None = None
+    channels: int | None = None
+    block_s: float = DEFAULT_BLOCK_S
+    realtime: bool = True
+    loop: bool = False
+    probe_s: float = 1.0
+    ffmpeg: str = "ffmpeg"
+
+
+_OPTION_KEYS: dict[str, frozenset[str]] = {
+    "mic": frozenset({"sample_rate_hz", "channels", "block_s"}),
+    "file": frozenset({"sample_rate_hz", "block_s", "realtime", "loop", "ffmpeg"}),
+    "stream": frozenset({"sample_rate_hz", "block_s", "probe_s", "ffmpeg"}),
+}
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with its user, password and secret query values replaced by ``***``.
+
+    ``rtsp://user:pass@cam/x?token=abc&ch=1`` becomes
+    ``rtsp://***:***@cam/x?token=***&ch=1``. Strings that are not URLs come
+    back unchanged.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        masked = f"{_REDACTED}:{_REDACTED}" if ":" in userinfo else _REDACTED
+        netloc = f"{masked}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+            query = urlencode(
+                [(k, _REDACTED if k.lower() in _SECRET_PARAMS else v) for k, v in pairs],
+                safe="*",
+                quote_via=quote,
+            )
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def url_secrets(url: str) -> list[str]:
+    """The strings :func:`redact_url` hides in ``url`` (user:password, password, secret values).
+
+    Used to scrub them from text that quotes the URL in its own way, such as
+    ffmpeg's error messages.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found: list[str] = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        password = userinfo.partition(":")[2]
+        found += [userinfo, password, unquote(password)]
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key.lower() in _SECRET_PARAMS:
+            found += [value, quote(value, safe="")]
+    # longest first, so that "user:pass" goes before "pass"; very short strings
+    # would scrub ordinary words from the text
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def parse_source_uri(uri: str) -> tuple[str, str, dict[str, str]]:
+    """Split a source URI into ``(kind, target, params)``.
+
+    Args:
+        uri: One of the forms listed in this module's docstring.
+
+    Returns:
+        ``kind`` is ``"mic"``, ``"file"`` or ``"stream"``. ``target`` is the
+        device selector (``"default"``, an index or a name part), the file
+        path, or the URL to hand to ffmpeg (``hls+`` prefix removed).
+        ``params`` are the query parameters of a ``file:`` URI (options),
+        empty otherwise: a stream URL's query belongs to the server.
+
+    Raises:
+        ConfigError: the scheme is unknown or the target is empty.
+    """
+    scheme, sep, rest = uri.partition(":")
+    scheme_l = scheme.strip().lower()
+    if not sep:
+        raise ConfigError(f"source uri {uri!r} has no scheme; expected {ACCEPTED_FORMS}")
+    if scheme_l == "mic":
+        target = rest.strip()
+        if not target:
+            raise ConfigError(f"source uri {uri!r} names no device; expected {ACCEPTED_FORMS}")
+        return "mic", target, {}
+    if scheme_l == "file":
+        path, _, query = rest.partition("?")
+        if path.startswith("//"):
+            # file:///abs/path or file://localhost/abs/path
+            host_and_path = path[2:]
+            host, slash, tail = host_and_path.partition("/")
+            if host not in ("", "localhost"):
+                raise ConfigError(
+                    f"source uri {redact_url(uri)!r} names host {host!r}; file: URIs must be local"
+                )
+            path = unquote(slash + tail)
+        if not path:
+            raise ConfigError(f"source uri {uri!r} names no file; expected {ACCEPTED_FORMS}")
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        return "file", path, params
+    if scheme_l in STREAM_SCHEMES:
+        if not rest.startswith("//") or len(rest) <= 2:
+            raise ConfigError(
+                f"source uri {redact_url(uri)!r} is not a URL; expected {scheme_l}://host..."
+            )
+        target = uri.strip()
+        if scheme_l.startswith("hls+"):
+            target = target[len("hls+") :]
+        return "stream", target, {}
+    raise ConfigError(
+        f"source uri {redact_url(uri)!r} has unknown scheme {scheme!r}; expected {ACCEPTED_FORMS}"
+    )
+
+
+def _as_bool(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"source option {key!r}: expected true or false, got {value!r}")
+
+
+def _as_positive_int(key: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"source option {key!r}: expected a positive integer, got {value!r}")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        result = int(value.strip())
+    elif isinstance(value, float) and value.is_integer():
+        result = int(value)
+    else:
+        raise ConfigError(f"source option {key!r}: expected a positive integer, got {value!r}")
+    if result <= 0:
+        raise ConfigError(f"source option {key!r}: expected a positive integer, got {value!r}")
+    return result
+
+
+def _as_positive_float(key: str, value: object) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"source option {key!r}: expected a positive number, got {value!r}")
+    try:
+        result = float(value) if isinstance(value, int | float | str) else float("nan")
+    except ValueError:
+        result = float("nan")
+    if not result > 0 or result == float("inf"):
+        raise ConfigError(f"source option {key!r}: expected a positive number, got {value!r}")
+    return result
+
+
+def parse_source_options(
+    kind: str,
+    options: Mapping[str, object],
+    uri_params: Mapping[str, str] | None = None,
+) -> SourceOptions:
+    """Validate a source's options (from config and from the URI query) for ``kind``.
+
+    Args:
+        kind: ``"mic"``, ``"file"`` or ``"stream"``.
+        options: Options from the configuration; they win over ``uri_params``.
+        uri_params: Options from the URI query string (``file:`` URIs).
+
+    Raises:
+        ConfigError: listing every unknown key and every bad value.
+    """
+    allowed = _OPTION_KEYS.get(kind)
+    if allowed is None:
+        raise ConfigError(f"unknown source kind {kind!r}; expected one of {sorted(_OPTION_KEYS)}")
+    merged: dict[str, object] = dict(uri_params or {})
+    merged.update(options)
+    problems: list[str] = []
+    values: dict[str, object] = {}
+    for key, value in merged.items():
+        if key not in allowed:
+            problems.append(
+                f"unknown option {key!r} for a {kind} source; accepted: {', '.join(sorted(allowed))}"
+            )
+            continue
+        try:
+            if key in ("sample_rate_hz", "channels"):
+                values[key] = _as_positive_int(key, value)
+            elif key in ("block_s", "probe_s"):
+                values[key] = _as_positive_float(key, value)
+            elif key in ("realtime", "loop"):
+                values[key] = _as_bool(key, value)
+            elif key == "ffmpeg":
+                if not isinstance(value, str) or not value.strip():
+                    raise ConfigError(
+                        f"source option 'ffmpeg': expected a program name or path, got {value!r}"
+                    )
+                values[key] = value.strip()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return SourceOptions(**values)  # type: ignore[arg-type]

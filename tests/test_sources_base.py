@@ -1,0 +1,161 @@
+"""URI parsing, option validation and URL redaction shared by the sources."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamcap.errors import ConfigError
+from streamcap.sources import file as file_mod
+from streamcap.sources import microphone, stream
+from streamcap.sources.base import (
+    AudioSource,
+    SourceOptions,
+    parse_source_options,
+    parse_source_uri,
+    redact_url,
+)
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("mic:default", ("mic", "default", {})),
+        ("mic:3", ("mic", "3", {})),
+        ("mic:USB Audio", ("mic", "USB Audio", {})),
+        ("MIC:default", ("mic", "default", {})),
+        ("file:/data/x.wav", ("file", "/data/x.wav", {})),
+        (
+            "file:/data/x.wav?loop=true&realtime=false",
+            ("file", "/data/x.wav", {"loop": "true", "realtime": "false"}),
+        ),
+        ("file:relative/y.flac", ("file", "relative/y.flac", {})),
+        ("file:///data/my%20clip.mp3", ("file", "/data/my clip.mp3", {})),
+        ("file://localhost/data/z.ogg", ("file", "/data/z.ogg", {})),
+        ("rtsp://cam.local:554/stream1", ("stream", "rtsp://cam.local:554/stream1", {})),
+        ("rtmp://127.0.0.1/live/key", ("stream", "rtmp://127.0.0.1/live/key", {})),
+        ("http://radio/stream?x=1", ("stream", "http://radio/stream?x=1", {})),
+        ("https://radio/stream", ("stream", "https://radio/stream", {})),
+        ("udp://127.0.0.1:5000", ("stream", "udp://127.0.0.1:5000", {})),
+        ("tcp://127.0.0.1:5000", ("stream", "tcp://127.0.0.1:5000", {})),
+        ("srt://127.0.0.1:9000", ("stream", "srt://127.0.0.1:9000", {})),
+        ("hls+http://h/live.m3u8", ("stream", "http://h/live.m3u8", {})),
+        ("hls+https://h/live.m3u8", ("stream", "https://h/live.m3u8", {})),
+    ],
+)
+def test_parse_source_uri_maps_every_form(
+    uri: str, expected: tuple[str, str, dict[str, str]]
+) -> None:
+    assert parse_source_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["ftp://host/x.wav", "gopher:x", "/data/x.wav", "mic:", "file:"])
+def test_parse_source_uri_rejects_unknown_forms_naming_them(uri: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_source_uri(uri)
+    message = str(err.value)
+    assert repr(uri) in message
+    assert "mic:default" in message and "file:" in message
+
+
+def test_parse_source_uri_rejects_remote_file_host() -> None:
+    with pytest.raises(ConfigError, match="must be local"):
+        parse_source_uri("file://server/share/x.wav")
+
+
+def test_unknown_scheme_message_redacts_credentials() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_source_uri("ftp://bob:hunter2@host/x")
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("rtsp://user:pass@cam:554/s", "rtsp://***:***@cam:554/s"),
+        ("rtsp://user@cam/s", "rtsp://***@cam/s"),
+        ("http://h/s?token=abc&ch=1", "http://h/s?token=***&ch=1"),
+        ("http://h/s?Password=p&key=k&secret=s", "http://h/s?Password=***&key=***&secret=***"),
+        ("https://a:b@h/s?x=1&token=t", "https://***:***@h/s?x=1&token=***"),
+        ("udp://127.0.0.1:5000", "udp://127.0.0.1:5000"),
+        ("http://h/s?x=1", "http://h/s?x=1"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_redact_url_hides_password_with_at_sign() -> None:
+    out = redact_url("rtsp://admin:p@ss@cam/s")
+    assert "p@ss" not in out and "ss@" not in out
+    assert out.endswith("@cam/s")
+
+
+def test_options_defaults_and_coercion() -> None:
+    assert parse_source_options("file", {}) == SourceOptions()
+    opts = parse_source_options(
+        "file", {"block_s": 0.25}, {"loop": "true", "realtime": "0", "sample_rate_hz": "16000"}
+    )
+    assert opts.loop is True and opts.realtime is False
+    assert opts.sample_rate_hz == 16000 and opts.block_s == 0.25
+
+
+def test_config_options_win_over_uri_params() -> None:
+    opts = parse_source_options("file", {"loop": False}, {"loop": "true"})
+    assert opts.loop is False
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "fragment"),
+    [
+        ("mic", {"loop": True}, "'loop'"),
+        ("stream", {"channels": 2}, "'channels'"),
+        ("file", {"bogus": 1}, "'bogus'"),
+        ("mic", {"sample_rate_hz": -1}, "'sample_rate_hz'"),
+        ("mic", {"sample_rate_hz": True}, "'sample_rate_hz'"),
+        ("file", {"block_s": 0}, "'block_s'"),
+        ("file", {"block_s": "fast"}, "'block_s'"),
+        ("file", {"loop": "maybe"}, "'loop'"),
+        ("stream", {"ffmpeg": ""}, "'ffmpeg'"),
+    ],
+)
+def test_bad_options_name_the_key(kind: str, options: dict[str, object], fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_source_options(kind, options)
+    assert fragment in str(err.value)
+
+
+def test_all_problems_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_source_options("mic", {"a": 1, "b": 2, "block_s": -1})
+    assert len(err.value.problems) == 3
+
+
+def test_entry_points_build_sources_of_the_right_kind() -> None:
+    sources: list[AudioSource] = [
+        microphone.create_source("m", "mic:default", {}),
+        file_mod.create_source("f", "file:/x.wav?realtime=false", {}),
+        stream.create_source("s", "udp://127.0.0.1:5000", {"sample_rate_hz": 16000}),
+    ]
+    for src in sources:
+        assert isinstance(src, AudioSource)
+    assert [s.source_id for s in sources] == ["m", "f", "s"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "uri"),
+    [
+        (microphone.create_source, "file:/x.wav"),
+        (file_mod.create_source, "mic:default"),
+        (stream.create_source, "file:/x.wav"),
+    ],
+)
+def test_entry_points_reject_other_kinds(factory: object, uri: str) -> None:
+    with pytest.raises(ConfigError, match="source 'x'"):
+        factory("x", uri, {})  # type: ignore[operator]
+
+
+def test_stream_source_never_shows_credentials() -> None:
+    src = stream.create_source("s", "rtsp://admin:hunter2@127.0.0.1/s?token=t0k", {})
+    assert "hunter2" not in repr(src) and "t0k" not in repr(src)
+    assert "hunter2" not in src.url

@@ -1,0 +1,227 @@
+"""File source with real files: soundfile for wav/flac/ogg, real ffmpeg for mp3 and resampling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamcap.errors import SourceFormatError, SourceUnavailable
+from streamcap.messages import AudioBlock
+from streamcap.sources.file import FileSource, create_source
+
+RATE = 16000
+
+
+def peak_hz(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[int(np.argmax(spectrum))])
+
+
+async def collect(source: FileSource, limit: int | None = None) -> list[AudioBlock]:
+    out: list[AudioBlock] = []
+    async with asyncio.timeout(30), contextlib.aclosing(source.blocks()) as blocks:
+        async for block in blocks:
+            out.append(block)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def check_contiguous(blocks: list[AudioBlock]) -> None:
+    expected = 0
+    for block in blocks:
+        assert block.start_sample == expected
+        assert block.samples.dtype == np.float32 and block.samples.ndim == 1
+        assert not block.samples.flags.writeable
+        expected += len(block.samples)
+
+
+def write_sine(path: Path, seconds: float, *, rate: int = RATE, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    mono = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+    data = np.stack([mono] * channels, axis=1) if channels > 1 else mono
+    sf.write(str(path), data, rate)
+    return mono
+
+
+@pytest.mark.parametrize("suffix", [".wav", ".flac", ".ogg"])
+async def test_soundfile_formats_deliver_whole_file_fast(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"tone{suffix}"
+    write_sine(path, 1.3, channels=2)
+    src = create_source("f", f"file:{path}?realtime=false", {"block_s": 0.1})
+    blocks = await collect(src)
+    check_contiguous(blocks)
+    total = sum(len(b.samples) for b in blocks)
+    assert total == sf.info(str(path)).frames == int(1.3 * RATE)
+    assert {len(b.samples) for b in blocks[:-1]} == {1600}
+    assert all(b.sample_rate_hz == RATE for b in blocks)
+    audio = np.concatenate([b.samples for b in blocks])
+    assert abs(peak_hz(audio, RATE) - 1000) < 3
+
+
+async def test_wav_samples_are_exact_downmix(tmp_path: Path) -> None:
+    path = tmp_path / "st.wav"
+    t = np.arange(RATE) / RATE
+    left = 0.5 * np.sin(2 * np.pi * 300 * t)
+    right = 0.25 * np.sin(2 * np.pi * 700 * t)
+    sf.write(str(path), np.stack([left, right], axis=1).astype(np.float32), RATE, subtype="FLOAT")
+    blocks = await collect(create_source("f", f"file:{path}", {"realtime": False}))
+    audio = np.concatenate([b.samples for b in blocks])
+    np.testing.assert_allclose(audio, ((left + right) / 2).astype(np.float32), atol=1e-6)
+
+
+async def test_mp3_through_real_ffmpeg(tone_file: Callable[..., Path]) -> None:
+    path = tone_file("tone.mp3", frequency_hz=440, duration_s=2.0, sample_rate_hz=44100)
+    src = create_source("f", f"file:{path}", {"realtime": False, "block_s": 0.05})
+    blocks = await collect(src)
+    check_contiguous(blocks)
+    assert src.sample_rate_hz == 44100
+    total = sum(len(b.samples) for b in blocks)
+    # mp3 adds encoder delay and padding: at most a couple of 1152-sample frames
+    assert abs(total - 2 * 44100) <= 3 * 1152
+    audio = np.concatenate([b.samples for b in blocks])
+    assert abs(peak_hz(audio[4000:-4000], 44100) - 440) < 3
+
+
+async def test_resampling_goes_through_ffmpeg(tmp_path: Path, ffmpeg: str) -> None:
+    path = tmp_path / "tone.wav"
+    write_sine(path, 1.0, rate=48000)
+    src = create_source("f", f"file:{path}", {"realtime": False, "sample_rate_hz": RATE})
+    blocks = await collect(src)
+    assert all(b.sample_rate_hz == RATE for b in blocks)
+    total = sum(len(b.samples) for b in blocks)
+    assert abs(total - RATE) <= 64
+    assert abs(peak_hz(np.concatenate([b.samples for b in blocks]), RATE) - 1000) < 3
+
+
+@pytest.mark.parametrize("name", ["loop.wav", "loop.mp3"])
+async def test_loop_continues_the_stream_clock(
+    tmp_path: Path, tone_file: Callable[..., Path], name: str
+) -> None:
+    if name.endswith(".wav"):
+        path = tmp_path / name
+        write_sine(path, 0.35)
+    else:
+        path = tone_file(name, duration_s=0.35, sample_rate_hz=RATE)
+    src = create_source("f", f"file:{path}?loop=true&realtime=false", {"block_s": 0.1})
+    blocks = await collect(src, limit=20)
+    check_contiguous(blocks)
+    assert src.passes >= 3
+    rate = blocks[0].sample_rate_hz
+    # captured_at follows the stream clock across loops
+    for block in blocks:
+        assert block.captured_at == pytest.approx(
+            blocks[0].captured_at + block.start_sample / rate, abs=1e-6
+        )
+
+
+async def test_realtime_pacing_is_no_faster_than_wall_clock(tmp_path: Path) -> None:
+    path = tmp_path / "tone.wav"
+    write_sine(path, 0.6)
+    src = create_source("f", f"file:{path}", {"block_s": 0.1})
+    arrivals: list[tuple[float, AudioBlock]] = []
+    start = time.monotonic()
+    async with asyncio.timeout(10):
+        async for block in src.blocks():
+            arrivals.append((time.monotonic() - start, block))
+    # every block arrives only once its last sample would have been heard live
+    for arrived, block in arrivals:
+        assert arrived >= (block.start_sample + len(block.samples)) / RATE - 0.01
+    assert sum(len(b.samples) for _, b in arrivals) == int(0.6 * RATE)
+
+
+async def test_fast_mode_yields_control_to_other_tasks(tmp_path: Path) -> None:
+    path = tmp_path / "long.wav"
+    write_sine(path, 5.0)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    blocks = await collect(create_source("f", f"file:{path}", {"realtime": False}))
+    task.cancel()
+    assert len(blocks) == 50
+    assert ticks >= 25
+
+
+# ------------------------------------------------------------------ bad input
+
+
+async def test_missing_file_is_unavailable_and_names_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nope.wav"
+    with pytest.raises(SourceUnavailable) as err:
+        await collect(create_source("f", f"file:{path}", {}))
+    assert str(path) in str(err.value)
+    assert "does not exist" in str(err.value) and "expected" in str(err.value)
+
+
+async def test_missing_file_appearing_later_is_readable(tmp_path: Path) -> None:
+    path = tmp_path / "later.wav"
+    src = create_source("f", f"file:{path}", {"realtime": False})
+    with pytest.raises(SourceUnavailable):
+        await collect(src)
+    write_sine(path, 0.2)
+    assert sum(len(b.samples) for b in await collect(src)) == int(0.2 * RATE)
+
+
+async def test_corrupt_wav_is_a_format_error(tmp_path: Path, ffmpeg: str) -> None:
+    path = tmp_path / "corrupt.wav"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(SourceFormatError) as err:
+        await collect(create_source("f", f"file:{path}", {}))
+    assert str(path) in str(err.value) and "expected" in str(err.value)
+
+
+async def test_unsupported_format_is_a_format_error(tmp_path: Path, ffmpeg: str) -> None:
+    path = tmp_path / "notes.xyz"
+    path.write_text("this is not audio at all\n" * 50)
+    with pytest.raises(SourceFormatError) as err:
+        await collect(create_source("f", f"file:{path}", {}))
+    message = str(err.value)
+    assert str(path) in message and "expected an audio file" in message
+
+
+async def test_directory_is_a_format_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceFormatError, match="is a directory"):
+        await collect(create_source("f", f"file:{tmp_path}", {}))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+async def test_unreadable_file_is_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "secret.wav"
+    write_sine(path, 0.1)
+    path.chmod(0)
+    with pytest.raises(SourceUnavailable, match="not readable"):
+        await collect(create_source("f", f"file:{path}", {}))
+
+
+async def test_missing_ffmpeg_is_unavailable(tone_file: Callable[..., Path]) -> None:
+    path = tone_file("x.mp3", duration_s=0.2)
+    src = create_source("f", f"file:{path}", {"ffmpeg": "/nonexistent/ffmpeg", "realtime": False})
+    with pytest.raises(SourceUnavailable, match="ffprobe"):
+        await collect(src)
+
+
+async def test_cancel_mid_file_kills_ffmpeg(
+    tone_file: Callable[..., Path], children: Callable[[str], list[int]]
+) -> None:
+    path = tone_file("long.mp3", duration_s=20.0, sample_rate_hz=RATE)
+    src = create_source("f", f"file:{path}", {"realtime": True})
+    gen = src.blocks()
+    async with asyncio.timeout(10):
+        await anext(gen)
+    assert children("ffmpeg")
+    await gen.aclose()
+    assert children("ffmpeg") == []
