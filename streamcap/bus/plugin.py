@@ -1,0 +1,340 @@
+"""The plugin interface: the Sink protocol, its context, and entry-point loading.
+
+Sinks and sources are found through entry points, built-ins exactly like
+third-party plugins::
+
+    [project.entry-points."streamcap.sinks"]
+    websocket = "streamcap.sinks.websocket:create_sink"
+
+A sink entry point is a factory ``create_sink(instance, options) -> Sink``
+that validates its own options (raising :class:`~streamcap.errors.ConfigError`
+naming ``sinks.<instance>.<key>``). Only the plugins named in the config are
+loaded: nothing is imported for an entry point that no ``[sinks.*]`` table
+names.
+
+Two options every sink table may carry are handled by the bus:
+
+* ``accepts``: the message kinds this instance receives, a subset of what the
+  sink supports. The bus validates it and delivers only those kinds. The
+  factory sees it too, so that a sink can narrow its own ``accepts`` and
+  advertise the right kinds (a WebSocket hello, say); a factory must not
+  reject it, and may ignore it.
+* ``queue_size``: its inbox's ``max_pending``. Taken out of the table before
+  the factory sees it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Protocol, cast, runtime_checkable
+
+import structlog
+
+from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
+from streamcap.bus.wire import KINDS
+from streamcap.errors import ConfigError, PluginError
+from streamcap.stats import Metrics
+
+if TYPE_CHECKING:
+    from streamcap.sources.base import SourceFactory
+
+SINKS_GROUP: Final = "streamcap.sinks"
+SOURCES_GROUP: Final = "streamcap.sources"
+BUS_OPTIONS: Final = frozenset({"accepts", "queue_size"})
+"""Sink options handled by the bus (every sink table may carry them)."""
+BUS_ONLY_OPTIONS: Final = frozenset({"queue_size"})
+"""Sink options the plugin's factory never sees."""
+MAX_QUEUE_SIZE: Final = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """What the bus gives a sink for one run.
+
+    Attributes:
+        instance: The ``[sinks.<instance>]`` table name.
+        node_id: The daemon's node id (topics, hello frames).
+        metrics: The daemon's metrics registry, for the sink's own series.
+        ready: Call once listening or connected the first time; the daemon's
+            systemd READY=1 waits for every sink. Calling it again is harmless.
+        logger: A logger bound with ``sink=<instance>``.
+        state_dir: A writable directory of this sink's own (an outbox, say);
+            it exists when ``run`` starts and survives restarts.
+    """
+
+    instance: str
+    node_id: str
+    metrics: Metrics
+    ready: Callable[[], None]
+    logger: structlog.stdlib.BoundLogger
+    state_dir: Path
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A bus subscriber that owns its connections for the whole of ``run``."""
+
+    accepts: frozenset[str]
+    """The kinds it can take: a subset of ``{"caption", "embedding", "status"}``."""
+
+    async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+        """Consume messages until the inbox closes, then flush and return.
+
+        ``InboxClosed`` from ``inbox.get()`` (or the end of ``async for msg in
+        inbox``) means shutdown. Reconnecting is the sink's business. Raising
+        ends this run: the bus logs it once and restarts the sink with
+        jittered, capped backoff, on the same inbox. Cancellation means the
+        shutdown timeout passed.
+        """
+        ...
+
+
+class SinkFactory(Protocol):
+    """The signature of every ``streamcap.sinks`` entry point."""
+
+    def __call__(self, instance: str, options: Mapping[str, object]) -> Sink: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PluginInfo:
+    """One installed entry point, for ``streamcap plugins`` and error messages."""
+
+    group: str
+    name: str
+    value: str  # "module:attribute"
+    distribution: str  # "" when unknown
+    version: str  # "" when unknown
+
+    def describe(self) -> str:
+        """``"<value> from <distribution> <version>"``."""
+        origin = f"{self.distribution} {self.version}".strip() or "an unknown distribution"
+        return f"{self.value} from {origin}"
+
+
+class LoadedSink:
+    """A sink plugin as configured: the plugin's sink plus what the bus handles.
+
+    Satisfies :class:`Sink`; ``accepts`` is the configured subset.
+
+    Attributes:
+        instance: The config table name.
+        sink: The object the plugin's factory returned.
+        accepts: The kinds this instance receives.
+        queue_size: Its inbox's ``max_pending``.
+        plugin: The entry point it came from.
+    """
+
+    def __init__(self, *, instance: str, sink: Sink, accepts: frozenset[str],
+                 queue_size: int, plugin: PluginInfo) -> None:
+        self.instance = instance
+        self.sink = sink
+        self.accepts = accepts
+        self.queue_size = queue_size
+        self.plugin = plugin
+
+    async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+        """Run the plugin's sink."""
+        await self.sink.run(inbox, ctx)
+
+    def __repr__(self) -> str:
+        return (f"LoadedSink({self.instance!r}, plugin={self.plugin.name!r}, "
+                f"accepts={sorted(self.accepts)}, queue_size={self.queue_size})")
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _info(ep: metadata.EntryPoint) -> PluginInfo:
+    dist = ep.dist
+    name = version = ""
+    if dist is not None:
+        name = str(dist.metadata["Name"] or "")
+        version = str(dist.version or "")
+    return PluginInfo(group=ep.group, name=ep.name, value=ep.value, distribution=name,
+                      version=version)
+
+
+def _entry_points(group: str) -> list[metadata.EntryPoint]:
+    return list(metadata.entry_points(group=group))
+
+
+def list_plugins() -> list[PluginInfo]:
+    """Every installed sink and source entry point, sorted by group then name."""
+    infos = [_info(ep) for group in (SINKS_GROUP, SOURCES_GROUP) for ep in _entry_points(group)]
+    return sorted(infos, key=lambda i: (i.group, i.name, i.distribution))
+
+
+def _find(group: str, plugin: str, key: str, what: str) -> metadata.EntryPoint:
+    eps = _entry_points(group)
+    matches = [ep for ep in eps if ep.name == plugin]
+    if not matches:
+        installed = ", ".join(sorted({ep.name for ep in eps})) or "none"
+        raise PluginError(
+            f"{key}: no {what} plugin named {plugin!r} is installed (entry point group "
+            f"{group}); installed: {installed}"
+        )
+    if len(matches) > 1:
+        where = "; ".join(_info(ep).describe() for ep in matches)
+        raise PluginError(
+            f"{key}: {what} plugin {plugin!r} is installed more than once ({where}); "
+            f"uninstall all but one"
+        )
+    return matches[0]
+
+
+def _load(ep: metadata.EntryPoint, key: str, what: str) -> object:
+    try:
+        return ep.load()
+    except Exception as exc:  # any import-time failure belongs to the plugin
+        raise PluginError(
+            f"{key}: cannot load {what} plugin {ep.name!r} ({_info(ep).describe()}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# --------------------------------------------------------------------------- bus options
+
+
+def _read_accepts(instance: str, value: object) -> frozenset[str]:
+    key = f"sinks.{instance}.accepts"
+    kinds = ", ".join(sorted(KINDS))
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key}: expected a list of message kinds from {kinds}, "
+                          f"got {value!r}")
+    unknown = sorted(set(value) - KINDS)
+    if unknown:
+        raise ConfigError(f"{key}: unknown message kind(s) {', '.join(unknown)}; "
+                          f"expected some of {kinds}")
+    if not value:
+        raise ConfigError(f"{key}: must name at least one message kind ({kinds})")
+    return frozenset(value)
+
+
+def _check_supported(instance: str, accepts: frozenset[str], supported: frozenset[str],
+                     plugin: str) -> None:
+    unsupported = sorted(accepts - supported)
+    if unsupported:
+        raise ConfigError(f"sinks.{instance}.accepts: plugin {plugin!r} cannot take "
+                          f"{', '.join(unsupported)} (it supports {', '.join(sorted(supported))})")
+
+
+def _read_queue_size(instance: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_QUEUE_SIZE:
+        raise ConfigError(f"sinks.{instance}.queue_size: expected an integer from 1 to "
+                          f"{MAX_QUEUE_SIZE} (messages), got {value!r}")
+    return value
+
+
+def _check_sink(obj: object, instance: str, info: PluginInfo) -> Sink:
+    where = f"sinks.{instance}: sink plugin {info.name!r} ({info.describe()})"
+    if not isinstance(obj, Sink):
+        raise PluginError(f"{where}: create_sink returned {type(obj).__name__}, which has no "
+                          f"'accepts' attribute or no run() method")
+    if not inspect.iscoroutinefunction(obj.run):
+        raise PluginError(f"{where}: run() must be an async def")
+    accepts = obj.accepts
+    if (not isinstance(accepts, frozenset | set) or not accepts
+            or not all(isinstance(k, str) for k in accepts) or not accepts <= KINDS):
+        raise PluginError(f"{where}: accepts must be a non-empty set of kinds from "
+                          f"{', '.join(sorted(KINDS))}, got {accepts!r}")
+    return obj
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_sink(instance: str, plugin_name: str, options: Mapping[str, object]) -> LoadedSink:
+    """Find, import, configure and check the sink plugin of one ``[sinks.<instance>]`` table.
+
+    Args:
+        instance: The config table name.
+        plugin_name: The entry point name (``plugin = "..."``; the table name by default).
+        options: The table without ``plugin``. ``accepts`` and ``queue_size``
+            are read here; everything but ``queue_size`` goes to the plugin's
+            factory.
+
+    Returns:
+        The configured sink.
+
+    Raises:
+        PluginError: The plugin is not installed (the message lists what is),
+            fails to import (the message names the entry point and its
+            distribution), or does not satisfy :class:`Sink`.
+        ConfigError: The options are invalid (from the factory, or
+            ``accepts`` / ``queue_size``).
+    """
+    key = f"sinks.{instance}.plugin"
+    configured = _read_accepts(instance, options["accepts"]) if "accepts" in options else None
+    queue_size = (_read_queue_size(instance, options["queue_size"])
+                  if "queue_size" in options else DEFAULT_MAX_PENDING)
+    ep = _find(SINKS_GROUP, plugin_name, key, "sink")
+    info = _info(ep)
+    factory = _load(ep, key, "sink")
+    if not callable(factory):
+        raise PluginError(f"{key}: sink plugin {plugin_name!r} ({info.describe()}) is not "
+                          f"callable; expected create_sink(instance, options)")
+    plugin_options = {k: v for k, v in options.items() if k not in BUS_ONLY_OPTIONS}
+    try:
+        made = factory(instance, plugin_options)
+    except (ConfigError, PluginError):
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"sinks.{instance}: sink plugin {plugin_name!r} ({info.describe()}) failed to "
+            f"create the sink: {type(exc).__name__}: {exc}"
+        ) from exc
+    sink = _check_sink(made, instance, info)
+    supported = frozenset(sink.accepts)
+    accepts = supported if configured is None else configured
+    _check_supported(instance, accepts, supported, plugin_name)
+    return LoadedSink(instance=instance, sink=sink, accepts=accepts, queue_size=queue_size,
+                      plugin=info)
+
+
+def load_sinks(tables: Iterable[tuple[str, str, Mapping[str, object]]]) -> dict[str, LoadedSink]:
+    """:func:`load_sink` for each ``(instance, plugin_name, options)``, reporting every failure.
+
+    Raises:
+        ConfigError: Some tables have invalid options (all of them listed),
+            and no plugin failed to load.
+        PluginError: Some plugins failed to load (every failure, one per line).
+    """
+    sinks: dict[str, LoadedSink] = {}
+    config_problems: list[str] = []
+    plugin_problems: list[str] = []
+    for instance, plugin_name, options in tables:
+        try:
+            sinks[instance] = load_sink(instance, plugin_name, options)
+        except ConfigError as exc:
+            config_problems.extend(exc.problems)
+        except PluginError as exc:
+            plugin_problems.append(str(exc))
+    if plugin_problems:
+        raise PluginError("\n".join(plugin_problems + config_problems))
+    if config_problems:
+        raise ConfigError(config_problems)
+    return sinks
+
+
+def load_source_factory(plugin_name: str, *, config_key: str | None = None) -> SourceFactory:
+    """The ``create_source`` factory of a ``streamcap.sources`` plugin.
+
+    Args:
+        plugin_name: The entry point name (``mic``, ``file``, ``stream`` or a plugin's).
+        config_key: The config entry that asked for it, for error messages
+            (e.g. ``sources.kitchen.uri``).
+
+    Raises:
+        PluginError: Not installed, failed to import, or not callable.
+    """
+    key = config_key or f"source plugin {plugin_name!r}"
+    ep = _find(SOURCES_GROUP, plugin_name, key, "source")
+    factory = _load(ep, key, "source")
+    if not callable(factory):
+        raise PluginError(f"{key}: source plugin {plugin_name!r} ({_info(ep).describe()}) is "
+                          f"not callable; expected create_source(source_id, uri, options)")
+    return cast("SourceFactory", factory)

@@ -1,0 +1,296 @@
+"""streamcap.bus.bus: fan-out, isolation of slow sinks, restarts, shutdown, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamcap.bus.bus import PluginBus, restart_delay, task_name
+from streamcap.bus.inbox import Inbox
+from streamcap.bus.plugin import LoadedSink, PluginInfo, SinkContext
+from streamcap.errors import ConfigError
+from streamcap.messages import Caption, Embedding, Published, SourceState, SourceStatus
+from streamcap.stats import Metrics
+
+WAIT_S = 10.0  # generous upper bound for awaiting something that must happen
+
+
+def cap(i: int, source: str = "a") -> Caption:
+    return Caption(window_id=f"{source}:0:{i * 1000}", source_id=source, seq=i, start_s=float(i),
+                   end_s=i + 10.0, captured_at=1.0, text=f"caption {i}", score=0.5)
+
+
+def emb(i: int, source: str = "a") -> Embedding:
+    return Embedding(window_id=f"{source}:0:{i * 1000}", source_id=source, seq=i,
+                     start_s=float(i), end_s=i + 10.0, model="m",
+                     vector=np.zeros(2, dtype=np.float32))
+
+
+class Recorder:
+    """A well-behaved sink: records everything, calls ready, flushes on close."""
+
+    def __init__(self, accepts: frozenset[str] = frozenset({"caption", "embedding", "status"}),
+                 expect: int = 0) -> None:
+        self.accepts = accepts
+        self.got: list[Published] = []
+        self.flushed = False
+        self.task_names: list[str] = []
+        self.ctx: SinkContext | None = None
+        self.expect = expect
+        self.all_in = asyncio.Event()
+
+    async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+        self.ctx = ctx
+        task = asyncio.current_task()
+        assert task is not None
+        self.task_names.append(task.get_name())
+        ctx.ready()
+        async for msg in inbox:
+            self.got.append(msg)
+            if self.expect and len(self.got) >= self.expect:
+                self.all_in.set()
+        self.flushed = True
+
+
+class Stuck:
+    """A sink that never reads its inbox (a dead client, a hung broker)."""
+
+    accepts = frozenset({"caption"})
+
+    async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+        ctx.ready()
+        await asyncio.Event().wait()
+
+
+class Flaky:
+    """Raises on its first ``failures`` runs (after reading one message), then records."""
+
+    accepts = frozenset({"caption"})
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.runs = 0
+        self.got: list[Published] = []
+        self.working = asyncio.Event()
+
+    async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+        self.runs += 1
+        if self.runs <= self.failures:
+            self.got.append(await inbox.get())
+            raise ConnectionError(f"broker went away (run {self.runs})")
+        self.working.set()
+        async for msg in inbox:
+            self.got.append(msg)
+
+
+def make_bus(tmp_path: Path, sinks: dict[str, object], **kwargs: object) -> PluginBus:
+    return PluginBus(sinks, node_id="node", metrics=Metrics(), state_root=tmp_path,  # type: ignore[arg-type]
+                     restart_initial_s=0.01, restart_max_s=0.05, rng=random.Random(1), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_publish_fans_out_by_accepts_and_close_flushes(tmp_path: Path) -> None:
+    everything = Recorder()
+    captions = Recorder(frozenset({"caption"}))
+    bus = make_bus(tmp_path, {"all": everything, "cap": captions})
+    async with bus:
+        await asyncio.wait_for(bus.wait_ready(), WAIT_S)
+        assert bus.ready and bus.not_ready() == []
+        status = SourceStatus(source_id="a", state=SourceState.RUNNING)
+        e0 = emb(0)
+        for m in (status, cap(0), e0, cap(1)):
+            bus.publish(m)
+    assert everything.flushed and captions.flushed
+    assert [id(m) for m in everything.got] == [id(status), id(everything.got[1]), id(e0),
+                                               id(everything.got[3])]
+    assert captions.got == [cap(0), cap(1)]
+    assert everything.task_names == [task_name("all")] == ["streamcap[sink:all].run"]
+    assert everything.ctx is not None and everything.ctx.state_dir == tmp_path / "all"
+    assert (tmp_path / "all").is_dir() and everything.ctx.node_id == "node"
+
+
+async def test_a_sink_that_never_reads_does_not_delay_another(tmp_path: Path) -> None:
+    n, size = 1000, 16
+    fast = Recorder(frozenset({"caption"}), expect=n)
+    bus = make_bus(tmp_path, {"stuck": Stuck(), "fast": fast},
+                   queue_sizes={"stuck": size, "fast": n})
+    metrics = bus.metrics
+    async with bus:
+        await asyncio.wait_for(bus.wait_ready(), WAIT_S)
+        for i in range(n):
+            bus.publish(cap(i))  # synchronous: nothing here can wait on a sink
+        await asyncio.wait_for(fast.all_in.wait(), WAIT_S)
+        assert [m.seq for m in fast.got] == list(range(n))  # type: ignore[union-attr]
+        stuck_inbox = bus.inboxes["stuck"]
+        assert stuck_inbox.depth == size
+        assert stuck_inbox.dropped["caption"] == n - size
+        dropped = metrics.counter("streamcap_sink_dropped_total", "", ["sink", "kind"])
+        assert dropped.value("stuck", "caption") == n - size
+        assert dropped.value("fast", "caption") == 0
+        depth = metrics.gauge("streamcap_sink_queue_depth", "", ["sink"])
+        assert depth.value("stuck") == size and depth.value("fast") == 0
+        await bus.close(timeout_s=0.2)  # "stuck" cannot flush: it is cancelled
+    # What the cancelled sink left behind is counted, not lost silently.
+    assert bus.inboxes["stuck"].dropped["caption"] == n
+    text = metrics.render()
+    assert f'streamcap_sink_dropped_total{{sink="stuck",kind="caption"}} {n}' in text
+    assert 'streamcap_sink_dropped_total{sink="fast",kind="caption"} 0' in text
+
+
+async def test_failing_sink_is_restarted_and_gets_later_messages(tmp_path: Path) -> None:
+    flaky = Flaky(failures=2)
+    bus = make_bus(tmp_path, {"flaky": flaky})
+    async with bus:
+        bus.publish(cap(0))  # read by failing run 1
+        bus.publish(cap(1))  # read by failing run 2
+        await asyncio.wait_for(flaky.working.wait(), WAIT_S)
+        for i in range(2, 6):
+            bus.publish(cap(i))
+    assert flaky.runs == 3
+    assert [m.seq for m in flaky.got] == [0, 1, 2, 3, 4, 5]  # type: ignore[union-attr]
+    assert bus.restarts["flaky"] == 2
+    restarts = bus.metrics.counter("streamcap_sink_restarts_total", "", ["sink"])
+    assert restarts.value("flaky") == 2
+
+
+async def test_messages_published_during_backoff_reach_the_restarted_sink(tmp_path: Path) -> None:
+    flaky = Flaky(failures=1)
+    bus = PluginBus({"f": flaky}, node_id="n", metrics=Metrics(), state_root=tmp_path,
+                    restart_initial_s=0.5, restart_max_s=0.5, rng=random.Random(3))
+    async with bus:
+        bus.publish(cap(0))
+        while flaky.runs < 1 or bus.inboxes["f"].depth:  # run 1 took cap(0) and failed
+            await asyncio.sleep(0.001)
+        bus.publish(cap(1))  # offered while the sink is down
+        await asyncio.wait_for(flaky.working.wait(), WAIT_S)
+    assert [m.seq for m in flaky.got] == [0, 1]  # type: ignore[union-attr]
+
+
+async def test_sink_returning_early_is_restarted(tmp_path: Path) -> None:
+    class Quitter:
+        accepts = frozenset({"caption"})
+        runs = 0
+
+        async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+            self.runs += 1
+            if self.runs > 1:
+                async for _ in inbox:
+                    pass
+
+    quitter = Quitter()
+    bus = make_bus(tmp_path, {"q": quitter})
+    async with bus:
+        while quitter.runs < 2:
+            await asyncio.sleep(0.001)
+    assert bus.restarts["q"] == 1
+
+
+async def test_close_interrupts_backoff_and_lets_the_sink_drain(tmp_path: Path) -> None:
+    flaky = Flaky(failures=1)
+    bus = PluginBus({"f": flaky}, node_id="n", metrics=Metrics(), state_root=tmp_path,
+                    restart_initial_s=3600.0, restart_max_s=3600.0,
+                    rng=random.Random(0))
+    runner = asyncio.create_task(bus.run())
+    bus.publish(cap(0))
+    bus.publish(cap(1))
+    while flaky.runs < 1:
+        await asyncio.sleep(0.001)
+    await asyncio.wait_for(bus.close(timeout_s=WAIT_S), WAIT_S)  # not an hour
+    await asyncio.wait_for(runner, WAIT_S)
+    assert [m.seq for m in flaky.got] == [0, 1]  # type: ignore[union-attr]
+    assert flaky.runs == 2
+
+
+async def test_publish_from_another_thread_is_delivered(tmp_path: Path) -> None:
+    rec = Recorder(frozenset({"caption"}), expect=50)
+    bus = make_bus(tmp_path, {"r": rec})
+    async with bus:
+        await asyncio.wait_for(bus.wait_ready(), WAIT_S)
+
+        def produce() -> None:
+            for i in range(50):
+                bus.publish(cap(i))
+
+        thread = threading.Thread(target=produce)
+        thread.start()
+        await asyncio.to_thread(thread.join)
+        await asyncio.wait_for(rec.all_in.wait(), WAIT_S)
+    assert [m.seq for m in rec.got] == list(range(50))  # type: ignore[union-attr]
+
+
+async def test_wait_ready_waits_for_every_sink(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+
+    class Late:
+        accepts = frozenset({"caption"})
+
+        async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+            await gate.wait()
+            ctx.ready()
+            ctx.ready()  # idempotent
+            async for _ in inbox:
+                pass
+
+    bus = make_bus(tmp_path, {"late": Late(), "rec": Recorder()})
+    async with bus:
+        waiter = asyncio.create_task(bus.wait_ready())
+        while bus.not_ready() != ["late"]:
+            await asyncio.sleep(0.001)
+        assert not waiter.done() and not bus.ready
+        gate.set()
+        await asyncio.wait_for(waiter, WAIT_S)
+        assert bus.ready
+
+
+async def test_loaded_sink_queue_size_and_accepts_are_used(tmp_path: Path) -> None:
+    rec = Recorder()
+    info = PluginInfo(group="streamcap.sinks", name="rec", value="x:y", distribution="d",
+                      version="1")
+    loaded = LoadedSink(instance="r", sink=rec, accepts=frozenset({"status"}), queue_size=3,
+                        plugin=info)
+    bus = make_bus(tmp_path, {"r": loaded})
+    assert bus.inboxes["r"].max_pending == 3
+    async with bus:
+        bus.publish(cap(0))
+        bus.publish(SourceStatus(source_id="a", state=SourceState.STOPPED))
+    assert [type(m).__name__ for m in rec.got] == ["SourceStatus"]
+
+
+def test_constructor_rejects_unknown_sink_names(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown sinks: nope"):
+        make_bus(tmp_path, {"r": Recorder()}, queue_sizes={"nope": 3})
+
+
+def test_publish_rejects_non_messages(tmp_path: Path) -> None:
+    bus = make_bus(tmp_path, {"r": Recorder()})
+    with pytest.raises(TypeError):
+        bus.publish("caption")  # type: ignore[arg-type]
+
+
+@given(attempt=st.integers(0, 100), initial=st.floats(0.001, 10), cap_s=st.floats(10, 120),
+       seed=st.integers(0, 2**32))
+def test_restart_delay_is_jittered_and_capped(attempt: int, initial: float, cap_s: float,
+                                               seed: int) -> None:
+    delay = restart_delay(attempt, initial_s=initial, max_s=cap_s, rng=random.Random(seed))
+    assert 0.0 <= delay <= min(cap_s, initial * 2.0**attempt)
+
+
+def test_restart_delays_spread_out() -> None:
+    rng = random.Random(5)
+    delays = {round(restart_delay(3, initial_s=1.0, max_s=30.0, rng=rng), 6) for _ in range(20)}
+    assert len(delays) > 10 and max(delays) <= 8.0
+
+
+async def test_unwritable_state_root_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    bus = make_bus(blocker, {"r": Recorder()})
+    with pytest.raises(ConfigError, match=r"state directory .*file/r for sink 'r' cannot be created"):
+        async with bus:
+            pass
