@@ -11,7 +11,7 @@ with_tests=0
 
 apt_packages=(libportaudio2 libsndfile1 ffmpeg)
 if (( with_tests )); then
-  apt_packages+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto mosquitto-clients)
+  apt_packages+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto mosquitto-clients chromium systemd openssl)
 fi
 
 missing=()

@@ -1,0 +1,139 @@
+"""The live page in headless Chromium, fed by a small in-test WebSocket server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+from chromium import chromium_path, dump_dom
+from websockets.asyncio.server import ServerConnection, serve
+
+from streamcap.http import HealthReport, HttpServer
+from streamcap.stats import Metrics
+
+pytestmark = pytest.mark.skipif(
+    chromium_path() is None,
+    reason="chromium is not installed (apt-get install --no-install-recommends chromium)")
+
+NODE = "test-node"
+PAGE_TIMEOUT_S = 60.0
+
+
+def caption(source_id: str, seq: int, text: str, *, window_id: str) -> dict[str, object]:
+    return {"type": "caption", "v": 1, "node_id": NODE, "source_id": source_id, "seq": seq,
+            "window_id": window_id, "text": text, "score": 0.734, "captured_at": time.time(),
+            "start_s": 10.0 * seq, "end_s": 10.0 * seq + 10.0, "lag_s": 0.4, "flagged": False}
+
+
+@dataclass
+class Feed:
+    """The WebSocket side: frames to send per connection, and what clients did."""
+
+    frames_for: Callable[[int], list[dict[str, object]]]
+    paths: list[str] = field(default_factory=list)
+    received: list[object] = field(default_factory=list)
+    close_after_send: bool = False
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.paths.append(ws.request.path if ws.request else "")
+        frames = self.frames_for(len(self.paths))
+        await ws.send(json.dumps({"type": "hello", "v": 1, "protocol": "streamcap.v1",
+                                  "node_id": NODE, "capabilities": {"sources": ["mic-1"]}}))
+        for frame in frames:
+            await ws.send(json.dumps(frame))
+        if self.close_after_send:
+            await ws.close()
+            return
+        async for message in ws:
+            self.received.append(json.loads(message))
+
+
+@dataclass
+class Site:
+    page_url: str
+    feed: Feed
+
+
+@asynccontextmanager
+async def start_site(feed: Feed, ws_host: str = "127.0.0.1") -> AsyncIterator[Site]:
+    async with serve(feed.handler, "127.0.0.1", 0) as ws_server:
+        ws_port = next(iter(ws_server.sockets)).getsockname()[1]
+
+        def page_config() -> Mapping[str, object]:
+            return {"ws_url": f"ws://{ws_host}:{ws_port}/", "node_id": NODE,
+                    "token_required": True}
+
+        http = HttpServer("127.0.0.1", 0, metrics=Metrics(),
+                          health=lambda: HealthReport(live=True, ready=True),
+                          page_config=page_config)
+        async with http:
+            yield Site(f"http://127.0.0.1:{http.bound_port}/?token=s3cret", feed)
+
+
+def card_html(dom: str, source_id: str) -> str:
+    match = re.search(rf'<section[^>]*data-source="{re.escape(source_id)}"[^>]*>(.*?)</section>',
+                      dom, re.DOTALL)
+    assert match, f"no card for {source_id} in:\n{dom}"
+    return match[1]
+
+
+@pytest.fixture
+async def one_shot_site() -> AsyncIterator[Site]:
+    feed = Feed(lambda n: [
+        {"type": "status", "v": 1, "source_id": "mic-1", "state": "running",
+         "reason": "opened hw:1", "at": time.time(), "retry_in_s": None, "attempt": 0},
+        caption("mic-1", 1, "a dog barks <b>twice</b> & a door slams", window_id="w-1"),
+        caption("radio", 1, "music plays", window_id="w-2"),
+    ])
+    async with start_site(feed, ws_host="0.0.0.0") as site:
+        yield site
+
+
+async def test_page_shows_a_caption_in_its_source_card(one_shot_site: Site) -> None:
+    dom = await asyncio.to_thread(
+        dump_dom, one_shot_site.page_url, PAGE_TIMEOUT_S,
+        wait_for="document.querySelectorAll('.caption').length >= 2")
+    mic = card_html(dom, "mic-1")
+    # the caption's text, escaped: the markup in it is shown, not interpreted
+    assert "a dog barks &lt;b&gt;twice&lt;/b&gt; &amp; a door slams" in mic
+    assert "<b>" not in dom
+    assert "score 0.73" in mic
+    assert re.search(r'class="badge" data-state="running">running<', mic)
+    assert "opened hw:1" in mic
+    assert 'role="log"' in mic and 'aria-live="polite"' in mic
+    assert "music plays" in card_html(dom, "radio")
+    assert "music plays" not in mic
+    assert f'<dd id="node">{NODE}</dd>' in dom
+    # the token from the page URL went onto the WebSocket URL, and the page subscribed
+    assert one_shot_site.feed.paths == ["/?token=s3cret"]
+    subscribe = {"type": "subscribe", "sources": "*", "kinds": ["caption", "status"]}
+    for _ in range(500):  # the frame was sent before the captions arrived; let the handler see it
+        if subscribe in one_shot_site.feed.received:
+            break
+        await asyncio.sleep(0.01)
+    assert subscribe in one_shot_site.feed.received
+
+
+async def test_page_reconnects_and_does_not_repeat_backfill() -> None:
+    def frames(connection: int) -> list[dict[str, object]]:
+        out = [caption("mic-1", 1, "first caption", window_id="w-1")]  # replayed every time
+        if connection >= 2:
+            out.append(caption("mic-1", 2, "second caption", window_id="w-2"))
+        return out
+
+    feed = Feed(frames, close_after_send=True)
+    async with start_site(feed) as site:
+        dom = await asyncio.to_thread(
+            dump_dom, site.page_url, PAGE_TIMEOUT_S,
+            wait_for="document.body.textContent.includes('second caption')")
+        mic = card_html(dom, "mic-1")
+        assert len(feed.paths) >= 2
+        assert mic.count("first caption") == 1
+        assert mic.count("second caption") == 1
+        assert mic.index("second caption") < mic.index("first caption")  # newest first
