@@ -1,0 +1,194 @@
+"""Home Assistant MQTT discovery for streamcap: pure payload builders, no I/O.
+
+One Home Assistant device per daemon (``identifiers = ["streamcap_<node_id>"]``)
+and, for every source, three entities:
+
+* ``sensor`` "<source> caption": the newest caption's text, cut to
+  Home Assistant's 255-character state limit; the full text, score, window id
+  and times are its attributes.
+* ``sensor`` "<source> caption score": the newest caption's score (optional).
+* ``sensor`` "<source> status": the source's state (running, stalled, ...),
+  with the reason and retry information as attributes.
+
+The caption entities read a compact per-source topic (``<prefix>/<source>/ha_state``,
+built by :func:`caption_state`) rather than the full caption topic, so that
+Home Assistant never receives candidates lists and never anything from an
+embedding: only the whitelisted fields below reach it. Every entity shares
+the daemon's availability topic. Discovery topics follow
+``<discovery_prefix>/sensor/streamcap_<node_id>/<object_id>/config``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from streamcap.messages import SourceState
+
+STATE_MAX_CHARS: Final = 255
+"""Home Assistant rejects entity states longer than this."""
+ATTRIBUTE_TEXT_MAX_CHARS: Final = 4096
+"""The full caption text kept as an attribute is cut here (attributes over 16 KiB are
+not recorded by Home Assistant)."""
+ELLIPSIS: Final = "…"
+MANUFACTURER: Final = "streamcap"
+MODEL: Final = "Audio captioner"
+
+_ID_RE: Final = re.compile(r"[^a-zA-Z0-9_-]+")
+_CAPTION_ATTRIBUTES: Final = (
+    "window_id", "source_id", "seq", "score", "flagged", "start_s", "end_s", "captured_at",
+    "model", "latency_ms", "lag_s",
+)  # fmt: skip
+
+
+def object_id(text: str) -> str:
+    """``text`` reduced to the characters Home Assistant allows in ids (``[a-zA-Z0-9_-]``)."""
+    cleaned = _ID_RE.sub("_", text).strip("_")
+    return cleaned or "_"
+
+
+def truncate_state(text: str, limit: int = STATE_MAX_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, ending in an ellipsis when cut."""
+    if len(text) <= limit:
+        return text
+    return text[: max(0, limit - len(ELLIPSIS))].rstrip() + ELLIPSIS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoveryOptions:
+    """What every discovery payload of one daemon shares.
+
+    Attributes:
+        node_id: The daemon's node id.
+        sw_version: streamcap's version, shown on the device page.
+        availability_topic: ``<prefix>/availability`` (``online`` / ``offline``).
+        discovery_prefix: Home Assistant's discovery prefix.
+        score_sensor: Also announce a "<source> caption score" sensor.
+    """
+
+    node_id: str
+    sw_version: str
+    availability_topic: str
+    discovery_prefix: str = "homeassistant"
+    score_sensor: bool = True
+
+    @property
+    def device_id(self) -> str:
+        """``streamcap_<node_id>``, sanitised."""
+        return f"streamcap_{object_id(self.node_id)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiscoveryMessage:
+    """One discovery config to publish (retained)."""
+
+    topic: str
+    payload: Mapping[str, object] = field(default_factory=dict)
+    retain: bool = True
+
+    def encode(self) -> bytes:
+        """The payload as compact JSON bytes."""
+        return json.dumps(self.payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def device_info(options: DiscoveryOptions) -> dict[str, object]:
+    """The ``device`` block shared by every entity of this daemon."""
+    return {
+        "identifiers": [options.device_id],
+        "name": f"streamcap {options.node_id}",
+        "manufacturer": MANUFACTURER,
+        "model": MODEL,
+        "sw_version": options.sw_version,
+    }
+
+
+def _entity(options: DiscoveryOptions, *, source_id: str, suffix: str, name: str,
+            extra: Mapping[str, object]) -> DiscoveryMessage:
+    oid = f"{object_id(source_id)}_{suffix}"
+    unique_id = f"{options.device_id}_{oid}"
+    payload: dict[str, object] = {
+        "name": name,
+        "unique_id": unique_id,
+        "availability_topic": options.availability_topic,
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "device": device_info(options),
+        "origin": {"name": "streamcap", "sw_version": options.sw_version},
+    }
+    payload.update(extra)
+    topic = f"{options.discovery_prefix}/sensor/{options.device_id}/{oid}/config"
+    return DiscoveryMessage(topic=topic, payload=payload)
+
+
+def source_discovery(options: DiscoveryOptions, *, source_id: str, ha_state_topic: str,
+                     status_topic: str) -> list[DiscoveryMessage]:
+    """The discovery configs of one source's entities.
+
+    Args:
+        options: The daemon-wide settings.
+        source_id: The source's name.
+        ha_state_topic: Where :func:`caption_state` payloads are published.
+        status_topic: Where the source's status frames are published.
+    """
+    messages = [
+        _entity(options, source_id=source_id, suffix="caption", name=f"{source_id} caption",
+                extra={
+                    "state_topic": ha_state_topic,
+                    "value_template": "{{ value_json.state }}",
+                    "json_attributes_topic": ha_state_topic,
+                    "icon": "mdi:ear-hearing",
+                }),
+    ]
+    if options.score_sensor:
+        messages.append(_entity(
+            options, source_id=source_id, suffix="caption_score",
+            name=f"{source_id} caption score",
+            extra={
+                "state_topic": ha_state_topic,
+                "value_template": "{{ value_json.score }}",
+                "state_class": "measurement",
+                "icon": "mdi:counter",
+            }))
+    messages.append(_entity(
+        options, source_id=source_id, suffix="status", name=f"{source_id} status",
+        extra={
+            "state_topic": status_topic,
+            "value_template": "{{ value_json.state }}",
+            "json_attributes_topic": status_topic,
+            "json_attributes_template": (
+                "{{ {'reason': value_json.reason, 'at': value_json.at, "
+                "'retry_in_s': value_json.retry_in_s, 'attempt': value_json.attempt} | tojson }}"
+            ),
+            "device_class": "enum",
+            "options": [s.value for s in SourceState],
+            "entity_category": "diagnostic",
+        }))
+    return messages
+
+
+def caption_state(frame: Mapping[str, object]) -> dict[str, object]:
+    """The compact Home Assistant payload of one caption.
+
+    Args:
+        frame: The caption's wire frame (``streamcap.bus.wire.to_wire``).
+
+    Returns:
+        ``{"state": <text cut to 255 characters>, "text": <text cut to 4096>,
+        ...}`` plus the whitelisted caption fields that are present
+        (window_id, source_id, seq, score, flagged, start_s, end_s,
+        captured_at, model, latency_ms, lag_s). Nothing else of the frame
+        (candidates, any vector) is copied.
+    """
+    text = frame.get("text")
+    text = text if isinstance(text, str) else ""
+    out: dict[str, object] = {
+        "state": truncate_state(text),
+        "text": truncate_state(text, ATTRIBUTE_TEXT_MAX_CHARS),
+    }
+    for key in _CAPTION_ATTRIBUTES:
+        if key in frame:
+            out[key] = frame[key]
+    return out

@@ -1,0 +1,89 @@
+"""Home Assistant discovery builders: ids, topics, the 255-character state, no embeddings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from streamcap.bus.wire import to_wire
+from streamcap.messages import Caption, CaptionCandidate, Embedding
+from streamcap.sinks import homeassistant as ha
+
+OPTS = ha.DiscoveryOptions(node_id="node.1", sw_version="0.1.0",
+                           availability_topic="streamcap/node.1/availability")
+
+
+def _caption(text: str) -> Caption:
+    return Caption(window_id="kitchen:0:5000", source_id="kitchen", seq=3, start_s=5.0,
+                   end_s=15.0, captured_at=1.7e9, text=text, score=0.42, model="tiny",
+                   candidates=(CaptionCandidate(text=text, decoder_score=-1.0, score=0.4),))
+
+
+def test_object_id_and_truncation() -> None:
+    assert ha.object_id("living room/2") == "living_room_2"
+    assert ha.object_id("///") == "_"
+    assert ha.truncate_state("short") == "short"
+    cut = ha.truncate_state("word " * 100)
+    assert len(cut) <= ha.STATE_MAX_CHARS and cut.endswith(ha.ELLIPSIS)
+    assert len(ha.truncate_state("x" * 255)) == 255
+
+
+def test_device_is_one_per_daemon() -> None:
+    a = ha.source_discovery(OPTS, source_id="kitchen", ha_state_topic="p/kitchen/ha_state",
+                            status_topic="p/kitchen/status")
+    b = ha.source_discovery(OPTS, source_id="garden", ha_state_topic="p/garden/ha_state",
+                            status_topic="p/garden/status")
+    devices = {json.dumps(m.payload["device"], sort_keys=True) for m in a + b}
+    assert len(devices) == 1
+    device = a[0].payload["device"]
+    assert isinstance(device, dict)
+    assert device["identifiers"] == ["streamcap_node_1"]
+    assert device["sw_version"] == "0.1.0" and device["model"] and device["name"]
+
+
+def test_entities_per_source() -> None:
+    msgs = ha.source_discovery(OPTS, source_id="kitchen", ha_state_topic="p/kitchen/ha_state",
+                               status_topic="p/kitchen/status")
+    by_name = {m.payload["name"]: m for m in msgs}
+    assert set(by_name) == {"kitchen caption", "kitchen caption score", "kitchen status"}
+    caption = by_name["kitchen caption"]
+    assert caption.topic == "homeassistant/sensor/streamcap_node_1/kitchen_caption/config"
+    assert caption.payload["unique_id"] == "streamcap_node_1_kitchen_caption"
+    assert caption.payload["state_topic"] == "p/kitchen/ha_state"
+    assert caption.payload["value_template"] == "{{ value_json.state }}"
+    assert caption.retain
+    assert by_name["kitchen status"].payload["state_topic"] == "p/kitchen/status"
+    for m in msgs:
+        assert m.payload["availability_topic"] == "streamcap/node.1/availability"
+        assert "embedding" not in m.encode().decode()
+    unique_ids = [m.payload["unique_id"] for m in msgs]
+    assert len(set(unique_ids)) == len(unique_ids)
+    again = ha.source_discovery(OPTS, source_id="kitchen", ha_state_topic="p/kitchen/ha_state",
+                                status_topic="p/kitchen/status")
+    assert [m.encode() for m in again] == [m.encode() for m in msgs]  # stable
+
+
+def test_score_sensor_is_optional_and_prefix_configurable() -> None:
+    opts = ha.DiscoveryOptions(node_id="n", sw_version="1", availability_topic="a",
+                               discovery_prefix="ha", score_sensor=False)
+    msgs = ha.source_discovery(opts, source_id="s", ha_state_topic="x", status_topic="y")
+    assert len(msgs) == 2
+    assert all(m.topic.startswith("ha/sensor/streamcap_n/") for m in msgs)
+
+
+def test_caption_state_is_compact_and_capped() -> None:
+    frame = to_wire(_caption("a dog barks " * 100), node_id="node.1")  # 1200 characters
+    state = ha.caption_state(frame)
+    assert len(str(state["state"])) <= ha.STATE_MAX_CHARS
+    assert str(state["text"]).startswith("a dog barks a dog")
+    assert state["window_id"] == "kitchen:0:5000" and state["score"] == 0.42
+    assert "candidates" not in state and "vector" not in state
+
+
+def test_caption_state_never_carries_an_embedding() -> None:
+    emb = Embedding(window_id="kitchen:0:5000", source_id="kitchen", seq=3, start_s=5.0,
+                    end_s=15.0, model="m", vector=np.ones(8, dtype=np.float32))
+    frame = dict(to_wire(_caption("hi"), node_id="n"))
+    frame["vector"] = to_wire(emb, node_id="n")["vector"]  # even if a frame carried one
+    assert "vector" not in ha.caption_state(frame)
