@@ -45,6 +45,11 @@ def _build_parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="list audio capture devices")
     devices.add_argument("--json", action="store_true", help="print JSON")
 
+    plugins = sub.add_parser("plugins", help="list installed plugins and which are enabled")
+    plugins.add_argument("--config", type=Path, help="config file (default: ./config.toml "
+                         "if present)")
+    plugins.add_argument("--json", action="store_true", help="print JSON")
+
     caption = sub.add_parser("caption", help="caption audio files window by window")
     caption.add_argument("files", nargs="+", type=Path, metavar="FILE")
     caption.add_argument("--model", help="bundle directory or preset name")
@@ -99,6 +104,35 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from streamcap.bus.plugin import list_plugins
+    from streamcap.config import load_config
+    from streamcap.sources.base import parse_source_uri
+
+    path = args.config or (Path("config.toml") if Path("config.toml").exists() else None)
+    enabled: dict[tuple[str, str], list[str]] = {}
+    if path is not None:
+        config = load_config(path)
+        for name, src in config.sources.items():
+            kind = parse_source_uri(src.uri)[0]
+            enabled.setdefault(("streamcap.sources", kind), []).append(f"sources.{name}")
+        for name, sink in config.sinks.items():
+            enabled.setdefault(("streamcap.sinks", sink.plugin), []).append(f"sinks.{name}")
+    rows = [{"group": p.group, "name": p.name, "value": p.value,
+             "distribution": p.distribution, "version": p.version,
+             "enabled_by": enabled.get((p.group, p.name), [])} for p in list_plugins()]
+    if args.json:
+        print(json.dumps({"config": str(path) if path else None, "plugins": rows}, indent=2))
+        return EXIT_OK
+    for row in rows:
+        used = ", ".join(row["enabled_by"]) or "-"
+        print(f"{row['group']:18s} {row['name']:10s} {row['distribution']} {row['version']:8s} "
+              f"enabled by: {used}")
+    if path is None:
+        print("(no config file: nothing is enabled; pass --config)")
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from streamcap.daemon import run_daemon
 
@@ -133,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": _cmd_run,
         "check-config": _cmd_check_config,
         "devices": _cmd_devices,
+        "plugins": _cmd_plugins,
         "caption": _cmd_caption,
         "models": _cmd_models,
     }

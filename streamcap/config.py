@@ -38,6 +38,10 @@ class DaemonConfig:
     node_id: str = field(default_factory=socket.gethostname)
     log_format: str = "auto"  # auto: console on a TTY, JSON lines otherwise
     log_level: str = "info"
+    max_pending_windows: int = 4  # windows waiting for inference; the oldest is dropped beyond
+    drain_on_stop: bool = True  # on shutdown, caption the windows already queued
+    stop_timeout_s: float = 10.0  # how long sinks get to flush on shutdown
+    state_dir: str = ""  # sink state (MQTT outbox); "" = $STATE_DIRECTORY or ~/.local/state/streamcap
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +85,7 @@ class SourceConfig:
     backoff_max_s: float = 30.0
     backoff_reset_s: float = 60.0
     max_retries: int = 0  # 0 = retry forever
+    explicit: frozenset[str] = frozenset()  # keys the file set (the rest are defaults)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -202,6 +207,11 @@ def _read_daemon(r: _Reader) -> DaemonConfig:
         node_id=node_id,
         log_format=r.get("log_format", str, default.log_format, _one_of(LOG_FORMATS)),
         log_level=r.get("log_level", str, default.log_level, _one_of(LOG_LEVELS)),
+        max_pending_windows=r.get("max_pending_windows", int, default.max_pending_windows,
+                                  _in_range(1, 1000)),
+        drain_on_stop=r.get("drain_on_stop", bool, default.drain_on_stop),
+        stop_timeout_s=r.get("stop_timeout_s", float, default.stop_timeout_s, _positive),
+        state_dir=r.get("state_dir", str, default.state_dir),
     )
 
 
@@ -278,6 +288,7 @@ def _read_source(name: str, r: _Reader) -> SourceConfig:
         backoff_max_s=backoff_max_s,
         backoff_reset_s=r.get("backoff_reset_s", float, d.backoff_reset_s, _positive),
         max_retries=r.get("max_retries", int, d.max_retries, _non_negative),
+        explicit=frozenset(r.table),
     )
 
 
@@ -378,12 +389,16 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def default_config(source_uri: str | None = None) -> Config:
     """The embedded defaults, used by ``streamcap run`` when no config file is given.
 
+    One source and a WebSocket sink on 127.0.0.1:8765, which feeds the live
+    page at http://127.0.0.1:8080/.
+
     Args:
         source_uri: the capture source; the caller decides (a microphone when
             one exists, else the bundled example clip, looped).
     """
     uri = source_uri or "mic:default"
-    return parse_config({"sources": {"default": {"uri": uri}}})
+    return parse_config({"sources": {"default": {"uri": uri}},
+                         "sinks": {"live": {"plugin": "websocket"}}})
 
 
 def secret_from_env(options: Mapping[str, Any], key: str, where: str) -> str | None:

@@ -1,0 +1,160 @@
+"""``streamcap caption FILE...``: caption audio files window by window.
+
+Files are decoded by the same file source the daemon uses (soundfile, or
+ffmpeg for other formats), cut by the same windower, and captioned by the
+same captioner, so a file gives the captions the daemon would give for it.
+The end of a file is padded with silence so that its last seconds get a
+window too; a file shorter than one window gets one padded window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import aclosing
+from pathlib import Path
+
+import numpy as np
+
+from streamcap.audio.windowing import Windower
+from streamcap.config import ModelConfig, SourceConfig, load_config
+from streamcap.errors import ConfigError, SourceError, StreamcapError
+from streamcap.messages import AudioBlock, Window, make_block
+from streamcap.pipeline import CaptionResult, WindowCaptioner
+from streamcap.sources.file import create_source
+
+
+def _file_blocks(path: Path) -> list[AudioBlock]:
+    """Decode a whole file as fast as possible (blocks of 1 s)."""
+
+    async def collect() -> list[AudioBlock]:
+        source = create_source(path.name, f"file:{path.resolve()}",
+                               {"realtime": False, "block_s": 1.0})
+        async with aclosing(source.blocks()) as blocks:
+            return [block async for block in blocks]
+
+    return asyncio.run(collect())
+
+
+def file_windows(path: Path, window_s: float, hop_s: float,
+                 rates_hz: tuple[int, ...]) -> Iterator[Window]:
+    """The windows of one file, the tail padded with silence.
+
+    Raises:
+        SourceError: the file is missing, unreadable, corrupt or not audio.
+    """
+    blocks = _file_blocks(path)
+    if not blocks:
+        raise SourceError(f"{path}: no audio in the file")
+    rate = blocks[0].sample_rate_hz
+    total = blocks[-1].start_sample + len(blocks[-1].samples)
+    duration_s = total / rate
+    windower = Windower(path.name, window_s, hop_s, rates_hz)
+    for block in blocks:
+        yield from windower.feed(block)
+    pad = np.zeros(int(np.ceil((window_s + 1.0) * rate)), dtype=np.float32)
+    tail = make_block(source_id=path.name, start_sample=total, sample_rate_hz=rate,
+                      samples=pad, captured_at=blocks[-1].captured_at + duration_s)
+    for window in windower.feed(tail):
+        if window.start_s < duration_s or window.seq == 0:
+            yield window
+
+
+class _Progress:
+    """A one-line progress display on stderr, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def update(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[2K" + text)
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+
+
+def _settings(args: argparse.Namespace) -> tuple[ModelConfig, float, float]:
+    model = ModelConfig()
+    source = SourceConfig(name="file", uri="file:-")
+    if args.config is not None:
+        config = load_config(args.config)
+        model = config.model
+        source = next(iter(config.sources.values()), source)
+    window_s = args.window_s if args.window_s is not None else source.window_s
+    hop_s = args.hop_s if args.hop_s is not None else min(source.hop_s, window_s)
+    problems = []
+    if not 0 < window_s <= 30:
+        problems.append(f"--window-s: must be > 0 and <= 30 (got {window_s:g})")
+    if not 0 < hop_s <= window_s:
+        problems.append(f"--hop-s: must be > 0 and <= window length (got {hop_s:g})")
+    if problems:
+        raise ConfigError(problems)
+    return model, window_s, hop_s
+
+
+def caption_files_command(args: argparse.Namespace) -> int:
+    """Run ``streamcap caption``; returns the exit code (1 when any file failed)."""
+    from streamcap.models.captioner import build_captioner
+    from streamcap.models.runtime import choose_device, choose_precision
+
+    model, window_s, hop_s = _settings(args)
+    missing = [p for p in args.files if not p.exists()]
+    for p in missing:
+        print(f"streamcap: error: {p}: no such file", file=sys.stderr)
+    files = [p for p in args.files if p.exists()]
+    if not files:
+        return 1
+    device = choose_device(model.device)
+    dtype = choose_precision(model.precision, device)
+    if model.threads:
+        import torch
+
+        torch.set_num_threads(model.threads)
+    captioner: WindowCaptioner = build_captioner(args.model or model.bundle, model,
+                                                 device=device, dtype=dtype)
+    progress = _Progress(sys.stderr.isatty() and not args.json)
+    failed = len(missing)
+    for path in files:
+        try:
+            windows = list(file_windows(path, window_s, hop_s, captioner.sample_rates_hz))
+        except (SourceError, StreamcapError) as exc:
+            failed += 1
+            print(f"streamcap: error: {exc}", file=sys.stderr)
+            continue
+        for i, window in enumerate(windows, 1):
+            progress.update(f"{path.name}: window {i}/{len(windows)}")
+            started = time.perf_counter()
+            result: CaptionResult = captioner.caption(window)
+            elapsed = time.perf_counter() - started
+            progress.clear()
+            _print(path, window, result, elapsed, as_json=args.json)
+    return 1 if failed else 0
+
+
+def _print(path: Path, window: Window, result: CaptionResult, elapsed_s: float, *,
+           as_json: bool) -> None:
+    c = result.caption
+    if as_json:
+        print(json.dumps({
+            "file": str(path), "window": window.seq, "start_s": round(window.start_s, 3),
+            "end_s": round(window.end_s, 3), "text": c.text, "score": round(c.score, 4),
+            "flagged": c.flagged, "seconds": round(elapsed_s, 3), "model": c.model,
+            "stages": {k: round(v, 4) for k, v in result.stage_seconds.items()},
+            "candidates": [{"text": k.text, "score": round(k.score, 4),
+                            "decoder_score": round(k.decoder_score, 4),
+                            "encoder_score": None if k.encoder_score is None
+                            else round(k.encoder_score, 4),
+                            "flagged": k.flagged} for k in c.candidates],
+        }, ensure_ascii=False), flush=True)
+        return
+    flag = " (flagged)" if c.flagged else ""
+    print(f"{path.name} {window.start_s:7.1f}-{window.end_s:<7.1f} score {c.score:+.3f} "
+          f"{elapsed_s:5.2f}s  {c.text}{flag}", flush=True)

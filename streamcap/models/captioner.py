@@ -1,0 +1,340 @@
+"""The captioner: every model component composed into Window -> Caption.
+
+Per window, on the inference thread:
+
+1. **codec**: DAC codes of the window at 24 kHz, from the per-source
+   streaming cache (each hop of new audio is encoded once);
+2. **retriever audio**: CNext clip embedding (EnCLAP's row 0) and the joint
+   audio embedding (published as the window's ``Embedding``), at 32 kHz;
+3. **encoder**: EnCLAP's BART encoder over ``[clip, BOS, codes, EOS]``, once;
+4. **sampling**: ``n_candidates`` nucleus samples in one batched pass over
+   that one encoder output, each with its untempered mean log-probability;
+5. **text encoder**: the retriever's text embedding of each distinct candidate;
+6. **fluency**: the error probability of each distinct candidate;
+7. **rerank**: ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins.
+
+``mode = "beam"`` replaces 4-7 by beam search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamcap.config import DecodingConfig, ModelConfig
+from streamcap.errors import ModelError
+from streamcap.messages import Caption, CaptionCandidate, Embedding, Window
+from streamcap.models.beam import BeamOptions, beam_search
+from streamcap.models.bundle import Bundle, load_bundle, resolve_model, save_bundle
+from streamcap.models.codec import CodecConfig, CodecTokenizer
+from streamcap.models.codec_stream import StreamingCodec
+from streamcap.models.enclap import EnclapConfig, EnclapModel
+from streamcap.models.fluency import FenseClassifier, FluencyFilter, FluencyOptions, bert_config_for
+from streamcap.models.presets import FluencyConfig, PresetSpec, preset_spec
+from streamcap.models.rerank import RerankOptions, rerank
+from streamcap.models.retriever import AudioTextRetriever, RetrieverConfig
+from streamcap.models.sampling import SamplingOptions, attach_texts, dedupe, sample_candidates
+from streamcap.models.tokenizer import build_caption_tokenizer, load_tokenizer, save_tokenizer
+from streamcap.pipeline import CaptionResult
+
+_LOGGER = logging.getLogger(__name__)
+
+TEXT_MAX_LENGTH = 64
+
+
+@dataclass(slots=True)
+class Components:
+    """The loaded models of one captioner, on one device."""
+
+    model_id: str
+    preset: str | None
+    codec: CodecTokenizer
+    captioner: EnclapModel
+    retriever: AudioTextRetriever
+    fluency: FluencyFilter | None
+    tokenizer: Any  # PreTrainedTokenizerFast of the caption decoder
+    text_tokenizer: Any  # tokenizer of the retriever's text encoder
+    decoding: Mapping[str, Any]
+
+
+def _bert_config(fluency: FluencyConfig) -> Any:
+    config = bert_config_for("bert-base-uncased")
+    for key, value in fluency.bert.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_components(spec: PresetSpec, *, seed: int = 0) -> Components:
+    """Randomly initialised components of a preset (deterministic for a seed)."""
+    torch.manual_seed(seed)
+    tokenizer = build_caption_tokenizer(spec.tokenizer_vocab_size)
+    codec = CodecTokenizer(spec.codec)
+    captioner = EnclapModel(spec.captioner).eval()
+    retriever = AudioTextRetriever(spec.retriever).eval()
+    fluency = FluencyFilter(FenseClassifier(_bert_config(spec.fluency), spec.fluency.num_classes),
+                            tokenizer, FluencyOptions(threshold=spec.fluency.threshold))
+    digest = hashlib.sha256(f"{spec.name}:{seed}".encode()).hexdigest()[:8]
+    return Components(model_id=f"streamcap-{spec.name}-random-{digest}", preset=spec.name,
+                      codec=codec, captioner=captioner, retriever=retriever, fluency=fluency,
+                      tokenizer=tokenizer, text_tokenizer=tokenizer, decoding={})
+
+
+def save_components(components: Components, directory: Path, *, overwrite: bool = False,
+                    scratch: Path | None = None) -> Path:
+    """Write ``components`` as a model bundle (manifest with sha256 of every file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        tok_dirs: dict[str, Path] = {}
+        for name, tok in (("caption", components.tokenizer), ("text", components.text_tokenizer)):
+            d = Path(tmp) / name
+            save_tokenizer(tok, d)
+            tok_dirs[name] = d
+        parts: dict[str, tuple[Mapping[str, object], Mapping[str, torch.Tensor]]] = {
+            "codec": (components.codec.config.to_dict(), components.codec.state_dict()),
+            "captioner": (components.captioner.config.to_dict(),
+                          components.captioner.state_dict()),
+            "retriever": (components.retriever.config.to_dict(),
+                          components.retriever.state_dict()),
+        }
+        if components.fluency is not None:
+            model = components.fluency.model
+            fconf = FluencyConfig(bert=_bert_diff(model.bert_config),
+                                  num_classes=int(model.clf.out_features),
+                                  threshold=components.fluency.options.threshold)
+            parts["fluency"] = (fconf.to_dict(), model.state_dict())
+        return save_bundle(directory, components=parts, tokenizers=tok_dirs,
+                           preset=components.preset, decoding=dict(components.decoding),
+                           model_id=components.model_id, overwrite=overwrite)
+
+
+def _bert_diff(config: Any) -> dict[str, Any]:
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "vocab_size", "type_vocab_size")
+    return {k: getattr(config, k) for k in keys}
+
+
+def load_components(bundle: Bundle) -> Components:
+    """Build every component from a verified bundle (entirely offline)."""
+    configs = bundle.component_configs
+    for needed in ("codec", "captioner", "retriever"):
+        if needed not in configs:
+            raise ModelError(f"{bundle.path / 'manifest.json'}: no '{needed}' component")
+    try:
+        codec = CodecTokenizer(CodecConfig.from_dict(configs["codec"]))
+        codec.load_state_dict(bundle.load_weights("codec"))
+        captioner = EnclapModel(EnclapConfig.from_dict(configs["captioner"]))
+        _load_strict(captioner, bundle.load_weights("captioner"), bundle, "captioner")
+        retriever = AudioTextRetriever(RetrieverConfig.from_dict(configs["retriever"]))
+        _load_strict(retriever, bundle.load_weights("retriever"), bundle, "retriever")
+        tokenizer = load_tokenizer(bundle.tokenizer_dirs["caption"])
+        text_dir = bundle.tokenizer_dirs.get("text", bundle.tokenizer_dirs["caption"])
+        text_tokenizer = load_tokenizer(text_dir)
+        fluency = None
+        if "fluency" in configs:
+            fconf = FluencyConfig.from_dict(configs["fluency"])
+            model = FenseClassifier(_bert_config(fconf), fconf.num_classes)
+            _load_strict(model, bundle.load_weights("fluency"), bundle, "fluency")
+            fluency_dir = bundle.tokenizer_dirs.get("fluency", text_dir)
+            fluency = FluencyFilter(model, load_tokenizer(fluency_dir),
+                                    FluencyOptions(threshold=fconf.threshold))
+    except KeyError as exc:
+        raise ModelError(f"{bundle.path}: bundle lacks {exc}") from None
+    return Components(model_id=bundle.model_id, preset=bundle.preset, codec=codec,
+                      captioner=captioner.eval(), retriever=retriever.eval(), fluency=fluency,
+                      tokenizer=tokenizer, text_tokenizer=text_tokenizer,
+                      decoding=dict(bundle.decoding))
+
+
+def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], bundle: Bundle,
+                 name: str) -> None:
+    result = module.load_state_dict(dict(state), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:8])
+        unexpected = ", ".join(result.unexpected_keys[:8])
+        raise ModelError(f"{bundle.weights_path(name)}: weights do not fit the '{name}' "
+                         f"configuration (missing: {missing or 'none'}; "
+                         f"unexpected: {unexpected or 'none'})")
+
+
+class Captioner:
+    """Window -> caption and embedding; call only from the inference thread.
+
+    Args:
+        components: the loaded models.
+        decoding: sampling, reranking and beam settings.
+        device: where the models run.
+        dtype: compute precision of the matrix-heavy parts (BART, CNext, the
+            text encoders and the DAC encoder); log-mel features, the DAC
+            quantizer and all scores stay in float32.
+    """
+
+    def __init__(self, components: Components, decoding: DecodingConfig,
+                 *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.components = components
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.decoding = decoding
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16",
+                     torch.float16: "fp16"}[dtype]
+        c = components
+        c.codec = CodecTokenizer(c.codec.config, device=str(self.device), precision=precision,
+                                 model=c.codec.module)  # type: ignore[arg-type]
+        c.captioner.to(self.device, dtype)
+        c.retriever.to(self.device)
+        if c.fluency is not None:
+            c.fluency.model.to(self.device)
+        self._stream = StreamingCodec(c.codec)
+        self._vocab_limit = len(c.tokenizer)
+        self._sampling = SamplingOptions(
+            n_candidates=decoding.n_candidates, top_p=decoding.top_p,
+            temperature=decoding.temperature, max_new_tokens=decoding.max_new_tokens,
+            no_repeat_ngram_size=decoding.no_repeat_ngram_size, seed=None,
+            min_new_tokens=min(4, decoding.max_new_tokens - 1))
+        self._beam = BeamOptions(num_beams=decoding.num_beams, max_length=decoding.beam_max_length)
+        self._rerank = RerankOptions(encoder_weight=decoding.encoder_weight,
+                                     decoder_weight=decoding.decoder_weight,
+                                     fluency_threshold=decoding.fluency_threshold)
+        self._generator = torch.Generator(device=self.device)
+        if decoding.seed is not None:
+            self._generator.manual_seed(decoding.seed)
+        else:
+            self._generator.seed()
+        self._mask_extra_vocab()
+
+    def _mask_extra_vocab(self) -> None:
+        """Never sample ids the tokenizer cannot spell (a preset's vocabulary may be larger)."""
+        bart = self.components.captioner.bart
+        n_model = bart.final_logits_bias.shape[-1]
+        if self._vocab_limit < n_model:
+            with torch.no_grad():
+                bart.final_logits_bias[..., self._vocab_limit:] = float("-inf")
+
+    @property
+    def model_id(self) -> str:
+        return self.components.model_id
+
+    @property
+    def sample_rates_hz(self) -> tuple[int, ...]:
+        return (self.components.codec.config.sample_rate_hz,
+                self.components.retriever.config.audio.mel.sample_rate)
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        if self.dtype == torch.float32:
+            yield
+            return
+        with torch.autocast(device_type=self.device.type, dtype=self.dtype):
+            yield
+
+    @torch.inference_mode()
+    def caption(self, window: Window) -> CaptionResult:
+        """Caption one window.
+
+        Returns:
+            The caption (``latency_ms``/``lag_s`` are the caller's) and the
+            retriever's L2-normalised audio embedding, with seconds per stage.
+        """
+        c = self.components
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            seconds[stage] = now - t
+            t = now
+
+        codes = self._stream.codes_for(window)
+        lap("codec")
+        wave = torch.tensor(window.samples(self.sample_rates_hz[1]))
+        wave = wave.to(self.device)[None, :]
+        with self._autocast():
+            clip, audio_joint = c.retriever.embed_audio(wave)
+        audio_joint = torch.nn.functional.normalize(audio_joint.float(), dim=-1)
+        lap("retriever_audio")
+        codes_t = torch.from_numpy(codes.astype(np.int64))[None].to(self.device)
+        max_frames = c.captioner.config.max_frames
+        if codes_t.shape[-1] > max_frames:
+            raise ModelError(f"window {window.window_id}: {codes_t.shape[-1]} codec frames > "
+                             f"the model's max_frames {max_frames}; shorten window_s")
+        hidden, mask = c.captioner.encode(codes_t, clip.to(self.dtype))
+        lap("encoder")
+        if self.decoding.mode == "beam":
+            beam = beam_search(c.captioner.bart, hidden, mask, self._beam)
+            text = c.tokenizer.decode(list(beam.token_ids), skip_special_tokens=True).strip()
+            lap("beam")
+            best = CaptionCandidate(text=text, decoder_score=beam.decoder_score,
+                                    score=beam.decoder_score)
+            candidates: tuple[CaptionCandidate, ...] = (best,)
+            flagged = False
+        else:
+            sampled = sample_candidates(c.captioner.bart, hidden, mask, self._sampling,
+                                        self._generator)
+            unique = [s for s in dedupe(attach_texts(sampled, c.tokenizer))]
+            if not unique:
+                unique = attach_texts(sampled[:1], c.tokenizer)
+            texts = [s.text for s in unique]
+            lap("sampling")
+            enc = c.text_tokenizer(texts, padding=True, truncation=True,
+                                   max_length=TEXT_MAX_LENGTH, return_tensors="pt")
+            with self._autocast():
+                text_joint = c.retriever.embed_text(enc["input_ids"].to(self.device),
+                                                    enc["attention_mask"].to(self.device))
+            text_joint = torch.nn.functional.normalize(text_joint.float(), dim=-1)
+            encoder_scores = (text_joint @ audio_joint[0]).tolist()
+            lap("text_encoder")
+            error_probs = None
+            if c.fluency is not None:
+                with self._autocast():
+                    error_probs = c.fluency.error_probs(texts).tolist()
+            lap("fluency")
+            ranked = rerank(texts, [s.decoder_score for s in unique], encoder_scores,
+                            error_probs, self._rerank)
+            best, candidates, flagged = ranked.best, ranked.candidates, ranked.flagged
+        caption = Caption(
+            window_id=window.window_id, source_id=window.source_id, seq=window.seq,
+            start_s=window.start_s, end_s=window.end_s, captured_at=window.captured_at,
+            text=best.text, score=float(best.score), flagged=flagged, candidates=candidates,
+            model=self.model_id)
+        vector = audio_joint[0].cpu().numpy().astype(np.float32)
+        vector.flags.writeable = False
+        embedding = Embedding(window_id=window.window_id, source_id=window.source_id,
+                              seq=window.seq, start_s=window.start_s, end_s=window.end_s,
+                              model=self.model_id, vector=vector)
+        return CaptionResult(caption=caption, embedding=embedding, stage_seconds=seconds)
+
+
+def open_components(spec: str, *, seed: int = 0) -> Components:
+    """Components for ``--model``: a bundle directory or a preset name."""
+    resolved = resolve_model(spec)
+    if resolved.kind == "bundle":
+        assert resolved.bundle_path is not None  # resolve_model sets it for bundles
+        return load_components(load_bundle(resolved.bundle_path))
+    if resolved.warning:
+        _LOGGER.warning(resolved.warning)
+    assert resolved.preset is not None  # resolve_model sets it for presets
+    return build_components(preset_spec(resolved.preset), seed=seed)
+
+
+def build_captioner(spec: str, model: ModelConfig, *, device: torch.device,
+                    dtype: torch.dtype) -> Captioner:
+    """The captioner ``streamcap run`` and ``streamcap caption`` use."""
+    components = open_components(spec)
+    decoding = model.decoding
+    if components.decoding and "mode" in components.decoding and model.decoding == DecodingConfig():
+        # The bundle's own default decoding applies unless the config changed it.
+        from dataclasses import replace
+
+        decoding = replace(decoding, mode=str(components.decoding["mode"]))
+    return Captioner(components, decoding, device=device, dtype=dtype)

@@ -1,0 +1,88 @@
+"""``streamcap models ...``: presets, building and verifying bundles, converting DAC weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from streamcap.errors import ModelError, WeightsError
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from streamcap.models.presets import PRESET_NAMES, parameter_counts, preset_spec
+
+    rows = []
+    for name in PRESET_NAMES:
+        spec = preset_spec(name)
+        rows.append({"name": name, "description": spec.description,
+                     "parameters": parameter_counts(spec),
+                     "codebooks": spec.captioner.n_codebooks,
+                     "seq_embed_dim": spec.captioner.seq_embed_dim,
+                     "max_window_s": round(spec.captioner.max_frames / spec.codec.frame_rate_hz, 2)})
+    if args.json:
+        print(json.dumps({"presets": rows}, indent=2))
+        return 0
+    for row in rows:
+        p = row["parameters"]
+        assert isinstance(p, dict)
+        print(f"{row['name']:8s} total {p['total'] / 1e6:8.2f} M  (codec {p['codec'] / 1e6:.2f} M, "
+              f"captioner {p['captioner'] / 1e6:.2f} M, retriever {p['retriever'] / 1e6:.2f} M, "
+              f"fluency {p['fluency'] / 1e6:.2f} M)  {row['description']}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from streamcap.models.captioner import build_components, save_components
+    from streamcap.models.presets import preset_spec
+
+    components = build_components(preset_spec(args.preset), seed=args.seed)
+    path = save_components(components, args.directory, overwrite=args.overwrite)
+    print(f"wrote bundle {components.model_id} to {path} (random weights of preset "
+          f"'{args.preset}')")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from streamcap.models.bundle import load_bundle
+
+    bundle = load_bundle(args.directory, verify=True)
+    n = len(bundle.manifest.get("files", {}))
+    print(f"{args.directory}: ok; model {bundle.model_id}, {n} files verified")
+    return 0
+
+
+def _convert_dac(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from streamcap.models.dac_convert import config_from_descript_metadata, convert_descript_state_dict
+
+    try:
+        raw = torch.load(args.pth, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{args.pth}: no such file") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise WeightsError(f"{args.pth}: not a readable torch checkpoint ({exc})") from None
+    if not isinstance(raw, dict) or "state_dict" not in raw:
+        raise WeightsError(f"{args.pth}: expected a dict with 'state_dict' and 'metadata' "
+                           "(the descript DAC .pth layout)")
+    config = config_from_descript_metadata(raw.get("metadata", {}))
+    state = convert_descript_state_dict(raw["state_dict"])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(args.output),
+              metadata={"codec_config": json.dumps(config.to_dict())})
+    print(f"wrote {len(state)} tensors to {args.output}; codec config {config.codec_id}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    handlers = {"presets": _presets, "build": _build, "verify": _verify,
+                "convert-dac": _convert_dac}
+    handler = handlers.get(args.models_command)
+    if handler is None:
+        raise ModelError(f"models: unknown subcommand {args.models_command!r}")
+    return handler(args)
+
+
+__all__ = ["run", "Path"]
