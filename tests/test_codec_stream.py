@@ -1,0 +1,123 @@
+"""StreamingCodec: incremental codes of overlapping windows vs whole-window encodes (tiny model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streamcap.errors import ConfigError, ModelError
+from streamcap.messages import make_window
+from streamcap.models.codec import CodecTokenizer, codec_preset
+from streamcap.models.codec_stream import StreamingCodec, StreamingOptions
+
+torch.set_num_threads(1)
+SR = 24000
+WIN, HOP = 4 * SR, 2 * SR  # 4 s windows every 2 s: whole numbers of 320-sample frames
+
+
+@pytest.fixture(scope="module")
+def tok() -> CodecTokenizer:
+    torch.manual_seed(0)
+    return CodecTokenizer(codec_preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def stream_audio() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    t = np.arange(14 * SR) / SR
+    gate = np.sin(2 * np.pi * 0.7 * t) > 0
+    return (0.05 * rng.standard_normal(t.size) + 0.3 * np.sin(2 * np.pi * 523 * t) * gate).astype(np.float32)
+
+
+def _run(tok: CodecTokenizer, x: np.ndarray, options: StreamingOptions) -> list[tuple[np.ndarray, np.ndarray]]:
+    codec = StreamingCodec(tok, options)
+    pairs = []
+    for start in range(0, len(x) - WIN + 1, HOP):
+        a = x[start : start + WIN]
+        pairs.append((codec.feed(source_id="s", epoch=0, start_sample=start, audio=a), tok.encode(a)))
+    return pairs
+
+
+def test_streamed_codes_equal_whole_window_codes(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+    pairs = _run(tok, stream_audio, StreamingOptions())
+    assert len(pairs) == 6
+    for got, ref in pairs:
+        assert got.shape == ref.shape == (4, WIN // 320) and got.dtype == np.int16
+        assert (got[:, 12:-12] == ref[:, 12:-12]).mean() >= 0.998  # interior (at most one flip per window)
+        assert (got == ref).mean() >= 0.998  # exact_edges: the window edges too
+
+
+def test_without_exact_edges_only_the_left_edge_may_differ(
+    tok: CodecTokenizer, stream_audio: np.ndarray
+) -> None:
+    pairs = _run(tok, stream_audio, StreamingOptions(exact_edges=False))
+    interior = np.concatenate([(g == r)[:, 12:] for g, r in pairs], axis=1)
+    assert interior.mean() >= 0.999
+
+
+def test_context_matters(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+    """Without context, frames next to chunk edges see zero padding, and codes change."""
+    no_ctx = _run(tok, stream_audio, StreamingOptions(context_frames_left=0, context_frames_right=0))
+    agree = np.mean([(g == r).mean() for g, r in no_ctx])
+    assert agree < 1.0
+
+
+def test_encodes_only_new_audio(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+    codec = StreamingCodec(tok, StreamingOptions(context_frames_left=10, context_frames_right=10))
+    for start in range(0, 3 * HOP + 1, HOP):
+        codec.feed(source_id="s", epoch=0, start_sample=start, audio=stream_audio[start : start + WIN])
+    frames_win, frames_hop = WIN // 320, HOP // 320
+    # first window whole; then per window: hop + left + right context + the exact left edge
+    assert codec.stats.frames_encoded == frames_win + 3 * (frames_hop + 10 + 10 + 20)
+    assert codec.cached_frames("s") == (3 * frames_hop, 3 * frames_hop + frames_win - 10)
+
+
+def test_epoch_reset_and_sources_apart(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+    codec = StreamingCodec(tok)
+    a = stream_audio[:WIN]
+    codec.feed(source_id="s", epoch=0, start_sample=0, audio=a)
+    codec.feed(source_id="other", epoch=0, start_sample=0, audio=stream_audio[HOP : HOP + WIN])
+    b = stream_audio[HOP : HOP + WIN]
+    # Same start index, new epoch: the old epoch's cache must not leak into these codes.
+    got = codec.feed(source_id="s", epoch=1, start_sample=HOP, audio=b)
+    assert codec.stats.resets == 1
+    assert np.array_equal(got, tok.encode(b))
+    assert codec.cached_frames("s")[0] == HOP // 320 + 10
+    assert codec.cached_frames("other")[0] == 10
+    codec.reset("s")
+    assert codec.cached_frames("s") == (0, 0)
+
+
+def test_cache_evicts_frames_before_the_window(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+    codec = StreamingCodec(tok)
+    for start in (0, HOP, 2 * HOP):
+        codec.feed(source_id="s", epoch=0, start_sample=start, audio=stream_audio[start : start + WIN])
+        first, end = codec.cached_frames("s")
+        assert first >= start // 320 and end <= (start + WIN) // 320
+
+
+def test_off_grid_and_gap_fall_back_to_whole_encode(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+    codec = StreamingCodec(tok)
+    codec.feed(source_id="s", epoch=0, start_sample=0, audio=stream_audio[:WIN])
+    off = stream_audio[HOP + 100 : HOP + 100 + WIN]
+    assert np.array_equal(codec.feed(source_id="s", epoch=0, start_sample=HOP + 100, audio=off), tok.encode(off))
+    far = stream_audio[5 * HOP : 5 * HOP + WIN]
+    assert np.array_equal(codec.feed(source_id="s", epoch=0, start_sample=5 * HOP, audio=far), tok.encode(far))
+    assert codec.stats.whole_encodes == 2
+
+
+def test_codes_for_window(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+    codec = StreamingCodec(tok)
+    window = make_window(
+        source_id="mic", seq=0, epoch=0, start_s=2.0, end_s=6.0, captured_at=0.0,
+        level_dbfs=-20.0, audio={SR: stream_audio[HOP : HOP + WIN]},
+    )
+    assert np.array_equal(codec.codes_for(window), tok.encode(stream_audio[HOP : HOP + WIN]))
+
+
+def test_bad_options_and_input(tok: CodecTokenizer) -> None:
+    with pytest.raises(ConfigError, match="context_frames_left"):
+        StreamingOptions(context_frames_left=-1)
+    with pytest.raises(ModelError, match="mono"):
+        StreamingCodec(tok).feed(source_id="s", epoch=0, start_sample=0, audio=np.zeros((2, 320), np.float32))
