@@ -95,6 +95,9 @@ def _settings(args: argparse.Namespace) -> tuple[ModelConfig, float, float]:
         problems.append(f"--window-s: must be > 0 and <= 30 (got {window_s:g})")
     if not 0 < hop_s <= window_s:
         problems.append(f"--hop-s: must be > 0 and <= window length (got {hop_s:g})")
+    for flag, value in (("--window-s", window_s), ("--hop-s", hop_s)):
+        if abs(value * 1000 - round(value * 1000)) > 1e-6:  # the windower counts milliseconds
+            problems.append(f"{flag}: must be a whole number of milliseconds (got {value!r})")
     if problems:
         raise ConfigError(problems)
     return model, window_s, hop_s
@@ -156,5 +159,7 @@ def _print(path: Path, window: Window, result: CaptionResult, elapsed_s: float, 
         }, ensure_ascii=False), flush=True)
         return
     flag = " (flagged)" if c.flagged else ""
+    # One line per window, whatever the model wrote (newlines, control characters).
+    text = "".join(ch if ch.isprintable() else " " for ch in c.text)
     print(f"{path.name} {window.start_s:7.1f}-{window.end_s:<7.1f} score {c.score:+.3f} "
-          f"{elapsed_s:5.2f}s  {c.text}{flag}", flush=True)
+          f"{elapsed_s:5.2f}s  {text}{flag}", flush=True)

@@ -29,6 +29,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEVICES: Final = ("auto", "cpu", "cuda")
 PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
 DECODING_MODES: Final = ("sample", "beam")
+CODEC_PRECISIONS: Final = ("fp32", "model")
 SECRET_KEYS: Final = frozenset({"password", "token", "secret", "api_key", "passwd"})
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -66,6 +67,7 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = all cores
+    codec_precision: str = "fp32"  # DAC encoder: fp32 (exact codes) or "model" (follow precision)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
 
@@ -148,7 +150,7 @@ class _Reader:
             value, ok = float(value), True
         if not ok:
             expected = " or ".join(_type_name(k) for k in kinds)
-            self.fail(name, f"expected {expected} (got {_type_name(type(value))} {value!r})")
+            self.fail(name, f"expected {expected} (got {_describe(value)})")
             return default
         if isinstance(value, float) and not math.isfinite(value):
             self.fail(name, f"must be a finite number (got {value!r})")
@@ -156,7 +158,7 @@ class _Reader:
         if check is not None and (message := check(value)) is not None:
             self.fail(name, f"{message} (got {value!r})")
             return default
-        return value  # type: ignore[return-value]
+        return value  # type: ignore[no-any-return]
 
     def subtable(self, name: str) -> Mapping[str, Any]:
         self.seen.add(name)
@@ -176,6 +178,12 @@ class _Reader:
 def _type_name(kind: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
             list: "an array", dict: "a table"}.get(kind, kind.__name__)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"a boolean {str(value).lower()}"
+    return f"{_type_name(type(value))} {value!r}"
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
@@ -218,7 +226,8 @@ def _read_daemon(r: _Reader) -> DaemonConfig:
 def _read_decoding(r: _Reader) -> DecodingConfig:
     d = DecodingConfig()
     weight = _in_range(0.0, 1.0)
-    seed = r.get("seed", int, -1, _non_negative)
+    seed = r.get("seed", int, -1,
+                 lambda v: None if v >= -1 else "must be >= 0, or -1 for a fresh random stream")
     return DecodingConfig(
         mode=r.get("mode", str, d.mode, _one_of(DECODING_MODES)),
         n_candidates=r.get("n_candidates", int, d.n_candidates, _in_range(1, 256)),
@@ -248,6 +257,8 @@ def _read_model(r: _Reader) -> ModelConfig:
         device=r.get("device", str, d.device, _one_of(DEVICES)),
         precision=r.get("precision", str, d.precision, _one_of(PRECISIONS)),
         threads=r.get("threads", int, d.threads, _in_range(0, 1024)),
+        codec_precision=r.get("codec_precision", str, d.codec_precision,
+                              _one_of(CODEC_PRECISIONS)),
         decoding=decoding,
     )
 
@@ -259,16 +270,21 @@ def _read_source(name: str, r: _Reader) -> SourceConfig:
         r.fail("uri", "missing: every source needs a uri such as 'mic:default', "
                       "'file:/path/clip.wav?loop=true' or 'rtsp://camera/stream'")
     window_in_range = _in_range(MIN_WINDOW_S, MAX_WINDOW_S)
+    before = len(r.problems)
     window_s = r.get("window_s", float, d.window_s,
                      lambda v: window_in_range(v) or _whole_ms(v))
+    window_ok = len(r.problems) == before
     hop_s = r.get("hop_s", float, d.hop_s, lambda v: _positive(v) or _whole_ms(v))
-    if "hop_s" in r.table and hop_s > window_s:
+    # Compare only with a window_s that was accepted, not with the fallback default.
+    if "hop_s" in r.table and window_ok and hop_s > window_s:
         r.fail("hop_s", f"must be > 0 and <= window_s (got {hop_s:g} > {window_s:g})")
     elif "hop_s" not in r.table and hop_s > window_s:
         hop_s = window_s
+    before = len(r.problems)
     backoff_initial_s = r.get("backoff_initial_s", float, d.backoff_initial_s, _positive)
+    initial_ok = len(r.problems) == before
     backoff_max_s = r.get("backoff_max_s", float, d.backoff_max_s, _positive)
-    if backoff_max_s < backoff_initial_s:
+    if initial_ok and backoff_max_s < backoff_initial_s:
         r.fail("backoff_max_s", f"must be >= backoff_initial_s "
                                 f"(got {backoff_max_s:g} < {backoff_initial_s:g})")
     return SourceConfig(
@@ -355,7 +371,7 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
     sources = _named_tables(top, "sources", _read_source)
     sinks = _named_tables(top, "sinks", _read_sink)
     top.reject_unknown()
-    if not sources and "sources" in data:
+    if isinstance(data.get("sources"), Mapping) and not data["sources"]:
         problems.append("sources: at least one [sources.<name>] table is needed")
     if problems:
         where = f"{path}: " if path else ""

@@ -8,15 +8,17 @@ value passes through :func:`redact` so that credentials in stream URLs
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import structlog
 
-_USERINFO_RE: Final = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# Greedy up to the last "@" of the authority: a password may hold an unencoded "@".
+_USERINFO_RE: Final = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]+@")
 _QUERY_SECRET_RE: Final = re.compile(
     r"(?P<key>[?&;](?:password|passwd|pass|pwd|token|access_token|auth|key|api_key|secret)=)"
     r"[^&;\s#]*",
@@ -34,11 +36,27 @@ def redact(text: str) -> str:
     return _QUERY_SECRET_RE.sub(r"\g<key>***", text)
 
 
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value) if ("=" in value or "@" in value) else value
+    if type(value) in (list, tuple):  # exactly: a named tuple cannot be rebuilt this way
+        return type(value)(_redact_value(v) for v in value)
+    if type(value) is dict:
+        return {k: _redact_value(v) for k, v in value.items()}
+    return value
+
+
 def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in event.items():
-        if isinstance(value, str) and ("=" in value or "@" in value):
-            event[key] = redact(value)
+        event[key] = _redact_value(value)
     return event
+
+
+def _redacted_traceback(sio: TextIO, exc_info: Any) -> None:
+    """A plain traceback (no local variables) with URLs redacted, for the console."""
+    buffer = io.StringIO()
+    structlog.dev.plain_traceback(buffer, exc_info)
+    sio.write(redact(buffer.getvalue()))
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
@@ -61,7 +79,8 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                           exception_formatter=_redacted_traceback)
     )
     structlog.configure(
         processors=[
@@ -78,6 +97,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if use_json else _identity,
+            _redact_event,  # again: exception text formatted just above
             renderer,
         ],
     )
@@ -87,8 +107,15 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # Chatty libraries stay at warning unless we debug.
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        # transformers gives its logger a handler of its own and stops propagation.
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
     for name in ("transformers", "urllib3", "websockets", "asyncio", "filelock"):
-        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+        library = logging.getLogger(name)
+        library.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
+        library.propagate = True
     logging.captureWarnings(True)
 
 

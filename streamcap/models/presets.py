@@ -10,7 +10,7 @@ no weights.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -101,8 +101,9 @@ def _real(name: str, enclap_name: str) -> PresetSpec:
     )
 
 
-_BUILDERS = {"tiny": _tiny, "base": lambda: _real("base", "base"),
-             "large": lambda: _real("large", "large")}
+_BUILDERS: Final[Mapping[str, Callable[[], PresetSpec]]] = {
+    "tiny": _tiny, "base": lambda: _real("base", "base"),
+    "large": lambda: _real("large", "large")}
 PRESET_NAMES: Final = tuple(_BUILDERS)
 
 

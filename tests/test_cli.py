@@ -1,0 +1,277 @@
+"""Tests for the ``streamcap`` command line, run as the real console script.
+
+Exit codes and stderr are those a user sees: 0 success, 1 runtime failure,
+2 bad configuration or usage, and never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import streamcap
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+STREAMCAP = VENV_BIN / "streamcap"
+if not STREAMCAP.exists():  # tests run with another interpreter: use the project's venv
+    STREAMCAP = ROOT / ".venv" / "bin" / "streamcap"
+
+BUILT_IN = {("streamcap.sources", "mic"), ("streamcap.sources", "file"),
+            ("streamcap.sources", "stream"), ("streamcap.sinks", "websocket"),
+            ("streamcap.sinks", "mqtt")}
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``streamcap`` script; stdout and stderr captured as text."""
+    if not STREAMCAP.exists():
+        pytest.skip(f"{STREAMCAP} is missing: pip install -e . in the venv")
+    done = subprocess.run([str(STREAMCAP), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def errors(stderr: str) -> list[str]:
+    """The ``streamcap: error: ...`` lines, without the prefix."""
+    prefix = "streamcap: error: "
+    return [line[len(prefix):] for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"streamcap {streamcap.__version__}"
+
+
+def test_python_dash_m_streamcap() -> None:
+    done = subprocess.run([str(STREAMCAP.parent / "python"), "-m", "streamcap", "--version"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"streamcap {streamcap.__version__}"
+
+
+def test_no_command_prints_usage_and_exits_2() -> None:
+    done = run_cli()
+    assert done.returncode == 2
+    text = done.stdout + done.stderr
+    assert "usage: streamcap" in text
+    for command in ("run", "check-config", "devices", "plugins", "caption", "models"):
+        assert command in text
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    done = run_cli("frobnicate")
+    assert done.returncode == 2
+    assert "invalid choice: 'frobnicate'" in done.stderr
+
+
+def test_models_without_subcommand_is_a_usage_error() -> None:
+    done = run_cli("models")
+    assert done.returncode == 2
+    assert errors(done.stderr) == [
+        "models: a subcommand is needed: presets, build, verify, convert-dac"]
+
+
+def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:
+    """``streamcap plugins --json | head -c 1``: the reader is gone before we write."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([str(STREAMCAP), "plugins", "--json"], cwd=tmp_path,
+                              stdout=write_end, stderr=subprocess.PIPE, text=True,
+                              timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr
+    assert "BrokenPipeError" not in done.stderr
+    assert done.returncode == 1
+
+
+# --------------------------------------------------------------------------- check-config
+
+
+def test_check_config_accepts_the_shipped_file_from_the_working_directory() -> None:
+    done = run_cli("check-config")  # default: ./config.toml
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "config.toml: valid; sources: default; sinks: none"
+
+
+def test_check_config_valid_file(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text('[sources.kitchen]\nuri = "mic:default"\nwindow_s = 20\nhop_s = 5\n'
+                    '[sinks.ws]\nplugin = "websocket"\ntoken_env = "WS_TOKEN"\n')
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"{path}: valid; sources: kitchen; sinks: ws (websocket)"
+    assert done.stderr == ""
+
+
+def test_check_config_reports_every_bad_value_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[daemon]\nlog_level = "loud"\n\n[sources.kitchen]\nuri = "mic:default"\n'
+                    'window_s = 10\nhop_s = 12\n\n[sinks.broker]\nplugin = "mqtt"\n'
+                    'password = "hunter2"\n\n[http]\nport = "80"\nbogus = 1\n')
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert errors(done.stderr) == [
+        f"{path}: daemon.log_level: must be one of debug, info, warning, error (got 'loud')",
+        f"{path}: http.port: expected an integer (got a string '80')",
+        f"{path}: http.bogus: unknown key (known keys: enabled, host, port)",
+        f"{path}: sources.kitchen.hop_s: must be > 0 and <= window_s (got 12 > 10)",
+        (f"{path}: sinks.broker.password: secrets are not read from the config file: put the "
+        "value in an environment variable and name it with 'password_env'"),
+    ]
+    assert "hunter2" not in done.stderr
+
+
+def test_check_config_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    assert errors(done.stderr) == [f"{path}: no such config file"]
+
+
+def test_check_config_missing_default_file(tmp_path: Path) -> None:
+    done = run_cli("check-config", cwd=tmp_path)
+    assert done.returncode == 2
+    assert errors(done.stderr) == ["config.toml: no such config file"]
+
+
+def test_check_config_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('[sources.kitchen]\nuri = "mic:default\n')
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    [line] = errors(done.stderr)
+    assert line.startswith(f"{path}: invalid TOML: ")
+    assert re.search(r"line 2, column \d+", line)
+
+
+def test_check_config_not_utf8_and_directory(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[daemon]\nnode_id = "k\xfcche"\n')
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    assert errors(done.stderr) == [f"{path}: not UTF-8 text (byte 21)"]
+    done = run_cli("check-config", str(tmp_path))
+    assert done.returncode == 2
+    [line] = errors(done.stderr)
+    assert line.startswith(f"{tmp_path}: cannot read config file")
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    done = subprocess.run([str(STREAMCAP), "--debug", "check-config", str(tmp_path / "x.toml")],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1  # the re-raised exception
+    assert "Traceback" in done.stderr and "ConfigError" in done.stderr
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def _no_device_env(tmp_path: Path) -> dict[str, str]:
+    """An environment in which PortAudio reaches no sound server."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"PULSE_SERVER", "PIPEWIRE_REMOTE", "JACK_DEFAULT_SERVER"}}
+    env.update(XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path),
+               PULSE_SERVER=f"unix:{runtime}/no-such-socket")
+    return env
+
+
+DEVICE_LINE = re.compile(r"^[* ] +\d+  .+  \(.+, \d+ ch, [\d.]+ Hz\)$")
+
+
+def test_devices_lists_or_says_there_are_none(tmp_path: Path) -> None:
+    done = run_cli("devices", env=_no_device_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    if lines[0].startswith("no audio capture devices found"):
+        # A reason the user can act on follows the colon.
+        assert len(lines) == 1
+        assert re.match(r"no audio capture devices found: \S", lines[0])
+    else:  # this machine has a sound card: check the listing instead
+        assert all(DEVICE_LINE.match(line) for line in lines[:-1]), lines
+        assert lines[-1].startswith("(* = default; capture one with uri = \"mic:")
+
+
+def test_devices_json(tmp_path: Path) -> None:
+    done = run_cli("devices", "--json", env=_no_device_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert set(data) == {"devices", "note"}
+    assert isinstance(data["devices"], list)
+    if not data["devices"]:
+        assert isinstance(data["note"], str) and data["note"]
+    for device in data["devices"]:
+        assert set(device) == {"index", "name", "host_api", "max_input_channels",
+                               "default_sample_rate_hz", "is_default"}
+        assert isinstance(device["index"], int) and device["max_input_channels"] > 0
+    assert sum(bool(d["is_default"]) for d in data["devices"]) <= 1
+
+
+# --------------------------------------------------------------------------- plugins
+
+
+def test_plugins_json_lists_the_built_in_entry_points(tmp_path: Path) -> None:
+    done = run_cli("plugins", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["config"] is None
+    rows = {(p["group"], p["name"]): p for p in data["plugins"]}
+    assert BUILT_IN <= set(rows)
+    for key in BUILT_IN:
+        row = rows[key]
+        assert row["distribution"] == "streamcap"
+        assert row["version"] == streamcap.__version__
+        assert row["value"].startswith("streamcap.")
+        assert row["enabled_by"] == []
+    assert rows[("streamcap.sinks", "websocket")]["value"] == (
+        "streamcap.sinks.websocket:create_sink")
+
+
+def test_plugins_marks_what_a_config_enables(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[sources.door]\nuri = "file:/tmp/door.wav"\n'
+                    '[sources.cam]\nuri = "rtsp://u:p@cam/live"\n'
+                    '[sinks.ws]\nplugin = "websocket"\n')
+    done = run_cli("plugins", "--json", "--config", str(path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["config"] == str(path)
+    used = {(p["group"], p["name"]): p["enabled_by"] for p in data["plugins"]}
+    assert used[("streamcap.sources", "file")] == ["sources.door"]
+    assert used[("streamcap.sources", "stream")] == ["sources.cam"]
+    assert used[("streamcap.sinks", "websocket")] == ["sinks.ws"]
+    assert used[("streamcap.sinks", "mqtt")] == []
+
+
+def test_plugins_text(tmp_path: Path) -> None:
+    done = run_cli("plugins", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    for group, name in BUILT_IN:
+        assert any(line.split()[:3] == [group, name, "streamcap"] for line in lines), lines
+    assert lines[-1] == "(no config file: nothing is enabled; pass --config)"
+
+
+def test_plugins_with_a_bad_config_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[sources.x]\nuri = "mic:default"\nwindow_s = 5\n')
+    done = run_cli("plugins", "--config", str(path), cwd=tmp_path)
+    assert done.returncode == 2
+    assert errors(done.stderr) == [
+        f"{path}: sources.x.window_s: must be between 10 and 30 (got 5.0)"]

@@ -1,0 +1,443 @@
+"""Tests for streamcap.config: every bad value is a ConfigError naming its dotted key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamcap.config import (
+    Config,
+    DaemonConfig,
+    DecodingConfig,
+    HttpConfig,
+    ModelConfig,
+    SourceConfig,
+    default_config,
+    load_config,
+    parse_config,
+    secret_from_env,
+)
+from streamcap.errors import ConfigError
+
+SHIPPED = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+def problems_of(data: Mapping[str, Any]) -> list[str]:
+    """The problems parse_config reports for ``data`` (fails the test if it accepts it)."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value.problems
+
+
+def source(**values: Any) -> dict[str, Any]:
+    """A document with one source ``kitchen`` capturing the default microphone."""
+    return {"sources": {"kitchen": {"uri": "mic:default", **values}}}
+
+
+# --------------------------------------------------------------------------- valid input
+
+
+def test_empty_document_gives_the_dataclass_defaults() -> None:
+    config = parse_config({})
+    assert config.daemon == DaemonConfig()
+    assert config.model == ModelConfig()
+    assert config.http == HttpConfig()
+    assert dict(config.sources) == {}
+    assert dict(config.sinks) == {}
+    assert config.path is None
+
+
+def test_a_full_source_is_read_with_its_values() -> None:
+    config = parse_config(source(window_s=30, hop_s=0.5, sample_rate_hz=44100, channels=2,
+                                 realtime=False, loop=True, max_retries=3))
+    src = config.sources["kitchen"]
+    assert src.name == "kitchen"
+    assert src.uri == "mic:default"
+    assert (src.window_s, src.hop_s) == (30.0, 0.5)
+    assert isinstance(src.window_s, float)  # a TOML integer is accepted for a number
+    assert (src.sample_rate_hz, src.channels, src.realtime, src.loop, src.max_retries) == (
+        44100, 2, False, True, 3)
+    assert src.explicit == frozenset({"uri", "window_s", "hop_s", "sample_rate_hz", "channels",
+                                      "realtime", "loop", "max_retries"})
+
+
+def test_window_limits_and_hop_equal_to_window_are_valid() -> None:
+    for window, hop in ((10, 10), (30, 30), (10.001, 0.001), (29.999, 12.345)):
+        src = parse_config(source(window_s=window, hop_s=hop)).sources["kitchen"]
+        assert (src.window_s, src.hop_s) == (window, hop)
+
+
+def test_sink_options_pass_through_without_the_plugin_key() -> None:
+    config = parse_config({"sinks": {"ws": {"plugin": "websocket", "port": 8765,
+                                            "token_env": "WS_TOKEN"},
+                                     "mqtt": {"password_env": "MQTT_PASSWORD"}}})
+    assert config.sinks["ws"].plugin == "websocket"
+    assert dict(config.sinks["ws"].options) == {"port": 8765, "token_env": "WS_TOKEN"}
+    assert config.sinks["mqtt"].plugin == "mqtt"  # the plugin defaults to the table name
+
+
+def test_seed_unset_or_minus_one_means_fresh_randomness() -> None:
+    assert parse_config({}).model.decoding.seed is None
+    assert parse_config({"model": {"decoding": {"seed": -1}}}).model.decoding.seed is None
+    assert parse_config({"model": {"decoding": {"seed": 1234}}}).model.decoding.seed == 1234
+    assert problems_of({"model": {"decoding": {"seed": -2}}}) == [
+        "model.decoding.seed: must be >= 0, or -1 for a fresh random stream (got -2)"]
+
+
+# --------------------------------------------------------------------------- bad values
+
+
+def test_hop_longer_than_window_names_both_values() -> None:
+    assert problems_of(source(window_s=10, hop_s=12)) == [
+        "sources.kitchen.hop_s: must be > 0 and <= window_s (got 12 > 10)"]
+
+
+@pytest.mark.parametrize("window", [9.999, 5, 30.001, 60, 0, -10])
+def test_window_outside_10_to_30_seconds(window: float) -> None:
+    assert problems_of(source(window_s=window)) == [
+        f"sources.kitchen.window_s: must be between 10 and 30 (got {float(window)!r})"]
+
+
+def test_a_bad_window_does_not_also_blame_the_hop() -> None:
+    # hop_s = 12 is fine for the 40 s the user meant; only window_s is wrong.
+    assert problems_of(source(window_s=40, hop_s=12)) == [
+        "sources.kitchen.window_s: must be between 10 and 30 (got 40.0)"]
+
+
+@pytest.mark.parametrize("hop", [0, -1, -0.5])
+def test_hop_must_be_positive(hop: float) -> None:
+    assert problems_of(source(hop_s=hop)) == [
+        f"sources.kitchen.hop_s: must be > 0 (got {float(hop)!r})"]
+
+
+@pytest.mark.parametrize(("key", "value"), [("window_s", 10.0005), ("hop_s", 2.5004),
+                                            ("window_s", 12.3456), ("hop_s", 1e-4)])
+def test_window_and_hop_must_be_whole_milliseconds(key: str, value: float) -> None:
+    assert problems_of(source(**{key: value})) == [
+        f"sources.kitchen.{key}: must be a whole number of milliseconds (got {value!r})"]
+
+
+@pytest.mark.parametrize(("doc", "expected"), [
+    (source(window_s="10"), "sources.kitchen.window_s: expected a number (got a string '10')"),
+    (source(sample_rate_hz=True),
+     "sources.kitchen.sample_rate_hz: expected an integer (got a boolean true)"),
+    (source(sample_rate_hz=44100.0),
+     "sources.kitchen.sample_rate_hz: expected an integer (got a number 44100.0)"),
+    (source(loop=1), "sources.kitchen.loop: expected true or false (got an integer 1)"),
+    (source(hop_s={"a": 1}), "sources.kitchen.hop_s: expected a number (got a table {'a': 1})"),
+    (source(uri=["mic:default"]),
+     "sources.kitchen.uri: expected a string (got an array ['mic:default'])"),
+    ({"daemon": {"max_pending_windows": False}},
+     "daemon.max_pending_windows: expected an integer (got a boolean false)"),
+    ({"daemon": {"stop_timeout_s": True}},
+     "daemon.stop_timeout_s: expected a number (got a boolean true)"),
+    ({"daemon": {"node_id": 7}}, "daemon.node_id: expected a string (got an integer 7)"),
+    ({"model": {"threads": "4"}}, "model.threads: expected an integer (got a string '4')"),
+    ({"model": {"decoding": {"n_candidates": {}}}},
+     "model.decoding.n_candidates: expected an integer (got a table {})"),
+    ({"http": {"enabled": "yes"}}, "http.enabled: expected true or false (got a string 'yes')"),
+    ({"http": {"port": 80.5}}, "http.port: expected an integer (got a number 80.5)"),
+])
+def test_wrong_types_name_the_key_the_expected_and_the_given_type(
+        doc: dict[str, Any], expected: str) -> None:
+    assert problems_of(doc) == [expected]
+
+
+@pytest.mark.parametrize(("doc", "expected"), [
+    ({"daemon": {"node_id": "kitchen pi"}},
+     ("daemon.node_id: must be 1-64 letters, digits, '-' or '_' (it is used in MQTT topics) "
+     "(got 'kitchen pi')")),
+    ({"daemon": {"log_format": "xml"}},
+     "daemon.log_format: must be one of auto, json, console (got 'xml')"),
+    ({"daemon": {"log_level": "trace"}},
+     "daemon.log_level: must be one of debug, info, warning, error (got 'trace')"),
+    ({"daemon": {"max_pending_windows": 0}},
+     "daemon.max_pending_windows: must be between 1 and 1000 (got 0)"),
+    ({"daemon": {"stop_timeout_s": 0}}, "daemon.stop_timeout_s: must be > 0 (got 0.0)"),
+    ({"daemon": {"stop_timeout_s": float("inf")}},
+     "daemon.stop_timeout_s: must be a finite number (got inf)"),
+    ({"daemon": {"stop_timeout_s": float("nan")}},
+     "daemon.stop_timeout_s: must be a finite number (got nan)"),
+    ({"model": {"bundle": "  "}},
+     "model.bundle: must name a bundle directory or a preset (got '  ')"),
+    ({"model": {"device": "tpu"}}, "model.device: must be one of auto, cpu, cuda (got 'tpu')"),
+    ({"model": {"precision": "int8"}},
+     "model.precision: must be one of auto, fp32, bf16, fp16 (got 'int8')"),
+    ({"model": {"threads": -1}}, "model.threads: must be between 0 and 1024 (got -1)"),
+    ({"model": {"decoding": {"mode": "greedy"}}},
+     "model.decoding.mode: must be one of sample, beam (got 'greedy')"),
+    ({"model": {"decoding": {"top_p": 0}}},
+     "model.decoding.top_p: must be > 0 and <= 1 (got 0.0)"),
+    ({"model": {"decoding": {"top_p": 1.5}}},
+     "model.decoding.top_p: must be > 0 and <= 1 (got 1.5)"),
+    ({"model": {"decoding": {"temperature": -0.5}}},
+     "model.decoding.temperature: must be > 0 (got -0.5)"),
+    ({"model": {"decoding": {"n_candidates": 0}}},
+     "model.decoding.n_candidates: must be between 1 and 256 (got 0)"),
+    ({"model": {"decoding": {"encoder_weight": 1.2}}},
+     "model.decoding.encoder_weight: must be between 0 and 1 (got 1.2)"),
+    ({"model": {"decoding": {"num_beams": 65}}},
+     "model.decoding.num_beams: must be between 1 and 64 (got 65)"),
+    ({"http": {"port": 70000}}, "http.port: must be between 0 and 65535 (got 70000)"),
+    ({"http": {"host": ""}}, "http.host: must not be empty (got '')"),
+    (source(uri=" "), "sources.kitchen.uri: must not be empty (got ' ')"),
+    (source(sample_rate_hz=4000),
+     ("sources.kitchen.sample_rate_hz: must be 0 (automatic) or between 8000 and 192000 "
+     "(got 4000)")),
+    (source(channels=65), "sources.kitchen.channels: must be between 0 and 64 (got 65)"),
+    (source(block_s=3), "sources.kitchen.block_s: must be between 0.005 and 2 (got 3.0)"),
+    (source(stall_s=0), "sources.kitchen.stall_s: must be > 0 (got 0.0)"),
+    (source(max_retries=-1), "sources.kitchen.max_retries: must be >= 0 (got -1)"),
+    (source(backoff_initial_s=10, backoff_max_s=5),
+     "sources.kitchen.backoff_max_s: must be >= backoff_initial_s (got 5 < 10)"),
+    (source(backoff_initial_s=-1, backoff_max_s=0.5),
+     "sources.kitchen.backoff_initial_s: must be > 0 (got -1.0)"),
+])
+def test_bad_values_name_the_key_and_the_rule(doc: dict[str, Any], expected: str) -> None:
+    assert problems_of(doc) == [expected]
+
+
+def test_a_source_without_uri_says_what_a_uri_looks_like() -> None:
+    [problem] = problems_of({"sources": {"kitchen": {"window_s": 10}}})
+    assert problem.startswith("sources.kitchen.uri: missing: every source needs a uri")
+    assert "mic:default" in problem and "rtsp://" in problem
+
+
+@pytest.mark.parametrize("name", ["bad name", "a.b", "x" * 65, "", "kü"])
+def test_bad_source_and_sink_names(name: str) -> None:
+    assert problems_of({"sources": {name: {"uri": "mic:default"}}}) == [
+        f"sources.{name}: a source name must be 1-64 letters, digits, '-' or '_'"]
+    assert problems_of({"sinks": {name: {"plugin": "websocket"}}}) == [
+        f"sinks.{name}: a sink name must be 1-64 letters, digits, '-' or '_'"]
+
+
+def test_sections_that_are_not_tables() -> None:
+    assert problems_of({"daemon": "x"}) == ["daemon: expected a table (got a string)"]
+    assert problems_of({"model": {"decoding": 3}}) == [
+        "model.decoding: expected a table (got an integer)"]
+    assert problems_of({"sources": {"kitchen": 3}}) == [
+        "sources.kitchen: expected a table (got an integer)"]
+    assert problems_of({"http": [1]}) == ["http: expected a table (got an array)"]
+
+
+def test_an_empty_sources_table_is_an_error() -> None:
+    assert problems_of({"sources": {}}) == [
+        "sources: at least one [sources.<name>] table is needed"]
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize(("doc", "key"), [
+    ({"bogus": 1}, "bogus"),
+    ({"sink": {"x": {}}}, "sink"),
+    ({"daemon": {"nodeid": "x"}}, "daemon.nodeid"),
+    ({"model": {"bundel": "tiny"}}, "model.bundel"),
+    ({"model": {"decoding": {"top_k": 5}}}, "model.decoding.top_k"),
+    (source(window=10), "sources.kitchen.window"),
+    ({"http": {"address": "0.0.0.0"}}, "http.address"),
+])
+def test_unknown_keys_at_every_level(doc: dict[str, Any], key: str) -> None:
+    [problem] = problems_of(doc)
+    assert problem.startswith(f"{key}: unknown key (known keys: ")
+
+
+def test_unknown_key_lists_the_known_keys() -> None:
+    [problem] = problems_of({"http": {"address": "0.0.0.0"}})
+    assert problem == "http.address: unknown key (known keys: enabled, host, port)"
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize("key", ["password", "token", "secret", "api_key", "passwd", "Password"])
+def test_secrets_in_sink_tables_are_refused_with_a_pointer_to_env(key: str) -> None:
+    assert problems_of({"sinks": {"broker": {"plugin": "mqtt", key: "x"}}}) == [
+        (f"sinks.broker.{key}: secrets are not read from the config file: put the value in an "
+        f"environment variable and name it with '{key}_env'")]
+
+
+@pytest.mark.parametrize("value", [3, "", True, ["MQTT_PASSWORD"]])
+def test_env_keys_must_name_a_variable(value: object) -> None:
+    assert problems_of({"sinks": {"broker": {"plugin": "mqtt", "password_env": value}}}) == [
+        "sinks.broker.password_env: expected the name of an environment variable"]
+
+
+def test_secret_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = {"password_env": "STREAMCAP_TEST_SECRET"}
+    monkeypatch.setenv("STREAMCAP_TEST_SECRET", "s3cret")
+    assert secret_from_env(options, "password", "sinks.broker") == "s3cret"
+    assert secret_from_env(options, "token", "sinks.broker") is None  # token_env not set
+    assert secret_from_env({}, "password", "sinks.broker") is None
+    monkeypatch.setenv("STREAMCAP_TEST_SECRET", "")
+    with pytest.raises(ConfigError) as info:
+        secret_from_env(options, "password", "sinks.broker")
+    assert info.value.problems == [
+        ("sinks.broker.password_env: environment variable STREAMCAP_TEST_SECRET is not set or "
+        "empty")]
+    monkeypatch.delenv("STREAMCAP_TEST_SECRET")
+    with pytest.raises(ConfigError, match=r"sinks\.broker\.password_env: environment variable "
+                                          r"STREAMCAP_TEST_SECRET is not set"):
+        secret_from_env(options, "password", "sinks.broker")
+
+
+# --------------------------------------------------------------------------- all at once
+
+
+def test_every_problem_is_reported_at_once_in_document_order() -> None:
+    doc = {
+        "bogus": True,
+        "daemon": {"log_format": "xml", "extra": 1},
+        "model": {"device": "tpu", "decoding": {"top_p": 2, "top_k": 1}},
+        "sources": {"kitchen": {"uri": "mic:default", "window_s": 10, "hop_s": 12},
+                    "hall": {"uri": "mic:1", "window_s": 5}},
+        "sinks": {"broker": {"plugin": "mqtt", "password": "x"}},
+        "http": {"port": -1},
+    }
+    problems = problems_of(doc)
+    keys = [p.split(":", 1)[0] for p in problems]
+    assert sorted(keys) == sorted([
+        "bogus", "daemon.log_format", "daemon.extra", "model.device", "model.decoding.top_p",
+        "model.decoding.top_k", "sources.kitchen.hop_s", "sources.hall.window_s",
+        "sinks.broker.password", "http.port"])
+    assert "sources.kitchen.hop_s: must be > 0 and <= window_s (got 12 > 10)" in problems
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    assert str(info.value) == "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_load_config_prefixes_every_problem_with_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[daemon]\nlog_level = "loud"\n[http]\nport = "80"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}: daemon.log_level: must be one of debug, info, warning, error (got 'loud')",
+        f"{path}: http.port: expected an integer (got a string '80')"]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}: no such config file"]
+
+
+def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: cannot read config file")):
+        load_config(tmp_path)
+
+
+def test_invalid_toml_gives_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('[daemon]\nlog_level = "info"\nlog_format = json\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = info.value.problems
+    assert problem.startswith(f"{path}: invalid TOML: ")
+    assert "line 3, column 14" in problem
+
+
+def test_non_utf8_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[daemon]\nnode_id = "küche"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [f"{path}: not UTF-8 text (byte 21)"]
+
+
+def test_load_config_reads_a_valid_file(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text('[sources.kitchen]\nuri = "file:/tmp/x.wav?loop=true"\nwindow_s = 20\n'
+                    'hop_s = 2.5\n[sinks.ws]\nplugin = "websocket"\ntoken_env = "WS_TOKEN"\n')
+    config = load_config(str(path))
+    assert config.path == path
+    assert config.sources["kitchen"].window_s == 20.0
+    assert config.sources["kitchen"].hop_s == 2.5
+    assert config.sinks["ws"].options == {"token_env": "WS_TOKEN"}
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_default_config() -> None:
+    config = default_config()
+    assert isinstance(config, Config)
+    assert list(config.sources) == ["default"]
+    assert config.sources["default"].uri == "mic:default"
+    assert config.sources["default"].window_s == 10.0
+    assert config.sources["default"].hop_s == 5.0
+    assert {n: s.plugin for n, s in config.sinks.items()} == {"live": "websocket"}
+    assert config.http == HttpConfig()
+    assert config.model == ModelConfig()
+    clip = default_config("file:/usr/share/streamcap/example.wav?loop=true")
+    assert clip.sources["default"].uri == "file:/usr/share/streamcap/example.wav?loop=true"
+
+
+def test_shipped_config_is_valid_and_equals_the_defaults() -> None:
+    config = load_config(SHIPPED)
+    assert dataclasses.replace(config.daemon, node_id="x") == DaemonConfig(node_id="x")
+    assert config.model == ModelConfig()
+    assert config.http == HttpConfig()
+    src = config.sources["default"]
+    assert dataclasses.replace(src, explicit=frozenset()) == SourceConfig(name="default",
+                                                                          uri="mic:default")
+
+
+def _documented_keys(text: str) -> dict[str, set[str]]:
+    """Keys per table in config.toml, set or commented out (``# key = value``).
+
+    A commented line counts as a key only if it is itself valid TOML
+    ``key = value``, so prose such as ``# score = a * b`` is ignored.
+    """
+    keys: dict[str, set[str]] = {}
+    table = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        header = re.fullmatch(r"#?\s*\[([A-Za-z0-9_.-]+)\]", line)
+        if header:
+            table = header.group(1)
+            keys.setdefault(table, set())
+            continue
+        candidate = line.lstrip("#").strip()
+        if "=" not in candidate:
+            continue
+        try:
+            parsed = tomllib.loads(candidate)
+        except tomllib.TOMLDecodeError:
+            continue
+        if len(parsed) == 1 and not isinstance(next(iter(parsed.values())), dict):
+            keys.setdefault(table, set()).update(parsed)
+    return keys
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_shipped_config_documents_every_dataclass_field() -> None:
+    documented = _documented_keys(SHIPPED.read_text(encoding="utf-8"))
+    assert documented["daemon"] == _fields(DaemonConfig)
+    assert documented["model"] == _fields(ModelConfig) - {"decoding"}
+    assert documented["model.decoding"] == _fields(DecodingConfig)
+    assert documented["sources.default"] == _fields(SourceConfig) - {"name", "explicit"}
+    assert documented["http"] == _fields(HttpConfig)
+    assert "plugin" in documented["sinks.ws"]
+    # Only the keys without a fixed default are left commented out.
+    active = tomllib.loads(SHIPPED.read_text(encoding="utf-8"))
+    assert _fields(DaemonConfig) - set(active["daemon"]) == {"node_id"}
+    assert _fields(DecodingConfig) - set(active["model"]["decoding"]) == {"seed"}
+
+
+def test_documented_keys_parser_ignores_prose() -> None:
+    text = '[a]\n# score = w * cosine(x)\nx = 1\n# y = "z"\n#   "mic:3" (device)\n[b.c]\nq = 2\n'
+    assert _documented_keys(text) == {"a": {"x", "y"}, "b.c": {"q"}}
