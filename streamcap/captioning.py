@@ -123,6 +123,10 @@ def caption_files_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(model.threads)
     captioner: WindowCaptioner = build_captioner(args.model or model.bundle, model,
                                                  device=device, dtype=dtype)
+    from streamcap.logs import configure_logging
+
+    # transformers replaced our log handler when it loaded
+    configure_logging("auto", "debug" if getattr(args, "debug", False) else "info")
     progress = _Progress(sys.stderr.isatty() and not args.json)
     failed = len(missing)
     for path in files:

@@ -189,7 +189,8 @@ class Daemon:
             self._windows.inc(0, name)
             self._dropped.inc(0, name, "queue_full")
             self._source_up.set(0, name)
-        self.queue = WindowQueue(config.daemon.max_pending_windows, on_drop=self._on_window_drop)
+        self.queue = WindowQueue(config.daemon.max_pending_windows, on_drop=self._on_window_drop,
+                                 on_depth=self._queue_depth.set)
         self.bus = PluginBus(self._sinks, node_id=config.daemon.node_id, metrics=self.metrics,
                              state_root=state_root(config))
         self.worker: InferenceWorker | None = None
@@ -222,7 +223,6 @@ class Daemon:
                 if self.queue.closed:
                     continue
                 self.queue.offer(window)
-                self._queue_depth.set(len(self.queue))
         return on_block
 
     # -- health ----------------------------------------------------------------------
@@ -285,6 +285,8 @@ class Daemon:
                 loop.add_signal_handler(sig, self.request_stop)
         systemd.status("loading model")
         self.captioner = await self.runtime.run(self._captioner_factory)
+        # transformers installs its own log handler on import: route it through ours again.
+        configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
         rates = self.captioner.sample_rates_hz
         _log.info("model ready", model=self.captioner.model_id, rates_hz=list(rates),
                   device=str(self.runtime.device), dtype=str(self.runtime.dtype))

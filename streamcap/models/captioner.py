@@ -35,7 +35,7 @@ from streamcap.errors import ModelError
 from streamcap.messages import Caption, CaptionCandidate, Embedding, Window
 from streamcap.models.beam import BeamOptions, beam_search
 from streamcap.models.bundle import Bundle, load_bundle, resolve_model, save_bundle
-from streamcap.models.codec import CodecConfig, CodecTokenizer
+from streamcap.models.codec import CodecConfig, CodecTokenizer, Precision
 from streamcap.models.codec_stream import StreamingCodec
 from streamcap.models.enclap import EnclapConfig, EnclapModel
 from streamcap.models.fluency import FenseClassifier, FluencyFilter, FluencyOptions, bert_config_for
@@ -173,23 +173,26 @@ class Captioner:
         components: the loaded models.
         decoding: sampling, reranking and beam settings.
         device: where the models run.
-        dtype: compute precision of the matrix-heavy parts (BART, CNext, the
-            text encoders and the DAC encoder); log-mel features, the DAC
-            quantizer and all scores stay in float32.
+        dtype: compute precision of BART, CNext and the text encoders;
+            log-mel features and all scores stay in float32.
+        codec_dtype: precision of the DAC encoder (its quantizer is always
+            float32); float32 by default because lower precision changes codes.
     """
 
     def __init__(self, components: Components, decoding: DecodingConfig,
                  *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32,
+                 codec_dtype: torch.dtype = torch.float32) -> None:
         self.components = components
         self.device = torch.device(device)
         self.dtype = dtype
         self.decoding = decoding
-        precision = {torch.float32: "fp32", torch.bfloat16: "bf16",
-                     torch.float16: "fp16"}[dtype]
+        precisions: dict[torch.dtype, Precision] = {
+            torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        precision = precisions[codec_dtype]
         c = components
         c.codec = CodecTokenizer(c.codec.config, device=str(self.device), precision=precision,
-                                 model=c.codec.module)  # type: ignore[arg-type]
+                                 model=c.codec.module)
         c.captioner.to(self.device, dtype)
         c.retriever.to(self.device)
         if c.fluency is not None:
@@ -337,4 +340,5 @@ def build_captioner(spec: str, model: ModelConfig, *, device: torch.device,
         from dataclasses import replace
 
         decoding = replace(decoding, mode=str(components.decoding["mode"]))
-    return Captioner(components, decoding, device=device, dtype=dtype)
+    codec_dtype = dtype if model.codec_precision == "model" else torch.float32
+    return Captioner(components, decoding, device=device, dtype=dtype, codec_dtype=codec_dtype)
