@@ -1,0 +1,313 @@
+"""Tests of the shared-KV nucleus sampler, its scores, and candidate dedupe."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import BartConfig, BartForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+
+from streamcap.models.sampling import (
+    SampledCaption,
+    SamplingOptions,
+    _block_repeated_ngrams,
+    _sample_top_p,
+    attach_texts,
+    choose_next_tokens,
+    dedupe,
+    normalise_text,
+    sample_candidates,
+    score_captions,
+)
+
+torch.set_num_threads(1)
+
+VOCAB, D_MODEL, EOS = 300, 32, 2
+
+
+def _tiny_bart(bias_std: float, eos_bias: float, seed: int = 0) -> BartForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = BartConfig(
+        vocab_size=VOCAB,
+        d_model=D_MODEL,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+    )
+    bart: BartForConditionalGeneration = BartForConditionalGeneration(cfg).train(False)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        bias = bias_std * torch.randn(1, VOCAB, generator=g)
+        bias[0, EOS] = eos_bias
+        bart.final_logits_bias.copy_(bias)
+    return bart
+
+
+@pytest.fixture(scope="module")
+def flat_bart() -> BartForConditionalGeneration:
+    """Near-uniform next-token distributions: the nucleus is most of the vocabulary."""
+    return _tiny_bart(bias_std=0.0, eos_bias=2.5)
+
+
+@pytest.fixture(scope="module")
+def peaked_bart() -> BartForConditionalGeneration:
+    """Peaked distributions, like a trained model's: the top-64 slice holds the nucleus."""
+    return _tiny_bart(bias_std=3.0, eos_bias=8.5, seed=5)
+
+
+@pytest.fixture(scope="module")
+def encoder_out() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(42)
+    states = torch.randn(1, 12, D_MODEL, generator=g)
+    mask = torch.ones(1, 12, dtype=torch.long)
+    mask[0, 9:] = 0  # padded tail
+    return states, mask
+
+
+def _teacher_forced(
+    bart: BartForConditionalGeneration,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    ids: tuple[int, ...],
+) -> float:
+    """Mean raw log-prob of ids, one plain bart(...) call with decoder inputs [2] + ids[:-1]."""
+    inputs = torch.tensor([[2, *ids[:-1]]])
+    with torch.no_grad():
+        out = bart(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states),
+            attention_mask=mask,
+            decoder_input_ids=inputs,
+        )
+    logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+    return float(logp[torch.arange(len(ids)), torch.tensor(ids)].mean())
+
+
+def _plain_sampler(
+    bart: BartForConditionalGeneration,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    options: SamplingOptions,
+    generator: torch.Generator,
+) -> list[tuple[tuple[int, ...], float]]:
+    """Reference: encoder output repeated N times, full recompute per step, no cache."""
+    n = options.n_candidates
+    history = torch.full((n, 1), options.decoder_start_token_id, dtype=torch.long)
+    rows = list(range(n))
+    logps: list[list[float]] = [[] for _ in range(n)]
+    seqs: list[list[int]] = [[] for _ in range(n)]
+    for _ in range(options.max_new_tokens):
+        k = len(rows)
+        with torch.no_grad():
+            out = bart(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states.repeat(k, 1, 1)),
+                attention_mask=mask.repeat(k, 1),
+                decoder_input_ids=history,
+            )
+        tokens, logp = choose_next_tokens(out.logits[:, -1], history, options, generator)
+        for r, t, lp in zip(rows, tokens.tolist(), logp.tolist(), strict=True):
+            seqs[r].append(t)
+            logps[r].append(lp)
+        live = [i for i, t in enumerate(tokens.tolist()) if t != options.eos_token_id]
+        if not live:
+            break
+        history = torch.cat([history, tokens[:, None]], dim=1)[live]
+        rows = [rows[i] for i in live]
+    return [(tuple(s), sum(lp) / len(lp)) for s, lp in zip(seqs, logps, strict=True)]
+
+
+@pytest.mark.parametrize("model", ["flat_bart", "peaked_bart"])
+def test_scores_equal_teacher_forcing(
+    model: str, request: pytest.FixtureRequest, encoder_out: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    bart = request.getfixturevalue(model)
+    states, mask = encoder_out
+    opts = SamplingOptions(n_candidates=12, max_new_tokens=16, temperature=0.7, min_new_tokens=2)
+    cands = sample_candidates(bart, states, mask, opts, torch.Generator().manual_seed(3))
+    lengths = {len(c.token_ids) for c in cands}
+    assert len(lengths) >= 3, f"want candidates of different lengths, got {lengths}"
+    for c in cands:
+        assert c.token_ids[0] == 0 and c.token_ids[-1] == EOS
+        assert EOS not in c.token_ids[1:-1]
+        assert c.decoder_score == pytest.approx(
+            _teacher_forced(bart, states, mask, c.token_ids), abs=1e-4
+        )
+        assert c.log_likelihood == pytest.approx(c.decoder_score * len(c.token_ids), abs=1e-9)
+    batched = score_captions(bart, states, mask, [c.token_ids for c in cands])
+    assert batched == pytest.approx([c.decoder_score for c in cands], abs=1e-4)
+
+
+def test_same_as_plain_unshared_sampler(
+    flat_bart: BartForConditionalGeneration, encoder_out: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    states, mask = encoder_out
+    opts = SamplingOptions(n_candidates=6, max_new_tokens=10, min_new_tokens=2)
+    shared = sample_candidates(flat_bart, states, mask, opts, torch.Generator().manual_seed(11))
+    plain = _plain_sampler(flat_bart, states, mask, opts, torch.Generator().manual_seed(11))
+    assert [c.token_ids for c in shared] == [ids for ids, _ in plain]
+    assert [c.decoder_score for c in shared] == pytest.approx([s for _, s in plain], abs=1e-5)
+
+
+def test_seeded_generator_is_deterministic(
+    peaked_bart: BartForConditionalGeneration, encoder_out: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    states, mask = encoder_out
+    opts = SamplingOptions(n_candidates=8, max_new_tokens=12)
+    a = sample_candidates(peaked_bart, states, mask, opts, torch.Generator().manual_seed(7))
+    b = sample_candidates(peaked_bart, states, mask, opts, torch.Generator().manual_seed(7))
+    c = sample_candidates(peaked_bart, states, mask, opts, torch.Generator().manual_seed(8))
+    assert a == b
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    seeded = SamplingOptions(n_candidates=8, max_new_tokens=12, seed=7)
+    assert sample_candidates(peaked_bart, states, mask, seeded) == a
+
+
+def test_length_limits_and_forced_tokens(
+    flat_bart: BartForConditionalGeneration, encoder_out: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    states, mask = encoder_out
+    opts = SamplingOptions(n_candidates=16, max_new_tokens=9, min_new_tokens=4)
+    cands = sample_candidates(flat_bart, states, mask, opts, torch.Generator().manual_seed(1))
+    assert all(5 <= len(c.token_ids) <= 9 for c in cands)
+    assert all(c.token_ids[0] == 0 and c.token_ids[-1] == EOS for c in cands)
+    assert all(c.ended_by_model == (len(c.token_ids) < 9) for c in cands)
+    assert any(len(c.token_ids) == 5 for c in cands)  # EOS is likely: the bound binds
+
+
+def _has_repeat(seq: list[int], n: int) -> bool:
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram(encoder_out: tuple[torch.Tensor, torch.Tensor]) -> None:
+    bart = _tiny_bart(bias_std=0.0, eos_bias=-20.0)
+    with torch.no_grad():  # two tokens hold the nucleus: 18 trigrams over 2 symbols must repeat
+        bart.final_logits_bias[0, 10:12] += 10.0
+    states, mask = encoder_out
+    free_opts = SamplingOptions(
+        n_candidates=6, max_new_tokens=20, temperature=1.0, no_repeat_ngram_size=0
+    )
+    blocked_opts = replace(free_opts, no_repeat_ngram_size=3)
+    free = sample_candidates(bart, states, mask, free_opts, torch.Generator().manual_seed(0))
+    blocked = sample_candidates(bart, states, mask, blocked_opts, torch.Generator().manual_seed(0))
+    assert all(_has_repeat([2, *c.token_ids], 3) for c in free)
+    assert not any(_has_repeat([2, *c.token_ids], 3) for c in blocked)
+
+
+def test_block_repeated_ngrams_unit() -> None:
+    z = torch.zeros(2, 10)
+    history = torch.tensor([[2, 0, 5, 6, 7, 5, 6], [2, 0, 5, 6, 7, 8, 9]])
+    _block_repeated_ngrams(z, history, 3)
+    assert torch.isinf(z[0]).nonzero().flatten().tolist() == [7]
+    assert not torch.isinf(z[1]).any()
+
+
+@pytest.mark.parametrize("vocab", [4, 200])
+def test_top_p_samples_only_from_nucleus(vocab: int) -> None:
+    if vocab == 4:
+        probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+        top_p, nucleus = 0.75, {0, 1}
+    else:  # slowly decaying: the top-64 slice is short of top_p, the full sort runs
+        probs = torch.softmax(-torch.arange(vocab, dtype=torch.float32) / 100.0, dim=0)
+        top_p = 0.9
+        before = torch.cumsum(probs, 0) - probs
+        nucleus = set((before < top_p).nonzero().flatten().tolist())
+        assert 64 < len(nucleus) < vocab
+    z = torch.log(probs).repeat(4000, 1)
+    drawn = _sample_top_p(z, top_p, torch.Generator().manual_seed(0))
+    seen = set(drawn.tolist())
+    assert seen <= nucleus
+    if vocab == 4:
+        share = float((drawn == 0).float().mean())
+        assert share == pytest.approx(0.5 / 0.8, abs=0.03)
+    else:
+        assert max(seen) > 64  # the slow path reached beyond the slice
+
+
+def test_bf16_model_runs(encoder_out: tuple[torch.Tensor, torch.Tensor]) -> None:
+    bart = _tiny_bart(bias_std=3.0, eos_bias=8.5).bfloat16()
+    states, mask = encoder_out
+    opts = SamplingOptions(n_candidates=4, max_new_tokens=8)
+    cands = sample_candidates(bart, states, mask, opts, torch.Generator().manual_seed(0))
+    assert len(cands) == 4
+    assert all(c.decoder_score < 0.0 and c.token_ids[-1] == EOS for c in cands)
+
+
+def test_bad_inputs(flat_bart: BartForConditionalGeneration) -> None:
+    opts = SamplingOptions(n_candidates=2, max_new_tokens=4, min_new_tokens=0)
+    with pytest.raises(ValueError, match=r"\(1, L, d_model\)"):
+        sample_candidates(flat_bart, torch.zeros(2, 5, D_MODEL), None, opts)
+    with pytest.raises(ValueError, match="d_model is 32"):
+        sample_candidates(flat_bart, torch.zeros(1, 5, 16), None, opts)
+    with pytest.raises(ValueError, match="masks out every"):
+        sample_candidates(
+            flat_bart, torch.zeros(1, 5, D_MODEL), torch.zeros(1, 5, dtype=torch.long), opts
+        )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n_candidates", 0),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("temperature", 0.0),
+        ("max_new_tokens", 1),
+        ("min_new_tokens", 30),
+        ("no_repeat_ngram_size", -1),
+        ("eos_token_id", -2),
+    ],
+)
+def test_options_verify_names_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"SamplingOptions.{field}"):
+        SamplingOptions(**{field: value})  # type: ignore[arg-type]
+
+
+def _cand(text: str, score: float) -> SampledCaption:
+    return SampledCaption(
+        token_ids=(0, 2),
+        decoder_score=score,
+        log_likelihood=2 * score,
+        ended_by_model=True,
+        text=text,
+    )
+
+
+def test_normalise_text() -> None:
+    assert (
+        normalise_text("  A dog, barking!  In the   distance… ") == "a dog barking in the distance"
+    )
+    assert normalise_text("It's RAINING.") == "its raining"
+
+
+def test_dedupe_keeps_best_scoring_instance_in_first_seen_order() -> None:
+    cands = [
+        _cand("A dog barks.", -2.0),
+        _cand("rain falls", -1.5),
+        _cand("a dog barks", -1.0),
+        _cand("A DOG  barks!", -3.0),
+        _cand("...", -0.1),
+        _cand("Rain falls.", -1.5),
+    ]
+    out = dedupe(cands)
+    assert [c.text for c in out] == ["a dog barks", "rain falls"]
+    assert [c.decoder_score for c in out] == [-1.0, -1.5]
+
+
+class _FakeTokenizer:
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        kept = [t for t in token_ids if not (skip_special_tokens and t in (0, 1, 2))]
+        return " " + " ".join(f"w{t}" for t in kept) + " "
+
+
+def test_attach_texts() -> None:
+    c = SampledCaption(
+        token_ids=(0, 7, 9, 2), decoder_score=-1.0, log_likelihood=-4.0, ended_by_model=True
+    )
+    (out,) = attach_texts([c], _FakeTokenizer())
+    assert out.text == "w7 w9" and out.token_ids == c.token_ids
