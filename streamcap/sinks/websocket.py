@@ -115,9 +115,9 @@ def parse_options(
 
     Args:
         instance: the config table name, used in messages as ``sinks.<instance>.<key>``.
-        options: the table's keys. The daemon's bus removes ``plugin``, ``accepts``
-            and ``queue_size`` first (it handles them); ``accepts`` is still read
-            here when given, for a sink built directly.
+        options: the table's keys. The plugin loader removes ``plugin`` and
+            ``queue_size`` first; ``accepts`` is passed on (the bus filters by
+            it too) so that the hello frame advertises only the configured kinds.
 
     Returns:
         The options, the bearer token (None without ``token_env``) and the
