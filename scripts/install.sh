@@ -14,6 +14,11 @@ if (( with_tests )); then
   apt_packages+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto mosquitto-clients chromium systemd openssl)
 fi
 
+# METEOR (evaluation) runs on Java; any Java 11+ will do.
+if (( with_tests )) && ! command -v java >/dev/null 2>&1; then
+  apt_packages+=(default-jre-headless)
+fi
+
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,7 +38,7 @@ fi
 # torch is pinned to the CPU wheel (torch==2.13.0) in pyproject.toml: a looser
 # requirement would pull a multi-GB CUDA build.
 if (( with_tests )); then
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,eval]"
 else
   .venv/bin/python -m pip install -q -e .
 fi
