@@ -48,11 +48,13 @@ class WindowQueue:
     """A bounded FIFO of windows whose drop policy is *drop the oldest*.
 
     ``offer`` never blocks: capture must not wait for inference. Every drop is
-    counted (``dropped``) and reported through ``on_drop``.
+    counted (``dropped``) and reported through ``on_drop``; every change of the
+    number of waiting windows is reported through ``on_depth``.
     """
 
     def __init__(self, max_windows: int,
-                 on_drop: Callable[[Window], None] | None = None) -> None:
+                 on_drop: Callable[[Window], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None) -> None:
         if max_windows < 1:
             raise ValueError(f"max_windows must be >= 1 (got {max_windows})")
         self.max_windows = max_windows
@@ -60,7 +62,12 @@ class WindowQueue:
         self._ready = asyncio.Event()
         self._closed = False
         self._on_drop = on_drop
+        self._on_depth = on_depth
         self.dropped = 0
+
+    def _depth_changed(self) -> None:
+        if self._on_depth is not None:
+            self._on_depth(len(self._items))
 
     def __len__(self) -> int:
         return len(self._items)
@@ -78,6 +85,7 @@ class WindowQueue:
             if self._on_drop is not None:
                 self._on_drop(old)
         self._items.append(window)
+        self._depth_changed()
         self._ready.set()
 
     def close(self, *, drop_pending: bool = False) -> list[Window]:
@@ -87,6 +95,7 @@ class WindowQueue:
         if drop_pending:
             discarded = list(self._items)
             self._items.clear()
+            self._depth_changed()
         self._ready.set()
         return discarded
 
@@ -97,7 +106,9 @@ class WindowQueue:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        return self._items.popleft()
+        window = self._items.popleft()
+        self._depth_changed()
+        return window
 
 
 class InferenceWorker:

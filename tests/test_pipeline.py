@@ -1,0 +1,391 @@
+"""streamcap.pipeline: the bounded drop-oldest window queue and the inference worker.
+
+The worker tests use the real :class:`InferenceRuntime` (its single inference
+thread) with fake captioners: one held back by the test, so that an overloaded
+worker is simulated exactly (every window "takes" two hops), and one that
+sleeps, run through the whole :class:`Daemon` with a real file source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamcap.bus.bus import PluginBus
+from streamcap.bus.inbox import Inbox
+from streamcap.bus.plugin import SinkContext
+from streamcap.config import parse_config
+from streamcap.daemon import Daemon
+from streamcap.messages import Caption, Embedding, Published, Window, make_window
+from streamcap.models.runtime import THREAD_NAME_PREFIX, InferenceRuntime, RuntimeOptions
+from streamcap.pipeline import CaptionResult, InferenceWorker, WindowQueue
+from streamcap.stats import Metrics
+
+WAIT_S = 30.0  # upper bound for something that must happen; never a timing assertion
+RATE = 16000
+HOP_S = 5.0
+WINDOW_S = 10.0
+T0 = 1_000_000.0  # wall clock of the first window's first sample
+
+
+def window(seq: int, source: str = "s") -> Window:
+    """Window ``seq`` of a 10 s / 5 s hop stream that started at ``T0``."""
+    start = seq * HOP_S
+    return make_window(source_id=source, seq=seq, epoch=0, start_s=start, end_s=start + WINDOW_S,
+                       captured_at=T0 + start, level_dbfs=-20.0,
+                       audio={RATE: np.zeros(8, dtype=np.float32)})
+
+
+def arrival(seq: int) -> float:
+    """Wall clock at which window ``seq`` is complete (its end)."""
+    return T0 + seq * HOP_S + WINDOW_S
+
+
+def result_for(win: Window) -> CaptionResult:
+    caption = Caption(window_id=win.window_id, source_id=win.source_id, seq=win.seq,
+                      start_s=win.start_s, end_s=win.end_s, captured_at=win.captured_at,
+                      text=f"window {win.seq}", score=0.5, model="fake-captioner")
+    vector = np.full(4, 0.5, dtype=np.float32)
+    embedding = Embedding(window_id=win.window_id, source_id=win.source_id, seq=win.seq,
+                          start_s=win.start_s, end_s=win.end_s, model="fake-retriever",
+                          vector=vector)
+    return CaptionResult(caption=caption, embedding=embedding, stage_seconds={"fake": 0.001})
+
+
+def sample_value(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """The value of one sample in Prometheus text (labels in any order); ``default`` when
+    the sample is absent and a default is given."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)", line)
+        if match is None or match[1] != name:
+            continue
+        found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match[2] or ""))
+        if found == labels:
+            return float(match[3])
+    if default is not None:
+        return default
+    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+
+
+# --------------------------------------------------------------------------- WindowQueue
+
+
+def test_queue_refuses_a_size_below_one() -> None:
+    with pytest.raises(ValueError, match="max_windows must be >= 1"):
+        WindowQueue(0)
+
+
+async def test_queue_is_bounded_and_drops_the_oldest() -> None:
+    dropped: list[Window] = []
+    q = WindowQueue(3, on_drop=dropped.append)
+    for seq in range(7):
+        q.offer(window(seq))
+        assert len(q) == min(seq + 1, 3)
+    assert q.dropped == 4
+    assert [w.seq for w in dropped] == [0, 1, 2, 3]
+    got = [await q.get() for _ in range(3)]
+    assert [w.seq for w in got if w is not None] == [4, 5, 6]
+    assert len(q) == 0
+
+
+async def test_depth_is_reported_on_every_change() -> None:
+    depths: list[int] = []
+    q = WindowQueue(2, on_depth=depths.append)
+    for seq in range(3):
+        q.offer(window(seq))
+    await q.get()
+    await q.get()
+    assert depths == [1, 2, 2, 1, 0]
+    q.offer(window(3))
+    q.offer(window(4))
+    q.close(drop_pending=True)
+    assert depths[-3:] == [1, 2, 0]
+
+
+async def test_get_waits_for_a_window() -> None:
+    q = WindowQueue(2)
+    waiter = asyncio.create_task(q.get())
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    q.offer(window(0))
+    got = await asyncio.wait_for(waiter, WAIT_S)
+    assert got is not None and got.seq == 0
+
+
+async def test_close_lets_the_queue_drain_then_ends_it() -> None:
+    q = WindowQueue(4)
+    q.offer(window(0))
+    q.offer(window(1))
+    assert q.close() == []
+    assert q.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        q.offer(window(2))
+    first, second, end = await q.get(), await q.get(), await q.get()
+    assert (first and first.seq, second and second.seq, end) == (0, 1, None)
+    assert await q.get() is None  # stays ended
+    assert q.dropped == 0
+
+
+async def test_close_dropping_pending_returns_them() -> None:
+    q = WindowQueue(4)
+    for seq in range(3):
+        q.offer(window(seq))
+    discarded = q.close(drop_pending=True)
+    assert [w.seq for w in discarded] == [0, 1, 2]
+    assert len(q) == 0
+    assert await q.get() is None
+
+
+async def test_close_wakes_a_waiting_get() -> None:
+    q = WindowQueue(1)
+    waiter = asyncio.create_task(q.get())
+    await asyncio.sleep(0)
+    q.close()
+    assert await asyncio.wait_for(waiter, WAIT_S) is None
+
+
+# --------------------------------------------------------------------------- InferenceWorker
+
+
+class FakeClock:
+    """The wall clock the worker reads for lag; the test sets it."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class HeldCaptioner:
+    """A captioner that takes as long as the test says: each call waits for a permit.
+
+    It reports every window it starts on ``started`` and the thread it ran on.
+    """
+
+    model_id = "fake-captioner"
+    sample_rates_hz = (RATE,)
+
+    def __init__(self, fail_seqs: frozenset[int] = frozenset()) -> None:
+        self.started: queue.Queue[int] = queue.Queue()
+        self.permits = threading.Semaphore(0)
+        self.threads: set[str] = set()
+        self.fail_seqs = fail_seqs
+
+    def caption(self, win: Window) -> CaptionResult:
+        self.threads.add(threading.current_thread().name)
+        self.started.put(win.seq)
+        if not self.permits.acquire(timeout=WAIT_S):
+            raise TimeoutError("the test never let this window finish")
+        if win.seq in self.fail_seqs:
+            raise RuntimeError(f"model failed on window {win.seq}")
+        return result_for(win)
+
+    async def next_started(self) -> int:
+        return await asyncio.to_thread(self.started.get, True, WAIT_S)
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[InferenceRuntime]:
+    rt = InferenceRuntime(RuntimeOptions(device="cpu", precision="fp32", num_threads=1))
+    try:
+        yield rt
+    finally:
+        await rt.aclose()
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def captions_of(published: list[Published]) -> list[Caption]:
+    return [m for m in published if isinstance(m, Caption)]
+
+
+def count_is(published: list[Published], n: int) -> Callable[[], bool]:
+    return lambda: len(captions_of(published)) == n
+
+
+async def test_an_overloaded_worker_drops_the_oldest_and_its_lag_grows_to_a_bound(
+        runtime: InferenceRuntime) -> None:
+    """Each window takes two hops to caption: half the windows must go, the oldest ones."""
+    captioner = HeldCaptioner()
+    clock = FakeClock()
+    metrics = Metrics()
+    dropped: list[Window] = []
+    published: list[Published] = []
+    q = WindowQueue(2, on_drop=dropped.append)
+    worker = InferenceWorker(captioner, q, published.append, runtime.run, metrics, clock=clock)
+    task = asyncio.create_task(worker.run())
+
+    clock.now = arrival(0)
+    q.offer(window(0))
+    in_progress = [await captioner.next_started()]
+    offered = 1
+    for rounds in range(1, 5):
+        for _ in range(2):  # two windows arrive while one is captioned
+            clock.now = arrival(offered)
+            q.offer(window(offered))
+            offered += 1
+        captioner.permits.release()
+        await wait_until(count_is(published, rounds), f"caption {rounds}")
+        in_progress.append(await captioner.next_started())
+    # The source stops: the queue is closed and what is queued is captioned.
+    q.close()
+    captioner.permits.release(2)
+    await asyncio.wait_for(task, WAIT_S)
+
+    captions = captions_of(published)
+    assert [c.seq for c in captions] == [0, 1, 3, 5, 7, 8]
+    assert in_progress == [0, 1, 3, 5, 7]
+    assert [w.seq for w in dropped] == [2, 4, 6]
+    assert q.dropped == 3
+    # Every dropped window is older than the window captioned after it: the newest survive.
+    for w in dropped:
+        assert any(c.seq > w.seq for c in captions)
+    # Lag (publish time - window end) grows from one window to the bound the queue sets,
+    # then shrinks while the backlog is worked off after the source stopped.
+    assert [c.lag_s for c in captions] == [10.0, 15.0, 15.0, 15.0, 5.0, 0.0]
+    assert worker.last_lag_s == 0.0
+    assert all(c.latency_ms >= 0 for c in captions)
+    # Each caption is followed by its window's embedding.
+    kinds = [(type(m).__name__, m.seq) for m in published if isinstance(m, Caption | Embedding)]
+    assert len(kinds) == len(published)
+    assert kinds == [(kind, seq) for seq in (0, 1, 3, 5, 7, 8)
+                     for kind in ("Caption", "Embedding")]
+    # The model ran on the inference thread, never on the event loop's.
+    assert len(captioner.threads) == 1
+    assert next(iter(captioner.threads)).startswith(THREAD_NAME_PREFIX)
+    assert worker.processed == 6
+    text = metrics.render()
+    assert sample_value(text, "streamcap_captions_total", source="s") == 6
+    assert sample_value(text, "streamcap_lag_seconds", source="s") == 0.0
+    assert sample_value(text, "streamcap_inference_seconds_count", stage="total") == 6
+    assert sample_value(text, "streamcap_inference_seconds_count", stage="fake") == 6
+
+
+async def test_a_failing_window_is_counted_and_the_worker_goes_on(
+        runtime: InferenceRuntime) -> None:
+    captioner = HeldCaptioner(fail_seqs=frozenset({1}))
+    metrics = Metrics()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = InferenceWorker(captioner, q, published.append, runtime.run, metrics,
+                             clock=FakeClock())
+    for seq in range(3):
+        q.offer(window(seq))
+    q.close()
+    captioner.permits.release(3)
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert [c.seq for c in captions_of(published)] == [0, 2]
+    assert (worker.processed, worker.failed) == (2, 1)
+    assert sample_value(metrics.render(), "streamcap_inference_failures_total", source="s") == 1
+
+
+# --------------------------------------------------------------------------- through the Daemon
+
+
+class SleepyCaptioner:
+    """A deliberately slow captioner: every window takes ``seconds`` of sleep."""
+
+    model_id = "sleepy"
+    sample_rates_hz = (RATE,)
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def caption(self, win: Window) -> CaptionResult:
+        time.sleep(self.seconds)
+        return result_for(win)
+
+
+class Recorder:
+    """An in-process sink that keeps every message."""
+
+    accepts = frozenset({"caption", "embedding", "status"})
+
+    def __init__(self) -> None:
+        self.got: list[Published] = []
+
+    async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+        ctx.ready()
+        async for msg in inbox:
+            self.got.append(msg)
+
+
+@pytest.fixture
+def wav(tmp_path: Path) -> Iterator[Path]:
+    t = np.arange(12 * RATE) / RATE
+    noise = np.random.default_rng(0).normal(0.0, 0.05, t.size)
+    path = tmp_path / "tone.wav"
+    sf.write(path, (0.3 * np.sin(2 * np.pi * 440 * t) + noise).astype(np.float32), RATE)
+    yield path
+
+
+async def test_daemon_counts_dropped_windows_when_the_captioner_is_slow(
+        tmp_path: Path, wav: Path, runtime: InferenceRuntime,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file read faster than real time into a captioner that sleeps: windows are dropped,
+    counted in streamcap_windows_dropped_total, and every window is accounted for."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    config = parse_config({
+        "daemon": {"node_id": "slow", "max_pending_windows": 2, "state_dir": str(tmp_path)},
+        "sources": {"tone": {"uri": f"file:{wav}?loop=true", "window_s": 10, "hop_s": 5,
+                             "realtime": False}},
+        "http": {"enabled": False},
+    })
+    daemon = Daemon(config, lambda: SleepyCaptioner(0.3), runtime=runtime)
+    recorder = Recorder()
+    daemon.bus = PluginBus({"rec": recorder}, node_id="slow", metrics=daemon.metrics,
+                           state_root=tmp_path)
+    run = asyncio.create_task(daemon.run())
+
+    def enough() -> bool:
+        if run.done():
+            raise AssertionError(f"the daemon stopped early: {run.result()}")
+        return len(captions_of(recorder.got)) >= 4 and daemon.queue.dropped >= 3
+
+    await wait_until(enough, "captions and dropped windows")
+    daemon.request_stop()
+    assert await asyncio.wait_for(run, WAIT_S) == 0
+
+    captions = captions_of(recorder.got)
+    seqs = [c.seq for c in captions]
+    assert seqs == sorted(set(seqs)), "captions out of order or repeated"
+    assert any(b - a > 1 for a, b in itertools.pairwise(seqs)), seqs
+    text = daemon.metrics.render()
+    dropped = sample_value(text, "streamcap_windows_dropped_total", source="tone",
+                           reason="queue_full")
+    assert dropped == daemon.queue.dropped >= 3
+    # drain_on_stop: what was queued at the stop was captioned, so every window is either
+    # a caption or a counted drop.
+    windows = sample_value(text, "streamcap_windows_total", source="tone")
+    assert windows == len(captions) + dropped
+    assert sample_value(text, "streamcap_windows_dropped_total", 0.0, source="tone",
+                        reason="shutdown") == 0
+    assert sample_value(text, "streamcap_captions_total", source="tone") == len(captions)
+    # the queue was drained: its depth gauge must say so, not the depth at the last offer
+    assert len(daemon.queue) == 0
+    assert sample_value(text, "streamcap_window_queue_depth") == 0
+    # The embedding of every captioned window was published too.
+    embedded = [m.window_id for m in recorder.got if isinstance(m, Embedding)]
+    assert embedded == [c.window_id for c in captions]
+    states = [m.state.value for m in recorder.got if not isinstance(m, Caption | Embedding)]
+    assert states[0] in ("starting", "running") and states[-1] == "stopped"
