@@ -58,18 +58,14 @@ class _Metric:
         yield f"# TYPE {self.name} {self.kind}"
 
 
-class Counter(_Metric):
-    """A monotonically increasing count."""
-
-    kind = "counter"
+class _Scalar(_Metric):
+    """One float per label set: the storage and rendering of counters and gauges."""
 
     def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
         super().__init__(name, help_text, labelnames)
         self._values: dict[LabelValues, float] = {}
 
-    def inc(self, amount: float = 1.0, *labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
+    def _add(self, amount: float, labels: Sequence[str]) -> None:
         key = self._key(labels)
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
@@ -88,14 +84,21 @@ class Counter(_Metric):
             yield f"{self.name}{_labels(self.labelnames, key)} {_fmt(v)}"
 
 
-class Gauge(_Metric):
+class Counter(_Scalar):
+    """A monotonically increasing count."""
+
+    kind = "counter"
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        self._add(amount, labels)
+
+
+class Gauge(_Scalar):
     """A value that goes up and down."""
 
     kind = "gauge"
-
-    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help_text, labelnames)
-        self._values: dict[LabelValues, float] = {}
 
     def set(self, value: float, *labels: str) -> None:
         key = self._key(labels)
@@ -103,22 +106,7 @@ class Gauge(_Metric):
             self._values[key] = float(value)
 
     def inc(self, amount: float = 1.0, *labels: str) -> None:
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, *labels: str) -> float:
-        with self._lock:
-            return self._values.get(self._key(labels), 0.0)
-
-    def render(self) -> Iterable[str]:
-        yield from super().render()
-        with self._lock:
-            items = sorted(self._values.items())
-        if not items and not self.labelnames:
-            items = [((), 0.0)]
-        for key, v in items:
-            yield f"{self.name}{_labels(self.labelnames, key)} {_fmt(v)}"
+        self._add(amount, labels)
 
 
 class Histogram(_Metric):
