@@ -74,6 +74,31 @@ def _build_parser() -> argparse.ArgumentParser:
                               help="convert a descript DAC weights .pth into a codec state dict")
     convert.add_argument("pth", type=Path)
     convert.add_argument("output", type=Path, help="output .safetensors file")
+    enclap = msub.add_parser("import-enclap",
+                             help="convert a published EnCLAP checkpoint directory into a bundle")
+    enclap.add_argument("directory", type=Path, metavar="DIR",
+                        help="checkpoint directory: config.json + pytorch_model.bin")
+    enclap.add_argument("--output", type=Path, required=True, metavar="BUNDLE",
+                        help="bundle directory to write")
+    enclap.add_argument("--clap", type=Path, metavar="CKPT_OR_HF_DIR",
+                        help="630k-audioset-fusion-best.pt or a laion/clap-htsat-fused directory")
+    enclap.add_argument("--encodec", type=Path, metavar="HF_DIR",
+                        help="a facebook/encodec_24khz directory (config.json + weights)")
+    enclap.add_argument("--tokenizer", type=Path, metavar="DIR",
+                        help="directory with BART's vocab.json + merges.txt (default: DIR)")
+    enclap.add_argument("--max-window-s", type=float, default=30.0,
+                        help="longest window to support; grows the position table (default 30)")
+    enclap.add_argument("--decoding", choices=("beam", "sample"), default="beam",
+                        help="the bundle's default decoding (default: beam, as the reference)")
+    enclap.add_argument("--codec-preset", choices=("encodec24k", "encodec-tiny"),
+                        help="size of the random codec used without --encodec")
+    enclap.add_argument("--clap-preset", choices=("clap-htsat-fused", "clap-tiny"),
+                        help="size of the random CLAP used without --clap")
+    enclap.add_argument("--overwrite", action="store_true")
+
+    from streamcap.training.commands import add_parsers as add_training_parsers
+
+    add_training_parsers(sub)
     return parser
 
 
@@ -150,7 +175,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from streamcap.models import commands
 
     if args.models_command is None:
-        raise ConfigError("models: a subcommand is needed: presets, build, verify, convert-dac")
+        raise ConfigError("models: a subcommand is needed: presets, build, verify, convert-dac, "
+                          "import-enclap")
+    return commands.run(args)
+
+
+def _cmd_training(args: argparse.Namespace) -> int:
+    from streamcap.training import commands
+
     return commands.run(args)
 
 
@@ -171,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins": _cmd_plugins,
         "caption": _cmd_caption,
         "models": _cmd_models,
+        "train": _cmd_training,
+        "eval": _cmd_training,
     }
     try:
         code = handlers[args.command](args)

@@ -59,11 +59,12 @@ class DecodingConfig:
     num_beams: int = 4
     beam_max_length: int = 50
     seed: int | None = None
+    explicit: frozenset[str] = frozenset()  # keys the file set (a bundle's defaults fill the rest)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
-    bundle: str = "tiny"  # a bundle directory or a preset name
+    bundle: str = "demo"  # a bundle directory, "demo" (built in) or a preset name
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = all cores
@@ -243,6 +244,7 @@ def _read_decoding(r: _Reader) -> DecodingConfig:
         num_beams=r.get("num_beams", int, d.num_beams, _in_range(1, 64)),
         beam_max_length=r.get("beam_max_length", int, d.beam_max_length, _in_range(2, 512)),
         seed=None if seed < 0 else seed,
+        explicit=frozenset(r.table),
     )
 
 

@@ -58,8 +58,9 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def test_preset_names_and_unknown_preset() -> None:
-    assert PRESET_NAMES == ("tiny", "base", "large")
-    with pytest.raises(ModelError, match=r"unknown preset 'huge' \(presets: tiny, base, large\)"):
+    assert PRESET_NAMES == ("tiny", "base", "large", "enclap-base", "enclap-large")
+    with pytest.raises(ModelError, match=r"unknown preset 'huge' \(presets: tiny, base, large, "
+                                         r"enclap-base, enclap-large\)"):
         preset_spec("huge")
 
 
@@ -120,12 +121,26 @@ def test_presets_json_lists_every_preset_with_counts(presets_json: dict[str, Any
         assert row["seq_embed_dim"] == spec.captioner.seq_embed_dim
         assert row["max_window_s"] == pytest.approx(
             spec.captioner.max_frames / spec.codec.frame_rate_hz, abs=0.01)
-        assert row["max_window_s"] >= 30.0  # windows up to 30 s fit every preset
         p = row["parameters"]
         assert set(p) == {"codec", "captioner", "retriever", "retriever_audio_encoder",
-                          "fluency", "total"}
-        assert p["total"] == p["codec"] + p["captioner"] + p["retriever"] + p["fluency"]
-        assert 0 < p["retriever_audio_encoder"] < p["retriever"]
+                          "fluency", "seq_embedder", "total"}
+        assert p["total"] == (p["codec"] + p["captioner"] + p["retriever"] + p["fluency"]
+                              + p["seq_embedder"])
+        if name.startswith("enclap-"):  # the published models: 1,021 frames, CLAP, no retriever
+            assert row["max_window_s"] == pytest.approx(13.61, abs=0.01)
+            assert p["retriever"] == p["fluency"] == 0 and p["seq_embedder"] > 0
+        else:
+            assert row["max_window_s"] >= 30.0  # windows up to 30 s fit every own preset
+            assert 0 < p["retriever_audio_encoder"] < p["retriever"]
+
+
+def test_enclap_presets_have_the_reference_sizes(presets_json: dict[str, Any]) -> None:
+    base = presets_json["enclap-base"]
+    large = presets_json["enclap-large"]
+    assert base["codebooks"] == large["codebooks"] == 16
+    assert base["seq_embed_dim"] == large["seq_embed_dim"] == 512
+    assert round(base["parameters"]["captioner"] / 1e6, 1) == 165.8
+    assert round(large["parameters"]["captioner"] / 1e6, 1) == 441.4
 
 
 def test_tiny_counts_match_the_built_modules(presets_json: dict[str, Any]) -> None:
@@ -143,7 +158,7 @@ def test_tiny_counts_match_the_built_modules(presets_json: dict[str, Any]) -> No
     fluency = n_params(fluency_filter.model)
     expected = {"codec": codec, "captioner": captioner, "retriever": retriever,
                 "retriever_audio_encoder": audio_encoder, "fluency": fluency,
-                "total": codec + captioner + retriever + fluency}
+                "seq_embedder": 0, "total": codec + captioner + retriever + fluency}
     assert presets_json["tiny"]["parameters"] == expected
     assert parameter_counts(spec) == expected
     assert n_params(retriever_module.audio_encoder) == audio_encoder
@@ -167,6 +182,7 @@ def test_presets_text() -> None:
     assert [line.split()[0] for line in lines] == list(PRESET_NAMES)
     for line in lines:
         assert " M  (codec " in line and "captioner" in line and "fluency" in line
+        assert "CLAP" in line
 
 
 # --------------------------------------------------------------------------- build / verify
@@ -228,7 +244,8 @@ def test_build_refuses_to_overwrite_without_the_flag(tiny_bundle: Path) -> None:
 def test_build_unknown_preset(tmp_path: Path) -> None:
     done = run_cli("models", "build", "huge", str(tmp_path / "b"))
     assert done.returncode == 1
-    assert errors(done.stderr) == ["unknown preset 'huge' (presets: tiny, base, large)"]
+    assert errors(done.stderr) == [
+        "unknown preset 'huge' (presets: tiny, base, large, enclap-base, enclap-large)"]
     assert not (tmp_path / "b").exists()
 
 

@@ -14,6 +14,18 @@ Per window, on the inference thread:
 7. **rerank**: ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins.
 
 ``mode = "beam"`` replaces 4-7 by beam search.
+
+Two compositions exist (the bundle manifest names them: component ``codec`` has
+``config.kind`` ``"dac"`` (the default when absent) or ``"encodec"``; an optional
+component ``seq_embedder`` has ``config.kind`` ``"clap"``):
+
+* DAC + retriever: row 0 is the retriever's CNext clip embedding;
+* EnCodec + CLAP (the published EnCLAP models, see ``docs/enclap-import.md``): row 0
+  is the CLAP embedding (48 kHz). An imported EnCLAP bundle has no retriever and no
+  fluency filter: sampling then reranks by decoder score alone.
+
+The ``Embedding`` message of a window carries the retriever's joint audio embedding
+when a retriever exists, else the CLAP embedding.
 """
 
 from __future__ import annotations
@@ -35,9 +47,11 @@ from streamcap.errors import ModelError
 from streamcap.messages import Caption, CaptionCandidate, Embedding, Window
 from streamcap.models.beam import BeamOptions, beam_search
 from streamcap.models.bundle import Bundle, load_bundle, resolve_model, save_bundle
-from streamcap.models.codec import CodecConfig, CodecTokenizer, Precision
-from streamcap.models.codec_stream import StreamingCodec
+from streamcap.models.clap import ClapEmbedder, ClapEmbedderConfig
+from streamcap.models.codec import AudioTokenizer, CodecConfig, CodecTokenizer, Precision
+from streamcap.models.codec_stream import StreamingCodec, StreamingOptions
 from streamcap.models.enclap import EnclapConfig, EnclapModel
+from streamcap.models.encodec import EncodecCodecConfig, EncodecTokenizer
 from streamcap.models.fluency import FenseClassifier, FluencyFilter, FluencyOptions, bert_config_for
 from streamcap.models.presets import FluencyConfig, PresetSpec, preset_spec
 from streamcap.models.rerank import RerankOptions, rerank
@@ -57,13 +71,36 @@ class Components:
 
     model_id: str
     preset: str | None
-    codec: CodecTokenizer
+    codec: AudioTokenizer  # CodecTokenizer (DAC) or EncodecTokenizer
     captioner: EnclapModel
-    retriever: AudioTextRetriever
+    retriever: AudioTextRetriever | None
     fluency: FluencyFilter | None
     tokenizer: Any  # PreTrainedTokenizerFast of the caption decoder
-    text_tokenizer: Any  # tokenizer of the retriever's text encoder
+    text_tokenizer: Any  # tokenizer of the retriever's text encoder (None without retriever)
     decoding: Mapping[str, Any]
+    seq_embedder: ClapEmbedder | None = None  # row 0 when present (else the retriever's clip)
+    notes: Mapping[str, str] | None = None  # component -> warning recorded in the manifest
+
+
+CODEC_KINDS = ("dac", "encodec")
+
+
+def codec_kind(codec: AudioTokenizer) -> str:
+    """``"dac"`` or ``"encodec"``: the ``kind`` recorded in a bundle's codec config."""
+    return "encodec" if isinstance(codec, EncodecTokenizer) else "dac"
+
+
+def make_codec(config: Mapping[str, Any]) -> AudioTokenizer:
+    """A random-weight codec from a bundle's codec config (``kind`` absent = dac)."""
+    values = dict(config)
+    kind = values.pop("kind", "dac")
+    values.pop("random_weights", None)
+    values.pop("note", None)
+    if kind == "dac":
+        return CodecTokenizer(CodecConfig.from_dict(values))
+    if kind == "encodec":
+        return EncodecTokenizer(EncodecCodecConfig.from_dict(values))
+    raise ModelError(f"codec config: kind {kind!r} is unknown (expected one of {CODEC_KINDS})")
 
 
 def _bert_config(fluency: FluencyConfig) -> Any:
@@ -77,35 +114,68 @@ def build_components(spec: PresetSpec, *, seed: int = 0) -> Components:
     """Randomly initialised components of a preset (deterministic for a seed)."""
     torch.manual_seed(seed)
     tokenizer = build_caption_tokenizer(spec.tokenizer_vocab_size)
-    codec = CodecTokenizer(spec.codec)
+    codec: AudioTokenizer = (EncodecTokenizer(spec.codec)
+                             if isinstance(spec.codec, EncodecCodecConfig)
+                             else CodecTokenizer(spec.codec))
     captioner = EnclapModel(spec.captioner).eval()
-    retriever = AudioTextRetriever(spec.retriever).eval()
-    fluency = FluencyFilter(FenseClassifier(_bert_config(spec.fluency), spec.fluency.num_classes),
-                            tokenizer, FluencyOptions(threshold=spec.fluency.threshold))
+    retriever = None if spec.retriever is None else AudioTextRetriever(spec.retriever).eval()
+    fluency = None
+    if spec.fluency is not None:
+        fluency = FluencyFilter(FenseClassifier(_bert_config(spec.fluency),
+                                                spec.fluency.num_classes),
+                                tokenizer, FluencyOptions(threshold=spec.fluency.threshold))
+    seq_embedder = None if spec.seq_embedder is None else ClapEmbedder(spec.seq_embedder)
     digest = hashlib.sha256(f"{spec.name}:{seed}".encode()).hexdigest()[:8]
     return Components(model_id=f"streamcap-{spec.name}-random-{digest}", preset=spec.name,
                       codec=codec, captioner=captioner, retriever=retriever, fluency=fluency,
-                      tokenizer=tokenizer, text_tokenizer=tokenizer, decoding={})
+                      tokenizer=tokenizer, text_tokenizer=tokenizer if retriever else None,
+                      decoding=dict(spec.decoding), seq_embedder=seq_embedder)
 
 
 def save_components(components: Components, directory: Path, *, overwrite: bool = False,
-                    scratch: Path | None = None) -> Path:
-    """Write ``components`` as a model bundle (manifest with sha256 of every file)."""
+                    scratch: Path | None = None, caption_tokenizer_dir: Path | None = None) -> Path:
+    """Write ``components`` as a model bundle (manifest with sha256 of every file).
+
+    ``caption_tokenizer_dir``: copy these tokenizer files verbatim (e.g. BART's
+    ``vocab.json`` + ``merges.txt``) instead of saving ``components.tokenizer``.
+    A component listed in ``components.notes`` gets ``random_weights: true`` and
+    the note under ``note`` in its manifest config.
+    """
     import tempfile
+
+    notes = dict(components.notes or {})
+
+    def config_of(name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(config)
+        if name in notes:
+            out.update(random_weights=True, note=notes[name])
+        return out
 
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         tok_dirs: dict[str, Path] = {}
-        for name, tok in (("caption", components.tokenizer), ("text", components.text_tokenizer)):
-            d = Path(tmp) / name
-            save_tokenizer(tok, d)
-            tok_dirs[name] = d
+        if caption_tokenizer_dir is not None:
+            tok_dirs["caption"] = caption_tokenizer_dir
+        else:
+            save_tokenizer(components.tokenizer, Path(tmp) / "caption")
+            tok_dirs["caption"] = Path(tmp) / "caption"
+        if components.text_tokenizer is not None:
+            save_tokenizer(components.text_tokenizer, Path(tmp) / "text")
+            tok_dirs["text"] = Path(tmp) / "text"
+        codec = components.codec
         parts: dict[str, tuple[Mapping[str, object], Mapping[str, torch.Tensor]]] = {
-            "codec": (components.codec.config.to_dict(), components.codec.state_dict()),
-            "captioner": (components.captioner.config.to_dict(),
+            "codec": (config_of("codec", {"kind": codec_kind(codec), **codec.config.to_dict()}),
+                      codec.state_dict()),
+            "captioner": (config_of("captioner", components.captioner.config.to_dict()),
                           components.captioner.state_dict()),
-            "retriever": (components.retriever.config.to_dict(),
-                          components.retriever.state_dict()),
         }
+        if components.retriever is not None:
+            parts["retriever"] = (components.retriever.config.to_dict(),
+                                  components.retriever.state_dict())
+        if components.seq_embedder is not None:
+            parts["seq_embedder"] = (
+                config_of("seq_embedder",
+                          {"kind": "clap", **components.seq_embedder.config.to_dict()}),
+                components.seq_embedder.state_dict())
         if components.fluency is not None:
             model = components.fluency.model
             fconf = FluencyConfig(bert=_bert_diff(model.bert_config),
@@ -126,19 +196,40 @@ def _bert_diff(config: Any) -> dict[str, Any]:
 def load_components(bundle: Bundle) -> Components:
     """Build every component from a verified bundle (entirely offline)."""
     configs = bundle.component_configs
-    for needed in ("codec", "captioner", "retriever"):
+    for needed in ("codec", "captioner"):
         if needed not in configs:
             raise ModelError(f"{bundle.path / 'manifest.json'}: no '{needed}' component")
+    if "retriever" not in configs and "seq_embedder" not in configs:
+        raise ModelError(f"{bundle.path / 'manifest.json'}: neither a 'retriever' nor a "
+                         "'seq_embedder' component; one of them must make encoder row 0")
+    for name, config in configs.items():
+        if config.get("random_weights"):
+            _LOGGER.warning("bundle %s: component %r has RANDOM weights: %s", bundle.path, name,
+                            config.get("note", "captions are meaningless"))
     try:
-        codec = CodecTokenizer(CodecConfig.from_dict(configs["codec"]))
+        codec = make_codec(configs["codec"])
         codec.load_state_dict(bundle.load_weights("codec"))
-        captioner = EnclapModel(EnclapConfig.from_dict(configs["captioner"]))
+        captioner_config = {k: v for k, v in configs["captioner"].items()
+                            if k not in ("random_weights", "note")}
+        captioner = EnclapModel(EnclapConfig.from_dict(captioner_config))
         _load_strict(captioner, bundle.load_weights("captioner"), bundle, "captioner")
-        retriever = AudioTextRetriever(RetrieverConfig.from_dict(configs["retriever"]))
-        _load_strict(retriever, bundle.load_weights("retriever"), bundle, "retriever")
+        retriever = None
+        if "retriever" in configs:
+            retriever = AudioTextRetriever(RetrieverConfig.from_dict(configs["retriever"]))
+            _load_strict(retriever, bundle.load_weights("retriever"), bundle, "retriever")
+        seq_embedder = None
+        if "seq_embedder" in configs:
+            clap_config = {k: v for k, v in configs["seq_embedder"].items()
+                           if k not in ("kind", "random_weights", "note")}
+            if configs["seq_embedder"].get("kind", "clap") != "clap":
+                raise ModelError(f"{bundle.path / 'manifest.json'}: seq_embedder kind "
+                                 f"{configs['seq_embedder'].get('kind')!r} is unknown "
+                                 "(expected 'clap')")
+            seq_embedder = ClapEmbedder(ClapEmbedderConfig.from_dict(clap_config))
+            seq_embedder.load_state_dict(bundle.load_weights("seq_embedder"))
         tokenizer = load_tokenizer(bundle.tokenizer_dirs["caption"])
         text_dir = bundle.tokenizer_dirs.get("text", bundle.tokenizer_dirs["caption"])
-        text_tokenizer = load_tokenizer(text_dir)
+        text_tokenizer = load_tokenizer(text_dir) if retriever is not None else None
         fluency = None
         if "fluency" in configs:
             fconf = FluencyConfig.from_dict(configs["fluency"])
@@ -150,9 +241,10 @@ def load_components(bundle: Bundle) -> Components:
     except KeyError as exc:
         raise ModelError(f"{bundle.path}: bundle lacks {exc}") from None
     return Components(model_id=bundle.model_id, preset=bundle.preset, codec=codec,
-                      captioner=captioner.eval(), retriever=retriever.eval(), fluency=fluency,
-                      tokenizer=tokenizer, text_tokenizer=text_tokenizer,
-                      decoding=dict(bundle.decoding))
+                      captioner=captioner.eval(),
+                      retriever=None if retriever is None else retriever.eval(),
+                      fluency=fluency, tokenizer=tokenizer, text_tokenizer=text_tokenizer,
+                      decoding=dict(bundle.decoding), seq_embedder=seq_embedder)
 
 
 def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], bundle: Bundle,
@@ -191,13 +283,24 @@ class Captioner:
             torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         precision = precisions[codec_dtype]
         c = components
-        c.codec = CodecTokenizer(c.codec.config, device=str(self.device), precision=precision,
-                                 model=c.codec.module)
+        if isinstance(c.codec, CodecTokenizer):
+            c.codec = CodecTokenizer(c.codec.config, device=str(self.device),
+                                     precision=precision, model=c.codec.module)
+        elif isinstance(c.codec, EncodecTokenizer):
+            c.codec = EncodecTokenizer(c.codec.config, device=str(self.device),
+                                       precision=precision, model=c.codec.module)
         c.captioner.to(self.device, dtype)
-        c.retriever.to(self.device)
+        # The BERT-style text encoders hold their weights in the compute dtype (autocast
+        # would cast ~250 M parameters again on every window); CNext keeps fp32 weights
+        # under autocast because its log-mel front end must stay fp32.
+        if c.retriever is not None:
+            c.retriever.to(self.device)
+            torch.nn.Module.to(c.retriever.text_encoder, dtype)
+        if c.seq_embedder is not None:
+            c.seq_embedder.to(self.device)
         if c.fluency is not None:
-            c.fluency.model.to(self.device)
-        self._stream = StreamingCodec(c.codec)
+            c.fluency.model.to(self.device, dtype)
+        self._stream = StreamingCodec(c.codec, streaming_options(c.codec))
         self._vocab_limit = len(c.tokenizer)
         self._sampling = SamplingOptions(
             n_candidates=decoding.n_candidates, top_p=decoding.top_p,
@@ -229,8 +332,14 @@ class Captioner:
 
     @property
     def sample_rates_hz(self) -> tuple[int, ...]:
-        return (self.components.codec.config.sample_rate_hz,
-                self.components.retriever.config.audio.mel.sample_rate)
+        """Codec rate, then the rate of the row-0 / embedding model (retriever, then CLAP)."""
+        c = self.components
+        rates = [c.codec.config.sample_rate_hz]
+        if c.retriever is not None:
+            rates.append(c.retriever.config.audio.mel.sample_rate)
+        if c.seq_embedder is not None:
+            rates.append(c.seq_embedder.sample_rate_hz)
+        return tuple(dict.fromkeys(rates))
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -254,18 +363,30 @@ class Captioner:
 
         def lap(stage: str) -> None:
             nonlocal t
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # book GPU work to the stage that queued it
             now = time.perf_counter()
             seconds[stage] = now - t
             t = now
 
         codes = self._stream.codes_for(window)
         lap("codec")
-        wave = torch.tensor(window.samples(self.sample_rates_hz[1]))
-        wave = wave.to(self.device)[None, :]
-        with self._autocast():
-            clip, audio_joint = c.retriever.embed_audio(wave)
-        audio_joint = torch.nn.functional.normalize(audio_joint.float(), dim=-1)
-        lap("retriever_audio")
+        audio_joint: torch.Tensor | None = None
+        clip: torch.Tensor | None = None
+        if c.retriever is not None:
+            rate = c.retriever.config.audio.mel.sample_rate
+            wave = torch.tensor(window.samples(rate)).to(self.device)[None, :]
+            with self._autocast():
+                clip, audio_joint = c.retriever.embed_audio(wave)
+            audio_joint = torch.nn.functional.normalize(audio_joint.float(), dim=-1)
+            lap("retriever_audio")
+        if c.seq_embedder is not None:
+            clip = c.seq_embedder.embed_tensor(window.samples(c.seq_embedder.sample_rate_hz))
+            lap("clap")
+            if audio_joint is None:
+                audio_joint = clip.float()
+        if clip is None or audio_joint is None:
+            raise ModelError("captioner: neither a retriever nor a sequence embedder")
         codes_t = torch.from_numpy(codes.astype(np.int64))[None].to(self.device)
         max_frames = c.captioner.config.max_frames
         if codes_t.shape[-1] > max_frames:
@@ -289,14 +410,16 @@ class Captioner:
                 unique = attach_texts(sampled[:1], c.tokenizer)
             texts = [s.text for s in unique]
             lap("sampling")
-            enc = c.text_tokenizer(texts, padding=True, truncation=True,
-                                   max_length=TEXT_MAX_LENGTH, return_tensors="pt")
-            with self._autocast():
-                text_joint = c.retriever.embed_text(enc["input_ids"].to(self.device),
-                                                    enc["attention_mask"].to(self.device))
-            text_joint = torch.nn.functional.normalize(text_joint.float(), dim=-1)
-            encoder_scores = (text_joint @ audio_joint[0]).tolist()
-            lap("text_encoder")
+            encoder_scores = None
+            if c.retriever is not None:
+                enc = c.text_tokenizer(texts, padding=True, truncation=True,
+                                       max_length=TEXT_MAX_LENGTH, return_tensors="pt")
+                with self._autocast():
+                    text_joint = c.retriever.embed_text(enc["input_ids"].to(self.device),
+                                                        enc["attention_mask"].to(self.device))
+                text_joint = torch.nn.functional.normalize(text_joint.float(), dim=-1)
+                encoder_scores = (text_joint @ audio_joint[0]).tolist()
+                lap("text_encoder")
             error_probs = None
             if c.fluency is not None:
                 with self._autocast():
@@ -318,8 +441,43 @@ class Captioner:
         return CaptionResult(caption=caption, embedding=embedding, stage_seconds=seconds)
 
 
+ENCODEC_STREAMING = StreamingOptions(context_frames_left=75, context_frames_right=0,
+                                     exact_edges=True)
+"""EnCodec is causal (no look-ahead: right context 0) with an LSTM whose state reaches
+back further than any convolution: 75 frames (1 s) of left context, see
+``bench/results/encodec_streaming.json``."""
+
+
+def streaming_options(codec: AudioTokenizer) -> StreamingOptions:
+    """The streaming-cache settings for a codec (DAC: the defaults)."""
+    return ENCODEC_STREAMING if isinstance(codec, EncodecTokenizer) else StreamingOptions()
+
+
+_BUNDLE_DECODING_KEYS = {"mode": str, "num_beams": int, "beam_max_length": int}
+
+
+DEMO_MODEL = "demo"
+DEMO_WARNING = (
+    "model 'demo' is streamcap's built-in demo bundle: a small model trained in minutes on "
+    "synthesized everyday sounds (sirens, alarms, phones, rain, wind, dogs, engines, ...) "
+    "with a codec of fixed random weights. It captions those sounds and little else. For "
+    "real captions, train a model on Clotho/AudioCaps/WavCaps with `streamcap train` or "
+    "import a published EnCLAP checkpoint with `streamcap models import-enclap`, then pass "
+    "its bundle directory as [model] bundle or --model")
+
+
+def demo_bundle_path() -> Path:
+    """The demo bundle shipped inside the package."""
+    from importlib import resources
+
+    return Path(str(resources.files("streamcap") / "data" / "demo-bundle"))
+
+
 def open_components(spec: str, *, seed: int = 0) -> Components:
-    """Components for ``--model``: a bundle directory or a preset name."""
+    """Components for ``--model``: a bundle directory, ``demo`` or a preset name."""
+    if spec == DEMO_MODEL:
+        _LOGGER.warning(DEMO_WARNING)
+        return load_components(load_bundle(demo_bundle_path()))
     resolved = resolve_model(spec)
     if resolved.kind == "bundle":
         assert resolved.bundle_path is not None  # resolve_model sets it for bundles
@@ -335,10 +493,14 @@ def build_captioner(spec: str, model: ModelConfig, *, device: torch.device,
     """The captioner ``streamcap run`` and ``streamcap caption`` use."""
     components = open_components(spec)
     decoding = model.decoding
-    if components.decoding and "mode" in components.decoding and model.decoding == DecodingConfig():
-        # The bundle's own default decoding applies unless the config changed it.
+    if components.decoding:
+        # The bundle's own default decoding (mode, beam size and length) applies to
+        # every key the config file did not set.
         from dataclasses import replace
 
-        decoding = replace(decoding, mode=str(components.decoding["mode"]))
+        chosen = {key: kind(components.decoding[key])
+                  for key, kind in _BUNDLE_DECODING_KEYS.items()
+                  if key in components.decoding and key not in decoding.explicit}
+        decoding = replace(decoding, **chosen)
     codec_dtype = dtype if model.codec_precision == "model" else torch.float32
     return Captioner(components, decoding, device=device, dtype=dtype, codec_dtype=codec_dtype)

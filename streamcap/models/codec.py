@@ -23,11 +23,10 @@ No I/O happens here; weights come in as state dicts.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -40,17 +39,29 @@ from transformers.models.dac.modeling_dac import (
     Snake1d,
 )
 
-from streamcap.errors import ConfigError, ModelError, WeightsError
+from streamcap.errors import ConfigError, ModelError
+from streamcap.models.codec_base import (
+    AudioTokenizerConfig,
+    CodesArray,
+    EncoderQuantizerTokenizer,
+    Float32Array,
+    Precision,
+    check_state_shapes,
+    state_shapes,
+)
 
-Precision = Literal["fp32", "bf16", "fp16"]
-CodesArray = npt.NDArray[np.int16]
-Float32Array = npt.NDArray[np.float32]
-
-_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
+__all__ = [
+    "PRESETS",
+    "AudioTokenizer",
+    "AudioTokenizerConfig",
+    "CodecConfig",
+    "CodecTokenizer",
+    "CodesArray",
+    "DacEncoderQuantizer",
+    "Float32Array",
+    "Precision",
+    "codec_preset",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -158,6 +169,29 @@ class CodecConfig:
         )
 
 
+class AudioTokenizer(Protocol):
+    """A codec front end: mono audio at ``config.sample_rate_hz`` -> int16 codes (K, n_frames).
+
+    Implemented by :class:`CodecTokenizer` (DAC) and
+    :class:`streamcap.models.encodec.EncodecTokenizer` (EnCodec).
+    """
+
+    @property
+    def config(self) -> AudioTokenizerConfig: ...
+
+    @property
+    def codec_id(self) -> str: ...
+
+    @property
+    def frame_rate_hz(self) -> float: ...
+
+    def encode(self, audio: Float32Array) -> CodesArray: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None: ...
+
+
 PRESETS: Mapping[str, CodecConfig] = {
     # Test-sized: same strides and code space (hop 320, 1024 entries, pad id 1024), 0.1 M params.
     "tiny": CodecConfig(encoder_hidden_size=8, n_codebooks=4),
@@ -216,8 +250,10 @@ def _expected_shapes(config: CodecConfig) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in reference.state_dict().items()}
 
 
-class CodecTokenizer:
+class CodecTokenizer(EncoderQuantizerTokenizer[CodecConfig, DacEncoderQuantizer]):
     """Turns 24 kHz mono audio into DAC codes of shape (n_codebooks, n_frames).
+
+    :meth:`encode` right-pads the clip with zeros to a multiple of the hop.
 
     Args:
         config: the codec dimensions.
@@ -241,24 +277,9 @@ class CodecTokenizer:
         device: str = "cpu",
         precision: Precision = "fp32",
     ) -> None:
-        if precision not in _DTYPES:
-            raise ModelError(
-                f"codec precision: expected one of {sorted(_DTYPES)}, got {precision!r}"
-            )
-        self.config = config
-        self.precision: Precision = precision
-        self.device = torch.device(device)
-        self._dtype = _DTYPES[precision]
+        super().__init__(config, device, precision)
         self._expected = _expected_shapes(config)
-        if model is None:
-            module = DacEncoderQuantizer(config)
-        else:
-            module = self._adopt(model)
-        # fp32 master copy: source of state_dict() and the quantizer.
-        self._model = module.to(device=self.device, dtype=torch.float32).eval()
-        self._encoder_run = self._make_run_encoder()
-
-    # -- construction helpers -------------------------------------------------------------
+        self._set_module(DacEncoderQuantizer(config) if model is None else self._adopt(model))
 
     def _adopt(self, model: nn.Module) -> DacEncoderQuantizer:
         encoder = getattr(model, "encoder", None)
@@ -282,53 +303,13 @@ class CodecTokenizer:
         kept.n_codebooks = self.config.n_codebooks
         kept.quantizer_dropout = 0.0
         module.quantizer = kept
-        self._check_shapes({k: tuple(v.shape) for k, v in module.state_dict().items()}, "model")
+        check_state_shapes(
+            self._expected,
+            state_shapes(module.state_dict()),
+            f"codec model does not match {self.config.codec_id}:",
+            error=ModelError,
+        )
         return module
-
-    def _check_shapes(self, got: Mapping[str, tuple[int, ...]], what: str) -> None:
-        missing = sorted(set(self._expected) - set(got))
-        unexpected = sorted(set(got) - set(self._expected))
-        mismatched = [
-            f"{key}: expected {self._expected[key]}, got {got[key]}"
-            for key in sorted(set(got) & set(self._expected))
-            if tuple(got[key]) != self._expected[key]
-        ]
-        if missing or unexpected or mismatched:
-            lines = [f"codec {what} does not match {self.config.codec_id}:"]
-            if missing:
-                lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}")
-            if unexpected:
-                lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
-            if mismatched:
-                lines.append(f"  shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:8])}")
-            error = WeightsError if what == "state dict" else ModelError
-            raise error("\n".join(lines))
-
-    def _make_run_encoder(self) -> nn.Module:
-        if self._dtype == torch.float32:
-            return self._model.encoder
-        return copy.deepcopy(self._model.encoder).to(dtype=self._dtype).eval()
-
-    # -- public API -----------------------------------------------------------------------
-
-    @property
-    def frame_rate_hz(self) -> float:
-        """Code frames per second (75.0 for DAC 24 kHz)."""
-        return self.config.frame_rate_hz
-
-    @property
-    def codec_id(self) -> str:
-        """Name of the code space (see :attr:`CodecConfig.codec_id`)."""
-        return self.config.codec_id
-
-    @property
-    def module(self) -> DacEncoderQuantizer:
-        """The fp32 encoder + quantizer module (``encoder.*``/``quantizer.*`` keys)."""
-        return self._model
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """fp32 weights, keyed like ``DacModel`` (``encoder.*``, ``quantizer.quantizers.{i}.*``)."""
-        return {k: v.detach().clone() for k, v in self._model.state_dict().items()}
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load ``DacModel``-layout weights (strict).
@@ -352,37 +333,14 @@ class CodecTokenizer:
                 if index >= self.config.n_codebooks:
                     continue
             kept[key] = value
-        self._check_shapes({k: tuple(v.shape) for k, v in kept.items()}, "state dict")
-        self._model.load_state_dict(kept, strict=True)
-        self._model.eval()
-        self._encoder_run = self._make_run_encoder()
+        self._load_checked(kept, f"codec state dict does not match {self.config.codec_id}:")
 
-    def encode(self, audio: Float32Array) -> CodesArray:
-        """Encode one mono clip.
-
-        Args:
-            audio: float32 (n,) at ``config.sample_rate_hz``. It is right-padded
-                with zeros to a multiple of the hop before encoding.
-
-        Returns:
-            int16 (n_codebooks, ceil(n / hop_length)) codes in ``[0, codebook_size)``.
-
-        Raises:
-            ModelError: ``audio`` is not 1-D or holds NaN/inf.
-        """
-        samples = np.asarray(audio)
-        if samples.ndim != 1:
-            raise ModelError(f"codec input: expected mono audio of shape (n,), got {samples.shape}")
-        n_frames = self.config.n_frames(samples.shape[0])
-        if n_frames == 0:
-            return np.zeros((self.config.n_codebooks, 0), dtype=np.int16)
-        if not np.all(np.isfinite(samples)):
-            raise ModelError("codec input: audio holds NaN or inf samples")
+    def _encode_clip(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
         padded = np.zeros(n_frames * self.config.hop_length, dtype=np.float32)
         padded[: samples.shape[0]] = samples
         x = torch.from_numpy(padded).to(self.device).view(1, 1, -1)
-        codes = self.encode_tensor(x)
-        return codes[0].to(torch.int16).cpu().numpy()
+        codes: torch.Tensor = self.encode_tensor(x)[0]
+        return codes
 
     @torch.inference_mode()
     def encode_tensor(self, audio: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ import numpy as np
 
 from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import Window
-from streamcap.models.codec import CodecTokenizer, CodesArray, Float32Array
+from streamcap.models.codec import AudioTokenizer, CodesArray, Float32Array
 
 # Receptive field of the DAC encoder with strides (2, 4, 5, 8) is ±8.4 frames; 10
 # leaves a margin for the quantizer's sensitivity to tiny latent differences.
@@ -97,7 +97,7 @@ class StreamingCodec:
         options: context sizes and edge policy.
     """
 
-    tokenizer: CodecTokenizer
+    tokenizer: AudioTokenizer
     options: StreamingOptions = field(default_factory=StreamingOptions)
     stats: StreamingStats = field(default_factory=StreamingStats)
     _caches: dict[str, _SourceCache] = field(default_factory=dict)
@@ -106,7 +106,7 @@ class StreamingCodec:
         """Codes of ``window``'s audio at the codec's sample rate.
 
         Returns:
-            int16 (n_codebooks, ceil(n / hop_length)), as :meth:`CodecTokenizer.encode`.
+            int16 (n_codebooks, ceil(n / hop_length)), as :meth:`AudioTokenizer.encode`.
         """
         rate = self.tokenizer.config.sample_rate_hz
         start_sample = int(round(window.start_s * rate))

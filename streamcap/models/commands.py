@@ -26,9 +26,10 @@ def _presets(args: argparse.Namespace) -> int:
     for row in rows:
         p = row["parameters"]
         assert isinstance(p, dict)
-        print(f"{row['name']:8s} total {p['total'] / 1e6:8.2f} M  (codec {p['codec'] / 1e6:.2f} M, "
+        print(f"{row['name']:12s} total {p['total'] / 1e6:8.2f} M  (codec {p['codec'] / 1e6:.2f} M, "
               f"captioner {p['captioner'] / 1e6:.2f} M, retriever {p['retriever'] / 1e6:.2f} M, "
-              f"fluency {p['fluency'] / 1e6:.2f} M)  {row['description']}")
+              f"fluency {p['fluency'] / 1e6:.2f} M, CLAP {p['seq_embedder'] / 1e6:.2f} M)  "
+              f"{row['description']}")
     return 0
 
 
@@ -76,9 +77,25 @@ def _convert_dac(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_enclap(args: argparse.Namespace) -> int:
+    from streamcap.models.enclap_import import ImportOptions, import_enclap
+
+    options = ImportOptions(max_window_s=args.max_window_s, encodec=args.encodec, clap=args.clap,
+                            tokenizer=args.tokenizer, codec_preset=args.codec_preset,
+                            clap_preset=args.clap_preset, decoding_mode=args.decoding)
+    report = import_enclap(args.directory, args.output, options, overwrite=args.overwrite)
+    cfg = report.config
+    print(f"wrote bundle {report.model_id} to {report.path} (EnCLAP d_model {cfg.d_model}, "
+          f"{cfg.n_codebooks} codebooks, windows up to {cfg.max_frames} frames; default "
+          f"decoding {options.decoding_mode})")
+    for warning in report.warnings:
+        print(f"WARNING: {warning}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     handlers = {"presets": _presets, "build": _build, "verify": _verify,
-                "convert-dac": _convert_dac}
+                "convert-dac": _convert_dac, "import-enclap": _import_enclap}
     handler = handlers.get(args.models_command)
     if handler is None:
         raise ModelError(f"models: unknown subcommand {args.models_command!r}")

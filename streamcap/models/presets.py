@@ -4,6 +4,11 @@ A preset is a recipe, not weights: ``tiny`` is small enough for tests and
 demos of the plumbing; ``base`` and ``large`` have the dimensions of a real
 system (BART-base/-large over 32 DAC codebooks, fed by the 768-d CNext clip
 embedding, a BERT-base text encoder and a BERT-base fluency checker).
+``enclap-base`` and ``enclap-large`` describe the published EnCLAP models
+(EnCodec 24 kHz at 12 kbps = 16 codebooks, the 512-d LAION-CLAP embedding in
+row 0, BART-base/-large, 1,021 frames; no retriever, no fluency checker; beam
+search by default); ``streamcap models import-enclap`` fills them with the
+authors' weights.
 Parameter counts come from the meta device, so listing ``large`` allocates
 no weights.
 """
@@ -17,10 +22,12 @@ from typing import Any, Final
 import torch
 
 from streamcap.errors import ModelError
+from streamcap.models.clap import ClapEmbedderConfig, clap_preset
 from streamcap.models.cnext import CNEXT_TINY, CNEXT_TOY, CNext
 from streamcap.models.codec import CodecConfig, DacEncoderQuantizer, codec_preset
 from streamcap.models.enclap import EnclapConfig, count_parameters
 from streamcap.models.enclap import preset as enclap_preset
+from streamcap.models.encodec import EncodecCodecConfig, EncodecEncoderQuantizer, encodec_preset
 from streamcap.models.retriever import AudioTextRetriever, RetrieverConfig
 
 # BERT dimensions used by presets (uncased BERT vocabulary size for base/large).
@@ -57,15 +64,27 @@ class FluencyConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PresetSpec:
-    """Every component's configuration for one preset."""
+    """Every component's configuration for one preset.
+
+    ``retriever``/``fluency`` are None for the published EnCLAP models, whose row 0
+    comes from ``seq_embedder`` (CLAP); ``decoding`` holds the preset's default
+    decoding (e.g. ``{"mode": "beam"}``), applied unless the config sets its own.
+    """
 
     name: str
-    codec: CodecConfig
+    codec: CodecConfig | EncodecCodecConfig
     captioner: EnclapConfig
-    retriever: RetrieverConfig
-    fluency: FluencyConfig
+    retriever: RetrieverConfig | None
+    fluency: FluencyConfig | None
     tokenizer_vocab_size: int
     description: str
+    seq_embedder: ClapEmbedderConfig | None = None
+    decoding: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def codec_kind(self) -> str:
+        """``"dac"`` or ``"encodec"``."""
+        return "encodec" if isinstance(self.codec, EncodecCodecConfig) else "dac"
 
 
 def _tiny() -> PresetSpec:
@@ -101,9 +120,35 @@ def _real(name: str, enclap_name: str) -> PresetSpec:
     )
 
 
+REFERENCE_DECODING: Final[Mapping[str, Any]] = {
+    "mode": "beam", "num_beams": 4, "no_repeat_ngram_size": 3, "beam_max_length": 50}
+"""EnCLAP's published inference: beam 4, no repeated 3-grams, at most 50 tokens."""
+
+
+def _enclap(name: str) -> PresetSpec:
+    clap = clap_preset("clap-htsat-fused")
+    codec = encodec_preset("encodec24k")
+    return PresetSpec(
+        name=name,
+        codec=codec,
+        captioner=enclap_preset(name, n_codebooks=codec.n_codebooks,
+                                seq_embed_dim=clap.embed_dim),
+        retriever=None,
+        fluency=None,
+        seq_embedder=clap,
+        tokenizer_vocab_size=50265,
+        decoding=dict(REFERENCE_DECODING),
+        description=f"the published EnCLAP-{name.split('-')[1]}: 16 EnCodec codebooks, 512-d "
+                    "LAION-CLAP embedding, beam search (random weights unless imported with "
+                    "'streamcap models import-enclap')",
+    )
+
+
 _BUILDERS: Final[Mapping[str, Callable[[], PresetSpec]]] = {
     "tiny": _tiny, "base": lambda: _real("base", "base"),
-    "large": lambda: _real("large", "large")}
+    "large": lambda: _real("large", "large"),
+    "enclap-base": lambda: _enclap("enclap-base"),
+    "enclap-large": lambda: _enclap("enclap-large")}
 PRESET_NAMES: Final = tuple(_BUILDERS)
 
 
@@ -125,25 +170,42 @@ def parameter_counts(spec: PresetSpec) -> dict[str, int]:
     """Parameters per component, built on the meta device (no weights allocated).
 
     The codec counts the encoder and quantizer only (streamcap never decodes
-    audio); the retriever counts CNext (with its AudioSet head), the text
-    encoder and both projections; the fluency checker counts BERT and its
-    6-way head.
+    audio; EnCodec's codebooks are buffers and do not count); the retriever
+    counts CNext (with its AudioSet head), the text encoder and both
+    projections; the fluency checker counts BERT and its 6-way head;
+    ``seq_embedder`` counts the CLAP audio tower and projection. Absent
+    components count 0.
     """
     from streamcap.models.fluency import FenseClassifier, bert_config_for
 
     enclap = count_parameters(spec.captioner)
-    bert = bert_config_for("bert-base-uncased")
-    for key, value in spec.fluency.bert.items():
-        setattr(bert, key, value)
+    codec = spec.codec
+    retriever = spec.retriever
+    fluency = spec.fluency
+    seq_embedder = spec.seq_embedder
     counts = {
-        "codec": _count(lambda: DacEncoderQuantizer(spec.codec)),
+        "codec": (_count(lambda: EncodecEncoderQuantizer(codec))
+                  if isinstance(codec, EncodecCodecConfig)
+                  else _count(lambda: DacEncoderQuantizer(codec))),
         "captioner": int(enclap["total"]),
-        "retriever": _count(lambda: AudioTextRetriever(spec.retriever)),
-        "retriever_audio_encoder": _count(lambda: CNext(spec.retriever.audio)),
-        "fluency": _count(lambda: FenseClassifier(bert, spec.fluency.num_classes)),
+        "retriever": 0 if retriever is None else _count(lambda: AudioTextRetriever(retriever)),
+        "retriever_audio_encoder": 0 if retriever is None else _count(
+            lambda: CNext(retriever.audio)),
+        "fluency": 0,
+        "seq_embedder": 0,
     }
+    if fluency is not None:
+        bert = bert_config_for("bert-base-uncased")
+        for key, value in fluency.bert.items():
+            setattr(bert, key, value)
+        counts["fluency"] = _count(lambda: FenseClassifier(bert, fluency.num_classes))
+    if seq_embedder is not None:
+        from transformers import ClapAudioModelWithProjection
+
+        counts["seq_embedder"] = _count(
+            lambda: ClapAudioModelWithProjection(seq_embedder.hf_config()))
     counts["total"] = (counts["codec"] + counts["captioner"] + counts["retriever"]
-                       + counts["fluency"])
+                       + counts["fluency"] + counts["seq_embedder"])
     return counts
 
 
