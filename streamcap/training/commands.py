@@ -1,0 +1,329 @@
+"""``streamcap train ...`` and ``streamcap eval``: argument wiring around the trainers.
+
+Subcommands of ``train``: ``corpus`` (the synthetic demo corpus), ``init`` (a
+randomly initialised bundle with a tokenizer trained on a manifest's
+captions), ``features`` (precomputed codes and clip embeddings),
+``retriever``, ``captioner`` (each reads a bundle and writes a new one with
+the trained component, plus a metrics JSON) and ``soup``. ``eval`` captions
+a manifest split and writes a metrics JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from streamcap.errors import ConfigError
+
+TRAIN_COMMANDS = ("corpus", "init", "features", "retriever", "captioner", "soup")
+
+
+def add_parsers(sub: Any) -> None:
+    """Adds ``train`` and ``eval`` to the CLI's subparsers."""
+    train = sub.add_parser("train", help="make data, train models, average them")
+    tsub = train.add_subparsers(dest="train_command", metavar="SUBCOMMAND")
+
+    corpus = tsub.add_parser("corpus", help="generate the synthetic demo corpus")
+    corpus.add_argument("out", type=Path)
+    corpus.add_argument("--clips", type=int, default=1000)
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--sample-rate", type=int, default=32000)
+    corpus.add_argument("--captions-per-clip", type=int, default=5)
+    corpus.add_argument("--clip-s", type=float, default=10.0)
+
+    init = tsub.add_parser("init", help="write a randomly initialised bundle to train")
+    init.add_argument("out", type=Path)
+    init.add_argument("--preset", default="demo", help="demo, tiny, base or large")
+    init.add_argument("--manifest", type=Path, required=True,
+                      help="the tokenizer is trained on its train-split captions")
+    init.add_argument("--vocab-size", type=int, default=1000)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--overwrite", action="store_true")
+
+    feats = tsub.add_parser("features", help="precompute DAC codes and clip embeddings")
+    feats.add_argument("--model", type=Path, required=True, help="bundle directory")
+    feats.add_argument("--manifest", type=Path, required=True)
+    feats.add_argument("--out", type=Path, required=True)
+    feats.add_argument("--shard-size", type=int, default=256)
+    feats.add_argument("--device", default="cpu")
+    feats.add_argument("--threads", type=int, default=None)
+    feats.add_argument("--overwrite", action="store_true")
+
+    for name, helptext in (("retriever", "train the retriever with the m-LTM loss"),
+                           ("captioner", "train the EnCLAP captioner")):
+        p = tsub.add_parser(name, help=helptext)
+        p.add_argument("--model", type=Path, required=True, help="bundle to start from")
+        p.add_argument("--out", type=Path, required=True, help="bundle to write")
+        p.add_argument("--stage", choices=("pretrain", "finetune"), default="pretrain")
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--lr", type=float, default=None)
+        p.add_argument("--warmup", type=int, default=None)
+        p.add_argument("--weight-decay", type=float, default=None)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--max-steps", type=int, default=None)
+        p.add_argument("--max-minutes", type=float, default=None)
+        p.add_argument("--checkpoints", type=Path, default=None,
+                       help="checkpoint directory (default: OUT.checkpoints)")
+        p.add_argument("--resume", type=Path, default=None, help="checkpoint file or directory")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast (default: on CUDA only)")
+        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--metrics", type=Path, default=None,
+                       help="training metrics JSON (default: OUT.train.json)")
+        p.add_argument("--model-id", default=None, help="model id of the written bundle")
+    retr = tsub.choices["retriever"]
+    retr.add_argument("--manifest", type=Path, action="append", default=[],
+                      help="training manifest(s), mixed; with --audio wave")
+    retr.add_argument("--features", type=Path, action="append", default=[],
+                      help="feature directories (their clip embeddings; --audio embedding)")
+    retr.add_argument("--audio", choices=("wave", "embedding"), default=None,
+                      help="wave: train CNext end-to-end; embedding: frozen CNext")
+    retr.add_argument("--clip-s", type=float, default=10.0)
+    capt = tsub.choices["captioner"]
+    capt.add_argument("--features", type=Path, action="append", required=True)
+    capt.add_argument("--captions", choices=("all", "one"), default="all",
+                      help="per epoch: every caption, or one random caption per clip")
+    capt.add_argument("--decoding-mode", choices=("sample", "beam"), default=None,
+                      help="default decoding stored in the bundle")
+
+    soup = tsub.add_parser("soup", help="average the captioners of several bundles")
+    soup.add_argument("bundles", type=Path, nargs="+")
+    soup.add_argument("--out", type=Path, required=True)
+    soup.add_argument("--retriever", action="store_true", help="average the retrievers too")
+    soup.add_argument("--overwrite", action="store_true")
+
+    ev = sub.add_parser("eval", help="caption a manifest split and write metrics")
+    ev.add_argument("--model", type=Path, action="append", required=True,
+                    help="bundle directory; repeat for an output ensemble")
+    ev.add_argument("--manifest", type=Path, required=True)
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--out", type=Path, required=True, help="metrics JSON")
+    ev.add_argument("--scenes", type=Path, default=None,
+                    help="scenes.jsonl of a synthetic corpus (default: next to the manifest)")
+    ev.add_argument("--decoding", choices=("beam", "sample"), default="beam")
+    ev.add_argument("--num-beams", type=int, default=4)
+    ev.add_argument("--limit", type=int, default=None, help="first N clips only")
+    ev.add_argument("--no-meteor", action="store_true")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--threads", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``train <subcommand>`` or ``eval``; returns the exit code."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+    if args.command == "eval":
+        return _eval(args)
+    handlers = {"corpus": _corpus, "init": _init, "features": _features,
+                "retriever": _retriever, "captioner": _captioner, "soup": _soup}
+    if args.train_command is None:
+        raise ConfigError(f"train: a subcommand is needed: {', '.join(TRAIN_COMMANDS)}")
+    return handlers[args.train_command](args)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr if not sys.stdout.isatty() else sys.stdout)
+
+
+def _write_json(data: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", "utf-8")
+    os.replace(tmp, path)
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from streamcap.training.corpus import CorpusOptions, make_corpus
+    from streamcap.training.loop import Progress
+
+    options = CorpusOptions(clips=args.clips, seed=args.seed, sample_rate_hz=args.sample_rate,
+                            captions_per_clip=args.captions_per_clip, clip_s=args.clip_s)
+    bar = Progress(args.clips, "corpus")
+    summary = make_corpus(args.out, options, progress=lambda done, total: bar.update())
+    bar.close()
+    print(f"wrote {summary.clips} clips to {summary.directory} ({dict(summary.per_split)}); "
+          f"manifest {summary.manifest}")
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    from streamcap.models.captioner import save_components
+    from streamcap.training.demo import init_components
+    from streamcap.training.manifest import read_manifest
+
+    rows = read_manifest(args.manifest)
+    captions = [c for r in rows if r.split == "train" for c in r.captions]
+    if not captions:
+        raise ConfigError(f"{args.manifest}: no train-split captions to build a tokenizer from")
+    components = init_components(args.preset, captions, vocab_size=args.vocab_size,
+                                 seed=args.seed)
+    path = save_components(components, args.out, overwrite=args.overwrite)
+    print(f"wrote random bundle {components.model_id} to {path} "
+          f"(vocabulary {len(components.tokenizer)})")
+    return 0
+
+
+def _load(path: Path) -> Any:
+    from streamcap.models.bundle import load_bundle
+    from streamcap.models.captioner import load_components
+
+    return load_components(load_bundle(path))
+
+
+def _features(args: argparse.Namespace) -> int:
+    from streamcap.training.features import FeatureOptions, precompute_features
+    from streamcap.training.manifest import read_manifest
+
+    rows = read_manifest(args.manifest)
+    summary = precompute_features(rows, _load(args.model), args.out,
+                                  FeatureOptions(shard_size=args.shard_size, device=args.device,
+                                                 overwrite=args.overwrite))
+    print(f"features of {summary.rows} clips in {summary.directory} "
+          f"({summary.written_shards} shards written, {summary.skipped_shards} already there)")
+    return 0
+
+
+def _loop(args: argparse.Namespace, base: Any) -> Any:
+    changes: dict[str, Any] = {"device": args.device, "bf16": args.bf16,
+                               "checkpoint_dir": args.checkpoints
+                               or args.out.with_name(args.out.name + ".checkpoints")}
+    for field, value in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                         ("seed", args.seed), ("max_steps", args.max_steps)):
+        if value is not None:
+            changes[field] = value
+    if args.max_minutes is not None:
+        changes["max_seconds"] = args.max_minutes * 60.0
+    return replace(base, **changes)
+
+
+def _optim(args: argparse.Namespace, base: Any) -> Any:
+    changes: dict[str, Any] = {}
+    for field, value in (("lr", args.lr), ("warmup_steps", args.warmup),
+                         ("weight_decay", args.weight_decay)):
+        if value is not None:
+            changes[field] = value
+    return replace(base, **changes)
+
+
+def _finish(args: argparse.Namespace, components: Any, history: Any, extra: dict[str, Any]
+            ) -> int:
+    from streamcap.models.captioner import save_components
+
+    if args.model_id:
+        components.model_id = args.model_id
+    path = save_components(components, args.out, overwrite=True)
+    metrics = {"kind": args.train_command, "stage": args.stage, "bundle": str(path),
+               "model_id": components.model_id, **extra, "history": history.to_dict()}
+    metrics_path = args.metrics or args.out.with_name(args.out.name + ".train.json")
+    _write_json(metrics, metrics_path)
+    losses = history.epoch_losses
+    first = f"{losses[0]:.4f}" if losses else "-"
+    last = f"{losses[-1]:.4f}" if losses else "-"
+    print(f"{args.train_command}: {len(history.step_losses)} steps in {history.seconds:.0f} s, "
+          f"epoch loss {first} -> {last}; bundle {path}; metrics {metrics_path}"
+          + (" (stopped early; --resume to continue)" if history.stopped_early else ""))
+    return 0
+
+
+def _retriever(args: argparse.Namespace) -> int:
+    from streamcap.training.features import FeatureStore
+    from streamcap.training.manifest import read_manifest
+    from streamcap.training.retriever_trainer import (
+        RetrieverTrainConfig,
+        retrieval_examples,
+        train_retriever,
+    )
+
+    mode: Literal["wave", "embedding"] = (
+        args.audio or ("embedding" if args.features and not args.manifest else "wave"))
+    if mode == "wave" and not args.manifest:
+        raise ConfigError("train retriever: --audio wave needs at least one --manifest")
+    if mode == "embedding" and not args.features:
+        raise ConfigError("train retriever: --audio embedding needs at least one --features")
+    if mode == "wave":
+        rows = [r for m in args.manifest for r in read_manifest(m) if r.split == "train"]
+        examples = retrieval_examples(rows, with_embeddings=False)
+    else:
+        items = [i for d in args.features for i in FeatureStore(d).items("train")]
+        examples = retrieval_examples(items, with_embeddings=True)
+    components = _load(args.model)
+    if components.retriever is None:
+        raise ConfigError(f"{args.model}: the bundle has no retriever to train")
+    base = RetrieverTrainConfig()
+    config = replace(base, stage=args.stage, audio_mode=mode, clip_s=args.clip_s,
+                     optim=_optim(args, base.optim), loop=_loop(args, base.loop))
+    history, _ = train_retriever(components.retriever, components.text_tokenizer, examples,
+                                 config, resume=args.resume,
+                                 metadata={"sources": [str(p) for p in args.manifest
+                                                       + args.features]})
+    return _finish(args, components, history, {"examples": len(examples), "audio": mode})
+
+
+def _captioner(args: argparse.Namespace) -> int:
+    from streamcap.training.captioner_trainer import (
+        CaptionerTrainConfig,
+        caption_examples,
+        train_captioner,
+    )
+    from streamcap.training.features import FeatureStore
+
+    items = [i for d in args.features for i in FeatureStore(d).items("train")]
+    examples = caption_examples(items, per_clip=args.captions == "one")
+    components = _load(args.model)
+    base = CaptionerTrainConfig()
+    optim = base.optim if args.stage == "pretrain" else replace(base.optim, warmup_steps=0,
+                                                                timescale=1000)
+    config = replace(base, stage=args.stage, captions=args.captions,
+                     optim=_optim(args, optim), loop=_loop(args, base.loop))
+    history = train_captioner(components.captioner, components.tokenizer, examples, config,
+                              resume=args.resume,
+                              metadata={"features": [str(p) for p in args.features]})
+    if args.decoding_mode is not None:
+        components.decoding = {**dict(components.decoding), "mode": args.decoding_mode}
+    return _finish(args, components, history, {"examples": len(examples)})
+
+
+def _soup(args: argparse.Namespace) -> int:
+    from streamcap.training.soup import soup_bundles
+
+    parts = ("captioner", "retriever") if args.retriever else ("captioner",)
+    path = soup_bundles(args.bundles, args.out, components=parts, overwrite=args.overwrite)
+    print(f"wrote the soup of {len(args.bundles)} bundles ({', '.join(parts)}) to {path}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from streamcap.training.corpus import read_scenes
+    from streamcap.training.evaluate import EvalOptions, evaluate
+    from streamcap.training.manifest import read_manifest, split_rows
+
+    rows = split_rows(read_manifest(args.manifest), args.split)
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    scenes_path = args.scenes or args.manifest.parent / "scenes.jsonl"
+    scenes = read_scenes(scenes_path) if scenes_path.is_file() else None
+    members = [_load(p) for p in args.model]
+    options = EvalOptions(decoding=args.decoding, num_beams=args.num_beams,
+                          with_meteor=not args.no_meteor, device=args.device)
+    result = evaluate(members, rows, options, scenes=scenes)
+    result["manifest"] = str(args.manifest)
+    result["split"] = args.split
+    _write_json(result, args.out)
+    caps = result["captions"]
+    line = (f"eval: {result['clips']} clips; CIDEr-D {caps.get('cider_d', float('nan')):.3f}, "
+            f"BLEU-4 {caps.get('bleu_4', float('nan')):.3f}")
+    if result.get("retrieval"):
+        line += f", text-to-audio R@1 {result['retrieval']['text_to_audio']['r1']:.3f}"
+    if "keywords" in result:
+        line += f", keyword recall {result['keywords']['mean_recall']:.3f}"
+    print(line + f"; metrics {args.out}")
+    return 0
