@@ -59,7 +59,8 @@ class DecodingConfig:
     num_beams: int = 4
     beam_max_length: int = 50
     seed: int | None = None
-    explicit: frozenset[str] = frozenset()  # keys the file set (a bundle's defaults fill the rest)
+    # Keys the file set; a bundle's own decoding defaults fill the rest.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,7 +89,8 @@ class SourceConfig:
     backoff_max_s: float = 30.0
     backoff_reset_s: float = 60.0
     max_retries: int = 0  # 0 = retry forever
-    explicit: frozenset[str] = frozenset()  # keys the file set (the rest are defaults)
+    # Keys the file set; the source's own defaults (and URI options) fill the rest.
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
