@@ -323,6 +323,55 @@ class _SharedCrossDecoder:
         return logits
 
 
+class CandidateRecorder:
+    """The tokens and log-likelihood of each candidate while finished rows leave the batch.
+
+    Row ``i`` of the live batch belongs to candidate ``rows[i]``; :meth:`record`
+    appends one decoding step and drops the rows that produced EOS.
+    """
+
+    def __init__(self, n: int, options: SamplingOptions, *, first_token: int | None = None,
+                 first_logp: float = 0.0) -> None:
+        self.options = options
+        self.tokens: list[list[int]] = [[] if first_token is None else [first_token]
+                                        for _ in range(n)]
+        self.log_lik = [first_logp] * n
+        self.by_model = [False] * n
+        self.rows = list(range(n))
+
+    def record(self, tokens: torch.Tensor, logp: torch.Tensor,
+               position: int) -> torch.Tensor | None:
+        """Append one step's tokens (long (rows,)) and log-probabilities (float (rows,)).
+
+        Returns:
+            The indices of the rows still live, or None when every row has ended.
+        """
+        ended = tokens == self.options.eos_token_id
+        last = self.options.max_new_tokens - 1
+        for c, t, lp, end in zip(self.rows, tokens.tolist(), logp.tolist(), ended.tolist(),
+                                 strict=True):
+            self.tokens[c].append(t)
+            self.log_lik[c] += lp
+            self.by_model[c] = end and position < last
+        live = (~ended).nonzero(as_tuple=True)[0]
+        if live.numel() == 0:
+            return None
+        if live.numel() < len(self.rows):
+            self.rows = [self.rows[i] for i in live.tolist()]
+        return live
+
+    def results(self) -> list[SampledCaption]:
+        return [
+            SampledCaption(
+                token_ids=tuple(ids),
+                decoder_score=self.log_lik[c] / len(ids),
+                log_likelihood=self.log_lik[c],
+                ended_by_model=self.by_model[c],
+            )
+            for c, ids in enumerate(self.tokens)
+        ]
+
+
 @torch.inference_mode()
 def sample_candidates(
     bart: BartForConditionalGeneration,
@@ -361,38 +410,23 @@ def sample_candidates(
     )
     bos, bos_logp = choose_next_tokens(decoder.step(history[:, 0], 0), history, options, generator)
     history = torch.cat([history, bos[:, None]], dim=1)
-    tokens_out = [[int(bos[0])] for _ in range(n)]
-    log_lik = [float(bos_logp[0])] * n
-    by_model = [False] * n
-    rows = list(range(n))  # the candidate behind each live row
+    recorder = CandidateRecorder(n, options, first_token=int(bos[0]),
+                                 first_logp=float(bos_logp[0]))
     for position in range(1, options.max_new_tokens):
         logits = decoder.step(history[:, -1], position)
         if position == 1:
             logits, history = logits.expand(n, -1), history.expand(n, -1)
             decoder.repeat(n)
         tokens, logp = choose_next_tokens(logits, history, options, generator)
-        ended = tokens == options.eos_token_id
-        for c, t, lp, end in zip(rows, tokens.tolist(), logp.tolist(), ended.tolist(), strict=True):
-            tokens_out[c].append(t)
-            log_lik[c] += lp
-            by_model[c] = end and position < options.max_new_tokens - 1
-        live = (~ended).nonzero(as_tuple=True)[0]
-        if live.numel() == 0:
+        rows_before = len(recorder.rows)
+        live = recorder.record(tokens, logp, position)
+        if live is None:
             break
-        if live.numel() < len(rows):
+        if live.numel() < rows_before:
             history, tokens = history[live], tokens[live]
-            rows = [rows[i] for i in live.tolist()]
             decoder.select(live)
         history = torch.cat([history, tokens[:, None]], dim=1)
-    return [
-        SampledCaption(
-            token_ids=tuple(ids),
-            decoder_score=log_lik[c] / len(ids),
-            log_likelihood=log_lik[c],
-            ended_by_model=by_model[c],
-        )
-        for c, ids in enumerate(tokens_out)
-    ]
+    return recorder.results()
 
 
 @torch.inference_mode()

@@ -23,7 +23,12 @@ import torch
 from streamcap.errors import ModelError
 from streamcap.models.beam import BeamOptions
 from streamcap.models.enclap import EnclapEncoding, EnclapModel
-from streamcap.models.sampling import SampledCaption, SamplingOptions, choose_next_tokens
+from streamcap.models.sampling import (
+    CandidateRecorder,
+    SampledCaption,
+    SamplingOptions,
+    choose_next_tokens,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -162,29 +167,18 @@ class CaptionEnsemble:
         n = options.n_candidates
         history = torch.full((n, 1), options.decoder_start_token_id, dtype=torch.long,
                              device=device)
-        tokens_out: list[list[int]] = [[] for _ in range(n)]
-        log_lik = [0.0] * n
-        by_model = [False] * n
-        rows = list(range(n))
+        recorder = CandidateRecorder(n, options)
         for position in range(options.max_new_tokens):
             logits = self.next_log_probs(encodings, history)
             tokens, logp = choose_next_tokens(logits, history, options, generator)
-            ended = tokens == options.eos_token_id
-            for c, t, lp, end in zip(rows, tokens.tolist(), logp.tolist(), ended.tolist(),
-                                     strict=True):
-                tokens_out[c].append(t)
-                log_lik[c] += lp
-                by_model[c] = end and position < options.max_new_tokens - 1
-            live = (~ended).nonzero(as_tuple=True)[0]
-            if live.numel() == 0:
+            rows_before = len(recorder.rows)
+            live = recorder.record(tokens, logp, position)
+            if live is None:
                 break
-            if live.numel() < len(rows):
+            if live.numel() < rows_before:
                 history, tokens = history[live], tokens[live]
-                rows = [rows[i] for i in live.tolist()]
             history = torch.cat([history, tokens[:, None]], dim=1)
-        return [SampledCaption(token_ids=tuple(ids), decoder_score=log_lik[c] / len(ids),
-                               log_likelihood=log_lik[c], ended_by_model=by_model[c])
-                for c, ids in enumerate(tokens_out)]
+        return recorder.results()
 
 
 def _forced(z: torch.Tensor, token: int) -> torch.Tensor:
