@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import BertWordPieceTokenizer
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
 
 from streamcap.errors import ConfigError, WeightsError
@@ -18,25 +17,11 @@ from streamcap.models.retriever import AudioTextRetriever, RetrieverConfig
 
 torch.set_num_threads(1)
 
-CAPTIONS = [
-    "a dog barks loudly in the distance",
-    "rain falls on a metal roof",
-    "birds are chirping while a car passes by",
-    "a man speaks and a door closes",
-]
+from wordpiece import CAPTIONS, wordpiece_tokenizer
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(CAPTIONS, vocab_size=200, min_frequency=1)
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=wordpiece._tokenizer,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+    return wordpiece_tokenizer()
 
 
 def _text_config(vocab: int) -> dict[str, Any]:
