@@ -118,7 +118,7 @@ def make_window(
         a = np.array(arr, dtype=np.float32, copy=True).reshape(-1)
         a.flags.writeable = False
         frozen[int(rate)] = a
-    start_ms = int(round(start_s * 1000))
+    start_ms = round(start_s * 1000)
     return Window(
         window_id=f"{source_id}:{epoch}:{start_ms}",
         source_id=source_id,

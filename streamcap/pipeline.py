@@ -164,7 +164,7 @@ class InferenceWorker:
         started = time.monotonic()
         try:
             result = await self._run(self._captioner.caption, window)
-        except Exception:  # noqa: BLE001 - one bad window must not stop the daemon
+        except Exception:
             self.failed += 1
             self._failures.inc(1, window.source_id)
             _LOGGER.exception("captioning window %s failed", window.window_id)

@@ -109,7 +109,7 @@ class StreamingCodec:
             int16 (n_codebooks, ceil(n / hop_length)), as :meth:`AudioTokenizer.encode`.
         """
         rate = self.tokenizer.config.sample_rate_hz
-        start_sample = int(round(window.start_s * rate))
+        start_sample = round(window.start_s * rate)
         return self.feed(
             source_id=window.source_id,
             epoch=window.epoch,
@@ -212,7 +212,7 @@ class StreamingCodec:
         out[:, :u] = cache.codes[:, :u]
         out[:, u:] = fresh[:, u - s0 :]
         # Frames with `left` real frames before them and `right` after them become final.
-        lo = u if u >= left else left
+        lo = max(u, left)
         hi = n_frames - right
         if hi > lo:
             new = fresh[:, lo - s0 : hi - s0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from streamcap.errors import ModelError, WeightsError
 
@@ -57,7 +56,10 @@ def _convert_dac(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from streamcap.models.dac_convert import config_from_descript_metadata, convert_descript_state_dict
+    from streamcap.models.dac_convert import (
+        config_from_descript_metadata,
+        convert_descript_state_dict,
+    )
 
     try:
         raw = torch.load(args.pth, map_location="cpu", weights_only=True)
@@ -102,4 +104,4 @@ def run(args: argparse.Namespace) -> int:
     return handler(args)
 
 
-__all__ = ["run", "Path"]
+__all__ = ["run"]
