@@ -103,6 +103,20 @@ def _duration(path: Path) -> float | None:
         return None
 
 
+def _row(audio: Path | None, captions: tuple[str, ...], skipped: Counter[str], *,
+         split: str, source: str, clip_id: str) -> ManifestRow | None:
+    """The manifest row of one clip, or None (counted in ``skipped``) without audio or captions."""
+    duration = _duration(audio) if audio is not None else None
+    if audio is None or duration is None:
+        skipped["missing audio"] += 1
+        return None
+    if not captions:
+        skipped["no caption"] += 1
+        return None
+    return ManifestRow(audio=audio, captions=captions, split=split, source=source,
+                       duration_s=duration, clip_id=clip_id)
+
+
 def _first_existing(candidates: Iterable[Path]) -> Path | None:
     for path in candidates:
         if path.is_file():
@@ -148,16 +162,10 @@ def from_clotho(root: Path, *, audio_root: Path | None = None,
             captions = tuple(v.strip() for k, v in sorted(rec.items())
                              if k.startswith("caption_") and v and v.strip())
             audio = _first_existing(d / file_name for d in dirs)
-            duration = _duration(audio) if audio is not None else None
-            if audio is None or duration is None:
-                skipped["missing audio"] += 1
-                continue
-            if not captions:
-                skipped["no caption"] += 1
-                continue
-            rows.append(ManifestRow(audio=audio, captions=captions, split=split,
-                                    source="clotho", duration_s=duration,
-                                    clip_id=f"clotho/{name}/{file_name}"))
+            row = _row(audio, captions, skipped, split=split, source="clotho",
+                       clip_id=f"clotho/{name}/{file_name}")
+            if row is not None:
+                rows.append(row)
     if not found:
         raise ConfigError(f"{root}: no clotho_captions_<split>.csv found (expected one of "
                           f"{', '.join(f'clotho_captions_{n}.csv' for n in splits)})")
@@ -191,16 +199,10 @@ def from_audiocaps(csv_dir: Path, audio_dir: Path, *,
                      *(r["audiocap_id"].strip() for r in recs)]
             audio = _first_existing(d / f"{s}{suffix}" for d in (audio_dir / name, audio_dir)
                                     for s in stems for suffix in AUDIO_SUFFIXES)
-            duration = _duration(audio) if audio is not None else None
-            if audio is None or duration is None:
-                skipped["missing audio"] += 1
-                continue
-            if not captions:
-                skipped["no caption"] += 1
-                continue
-            rows.append(ManifestRow(audio=audio, captions=captions, split=split,
-                                    source="audiocaps", duration_s=duration,
-                                    clip_id=f"audiocaps/{ytid}_{start}"))
+            row = _row(audio, captions, skipped, split=split, source="audiocaps",
+                       clip_id=f"audiocaps/{ytid}_{start}")
+            if row is not None:
+                rows.append(row)
     if not found:
         raise ConfigError(f"{csv_dir}: no AudioCaps CSV found (expected "
                           f"{', '.join(f'{n}.csv' for n in splits)})")
