@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BartConfig, BartForConditionalGeneration
+from transformers import BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
 from streamcap.models.beam import BeamOptions, beam_search
@@ -12,23 +12,15 @@ from streamcap.models.sampling import score_captions
 
 torch.set_num_threads(1)
 
+from torch_helpers import tiny_bart_config
+
 VOCAB, D_MODEL, EOS = 200, 32, 2
 
 
 @pytest.fixture(scope="module")
 def bart() -> BartForConditionalGeneration:
     torch.manual_seed(0)
-    cfg = BartConfig(
-        vocab_size=VOCAB,
-        d_model=D_MODEL,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_bart_config(VOCAB, D_MODEL)
     model: BartForConditionalGeneration = BartForConditionalGeneration(cfg).train(False)
     with torch.no_grad():  # a few favoured tokens, so that greedy paths would repeat
         model.final_logits_bias[0, 10:13] += 3.0

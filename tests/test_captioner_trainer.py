@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch_helpers import deterministic_torch
 
 from streamcap.errors import ConfigError, ModelError
 from streamcap.models.enclap import EnclapModel
@@ -31,12 +32,8 @@ WORDS = ("a dog barks", "rain falls", "a bell rings", "wind blows")
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+    with deterministic_torch():
+        yield
 
 
 def _tokenizer() -> Any:

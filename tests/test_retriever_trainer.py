@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from torch_helpers import deterministic_torch
 
 from streamcap.errors import ConfigError
 from streamcap.models.cnext import CNEXT_TOY
@@ -33,12 +34,8 @@ WORDS = ("a dog barks", "rain falls", "a bell rings", "wind blows")
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+    with deterministic_torch():
+        yield
 
 
 def _retriever(vocab: int, seed: int = 0) -> AudioTextRetriever:

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import BartConfig, BartForConditionalGeneration
+from transformers import BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
 from streamcap.models.sampling import (
@@ -24,22 +24,14 @@ from streamcap.models.sampling import (
 
 torch.set_num_threads(1)
 
+from torch_helpers import tiny_bart_config
+
 VOCAB, D_MODEL, EOS = 300, 32, 2
 
 
 def _tiny_bart(bias_std: float, eos_bias: float, seed: int = 0) -> BartForConditionalGeneration:
     torch.manual_seed(seed)
-    cfg = BartConfig(
-        vocab_size=VOCAB,
-        d_model=D_MODEL,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_bart_config(VOCAB, D_MODEL)
     bart: BartForConditionalGeneration = BartForConditionalGeneration(cfg).train(False)
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed + 1)
