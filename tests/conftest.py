@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
-Sections: loopback ports; ffmpeg (tone files, loopback senders); PulseAudio
-null sink (a real PortAudio device without a sound card).
+Sections: child processes (no test module may leave one running); loopback
+ports; ffmpeg (tone files, loopback senders); PulseAudio null sink (a real
+PortAudio device without a sound card).
 """
 
 from __future__ import annotations
@@ -19,6 +20,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import become_subreaper, keep_for_session, leaked_since, live_children, stop_leaked
+
+# --------------------------------------------------------------------------- child processes
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    become_subreaper()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leaked_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the module if any process started during it is still running after it.
+
+    Module-scoped and autouse, so it is set up before and torn down after every
+    other fixture of the module: what is left then was never stopped.
+    """
+    before = set(live_children())
+    yield
+    stuck = stop_leaked(leaked_since(before))
+    if stuck:
+        listing = "; ".join(f"pid {pid}: {cmd}" for pid, cmd in sorted(stuck.items()))
+        pytest.fail(f"{request.node.nodeid} left processes running (now killed): {listing}",
+                    pytrace=False)
+
 
 # --------------------------------------------------------------------------- ports
 
@@ -93,29 +118,10 @@ def make_tone_file(
     return path
 
 
-def live_children(name: str) -> list[int]:
-    """Process ids of this process's children named ``name`` that are still alive (not zombies)."""
-    me = os.getpid()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/comm") as fh:
-                comm = fh.read().strip()
-        except OSError:
-            continue
-        if int(fields[1]) == me and comm == name and fields[0] != "Z":
-            found.append(int(entry))
-    return found
-
-
 @pytest.fixture
 def children() -> Callable[[str], list[int]]:
-    """:func:`live_children`, for tests checking that no child process leaked."""
-    return live_children
+    """Live child processes by executable name, for tests checking that none leaked."""
+    return lambda name: sorted(live_children(name))
 
 
 @pytest.fixture
@@ -258,6 +264,7 @@ def pulse() -> Iterator[PulseServer]:
         stdout=log,
         stderr=log,
     )
+    keep_for_session(proc.pid)
     saved = {k: os.environ.get(k) for k in ("XDG_RUNTIME_DIR", "PULSE_SERVER")}
     try:
         deadline = time.monotonic() + 15

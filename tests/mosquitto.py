@@ -23,9 +23,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -192,23 +193,27 @@ def start_mosquitto_sub(broker: Mosquitto, topic: str, *, out: Path,
 
 
 @pytest.fixture
-def broker_factory(tmp_path: Path) -> Iterator[type[Mosquitto]]:
-    """Factory for :class:`Mosquitto` (skips without mosquitto); every broker is stopped after."""
+def broker_factory() -> Iterator[Callable[..., Mosquitto]]:
+    """Makes :class:`Mosquitto` brokers (skips without mosquitto); each is killed after the test,
+    whether it passed, failed or timed out."""
     if mosquitto_path() is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto mosquitto-clients)")
     made: list[Mosquitto] = []
 
-    class _Tracked(Mosquitto):
-        def __post_init__(self) -> None:
-            made.append(self)
+    def make(**kwargs: Any) -> Mosquitto:
+        broker = Mosquitto(**kwargs)
+        made.append(broker)
+        return broker
 
-    yield _Tracked
-    for broker in made:
-        broker.stop(kill=True)
+    try:
+        yield make
+    finally:
+        for broker in made:
+            broker.stop(kill=True)
 
 
 @pytest.fixture
-def broker(broker_factory: type[Mosquitto], tmp_path: Path) -> Mosquitto:
+def broker(broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> Mosquitto:
     """A running anonymous mosquitto with persistence, on a free loopback port."""
     b = broker_factory(workdir=tmp_path / "mosquitto")
     b.start()

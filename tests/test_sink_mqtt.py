@@ -329,7 +329,7 @@ async def _make_persistent_session(broker: Mosquitto, client_id: str,
 
 
 async def test_broker_down_at_start_delivers_everything_later(
-        broker_factory: type[Mosquitto], tmp_path: Path) -> None:
+        broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
     b = broker_factory(workdir=tmp_path / "broker")
     topics = (f"{PREFIX}/+/caption",)
     b.start()
@@ -357,7 +357,7 @@ async def test_broker_down_at_start_delivers_everything_later(
     assert ids == [caption(i).window_id for i in range(20)]
 
 
-async def test_broker_restart_loses_nothing(broker_factory: type[Mosquitto],
+async def test_broker_restart_loses_nothing(broker_factory: Callable[..., Mosquitto],
                                             tmp_path: Path) -> None:
     b = broker_factory(workdir=tmp_path / "broker")
     b.start()
@@ -432,7 +432,7 @@ async def test_home_assistant_discovery_and_birth(broker: Mosquitto, tmp_path: P
 
 
 async def test_username_and_password_from_the_environment(
-        broker_factory: type[Mosquitto], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        broker_factory: Callable[..., Mosquitto], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     b = broker_factory(workdir=tmp_path / "broker", users={"cap": "s3cret"})
     b.start()
     monkeypatch.setenv("STREAMCAP_TEST_MQTT_PW", "s3cret")
