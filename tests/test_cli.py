@@ -111,7 +111,8 @@ def test_check_config_valid_file(tmp_path: Path) -> None:
     path = tmp_path / "ok.toml"
     path.write_text('[sources.kitchen]\nuri = "mic:default"\nwindow_s = 20\nhop_s = 5\n'
                     '[sinks.ws]\nplugin = "websocket"\ntoken_env = "WS_TOKEN"\n')
-    done = run_cli("check-config", str(path))
+    # The sink's own checks run too: token_env must name a variable that is set.
+    done = run_cli("check-config", str(path), env={**os.environ, "WS_TOKEN": "s3cret"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{path}: valid; sources: kitchen; sinks: ws (websocket)"
     assert done.stderr == ""

@@ -87,7 +87,8 @@ def test_seed_unset_or_minus_one_means_fresh_randomness() -> None:
     assert parse_config({"model": {"decoding": {"seed": -1}}}).model.decoding.seed is None
     assert parse_config({"model": {"decoding": {"seed": 1234}}}).model.decoding.seed == 1234
     assert problems_of({"model": {"decoding": {"seed": -2}}}) == [
-        "model.decoding.seed: must be >= 0, or -1 for a fresh random stream (got -2)"]
+        ("model.decoding.seed: must be >= 0 and <= 9223372036854775807, or -1 for a fresh random "
+        "stream (got -2)")]
 
 
 # --------------------------------------------------------------------------- bad values
@@ -159,7 +160,7 @@ def test_wrong_types_name_the_key_the_expected_and_the_given_type(
      "daemon.log_level: must be one of debug, info, warning, error (got 'trace')"),
     ({"daemon": {"max_pending_windows": 0}},
      "daemon.max_pending_windows: must be between 1 and 1000 (got 0)"),
-    ({"daemon": {"stop_timeout_s": 0}}, "daemon.stop_timeout_s: must be > 0 (got 0.0)"),
+    ({"daemon": {"stop_timeout_s": 0}}, "daemon.stop_timeout_s: must be > 0 and <= 3600 (got 0.0)"),
     ({"daemon": {"stop_timeout_s": float("inf")}},
      "daemon.stop_timeout_s: must be a finite number (got inf)"),
     ({"daemon": {"stop_timeout_s": float("nan")}},
@@ -177,7 +178,7 @@ def test_wrong_types_name_the_key_the_expected_and_the_given_type(
     ({"model": {"decoding": {"top_p": 1.5}}},
      "model.decoding.top_p: must be > 0 and <= 1 (got 1.5)"),
     ({"model": {"decoding": {"temperature": -0.5}}},
-     "model.decoding.temperature: must be > 0 (got -0.5)"),
+     "model.decoding.temperature: must be between 0.01 and 10 (got -0.5)"),
     ({"model": {"decoding": {"n_candidates": 0}}},
      "model.decoding.n_candidates: must be between 1 and 256 (got 0)"),
     ({"model": {"decoding": {"encoder_weight": 1.2}}},
@@ -192,12 +193,12 @@ def test_wrong_types_name_the_key_the_expected_and_the_given_type(
      "(got 4000)")),
     (source(channels=65), "sources.kitchen.channels: must be between 0 and 64 (got 65)"),
     (source(block_s=3), "sources.kitchen.block_s: must be between 0.005 and 2 (got 3.0)"),
-    (source(stall_s=0), "sources.kitchen.stall_s: must be > 0 (got 0.0)"),
-    (source(max_retries=-1), "sources.kitchen.max_retries: must be >= 0 (got -1)"),
+    (source(stall_s=0), "sources.kitchen.stall_s: must be > 0 and <= 3600 (got 0.0)"),
+    (source(max_retries=-1), "sources.kitchen.max_retries: must be between 0 and 1000000 (got -1)"),
     (source(backoff_initial_s=10, backoff_max_s=5),
      "sources.kitchen.backoff_max_s: must be >= backoff_initial_s (got 5 < 10)"),
     (source(backoff_initial_s=-1, backoff_max_s=0.5),
-     "sources.kitchen.backoff_initial_s: must be > 0 (got -1.0)"),
+     "sources.kitchen.backoff_initial_s: must be > 0 and <= 3600 (got -1.0)"),
 ])
 def test_bad_values_name_the_key_and_the_rule(doc: dict[str, Any], expected: str) -> None:
     assert problems_of(doc) == [expected]
