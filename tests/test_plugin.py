@@ -240,6 +240,20 @@ def test_bus_options_are_validated(fake_dist: FakeDist, options: dict[str, objec
         load_sink("x", f"fake-{tag_of(fake_dist)}", options)
 
 
+def test_bus_and_plugin_option_problems_come_together_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_sink("w", "websocket", {"accepts": "caption", "queue_size": 0, "port": -1})
+    keys = [line.split(":", 1)[0] for line in err.value.problems]
+    assert keys == ["sinks.w.accepts", "sinks.w.queue_size", "sinks.w.port"]
+
+
+def test_a_missing_plugin_and_bad_bus_options_come_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_sink("w", "nonexistent", {"queue_size": 0})
+    keys = [line.split(":", 1)[0] for line in err.value.problems]
+    assert keys == ["sinks.w.plugin", "sinks.w.queue_size"]
+
+
 def test_load_sinks_reports_every_failure(fake_dist: FakeDist) -> None:
     tag = tag_of(fake_dist)
     with pytest.raises(PluginError) as err:
