@@ -39,7 +39,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", metavar="URI",
                      help="capture this URI instead of the configured sources")
 
-    check = sub.add_parser("check-config", help="validate a config file")
+    check = sub.add_parser("check-config", help="validate a config file as `run` would, "
+                           "starting nothing")
     check.add_argument("path", nargs="?", type=Path, default=Path("config.toml"),
                        help="config file (default: ./config.toml)")
 
@@ -103,9 +104,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from streamcap.config import load_config
+    # The checks `run` makes before it starts: values, source URIs, and every named
+    # plugin's own option validation (nothing is started).
+    from streamcap.preflight import check_config_file
 
-    config = load_config(args.path)
+    config = check_config_file(args.path)
     names = ", ".join(config.sources) or "none (embedded default source)"
     sinks = ", ".join(f"{n} ({s.plugin})" for n, s in config.sinks.items()) or "none"
     print(f"{args.path}: valid; sources: {names}; sinks: {sinks}")
@@ -223,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return EXIT_USAGE
     except StreamcapError as exc:
-        print(f"streamcap: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"streamcap: error: {line}", file=sys.stderr)
         if args.debug:
             raise
         return EXIT_FAILURE

@@ -21,6 +21,15 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from streamcap.errors import ConfigError
+from streamcap.sources.base import (
+    MAX_BLOCK_S,
+    MAX_CHANNELS,
+    MAX_SAMPLE_RATE_HZ,
+    MIN_BLOCK_S,
+    MIN_SAMPLE_RATE_HZ,
+    parse_source_options,
+    parse_source_uri,
+)
 
 MIN_WINDOW_S: Final = 10.0
 MAX_WINDOW_S: Final = 30.0
@@ -32,6 +41,20 @@ DECODING_MODES: Final = ("sample", "beam")
 CODEC_PRECISIONS: Final = ("fp32", "model")
 SECRET_KEYS: Final = frozenset({"password", "token", "secret", "api_key", "passwd"})
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Decoding limits: what the decoders can do, and sane bounds for the rest.
+MAX_DECODE_TOKENS: Final = 512  # longest caption either decoder may produce
+MIN_SAMPLE_TOKENS: Final = 2  # sampling: the forced BOS and EOS
+MIN_BEAM_LENGTH: Final = 3  # beam search: decoder start, BOS and EOS
+MIN_TEMPERATURE: Final = 0.01  # below, logits / temperature overflows to inf and NaN
+MAX_TEMPERATURE: Final = 10.0  # above, sampling is uniform noise
+MAX_CANDIDATES: Final = 256
+MAX_BEAMS: Final = 64
+MAX_SEED: Final = 2**63 - 1
+# Bounds of the other durations, in seconds.
+MAX_TIMEOUT_S: Final = 3600.0  # stop_timeout_s, stall_s, backoff_initial_s
+MAX_BACKOFF_S: Final = 86400.0  # backoff_max_s, backoff_reset_s
+MAX_RETRIES: Final = 1_000_000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,7 +182,7 @@ class _Reader:
             self.fail(name, f"must be a finite number (got {value!r})")
             return default
         if check is not None and (message := check(value)) is not None:
-            self.fail(name, f"{message} (got {value!r})")
+            self.fail(name, f"{message} (got {_shown(value)})")
             return default
         return value  # type: ignore[no-any-return]
 
@@ -183,10 +206,19 @@ def _type_name(kind: type) -> str:
             list: "an array", dict: "a table"}.get(kind, kind.__name__)
 
 
+MAX_SHOWN: Final = 80
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 3]}..."
+
+
 def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"a boolean {str(value).lower()}"
-    return f"{_type_name(type(value))} {value!r}"
+    return f"{_type_name(type(value))} {_shown(value)}"
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
@@ -197,12 +229,17 @@ def _positive(v: float) -> str | None:
     return None if v > 0 else "must be > 0"
 
 
-def _non_negative(v: float) -> str | None:
-    return None if v >= 0 else "must be >= 0"
+def _positive_up_to(hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if 0 < v <= hi else f"must be > 0 and <= {hi:g}"
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
 
 
 def _in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo:g} and {hi:g}"
+    return lambda v: (None if lo <= v <= hi
+                      else f"must be between {_number(lo)} and {_number(hi)}")
 
 
 def _whole_ms(v: float) -> str | None:
@@ -221,7 +258,8 @@ def _read_daemon(r: _Reader) -> DaemonConfig:
         max_pending_windows=r.get("max_pending_windows", int, default.max_pending_windows,
                                   _in_range(1, 1000)),
         drain_on_stop=r.get("drain_on_stop", bool, default.drain_on_stop),
-        stop_timeout_s=r.get("stop_timeout_s", float, default.stop_timeout_s, _positive),
+        stop_timeout_s=r.get("stop_timeout_s", float, default.stop_timeout_s,
+                             _positive_up_to(MAX_TIMEOUT_S)),
         state_dir=r.get("state_dir", str, default.state_dir),
     )
 
@@ -230,21 +268,38 @@ def _read_decoding(r: _Reader) -> DecodingConfig:
     d = DecodingConfig()
     weight = _in_range(0.0, 1.0)
     seed = r.get("seed", int, -1,
-                 lambda v: None if v >= -1 else "must be >= 0, or -1 for a fresh random stream")
+                 lambda v: None if -1 <= v <= MAX_SEED else
+                 f"must be >= 0 and <= {MAX_SEED}, or -1 for a fresh random stream")
+    before = len(r.problems)
+    max_new_tokens = r.get("max_new_tokens", int, d.max_new_tokens,
+                           lambda v: None if MIN_SAMPLE_TOKENS <= v <= MAX_DECODE_TOKENS else
+                           f"must be between {MIN_SAMPLE_TOKENS} (the forced BOS and EOS) and "
+                           f"{MAX_DECODE_TOKENS}")
+    tokens_ok = len(r.problems) == before
+    no_repeat = r.get("no_repeat_ngram_size", int, d.no_repeat_ngram_size,
+                      _in_range(0, MAX_DECODE_TOKENS))
+    if tokens_ok and no_repeat > max_new_tokens:
+        # An n-gram longer than the longest caption can never repeat.
+        r.fail("no_repeat_ngram_size", f"must be 0 (off) or <= max_new_tokens "
+                                       f"(got {no_repeat} > {max_new_tokens})")
+        no_repeat = d.no_repeat_ngram_size
     return DecodingConfig(
         mode=r.get("mode", str, d.mode, _one_of(DECODING_MODES)),
-        n_candidates=r.get("n_candidates", int, d.n_candidates, _in_range(1, 256)),
+        n_candidates=r.get("n_candidates", int, d.n_candidates, _in_range(1, MAX_CANDIDATES)),
         top_p=r.get("top_p", float, d.top_p,
                     lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1"),
-        temperature=r.get("temperature", float, d.temperature, _positive),
-        max_new_tokens=r.get("max_new_tokens", int, d.max_new_tokens, _in_range(1, 512)),
-        no_repeat_ngram_size=r.get("no_repeat_ngram_size", int, d.no_repeat_ngram_size,
-                                   _non_negative),
+        temperature=r.get("temperature", float, d.temperature,
+                          _in_range(MIN_TEMPERATURE, MAX_TEMPERATURE)),
+        max_new_tokens=max_new_tokens,
+        no_repeat_ngram_size=no_repeat,
         encoder_weight=r.get("encoder_weight", float, d.encoder_weight, weight),
         decoder_weight=r.get("decoder_weight", float, d.decoder_weight, weight),
         fluency_threshold=r.get("fluency_threshold", float, d.fluency_threshold, weight),
-        num_beams=r.get("num_beams", int, d.num_beams, _in_range(1, 64)),
-        beam_max_length=r.get("beam_max_length", int, d.beam_max_length, _in_range(2, 512)),
+        num_beams=r.get("num_beams", int, d.num_beams, _in_range(1, MAX_BEAMS)),
+        beam_max_length=r.get("beam_max_length", int, d.beam_max_length,
+                              lambda v: None if MIN_BEAM_LENGTH <= v <= MAX_DECODE_TOKENS else
+                              f"must be between {MIN_BEAM_LENGTH} (decoder start, BOS and EOS) "
+                              f"and {MAX_DECODE_TOKENS}"),
         seed=None if seed < 0 else seed,
         explicit=frozenset(r.table),
     )
@@ -273,6 +328,9 @@ def _read_source(name: str, r: _Reader) -> SourceConfig:
     if "uri" not in r.table:
         r.fail("uri", "missing: every source needs a uri such as 'mic:default', "
                       "'file:/path/clip.wav?loop=true' or 'rtsp://camera/stream'")
+    elif uri:
+        for problem in _uri_problems(uri):
+            r.fail("uri", problem)
     window_in_range = _in_range(MIN_WINDOW_S, MAX_WINDOW_S)
     before = len(r.problems)
     window_s = r.get("window_s", float, d.window_s,
@@ -285,9 +343,11 @@ def _read_source(name: str, r: _Reader) -> SourceConfig:
     elif "hop_s" not in r.table and hop_s > window_s:
         hop_s = window_s
     before = len(r.problems)
-    backoff_initial_s = r.get("backoff_initial_s", float, d.backoff_initial_s, _positive)
+    backoff_initial_s = r.get("backoff_initial_s", float, d.backoff_initial_s,
+                              _positive_up_to(MAX_TIMEOUT_S))
     initial_ok = len(r.problems) == before
-    backoff_max_s = r.get("backoff_max_s", float, d.backoff_max_s, _positive)
+    backoff_max_s = r.get("backoff_max_s", float, d.backoff_max_s,
+                          _positive_up_to(MAX_BACKOFF_S))
     if initial_ok and backoff_max_s < backoff_initial_s:
         r.fail("backoff_max_s", f"must be >= backoff_initial_s "
                                 f"(got {backoff_max_s:g} < {backoff_initial_s:g})")
@@ -297,19 +357,35 @@ def _read_source(name: str, r: _Reader) -> SourceConfig:
         window_s=window_s,
         hop_s=hop_s,
         sample_rate_hz=r.get("sample_rate_hz", int, d.sample_rate_hz,
-                             lambda v: None if v == 0 or 8000 <= v <= 192000
-                             else "must be 0 (automatic) or between 8000 and 192000"),
-        channels=r.get("channels", int, d.channels, _in_range(0, 64)),
-        block_s=r.get("block_s", float, d.block_s, _in_range(0.005, 2.0)),
+                             lambda v: None if v == 0
+                             or MIN_SAMPLE_RATE_HZ <= v <= MAX_SAMPLE_RATE_HZ
+                             else f"must be 0 (automatic) or between {MIN_SAMPLE_RATE_HZ} "
+                                  f"and {MAX_SAMPLE_RATE_HZ}"),
+        channels=r.get("channels", int, d.channels, _in_range(0, MAX_CHANNELS)),
+        block_s=r.get("block_s", float, d.block_s, _in_range(MIN_BLOCK_S, MAX_BLOCK_S)),
         realtime=r.get("realtime", bool, d.realtime),
         loop=r.get("loop", bool, d.loop),
-        stall_s=r.get("stall_s", float, d.stall_s, _positive),
+        stall_s=r.get("stall_s", float, d.stall_s, _positive_up_to(MAX_TIMEOUT_S)),
         backoff_initial_s=backoff_initial_s,
         backoff_max_s=backoff_max_s,
-        backoff_reset_s=r.get("backoff_reset_s", float, d.backoff_reset_s, _positive),
-        max_retries=r.get("max_retries", int, d.max_retries, _non_negative),
+        backoff_reset_s=r.get("backoff_reset_s", float, d.backoff_reset_s,
+                              _positive_up_to(MAX_BACKOFF_S)),
+        max_retries=r.get("max_retries", int, d.max_retries, _in_range(0, MAX_RETRIES)),
         explicit=frozenset(r.table),
     )
+
+
+def _uri_problems(uri: str) -> list[str]:
+    """What is wrong with a source URI: its form, and the options in its query.
+
+    The options obey the ranges of the same keys in the table.
+    """
+    try:
+        kind, _target, params = parse_source_uri(uri)
+        parse_source_options(kind, {}, params)
+    except ConfigError as exc:
+        return exc.problems
+    return []
 
 
 def _read_sink(name: str, r: _Reader) -> SinkConfig:
@@ -358,11 +434,15 @@ def _named_tables(r: _Reader, section: str,
     return out
 
 
-def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
-    """Validate a parsed TOML document.
+def read_config(data: Mapping[str, Any],
+                path: Path | None = None) -> tuple[Config, list[str]]:
+    """Validate a parsed TOML document, reading on past every problem.
 
-    Raises:
-        ConfigError: with one line per problem, each naming its dotted key.
+    Returns:
+        The config, with each bad value replaced by its default and each bad
+        source or sink table left out, and every problem found, one line each
+        naming its dotted key (without the path). Only a config with no
+        problems is fit to use; :func:`parse_config` raises instead.
     """
     problems: list[str] = []
     top = _Reader(data, "", problems)
@@ -377,18 +457,34 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
     top.reject_unknown()
     if isinstance(data.get("sources"), Mapping) and not data["sources"]:
         problems.append("sources: at least one [sources.<name>] table is needed")
-    if problems:
-        where = f"{path}: " if path else ""
-        raise ConfigError([f"{where}{p}" for p in problems])
-    return Config(daemon=sections["daemon"], model=sections["model"], sources=sources,
-                  sinks=sinks, http=sections["http"], path=path)
+    config = Config(daemon=sections["daemon"], model=sections["model"], sources=sources,
+                    sinks=sinks, http=sections["http"], path=path)
+    return config, problems
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file.
+def located(problems: list[str], path: Path | None) -> list[str]:
+    """``problems`` each prefixed with ``"<path>: "`` (unchanged without a path)."""
+    return [f"{path}: {p}" for p in problems] if path else list(problems)
+
+
+def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
+    """Validate a parsed TOML document.
 
     Raises:
-        ConfigError: unreadable file, invalid TOML (with line and column) or bad values.
+        ConfigError: with one line per problem, each naming its dotted key.
+    """
+    config, problems = read_config(data, path)
+    if problems:
+        raise ConfigError(located(problems, path))
+    return config
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The TOML document in a file.
+
+    Raises:
+        ConfigError: one line naming the file: unreadable, not UTF-8, invalid
+            TOML (with line and column) or nested too deeply to parse.
     """
     p = Path(path)
     try:
@@ -398,12 +494,24 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from None
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
-    return parse_config(data, p)
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(f"{p}: invalid TOML: arrays or inline tables nested too deeply "
+                          f"to parse") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file.
+
+    Raises:
+        ConfigError: unreadable file, invalid TOML (with line and column) or bad values.
+    """
+    return parse_config(read_toml(path), Path(path))
 
 
 def default_config(source_uri: str | None = None) -> Config:

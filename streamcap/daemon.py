@@ -30,25 +30,18 @@ from pathlib import Path
 from streamcap import systemd
 from streamcap.audio.watchdog import WatchdogOptions
 from streamcap.audio.windowing import Windower
-from streamcap.bus import PluginBus, load_sinks
-from streamcap.bus.plugin import load_source_factory
-from streamcap.config import Config, SourceConfig, default_config, load_config, parse_config
+from streamcap.bus import PluginBus
+from streamcap.config import Config, SourceConfig, default_config, parse_config
 from streamcap.http import HealthReport, HttpServer
 from streamcap.logs import configure_logging, get_logger
 from streamcap.messages import AudioBlock, Published, SourceState, SourceStatus, Window
 from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
 from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
-from streamcap.sources.base import AudioSource, SourceFactory, parse_source_uri
+from streamcap.preflight import check_config_file, prepare
+from streamcap.sources.base import AudioSource
 from streamcap.stats import Metrics
 
 _log = get_logger(__name__)
-
-# Options each built-in source kind takes from a [sources.<name>] table; 0 means "automatic".
-_SOURCE_KEYS: Mapping[str, tuple[str, ...]] = {
-    "mic": ("sample_rate_hz", "channels", "block_s"),
-    "file": ("sample_rate_hz", "block_s", "realtime", "loop"),
-    "stream": ("sample_rate_hz", "block_s"),
-}
 
 
 def example_clip_uri() -> str:
@@ -66,9 +59,12 @@ def embedded_source_uri() -> str:
 
 
 def resolve_config(config_path: Path | None, source_uri: str | None) -> Config:
-    """The config file, or the embedded defaults; ``source_uri`` replaces every source."""
+    """The config file, or the embedded defaults; ``source_uri`` replaces every source.
+
+    A config file gets every check ``check-config`` runs, with the same messages.
+    """
     if config_path is not None:
-        config = load_config(config_path)
+        config = check_config_file(config_path)
     else:
         config = default_config(source_uri or embedded_source_uri())
     if source_uri is not None or not config.sources:
@@ -82,23 +78,6 @@ def resolve_config(config_path: Path | None, source_uri: str | None) -> Config:
                         sources=replacement.sources, sinks=config.sinks, http=config.http,
                         path=config.path)
     return config
-
-
-def source_options(source: SourceConfig, kind: str) -> dict[str, object]:
-    """The factory options the source table sets (defaults are the source's own).
-
-    Keys left out of the table are not passed, so options in the URI
-    (``file:clip.wav?loop=true``) apply unless the table overrides them.
-    """
-    out: dict[str, object] = {}
-    for key in _SOURCE_KEYS.get(kind, ("sample_rate_hz", "block_s")):
-        value = getattr(source, key)
-        if key not in source.explicit:
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and value == 0:
-            continue
-        out[key] = value
-    return out
 
 
 def state_root(config: Config) -> Path:
@@ -166,14 +145,10 @@ class Daemon:
         self._stop = asyncio.Event()
         self._statuses: dict[str, SourceStatus] = {}
         self._started_at = time.monotonic()
-        self._factories: dict[str, Callable[[], AudioSource]] = {}
-        for name, src in config.sources.items():
-            kind, _target, _params = parse_source_uri(src.uri)
-            factory = load_source_factory(kind, config_key=f"sources.{name}.uri")
-            options = source_options(src, kind)
-            factory(name, src.uri, options)  # validates the URI and options now, not at first use
-            self._factories[name] = _bind(factory, name, src.uri, options)
-        self._sinks = load_sinks((s.name, s.plugin, s.options) for s in config.sinks.values())
+        # The same checks as check-config: every URI, option and plugin, before anything starts.
+        prepared = prepare(config)
+        self._factories: dict[str, Callable[[], AudioSource]] = dict(prepared.sources)
+        self._sinks = dict(prepared.sinks)
         m = self.metrics
         self._windows = m.counter("streamcap_windows_total", "Windows cut, by source", ["source"])
         self._dropped = m.counter("streamcap_windows_dropped_total",
@@ -347,11 +322,6 @@ class Daemon:
 
 async def _all_done(tasks: list[asyncio.Task[SourceStatus]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _bind(factory: SourceFactory, name: str, uri: str,
-          options: Mapping[str, object]) -> Callable[[], AudioSource]:
-    return lambda: factory(name, uri, options)
 
 
 def _watchdog_options(src: SourceConfig) -> WatchdogOptions:

@@ -4,7 +4,7 @@
 
     StreamcapError
     ├── ConfigError          bad config file, key or value; CLI exit code 2, no traceback
-    ├── PluginError          entry point missing, import failed, or plugin fails the protocol
+    ├── PluginError          installed plugin fails to import, crashes or fails the protocol
     ├── SourceError          an audio source cannot deliver
     │   ├── SourceUnavailable    device, file or URL cannot be opened now; the watchdog retries
     │   └── SourceFormatError    the input exists but cannot be decoded (corrupt, unsupported)
@@ -36,7 +36,8 @@ class ConfigError(StreamcapError):
 
 
 class PluginError(StreamcapError):
-    """A plugin could not be found, imported or verified."""
+    """An installed plugin could not be imported or verified (one the config names but
+    that is not installed is a ConfigError)."""
 
 
 class SourceError(StreamcapError):

@@ -111,7 +111,8 @@ def test_check_config_valid_file(tmp_path: Path) -> None:
     path = tmp_path / "ok.toml"
     path.write_text('[sources.kitchen]\nuri = "mic:default"\nwindow_s = 20\nhop_s = 5\n'
                     '[sinks.ws]\nplugin = "websocket"\ntoken_env = "WS_TOKEN"\n')
-    done = run_cli("check-config", str(path))
+    # The sink's own checks run too: token_env must name a variable that is set.
+    done = run_cli("check-config", str(path), env={**os.environ, "WS_TOKEN": "s3cret"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{path}: valid; sources: kitchen; sinks: ws (websocket)"
     assert done.stderr == ""
@@ -169,6 +170,145 @@ def test_check_config_not_utf8_and_directory(tmp_path: Path) -> None:
     assert done.returncode == 2
     [line] = errors(done.stderr)
     assert line.startswith(f"{tmp_path}: cannot read config file")
+
+
+# Malformed configs that `run` refuses, each with the dotted key its error must name. Each
+# is a complete file: a valid source (unless the source is the problem) plus the variant.
+_SOURCE = '[sources.kitchen]\nuri = "mic:default"\n'
+REFUSED: list[tuple[str, str, str]] = [
+    # (test id, TOML text, key)
+    *[(f"uri-{uri}", f'[sources.kitchen]\nuri = "{uri}"\n', "sources.kitchen.uri") for uri in (
+        "nope", "file:", "mic:", "rtsp://", "ftp://h/x", "hls+http://", "file://server/x.wav",
+        "file:/x.wav?loop=maybe", "file:/x.wav?realtime=perhaps", "file:/x.wav?unknown=1",
+        "file:/x.wav?block_s=nan", "file:/x.wav?block_s=inf", "file:/x.wav?block_s=0.001",
+        "file:/x.wav?block_s=5", "file:/x.wav?sample_rate_hz=-5",
+        "file:/x.wav?sample_rate_hz=4000", "file:/x.wav?sample_rate_hz=1e9",
+        "file:/x.wav?ffmpeg=")],
+    ("sink-plugin-missing", _SOURCE + '[sinks.out]\nplugin = "nonexistent"\n',
+     "sinks.out.plugin"),
+    ("ws-host-empty", _SOURCE + '[sinks.live]\nplugin = "websocket"\nhost = ""\n',
+     "sinks.live.host"),
+    ("ws-host-int", _SOURCE + '[sinks.live]\nplugin = "websocket"\nhost = 5\n',
+     "sinks.live.host"),
+    ("ws-port-negative", _SOURCE + '[sinks.live]\nplugin = "websocket"\nport = -1\n',
+     "sinks.live.port"),
+    ("ws-port-high", _SOURCE + '[sinks.live]\nplugin = "websocket"\nport = 70000\n',
+     "sinks.live.port"),
+    ("ws-open-without-token", _SOURCE + '[sinks.live]\nplugin = "websocket"\nhost = "0.0.0.0"\n',
+     "sinks.live.host"),
+    ("ws-token-unset",
+     _SOURCE + '[sinks.live]\nplugin = "websocket"\ntoken_env = "STREAMCAP_TEST_UNSET"\n',
+     "sinks.live.token_env"),
+    ("ws-tls-half", _SOURCE + '[sinks.live]\nplugin = "websocket"\ntls_cert = "/x.pem"\n',
+     "sinks.live.tls_key"),
+    ("ws-backfill", _SOURCE + '[sinks.live]\nplugin = "websocket"\nbackfill = -1\n',
+     "sinks.live.backfill"),
+    ("ws-unknown", _SOURCE + '[sinks.live]\nplugin = "websocket"\ncolour = "red"\n',
+     "sinks.live.colour"),
+    ("sink-queue-size", _SOURCE + '[sinks.live]\nplugin = "websocket"\nqueue_size = 0\n',
+     "sinks.live.queue_size"),
+    ("sink-accepts", _SOURCE + '[sinks.live]\nplugin = "websocket"\naccepts = ["bogus"]\n',
+     "sinks.live.accepts"),
+    ("mqtt-host-empty", _SOURCE + '[sinks.broker]\nplugin = "mqtt"\nhost = ""\n',
+     "sinks.broker.host"),
+    ("mqtt-host-int", _SOURCE + '[sinks.broker]\nplugin = "mqtt"\nhost = 5\n',
+     "sinks.broker.host"),
+    ("mqtt-port", _SOURCE + '[sinks.broker]\nplugin = "mqtt"\nport = -1\n', "sinks.broker.port"),
+    ("mqtt-qos", _SOURCE + '[sinks.broker]\nplugin = "mqtt"\nqos_caption = 3\n',
+     "sinks.broker.qos_caption"),
+    ("mqtt-password-unset", _SOURCE + '[sinks.broker]\nplugin = "mqtt"\nusername = "u"\n'
+     'password_env = "STREAMCAP_TEST_UNSET"\n', "sinks.broker.password_env"),
+    *[(f"decoding-{key}-{value}", f"[model.decoding]\n{key} = {value}\n" + _SOURCE,
+       f"model.decoding.{key}") for key, value in (
+        ("temperature", "1e308"), ("temperature", "1e-320"), ("temperature", "0"),
+        ("top_p", "1e308"), ("top_p", "0"),
+        ("no_repeat_ngram_size", str(2**63)), ("no_repeat_ngram_size", "31"),
+        ("max_new_tokens", "1"), ("max_new_tokens", "100000"), ("beam_max_length", "2"),
+        ("num_beams", "0"), ("num_beams", str(2**63)), ("n_candidates", "1000000"),
+        ("seed", str(2**64)), ("encoder_weight", "1e308"))],
+    ("stop-timeout", '[daemon]\nstop_timeout_s = 1e308\n' + _SOURCE, "daemon.stop_timeout_s"),
+    ("stall", _SOURCE + "stall_s = 1e308\n", "sources.kitchen.stall_s"),
+    ("backoff-reset", _SOURCE + "backoff_reset_s = 1e308\n", "sources.kitchen.backoff_reset_s"),
+    ("backoff-max", _SOURCE + "backoff_max_s = 1e308\n", "sources.kitchen.backoff_max_s"),
+    ("retries", _SOURCE + f"max_retries = {2**63}\n", "sources.kitchen.max_retries"),
+    ("threads", '[model]\nthreads = 1000000\n' + _SOURCE, "model.threads"),
+]
+
+
+def _check_config_in_process(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from streamcap.cli import main
+
+    code = main(["check-config", str(path)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "key"), [(t, k) for _, t, k in REFUSED],
+                         ids=[i for i, _, _ in REFUSED])
+def test_check_config_refuses_what_run_refuses_with_the_same_lines(
+        tmp_path: Path, text: str, key: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamcap.daemon import resolve_config
+    from streamcap.errors import ConfigError
+
+    monkeypatch.delenv("STREAMCAP_TEST_UNSET", raising=False)
+    path = tmp_path / "bad.toml"
+    path.write_text(text, encoding="utf-8")
+    code, stderr = _check_config_in_process(path, capsys)
+    assert code == 2, stderr
+    lines = errors(stderr)
+    assert lines, stderr
+    assert any(line.startswith(f"{path}: {key}: ") for line in lines), lines
+    assert "Traceback" not in stderr
+    # The daemon's own validation (what `run` does with --config) says the same.
+    with pytest.raises(ConfigError) as info:
+        resolve_config(path, None)
+    assert info.value.problems == lines
+
+
+def test_check_config_reports_value_and_plugin_problems_at_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[model.decoding]\ntemperature = 1e-320\n'
+                    '[sources.kitchen]\nuri = "file:/x.wav?loop=maybe"\n'
+                    '[sources.hall]\nuri = "mic:default"\n'
+                    '[sinks.live]\nplugin = "websocket"\nport = -1\nqueue_size = 0\n'
+                    '[sinks.broker]\nplugin = "mqtt"\nhost = ""\n'
+                    '[sinks.out]\nplugin = "nonexistent"\n', encoding="utf-8")
+    code, stderr = _check_config_in_process(path, capsys)
+    assert code == 2
+    keys = [line.split(": ")[1] for line in errors(stderr)]
+    assert keys == ["model.decoding.temperature", "sources.kitchen.uri", "sinks.live.queue_size",
+                    "sinks.live.port", "sinks.broker.host", "sinks.out.plugin"]
+
+
+def test_run_refuses_a_bad_config_with_the_check_config_lines(tmp_path: Path) -> None:
+    """The real `streamcap run`: exit 2 before anything starts, the same lines, no traceback."""
+    path = tmp_path / "bad.toml"
+    path.write_text('[model.decoding]\nno_repeat_ngram_size = 9223372036854775808\n'
+                    '[sources.kitchen]\nuri = "file:/x.wav?block_s=nan"\n'
+                    '[sinks.live]\nplugin = "websocket"\nhost = "0.0.0.0"\n'
+                    '[sinks.out]\nplugin = "nonexistent"\n', encoding="utf-8")
+    checked = run_cli("check-config", str(path))
+    ran = run_cli("run", "--config", str(path))
+    assert (checked.returncode, ran.returncode) == (2, 2), ran.stderr
+    assert len(errors(checked.stderr)) == 4
+    assert errors(ran.stderr) == errors(checked.stderr)
+
+
+@pytest.mark.parametrize("nested", [
+    "x = " + "[" * 5000 + "]" * 5000,
+    "x = " + "{a = " * 3000 + "1" + "}" * 3000,
+    "[sources.kitchen]\nuri = " + "[" * 5000 + "]" * 5000,
+], ids=["arrays", "inline-tables", "under-a-key"])
+def test_deeply_nested_toml_is_one_line_naming_the_file(tmp_path: Path, nested: str) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(nested + "\n", encoding="utf-8")
+    for command in (("check-config", str(path)), ("run", "--config", str(path))):
+        done = run_cli(*command)
+        assert done.returncode == 2, done.stderr
+        assert errors(done.stderr) == [
+            f"{path}: invalid TOML: arrays or inline tables nested too deeply to parse"]
+        assert done.stderr.count("\n") == 1
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

@@ -87,7 +87,8 @@ def test_seed_unset_or_minus_one_means_fresh_randomness() -> None:
     assert parse_config({"model": {"decoding": {"seed": -1}}}).model.decoding.seed is None
     assert parse_config({"model": {"decoding": {"seed": 1234}}}).model.decoding.seed == 1234
     assert problems_of({"model": {"decoding": {"seed": -2}}}) == [
-        "model.decoding.seed: must be >= 0, or -1 for a fresh random stream (got -2)"]
+        ("model.decoding.seed: must be >= 0 and <= 9223372036854775807, or -1 for a fresh random "
+        "stream (got -2)")]
 
 
 # --------------------------------------------------------------------------- bad values
@@ -159,7 +160,7 @@ def test_wrong_types_name_the_key_the_expected_and_the_given_type(
      "daemon.log_level: must be one of debug, info, warning, error (got 'trace')"),
     ({"daemon": {"max_pending_windows": 0}},
      "daemon.max_pending_windows: must be between 1 and 1000 (got 0)"),
-    ({"daemon": {"stop_timeout_s": 0}}, "daemon.stop_timeout_s: must be > 0 (got 0.0)"),
+    ({"daemon": {"stop_timeout_s": 0}}, "daemon.stop_timeout_s: must be > 0 and <= 3600 (got 0.0)"),
     ({"daemon": {"stop_timeout_s": float("inf")}},
      "daemon.stop_timeout_s: must be a finite number (got inf)"),
     ({"daemon": {"stop_timeout_s": float("nan")}},
@@ -177,7 +178,7 @@ def test_wrong_types_name_the_key_the_expected_and_the_given_type(
     ({"model": {"decoding": {"top_p": 1.5}}},
      "model.decoding.top_p: must be > 0 and <= 1 (got 1.5)"),
     ({"model": {"decoding": {"temperature": -0.5}}},
-     "model.decoding.temperature: must be > 0 (got -0.5)"),
+     "model.decoding.temperature: must be between 0.01 and 10 (got -0.5)"),
     ({"model": {"decoding": {"n_candidates": 0}}},
      "model.decoding.n_candidates: must be between 1 and 256 (got 0)"),
     ({"model": {"decoding": {"encoder_weight": 1.2}}},
@@ -192,15 +193,96 @@ def test_wrong_types_name_the_key_the_expected_and_the_given_type(
      "(got 4000)")),
     (source(channels=65), "sources.kitchen.channels: must be between 0 and 64 (got 65)"),
     (source(block_s=3), "sources.kitchen.block_s: must be between 0.005 and 2 (got 3.0)"),
-    (source(stall_s=0), "sources.kitchen.stall_s: must be > 0 (got 0.0)"),
-    (source(max_retries=-1), "sources.kitchen.max_retries: must be >= 0 (got -1)"),
+    (source(stall_s=0), "sources.kitchen.stall_s: must be > 0 and <= 3600 (got 0.0)"),
+    (source(max_retries=-1), "sources.kitchen.max_retries: must be between 0 and 1000000 (got -1)"),
     (source(backoff_initial_s=10, backoff_max_s=5),
      "sources.kitchen.backoff_max_s: must be >= backoff_initial_s (got 5 < 10)"),
     (source(backoff_initial_s=-1, backoff_max_s=0.5),
-     "sources.kitchen.backoff_initial_s: must be > 0 (got -1.0)"),
+     "sources.kitchen.backoff_initial_s: must be > 0 and <= 3600 (got -1.0)"),
 ])
 def test_bad_values_name_the_key_and_the_rule(doc: dict[str, Any], expected: str) -> None:
     assert problems_of(doc) == [expected]
+
+
+@pytest.mark.parametrize(("decoding", "expected"), [
+    ({"temperature": 1e308}, "temperature: must be between 0.01 and 10 (got 1e+308)"),
+    ({"temperature": 1e-320}, "temperature: must be between 0.01 and 10 (got 1e-320)"),
+    ({"temperature": 0.009}, "temperature: must be between 0.01 and 10 (got 0.009)"),
+    ({"no_repeat_ngram_size": 2**63},
+     f"no_repeat_ngram_size: must be between 0 and 512 (got {2**63})"),
+    ({"no_repeat_ngram_size": 31},
+     "no_repeat_ngram_size: must be 0 (off) or <= max_new_tokens (got 31 > 30)"),
+    ({"no_repeat_ngram_size": 5, "max_new_tokens": 4},
+     "no_repeat_ngram_size: must be 0 (off) or <= max_new_tokens (got 5 > 4)"),
+    ({"max_new_tokens": 1},
+     "max_new_tokens: must be between 2 (the forced BOS and EOS) and 512 (got 1)"),
+    ({"beam_max_length": 2},
+     "beam_max_length: must be between 3 (decoder start, BOS and EOS) and 512 (got 2)"),
+    ({"num_beams": 2**63}, f"num_beams: must be between 1 and 64 (got {2**63})"),
+    ({"seed": 2**64},
+     f"seed: must be >= 0 and <= {2**63 - 1}, or -1 for a fresh random stream (got {2**64})"),
+])
+def test_decoding_numbers_are_bounded_by_what_the_decoders_can_do(
+        decoding: dict[str, Any], expected: str) -> None:
+    assert problems_of({"model": {"decoding": decoding}}) == [f"model.decoding.{expected}"]
+
+
+def test_decoding_limits_are_accepted() -> None:
+    decoding = parse_config({"model": {"decoding": {
+        "temperature": 10, "top_p": 1e-9, "max_new_tokens": 2, "no_repeat_ngram_size": 2,
+        "beam_max_length": 3, "num_beams": 64, "seed": 2**63 - 1}}}).model.decoding
+    assert (decoding.temperature, decoding.max_new_tokens, decoding.no_repeat_ngram_size,
+            decoding.beam_max_length, decoding.seed) == (10.0, 2, 2, 3, 2**63 - 1)
+
+
+@pytest.mark.parametrize(("doc", "expected"), [
+    ({"daemon": {"stop_timeout_s": 1e308}},
+     "daemon.stop_timeout_s: must be > 0 and <= 3600 (got 1e+308)"),
+    (source(stall_s=1e308), "sources.kitchen.stall_s: must be > 0 and <= 3600 (got 1e+308)"),
+    (source(backoff_max_s=1e308),
+     "sources.kitchen.backoff_max_s: must be > 0 and <= 86400 (got 1e+308)"),
+    (source(backoff_reset_s=1e308),
+     "sources.kitchen.backoff_reset_s: must be > 0 and <= 86400 (got 1e+308)"),
+    (source(max_retries=2**63),
+     f"sources.kitchen.max_retries: must be between 0 and 1000000 (got {2**63})"),
+])
+def test_durations_and_counts_have_upper_bounds(doc: dict[str, Any], expected: str) -> None:
+    assert problems_of(doc) == [expected]
+
+
+@pytest.mark.parametrize(("uri", "fragment"), [
+    ("nope", "source uri 'nope' has no scheme"),
+    ("file:", "source uri 'file:' names no file"),
+    ("mic:", "source uri 'mic:' names no device"),
+    ("rtsp://", "source uri 'rtsp://' is not a URL"),
+    ("ftp://h/x", "source uri 'ftp://h/x' has unknown scheme 'ftp'"),
+    ("file:/x.wav?loop=maybe", "source option 'loop': expected true or false, got 'maybe'"),
+    ("file:/x.wav?unknown=1", "unknown option 'unknown' for a file source"),
+    ("file:/x.wav?block_s=nan", "source option 'block_s': expected a number from 0.005 to 2"),
+    ("file:/x.wav?block_s=0.004", "source option 'block_s': expected a number from 0.005 to 2"),
+    ("file:/x.wav?sample_rate_hz=-5",
+     "source option 'sample_rate_hz': expected an integer from 8000 to 192000, got '-5'"),
+    ("file:/x.wav?sample_rate_hz=4000",
+     "source option 'sample_rate_hz': expected an integer from 8000 to 192000, got '4000'"),
+])
+def test_source_uris_and_their_options_are_checked(uri: str, fragment: str) -> None:
+    [problem] = problems_of(source(uri=uri))
+    assert problem.startswith(f"sources.kitchen.uri: {fragment}"), problem
+
+
+def test_uri_options_obey_the_ranges_of_the_table_keys() -> None:
+    # The same value is refused in the table and in the URI, and the limits are accepted in both.
+    for key, bad, good in (("block_s", 3, 2), ("sample_rate_hz", 4000, 8000)):
+        assert problems_of(source(**{key: bad}))
+        assert problems_of(source(uri=f"file:/x.wav?{key}={bad}"))
+        parse_config(source(**{key: good}))
+        parse_config(source(uri=f"file:/x.wav?{key}={good}"))
+
+
+def test_a_huge_value_is_shown_cut_short() -> None:
+    [problem] = problems_of({"model": {"bundle": [[[["x" * 500]]]]}})
+    assert problem.startswith("model.bundle: expected a string (got an array [[[['xxx")
+    assert problem.endswith("...)") and len(problem) < 160
 
 
 def test_a_source_without_uri_says_what_a_uri_looks_like() -> None:
@@ -345,6 +427,21 @@ def test_invalid_toml_gives_line_and_column(tmp_path: Path) -> None:
     [problem] = info.value.problems
     assert problem.startswith(f"{path}: invalid TOML: ")
     assert "line 3, column 14" in problem
+
+
+@pytest.mark.parametrize("text", [
+    "x = " + "[" * 5000 + "]" * 5000,
+    "x = " + "{a = " * 3000 + "1" + "}" * 3000,
+    "[model]\nbundle = " + "[" * 2000 + "]" * 2000,
+])
+def test_toml_nested_too_deeply_is_one_problem_naming_the_file(tmp_path: Path,
+                                                               text: str) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems == [
+        f"{path}: invalid TOML: arrays or inline tables nested too deeply to parse"]
 
 
 def test_non_utf8_file(tmp_path: Path) -> None:

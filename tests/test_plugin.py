@@ -174,8 +174,9 @@ def test_load_sink_defaults_to_everything_the_sink_supports(fake_dist: FakeDist)
 
 
 def test_missing_plugin_names_config_entry_and_installed_plugins(fake_dist: FakeDist) -> None:
+    # A config naming a plugin that is not there is a configuration problem (exit 2).
     tag = tag_of(fake_dist)
-    with pytest.raises(PluginError) as err:
+    with pytest.raises(ConfigError) as err:
         load_sink("ha", "mqqt", {})
     msg = str(err.value)
     assert msg.startswith("sinks.ha.plugin: no sink plugin named 'mqqt' is installed")
@@ -239,14 +240,30 @@ def test_bus_options_are_validated(fake_dist: FakeDist, options: dict[str, objec
         load_sink("x", f"fake-{tag_of(fake_dist)}", options)
 
 
+def test_bus_and_plugin_option_problems_come_together_once() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_sink("w", "websocket", {"accepts": "caption", "queue_size": 0, "port": -1})
+    keys = [line.split(":", 1)[0] for line in err.value.problems]
+    assert keys == ["sinks.w.accepts", "sinks.w.queue_size", "sinks.w.port"]
+
+
+def test_a_missing_plugin_and_bad_bus_options_come_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_sink("w", "nonexistent", {"queue_size": 0})
+    keys = [line.split(":", 1)[0] for line in err.value.problems]
+    assert keys == ["sinks.w.plugin", "sinks.w.queue_size"]
+
+
 def test_load_sinks_reports_every_failure(fake_dist: FakeDist) -> None:
     tag = tag_of(fake_dist)
     with pytest.raises(PluginError) as err:
-        load_sinks([("a", f"fake-{tag}", {"queue_size": 0}), ("b", "nope", {}),
-                    ("c", f"fake-{tag}", {})])
+        load_sinks([("a", f"fake-{tag}", {"queue_size": 0}), ("b", f"broken-{tag}", {}),
+                    ("c", f"fake-{tag}", {}), ("d", "nope", {})])
     lines = str(err.value).splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("sinks.b.plugin:") and lines[1].startswith("sinks.a.queue_size:")
+    assert len(lines) == 3
+    assert lines[0].startswith("sinks.b.plugin: cannot load")
+    assert lines[1].startswith("sinks.a.queue_size:")
+    assert lines[2].startswith("sinks.d.plugin: no sink plugin named 'nope'")
     with pytest.raises(ConfigError) as cerr:
         load_sinks([("a", f"fake-{tag}", {"queue_size": 0}),
                     ("b", f"fake-{tag}", {"accepts": ["x"]})])
@@ -273,7 +290,7 @@ def test_load_source_factory(fake_dist: FakeDist) -> None:
     factory = load_source_factory(f"fakesrc-{tag}")
     made: object = factory("kitchen", "x:1", {"a": 1})
     assert made == ("kitchen", "x:1", {"a": 1})
-    with pytest.raises(PluginError, match=r"^sources\.k\.uri: no source plugin named 'nope'"):
+    with pytest.raises(ConfigError, match=r"^sources\.k\.uri: no source plugin named 'nope'"):
         load_source_factory("nope", config_key="sources.k.uri")
 
 

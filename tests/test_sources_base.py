@@ -125,6 +125,40 @@ def test_bad_options_name_the_key(kind: str, options: dict[str, object], fragmen
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("kind", "key", "value"),
+    [
+        ("file", "block_s", "nan"),
+        ("file", "block_s", "inf"),
+        ("file", "block_s", "0.001"),
+        ("file", "block_s", "2.5"),
+        ("file", "block_s", 1e-320),
+        ("file", "sample_rate_hz", "-5"),
+        ("file", "sample_rate_hz", "7999"),
+        ("file", "sample_rate_hz", "192001"),
+        ("file", "sample_rate_hz", 10**12),
+        ("mic", "channels", 65),
+        ("mic", "channels", 0),
+        ("stream", "probe_s", 0),
+        ("stream", "probe_s", 61),
+    ],
+)
+def test_values_obey_the_config_table_ranges_wherever_they_come_from(
+    kind: str, key: str, value: object
+) -> None:
+    for options, params in (({key: value}, {}), ({}, {key: str(value)})):
+        with pytest.raises(ConfigError) as err:
+            parse_source_options(kind, options, params)
+        [problem] = err.value.problems
+        assert problem.startswith(f"source option {key!r}: expected "), problem
+
+
+def test_range_limits_are_accepted() -> None:
+    opts = parse_source_options("file", {}, {"block_s": "0.005", "sample_rate_hz": "192000"})
+    assert (opts.block_s, opts.sample_rate_hz) == (0.005, 192000)
+    assert parse_source_options("mic", {"channels": 64, "block_s": 2}).channels == 64
+
+
 def test_all_problems_reported_at_once() -> None:
     with pytest.raises(ConfigError) as err:
         parse_source_options("mic", {"a": 1, "b": 2, "block_s": -1})

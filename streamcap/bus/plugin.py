@@ -8,9 +8,12 @@ third-party plugins::
 
 A sink entry point is a factory ``create_sink(instance, options) -> Sink``
 that validates its own options (raising :class:`~streamcap.errors.ConfigError`
-naming ``sinks.<instance>.<key>``). Only the plugins named in the config are
-loaded: nothing is imported for an entry point that no ``[sinks.*]`` table
-names.
+naming ``sinks.<instance>.<key>``). It must not start anything (no sockets,
+threads or tasks: that is ``run``'s business), because ``streamcap
+check-config`` calls it too, to validate a config, and then drops the sink.
+The same holds for a source's ``create_source``. Only the plugins named in
+the config are loaded: nothing is imported for an entry point that no
+``[sinks.*]`` table names.
 
 Two options every sink table may carry are handled by the bus:
 
@@ -172,8 +175,9 @@ def _find(group: str, plugin: str, key: str, what: str) -> metadata.EntryPoint:
     eps = _entry_points(group)
     matches = [ep for ep in eps if ep.name == plugin]
     if not matches:
+        # The config names something that is not there: a configuration problem.
         installed = ", ".join(sorted({ep.name for ep in eps})) or "none"
-        raise PluginError(
+        raise ConfigError(
             f"{key}: no {what} plugin named {plugin!r} is installed (entry point group "
             f"{group}); installed: {installed}"
         )
@@ -261,32 +265,52 @@ def load_sink(instance: str, plugin_name: str, options: Mapping[str, object]) ->
         The configured sink.
 
     Raises:
-        PluginError: The plugin is not installed (the message lists what is),
-            fails to import (the message names the entry point and its
-            distribution), or does not satisfy :class:`Sink`.
-        ConfigError: The options are invalid (from the factory, or
-            ``accepts`` / ``queue_size``).
+        PluginError: The plugin fails to import (the message names the entry
+            point and its distribution), is installed twice, or does not
+            satisfy :class:`Sink`.
+        ConfigError: The plugin is not installed (the message lists what is),
+            or the options are invalid (from the factory, or ``accepts`` /
+            ``queue_size``).
     """
     key = f"sinks.{instance}.plugin"
-    configured = _read_accepts(instance, options["accepts"]) if "accepts" in options else None
-    queue_size = (_read_queue_size(instance, options["queue_size"])
-                  if "queue_size" in options else DEFAULT_MAX_PENDING)
-    ep = _find(SINKS_GROUP, plugin_name, key, "sink")
+    # Every problem at once: the bus's own options, then the plugin's.
+    problems: list[str] = []
+    configured: frozenset[str] | None = None
+    queue_size = DEFAULT_MAX_PENDING
+    plugin_options = {k: v for k, v in options.items() if k not in BUS_ONLY_OPTIONS}
+    try:
+        if "accepts" in options:
+            configured = _read_accepts(instance, options["accepts"])
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        del plugin_options["accepts"]  # reported once, not again by the plugin
+    try:
+        if "queue_size" in options:
+            queue_size = _read_queue_size(instance, options["queue_size"])
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    try:
+        ep = _find(SINKS_GROUP, plugin_name, key, "sink")
+    except ConfigError as exc:
+        raise ConfigError(exc.problems + problems) from None
     info = _info(ep)
     factory = _load(ep, key, "sink")
     if not callable(factory):
         raise PluginError(f"{key}: sink plugin {plugin_name!r} ({info.describe()}) is not "
                           f"callable; expected create_sink(instance, options)")
-    plugin_options = {k: v for k, v in options.items() if k not in BUS_ONLY_OPTIONS}
     try:
         made = factory(instance, plugin_options)
-    except (ConfigError, PluginError):
+    except ConfigError as exc:
+        raise ConfigError(problems + exc.problems) from None
+    except PluginError:
         raise
     except Exception as exc:
         raise PluginError(
             f"sinks.{instance}: sink plugin {plugin_name!r} ({info.describe()}) failed to "
             f"create the sink: {type(exc).__name__}: {exc}"
         ) from exc
+    if problems:
+        raise ConfigError(problems)
     sink = _check_sink(made, instance, info)
     supported = frozenset(sink.accepts)
     accepts = supported if configured is None else configured
@@ -329,7 +353,8 @@ def load_source_factory(plugin_name: str, *, config_key: str | None = None) -> S
             (e.g. ``sources.kitchen.uri``).
 
     Raises:
-        PluginError: Not installed, failed to import, or not callable.
+        ConfigError: Not installed (the message lists what is).
+        PluginError: Installed twice, failed to import, or not callable.
     """
     key = config_key or f"source plugin {plugin_name!r}"
     ep = _find(SOURCES_GROUP, plugin_name, key, "source")

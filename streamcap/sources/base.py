@@ -56,6 +56,15 @@ _REDACTED = "***"
 DEFAULT_BLOCK_S = 0.1
 DEFAULT_STREAM_RATE_HZ = 48000
 
+# The ranges of the options, the same whether a value comes from a [sources.<name>]
+# table or from a ``file:`` URI's query (``config`` checks the table against them too).
+MIN_SAMPLE_RATE_HZ = 8000
+MAX_SAMPLE_RATE_HZ = 192000
+MAX_CHANNELS = 64
+MIN_BLOCK_S = 0.005
+MAX_BLOCK_S = 2.0
+MAX_PROBE_S = 60.0
+
 
 @runtime_checkable
 class AudioSource(Protocol):
@@ -232,9 +241,10 @@ def _as_bool(key: str, value: object) -> bool:
     raise ConfigError(f"source option {key!r}: expected true or false, got {value!r}")
 
 
-def _as_positive_int(key: str, value: object) -> int:
+def _as_int_in(key: str, value: object, lo: int, hi: int) -> int:
+    expected = f"expected an integer from {lo} to {hi}, got {value!r}"
     if isinstance(value, bool):
-        raise ConfigError(f"source option {key!r}: expected a positive integer, got {value!r}")
+        raise ConfigError(f"source option {key!r}: {expected}")
     if isinstance(value, int):
         result = value
     elif isinstance(value, str) and value.strip().isdigit():
@@ -242,21 +252,25 @@ def _as_positive_int(key: str, value: object) -> int:
     elif isinstance(value, float) and value.is_integer():
         result = int(value)
     else:
-        raise ConfigError(f"source option {key!r}: expected a positive integer, got {value!r}")
-    if result <= 0:
-        raise ConfigError(f"source option {key!r}: expected a positive integer, got {value!r}")
+        raise ConfigError(f"source option {key!r}: {expected}")
+    if not lo <= result <= hi:
+        raise ConfigError(f"source option {key!r}: {expected}")
     return result
 
 
-def _as_positive_float(key: str, value: object) -> float:
+def _as_float_in(key: str, value: object, lo: float, hi: float, *, above: bool = False) -> float:
+    """A number in ``[lo, hi]`` (``(lo, hi]`` when ``above``); NaN and infinities never are."""
+    low = f"above {lo:g}" if above else f"from {lo:g}"
+    expected = f"expected a number {low} to {hi:g}, got {value!r}"
     if isinstance(value, bool):
-        raise ConfigError(f"source option {key!r}: expected a positive number, got {value!r}")
+        raise ConfigError(f"source option {key!r}: {expected}")
     try:
         result = float(value) if isinstance(value, int | float | str) else float("nan")
-    except ValueError:
+    except (ValueError, OverflowError):
         result = float("nan")
-    if not result > 0 or result == float("inf"):
-        raise ConfigError(f"source option {key!r}: expected a positive number, got {value!r}")
+    in_range = (lo < result if above else lo <= result) and result <= hi  # False for NaN
+    if not in_range:
+        raise ConfigError(f"source option {key!r}: {expected}")
     return result
 
 
@@ -266,6 +280,10 @@ def parse_source_options(
     uri_params: Mapping[str, str] | None = None,
 ) -> SourceOptions:
     """Validate a source's options (from config and from the URI query) for ``kind``.
+
+    A value obeys the same range wherever it comes from: ``file:x.wav?block_s=9``
+    is refused like ``block_s = 9`` in the table (sample_rate_hz 8000-192000,
+    channels 1-64, block_s 0.005-2 s, probe_s up to 60 s; NaN and infinities never).
 
     Args:
         kind: ``"mic"``, ``"file"`` or ``"stream"``.
@@ -289,10 +307,14 @@ def parse_source_options(
             )
             continue
         try:
-            if key in ("sample_rate_hz", "channels"):
-                values[key] = _as_positive_int(key, value)
-            elif key in ("block_s", "probe_s"):
-                values[key] = _as_positive_float(key, value)
+            if key == "sample_rate_hz":
+                values[key] = _as_int_in(key, value, MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ)
+            elif key == "channels":
+                values[key] = _as_int_in(key, value, 1, MAX_CHANNELS)
+            elif key == "block_s":
+                values[key] = _as_float_in(key, value, MIN_BLOCK_S, MAX_BLOCK_S)
+            elif key == "probe_s":
+                values[key] = _as_float_in(key, value, 0.0, MAX_PROBE_S, above=True)
             elif key in ("realtime", "loop"):
                 values[key] = _as_bool(key, value)
             elif key == "ffmpeg":

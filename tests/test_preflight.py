@@ -1,0 +1,143 @@
+"""streamcap.preflight: the checks `run` makes before it starts, shared with check-config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamcap.config import load_config, parse_config
+from streamcap.errors import ConfigError, PluginError
+from streamcap.preflight import Prepared, check_config_file, prepare, source_options
+from streamcap.sources.base import AudioSource
+
+SOURCE = '[sources.kitchen]\nuri = "mic:default"\n'
+
+# Files whose values all parse: only the plugins' own validation refuses them.
+PLUGIN_REFUSED = [
+    ('[sinks.out]\nplugin = "nonexistent"\n', "sinks.out.plugin"),
+    ('[sinks.live]\nplugin = "websocket"\nhost = ""\n', "sinks.live.host"),
+    ('[sinks.live]\nplugin = "websocket"\nport = -1\n', "sinks.live.port"),
+    ('[sinks.live]\nplugin = "websocket"\nhost = "0.0.0.0"\n', "sinks.live.host"),
+    ('[sinks.broker]\nplugin = "mqtt"\nhost = 5\n', "sinks.broker.host"),
+    ('[sinks.broker]\nplugin = "mqtt"\nport = 0\n', "sinks.broker.port"),
+]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def runtime() -> Iterator[object]:
+    from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
+
+    rt = InferenceRuntime(RuntimeOptions(device="cpu", precision="fp32", num_threads=1))
+    yield rt
+    rt.close()
+
+
+@pytest.mark.parametrize(("text", "key"), PLUGIN_REFUSED)
+def test_the_daemon_refuses_with_the_lines_check_config_prints(
+        tmp_path: Path, text: str, key: str, runtime: object) -> None:
+    from streamcap.daemon import Daemon
+    from streamcap.models.runtime import InferenceRuntime
+
+    assert isinstance(runtime, InferenceRuntime)
+    path = write(tmp_path, SOURCE + text)
+    with pytest.raises(ConfigError) as checked:
+        check_config_file(path)
+    assert any(line.startswith(f"{path}: {key}: ") for line in checked.value.problems)
+    config = load_config(path)  # the values are fine; the plugin is what refuses
+    with pytest.raises(ConfigError) as built:
+        Daemon(config, lambda: None, runtime=runtime)  # type: ignore[arg-type,return-value]
+    assert built.value.problems == checked.value.problems
+
+
+def test_prepare_builds_each_source_and_sink_without_starting_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMCAP_TEST_TOKEN", "s3cret")
+    wav = tmp_path / "x.wav"
+    config = parse_config({
+        "sources": {"door": {"uri": f"file:{wav}?loop=true", "block_s": 0.2},
+                    "cam": {"uri": "rtsp://u:p@127.0.0.1/live"}},
+        "sinks": {"live": {"plugin": "websocket", "port": 0, "host": "0.0.0.0",
+                           "token_env": "STREAMCAP_TEST_TOKEN", "queue_size": 7}},
+    })
+    prepared = prepare(config)
+    assert isinstance(prepared, Prepared)
+    assert sorted(prepared.sources) == ["cam", "door"]
+    door = prepared.sources["door"]()
+    assert isinstance(door, AudioSource) and door.source_id == "door"
+    assert prepared.sources["door"]() is not door  # a fresh source for every restart
+    live = prepared.sinks["live"]
+    assert live.queue_size == 7
+    assert getattr(live.sink, "bound_port", None) is None  # not listening
+
+
+def test_check_config_file_reports_every_problem_once(tmp_path: Path) -> None:
+    # A table whose values are already wrong is not handed to its plugin as well.
+    path = write(tmp_path, '[model.decoding]\ntemperature = 1e-320\n'
+                 '[sources.kitchen]\nuri = "nope"\n[sources.hall]\nuri = "mic:default"\n'
+                 '[sinks.live]\nplugin = "websocket"\ntoken = "x"\nhost = "0.0.0.0"\n'
+                 '[sinks.broker]\nplugin = "mqtt"\nhost = ""\nport = 0\n')
+    with pytest.raises(ConfigError) as info:
+        check_config_file(path)
+    keys = [line.split(": ")[1] for line in info.value.problems]
+    assert keys == ["model.decoding.temperature", "sources.kitchen.uri", "sinks.live.token",
+                    "sinks.broker.host", "sinks.broker.port"]
+    assert all(line.startswith(f"{path}: ") for line in info.value.problems)
+
+
+def test_a_valid_file_comes_back_as_its_config(tmp_path: Path) -> None:
+    path = write(tmp_path, SOURCE + '[sinks.live]\nplugin = "websocket"\n')
+    config = check_config_file(path)
+    assert config == load_config(path)
+
+
+def test_a_broken_plugin_is_a_plugin_error_carrying_every_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dist = tmp_path / "plugins"
+    dist.mkdir()
+    (dist / "scbroken_preflight.py").write_text(
+        "def create_sink(instance, options):\n    raise RuntimeError('no luck')\n")
+    info = dist / "scbroken_preflight-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: scbroken-preflight\n"
+                                   "Version: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[streamcap.sinks]\nscbroken-preflight = scbroken_preflight:create_sink\n")
+    monkeypatch.syspath_prepend(str(dist))
+    path = write(tmp_path, SOURCE + '[sinks.a]\nplugin = "scbroken-preflight"\n'
+                 '[sinks.b]\nplugin = "websocket"\nport = -1\n')
+    with pytest.raises(PluginError) as err:
+        check_config_file(path)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{path}: sinks.a: sink plugin 'scbroken-preflight'")
+    assert "RuntimeError: no luck" in lines[0]
+    assert lines[1].startswith(f"{path}: sinks.b.port: ")
+
+
+def test_a_config_built_in_code_gets_the_uri_checked_too() -> None:
+    # Config objects made without parse_config (tests, embedders) are not trusted.
+    from dataclasses import replace
+
+    config = parse_config({"sources": {"k": {"uri": "mic:default"}}})
+    bad = replace(config, sources={"k": replace(config.sources["k"], uri="ftp://h/x")})
+    with pytest.raises(ConfigError) as info:
+        prepare(bad)
+    [line] = info.value.problems
+    assert line.startswith("sources.k.uri: source uri 'ftp://h/x' has unknown scheme")
+
+
+def test_source_options_pass_only_what_the_table_sets() -> None:
+    config = parse_config({"sources": {
+        "a": {"uri": "file:/x.wav?loop=true", "block_s": 0.2, "channels": 2},
+        "b": {"uri": "mic:default", "sample_rate_hz": 0, "channels": 2}}})
+    assert source_options(config.sources["a"], "file") == {"block_s": 0.2}
+    assert source_options(config.sources["b"], "mic") == {"channels": 2}
+
