@@ -34,7 +34,14 @@ from streamcap.bus import PluginBus
 from streamcap.config import Config, SourceConfig, default_config, parse_config
 from streamcap.http import HealthReport, HttpServer
 from streamcap.logs import configure_logging, get_logger
-from streamcap.messages import AudioBlock, Published, SourceState, SourceStatus, Window
+from streamcap.messages import (
+    AudioBlock,
+    Published,
+    SourceState,
+    SourceStatus,
+    Window,
+    new_run_id,
+)
 from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
 from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
 from streamcap.preflight import check_config_file, prepare
@@ -139,6 +146,7 @@ class Daemon:
     def __init__(self, config: Config, captioner_factory: Callable[[], WindowCaptioner],
                  *, runtime: InferenceRuntime) -> None:
         self.config = config
+        self.run_id = new_run_id()  # in hello frames and every window id: never repeats
         self.metrics = Metrics()
         self.runtime = runtime
         self._captioner_factory = captioner_factory
@@ -166,8 +174,8 @@ class Daemon:
             self._source_up.set(0, name)
         self.queue = WindowQueue(config.daemon.max_pending_windows, on_drop=self._on_window_drop,
                                  on_depth=self._queue_depth.set)
-        self.bus = PluginBus(self._sinks, node_id=config.daemon.node_id, metrics=self.metrics,
-                             state_root=state_root(config))
+        self.bus = PluginBus(self._sinks, node_id=config.daemon.node_id, run_id=self.run_id,
+                             metrics=self.metrics, state_root=state_root(config))
         self.worker: InferenceWorker | None = None
         self.http: HttpServer | None = None
         self.captioner: WindowCaptioner | None = None
@@ -281,7 +289,7 @@ class Daemon:
                 from streamcap.sources.supervisor import SourceSupervisor
 
                 windower = SourceWindows(Windower(name, src.window_s, src.hop_s, rates,
-                                                  max_gap_s=MAX_GAP_S))
+                                                  max_gap_s=MAX_GAP_S, run_id=self.run_id))
                 sup = SourceSupervisor(self._factories[name], name, _watchdog_options(src))
                 supervisors.append(sup.start(self._block_handler(windower), self._on_status))
             pinger = None
@@ -294,7 +302,7 @@ class Daemon:
                 pinger = asyncio.create_task(systemd.watchdog_pinger(interval),
                                              name="streamcap[systemd].watchdog")
             _log.info("streamcap running", sources=list(self.config.sources),
-                      sinks=list(self._sinks))
+                      sinks=list(self._sinks), run_id=self.run_id)
             ended = asyncio.create_task(_all_done(supervisors), name="streamcap[sources].ended")
             stop = asyncio.create_task(self._stop.wait(), name="streamcap[daemon].stop")
             await asyncio.wait({ended, stop}, return_when=asyncio.FIRST_COMPLETED)

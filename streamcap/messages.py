@@ -10,6 +10,8 @@ UNIX seconds (UTC).
 
 from __future__ import annotations
 
+import re
+import secrets
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +21,38 @@ import numpy as np
 import numpy.typing as npt
 
 Float32Array = npt.NDArray[np.float32]
+
+RUN_ID_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+"""What a run id may look like: no ``:``, so that a window id splits unambiguously."""
+
+
+def new_run_id() -> str:
+    """A fresh random run id: 16 lowercase hex digits (64 random bits).
+
+    A daemon draws one at start; it goes into the hello frame and into every
+    window id, so that ids never repeat across restarts or across daemons.
+    """
+    return secrets.token_hex(8)
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` itself if it is 1-64 of ``[0-9A-Za-z_-]``.
+
+    Raises:
+        ValueError: naming the run id and what was expected.
+    """
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.match(run_id):
+        raise ValueError(f"run_id must be 1-64 characters of [0-9A-Za-z_-], got {run_id!r}")
+    return run_id
+
+
+def make_window_id(*, source_id: str, run_id: str, epoch: int, start_ms: int) -> str:
+    """``"<source_id>:<run_id>:<epoch>:<start_ms>"``: unique per window across runs and daemons.
+
+    ``source_id`` never holds a ``:`` (config names are ``[A-Za-z0-9_-]``) and
+    neither does ``run_id``, so ``window_id.split(":")`` gives the four parts.
+    """
+    return f"{source_id}:{run_id}:{epoch}:{start_ms}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,15 +110,16 @@ class Window:
     same stream interval ``[start_s, end_s)``.
     """
 
-    window_id: str  # f"{source_id}:{epoch}:{start_ms}"
+    window_id: str  # make_window_id(): f"{source_id}:{run_id}:{epoch}:{start_ms}"
     source_id: str
-    seq: int  # per source, +1 per window, never reset while the daemon runs
+    seq: int  # per source, +1 per window; starts at 0 with each run
     epoch: int
     start_s: float
     end_s: float
     captured_at: float  # wall clock of the window's first sample
     level_dbfs: float  # RMS level of the window
     audio: Mapping[int, Float32Array]
+    run_id: str  # the daemon run that cut it (fresh and random at each start)
 
     @property
     def duration_s(self) -> float:
@@ -111,8 +146,17 @@ def make_window(
     captured_at: float,
     level_dbfs: float,
     audio: Mapping[int, npt.ArrayLike],
+    run_id: str | None = None,
 ) -> Window:
-    """Build a :class:`Window` with read-only arrays and a derived ``window_id``."""
+    """Build a :class:`Window` with read-only arrays and a derived ``window_id``.
+
+    ``run_id`` is the daemon run's id; None draws a fresh one (a window of a
+    run of its own). See :func:`make_window_id`.
+
+    Raises:
+        ValueError: ``run_id`` is not a valid run id.
+    """
+    run = new_run_id() if run_id is None else check_run_id(run_id)
     frozen: dict[int, Float32Array] = {}
     for rate, arr in audio.items():
         a = np.array(arr, dtype=np.float32, copy=True).reshape(-1)
@@ -120,7 +164,7 @@ def make_window(
         frozen[int(rate)] = a
     start_ms = round(start_s * 1000)
     return Window(
-        window_id=f"{source_id}:{epoch}:{start_ms}",
+        window_id=make_window_id(source_id=source_id, run_id=run, epoch=epoch, start_ms=start_ms),
         source_id=source_id,
         seq=seq,
         epoch=epoch,
@@ -129,6 +173,7 @@ def make_window(
         captured_at=captured_at,
         level_dbfs=level_dbfs,
         audio=types.MappingProxyType(frozen),
+        run_id=run,
     )
 
 
@@ -184,6 +229,7 @@ class Caption:
     model: str = ""
     latency_ms: float = 0.0  # inference time for this window
     lag_s: float = 0.0  # publish time - (captured_at + window duration)
+    run_id: str = ""  # the window's run_id (Window.run_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -197,6 +243,7 @@ class Embedding:
     end_s: float
     model: str
     vector: Float32Array = field(repr=False)  # float32 (dim,), read-only
+    run_id: str = ""  # the window's run_id (Window.run_id)
 
 
 Published = Caption | Embedding | SourceStatus

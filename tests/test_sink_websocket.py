@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 import structlog
@@ -42,6 +43,13 @@ TIMEOUT = 20.0 * float(os.environ.get("STREAMCAP_TEST_TIME_SCALE", "1"))
 """Generous bound on every wait: a test fails by timing out only when something is broken."""
 
 Json = dict[str, Any]
+RUN = "0123456789abcdef"
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "streamcap.v1.schema.json"
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
 
 
 # --------------------------------------------------------------------------- messages
@@ -49,7 +57,7 @@ Json = dict[str, Any]
 
 def caption(source: str, seq: int, text: str = "a dog barks") -> Caption:
     return Caption(
-        window_id=f"{source}:0:{seq * 5000}", source_id=source, seq=seq,
+        window_id=f"{source}:{RUN}:0:{seq * 5000}", run_id=RUN, source_id=source, seq=seq,
         start_s=seq * 5.0, end_s=seq * 5.0 + 10.0, captured_at=1_700_000_000.0 + seq * 5,
         text=f"{text} {seq}", score=0.5, model="tiny",
         candidates=(CaptionCandidate(text=f"{text} {seq}", decoder_score=-1.5, score=0.5),),
@@ -61,7 +69,8 @@ def embedding(source: str, seq: int, dim: int = 8) -> Embedding:
     vec = np.random.default_rng(seq).standard_normal(dim).astype(np.float32)
     vec /= np.linalg.norm(vec)
     vec.flags.writeable = False
-    return Embedding(window_id=f"{source}:0:{seq * 5000}", source_id=source, seq=seq,
+    return Embedding(window_id=f"{source}:{RUN}:0:{seq * 5000}", run_id=RUN, source_id=source,
+                     seq=seq,
                      start_s=seq * 5.0, end_s=seq * 5.0 + 10.0, model="tiny-retriever",
                      vector=vec)
 
@@ -129,7 +138,8 @@ async def start_sink(tmp_path: Path) -> AsyncIterator[SinkFactory]:
         metrics = Metrics()
         ready = asyncio.Event()
         ctx = SinkContext(instance="ws", node_id="node1", metrics=metrics, ready=ready.set,
-                          logger=structlog.get_logger().bind(sink="ws"), state_dir=tmp_path)
+                          logger=structlog.get_logger().bind(sink="ws"), state_dir=tmp_path,
+                          run_id=RUN)
         task = asyncio.create_task(sink.run(inbox, ctx), name="streamcap[sink:ws].run")
         await asyncio.wait_for(ready.wait(), TIMEOUT)
         assert sink.bound_port is not None and sink.bound_port > 0
@@ -171,15 +181,22 @@ async def subscribe(ws: ClientConnection, **fields: object) -> Json:
 # --------------------------------------------------------------------------- hello, order, fields
 
 
-async def test_hello_then_default_subscription(start_sink: SinkFactory) -> None:
+async def test_hello_then_default_subscription(start_sink: SinkFactory,
+                                              validator: jsonschema.Draft202012Validator) -> None:
     r = await start_sink()
     r.offer(status("kitchen"), caption("garden", 0))
     await r.settled()
     async with connect(r.url) as ws:
         hello, subscribed = await greet(ws)
+        validator.validate(hello)
+        validator.validate(subscribed)
         assert hello["v"] == wire.PROTOCOL_VERSION and hello["protocol"] == wire.PROTOCOL
-        assert hello["node_id"] == "node1"
+        assert hello["node_id"] == "node1" and hello["run_id"] == RUN
         caps = hello["capabilities"]
+        # what a client can expect from the backfill: this run's memory, and how much
+        assert caps["history"] == {"store": "memory", "covers": "run", "max_captions": 20,
+                                   "scope": "source", "captions": {"kitchen": 0, "garden": 1}}
+        assert caps["max_queue"] == 256 and caps["max_queue_bytes"] == 4 * 1024 * 1024
         assert caps["kinds"] == ["caption", "embedding", "status"]
         assert caps["sources"] == ["kitchen", "garden"]
         assert caps["backfill"] == 20 and caps["backfill_scope"] == "source"
@@ -341,7 +358,7 @@ class RawClient:
 
 async def test_a_client_that_stops_reading_does_not_delay_another(
         start_sink: SinkFactory) -> None:
-    r = await start_sink({"max_queue": 16})
+    r = await start_sink()  # default max_queue (256 frames) and max_queue_bytes (4 MiB)
     assert r.sink.bound_port is not None
     slow = await RawClient.connect(r.sink.bound_port)
     try:
@@ -351,7 +368,8 @@ async def test_a_client_that_stops_reading_does_not_delay_another(
         async with connect(r.url) as fast:
             await greet(fast)
             n = 200
-            # about 45 kB per embedding: megabytes more than the socket buffers hold
+            # about 45 kB per embedding, 9 MB in all: more bytes than a client's queue holds,
+            # while the fast client's 201 frames fit in it
             msgs: list[Caption | Embedding | SourceStatus] = []
             for seq in range(n):
                 msgs += [embedding("kitchen", seq, dim=4096), caption("kitchen", seq)]
@@ -362,8 +380,8 @@ async def test_a_client_that_stops_reading_does_not_delay_another(
             assert [f["seq"] for f in got[:n]] == list(range(n))
             assert all(f["type"] == "caption" for f in got[:n])
             assert got[n] == expected(status("kitchen", SourceState.STOPPED))
-            # ... while the slow one really was stuck: its queue overflowed
-            assert r.dropped("embedding") > 0
+            # ... while the slow one really was stuck: its queue overflowed (in bytes)
+            assert r.dropped("embedding") > 0 and r.dropped("caption") == 0
 
             # once it reads again it learns how many frames it missed, then gets the rest
             before = len(slow.frames)
@@ -380,6 +398,55 @@ async def test_a_client_that_stops_reading_does_not_delay_another(
             assert seqs == sorted(seqs)
     finally:
         slow.close()
+
+
+async def test_a_slow_reader_with_default_client_settings_stays_connected_and_is_told(
+        start_sink: SinkFactory) -> None:
+    """A live client that reads more slowly than frames come is not cut off.
+
+    The client is the websockets library with its defaults: past 16 unread frames
+    it stops reading the socket until its application has taken 12 of them, and
+    only then answers pings. The server's keepalive is short here (and the
+    messages many) so that a backlog kept on the wire, behind the ping, would time
+    the keepalive out within the test; the backlog must instead stay in the
+    client's queue in the sink, which drops the oldest frames, counts them and
+    tells the client.
+    """
+    r = await start_sink({"ping_interval_s": 0.5, "ping_timeout_s": 3})
+    n = 3000
+    msgs: list[Caption | Embedding | SourceStatus] = [
+        caption("kitchen", seq, text="a kettle whistles while a dog barks " * 4)
+        for seq in range(n)]
+    msgs.append(status("kitchen", SourceState.STOPPED))
+    async with connect(r.url) as ws:  # every client setting at its default
+        await greet(ws)
+        r.offer(*msgs)
+        frames: list[Json] = []
+        while not frames or frames[-1]["type"] != "status":
+            await asyncio.sleep(0.02)  # the slow reader: about 50 frames a second at most
+            frames.append(await recv(ws))  # ConnectionClosed here: the reader was cut off
+        assert r.clients() == 1
+    notices = [f for f in frames if f["type"] == "error"]
+    assert notices and all(f["code"] == "dropped" for f in notices)
+    missed = sum(f["details"]["dropped"] for f in notices)
+    assert missed == r.dropped("caption") > 0
+    data = [f for f in frames if f["type"] != "error"]
+    assert len(data) + missed == len(msgs)  # every frame either arrived or was announced
+    assert data[-1] == expected(status("kitchen", SourceState.STOPPED))
+    seqs = [f["seq"] for f in data if f["type"] == "caption"]
+    assert seqs == sorted(seqs) and seqs[-1] == n - 1  # the oldest were dropped, not the newest
+
+
+async def test_a_dead_peer_is_still_closed_by_the_keepalive(start_sink: SinkFactory) -> None:
+    r = await start_sink({"ping_interval_s": 0.5, "ping_timeout_s": 1})
+    assert r.sink.bound_port is not None
+    dead = await RawClient.connect(r.sink.bound_port)  # never reads again, never answers a ping
+    try:
+        await until(lambda: r.clients() == 1)
+        r.offer(*[caption("kitchen", seq) for seq in range(50)])
+        await until(lambda: r.clients() == 0)
+    finally:
+        dead.close()
 
 
 # --------------------------------------------------------------------------- client errors

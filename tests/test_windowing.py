@@ -84,7 +84,7 @@ def test_windows_are_exact_slices_of_the_resampled_stream(
 ) -> None:
     hop_ms = max(1, round(window_ms * hop_frac))
     x = _signal(seed, duration_ms * in_rate // 1000)
-    w = Windower("mic", window_ms / 1000, hop_ms / 1000, rates)
+    w = Windower("mic", window_ms / 1000, hop_ms / 1000, rates, run_id="run1")
     windows = _run(w, _blocks(x, in_rate, sizes))
     refs = {r: resample(x, in_rate, r) for r in rates}
     # No window skipped or duplicated: exactly the windows whose audio exists at every rate.
@@ -97,7 +97,7 @@ def test_windows_are_exact_slices_of_the_resampled_stream(
         assert win.epoch == 0
         assert win.start_s == pytest.approx(k * hop_ms / 1000)
         assert win.end_s == pytest.approx((k * hop_ms + window_ms) / 1000)
-        assert win.window_id == f"mic:0:{k * hop_ms}"
+        assert win.window_id == f"mic:run1:0:{k * hop_ms}" and win.run_id == "run1"
         for r in rates:
             start = -(-k * hop_ms * r // 1000)
             end = -(-(k * hop_ms + window_ms) * r // 1000)
@@ -134,7 +134,7 @@ def test_block_size_invariance(
     x = _signal(seed, in_rate * 3 // 2)
     got = []
     for sizes in (sizes_a, sizes_b):
-        w = Windower("mic", window_ms / 1000, hop_ms / 1000, rates)
+        w = Windower("mic", window_ms / 1000, hop_ms / 1000, rates, run_id="r")
         got.append(_run(w, _blocks(x, in_rate, sizes), flush=False))
     a, b = got
     assert [win.window_id for win in a] == [win.window_id for win in b]
@@ -174,14 +174,14 @@ def test_ring_buffers_stay_bounded() -> None:
 def test_epoch_change_resets_clock_but_not_seq() -> None:
     a = _signal(3, 16000)
     b = _signal(4, 12000)
-    w = Windower("mic", 0.3, 0.3, (24000,))
+    w = Windower("mic", 0.3, 0.3, (24000,), run_id="r0")
     first = _run(w, _blocks(a, 16000, [1000]), flush=False)
     assert [win.seq for win in first] == [0, 1, 2]  # 1.0 s of audio; 0.9-1.2 s is incomplete
     second = _run(w, _blocks(b, 16000, [777], epoch=1), flush=True)
     assert [win.seq for win in second] == [3, 4]  # 0.75 s: 0.6-0.9 s never completes
     assert [win.epoch for win in second] == [1, 1]
     assert [win.start_s for win in second] == [0.0, 0.3]
-    assert second[0].window_id == "mic:1:0"
+    assert second[0].window_id == "mic:r0:1:0"
     # The new epoch is windowed exactly as if it were a fresh stream.
     alone = _run(Windower("mic", 0.3, 0.3, (24000,)), _blocks(b, 16000, [777]))
     for got, ref in zip(second, alone, strict=True):
@@ -280,3 +280,25 @@ def test_production_sized_window_and_level() -> None:
     # 0.5-amplitude sine: 20*log10(0.5/sqrt(2)) = -9.03 dBFS (first window has a zero-padded start).
     assert windows[1].level_dbfs == pytest.approx(-9.03, abs=0.02)
     assert not windows[0].samples(24000).flags.writeable
+
+
+def test_window_ids_never_repeat_across_runs() -> None:
+    """A restarted daemon (a new Windower, a new run id) cuts the same stream times again,
+    with seq from 0 again, but never a window id of the previous run."""
+    x = _signal(5, 16000)
+    runs = [_run(Windower("mic", 0.25, 0.25, (16000,)), _blocks(x, 16000, [400]))
+            for _ in range(2)]
+    first, second = runs
+    assert [w.seq for w in first] == [w.seq for w in second] == [0, 1, 2, 3]
+    assert [w.start_s for w in first] == [w.start_s for w in second]
+    assert first[0].run_id != second[0].run_id
+    assert not {w.window_id for w in first} & {w.window_id for w in second}
+    for w in first:  # "<source_id>:<run_id>:<epoch>:<start_ms>"
+        assert w.window_id.split(":") == ["mic", w.run_id, "0", str(round(w.start_s * 1000))]
+    assert len({w.run_id for w in first}) == 1
+
+
+@pytest.mark.parametrize("run_id", ["", "a:b", "x" * 65, "spa ce"])
+def test_a_run_id_that_would_break_window_ids_is_refused(run_id: str) -> None:
+    with pytest.raises(ValueError, match="Windower: run_id"):
+        Windower("mic", 0.25, 0.25, (16000,), run_id=run_id)

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
 SCHEMA_PATH = ROOT / "docs" / "streamcap.v1.schema.json"
 UPDATE = os.environ.get("STREAMCAP_UPDATE_SNAPSHOTS") == "1"
+RUN = "3f2a9c51d07e4b88"
+WINDOW_ID = f"kitchen:{RUN}:0:20000"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def validator() -> jsonschema.Draft202012Validator:
 
 def caption() -> Caption:
     return Caption(
-        window_id="kitchen:0:20000",
+        window_id=WINDOW_ID,
+        run_id=RUN,
         source_id="kitchen",
         seq=3,
         start_s=20.0,
@@ -65,8 +68,8 @@ def caption() -> Caption:
 def embedding() -> Embedding:
     vector = np.array([0.6, -0.8, 0.0, 1.0 / 3.0], dtype=np.float32)
     vector.flags.writeable = False
-    return Embedding(window_id="kitchen:0:20000", source_id="kitchen", seq=3, start_s=20.0,
-                     end_s=30.0, model="clap-tiny", vector=vector)
+    return Embedding(window_id=WINDOW_ID, run_id=RUN, source_id="kitchen", seq=3,
+                     start_s=20.0, end_s=30.0, model="clap-tiny", vector=vector)
 
 
 def status() -> SourceStatus:
@@ -77,7 +80,12 @@ def status() -> SourceStatus:
 
 FRAMES: dict[str, Any] = {
     "hello": lambda: hello("node-a", {"kinds": ["caption", "embedding", "status"],
-                                      "sources": ["kitchen", "porch"], "backfill": 20}),
+                                      "sources": ["kitchen", "porch"], "backfill": 20,
+                                      "backfill_scope": "source",
+                                      "history": {"store": "memory", "covers": "run",
+                                                  "max_captions": 20, "scope": "source",
+                                                  "captions": {"kitchen": 20, "porch": 3}}},
+                           run_id=RUN),
     "caption": lambda: to_wire(caption(), node_id="node-a"),
     "embedding": lambda: to_wire(embedding(), node_id="node-a"),
     "status": lambda: to_wire(status(), node_id="node-a"),
@@ -115,6 +123,12 @@ def test_every_snapshot_file_is_a_known_frame(validator: jsonschema.Draft202012V
     ("name", "mutate"),
     [
         ("caption", lambda f: f.pop("window_id")),
+        ("caption", lambda f: f.pop("run_id")),
+        ("caption", lambda f: f.update(run_id="")),
+        ("embedding", lambda f: f.pop("run_id")),
+        ("hello", lambda f: f.pop("run_id")),
+        ("hello", lambda f: f.update(run_id="a:b")),
+        ("hello", lambda f: f["capabilities"]["history"].update(store="disk")),
         ("caption", lambda f: f.update(seq="3")),
         ("caption", lambda f: f.update(extra=1)),
         ("embedding", lambda f: f.update(vector="AAAA")),
@@ -143,10 +157,18 @@ def test_kind_of_names_each_message_type() -> None:
 
 def test_hello_carries_protocol_and_copies_capabilities() -> None:
     caps: dict[str, object] = {"kinds": ["caption"]}
-    frame = hello("n", caps)
+    frame = hello("n", caps, run_id=RUN)
     caps["kinds"] = []
     assert frame["protocol"] == PROTOCOL == "streamcap.v1"
     assert frame["capabilities"] == {"kinds": ["caption"]}
+    assert frame["run_id"] == RUN
+
+
+def test_caption_and_embedding_frames_carry_the_run_and_the_window_id() -> None:
+    c, e = to_wire(caption(), node_id="n"), to_wire(embedding(), node_id="n")
+    assert c["run_id"] == e["run_id"] == RUN
+    assert c["window_id"] == e["window_id"] == WINDOW_ID
+    assert WINDOW_ID.split(":") == ["kitchen", RUN, "0", "20000"]
 
 
 def test_embedding_vector_is_rounded_to_six_significant_digits() -> None:
@@ -160,7 +182,8 @@ def test_embedding_vector_is_rounded_to_six_significant_digits() -> None:
 def test_non_finite_scores_become_null_and_frames_stay_strict_json(
     validator: jsonschema.Draft202012Validator,
 ) -> None:
-    msg = Caption(window_id="a:0:0", source_id="a", seq=0, start_s=0.0, end_s=10.0,
+    msg = Caption(window_id=f"a:{RUN}:0:0", run_id=RUN, source_id="a", seq=0, start_s=0.0,
+                  end_s=10.0,
                   captured_at=1.0, text="silence", score=float("-inf"), lag_s=float("nan"),
                   candidates=(CaptionCandidate(text="silence", decoder_score=float("-inf")),))
     frame = to_wire(msg, node_id="n")
@@ -203,7 +226,8 @@ def test_any_caption_validates(
     cands: list[tuple[str, float, float | None, bool]],
 ) -> None:
     msg = Caption(
-        window_id=f"{source}:0:{int(start * 1000)}", source_id=source, seq=seq, start_s=start,
+        window_id=f"{source}:{RUN}:0:{int(start * 1000)}", run_id=RUN, source_id=source,
+        seq=seq, start_s=start,
         end_s=start + 10.0, captured_at=1.7e9 + start, text=text, score=score, flagged=flagged,
         model="m", latency_ms=latency, lag_s=lag,
         candidates=tuple(CaptionCandidate(text=t, decoder_score=d, encoder_score=e,
@@ -225,8 +249,8 @@ def test_any_embedding_and_status_validate(
     validator: jsonschema.Draft202012Validator, source: str, values: list[float],
     state: SourceState, retry: float | None,
 ) -> None:
-    emb = Embedding(window_id=f"{source}:1:0", source_id=source, seq=1, start_s=0.0, end_s=10.0,
-                    model="m", vector=np.asarray(values, dtype=np.float32))
+    emb = Embedding(window_id=f"{source}:{RUN}:1:0", run_id=RUN, source_id=source, seq=1,
+                    start_s=0.0, end_s=10.0, model="m", vector=np.asarray(values, dtype=np.float32))
     frame = to_wire(emb, node_id="node")
     validator.validate(frame)
     assert frame["dim"] == len(values)

@@ -9,6 +9,7 @@ import pytest
 from streamcap.sinks.ws_protocol import (
     CONTROL,
     DEFAULT_KINDS,
+    BackfillScope,
     ClientQueue,
     FrameError,
     History,
@@ -143,7 +144,7 @@ def test_queue_is_fifo_across_kinds() -> None:
     q = ClientQueue(10)
     for kind, frame in [(CONTROL, "h"), ("caption", "c1"), ("embedding", "e1"),
                         ("status", "s1"), ("caption", "c2")]:
-        assert q.push(kind, frame) is None
+        assert q.push(kind, frame) == []
     assert [f for _, f in drain(q)] == ["h", "c1", "e1", "s1", "c2"]
     assert q.pop() is None and len(q) == 0
 
@@ -153,8 +154,8 @@ def test_queue_drops_embeddings_first_then_oldest_and_reports_once() -> None:
     q.push(CONTROL, "hello")
     q.push("caption", "c1")
     q.push("embedding", "e1")
-    assert q.push("caption", "c2") == "embedding"  # e1 goes first, though c1 is older
-    assert q.push("caption", "c3") == "caption"  # then the oldest caption, c1
+    assert q.push("caption", "c2") == ["embedding"]  # e1 goes first, though c1 is older
+    assert q.push("caption", "c3") == ["caption"]  # then the oldest caption, c1
     assert q.dropped_total == 2
     items = drain(q)
     assert items[0] == ({"embedding": 1, "caption": 1}, "hello")
@@ -183,6 +184,23 @@ def test_queue_reports_drops_that_happen_between_pops() -> None:
 def test_queue_rejects_a_zero_bound() -> None:
     with pytest.raises(ValueError, match="max_pending"):
         ClientQueue(0)
+    with pytest.raises(ValueError, match="max_bytes"):
+        ClientQueue(5, 0)
+
+
+def test_queue_is_bounded_in_bytes_too() -> None:
+    q = ClientQueue(100, max_bytes=10)
+    assert q.push("caption", "c1234") == []  # 5 bytes
+    assert q.push("embedding", "e1234") == []  # 10 bytes: at the bound
+    assert q.push("caption", "c5678") == ["embedding"]  # embeddings go first
+    assert q.bytes == 10 and len(q) == 2
+    assert q.push("caption", "céé") == ["caption"]  # 5 UTF-8 bytes, not 3 characters
+    assert q.bytes == 10
+    # the newest frame alone is kept even when it is larger than the bound
+    assert q.push("caption", "x" * 50) == ["caption", "caption"]
+    assert q.bytes == 50 and q.dropped_total == 4
+    assert drain(q) == [({"embedding": 1, "caption": 3}, "x" * 50)]
+    assert q.bytes == 0
 
 
 # --------------------------------------------------------------------------- history
@@ -237,3 +255,15 @@ def test_history_with_size_zero_keeps_no_captions() -> None:
     h.add("caption", "k", "k1")
     assert h.replay(Subscription(), None, 10) == []
     assert h.sources == ["k"]
+    assert h.held() == {"k": 0}
+
+
+@pytest.mark.parametrize(("scope", "held"), [("source", {"k": 2, "g": 1, "s": 0}),
+                                             ("global", {"k": 1, "g": 1, "s": 0})])
+def test_history_says_how_many_captions_it_holds(scope: BackfillScope,
+                                                 held: dict[str, int]) -> None:
+    h = History(2, scope)
+    for src in ["k", "k", "k", "g"]:
+        h.add("caption", src, "x")
+    h.add("status", "s", "st")
+    assert h.held() == held

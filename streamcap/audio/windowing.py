@@ -36,6 +36,12 @@ the current one, or a block of an epoch already flushed raises ``ValueError``:
 a source that restarts must start a new epoch. A new epoch resets the stream
 clock, the resamplers and the buffers and drops the incomplete windows of the
 old one; audio never spans epochs. ``seq`` is never reset.
+
+Window ids. Every window carries the windower's ``run_id`` (the daemon draws
+a fresh random one at each start) and ``window_id`` is
+``"<source_id>:<run_id>:<epoch>:<start_ms>"``: stream time and ``seq`` start
+again at 0 after a restart, the run id makes the ids unique across restarts
+and across daemons.
 """
 
 from __future__ import annotations
@@ -49,7 +55,14 @@ import numpy as np
 from streamcap.audio.dsp import rms_dbfs
 from streamcap.audio.resample import StreamResampler
 from streamcap.audio.ring import RingBuffer
-from streamcap.messages import AudioBlock, Float32Array, Window, make_window
+from streamcap.messages import (
+    AudioBlock,
+    Float32Array,
+    Window,
+    check_run_id,
+    make_window,
+    new_run_id,
+)
 
 
 def _whole_ms(value: float, field: str) -> int:
@@ -78,6 +91,8 @@ class Windower:
         rates_hz: sample rates every window carries, distinct positive ints; the
             first one is the rate ``level_dbfs`` is measured at.
         max_gap_s: longest forward gap in ``start_sample`` that is zero-filled.
+        run_id: the daemon run's id, part of every ``window_id``; None draws a
+            fresh random one (a run of its own).
 
     Raises:
         ValueError: a parameter is invalid; the message names it.
@@ -91,8 +106,13 @@ class Windower:
         rates_hz: tuple[int, ...],
         *,
         max_gap_s: float = 1.0,
+        run_id: str | None = None,
     ) -> None:
         self.source_id = source_id
+        try:
+            self.run_id = new_run_id() if run_id is None else check_run_id(run_id)
+        except ValueError as exc:
+            raise ValueError(f"Windower: {exc}") from None
         self.window_ms = _whole_ms(window_s, "window_s")
         self.hop_ms = _whole_ms(hop_s, "hop_s")
         if not rates_hz:
@@ -284,6 +304,7 @@ class Windower:
                     captured_at=self._captured_at(k),
                     level_dbfs=rms_dbfs(audio[self.rates_hz[0]]),
                     audio=audio,
+                    run_id=self.run_id,
                 )
             )
             self._seq += 1

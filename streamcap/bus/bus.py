@@ -32,7 +32,7 @@ from streamcap.bus.plugin import LoadedSink, Sink, SinkContext
 from streamcap.bus.wire import kind_of
 from streamcap.errors import ConfigError
 from streamcap.logs import get_logger
-from streamcap.messages import Published
+from streamcap.messages import Published, check_run_id, new_run_id
 from streamcap.stats import Metrics
 
 _log = get_logger(__name__)
@@ -78,6 +78,8 @@ class PluginBus:
         sinks: Sink instances by config table name (e.g. from
             :func:`~streamcap.bus.plugin.load_sinks`).
         node_id: The daemon's node id, passed to each sink's context.
+        run_id: The daemon run's id, passed to each sink's context; None
+            draws a fresh one.
         metrics: The registry for the bus's and the sinks' metrics.
         state_root: Each sink gets ``state_root / <instance>`` as its state_dir.
         queue_sizes: Inbox ``max_pending`` per sink; a sink not named uses its
@@ -97,6 +99,7 @@ class PluginBus:
         sinks: Mapping[str, Sink],
         *,
         node_id: str,
+        run_id: str | None = None,
         metrics: Metrics,
         state_root: Path,
         queue_sizes: Mapping[str, int] | None = None,
@@ -113,6 +116,7 @@ class PluginBus:
             raise ValueError("expected 0 < restart_initial_s <= restart_max_s and "
                              "restart_reset_s > 0")
         self.node_id = node_id
+        self.run_id = new_run_id() if run_id is None else check_run_id(run_id)
         self.metrics = metrics
         self.state_root = Path(state_root)
         self._initial_s = restart_initial_s
@@ -301,7 +305,8 @@ class PluginBus:
                 state.ready.set()
 
         return SinkContext(instance=name, node_id=self.node_id, metrics=self.metrics,
-                           ready=ready, logger=logger, state_dir=self.state_root / name)
+                           ready=ready, logger=logger, state_dir=self.state_root / name,
+                           run_id=self.run_id)
 
     async def _supervise(self, name: str, state: _SinkState) -> None:
         loop = asyncio.get_running_loop()

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol, cast, runtime_checkable
@@ -40,6 +40,7 @@ import structlog
 from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.wire import KINDS
 from streamcap.errors import ConfigError, PluginError
+from streamcap.messages import new_run_id
 from streamcap.stats import Metrics
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ class SinkContext:
         logger: A logger bound with ``sink=<instance>``.
         state_dir: A writable directory of this sink's own (an outbox, say);
             it exists when ``run`` starts and survives restarts.
+        run_id: The daemon run's id, fresh and random at each start (hello
+            frames); it is also part of every window id.
     """
 
     instance: str
@@ -75,6 +78,7 @@ class SinkContext:
     ready: Callable[[], None]
     logger: structlog.stdlib.BoundLogger
     state_dir: Path
+    run_id: str = field(default_factory=new_run_id)
 
 
 @runtime_checkable

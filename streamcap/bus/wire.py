@@ -8,6 +8,9 @@ against.
 
 Every frame is a JSON object with ``"type"`` (``hello``, ``caption``,
 ``embedding``, ``status`` or ``error``) and ``"v"`` (:data:`PROTOCOL_VERSION`).
+``hello``, ``caption`` and ``embedding`` frames carry the ``run_id`` of the
+daemon run they come from: ``seq`` and the stream clock start again with
+each run, and ``window_id`` (which holds the run id) never repeats.
 Non-finite floats (a ``-inf`` log-probability, say) become ``null`` so that
 every frame is strict JSON, and credentials in URLs inside a status reason
 are masked (``rtsp://***@cam/...``) whatever the source put there.
@@ -94,7 +97,8 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
 
     Returns:
         A dict of JSON types only (str, int, float, bool, None, list, dict),
-        keys in a stable order: ``type``, ``v``, ``node_id``, then the fields.
+        keys in a stable order: ``type``, ``v``, ``node_id``, then the fields
+        (``run_id`` first for a caption or an embedding).
         An embedding's ``vector`` is the float32 (dim,) array as a list of
         ``dim`` floats rounded to 6 significant digits.
 
@@ -105,6 +109,7 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
     frame: dict[str, object] = {"type": kind, "v": PROTOCOL_VERSION, "node_id": node_id}
     if isinstance(msg, Caption):
         frame.update(
+            run_id=msg.run_id,
             window_id=msg.window_id,
             source_id=msg.source_id,
             seq=int(msg.seq),
@@ -122,6 +127,7 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
     elif isinstance(msg, Embedding):
         vector = _vector(msg.vector)
         frame.update(
+            run_id=msg.run_id,
             window_id=msg.window_id,
             source_id=msg.source_id,
             seq=int(msg.seq),
@@ -143,19 +149,23 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
     return frame
 
 
-def hello(node_id: str, capabilities: Mapping[str, object]) -> dict[str, object]:
+def hello(node_id: str, capabilities: Mapping[str, object], *, run_id: str) -> dict[str, object]:
     """The first frame a sink sends to a new subscriber.
 
     Args:
         node_id: The daemon's node id.
         capabilities: What this endpoint offers, e.g. ``{"kinds": [...],
             "sources": [...], "backfill": 20}``; copied shallowly.
+        run_id: The daemon run's id (fresh and random at each start): a
+            client that sees it change knows the daemon restarted, so that
+            ``seq`` started again at 0 and the in-memory history is new.
     """
     return {
         "type": "hello",
         "v": PROTOCOL_VERSION,
         "protocol": PROTOCOL,
         "node_id": node_id,
+        "run_id": run_id,
         "capabilities": dict(capabilities),
     }
 

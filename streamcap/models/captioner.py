@@ -432,12 +432,12 @@ class Captioner:
             window_id=window.window_id, source_id=window.source_id, seq=window.seq,
             start_s=window.start_s, end_s=window.end_s, captured_at=window.captured_at,
             text=best.text, score=float(best.score), flagged=flagged, candidates=candidates,
-            model=self.model_id)
+            model=self.model_id, run_id=window.run_id)
         vector = audio_joint[0].cpu().numpy().astype(np.float32)
         vector.flags.writeable = False
         embedding = Embedding(window_id=window.window_id, source_id=window.source_id,
                               seq=window.seq, start_s=window.start_s, end_s=window.end_s,
-                              model=self.model_id, vector=vector)
+                              model=self.model_id, vector=vector, run_id=window.run_id)
         return CaptionResult(caption=caption, embedding=embedding, stage_seconds=seconds)
 
 

@@ -9,10 +9,27 @@ the streamcap parts around it:
 - a ``hello`` frame on connect, then the default subscription (captions and
   status of every source) with its backfill;
 - per-client subscriptions, parsed and answered by :mod:`streamcap.sinks.ws_protocol`;
-- one bounded :class:`~streamcap.sinks.ws_protocol.ClientQueue` and one writer
-  task per client, so that a client that stops reading only loses its own
-  oldest frames (counted, and announced to it by a ``dropped`` error frame
-  when it reads again) and never delays the sink or another client.
+- one :class:`~streamcap.sinks.ws_protocol.ClientQueue` (bounded in frames
+  and bytes) and one writer task per client, so that a client that stops
+  reading only loses its own oldest frames (counted, and announced to it by a
+  ``dropped`` error frame when it reads again) and never delays the sink or
+  another client.
+
+Where a slow client's backlog sits. Left alone, the frames a client has not
+read pile up *below* its queue, where nothing can drop or count them: in the
+connection's write buffer, in both kernels' socket buffers (megabytes on
+loopback), and in the client library's receive queue (16 frames by default in
+the ``websockets`` library, which then stops reading the socket until its
+application has taken 12 of them). The keepalive ping is written behind all of
+that, so a slow but live reader could not answer it in time and was cut off
+(1011/1006) while its queue here stayed empty and no drop was counted. So the
+writer keeps at most :data:`IN_FLIGHT_FRAMES` frames or :data:`IN_FLIGHT_BYTES`
+bytes on the wire unacknowledged: past either, it sends a ping and waits for
+the pong (the client library answers a ping as soon as it has read everything
+before it) before it sends more. The backlog then stays in the client's queue
+here, where the oldest frames are dropped, counted and announced, and a
+keepalive ping waits behind at most that window. A peer that never answers is
+still closed by the keepalive (``ping_timeout_s``).
 
 Options are validated by :func:`create_sink` (the ``websocket`` entry point);
 ``docs/websocket.md`` documents them and the client protocol.
@@ -27,7 +44,8 @@ import ipaddress
 import itertools
 import os
 import ssl
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -55,6 +73,7 @@ from streamcap.sinks.ws_protocol import (
     PingRequest,
     Subscription,
     default_subscription,
+    frame_size,
     parse_client_frame,
 )
 from streamcap.stats import Counter, Gauge
@@ -67,6 +86,20 @@ CLOSE_TIMEOUT_S: Final = 2.0
 
 MAX_CLIENT_FRAME_BYTES: Final = 64 * 1024
 """Client frames are small requests; a larger one closes the connection (1009)."""
+
+IN_FLIGHT_FRAMES: Final = 8
+"""Frames a client may have on the wire, not yet acknowledged by a pong.
+
+Well under the 16 frames after which the ``websockets`` client library stops
+reading, so that a pause of the client's own reading is short."""
+
+IN_FLIGHT_BYTES: Final = 256 * 1024
+"""Bytes a client may have on the wire, not yet acknowledged by a pong."""
+
+PING_EVERY_FRAMES: Final = IN_FLIGHT_FRAMES // 4
+PING_EVERY_BYTES: Final = IN_FLIGHT_BYTES // 4
+"""The writer pings after this many frames or bytes, so that pongs come back
+while it sends on and a client that keeps up never waits for one."""
 
 
 # --------------------------------------------------------------------------- options
@@ -85,6 +118,7 @@ class WebSocketOptions:
     backfill: int = 20  # captions replayed to a new subscriber
     backfill_scope: BackfillScope = "source"  # last `backfill` per source, or overall
     max_queue: int = 256  # frames pending per client before its oldest are dropped
+    max_queue_bytes: int = 4 * 1024 * 1024  # bytes pending per client, likewise
     token_env: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -170,6 +204,7 @@ def parse_options(
     port = integer("port", d.port, 0, 65535)
     backfill = integer("backfill", d.backfill, 0, MAX_BACKFILL)
     max_queue = integer("max_queue", d.max_queue, 1, 1_000_000)
+    max_queue_bytes = integer("max_queue_bytes", d.max_queue_bytes, 64 * 1024, 2**30)
     scope_value = options.get("backfill_scope", d.backfill_scope)
     scopes: tuple[BackfillScope, ...] = get_args(BackfillScope)
     scope: BackfillScope = d.backfill_scope
@@ -233,7 +268,8 @@ def parse_options(
     return (
         WebSocketOptions(
             host=host, port=port, backfill=backfill, backfill_scope=scope,
-            max_queue=max_queue, token_env=token_env, tls_cert=cert, tls_key=key_path,
+            max_queue=max_queue, max_queue_bytes=max_queue_bytes,
+            token_env=token_env, tls_cert=cert, tls_key=key_path,
             accepts=accepts, allowed_origins=tuple(origins) if origins is not None else None,
             ping_interval_s=ping_interval, ping_timeout_s=ping_timeout,
         ),
@@ -246,17 +282,43 @@ def parse_options(
 
 
 class _Client:
-    """One connection's state: its subscription, its queue and its writer's wake-up."""
+    """One connection's state: its subscription, its queue, its writer's wake-up and window."""
 
-    def __init__(self, number: int, ws: ServerConnection, max_queue: int,
+    def __init__(self, number: int, ws: ServerConnection, options: WebSocketOptions,
                  subscription: Subscription) -> None:
         self.number = number
         self.ws = ws
-        self.queue = ClientQueue(max_queue)
+        self.queue = ClientQueue(options.max_queue, options.max_queue_bytes)
         self.subscription = subscription
         self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+        # The window on the wire (IN_FLIGHT_FRAMES): frames and bytes sent and not yet
+        # acknowledged by a pong, the pings awaiting their pong with the frames and
+        # bytes each acknowledges, and what was sent since the last ping.
+        self.unacked_frames = 0
+        self.unacked_bytes = 0
+        self.pings: deque[tuple[Awaitable[float], int, int]] = deque()
+        self.unpinged_frames = 0
+        self.unpinged_bytes = 0
+
+    async def ping(self) -> None:
+        """Ping now; its pong will acknowledge everything sent so far."""
+        pong = await self.ws.ping()
+        self.pings.append((pong, self.unpinged_frames, self.unpinged_bytes))
+        self.unpinged_frames = self.unpinged_bytes = 0
+
+    async def acknowledge(self, *, wait: bool) -> None:
+        """Take the pongs received (with ``wait``: wait for the oldest one first)."""
+        while self.pings:
+            pong, frames, nbytes = self.pings[0]
+            if not wait and not (isinstance(pong, asyncio.Future) and pong.done()):
+                return
+            await pong  # ConnectionClosed when the connection ends first
+            self.pings.popleft()
+            self.unacked_frames -= frames
+            self.unacked_bytes -= nbytes
+            wait = False
 
 
 class WebSocketSink:
@@ -354,13 +416,14 @@ class WebSocketSink:
         if wanting or kind != "embedding":
             frame = wire.encode(wire.to_wire(msg, node_id=self._node_id))
         self._history.add(kind, source_id, frame)
+        size = frame_size(frame)
         for client in wanting:
-            self._push(client, kind, frame)
+            self._push(client, kind, frame, size)
 
-    def _push(self, client: _Client, kind: str, frame: str) -> None:
-        dropped = client.queue.push(kind, frame)
-        if dropped is not None and self._dropped is not None:
-            self._dropped.inc(1.0, self.instance, dropped)
+    def _push(self, client: _Client, kind: str, frame: str, size: int | None = None) -> None:
+        for dropped in client.queue.push(kind, frame, size):
+            if self._dropped is not None:
+                self._dropped.inc(1.0, self.instance, dropped)
         client.idle.clear()
         client.wakeup.set()
 
@@ -404,13 +467,14 @@ class WebSocketSink:
         ctx = self._ctx
         if ctx is None:  # run() sets it before serving; a connection cannot come earlier
             return
-        client = _Client(number, ws, self.options.max_queue, default_subscription(self.accepts))
+        client = _Client(number, ws, self.options, default_subscription(self.accepts))
         self._clients[number] = client
         self._count_clients()
         ctx.logger.info("websocket client connected", client=number, remote=_remote(ws))
         # hello and the default subscription's backfill are queued before any other
         # message can be dispatched to this client: nothing awaits in between.
-        self._push_control(client, wire.hello(ctx.node_id, self._capabilities()))
+        self._push_control(client, wire.hello(ctx.node_id, self._capabilities(),
+                                              run_id=ctx.run_id))
         self._subscribe(client, client.subscription, None, self.options.backfill, None)
         writer = asyncio.create_task(self._write(client), name=f"{name}.writer")
         try:
@@ -436,11 +500,34 @@ class WebSocketSink:
                 while (item := client.queue.pop()) is not None:
                     drops, frame = item
                     if drops:
-                        await client.ws.send(wire.encode(_dropped_notice(drops)))
-                    await client.ws.send(frame)
+                        await self._send(client, wire.encode(_dropped_notice(drops)))
+                    await self._send(client, frame)
                 client.idle.set()
         except ConnectionClosed:
             client.idle.set()
+
+    @staticmethod
+    async def _send(client: _Client, frame: str) -> None:
+        """Send one frame, first waiting for pongs while the window on the wire is full.
+
+        Waiting here, rather than in the write buffer or the kernel, leaves the
+        backlog in the client's queue, where it is bounded, dropped oldest first
+        and counted. A peer that never answers is closed by the keepalive, which
+        ends the wait with ConnectionClosed.
+        """
+        await client.acknowledge(wait=False)
+        while client.unacked_frames >= IN_FLIGHT_FRAMES or client.unacked_bytes >= IN_FLIGHT_BYTES:
+            if not client.pings:
+                await client.ping()
+            await client.acknowledge(wait=True)
+        size = frame_size(frame)
+        await client.ws.send(frame)
+        client.unacked_frames += 1
+        client.unacked_bytes += size
+        client.unpinged_frames += 1
+        client.unpinged_bytes += size
+        if client.unpinged_frames >= PING_EVERY_FRAMES or client.unpinged_bytes >= PING_EVERY_BYTES:
+            await client.ping()
 
     def _on_frame(self, client: _Client, data: str | bytes) -> None:
         request = parse_client_frame(data, offered=self.accepts,
@@ -479,8 +566,17 @@ class WebSocketSink:
             "auth_required": self._token is not None,
             "tls": self._ssl is not None,
             "max_queue": self.options.max_queue,
+            "max_queue_bytes": self.options.max_queue_bytes,
             "client_frames": ["subscribe", "ping"],
             "default_subscription": default_subscription(self.accepts).describe(),
+            "history": {
+                # Backfill is this run's memory: empty after a restart (a new run_id).
+                "store": "memory",
+                "covers": "run",
+                "max_captions": self.options.backfill,
+                "scope": self.options.backfill_scope,
+                "captions": self._history.held(),
+            },
         }
 
 

@@ -5,9 +5,10 @@ Three pieces, each a plain synchronous class or function:
 - :func:`parse_client_frame` turns one client frame (text or bytes) into a
   :class:`SubscribeRequest`, a :class:`PingRequest` or a :class:`FrameError`
   that the sink sends back as an ``error`` frame (the connection stays up);
-- :class:`ClientQueue` is one client's bounded queue of encoded frames: when a
-  client stops reading, the oldest frames are dropped (embeddings first), every
-  drop is counted, and the next frame the client gets is preceded by the count;
+- :class:`ClientQueue` is one client's queue of encoded frames, bounded in
+  frames and in bytes: when a client stops reading, the oldest frames are
+  dropped (embeddings first), every drop is counted, and the next frame the
+  client gets is preceded by the count;
 - :class:`History` remembers the last captions (per source or overall), the
   latest status of every source and the sources seen so far, and replays what a
   new subscription adds.
@@ -212,22 +213,33 @@ def _parse_subscribe(
 _TIER: Final[Mapping[str, int]] = {"embedding": 0, "caption": 1, "status": 1, CONTROL: 2}
 
 
-class ClientQueue:
-    """One client's bounded queue of encoded frames.
+def frame_size(frame: str) -> int:
+    """Bytes ``frame`` takes on the wire as UTF-8 text (the payload, without framing)."""
+    return len(frame.encode("utf-8"))
 
-    :meth:`push` never blocks: past ``max_pending`` it drops the oldest frame of
-    the lowest tier present (embedding, then caption/status, then the sink's own
-    frames) and counts it. :meth:`pop` returns the oldest remaining frame together
-    with the drops since the previous pop, so that the sink can tell the client
-    how many frames it missed right before the frames that follow the gap.
+
+class ClientQueue:
+    """One client's queue of encoded frames, bounded in frames and in bytes.
+
+    :meth:`push` never blocks: past ``max_pending`` frames or ``max_bytes``
+    bytes it drops the oldest frame of the lowest tier present (embedding, then
+    caption/status, then the sink's own frames), as often as needed, and counts
+    each drop. The newest frame alone is kept even when it is larger than
+    ``max_bytes``. :meth:`pop` returns the oldest remaining frame together with
+    the drops since the previous pop, so that the sink can tell the client how
+    many frames it missed right before the frames that follow the gap.
     """
 
-    def __init__(self, max_pending: int) -> None:
+    def __init__(self, max_pending: int, max_bytes: int | None = None) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1 (got {max_pending})")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1 (got {max_bytes})")
         self.max_pending = max_pending
-        self._tiers: tuple[deque[tuple[int, str, str]], ...] = (deque(), deque(), deque())
+        self.max_bytes = max_bytes
+        self._tiers: tuple[deque[tuple[int, str, str, int]], ...] = (deque(), deque(), deque())
         self._order = itertools.count()
+        self._bytes = 0
         self._unreported: dict[str, int] = {}
         self._dropped_total = 0
 
@@ -235,24 +247,42 @@ class ClientQueue:
         return sum(len(t) for t in self._tiers)
 
     @property
+    def bytes(self) -> int:
+        """UTF-8 bytes of the frames queued now."""
+        return self._bytes
+
+    @property
     def dropped_total(self) -> int:
         """Frames dropped from this queue since it was created."""
         return self._dropped_total
 
-    def push(self, kind: str, frame: str) -> str | None:
+    def _over(self) -> bool:
+        return len(self) > self.max_pending or (
+            self.max_bytes is not None and self._bytes > self.max_bytes)
+
+    def push(self, kind: str, frame: str, size: int | None = None) -> list[str]:
         """Queue ``frame`` (a message of ``kind``, or :data:`CONTROL`).
 
+        Args:
+            kind: ``caption``, ``embedding``, ``status`` or :data:`CONTROL`.
+            frame: the encoded frame.
+            size: its UTF-8 size in bytes, when the caller knows it already.
+
         Returns:
-            The kind of the frame dropped to make room, or None.
+            The kinds of the frames dropped to make room, oldest first (often none).
         """
-        self._tiers[_TIER[kind]].append((next(self._order), kind, frame))
-        if len(self) <= self.max_pending:
-            return None
-        victim_tier = next(t for t in self._tiers if t)
-        _, dropped_kind, _ = victim_tier.popleft()
-        self._unreported[dropped_kind] = self._unreported.get(dropped_kind, 0) + 1
-        self._dropped_total += 1
-        return dropped_kind
+        nbytes = frame_size(frame) if size is None else size
+        self._tiers[_TIER[kind]].append((next(self._order), kind, frame, nbytes))
+        self._bytes += nbytes
+        dropped: list[str] = []
+        while self._over() and len(self) > 1:
+            victim_tier = next(t for t in self._tiers if t)
+            _, dropped_kind, _, victim_bytes = victim_tier.popleft()
+            self._bytes -= victim_bytes
+            self._unreported[dropped_kind] = self._unreported.get(dropped_kind, 0) + 1
+            self._dropped_total += 1
+            dropped.append(dropped_kind)
+        return dropped
 
     def pop(self) -> tuple[dict[str, int], str] | None:
         """The oldest queued frame and the drops (by kind) not yet reported, or None if empty."""
@@ -260,7 +290,8 @@ class ClientQueue:
         if not heads:
             return None
         oldest = min(heads, key=lambda t: t[0][0])
-        _, _, frame = oldest.popleft()
+        _, _, frame, nbytes = oldest.popleft()
+        self._bytes -= nbytes
         drops, self._unreported = self._unreported, {}
         return drops, frame
 
@@ -291,6 +322,15 @@ class History:
     def sources(self) -> list[str]:
         """Source ids seen so far, in order of first appearance."""
         return list(self._sources)
+
+    def held(self) -> dict[str, int]:
+        """Captions held now for backfill, per source seen so far (0 for none)."""
+        counts = dict.fromkeys(self._sources, 0)
+        entries = (self._global if self.scope == "global"
+                   else (e for q in self._per_source.values() for e in q))
+        for _, source_id, _ in entries:
+            counts[source_id] += 1
+        return counts
 
     def add(self, kind: str, source_id: str, frame: str) -> bool:
         """Remember ``frame``; returns True if ``source_id`` was not seen before."""
