@@ -422,6 +422,18 @@ def test_retrieval_map_with_several_relevant_and_beyond_ten() -> None:
     assert out.map10 == 0.0 and out.r10 == 0.0 and out.mean_rank == 12.0
 
 
+def test_median_rank_is_the_numpy_median_of_one_based_ranks() -> None:
+    # Queries whose relevant item is at 1-based ranks 1, 2, 3, 4: medR = 2.5 (the two middle
+    # ranks averaged), not floor(median of 0-based ranks) + 1 = 2.
+    sim = np.linspace(1.0, 0.0, 4)[None, :].repeat(4, axis=0)
+    out = retrieval_metrics(sim, np.eye(4, dtype=bool))
+    assert out.median_rank == 2.5 and out.mean_rank == 2.5
+    # Odd count: the middle rank. Ranks 1, 1, 4 -> 1.
+    rel = np.zeros((3, 4), dtype=bool)
+    rel[0, 0] = rel[1, 0] = rel[2, 3] = True
+    assert retrieval_metrics(sim[:3], rel).median_rank == 1.0
+
+
 def test_retrieval_ties_break_by_index_and_bad_input() -> None:
     out = retrieval_metrics([[0.5, 0.5]], [[False, True]])
     assert out.r1 == 0.0 and out.mean_rank == 2.0

@@ -756,8 +756,11 @@ class RetrievalScores:
 def retrieval_metrics(similarity: npt.ArrayLike, relevant: npt.ArrayLike) -> RetrievalScores:
     """R@1/5/10 and mAP@10 of ranking the columns for every row (query).
 
-    Ties are broken by column index (stable). Ranks are those of each
-    query's best-ranked relevant item. mAP@10 is, per query,
+    Ties are broken by column index (stable). Ranks are 1-based and are those
+    of each query's best-ranked relevant item. ``median_rank`` (medR) is the
+    median of these 1-based ranks as ``numpy.median`` takes it, so an even
+    number of queries averages the two middle ranks (ranks 1, 2, 3, 4 give
+    2.5); ``mean_rank`` is their mean. mAP@10 is, per query,
     ``sum_{k<=10} P@k x rel_k / min(n_relevant, 10)``, averaged (with one
     relevant item: ``1/rank`` if rank <= 10, else 0).
 
