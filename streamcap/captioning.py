@@ -4,7 +4,14 @@ Files are decoded by the same file source the daemon uses (soundfile, or
 ffmpeg for other formats), cut by the same windower, and captioned by the
 same captioner, so a file gives the captions the daemon would give for it.
 The end of a file is padded with silence so that its last seconds get a
-window too; a file shorter than one window gets one padded window.
+window too; a file shorter than one window gets one padded window (and a
+warning giving its real duration).
+
+Everything the user typed is checked before the model loads (seconds):
+``--window-s`` and ``--hop-s`` by the same rules as ``window_s`` and ``hop_s``
+in a ``[sources.<name>]`` table, and every file is opened and probed as the
+daemon's file source would, so a missing, unreadable or non-audio file is
+reported at once.
 """
 
 from __future__ import annotations
@@ -21,23 +28,66 @@ from pathlib import Path
 import numpy as np
 
 from streamcap.audio.windowing import Windower
-from streamcap.config import ModelConfig, SourceConfig, load_config
+from streamcap.config import ModelConfig, SourceConfig, load_config, parse_config
 from streamcap.errors import ConfigError, SourceError, StreamcapError
 from streamcap.messages import AudioBlock, Window, make_block
 from streamcap.pipeline import CaptionResult, WindowCaptioner
-from streamcap.sources.file import create_source
+from streamcap.sources.file import FileSource, create_source
+
+_FLAGS = {"window_s": "--window-s", "hop_s": "--hop-s"}
+_TABLE = "sources.caption"
+
+
+def _file_source(path: Path) -> FileSource:
+    return create_source(path.name, f"file:{path.resolve()}", {"realtime": False, "block_s": 1.0})
+
+
+def check_files(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """Open and probe every file as the file source would, decoding nothing.
+
+    Returns:
+        The files that can be captioned, and one problem line for each other
+        file (missing, unreadable, a directory, not audio).
+    """
+
+    async def probe_all() -> tuple[list[Path], list[str]]:
+        good: list[Path] = []
+        problems: list[str] = []
+        for path in paths:
+            if not path.exists() and not path.is_symlink():
+                problems.append(f"{path}: no such file")
+                continue
+            try:
+                await _file_source(path).probe()
+            except SourceError as exc:
+                problems.append(str(exc))
+            else:
+                good.append(path)
+        return good, problems
+
+    return asyncio.run(probe_all())
 
 
 def _file_blocks(path: Path) -> list[AudioBlock]:
     """Decode a whole file as fast as possible (blocks of 1 s)."""
 
     async def collect() -> list[AudioBlock]:
-        source = create_source(path.name, f"file:{path.resolve()}",
-                               {"realtime": False, "block_s": 1.0})
-        async with aclosing(source.blocks()) as blocks:
+        async with aclosing(_file_source(path).blocks()) as blocks:
             return [block async for block in blocks]
 
     return asyncio.run(collect())
+
+
+def short_file_warning(path: Path, blocks: list[AudioBlock], window_s: float) -> str | None:
+    """The warning for a file holding less audio than one window, or None."""
+    if not blocks:
+        return None
+    rate = blocks[0].sample_rate_hz
+    total = blocks[-1].start_sample + len(blocks[-1].samples)
+    if total >= window_s * rate:
+        return None
+    return (f"{path}: holds only {total / rate:.6g} s of audio ({total} samples at {rate} Hz), "
+            f"shorter than the {window_s:g} s window; the rest of the window is silence")
 
 
 def file_windows(path: Path, window_s: float, hop_s: float,
@@ -47,7 +97,16 @@ def file_windows(path: Path, window_s: float, hop_s: float,
     Raises:
         SourceError: the file is missing, unreadable, corrupt or not audio.
     """
-    blocks = _file_blocks(path)
+    return cut_windows(path, _file_blocks(path), window_s, hop_s, rates_hz)
+
+
+def cut_windows(path: Path, blocks: list[AudioBlock], window_s: float, hop_s: float,
+                rates_hz: tuple[int, ...]) -> Iterator[Window]:
+    """The windows of a decoded file's blocks, the tail padded with silence.
+
+    Raises:
+        SourceError: there are no blocks.
+    """
     if not blocks:
         raise SourceError(f"{path}: no audio in the file")
     rate = blocks[0].sample_rate_hz
@@ -82,25 +141,41 @@ class _Progress:
 
 
 def _settings(args: argparse.Namespace) -> tuple[ModelConfig, float, float]:
+    """The model settings and window lengths: the config file's, then the flags.
+
+    The flags are checked by the config's own rules for ``window_s`` and
+    ``hop_s`` (the daemon's bounds); problems name the flag.
+
+    Raises:
+        ConfigError: a bad config file or flag value.
+    """
     model = ModelConfig()
     source = SourceConfig(name="file", uri="file:-")
     if args.config is not None:
         config = load_config(args.config)
         model = config.model
         source = next(iter(config.sources.values()), source)
-    window_s = args.window_s if args.window_s is not None else source.window_s
-    hop_s = args.hop_s if args.hop_s is not None else min(source.hop_s, window_s)
-    problems = []
-    if not 0 < window_s <= 30:
-        problems.append(f"--window-s: must be > 0 and <= 30 (got {window_s:g})")
-    if not 0 < hop_s <= window_s:
-        problems.append(f"--hop-s: must be > 0 and <= window length (got {hop_s:g})")
-    for flag, value in (("--window-s", window_s), ("--hop-s", hop_s)):
-        if abs(value * 1000 - round(value * 1000)) > 1e-6:  # the windower counts milliseconds
-            problems.append(f"{flag}: must be a whole number of milliseconds (got {value!r})")
-    if problems:
-        raise ConfigError(problems)
+    table: dict[str, object] = {"uri": "file:-", "window_s": source.window_s}
+    if args.window_s is not None:
+        table["window_s"] = args.window_s
+    if args.hop_s is not None:
+        table["hop_s"] = args.hop_s
+    try:
+        checked = parse_config({"sources": {"caption": table}}).sources["caption"]
+    except ConfigError as exc:
+        raise ConfigError([_flag_problem(p) for p in exc.problems]) from None
+    window_s = checked.window_s
+    hop_s = checked.hop_s if args.hop_s is not None else min(source.hop_s, window_s)
     return model, window_s, hop_s
+
+
+def _flag_problem(problem: str) -> str:
+    """``sources.caption.window_s: ...`` as ``--window-s: ...``."""
+    for key, flag in _FLAGS.items():
+        prefix = f"{_TABLE}.{key}:"
+        if problem.startswith(prefix):
+            return flag + problem[len(prefix) - 1:]
+    return problem
 
 
 def caption_files_command(args: argparse.Namespace) -> int:
@@ -109,10 +184,9 @@ def caption_files_command(args: argparse.Namespace) -> int:
     from streamcap.models.runtime import choose_device, choose_precision
 
     model, window_s, hop_s = _settings(args)
-    missing = [p for p in args.files if not p.exists()]
-    for p in missing:
-        print(f"streamcap: error: {p}: no such file", file=sys.stderr)
-    files = [p for p in args.files if p.exists()]
+    files, problems = check_files(list(args.files))
+    for problem in problems:
+        print(f"streamcap: error: {problem}", file=sys.stderr)
     if not files:
         return 1
     device = choose_device(model.device)
@@ -128,14 +202,19 @@ def caption_files_command(args: argparse.Namespace) -> int:
     # transformers replaced our log handler when it loaded
     configure_logging("auto", "debug" if getattr(args, "debug", False) else "info")
     progress = _Progress(sys.stderr.isatty() and not args.json)
-    failed = len(missing)
+    failed = len(problems)
     for path in files:
         try:
-            windows = list(file_windows(path, window_s, hop_s, captioner.sample_rates_hz))
+            blocks = _file_blocks(path)
+            windows = list(cut_windows(path, blocks, window_s, hop_s,
+                                       captioner.sample_rates_hz))
         except (SourceError, StreamcapError) as exc:
             failed += 1
             print(f"streamcap: error: {exc}", file=sys.stderr)
             continue
+        warning = short_file_warning(path, blocks, window_s)
+        if warning is not None:
+            print(f"streamcap: warning: {warning}", file=sys.stderr)
         for i, window in enumerate(windows, 1):
             progress.update(f"{path.name}: window {i}/{len(windows)}")
             started = time.perf_counter()

@@ -168,8 +168,12 @@ class Daemon:
                                   "1 while a source delivers audio", ["source"])
         self._restarts = m.counter("streamcap_source_restarts_total",
                                    "Source restarts after a stall or error", ["source"])
+        self._nonfinite = m.counter("streamcap_nonfinite_samples_total",
+                                    "NaN or infinite input samples replaced by silence, by source",
+                                    ["source"])
         for name in config.sources:
             self._windows.inc(0, name)
+            self._nonfinite.inc(0, name)
             self._dropped.inc(0, name, "queue_full")
             self._source_up.set(0, name)
         self.queue = WindowQueue(config.daemon.max_pending_windows, on_drop=self._on_window_drop,
@@ -201,6 +205,8 @@ class Daemon:
 
     def _block_handler(self, windows: SourceWindows) -> Callable[[AudioBlock], None]:
         def on_block(block: AudioBlock) -> None:
+            if block.nonfinite:
+                self._nonfinite.inc(block.nonfinite, block.source_id)
             for window in windows.feed(block):
                 self._windows.inc(1, window.source_id)
                 if self.queue.closed:

@@ -71,6 +71,7 @@ class AudioBlock:
     captured_at: float  # wall clock of samples[0]
     epoch: int = 0
     overflowed: bool = False  # the device or decoder reported lost input before this block
+    nonfinite: int = 0  # NaN or infinite input samples the source replaced by silence
 
     @property
     def duration_s(self) -> float:
@@ -86,6 +87,7 @@ def make_block(
     captured_at: float,
     epoch: int = 0,
     overflowed: bool = False,
+    nonfinite: int = 0,
 ) -> AudioBlock:
     """Build an :class:`AudioBlock`, copying ``samples`` into a read-only float32 array."""
     arr = np.array(samples, dtype=np.float32, copy=True).reshape(-1)
@@ -98,6 +100,7 @@ def make_block(
         captured_at=captured_at,
         epoch=epoch,
         overflowed=overflowed,
+        nonfinite=nonfinite,
     )
 
 

@@ -19,7 +19,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from streamcap.captioning import _settings, file_windows
+from streamcap.captioning import (
+    _file_blocks,
+    _settings,
+    check_files,
+    file_windows,
+    short_file_warning,
+)
+from streamcap.cli import main
 from streamcap.config import ModelConfig
 from streamcap.errors import ConfigError, SourceError
 
@@ -119,29 +126,74 @@ def _args(**overrides: Any) -> argparse.Namespace:
 
 def test_settings_defaults_and_overrides(tmp_path: Path) -> None:
     assert _settings(_args()) == (ModelConfig(), 10.0, 5.0)
-    assert _settings(_args(window_s=4.0)) == (ModelConfig(), 4.0, 4.0)  # hop follows
+    assert _settings(_args(window_s=12.0)) == (ModelConfig(), 12.0, 5.0)
     assert _settings(_args(window_s=20.0, hop_s=2.5))[1:] == (20.0, 2.5)
     config = tmp_path / "c.toml"
     config.write_text('[model]\nprecision = "fp32"\n[sources.a]\nuri = "mic:default"\n'
-                      'window_s = 30\nhop_s = 7.5\n')
+                      'window_s = 30\nhop_s = 17.5\n')
     model, window_s, hop_s = _settings(_args(config=config))
     assert model.precision == "fp32"
-    assert (window_s, hop_s) == (30.0, 7.5)
+    assert (window_s, hop_s) == (30.0, 17.5)
+    assert _settings(_args(config=config, window_s=15.0))[1:] == (15.0, 15.0)  # hop follows
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
-    ({"window_s": 31.0}, ["--window-s: must be > 0 and <= 30 (got 31)"]),
-    ({"window_s": 0.0, "hop_s": 1.0}, ["--window-s: must be > 0 and <= 30 (got 0)",
-                                       "--hop-s: must be > 0 and <= window length (got 1)"]),
-    ({"hop_s": 12.0}, ["--hop-s: must be > 0 and <= window length (got 12)"]),
+    ({"window_s": 31.0}, ["--window-s: must be between 10 and 30 (got 31.0)"]),
+    ({"window_s": 1.0}, ["--window-s: must be between 10 and 30 (got 1.0)"]),
+    ({"window_s": 0.0, "hop_s": 0.0}, ["--window-s: must be between 10 and 30 (got 0.0)",
+                                       "--hop-s: must be > 0 (got 0.0)"]),
+    ({"hop_s": 12.0}, ["--hop-s: must be > 0 and <= window_s (got 12 > 10)"]),
     ({"window_s": 10.0005},
      ["--window-s: must be a whole number of milliseconds (got 10.0005)"]),
     ({"hop_s": 2.0001}, ["--hop-s: must be a whole number of milliseconds (got 2.0001)"]),
+    ({"window_s": float("nan")}, ["--window-s: must be a finite number (got nan)"]),
+    ({"hop_s": float("nan")}, ["--hop-s: must be a finite number (got nan)"]),
+    ({"window_s": float("inf"), "hop_s": float("-inf")},
+     ["--window-s: must be a finite number (got inf)",
+      "--hop-s: must be a finite number (got -inf)"]),
 ])
 def test_settings_reject_bad_lengths(overrides: dict[str, Any], expected: list[str]) -> None:
     with pytest.raises(ConfigError) as info:
         _settings(_args(**overrides))
     assert info.value.problems == expected
+
+
+@pytest.mark.parametrize("flags", [["--window-s", "nan"], ["--hop-s", "nan"],
+                                   ["--window-s", "inf"], ["--window-s", "1"],
+                                   ["--hop-s", "-1"]])
+def test_bad_window_flags_are_usage_errors_through_the_cli(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
+    path = write_wav(tmp_path / "x.wav", 1.0)
+    assert main(["caption", *flags, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    [problem] = errors(err)
+    assert problem.startswith(f"{flags[0]}: must be ")
+
+
+def test_short_file_warning_names_the_file_and_its_real_duration(tmp_path: Path) -> None:
+    path = tmp_path / "one.wav"
+    sf.write(path, np.array([0.5], dtype=np.float32), RATE, subtype="FLOAT")
+    blocks = _file_blocks(path)
+    warning = short_file_warning(path, blocks, 10.0)
+    assert warning is not None
+    assert str(path) in warning and "6.25e-05 s" in warning and "1 samples" in warning
+    assert short_file_warning(path, _file_blocks(write_wav(tmp_path / "long.wav", 10.0)),
+                              10.0) is None
+
+
+def test_check_files_reports_every_bad_file_without_decoding(tmp_path: Path) -> None:
+    good = write_wav(tmp_path / "good.wav", 1.0)
+    folder = tmp_path / "folder.wav"
+    folder.mkdir()
+    corrupt = write_corrupt(tmp_path / "corrupt.wav")
+    missing = tmp_path / "missing.wav"
+    files, problems = check_files([good, folder, corrupt, missing])
+    assert files == [good]
+    assert len(problems) == 3
+    assert str(folder) in problems[0] and "is a directory" in problems[0]
+    assert str(corrupt) in problems[1] and "cannot be decoded" in problems[1]
+    assert problems[2] == f"{missing}: no such file"
 
 
 # --------------------------------------------------------------------------- the command
@@ -256,6 +308,46 @@ def test_only_missing_files_fail_before_loading_a_model(tmp_path: Path) -> None:
     assert errors(done.stderr) == [f"{tmp_path / 'a.wav'}: no such file",
                                    f"{tmp_path / 'b.flac'}: no such file"]
     assert "random weights" not in done.stderr  # no model was built
+
+
+def test_unreadable_inputs_are_reported_before_loading_a_model(tmp_path: Path) -> None:
+    folder = tmp_path / "folder.wav"
+    folder.mkdir()
+    corrupt = write_corrupt(tmp_path / "corrupt.wav")
+    done = run_caption(tmp_path, str(folder), str(corrupt), str(tmp_path / "gone.mp3"))
+    assert done.returncode == 1
+    problems = errors(done.stderr)
+    assert len(problems) == 3
+    assert str(folder) in problems[0] and str(corrupt) in problems[1]
+    assert "random weights" not in done.stderr  # no model was built
+
+
+@pytest.mark.slow
+def test_nonfinite_short_and_truncated_files_are_captioned_with_warnings(
+        tmp_path: Path) -> None:
+    audio = noise_and_tone(1.0)
+    audio[-100:] = np.nan
+    audio[-7] = np.inf
+    nan_wav = tmp_path / "nan.wav"
+    sf.write(nan_wav, audio, RATE, subtype="FLOAT")
+    one = tmp_path / "one.wav"
+    sf.write(one, np.array([0.25], dtype=np.float32), RATE, subtype="FLOAT")
+    whole = write_wav(tmp_path / "whole.wav", 3.0)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 3])
+    done = run_caption(tmp_path, "--json", str(nan_wav), str(one), str(cut))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["file"] for r in rows] == [str(nan_wav), str(one), str(cut)]
+    assert all(r["text"] for r in rows)
+    stderr = done.stderr
+    nan_lines = [line for line in stderr.splitlines() if "NaN" in line]
+    assert len(nan_lines) == 1 and str(nan_wav) in nan_lines[0]
+    warnings = [line for line in stderr.splitlines() if line.startswith("streamcap: warning: ")]
+    assert any(str(one) in w and "6.25e-05 s" in w for w in warnings)
+    assert any(str(cut) in w and "shorter than the 10 s window" in w for w in warnings)
+    [truncated] = [line for line in stderr.splitlines() if "truncated" in line]
+    assert str(cut) in truncated and "3.000 s" in truncated
 
 
 def test_bad_window_is_a_usage_error(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from streamcap.audio.dsp import (
     pcm_to_float32,
     peak_dbfs,
     rms_dbfs,
+    zero_nonfinite,
 )
 
 
@@ -94,3 +95,21 @@ def test_nan_is_an_error() -> None:
         rms_dbfs(x)
     with pytest.raises(ValueError, match="NaN"):
         peak_dbfs(x)
+
+
+def test_zero_nonfinite_replaces_nan_and_inf_and_counts_them() -> None:
+    x = np.array([0.5, np.nan, -0.25, np.inf, -np.inf, 0.0], dtype=np.float32)
+    x.flags.writeable = False
+    clean, count, first = zero_nonfinite(x)
+    np.testing.assert_array_equal(clean, [0.5, 0.0, -0.25, 0.0, 0.0, 0.0])
+    assert clean.dtype == np.float32
+    assert (count, first) == (3, 1)
+    assert np.isnan(x[1])  # the input is not modified
+    assert rms_dbfs(clean) == pytest.approx(rms_dbfs(np.array([0.5, 0, -0.25, 0, 0, 0])))
+
+
+def test_zero_nonfinite_passes_finite_samples_through() -> None:
+    x = np.linspace(-1, 1, 7, dtype=np.float32)
+    clean, count, first = zero_nonfinite(x)
+    assert clean is x
+    assert (count, first) == (0, -1)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from streamcap.bus.wire import to_wire
+from streamcap.bus.wire import encode, to_wire
 from streamcap.messages import Caption, CaptionCandidate, Embedding
 from streamcap.sinks import homeassistant as ha
 
@@ -87,3 +87,40 @@ def test_caption_state_never_carries_an_embedding() -> None:
     frame = dict(to_wire(_caption("hi"), node_id="n"))
     frame["vector"] = to_wire(emb, node_id="n")["vector"]  # even if a frame carried one
     assert "vector" not in ha.caption_state(frame)
+
+
+def _state_bytes(state: dict[str, object]) -> bytes:
+    """The payload as the MQTT sink publishes it."""
+    return encode(state).encode("utf-8")
+
+
+def test_multibyte_caption_stays_within_16_kib_of_attributes() -> None:
+    text = "\U0001F415\U0001F327" * 3000  # 4-byte characters: 4096 of them are 16 KiB alone
+    state = ha.caption_state(to_wire(_caption(text), node_id="n"))
+    payload = _state_bytes(state)
+    assert len(payload) <= ha.ATTRIBUTES_MAX_BYTES
+    assert json.loads(payload) == state  # whole, valid JSON
+    assert len(str(state["state"])) <= ha.STATE_MAX_CHARS
+    assert str(state["text"]).startswith(text[:100]) and str(state["text"]).endswith("…")
+    # only the long text was cut: every other field is still there
+    assert {k for k in state if k not in ("state", "text")} >= {"window_id", "score", "model"}
+    assert len(payload) > ha.ATTRIBUTES_MAX_BYTES - 8  # cut as little as needed
+
+
+def test_least_important_fields_go_first_when_the_text_alone_cannot_make_room() -> None:
+    frame = dict(to_wire(_caption("a dog barks"), node_id="n"))
+    frame["model"] = "m" * 20000
+    frame["window_id"] = "w" * 9000
+    state = ha.caption_state(frame)
+    assert len(_state_bytes(state)) <= ha.ATTRIBUTES_MAX_BYTES
+    assert "model" not in state and "lag_s" not in state and "latency_ms" not in state
+    assert state["window_id"] == "w" * 9000
+    assert state["text"] == state["state"] == "a dog barks"
+    assert state["score"] == 0.42
+
+
+def test_small_captions_are_untouched() -> None:
+    frame = to_wire(_caption("a dog barks"), node_id="n")
+    state = ha.caption_state(frame)
+    assert state["text"] == "a dog barks"
+    assert set(state) >= {"state", "text", "window_id", "score", "model", "seq"}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ import soundfile as sf
 
 from streamcap.errors import SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock
+from streamcap.sources import file as file_mod
 from streamcap.sources.file import FileSource, create_source
 
 RATE = 16000
@@ -225,3 +228,154 @@ async def test_cancel_mid_file_kills_ffmpeg(
     assert children("ffmpeg")
     await gen.aclose()
     assert children("ffmpeg") == []
+
+
+# --------------------------------------------------------------------------- bad samples, loops
+
+
+def write_float_wav_with_nonfinite(path: Path, seconds: float = 1.0) -> np.ndarray:
+    """A float WAV whose last 100 samples are NaN and infinities; returns what was written."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    audio = (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+    audio[-100:] = np.nan
+    audio[-50] = np.inf
+    audio[-10] = -np.inf
+    sf.write(str(path), audio, RATE, subtype="FLOAT")
+    return audio
+
+
+async def test_nonfinite_samples_become_silence_counted_and_located(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "nan.wav"
+    audio = write_float_wav_with_nonfinite(path)
+    caplog.set_level(logging.WARNING)
+    src = create_source("f", f"file:{path}?realtime=false", {"block_s": 0.25})
+    blocks = await collect(src)
+    samples = np.concatenate([b.samples for b in blocks])
+    assert np.isfinite(samples).all()
+    np.testing.assert_array_equal(samples[:-100], audio[:-100])
+    assert not samples[-100:].any()
+    assert sum(b.nonfinite for b in blocks) == 100 == src.nonfinite_samples
+    assert [b.nonfinite for b in blocks] == [0, 0, 0, 100]
+    [warning] = [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()]
+    assert str(path) in warning
+    assert f"{(RATE - 100) / RATE:.3f} s" in warning  # where the first bad sample is
+
+
+@pytest.mark.parametrize("name", ["short.mp3", "short.wav"])
+async def test_short_looped_file_is_decoded_once_and_replayed_from_memory(
+    tmp_path: Path, tone_file: Callable[..., Path], name: str
+) -> None:
+    if name.endswith(".wav"):
+        path = tmp_path / name
+        write_sine(path, 0.3)
+    else:
+        path = tone_file(name, duration_s=0.3, sample_rate_hz=RATE)
+    src = create_source("f", f"file:{path}?loop=true&realtime=false", {"block_s": 0.1})
+    blocks = await collect(src, limit=40)
+    check_contiguous(blocks)
+    assert src.passes >= 8
+    assert src.decodes == 1  # ffmpeg ran (or the file was opened) once, not once per pass
+    first = np.concatenate([b.samples for b in blocks])
+    length = sum(len(b.samples) for b in blocks[: len(blocks) // src.passes])
+    # every pass delivers the same audio
+    np.testing.assert_array_equal(first[length : 2 * length], first[:length])
+
+
+async def test_long_looped_file_is_not_kept_in_memory(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_mod, "LOOP_CACHE_MAX_S", 0.2)
+    path = tmp_path / "long.wav"
+    write_sine(path, 0.3)
+    src = create_source("f", f"file:{path}?loop=true&realtime=false", {"block_s": 0.1})
+    await collect(src, limit=12)
+    assert src.passes >= 2
+    assert src.decodes >= src.passes  # one decode per pass: nothing was cached
+
+
+async def test_truncated_wav_is_played_with_a_warning_giving_both_durations(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    whole = tmp_path / "whole.wav"
+    write_sine(whole, 3.0)
+    data = whole.read_bytes()
+    path = tmp_path / "cut.wav"
+    path.write_bytes(data[: 44 + 2 * RATE])  # the header and 1 s of 16-bit samples
+    caplog.set_level(logging.WARNING)
+    src = create_source("f", f"file:{path}?realtime=false", {})
+    probe = await src.probe()
+    assert probe.duration_s == pytest.approx(1.0, abs=0.01)
+    assert probe.announced_s == pytest.approx(3.0, abs=0.01)
+    blocks = await collect(src)
+    assert sum(len(b.samples) for b in blocks) == pytest.approx(RATE, abs=2)
+    [warning] = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert str(path) in warning and "3.000 s" in warning and "1.000 s" in warning
+    caplog.clear()
+    await collect(create_source("g", f"file:{whole}?realtime=false", {}))
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+
+
+# --------------------------------------------------------------------------- as a daemon source
+
+
+@pytest.mark.slow
+def test_daemon_keeps_captioning_a_looped_file_with_nan_and_inf(tmp_path: Path) -> None:
+    from conftest import free_port
+    from daemon_process import WAIT_S, DaemonProcess, NotifyListener, http_get, metric_samples
+
+    wav = tmp_path / "nan.wav"
+    write_float_wav_with_nonfinite(wav)
+    http_port = free_port()
+    config = tmp_path / "streamcap.toml"
+    config.write_text(f"""
+[daemon]
+node_id = "nan-test"
+state_dir = "{tmp_path / 'state'}"
+log_format = "json"
+
+[model]
+bundle = "tiny"
+device = "cpu"
+precision = "fp32"
+threads = 1
+
+[model.decoding]
+n_candidates = 2
+max_new_tokens = 4
+seed = 0
+
+[sources.bad]
+uri = "file:{wav}?loop=true"
+window_s = 10
+hop_s = 10
+realtime = false
+
+[http]
+port = {http_port}
+""", encoding="utf-8")
+    notify = NotifyListener(Path(tempfile.mkdtemp(prefix="sc-nan-")))
+    daemon = DaemonProcess.start(config, env={"NOTIFY_SOCKET": str(notify.path)},
+                                 log=tmp_path / "daemon.log", jsonl=tmp_path / "none.jsonl",
+                                 http_port=http_port)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while notify.index("READY", "1") is None:  # the http server is up from then on
+            daemon.check_alive()
+            assert time.monotonic() < deadline, daemon.log_tail()
+            time.sleep(0.2)
+        daemon.wait_metric("streamcap_windows_total", '{source="bad"}', lambda v: v >= 3)
+        text = daemon.wait_metric("streamcap_nonfinite_samples_total", '{source="bad"}',
+                                  lambda v: v >= 1000)
+        nonfinite = metric_samples(text, "streamcap_nonfinite_samples_total")['{source="bad"}']
+        _, _, health = http_get(daemon.http("/healthz"))
+        assert "source bad" not in health, health  # not stalled, retrying or failed
+        events = daemon.log_events()
+        assert not [e for e in events if "audio gap" in str(e.get("event"))]
+        warnings = [e for e in events if "NaN" in str(e.get("event"))]
+        assert warnings and all(str(wav) in e["event"] for e in warnings)
+        assert len(warnings) < nonfinite / 100  # one pass holds 100: not one warning per pass
+    finally:
+        code = daemon.stop()
+        notify.close()
+    assert code == 0, daemon.log_tail()

@@ -14,6 +14,8 @@ from streamcap.errors import WeightsError
 from streamcap.models.tokenizer import (
     build_caption_tokenizer,
     caption_corpus,
+    clean_caption_text,
+    decode_caption,
     load_tokenizer,
     save_tokenizer,
 )
@@ -102,3 +104,33 @@ def test_missing_or_broken_bundle_raises(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(WeightsError, match="cannot load the tokenizer"):
         load_tokenizer(tmp_path)
+
+
+# --------------------------------------------------------------------------- caption text
+
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    ("a dog barks", "a dog barks"),
+    ("  a\tdog\nbarks\r\n ", "a dog barks"),
+    ("a dog\x00 barks\x07", "a dog barks"),
+    ("rain\ufffd\ufffd falls", "rain falls"),
+    ("cafe\u0301 noise", "caf\u00e9 noise"),  # NFC
+    ("bell\u200b rings\u202e", "bell rings"),  # format characters
+    ("line\u2028break\x85here", "line break here"),
+    ("\ufffd\x00\x1f", ""),
+    ("日本語 の 音", "日本語 の 音"),
+])
+def test_clean_caption_text(raw: str, clean: str) -> None:
+    assert clean_caption_text(raw) == clean
+    assert clean_caption_text(clean) == clean
+
+
+def test_decode_caption_drops_broken_byte_fragments(tok: PreTrainedTokenizerFast) -> None:
+    ids = tok("a dog \u00e9\x00 barks")["input_ids"]
+    raw = tok.decode(ids[:-1], skip_special_tokens=True)
+    assert "\x00" in raw
+    assert decode_caption(tok, ids) == "a dog \u00e9 barks"
+    # cut inside the two bytes of "é": the raw text holds U+FFFD, the caption does not
+    for end in range(len(ids)):
+        text = decode_caption(tok, ids[:end])
+        assert "\ufffd" not in text and all(ch.isprintable() for ch in text)

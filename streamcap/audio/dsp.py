@@ -114,6 +114,26 @@ def pcm_bytes_to_float32(data: bytes, *, sample_format: str, channels: int = 1) 
     return downmix(pcm_to_float32(ints.reshape(-1, channels)))
 
 
+def zero_nonfinite(samples: Float32Array) -> tuple[Float32Array, int, int]:
+    """Replace NaN and infinite samples by 0.0 (silence).
+
+    Args:
+        samples: float32 samples of any shape; never modified.
+
+    Returns:
+        ``(clean, count, first)``: ``clean`` is ``samples`` itself when every
+        sample is finite, else a copy with the non-finite samples zeroed;
+        ``count`` is how many were zeroed and ``first`` the flat index of the
+        first one (-1 when there is none).
+    """
+    finite = np.isfinite(samples)
+    if finite.all():
+        return samples, 0, -1
+    bad = ~finite
+    clean = np.where(bad, np.float32(0.0), samples).astype(np.float32, copy=False)
+    return clean, int(bad.sum()), int(np.argmax(bad.reshape(-1)))
+
+
 def _to_dbfs(amplitude: float, what: str) -> float:
     if not math.isfinite(amplitude):
         raise ValueError(f"{what}: samples contain NaN or infinity")

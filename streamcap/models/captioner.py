@@ -34,7 +34,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +56,20 @@ from streamcap.models.fluency import FenseClassifier, FluencyFilter, FluencyOpti
 from streamcap.models.presets import FluencyConfig, PresetSpec, preset_spec
 from streamcap.models.rerank import RerankOptions, rerank
 from streamcap.models.retriever import AudioTextRetriever, RetrieverConfig
-from streamcap.models.sampling import SamplingOptions, attach_texts, dedupe, sample_candidates
-from streamcap.models.tokenizer import build_caption_tokenizer, load_tokenizer, save_tokenizer
+from streamcap.models.sampling import (
+    SampledCaption,
+    SamplingOptions,
+    attach_texts,
+    dedupe,
+    sample_candidates,
+)
+from streamcap.models.tokenizer import (
+    NO_CAPTION_TEXT,
+    build_caption_tokenizer,
+    decode_caption,
+    load_tokenizer,
+    save_tokenizer,
+)
 from streamcap.pipeline import CaptionResult
 
 _LOGGER = logging.getLogger(__name__)
@@ -396,38 +408,24 @@ class Captioner:
         lap("encoder")
         if self.decoding.mode == "beam":
             beam = beam_search(c.captioner.bart, hidden, mask, self._beam)
-            text = c.tokenizer.decode(list(beam.token_ids), skip_special_tokens=True).strip()
+            text = decode_caption(c.tokenizer, beam.token_ids)
             lap("beam")
-            best = CaptionCandidate(text=text, decoder_score=beam.decoder_score,
-                                    score=beam.decoder_score)
+            best = (CaptionCandidate(text=text, decoder_score=beam.decoder_score,
+                                     score=beam.decoder_score) if text
+                    else no_caption(beam.decoder_score))
             candidates: tuple[CaptionCandidate, ...] = (best,)
-            flagged = False
+            flagged = best.flagged
         else:
             sampled = sample_candidates(c.captioner.bart, hidden, mask, self._sampling,
                                         self._generator)
-            unique = [s for s in dedupe(attach_texts(sampled, c.tokenizer))]
-            if not unique:
-                unique = attach_texts(sampled[:1], c.tokenizer)
-            texts = [s.text for s in unique]
+            # dedupe drops the candidates whose text is empty once cleaned
+            unique = dedupe(attach_texts(sampled, c.tokenizer))
             lap("sampling")
-            encoder_scores = None
-            if c.retriever is not None:
-                enc = c.text_tokenizer(texts, padding=True, truncation=True,
-                                       max_length=TEXT_MAX_LENGTH, return_tensors="pt")
-                with self._autocast():
-                    text_joint = c.retriever.embed_text(enc["input_ids"].to(self.device),
-                                                        enc["attention_mask"].to(self.device))
-                text_joint = torch.nn.functional.normalize(text_joint.float(), dim=-1)
-                encoder_scores = (text_joint @ audio_joint[0]).tolist()
-                lap("text_encoder")
-            error_probs = None
-            if c.fluency is not None:
-                with self._autocast():
-                    error_probs = c.fluency.error_probs(texts).tolist()
-            lap("fluency")
-            ranked = rerank(texts, [s.decoder_score for s in unique], encoder_scores,
-                            error_probs, self._rerank)
-            best, candidates, flagged = ranked.best, ranked.candidates, ranked.flagged
+            if unique:
+                best, candidates, flagged = self._rank(unique, audio_joint, lap)
+            else:
+                best = no_caption(max(s.decoder_score for s in sampled))
+                candidates, flagged = (best,), True
         caption = Caption(
             window_id=window.window_id, source_id=window.source_id, seq=window.seq,
             start_s=window.start_s, end_s=window.end_s, captured_at=window.captured_at,
@@ -439,6 +437,41 @@ class Captioner:
                               seq=window.seq, start_s=window.start_s, end_s=window.end_s,
                               model=self.model_id, vector=vector, run_id=window.run_id)
         return CaptionResult(caption=caption, embedding=embedding, stage_seconds=seconds)
+
+    def _rank(self, unique: list[SampledCaption], audio_joint: torch.Tensor,
+              lap: Callable[[str], None]) -> tuple[CaptionCandidate,
+                                                   tuple[CaptionCandidate, ...], bool]:
+        """Score the distinct sampled captions and pick one: ``(best, candidates, flagged)``."""
+        c = self.components
+        texts = [s.text for s in unique]
+        encoder_scores = None
+        if c.retriever is not None:
+            enc = c.text_tokenizer(texts, padding=True, truncation=True,
+                                   max_length=TEXT_MAX_LENGTH, return_tensors="pt")
+            with self._autocast():
+                text_joint = c.retriever.embed_text(enc["input_ids"].to(self.device),
+                                                    enc["attention_mask"].to(self.device))
+            text_joint = torch.nn.functional.normalize(text_joint.float(), dim=-1)
+            encoder_scores = (text_joint @ audio_joint[0]).tolist()
+            lap("text_encoder")
+        error_probs = None
+        if c.fluency is not None:
+            with self._autocast():
+                error_probs = c.fluency.error_probs(texts).tolist()
+        lap("fluency")
+        ranked = rerank(texts, [s.decoder_score for s in unique], encoder_scores,
+                        error_probs, self._rerank)
+        return ranked.best, ranked.candidates, ranked.flagged
+
+
+def no_caption(decoder_score: float) -> CaptionCandidate:
+    """What is published when the model wrote nothing readable: a placeholder, flagged.
+
+    Its score stays the decoder's, so that it is honest; being flagged, it is
+    never preferred to a readable candidate.
+    """
+    return CaptionCandidate(text=NO_CAPTION_TEXT, decoder_score=decoder_score,
+                            score=decoder_score, flagged=True)
 
 
 ENCODEC_STREAMING = StreamingOptions(context_frames_left=75, context_frames_right=0,

@@ -41,6 +41,7 @@ from transformers import BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
 from streamcap.errors import ModelError
+from streamcap.models.tokenizer import decode_caption
 
 _FAST_NUCLEUS_K = 64
 """Size of the top-k slice tried before a full sort when looking for the nucleus."""
@@ -488,11 +489,8 @@ def score_captions(
 def attach_texts(
     candidates: Sequence[SampledCaption], tokenizer: TextDecoder
 ) -> list[SampledCaption]:
-    """Return copies of ``candidates`` with ``text`` decoded (special tokens skipped, stripped)."""
-    return [
-        replace(c, text=tokenizer.decode(list(c.token_ids), skip_special_tokens=True).strip())
-        for c in candidates
-    ]
+    """Return copies of ``candidates`` with ``text`` decoded and cleaned (:func:`decode_caption`)."""
+    return [replace(c, text=decode_caption(tokenizer, c.token_ids)) for c in candidates]
 
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

@@ -14,12 +14,20 @@ Every tokenizer has BART's special tokens: ``<s>`` = 0, ``<pad>`` = 1,
 ``</s>`` = 2, ``<unk>`` = 3, ``<mask>`` = the last id; encoding wraps the
 text as ``<s> ... </s>``, and captions are decoded with
 ``skip_special_tokens=True``.
+
+Caption text is made in one place, :func:`decode_caption`, and cleaned there
+by :func:`clean_caption_text`: a byte-level BPE model can emit fragments of a
+multi-byte character (decoded as U+FFFD) and control bytes, which must not
+reach logs, WebSocket frames or Home Assistant states.
 """
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, RobertaTokenizer
@@ -31,6 +39,9 @@ SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_TOKEN = "<mask>"
 DEFAULT_VOCAB_SIZE = 1000
 _MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet + specials + <mask>
+NO_CAPTION_TEXT = "(no readable caption)"
+"""Published instead of a caption whose text is empty once cleaned; such a caption is flagged."""
+
 _SPECIAL_KWARGS = {
     "bos_token": "<s>",
     "eos_token": "</s>",
@@ -40,6 +51,34 @@ _SPECIAL_KWARGS = {
     "unk_token": "<unk>",
     "mask_token": MASK_TOKEN,
 }
+
+
+class CaptionDecoder(Protocol):
+    """The part of a tokenizer that turns token ids into text."""
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool = ...) -> str: ...
+
+
+def clean_caption_text(text: str) -> str:
+    """``text`` fit to publish: printable, one line, NFC.
+
+    Drops U+FFFD (a broken UTF-8 fragment) and every control, format,
+    surrogate, private-use and unassigned character; turns each run of
+    whitespace (newlines and tabs included) into one space and trims the ends;
+    normalises to NFC. May return ``""``.
+    """
+    kept = []
+    for ch in text:
+        if ch.isspace():
+            kept.append(" ")
+        elif ch != "\ufffd" and not unicodedata.category(ch).startswith("C"):
+            kept.append(ch)
+    return " ".join(unicodedata.normalize("NFC", "".join(kept)).split())
+
+
+def decode_caption(tokenizer: CaptionDecoder, token_ids: Iterable[int]) -> str:
+    """The clean caption text of ``token_ids`` (special tokens skipped); may be ``""``."""
+    return clean_caption_text(tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
 
 def caption_corpus() -> list[str]:

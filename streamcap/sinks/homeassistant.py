@@ -5,7 +5,10 @@ and, for every source, three entities:
 
 * ``sensor`` "<source> caption": the newest caption's text, cut to
   Home Assistant's 255-character state limit; the full text, score, window id
-  and times are its attributes.
+  and times are its attributes. The whole payload (which Home Assistant also
+  takes as the attributes) is kept within 16 KiB of UTF-8 JSON, the most
+  Home Assistant records: the long text is cut first, then the least
+  important fields are left out.
 * ``sensor`` "<source> caption score": the newest caption's score (optional).
 * ``sensor`` "<source> status": the source's state (running, stalled, ...),
   with the reason and retry information as attributes.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
@@ -33,6 +37,8 @@ STATE_MAX_CHARS: Final = 255
 ATTRIBUTE_TEXT_MAX_CHARS: Final = 4096
 """The full caption text kept as an attribute is cut here (attributes over 16 KiB are
 not recorded by Home Assistant)."""
+ATTRIBUTES_MAX_BYTES: Final = 16 * 1024
+"""Home Assistant does not record attributes whose JSON exceeds this many bytes (UTF-8)."""
 ELLIPSIS: Final = "…"
 MANUFACTURER: Final = "streamcap"
 MODEL: Final = "Audio captioner"
@@ -41,6 +47,10 @@ _ID_RE: Final = re.compile(r"[^a-zA-Z0-9_-]+")
 _CAPTION_ATTRIBUTES: Final = (
     "window_id", "source_id", "seq", "score", "flagged", "start_s", "end_s", "captured_at",
     "model", "latency_ms", "lag_s",
+)  # fmt: skip
+_LEAST_IMPORTANT_FIRST: Final = (
+    "lag_s", "latency_ms", "model", "captured_at", "end_s", "start_s", "seq", "window_id",
+    "source_id", "flagged", "score",
 )  # fmt: skip
 
 
@@ -191,4 +201,49 @@ def caption_state(frame: Mapping[str, object]) -> dict[str, object]:
     for key in _CAPTION_ATTRIBUTES:
         if key in frame:
             out[key] = frame[key]
-    return out
+    return fit_attributes(out, text)
+
+
+def encoded_size(payload: Mapping[str, object]) -> int:
+    """Bytes of ``payload`` as the MQTT sink sends it: compact JSON, UTF-8."""
+    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def fit_attributes(payload: dict[str, object], text: str,
+                   max_bytes: int = ATTRIBUTES_MAX_BYTES) -> dict[str, object]:
+    """``payload`` made to fit ``max_bytes``, least important content first.
+
+    The ``text`` attribute (the caption's full ``text``) is cut, at a
+    character and ending in an ellipsis, as little as needed; when even a
+    short cut does not fit, the other fields are left out in the order of
+    ``_LEAST_IMPORTANT_FIRST`` and the text is fitted again. ``state`` (at
+    most 255 characters) is always kept. Fields are cut or left out, never
+    the JSON, so the payload is always valid JSON.
+    """
+    if encoded_size(payload) <= max_bytes:
+        return payload
+    for dropped in range(len(_LEAST_IMPORTANT_FIRST) + 1):
+        gone = _LEAST_IMPORTANT_FIRST[:dropped]
+        kept = {k: v for k, v in payload.items() if k not in gone}
+        fitted = _fit_text(kept, text, max_bytes)
+        if fitted is not None:
+            return fitted
+    return {"state": payload.get("state", "")}
+
+
+def _fit_text(payload: dict[str, object], text: str, max_bytes: int) -> dict[str, object] | None:
+    """``payload`` with its ``text`` cut to fit, or None when no cut of it fits."""
+    if encoded_size(payload) <= max_bytes:
+        return payload
+    if "text" not in payload:
+        return None
+    limit = len(str(payload["text"]))
+
+    def too_big(n: int) -> bool:
+        return encoded_size({**payload, "text": truncate_state(text, n)}) > max_bytes
+
+    # too_big is False up to the longest cut that fits, True beyond it
+    fitting = bisect_right(range(limit + 1), False, key=too_big) - 1
+    if fitting <= len(ELLIPSIS):
+        return None
+    return {**payload, "text": truncate_state(text, fitting)}

@@ -20,13 +20,18 @@ Source URIs::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
+import numpy as np
+
+from streamcap.audio.dsp import zero_nonfinite
 from streamcap.errors import ConfigError
-from streamcap.messages import AudioBlock
+from streamcap.messages import AudioBlock, Float32Array
 
 STREAM_SCHEMES: frozenset[str] = frozenset(
     {
@@ -65,6 +70,15 @@ MIN_BLOCK_S = 0.005
 MAX_BLOCK_S = 2.0
 MAX_PROBE_S = 60.0
 
+_LOGGER = logging.getLogger(__name__)
+
+NONFINITE_WARN_INTERVAL_S = 10.0
+"""At most one warning about NaN or infinite samples per source this often (the rest are counted)."""
+SLOW_LAG_S = 2.0
+"""A real-time source whose audio falls this far behind the wall clock is reported as slow."""
+SLOW_WARN_INTERVAL_S = 60.0
+"""At most one slower-than-real-time warning per source this often."""
+
 
 @runtime_checkable
 class AudioSource(Protocol):
@@ -89,6 +103,109 @@ class SourceFactory(Protocol):
     """The signature of every ``create_source`` plugin entry point."""
 
     def __call__(self, source_id: str, uri: str, options: Mapping[str, object]) -> AudioSource: ...
+
+
+class SampleCheck:
+    """What every built-in source does to its samples as they enter streamcap.
+
+    * NaN and infinite samples (a broken float file, a misbehaving driver or
+      decoder) are replaced by silence and counted: :attr:`nonfinite_total`,
+      and per block in ``AudioBlock.nonfinite`` for the
+      ``streamcap_nonfinite_samples_total`` metric. The first one is logged
+      with its position; later ones at most once per ``warn_interval_s``,
+      with the count since the last warning, so a stream of them cannot
+      flood the log. Nothing downstream ever sees a non-finite sample.
+    * For a source that should deliver in real time (``realtime=True``):
+      when its audio falls more than ``lag_s`` behind the wall clock since
+      its first block, a warning says how far (at most once per
+      ``slow_interval_s``).
+
+    Args:
+        what: Names the source in warnings (``"file source a: /x.wav"``).
+        realtime: Watch the delivery pace.
+        clock: Monotonic seconds (tests inject a fake one).
+        logger: Where warnings go.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        realtime: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger = _LOGGER,
+        warn_interval_s: float = NONFINITE_WARN_INTERVAL_S,
+        lag_s: float = SLOW_LAG_S,
+        slow_interval_s: float = SLOW_WARN_INTERVAL_S,
+    ) -> None:
+        self.what = what
+        self.realtime = realtime
+        self._clock = clock
+        self._log = logger
+        self._warn_interval_s = warn_interval_s
+        self._lag_s = lag_s
+        self._slow_interval_s = slow_interval_s
+        self.nonfinite_total = 0
+        """Non-finite samples replaced by silence so far."""
+        self._unreported = 0
+        self._last_nonfinite_warning: float | None = None
+        self._first_at: float | None = None
+        self._audio_s = 0.0  # audio delivered after the first block
+        self._last_slow_warning: float | None = None
+        self.slow_warnings = 0
+        """Slower-than-real-time warnings logged so far."""
+
+    def check(
+        self, samples: Float32Array, *, position_s: float, sample_rate_hz: int
+    ) -> tuple[Float32Array, int]:
+        """Return ``(samples with NaN/inf zeroed, how many were zeroed)``.
+
+        Args:
+            samples: float32 mono samples just read; never modified.
+            position_s: Where ``samples[0]`` lies in the input, for the
+                warning (seconds into the file, or since the stream opened).
+            sample_rate_hz: Their rate.
+        """
+        clean, count, first = zero_nonfinite(np.asarray(samples, dtype=np.float32))
+        now = self._clock()
+        if count:
+            self._nonfinite(count, position_s + first / sample_rate_hz, now)
+        if self.realtime and len(clean):
+            self._pace(len(clean) / sample_rate_hz, now)
+        return clean, count
+
+    def _nonfinite(self, count: int, at_s: float, now: float) -> None:
+        self.nonfinite_total += count
+        self._unreported += count
+        last = self._last_nonfinite_warning
+        if last is not None and now - last < self._warn_interval_s:
+            return
+        self._last_nonfinite_warning = now
+        self._log.warning(
+            "%s: replaced %d NaN or infinite samples by silence (the first of this block at "
+            "%.3f s into the input; %d in all; at most one such warning every %g s)",
+            self.what, self._unreported, at_s, self.nonfinite_total, self._warn_interval_s,
+        )
+        self._unreported = 0
+
+    def _pace(self, duration_s: float, now: float) -> None:
+        if self._first_at is None:
+            self._first_at = now
+            return
+        self._audio_s += duration_s
+        elapsed = now - self._first_at
+        if elapsed - self._audio_s <= self._lag_s:
+            return
+        last = self._last_slow_warning
+        if last is not None and now - last < self._slow_interval_s:
+            return
+        self._last_slow_warning = now
+        self.slow_warnings += 1
+        self._log.warning(
+            "%s delivers audio slower than real time: %.1f s of audio in %.1f s (%.2fx); "
+            "captions will fall behind",
+            self.what, self._audio_s, elapsed, self._audio_s / elapsed,
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

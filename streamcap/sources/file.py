@@ -3,7 +3,16 @@
 WAV, FLAC, OGG, AIFF and AU files are streamed block by block through
 soundfile; every other format (mp3, m4a, opus, ...) and any file that must be
 resampled is decoded by an ffmpeg child writing float32 mono to a pipe.
-Nothing reads the whole file into memory.
+Nothing reads a whole long file into memory; a looped file of at most
+:data:`LOOP_CACHE_MAX_S` is decoded once and replayed from memory, so that a
+short clip does not restart ffmpeg (or reopen the file) every few tenths of a
+second.
+
+Every block passes :class:`~streamcap.sources.base.SampleCheck`: NaN and
+infinite samples become silence (counted and warned about), and a real-time
+file that cannot keep up is reported. A WAV or AIFF file whose header
+announces more audio than the file holds (truncated) is played as far as it
+goes, with a warning.
 
 Error classes: a missing or unreadable file is :class:`SourceUnavailable`
 (it may appear later); a file that exists but cannot be decoded is
@@ -16,9 +25,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +37,12 @@ import soundfile as sf
 
 from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock, Float32Array, make_block
-from streamcap.sources.base import SourceOptions, parse_source_options, parse_source_uri
+from streamcap.sources.base import (
+    SampleCheck,
+    SourceOptions,
+    parse_source_options,
+    parse_source_uri,
+)
 from streamcap.sources.ffmpeg import FfmpegPipe, decode_args
 
 _LOGGER = logging.getLogger(__name__)
@@ -38,10 +54,52 @@ FFMPEG_FALLBACK_SUFFIXES = frozenset({".ogg", ".oga"})
 """Soundfile suffixes whose codecs (e.g. Opus in Ogg) an older libsndfile may lack: try ffmpeg.
 A corrupt WAV or FLAC is not handed to ffmpeg, which might guess another format for it."""
 
+LOOP_CACHE_MAX_S = 60.0
+"""A looped file at most this long is decoded once and replayed from memory."""
+
+_SHORTFALL_RE = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 _EXPECTED = "an audio file (wav, flac, ogg through soundfile; mp3, m4a, opus, ... through ffmpeg)"
 _PROBE_TIMEOUT_S = 30.0
 
 PassReader = Callable[[], AsyncGenerator[Float32Array, None]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileProbe:
+    """What opening a file found out, before any audio is decoded.
+
+    Attributes:
+        sample_rate_hz: The rate blocks will be delivered at.
+        decoder: ``"soundfile"`` or ``"ffmpeg"``.
+        duration_s: The audio the file holds (soundfile only; None through ffmpeg).
+        announced_s: For a truncated file, the duration its header announces
+            (longer than ``duration_s``); None when the file is whole or unknown.
+    """
+
+    sample_rate_hz: int
+    decoder: str
+    duration_s: float | None = None
+    announced_s: float | None = None
+
+
+def announced_duration_s(extra_info: str, duration_s: float) -> float | None:
+    """The duration a truncated file's header announces, from libsndfile's log of the header.
+
+    libsndfile plays a WAV or AIFF whose data chunk is shorter than its header says
+    as far as it goes and notes ``data : <declared bytes> (should be <bytes present>)``.
+
+    Returns:
+        ``duration_s`` scaled by declared/present bytes, or None when nothing is missing.
+    """
+    match = _SHORTFALL_RE.search(extra_info)
+    if match is None:
+        return None
+    declared, present = int(match[1]), int(match[2])
+    if declared <= present:
+        return None
+    if present <= 0:
+        return float("inf")
+    return duration_s * declared / present
 
 
 def ffprobe_for(ffmpeg: str) -> str:
@@ -72,6 +130,10 @@ class FileSource:
         """The delivered rate; known once ``blocks()`` has opened the file."""
         self.passes: int = 0
         """How many times the file has been read to its end."""
+        self.decodes: int = 0
+        """How many times the file was opened and decoded (a cached loop replays from memory)."""
+        self.nonfinite_samples: int = 0
+        """NaN or infinite samples replaced by silence so far."""
 
     @property
     def source_id(self) -> str:
@@ -101,8 +163,16 @@ class FileSource:
         if not os.access(self._path, os.R_OK):
             raise SourceUnavailable(f"{self._what()} is not readable; expected {_EXPECTED}")
 
-    async def _open(self) -> tuple[int, PassReader]:
-        """Choose a decoder and find the delivered rate; raise the right error if impossible."""
+    async def probe(self) -> FileProbe:
+        """Check that the file exists, is readable and is audio; choose its decoder.
+
+        Decodes nothing (ffprobe reads the header of files soundfile cannot).
+
+        Raises:
+            SourceUnavailable: the file does not exist or cannot be read, or
+                ffmpeg is needed and missing.
+            SourceFormatError: the file exists but cannot be decoded.
+        """
         self._check_file()
         soundfile_error = ""
         if self._path.suffix.lower() in SOUNDFILE_SUFFIXES:
@@ -119,10 +189,16 @@ class FileSource:
                 rate = int(info.samplerate)
                 if info.frames == 0:
                     raise SourceFormatError(f"{self._what()} holds no audio frames")
+                duration_s = info.frames / rate
+                announced = announced_duration_s(str(info.extra_info), duration_s)
                 if self._options.sample_rate_hz in (None, rate):
-                    return rate, self._soundfile_pass
+                    return FileProbe(sample_rate_hz=rate, decoder="soundfile",
+                                     duration_s=duration_s, announced_s=announced)
+                rate = await self._probe_rate(soundfile_error)
+                return FileProbe(sample_rate_hz=rate, decoder="ffmpeg",
+                                 duration_s=duration_s, announced_s=announced)
         rate = await self._probe_rate(soundfile_error)
-        return rate, self._ffmpeg_pass
+        return FileProbe(sample_rate_hz=rate, decoder="ffmpeg")
 
     async def _probe_rate(self, soundfile_error: str) -> int:
         """Ask ffprobe for the first audio stream's rate; the delivered rate is the option or it."""
@@ -170,6 +246,7 @@ class FileSource:
         return self._options.sample_rate_hz or native
 
     async def _soundfile_pass(self) -> AsyncGenerator[Float32Array, None]:
+        self.decodes += 1
         n = self._block_samples()
         try:
             handle = sf.SoundFile(str(self._path))
@@ -190,8 +267,9 @@ class FileSource:
 
     async def _ffmpeg_pass(self) -> AsyncGenerator[Float32Array, None]:
         rate = self.sample_rate_hz
-        if rate is None:  # _open sets it before any pass runs
+        if rate is None:  # blocks() sets it before any pass runs
             raise SourceFormatError(f"{self._what()}: sample rate unknown")
+        self.decodes += 1
         n = self._block_samples()
         args = decode_args(self._options.ffmpeg, [], str(self._path), rate)
         pipe = await FfmpegPipe.start(
@@ -227,15 +305,37 @@ class FileSource:
                 ffmpeg is needed and missing.
             SourceFormatError: the file exists but cannot be decoded.
         """
-        rate, read_pass = await self._open()
+        probe = await self.probe()
+        rate = probe.sample_rate_hz
         self.sample_rate_hz = rate
+        read_pass = self._soundfile_pass if probe.decoder == "soundfile" else self._ffmpeg_pass
+        if probe.announced_s is not None and probe.duration_s is not None:
+            _LOGGER.warning(
+                "%s is truncated: its header announces %.3f s of audio, the file holds %.3f s "
+                "(%d samples at %d Hz); playing what is there",
+                self._what(), probe.announced_s, probe.duration_s,
+                round(probe.duration_s * rate), rate,
+            )
+        checker = SampleCheck(self._what(), realtime=self._options.realtime)
+        cache_limit = round(LOOP_CACHE_MAX_S * rate) if self._options.loop else -1
+        cache: list[tuple[Float32Array, int]] | None = None
         t0 = time.monotonic()
         wall0 = time.time()
         start_sample = 0
         while True:
             delivered = 0
-            async with contextlib.aclosing(read_pass()) as chunks:
-                async for samples in chunks:
+            # the first pass of a looped file is kept while it is short enough
+            caching: list[tuple[Float32Array, int]] | None = [] if start_sample == 0 else None
+            async with contextlib.aclosing(
+                _replay(cache) if cache is not None else _checked(read_pass(), checker, rate)
+            ) as chunks:
+                async for samples, nonfinite in chunks:
+                    self.nonfinite_samples += nonfinite
+                    if caching is not None:
+                        if delivered + len(samples) <= cache_limit:
+                            caching.append((samples, nonfinite))
+                        else:
+                            caching = None
                     end = start_sample + len(samples)
                     if self._options.realtime:
                         delay = t0 + end / rate - time.monotonic()
@@ -248,6 +348,7 @@ class FileSource:
                         sample_rate_hz=rate,
                         samples=samples,
                         captured_at=wall0 + start_sample / rate,
+                        nonfinite=nonfinite,
                     )
                     start_sample = end
                     delivered += len(samples)
@@ -256,7 +357,31 @@ class FileSource:
                 raise SourceFormatError(f"{self._what()} decoded to no audio samples")
             if not self._options.loop:
                 return
+            if caching:
+                cache = caching
+                _LOGGER.debug("%s: %.3f s long, looping from memory", self._what(),
+                              delivered / rate)
             _LOGGER.debug("%s: looping after pass %d", self._what(), self.passes)
+
+
+async def _checked(
+    chunks: AsyncGenerator[Float32Array, None], checker: SampleCheck, rate: int
+) -> AsyncGenerator[tuple[Float32Array, int], None]:
+    """One decoded pass through ``checker``: ``(clean samples, non-finite count)`` per chunk."""
+    position = 0
+    async with contextlib.aclosing(chunks):
+        async for raw in chunks:
+            clean, count = checker.check(raw, position_s=position / rate, sample_rate_hz=rate)
+            position += len(raw)
+            yield clean, count
+
+
+async def _replay(
+    cache: list[tuple[Float32Array, int]],
+) -> AsyncGenerator[tuple[Float32Array, int], None]:
+    """A pass decoded earlier, from memory."""
+    for item in cache:
+        yield item
 
 
 def create_source(source_id: str, uri: str, options: Mapping[str, object]) -> FileSource:

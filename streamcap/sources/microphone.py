@@ -24,7 +24,12 @@ import numpy as np
 from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock, make_block
 from streamcap.sources import devices as _devices
-from streamcap.sources.base import SourceOptions, parse_source_options, parse_source_uri
+from streamcap.sources.base import (
+    SampleCheck,
+    SourceOptions,
+    parse_source_options,
+    parse_source_uri,
+)
 from streamcap.sources.devices import DeviceInfo
 
 _LOGGER = logging.getLogger(__name__)
@@ -227,6 +232,7 @@ class MicrophoneSource:
             raise
         _LOGGER.info("recording from %s at %d Hz, %d ch", where, rate, channels)
         queue = self._queue
+        checker = SampleCheck(where)
         try:
             while True:
                 item = await queue.get()
@@ -236,13 +242,19 @@ class MicrophoneSource:
                 mono = frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1)
                 overflowed = self._pending_overflow
                 self._pending_overflow = False
+                samples, nonfinite = checker.check(
+                    np.asarray(mono, dtype=np.float32),
+                    position_s=start_sample / rate,
+                    sample_rate_hz=rate,
+                )
                 yield make_block(
                     source_id=self._source_id,
                     start_sample=start_sample,
                     sample_rate_hz=rate,
-                    samples=np.asarray(mono, dtype=np.float32),
+                    samples=samples,
                     captured_at=captured_at,
                     overflowed=overflowed,
+                    nonfinite=nonfinite,
                 )
         finally:
             self._queue = None

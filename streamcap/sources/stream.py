@@ -18,6 +18,7 @@ from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock, make_block
 from streamcap.sources.base import (
     DEFAULT_STREAM_RATE_HZ,
+    SampleCheck,
     SourceOptions,
     parse_source_options,
     parse_source_uri,
@@ -108,17 +109,24 @@ class FfmpegStreamSource:
         )
         self.pid = pipe.pid
         start_sample = 0
+        checker = SampleCheck(f"source {self._source_id}: {what}")
         try:
             while True:
                 samples = await pipe.read(self.block_samples)
                 if len(samples):
                     now = time.time()
+                    samples, nonfinite = checker.check(
+                        samples,
+                        position_s=start_sample / self.sample_rate_hz,
+                        sample_rate_hz=self.sample_rate_hz,
+                    )
                     yield make_block(
                         source_id=self._source_id,
                         start_sample=start_sample,
                         sample_rate_hz=self.sample_rate_hz,
                         samples=samples,
                         captured_at=now - len(samples) / self.sample_rate_hz,
+                        nonfinite=nonfinite,
                     )
                     start_sample += len(samples)
                 if len(samples) < self.block_samples:

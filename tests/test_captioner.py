@@ -1,0 +1,69 @@
+"""The captioner's text: every caption and candidate is cleaned where it is decoded.
+
+A real tiny (random) captioner runs on a real window; its tokenizer is made to
+decode to what a byte-level BPE model can emit (U+FFFD fragments, control
+bytes), or to nothing readable at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from streamcap.audio.windowing import Windower
+from streamcap.config import DecodingConfig, ModelConfig
+from streamcap.messages import Window, make_block
+from streamcap.models.captioner import Captioner, build_captioner
+from streamcap.models.tokenizer import NO_CAPTION_TEXT
+
+RATE = 16000
+
+
+@pytest.fixture(scope="module", params=["sample", "beam"])
+def captioner(request: pytest.FixtureRequest) -> Captioner:
+    decoding = DecodingConfig(mode=request.param, n_candidates=3, max_new_tokens=4,
+                              beam_max_length=6, num_beams=2, seed=0,
+                              explicit=frozenset({"mode", "num_beams", "beam_max_length"}))
+    return build_captioner("tiny", ModelConfig(decoding=decoding, threads=1),
+                           device=torch.device("cpu"), dtype=torch.float32)
+
+
+def one_window(captioner: Captioner) -> Window:
+    audio = 0.1 * np.random.default_rng(0).standard_normal(11 * RATE).astype(np.float32)
+    windower = Windower("s", 10.0, 10.0, captioner.sample_rates_hz)
+    block = make_block(source_id="s", start_sample=0, sample_rate_hz=RATE, samples=audio,
+                       captured_at=0.0)
+    [window] = windower.feed(block)
+    return window
+
+
+def decoding_to(monkeypatch: pytest.MonkeyPatch, captioner: Captioner,
+                texts: Callable[[list[int]], str]) -> None:
+    tokenizer = captioner.components.tokenizer
+    monkeypatch.setattr(tokenizer, "decode",
+                        lambda ids, skip_special_tokens=False: texts(list(ids)))
+
+
+def test_captions_and_candidates_are_clean(monkeypatch: pytest.MonkeyPatch,
+                                           captioner: Captioner) -> None:
+    decoding_to(monkeypatch, captioner,
+                lambda ids: f" a dog\x00 barks\ufffd\n\tnear a\u0301 car\x1b[0m {len(ids)} ")
+    caption = captioner.caption(one_window(captioner)).caption
+    for text in [caption.text, *(c.text for c in caption.candidates)]:
+        assert text.startswith("a dog barks near \u00e1 car[0m ")
+        assert "\ufffd" not in text and all(ch.isprintable() for ch in text)
+    assert caption.text != NO_CAPTION_TEXT
+
+
+def test_a_caption_with_nothing_readable_is_an_honest_flagged_placeholder(
+        monkeypatch: pytest.MonkeyPatch, captioner: Captioner) -> None:
+    decoding_to(monkeypatch, captioner, lambda ids: "\ufffd\x00 \ufffd\x07\n")
+    caption = captioner.caption(one_window(captioner)).caption
+    assert caption.text == NO_CAPTION_TEXT
+    assert caption.flagged
+    assert [c.text for c in caption.candidates] == [NO_CAPTION_TEXT]
+    assert all(c.flagged for c in caption.candidates)
+    assert np.isfinite(caption.score)
