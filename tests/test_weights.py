@@ -60,8 +60,8 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
         with pytest.raises(WeightsError) as info:
             read_checkpoint(tmp_path / name)
         assert str(info.value) == f"{tmp_path / name}: no such file"
-    with pytest.raises(WeightsError, match="no such file"):
-        read_checkpoint(tmp_path)  # a directory is not a weight file
+    with pytest.raises(WeightsError, match="a directory, not a weight file"):
+        read_checkpoint(tmp_path)
 
 
 def _bad_files(tmp_path: Path) -> dict[str, Path]:

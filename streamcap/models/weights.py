@@ -86,7 +86,8 @@ def read_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     """
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
+        raise WeightsError(f"{path}: " + ("a directory, not a weight file" if path.is_dir()
+                                          else "no such file"))
     safetensors = path.suffix == SAFETENSORS_SUFFIX
     try:
         if safetensors:
