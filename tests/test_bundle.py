@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from streamcap.errors import ModelError, WeightsError
-from streamcap.models import bundle as bundle_mod
 from streamcap.models.bundle import (
     MANIFEST_NAME,
     drop_tied_duplicates,
     load_bundle,
     prepare_state_dict,
-    register_preset,
     resolve_model,
     save_bundle,
     sha256_file,
@@ -272,10 +270,25 @@ def test_torch_pickle_weights(tmp_path: Path) -> None:
     assert torch.equal(load_bundle(directory).load_weights("old")["w"], torch.ones(3))
     torch.save({"w": "not a tensor"}, pt)
     _edit_manifest(directory, lambda m: m["files"].update({"weights/old.pt": sha256_file(pt)}))
-    with pytest.raises(WeightsError, match="old.pt: expected a mapping"):
+    with pytest.raises(WeightsError, match="old.pt: expected a state dict"):
         load_bundle(directory).load_weights("old")
     with pytest.raises(ModelError, match="no component 'nope'"):
         load_bundle(directory).load_weights("nope")
+
+
+def test_bad_weight_file_is_named_not_a_traceback(tmp_path: Path) -> None:
+    directory = _save(tmp_path)
+    pt = directory / "weights" / "old.pt"
+    pt.write_bytes(b"hello, not a weight file\n")
+
+    def add(m: dict[str, Any]) -> None:
+        m["components"]["old"] = {"config": {}, "weights": "weights/old.pt"}
+        m["files"]["weights/old.pt"] = sha256_file(pt)
+
+    _edit_manifest(directory, add)
+    with pytest.raises(WeightsError) as info:
+        load_bundle(directory).load_weights("old")
+    assert str(info.value).startswith(f"{pt}: not a readable torch checkpoint")
 
 
 def test_load_sets_offline_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,7 +318,7 @@ def test_resolve_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_model(str(tmp_path / "tok_src"))
     with pytest.raises(ModelError, match="is not a directory"):
         resolve_model(str(directory / MANIFEST_NAME))
-    with pytest.raises(ModelError, match=r"not a preset \(base, enclap-base.*path to an existing"):
+    with pytest.raises(ModelError, match=r"not a preset \(tiny, base, large.*path to an existing"):
         resolve_model("hugeee")
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model("./tiny")  # path-like: never a preset
@@ -314,15 +327,3 @@ def test_resolve_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model("bundle").kind == "bundle"  # bare name of a bundle directory
     (tmp_path / "tiny").mkdir()
     assert resolve_model("tiny").kind == "preset"  # a plain directory does not shadow a preset
-    assert resolve_model("mine", presets=["mine"]).preset == "mine"
-
-
-def test_register_preset(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bundle_mod, "_PRESETS", dict(bundle_mod._PRESETS))
-    with pytest.raises(ModelError, match="no builder registered"):
-        bundle_mod.preset_builder("tiny")
-    with pytest.raises(ModelError, match="unknown preset 'zz'"):
-        bundle_mod.preset_builder("zz")
-    register_preset("zz", lambda: {"d_model": 8})
-    assert bundle_mod.preset_builder("zz")() == {"d_model": 8}
-    assert resolve_model("zz").kind == "preset"

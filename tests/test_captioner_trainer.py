@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch_helpers import deterministic_torch
 
-from streamcap.errors import ConfigError, ModelError
+from streamcap.errors import ConfigError, ModelError, WeightsError
 from streamcap.models.enclap import EnclapModel
 from streamcap.models.enclap import preset as enclap_preset
 from streamcap.models.tokenizer import build_caption_tokenizer
@@ -24,7 +24,7 @@ from streamcap.training.captioner_trainer import (
     collate,
     train_captioner,
 )
-from streamcap.training.loop import LoopConfig, latest_checkpoint
+from streamcap.training.loop import LoopConfig, latest_checkpoint, load_checkpoint
 from streamcap.training.optim import OptimConfig
 
 WORDS = ("a dog barks", "rain falls", "a bell rings", "wind blows")
@@ -161,6 +161,26 @@ def test_resume_refuses_another_kind_of_checkpoint(tmp_path: Path) -> None:
     trainer.kind = "retriever"
     with pytest.raises(ModelError, match="captioner checkpoint"):
         trainer.resume(tmp_path)
+
+
+def test_bad_checkpoint_files_are_named_and_never_run(tmp_path: Path) -> None:
+    import os
+
+    marker = tmp_path / "ran"
+
+    class RunsCode:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    text = tmp_path / "text.pt"
+    text.write_bytes(b"hello, not a checkpoint\n")
+    with pytest.raises(WeightsError, match=f"^{text}: not a readable torch checkpoint"):
+        load_checkpoint(text)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "streamcap-train", "x": RunsCode()}, evil)
+    with pytest.raises(WeightsError, match=f"^{evil}: refused: the pickle holds Python objects"):
+        load_checkpoint(evil)
+    assert not marker.exists()
 
 
 def test_examples_that_do_not_fit_are_listed() -> None:

@@ -151,9 +151,10 @@ def test_missing_unexpected_and_shape_errors_name_keys() -> None:
     with pytest.raises(WeightsError) as info:
         load_cnext_checkpoint({"model": sd}, config=CNEXT_TOY)
     message = str(info.value)
-    assert "stages.2.0.gamma: missing" in message
-    assert "stages.9.0.gamma: unexpected" in message
-    assert "norm.weight: shape (7,)" in message
+    assert message.startswith("state dict: CNext checkpoint does not match the model: ")
+    assert "missing keys (1): stages.2.0.gamma;" in message
+    assert "unexpected keys (1): stages.9.0.gamma;" in message
+    assert f"norm.weight: expected ({CNEXT_TOY.embed_dim},), got (7,)" in message
 
 
 def test_frontend_mismatch_detected() -> None:
@@ -172,12 +173,21 @@ def test_frontend_mismatch_detected() -> None:
 
 
 def test_bad_files(tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match="not found"):
+    with pytest.raises(WeightsError, match="absent.pth: no such file"):
         load_cnext_checkpoint(tmp_path / "absent.pth")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="cannot read"):
+    with pytest.raises(WeightsError, match="junk.pth: not a readable torch checkpoint"):
         load_cnext_checkpoint(junk)
+    text = tmp_path / "text.pth"
+    text.write_bytes(b"hello, not a weight file\n")
+    with pytest.raises(WeightsError, match="text.pth: not a readable torch checkpoint"):
+        load_cnext_checkpoint(text)
+    cut = tmp_path / "cut.safetensors"
+    save_file({"w": torch.zeros(64)}, str(cut))
+    cut.write_bytes(cut.read_bytes()[:-10])
+    with pytest.raises(WeightsError, match="cut.safetensors: not a readable safetensors file"):
+        load_cnext_checkpoint(cut)
 
 
 def test_config_dict_roundtrip_and_validation() -> None:

@@ -180,6 +180,20 @@ def test_bad_weights_are_named(checkpoint: Path, tmp_path: Path, change: object,
                                     clap_preset="clap-tiny"))
 
 
+def test_bad_weight_files_are_named(checkpoint: Path, tmp_path: Path) -> None:
+    state = torch.load(checkpoint / "pytorch_model.bin", weights_only=True)
+    directory = _write_checkpoint(tmp_path / "ckpt", state, 320)
+    weights = directory / "pytorch_model.bin"
+    weights.write_bytes(b"hello, not a weight file\n")
+    with pytest.raises(WeightsError, match=f"^{weights}: not a readable torch checkpoint"):
+        import_enclap(directory, tmp_path / "b", SMALL)
+    weights.unlink()
+    (directory / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(WeightsError,
+                       match=f"^{directory / 'model.safetensors'}: not a readable safetensors"):
+        import_enclap(directory, tmp_path / "b", SMALL)
+
+
 def test_bad_directories(checkpoint: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -144,15 +144,20 @@ def test_missing_key_is_named(tmp_path: Path) -> None:
     with pytest.raises(WeightsError) as info:
         load_fense_checkpoint(path, _tokenizer())
     message = str(info.value)
-    assert "encoder.encoder.layer.1.output.dense.weight: missing" in message
-    assert "clf.extra: unexpected" in message
-    assert "clf.weight: (5, 128) in checkpoint, expected (6, 128)" in message
+    assert message.startswith(f"{path}: fluency checkpoint does not match prajjwal1/bert-tiny: ")
+    assert "missing keys (1): encoder.encoder.layer.1.output.dense.weight;" in message
+    assert "unexpected keys (1): clf.extra;" in message
+    assert "clf.weight: expected (6, 128), got (5, 128)" in message
 
 
 def test_bad_checkpoint_files(tmp_path: Path) -> None:
     tok = _tokenizer()
-    with pytest.raises(WeightsError, match="not found"):
+    with pytest.raises(WeightsError, match="absent.ckpt: no such file"):
         load_fense_checkpoint(tmp_path / "absent.ckpt", tok)
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"hello, not a weight file\n")
+    with pytest.raises(WeightsError, match="junk.ckpt: not a readable torch checkpoint"):
+        load_fense_checkpoint(junk, tok)
     path = tmp_path / "fields.ckpt"
     torch.save({"model_type": "prajjwal1/bert-tiny", "state_dict": {}}, path)
     with pytest.raises(WeightsError, match="num_classes"):

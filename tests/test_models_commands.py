@@ -18,15 +18,16 @@ import pytest
 import torch
 
 from streamcap.errors import ModelError
+from streamcap.models import presets
+from streamcap.models.bundle import resolve_model
 from streamcap.models.cnext import CNext
 from streamcap.models.codec import DacEncoderQuantizer
 from streamcap.models.enclap import EnclapModel
 from streamcap.models.presets import (
-    PRESET_NAMES,
     FluencyConfig,
     parameter_counts,
+    preset_names,
     preset_spec,
-    with_decoder_vocab,
 )
 from streamcap.models.retriever import AudioTextRetriever
 
@@ -58,10 +59,32 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def test_preset_names_and_unknown_preset() -> None:
-    assert PRESET_NAMES == ("tiny", "base", "large", "enclap-base", "enclap-large")
+    assert preset_names() == ("tiny", "base", "large", "enclap-base", "enclap-large")
     with pytest.raises(ModelError, match=r"unknown preset 'huge' \(presets: tiny, base, large, "
                                          r"enclap-base, enclap-large\)"):
         preset_spec("huge")
+
+
+def test_model_accepts_exactly_the_listed_presets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dataclasses import replace
+
+    from streamcap.cli import main
+    from streamcap.models.captioner import open_components
+
+    monkeypatch.setitem(presets.PRESETS, "tiny-copy",
+                        lambda: replace(preset_spec("tiny"), name="tiny-copy",
+                                        description="a preset added by a test"))
+    assert main(["models", "presets", "--json"]) == 0
+    listed = [row["name"] for row in json.loads(capsys.readouterr().out)["presets"]]
+    assert listed == [*preset_names()] and "tiny-copy" in listed
+    for name in listed:
+        resolved = resolve_model(name)
+        assert resolved.kind == "preset" and resolved.preset == name
+    assert open_components("tiny-copy").preset == "tiny-copy"
+    with pytest.raises(ModelError, match=r"--model 'tiny-kopy': not a preset \(tiny, .*tiny-copy\)"):
+        resolve_model("tiny-kopy")
 
 
 def test_real_presets_have_the_documented_dimensions() -> None:
@@ -74,13 +97,6 @@ def test_real_presets_have_the_documented_dimensions() -> None:
         assert spec.codec.n_codebooks >= 32
     assert preset_spec("base").captioner.d_model == 768
     assert preset_spec("large").captioner.d_model == 1024
-
-
-def test_with_decoder_vocab_changes_only_the_caption_vocabulary() -> None:
-    spec = preset_spec("tiny")
-    other = with_decoder_vocab(spec, 1234)
-    assert other.captioner.vocab_size == 1234
-    assert other.codec == spec.codec and other.retriever == spec.retriever
 
 
 def test_fluency_config_round_trip_and_unknown_keys() -> None:
@@ -112,8 +128,8 @@ def presets_json() -> dict[str, dict[str, Any]]:
 
 
 def test_presets_json_lists_every_preset_with_counts(presets_json: dict[str, Any]) -> None:
-    assert set(presets_json) - {"_run"} == set(PRESET_NAMES)
-    for name in PRESET_NAMES:
+    assert set(presets_json) - {"_run"} == set(preset_names())
+    for name in preset_names():
         row = presets_json[name]
         spec = preset_spec(name)
         assert row["description"] == spec.description
@@ -179,7 +195,7 @@ def test_presets_text() -> None:
     done = run_cli("models", "presets")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list(PRESET_NAMES)
+    assert [line.split()[0] for line in lines] == list(preset_names())
     for line in lines:
         assert " M  (codec " in line and "captioner" in line and "fluency" in line
         assert "CLAP" in line
@@ -284,3 +300,65 @@ def test_convert_dac_wrong_layout(tmp_path: Path) -> None:
     assert errors(done.stderr) == [
         f"{pth}: expected a dict with 'state_dict' and 'metadata' (the descript DAC .pth layout)"]
     assert not out.exists()
+
+
+def _descript_checkpoint(path: Path, **extra: object) -> dict[str, torch.Tensor]:
+    from test_dac_convert import KWARGS, descript_state_dict
+
+    state = descript_state_dict(decoder=False)
+    torch.save({"state_dict": state, "metadata": {"kwargs": KWARGS}, **extra}, path)
+    return state
+
+
+def test_convert_dac_writes_the_checked_encoder(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from streamcap.models.dac_convert import read_descript_checkpoint
+
+    pth = tmp_path / "weights_24khz.pth"
+    _descript_checkpoint(pth)
+    out = tmp_path / "out" / "codec.safetensors"
+    done = run_cli("models", "convert-dac", str(pth), str(out))
+    assert done.returncode == 0, done.stderr
+    config, expected = read_descript_checkpoint(pth)
+    with safe_open(str(out), framework="pt") as stored:
+        assert set(stored.keys()) == set(expected)
+        for key, value in expected.items():
+            assert torch.equal(stored.get_tensor(key), value), key
+        assert json.loads(stored.metadata()["codec_config"]) == config.to_dict()
+    assert done.stdout.strip() == (f"wrote {len(expected)} tensors to {out}; "
+                                   f"codec config {config.codec_id}")
+
+
+def test_convert_dac_checks_weights_against_the_metadata(tmp_path: Path) -> None:
+    pth = tmp_path / "weights_24khz.pth"
+    state = _descript_checkpoint(pth)
+    del state["encoder.block.1.block.4.bias"]
+    from test_dac_convert import KWARGS
+
+    torch.save({"state_dict": state, "metadata": {"kwargs": KWARGS}}, pth)
+    out = tmp_path / "codec.safetensors"
+    done = run_cli("models", "convert-dac", str(pth), str(out))
+    assert done.returncode == 1
+    [line] = errors(done.stderr)
+    assert line.startswith(f"{pth}: descript state dict does not match ")
+    assert line.endswith(": missing keys (1): encoder.block.0.conv1.bias")
+    assert not out.exists()
+
+
+def test_convert_dac_refuses_a_pickle_with_code(tmp_path: Path) -> None:
+    import os
+
+    class RunsCode:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    marker = tmp_path / "ran"
+    pth = tmp_path / "weights_24khz.pth"
+    _descript_checkpoint(pth, extra=RunsCode())
+    out = tmp_path / "codec.safetensors"
+    done = run_cli("models", "convert-dac", str(pth), str(out))
+    assert done.returncode == 1
+    [line] = errors(done.stderr)
+    assert line.startswith(f"{pth}: refused: the pickle holds Python objects other than tensors")
+    assert not marker.exists() and not out.exists()

@@ -37,21 +37,20 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from streamcap.errors import ModelError, WeightsError
+from streamcap.models.weights import read_state_dict
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -62,7 +61,6 @@ WEIGHTS_DIR: Final = "weights"
 TOKENIZERS_DIR: Final = "tokenizers"
 _CHUNK_BYTES: Final = 1 << 20
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TORCH_SUFFIXES: Final = (".pt", ".pth", ".bin")
 _REQUIRED_KEYS: Final = (
     "format", "format_version", "model_id", "preset", "created_at",
     "components", "tokenizers", "decoding", "files",
@@ -429,51 +427,22 @@ class Bundle:
     def load_weights(self, name: str) -> dict[str, torch.Tensor]:
         """Read the state dict of component ``name`` onto :attr:`device`.
 
-        ``.safetensors`` files are read with safetensors; ``.pt``/``.pth``/``.bin`` with
-        ``torch.load(weights_only=True)`` (a mapping of tensors, or one under
-        ``"state_dict"``). Tied keys recorded under ``aliases`` are restored as the
-        same tensor object as the key they alias.
+        The file is read by :func:`streamcap.models.weights.read_state_dict`:
+        ``.safetensors`` with safetensors, any other with ``torch.load(weights_only=True)``
+        (a mapping of tensors, or one under ``"state_dict"``). Tied keys recorded under
+        ``aliases`` are restored as the same tensor object as the key they alias.
 
         Raises:
             ModelError: No such component.
             WeightsError: The file cannot be read or does not hold a state dict.
         """
         path = self.weights_path(name)
-        try:
-            if path.suffix == ".safetensors":
-                state = load_file(path, device=str(self.device))
-            elif path.suffix in _TORCH_SUFFIXES:
-                state = _torch_state(
-                    path, torch.load(path, map_location=self.device, weights_only=True)
-                )
-            else:
-                raise WeightsError(
-                    f"{path}: unknown weight format; expected .safetensors, .pt, .pth or .bin"
-                )
-        except (
-            OSError,
-            EOFError,
-            RuntimeError,
-            SafetensorError,
-            ValueError,
-            pickle.UnpicklingError,
-        ) as exc:
-            raise WeightsError(f"{path}: cannot read weights: {exc}") from exc
+        state = read_state_dict(path, device=self.device)
         for dropped, kept in self.manifest["components"][name].get("aliases", {}).items():
             if kept not in state:
                 raise WeightsError(f"{path}: alias {dropped!r} names missing key {kept!r}")
             state[dropped] = state[kept]
         return state
-
-
-def _torch_state(path: Path, obj: object) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        raise WeightsError(f"{path}: expected a mapping of names to tensors (a state dict)")
-    return dict(obj)
 
 
 def load_bundle(
@@ -515,33 +484,7 @@ def load_bundle(
     )
 
 
-# --------------------------------------------------------------------------- presets and --model
-
-PresetBuilder = Callable[..., Any]
-_PRESETS: dict[str, PresetBuilder | None] = dict.fromkeys(
-    ("tiny", "base", "large", "enclap-base", "enclap-large")
-)
-
-
-def register_preset(name: str, builder: PresetBuilder) -> None:
-    """Register (or replace) the builder of preset ``name``; the lead decides its signature."""
-    _check_name("preset", name)
-    _PRESETS[name] = builder
-
-
-def preset_names() -> tuple[str, ...]:
-    """Return the known preset names, sorted."""
-    return tuple(sorted(_PRESETS))
-
-
-def preset_builder(name: str) -> PresetBuilder:
-    """Return the builder of preset ``name``; ModelError if unknown or not registered yet."""
-    if name not in _PRESETS:
-        raise ModelError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
-    builder = _PRESETS[name]
-    if builder is None:
-        raise ModelError(f"preset {name!r} is known but has no builder registered")
-    return builder
+# --------------------------------------------------------------------------- --model
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -575,23 +518,26 @@ def _looks_like_path(spec: str) -> bool:
     return "/" in spec or os.sep in spec or spec.startswith((".", "~"))
 
 
-def resolve_model(spec: str, *, presets: Iterable[str] | None = None) -> ModelSpec:
+def resolve_model(spec: str) -> ModelSpec:
     """Interpret a ``--model`` value as a bundle path or a preset name.
 
     A value that looks like a path (contains ``/``, starts with ``.`` or ``~``) must be
     a bundle directory. A bare name is a bundle if it is a directory holding
-    ``manifest.json``, else a preset if it is one, else an error.
+    ``manifest.json``, else a preset if it is one, else an error. The presets are
+    exactly those of :func:`streamcap.models.presets.preset_names` (what
+    ``streamcap models presets`` lists).
 
     Args:
         spec: The ``--model`` value.
-        presets: Known preset names; defaults to the registry (:func:`preset_names`).
 
     Raises:
         ModelError: The path does not exist, is not a directory or lacks
             ``manifest.json``; or the name is neither a bundle nor a preset (the
             message lists the presets).
     """
-    names = tuple(sorted(presets)) if presets is not None else preset_names()
+    from streamcap.models.presets import preset_names
+
+    names = preset_names()
     path = Path(spec).expanduser()
     is_bundle = (path / MANIFEST_NAME).is_file()
     if is_bundle or _looks_like_path(spec) or (path.is_dir() and spec not in names):

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -48,13 +48,11 @@ from transformers import ClapAudioConfig, ClapAudioModelWithProjection
 from transformers.audio_utils import mel_filter_bank
 
 from streamcap.errors import ConfigError, ModelError
-from streamcap.models.codec_base import Float32Array, check_state_shapes, state_shapes
+from streamcap.models.codec_base import Float32Array
+from streamcap.models.weights import check_state, state_shapes
 
 CLAP_MODEL_ID = "laion/clap-htsat-fused"
 """The Hugging Face conversion of LAION's ``630k-audioset-fusion-best.pt``."""
-
-CLAP_CHECKPOINT_NAME = "630k-audioset-fusion-best.pt"
-"""The original LAION checkpoint (HF repo ``lukewys/laion_clap``) EnCLAP used."""
 
 _HTSAT_TINY_FUSED: dict[str, Any] = {
     "enable_fusion": True, "fusion_type": "aff_2d", "spec_size": 256, "window_size": 8,
@@ -339,10 +337,9 @@ class ClapEmbedder:
             WeightsError: missing, unexpected or mis-shaped keys, named.
         """
         kept = audio_state_from_clap_model(state)
-        check_state_shapes(self._expected, state_shapes(kept),
-                           "CLAP audio weights do not match the configured HTSAT model:",
-                           optional=("relative_position_index", "num_batches_tracked",
-                                     "position_ids"))
+        check_state(self._expected, kept,
+                    "CLAP audio weights do not match the configured HTSAT model",
+                    optional=("relative_position_index", "num_batches_tracked", "position_ids"))
         self.model.load_state_dict(kept, strict=False)
         nn.Module.eval(self.model)
 
@@ -367,8 +364,3 @@ class ClapEmbedder:
         """float32 (embed_dim,) L2-normalised embedding of one 48 kHz mono clip."""
         vector: Float32Array = self.embed_tensor(audio)[0].cpu().numpy().astype(np.float32)
         return vector
-
-
-def with_projection_dim(config: ClapEmbedderConfig, dim: int) -> ClapEmbedderConfig:
-    """The same config with another embedding size (for tiny test models)."""
-    return replace(config, audio={**dict(config.audio), "projection_dim": dim})

@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from streamcap.errors import ConfigError, ModelError, WeightsError
+from streamcap.errors import ConfigError, ModelError
 from streamcap.models.melspec import LogMel, MelConfig
+from streamcap.models.weights import check_state, read_state_dict, state_dict_from
 
 __all__ = [
     "CNEXT_TINY",
@@ -352,35 +353,11 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _read_state_dict(source: str | Path | Mapping[str, Any]) -> dict[str, Tensor]:
-    where = "state dict"
-    obj: Any
+def _read_state_dict(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], str]:
+    """The state dict of ``source`` (a file or a loaded checkpoint) and how to name it."""
     if isinstance(source, str | Path):
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise WeightsError(f"{path}: CNext checkpoint file not found")
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                obj = load_file(str(path), device="cpu")
-            else:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch/safetensors raise many types for bad files
-            raise WeightsError(f"{path}: cannot read CNext checkpoint: {exc}") from exc
-    else:
-        obj = source
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{where}: expected a dict, got {type(obj).__name__}")
-    if "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise WeightsError(
-            f"{where}: expected a state dict (or {{'model': state dict}}); non-tensor entries: {bad[:5]}"
-        )
-    return {str(k): v for k, v in obj.items()}
+        return read_state_dict(source, nested=("model",)), str(source)
+    return state_dict_from(source, "state dict", nested=("model",)), "state dict"
 
 
 def _frontend_problems(model: CNext, extras: Mapping[str, Tensor], atol: float) -> list[str]:
@@ -457,25 +434,15 @@ def load_cnext_checkpoint(
             mismatches or a front-end mismatch; the message lists every
             offending key.
     """
-    state = _read_state_dict(source)
+    state, where = _read_state_dict(source)
     model = CNext(config if config is not None else CNEXT_TINY)
     extras = {k: state.pop(k) for k in FRONTEND_KEYS if k in state}
-    expected = model.state_dict()
-    problems: list[str] = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    problems += [f"{k}: missing from checkpoint" for k in missing]
-    problems += [f"{k}: unexpected key in checkpoint" for k in unexpected]
-    for key in sorted(set(expected) & set(state)):
-        if tuple(state[key].shape) != tuple(expected[key].shape):
-            problems.append(
-                f"{key}: shape {tuple(state[key].shape)} in checkpoint, "
-                f"expected {tuple(expected[key].shape)}"
-            )
-    if check_frontend:
-        problems += _frontend_problems(model, extras, frontend_atol)
-    if problems:
-        raise WeightsError("CNext checkpoint does not match the model:\n" + "\n".join(problems))
+    check_state(
+        model.state_dict(),
+        state,
+        f"{where}: CNext checkpoint does not match the model",
+        extra=_frontend_problems(model, extras, frontend_atol) if check_frontend else (),
+    )
     model.load_state_dict(state, strict=True)
     model.eval()
     return model

@@ -46,9 +46,8 @@ from streamcap.models.codec_base import (
     EncoderQuantizerTokenizer,
     Float32Array,
     Precision,
-    check_state_shapes,
-    state_shapes,
 )
+from streamcap.models.weights import check_state
 
 __all__ = [
     "PRESETS",
@@ -303,10 +302,10 @@ class CodecTokenizer(EncoderQuantizerTokenizer[CodecConfig, DacEncoderQuantizer]
         kept.n_codebooks = self.config.n_codebooks
         kept.quantizer_dropout = 0.0
         module.quantizer = kept
-        check_state_shapes(
+        check_state(
             self._expected,
-            state_shapes(module.state_dict()),
-            f"codec model does not match {self.config.codec_id}:",
+            module.state_dict(),
+            f"codec model does not match {self.config.codec_id}",
             error=ModelError,
         )
         return module
@@ -333,7 +332,7 @@ class CodecTokenizer(EncoderQuantizerTokenizer[CodecConfig, DacEncoderQuantizer]
                 if index >= self.config.n_codebooks:
                     continue
             kept[key] = value
-        self._load_checked(kept, f"codec state dict does not match {self.config.codec_id}:")
+        self._load_checked(kept, f"codec state dict does not match {self.config.codec_id}")
 
     def _encode_clip(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
         padded = np.zeros(n_frames * self.config.hop_length, dtype=np.float32)

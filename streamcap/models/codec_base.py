@@ -6,8 +6,8 @@ encoder + residual-vector-quantizer module with ``encoder.*``/``quantizer.*``
 keys. :class:`EncoderQuantizerTokenizer` keeps that module in fp32 (the source
 of :meth:`~EncoderQuantizerTokenizer.state_dict` and of the quantizer) plus an
 encoder copy in the chosen precision, validates input audio, and loads weights
-strictly. :func:`check_state_shapes` is the one key/shape report for weights
-(also used by the CLAP embedder). No I/O happens here.
+strictly through :func:`streamcap.models.weights.check_state`, the one key/shape
+check for weights. No I/O happens here.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from streamcap.errors import ModelError, WeightsError
+from streamcap.errors import ModelError
+from streamcap.models.weights import check_state
 
 Precision = Literal["fp32", "bf16", "fp16"]
 CodesArray = npt.NDArray[np.int16]
@@ -59,49 +60,6 @@ class AudioTokenizerConfig(Protocol):
     def n_frames(self, n_samples: int) -> int: ...
 
     def to_dict(self) -> dict[str, Any]: ...
-
-
-def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor of ``state``, by key."""
-    return {key: tuple(value.shape) for key, value in state.items()}
-
-
-def check_state_shapes(
-    expected: Mapping[str, tuple[int, ...]],
-    got: Mapping[str, tuple[int, ...]],
-    header: str,
-    *,
-    error: type[ModelError] = WeightsError,
-    optional: tuple[str, ...] = (),
-) -> None:
-    """Raise ``error`` naming missing, unexpected and mis-shaped keys (up to 8 of each).
-
-    Args:
-        expected: shapes the module needs, by key.
-        got: shapes on offer, by key.
-        header: first line of the message, e.g. ``"EnCodec weights do not match <id>:"``.
-        error: the exception class raised.
-        optional: key suffixes that may be missing.
-
-    Raises:
-        ModelError: (``error``) on any difference; the message lists them.
-    """
-    missing = sorted(k for k in set(expected) - set(got) if not k.endswith(optional))
-    unexpected = sorted(set(got) - set(expected))
-    mismatched = [
-        f"{key}: expected {expected[key]}, got {tuple(got[key])}"
-        for key in sorted(set(got) & set(expected))
-        if tuple(got[key]) != expected[key]
-    ]
-    if missing or unexpected or mismatched:
-        lines = [header]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:8])}")
-        raise error("\n".join(lines))
 
 
 ConfigT = TypeVar("ConfigT", bound=AudioTokenizerConfig)
@@ -152,8 +110,8 @@ class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
         return copy.deepcopy(encoder).to(dtype=self._dtype).eval()
 
     def _load_checked(self, kept: Mapping[str, torch.Tensor], header: str) -> None:
-        """Check ``kept`` against the module (:class:`WeightsError` under ``header``), load it."""
-        check_state_shapes(self._expected, state_shapes(kept), header)
+        """Check ``kept`` against the module (:class:`WeightsError` after ``header``), load it."""
+        check_state(self._expected, kept, header)
         self._model.load_state_dict(kept, strict=True)
         self._model.eval()
         self._encoder_run = self._make_run_encoder()

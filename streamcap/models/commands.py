@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from streamcap.errors import ModelError, WeightsError
+from streamcap.errors import ModelError
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from streamcap.models.presets import PRESET_NAMES, parameter_counts, preset_spec
+    from streamcap.models.presets import parameter_counts, preset_names, preset_spec
 
     rows = []
-    for name in PRESET_NAMES:
+    for name in preset_names():
         spec = preset_spec(name)
         rows.append({"name": name, "description": spec.description,
                      "parameters": parameter_counts(spec),
@@ -53,25 +53,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _convert_dac(args: argparse.Namespace) -> int:
-    import torch
     from safetensors.torch import save_file
 
-    from streamcap.models.dac_convert import (
-        config_from_descript_metadata,
-        convert_descript_state_dict,
-    )
+    from streamcap.models.dac_convert import read_descript_checkpoint
 
-    try:
-        raw = torch.load(args.pth, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"{args.pth}: no such file") from None
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise WeightsError(f"{args.pth}: not a readable torch checkpoint ({exc})") from None
-    if not isinstance(raw, dict) or "state_dict" not in raw:
-        raise WeightsError(f"{args.pth}: expected a dict with 'state_dict' and 'metadata' "
-                           "(the descript DAC .pth layout)")
-    config = config_from_descript_metadata(raw.get("metadata", {}))
-    state = convert_descript_state_dict(raw["state_dict"])
+    config, state = read_descript_checkpoint(args.pth)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(args.output),
               metadata={"codec_config": json.dumps(config.to_dict())})

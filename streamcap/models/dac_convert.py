@@ -27,7 +27,6 @@ and the decoder likewise under ``decoder.model.*`` -> ``decoder.*``.
 
 from __future__ import annotations
 
-import pickle
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,7 +36,9 @@ import torch
 
 from streamcap.errors import WeightsError
 from streamcap.models.codec import CodecConfig, _expected_shapes
+from streamcap.models.weights import check_state, naming_file, read_checkpoint, state_dict_from
 
+_LAYOUT = "expected a dict with 'state_dict' and 'metadata' (the descript DAC .pth layout)"
 _RES_PARTS = ("snake1", "conv1", "snake2", "conv2")
 _DESCRIPT_KWARGS = {
     "encoder_dim",
@@ -80,39 +81,6 @@ _FORWARD: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
     (re.compile(r"^decoder\.model\.\d+\.(?=alpha$)"), lambda m: "decoder.snake1."),
     (re.compile(r"^decoder\.model\.\d+\.(?=weight_g$|weight_v$|bias$|weight$)"), lambda m: "decoder.conv2."),
 ]
-
-_HF_RES_INDEX = {part: i for i, part in enumerate(_RES_PARTS)}
-
-
-def _descript_name(key: str, n_blocks: int) -> str | None:
-    """Inverse of the translation for one ``DacModel`` key; ``None`` when unknown."""
-    m = re.match(r"^encoder\.conv1\.(.+)$", key)
-    if m:
-        return f"encoder.block.0.{m[1]}"
-    m = re.match(r"^encoder\.block\.(\d+)\.res_unit([123])\.(snake1|conv1|snake2|conv2)\.(.+)$", key)
-    if m:
-        return f"encoder.block.{int(m[1]) + 1}.block.{int(m[2]) - 1}.block.{_HF_RES_INDEX[m[3]]}.{m[4]}"
-    m = re.match(r"^encoder\.block\.(\d+)\.(snake1|conv1)\.(.+)$", key)
-    if m:
-        return f"encoder.block.{int(m[1]) + 1}.block.{3 if m[2] == 'snake1' else 4}.{m[3]}"
-    m = re.match(r"^encoder\.(snake1|conv2)\.(.+)$", key)
-    if m:
-        return f"encoder.block.{n_blocks + (1 if m[1] == 'snake1' else 2)}.{m[2]}"
-    if re.match(r"^quantizer\.quantizers\.\d+\.(in_proj|out_proj|codebook)\.", key):
-        return key
-    m = re.match(r"^decoder\.conv1\.(.+)$", key)
-    if m:
-        return f"decoder.model.0.{m[1]}"
-    m = re.match(r"^decoder\.block\.(\d+)\.res_unit([123])\.(snake1|conv1|snake2|conv2)\.(.+)$", key)
-    if m:
-        return f"decoder.model.{int(m[1]) + 1}.block.{int(m[2]) + 1}.block.{_HF_RES_INDEX[m[3]]}.{m[4]}"
-    m = re.match(r"^decoder\.block\.(\d+)\.(snake1|conv_t1)\.(.+)$", key)
-    if m:
-        return f"decoder.model.{int(m[1]) + 1}.block.{0 if m[2] == 'snake1' else 1}.{m[3]}"
-    m = re.match(r"^decoder\.(snake1|conv2)\.(.+)$", key)
-    if m:
-        return f"decoder.model.{n_blocks + (1 if m[1] == 'snake1' else 2)}.{m[2]}"
-    return None
 
 
 # -- weight norm --------------------------------------------------------------------------
@@ -270,48 +238,12 @@ def convert_descript_state_dict(
         if k in expected or not k.startswith("quantizer.quantizers.")
         or int(k.split(".")[2]) < config.n_codebooks
     }
-    problems: list[str] = []
-    missing = sorted(set(expected) - set(kept))
-    extra = sorted(k for k in set(kept) - set(expected) if not k.startswith("decoder."))
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}")
-    if extra:
-        problems.append(f"unexpected keys ({len(extra)}): {', '.join(extra[:8])}")
-    for key in sorted(set(expected) & set(kept)):
-        if tuple(kept[key].shape) != expected[key]:
-            problems.append(f"{key}: shape {tuple(kept[key].shape)}, expected {expected[key]}")
-    if problems:
-        raise WeightsError(
-            f"descript state dict does not match {config.codec_id}:\n  " + "\n  ".join(problems)
-        )
+    check_state(
+        expected,
+        {k: v for k, v in kept.items() if not k.startswith("decoder.")},
+        f"descript state dict does not match {config.codec_id}",
+    )
     return kept
-
-
-def to_descript_state_dict(
-    state_dict: Mapping[str, torch.Tensor], *, n_blocks: int
-) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`convert_descript_state_dict` (weight norm unfolded as g = ||w||, v = w).
-
-    Args:
-        state_dict: ``DacModel``-layout weights.
-        n_blocks: number of encoder strides (``len(config.downsampling_ratios)``).
-
-    Raises:
-        WeightsError: a key that is not part of the ``DacModel`` layout.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        name = _descript_name(key, n_blocks)
-        if name is None:
-            raise WeightsError(f"DacModel state dict: unexpected key {key}")
-        if name.endswith(".weight") and value.dim() == 3:
-            prefix = name[: -len(".weight")]
-            norm = value.reshape(value.shape[0], -1).norm(dim=1).reshape(-1, 1, 1)
-            out[f"{prefix}.weight_g"] = norm.clone()
-            out[f"{prefix}.weight_v"] = value.clone()
-        else:
-            out[name] = value
-    return out
 
 
 def convert_descript_checkpoint(
@@ -323,28 +255,25 @@ def convert_descript_checkpoint(
         WeightsError: ``state_dict`` or ``metadata`` missing, or any problem of
             :func:`config_from_descript_metadata` / :func:`convert_descript_state_dict`.
     """
-    for part in ("state_dict", "metadata"):
-        if not isinstance(checkpoint.get(part), Mapping):
-            raise WeightsError(f"descript checkpoint: expected a {part!r} dict at the top level")
+    if not all(isinstance(checkpoint.get(part), Mapping) for part in ("state_dict", "metadata")):
+        raise WeightsError(_LAYOUT)
     config = config_from_descript_metadata(checkpoint["metadata"], n_codebooks=n_codebooks)
-    return config, convert_descript_state_dict(checkpoint["state_dict"], config=config)
+    state = state_dict_from(checkpoint["state_dict"], "descript state_dict", nested=())
+    return config, convert_descript_state_dict(state, config=config)
 
 
 def read_descript_checkpoint(
     path: str | Path, *, n_codebooks: int | None = None
 ) -> tuple[CodecConfig, dict[str, torch.Tensor]]:
-    """Read ``weights_24khz.pth`` (``torch.load(weights_only=True)``) and convert it.
+    """Read ``weights_24khz.pth`` (``torch.load(weights_only=True)``), convert and check it.
 
     Raises:
-        WeightsError: the file is unreadable or not a descript checkpoint (the path is named).
+        WeightsError: the file is missing, unreadable, refused (a pickle with code) or
+            not a descript checkpoint, or its weights do not fit its metadata; the
+            message starts with the path.
     """
-    try:
-        checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise WeightsError(f"{path}: cannot read descript checkpoint ({exc})") from exc
-    if not isinstance(checkpoint, Mapping):
-        raise WeightsError(f"{path}: expected a dict with 'state_dict' and 'metadata'")
-    try:
+    checkpoint = read_checkpoint(path)
+    with naming_file(path):
+        if not isinstance(checkpoint, Mapping):
+            raise WeightsError(_LAYOUT)
         return convert_descript_checkpoint(checkpoint, n_codebooks=n_codebooks)
-    except WeightsError as exc:
-        raise WeightsError(f"{path}: {exc}") from exc

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import pickle
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -51,6 +50,7 @@ from streamcap.models.clap import (
 from streamcap.models.enclap import EnclapConfig, EnclapModel, extend_positions, streamcap_key
 from streamcap.models.encodec import EncodecCodecConfig, EncodecTokenizer, encodec_preset
 from streamcap.models.tokenizer import load_tokenizer
+from streamcap.models.weights import check_state, naming_file, read_state_dict
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -189,40 +189,9 @@ def convert_reference_state_dict(state: Mapping[str, torch.Tensor], config: Encl
                                or not torch.equal(got[key], shared)):
                 problems.append(f"{key}: tied to model.shared.weight but holds other values")
             got.setdefault(key, shared)
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    mismatched = [f"{k}: expected {expected[k]}, got {tuple(got[k].shape)}"
-                  for k in sorted(set(got) & set(expected)) if tuple(got[k].shape) != expected[k]]
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:12])}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched[:12])}")
-    if problems:
-        raise WeightsError(f"{where}: does not match the EnCLAP layout of its config.json:\n  "
-                           + "\n  ".join(problems))
+    check_state(expected, got, f"{where}: does not match the EnCLAP layout of its config.json",
+                extra=problems)
     return {streamcap_key(k): v for k, v in got.items()}
-
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: object = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file") from None
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise WeightsError(f"{path}: not a readable state dict ({exc})") from exc
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                            for k, v in obj.items()):
-        raise WeightsError(f"{path}: expected a mapping of names to tensors (a state dict)")
-    return dict(obj)
 
 
 def _weights_file(directory: Path) -> Path:
@@ -258,7 +227,7 @@ def load_reference_checkpoint(directory: Path) -> tuple[EnclapConfig, dict[str, 
                          "directory (config.json + pytorch_model.bin)")
     config = config_from_reference(_read_config(directory), str(directory / "config.json"))
     weights = _weights_file(directory)
-    return config, convert_reference_state_dict(_read_state(weights), config, str(weights))
+    return config, convert_reference_state_dict(read_state_dict(weights), config, str(weights))
 
 
 # --------------------------------------------------------------------------- codec and CLAP
@@ -268,7 +237,9 @@ def load_encodec(path: Path) -> EncodecTokenizer:
     """An EnCodec tokenizer at 12 kbps from a ``facebook/encodec_24khz``-style directory."""
     config = EncodecCodecConfig.from_hf_config(_read_config(path), where=str(path / "config.json"))
     tokenizer = EncodecTokenizer(config)
-    tokenizer.load_state_dict(_read_state(_weights_file(path)))
+    weights = _weights_file(path)
+    with naming_file(weights):
+        tokenizer.load_state_dict(read_state_dict(weights))
     return tokenizer
 
 
@@ -277,12 +248,15 @@ def load_clap(path: Path) -> ClapEmbedder:
     if path.is_dir():
         config = ClapEmbedderConfig.from_hf_config(_read_config(path),
                                                    str(path / "config.json"))
-        state = audio_state_from_clap_model(_read_state(_weights_file(path)))
+        weights = _weights_file(path)
+        state = audio_state_from_clap_model(read_state_dict(weights))
     else:
         config = clap_preset("clap-htsat-fused")
-        state = convert_laion_state_dict(_read_state(path))
+        weights = path
+        state = convert_laion_state_dict(read_state_dict(path))
     embedder = ClapEmbedder(config)
-    embedder.load_state_dict(state)
+    with naming_file(weights):
+        embedder.load_state_dict(state)
     return embedder
 
 

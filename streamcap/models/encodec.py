@@ -46,7 +46,8 @@ from transformers.models.encodec.modeling_encodec import (
 )
 
 from streamcap.errors import ConfigError, ModelError
-from streamcap.models.codec_base import EncoderQuantizerTokenizer, Precision, state_shapes
+from streamcap.models.codec_base import EncoderQuantizerTokenizer, Precision
+from streamcap.models.weights import check_state
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,8 +292,8 @@ class EncodecTokenizer(EncoderQuantizerTokenizer[EncodecCodecConfig, EncodecEnco
         super().__init__(config, device, precision)
         self._expected = _expected_shapes(config)
         module = EncodecEncoderQuantizer(config) if model is None else model
-        if state_shapes(module.state_dict()) != self._expected:
-            raise ModelError(f"codec model: does not match {config.codec_id}")
+        check_state(self._expected, module.state_dict(),
+                    f"codec model does not match {config.codec_id}", error=ModelError)
         self._set_module(module)
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -314,7 +315,7 @@ class EncodecTokenizer(EncoderQuantizerTokenizer[EncodecCodecConfig, EncodecEnco
                     self.config.n_codebooks:
                 continue
             kept[key] = value
-        self._load_checked(kept, f"EnCodec weights do not match {self.config.codec_id}:")
+        self._load_checked(kept, f"EnCodec weights do not match {self.config.codec_id}")
 
     def _encode_clip(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(samples)).to(self.device).view(1, 1, -1)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
+from streamcap.models.weights import check_state, read_checkpoint, state_dict_from
 
 __all__ = [
     "ERROR_CLASSES",
@@ -265,12 +266,7 @@ def load_fense_checkpoint(
             missing/unexpected keys or shape mismatches (each key named).
     """
     file = Path(path)
-    if not file.is_file():
-        raise WeightsError(f"{file}: fluency checkpoint file not found")
-    try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for unreadable files
-        raise WeightsError(f"{file}: cannot read fluency checkpoint: {exc}") from exc
+    obj = read_checkpoint(file)
     if not isinstance(obj, Mapping):
         raise WeightsError(f"{file}: expected a dict, got {type(obj).__name__}")
     missing_fields = [k for k in ("model_type", "num_classes", "state_dict") if k not in obj]
@@ -278,34 +274,20 @@ def load_fense_checkpoint(
         raise WeightsError(
             f"{file}: missing fields {missing_fields}; expected model_type, num_classes, state_dict"
         )
-    model_type, num_classes, state = obj["model_type"], obj["num_classes"], obj["state_dict"]
-    if (
-        not isinstance(model_type, str)
-        or not isinstance(num_classes, int)
-        or not isinstance(state, Mapping)
-    ):
-        raise WeightsError(f"{file}: model_type must be str, num_classes int, state_dict a dict")
-    state = {str(k): v for k, v in state.items() if k not in _IGNORED_KEYS}
+    model_type, num_classes = obj["model_type"], obj["num_classes"]
+    if not isinstance(model_type, str) or not isinstance(num_classes, int):
+        raise WeightsError(f"{file}: model_type must be a string and num_classes an integer")
+    state = state_dict_from(obj["state_dict"], f"{file}: state_dict", nested=())
+    state = {k: v for k, v in state.items() if k not in _IGNORED_KEYS}
     word_key = "encoder.embeddings.word_embeddings.weight"
-    if word_key not in state or not isinstance(state[word_key], Tensor):
-        raise WeightsError(f"{file}: {word_key}: missing from checkpoint")
+    if word_key not in state:
+        raise WeightsError(f"{file}: missing keys (1): {word_key} (it gives the vocabulary size)")
     vocab_size = int(state[word_key].shape[0])
     try:
         bert_config = bert_config_for(model_type, vocab_size=vocab_size)
     except WeightsError as exc:
         raise WeightsError(f"{file}: {exc}") from exc
     model = FenseClassifier(bert_config, num_classes)
-    expected = model.state_dict()
-    problems = [f"{k}: missing from checkpoint" for k in sorted(set(expected) - set(state))]
-    problems += [f"{k}: unexpected key in checkpoint" for k in sorted(set(state) - set(expected))]
-    for key in sorted(set(expected) & set(state)):
-        value = state[key]
-        if not isinstance(value, Tensor) or tuple(value.shape) != tuple(expected[key].shape):
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            problems.append(f"{key}: {shape} in checkpoint, expected {tuple(expected[key].shape)}")
-    if problems:
-        raise WeightsError(
-            f"{file}: fluency checkpoint does not match {model_type}:\n" + "\n".join(problems)
-        )
+    check_state(model.state_dict(), state, f"{file}: fluency checkpoint does not match {model_type}")
     model.load_state_dict(state, strict=True)
     return FluencyFilter(model, _load_tokenizer(tokenizer), options)

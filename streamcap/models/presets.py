@@ -16,7 +16,7 @@ no weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import torch
@@ -144,20 +144,26 @@ def _enclap(name: str) -> PresetSpec:
     )
 
 
-_BUILDERS: Final[Mapping[str, Callable[[], PresetSpec]]] = {
+PRESETS: Final[dict[str, Callable[[], PresetSpec]]] = {
     "tiny": _tiny, "base": lambda: _real("base", "base"),
     "large": lambda: _real("large", "large"),
     "enclap-base": lambda: _enclap("enclap-base"),
     "enclap-large": lambda: _enclap("enclap-large")}
-PRESET_NAMES: Final = tuple(_BUILDERS)
+"""The one preset registry: name -> builder. ``streamcap models presets`` lists it,
+``--model NAME`` and ``streamcap models build NAME`` accept exactly its names."""
+
+
+def preset_names() -> tuple[str, ...]:
+    """The names of :data:`PRESETS`, in registry order."""
+    return tuple(PRESETS)
 
 
 def preset_spec(name: str) -> PresetSpec:
     """The preset ``name``; :class:`ModelError` lists the choices."""
-    try:
-        return _BUILDERS[name]()
-    except KeyError:
-        raise ModelError(f"unknown preset {name!r} (presets: {', '.join(PRESET_NAMES)})") from None
+    builder = PRESETS.get(name)
+    if builder is None:
+        raise ModelError(f"unknown preset {name!r} (presets: {', '.join(preset_names())})")
+    return builder()
 
 
 def _count(module_factory: Any) -> int:
@@ -207,8 +213,3 @@ def parameter_counts(spec: PresetSpec) -> dict[str, int]:
     counts["total"] = (counts["codec"] + counts["captioner"] + counts["retriever"]
                        + counts["fluency"] + counts["seq_embedder"])
     return counts
-
-
-def with_decoder_vocab(spec: PresetSpec, vocab_size: int) -> PresetSpec:
-    """The same preset with another caption vocabulary size."""
-    return replace(spec, captioner=replace(spec.captioner, vocab_size=vocab_size))

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from streamcap.errors import ConfigError, ModelError
+from streamcap.models.weights import read_checkpoint
 from streamcap.training.optim import OptimConfig, build_optimizer, build_scheduler, clip_gradients
 
 LATEST = "latest.json"
@@ -209,11 +210,13 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Reads a checkpoint written by :class:`Trainer` (weights-only unpickling)."""
-    try:
-        data = torch.load(resolve_checkpoint(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise ModelError(f"{path}: unreadable checkpoint: {exc}") from exc
+    """Reads a checkpoint written by :class:`Trainer` (weights-only unpickling).
+
+    Raises:
+        ModelError: nothing to resume from, or not a streamcap training checkpoint.
+        WeightsError: the file is unreadable or refused (a pickle with code), named.
+    """
+    data = read_checkpoint(resolve_checkpoint(path))
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a streamcap training checkpoint")
     return data
