@@ -22,8 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamcap.models.codec import CodecConfig, CodecTokenizer, DacEncoderQuantizer, codec_preset
-from streamcap.models.codec_stream import StreamingCodec, StreamingOptions
+from streamcap.models.codecs.dac import (
+    CodecConfig,
+    CodecTokenizer,
+    DacEncoderQuantizer,
+    codec_preset,
+)
+from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
 
 RESULTS = Path(__file__).parent / "results"
 SR = 24000

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamcap.models.codec_stream import StreamingCodec, StreamingOptions
-from streamcap.models.encodec import EncodecTokenizer, encodec_preset
+from streamcap.models.codecs.encodec import EncodecTokenizer, encodec_preset
+from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
 
 
 def signal(seconds: float, rate: int, seed: int) -> np.ndarray:

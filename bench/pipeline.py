@@ -12,7 +12,7 @@ captioned by:
 - a **naive** pipeline on the same models: a whole-window DAC encode per
   window, plain HF ``bart.generate(encoder_outputs=..., num_return_sequences=N,
   do_sample=True)`` (which repeats the encoder output N times), then a separate
-  teacher-forced scoring pass (:func:`streamcap.models.sampling.score_captions`),
+  teacher-forced scoring pass (:func:`streamcap.models.decoding.sampling.score_captions`),
   then the same text encoder, fluency filter and reranking.
 
 Variants (precision of BART/CNext/text encoders + precision of the DAC encoder):
@@ -60,10 +60,11 @@ from transformers.modeling_outputs import BaseModelOutput
 from streamcap.audio.windowing import Windower
 from streamcap.config import DecodingConfig
 from streamcap.messages import Window, make_block
-from streamcap.models.captioner import TEXT_MAX_LENGTH, Captioner, Components, build_components
-from streamcap.models.presets import parameter_counts, preset_spec
-from streamcap.models.rerank import RerankOptions, rerank
-from streamcap.models.sampling import SampledCaption, attach_texts, dedupe, score_captions
+from streamcap.models.bundle.components import Components, build_components
+from streamcap.models.bundle.presets import parameter_counts, preset_spec
+from streamcap.models.captioner import TEXT_MAX_LENGTH, Captioner
+from streamcap.models.decoding.rerank import RerankOptions, rerank
+from streamcap.models.decoding.sampling import SampledCaption, attach_texts, dedupe, score_captions
 
 INPUT_RATE_HZ = 48000
 BLOCK_S = 0.1
@@ -285,7 +286,7 @@ def summarise(p: Pipeline) -> dict[str, Any]:
                                    round(max(r["loadavg_after"][0] for r in steady), 2)],
         }
     if p.kind == "optimised":
-        stats = p.captioner._stream.stats  # noqa: SLF001 - read-only counters for the report
+        stats = p.captioner._stream.stats
         out["streaming_codec"] = {"windows": stats.windows, "frames_out": stats.frames_out,
                                   "frames_encoded": stats.frames_encoded,
                                   "whole_encodes": stats.whole_encodes}

@@ -32,7 +32,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from streamcap.models.sampling import SamplingOptions, sample_candidates
+from streamcap.models.decoding.sampling import SamplingOptions, sample_candidates
 
 N, NEW_TOKENS, FRAMES = 30, 20, 750
 

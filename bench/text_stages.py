@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from streamcap.models.captioner import TEXT_MAX_LENGTH, build_components
-from streamcap.models.presets import preset_spec
-from streamcap.models.tokenizer import caption_corpus
+from streamcap.models.bundle.components import build_components
+from streamcap.models.bundle.presets import preset_spec
+from streamcap.models.captioner import TEXT_MAX_LENGTH
+from streamcap.models.enclap.tokenizer import caption_corpus
 
 
 def main() -> None:

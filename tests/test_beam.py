@@ -7,8 +7,8 @@ import torch
 from transformers import BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from streamcap.models.beam import BeamOptions, beam_search
-from streamcap.models.sampling import score_captions
+from streamcap.models.decoding.beam import BeamOptions, beam_search
+from streamcap.models.decoding.sampling import score_captions
 
 torch.set_num_threads(1)
 

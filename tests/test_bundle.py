@@ -1,4 +1,4 @@
-"""Tests for streamcap.models.bundle: save/load round trip, verification, --model resolution."""
+"""Tests for streamcap.models.bundle.manifest: save/load round trip, verification, --model resolution."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from streamcap.errors import ModelError, WeightsError
-from streamcap.models.bundle import (
+from streamcap.models.bundle.manifest import (
     MANIFEST_NAME,
     drop_tied_duplicates,
     load_bundle,
@@ -165,7 +165,7 @@ def test_missing_file_named(tmp_path: Path) -> None:
 def test_extra_file_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     directory = _save(tmp_path)
     (directory / "weights" / "stray.safetensors").write_bytes(b"x")
-    with caplog.at_level(logging.WARNING, logger="streamcap.models.bundle"):
+    with caplog.at_level(logging.WARNING, logger="streamcap.models.bundle.manifest"):
         loaded = load_bundle(directory)
     assert loaded.extra_files == ("weights/stray.safetensors",)
     assert "weights/stray.safetensors is not listed" in caplog.text

@@ -17,7 +17,7 @@ from streamcap.audio.windowing import Windower
 from streamcap.config import DecodingConfig, ModelConfig
 from streamcap.messages import Window, make_block
 from streamcap.models.captioner import Captioner, build_captioner
-from streamcap.models.tokenizer import NO_CAPTION_TEXT
+from streamcap.models.enclap.tokenizer import NO_CAPTION_TEXT
 
 RATE = 16000
 

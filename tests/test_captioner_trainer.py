@@ -13,10 +13,10 @@ import torch
 from torch_helpers import deterministic_torch
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
-from streamcap.models.enclap import EnclapModel
-from streamcap.models.enclap import preset as enclap_preset
-from streamcap.models.tokenizer import build_caption_tokenizer
-from streamcap.training.captioner_trainer import (
+from streamcap.models.enclap.model import EnclapModel
+from streamcap.models.enclap.model import preset as enclap_preset
+from streamcap.models.enclap.tokenizer import build_caption_tokenizer
+from streamcap.training.trainers.captioner import (
     CaptionerTrainConfig,
     CaptionExample,
     caption_examples,
@@ -24,8 +24,8 @@ from streamcap.training.captioner_trainer import (
     collate,
     train_captioner,
 )
-from streamcap.training.loop import LoopConfig, latest_checkpoint, load_checkpoint
-from streamcap.training.optim import OptimConfig
+from streamcap.training.trainers.loop import LoopConfig, latest_checkpoint, load_checkpoint
+from streamcap.training.trainers.optim import OptimConfig
 
 WORDS = ("a dog barks", "rain falls", "a bell rings", "wind blows")
 

@@ -10,7 +10,7 @@ import torch
 from transformers import ClapConfig, ClapFeatureExtractor, ClapModel
 
 from streamcap.errors import ConfigError, WeightsError
-from streamcap.models.clap import (
+from streamcap.models.retrieval.clap import (
     ClapEmbedder,
     ClapEmbedderConfig,
     ClapFeatures,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
-from streamcap.models.cnext import (
+from streamcap.models.retrieval.cnext import (
     CNEXT_TINY,
     CNEXT_TOY,
     CNext,

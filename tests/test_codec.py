@@ -8,7 +8,7 @@ import torch
 from transformers import DacModel
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
-from streamcap.models.codec import CodecConfig, CodecTokenizer, codec_preset
+from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer, codec_preset
 
 torch.set_num_threads(1)
 

@@ -8,8 +8,8 @@ import torch
 
 from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import make_window
-from streamcap.models.codec import CodecTokenizer, codec_preset
-from streamcap.models.codec_stream import StreamingCodec, StreamingOptions
+from streamcap.models.codecs.dac import CodecTokenizer, codec_preset
+from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
 
 torch.set_num_threads(1)
 SR = 24000

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from streamcap.errors import ConfigError
-from streamcap.training.corpus import (
+from streamcap.training.data.corpus import (
     EVENT_KEYWORDS,
     EVENT_TYPES,
     WORDS,
@@ -23,7 +23,7 @@ from streamcap.training.corpus import (
     sample_scene,
     scene_captions,
 )
-from streamcap.training.manifest import read_manifest
+from streamcap.training.data.manifest import read_manifest
 
 
 def _digest(directory: Path) -> dict[str, str]:

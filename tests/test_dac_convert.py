@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from transformers import DacConfig, DacModel
 
 from streamcap.errors import WeightsError
-from streamcap.models.codec import CodecTokenizer, codec_preset
-from streamcap.models.dac_convert import (
+from streamcap.models.codecs.dac import CodecTokenizer, codec_preset
+from streamcap.models.codecs.descript import (
     config_from_descript_metadata,
     convert_descript_checkpoint,
     convert_descript_state_dict,

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from streamcap.models.bundle import load_bundle
-from streamcap.models.captioner import load_components
-from streamcap.training.corpus import CorpusOptions, make_clip, mentioned_events, sample_scene
-from streamcap.training.evaluate import EvalOptions, caption_clips, clip_inputs
-from streamcap.training.manifest import ManifestRow
+from streamcap.models.bundle.components import load_components
+from streamcap.models.bundle.manifest import load_bundle
+from streamcap.training.data.corpus import CorpusOptions, make_clip, mentioned_events, sample_scene
+from streamcap.training.data.manifest import ManifestRow
+from streamcap.training.evaluation.evaluate import EvalOptions, caption_clips, clip_inputs
 
 BUNDLE = Path(__file__).resolve().parents[1] / "streamcap" / "data" / "demo-bundle"
 MAX_BYTES = 20 * 1024 * 1024

@@ -1,4 +1,4 @@
-"""Tests of the EnCLAP model (streamcap.models.enclap) on tiny random models."""
+"""Tests of the EnCLAP model (streamcap.models.enclap.model) on tiny random models."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from streamcap.errors import ModelError
-from streamcap.models.enclap import (
+from streamcap.models.enclap.model import (
     EnclapConfig,
     EnclapModel,
     count_parameters,
@@ -21,7 +21,8 @@ from streamcap.models.enclap import (
     streamcap_key,
     tile_positions,
 )
-from streamcap.models.masking import IGNORE_INDEX, mask_codes
+from streamcap.models.enclap.model import IGNORE_INDEX
+from streamcap.training.trainers.masking import mask_codes
 
 torch.set_num_threads(2)
 

@@ -14,10 +14,10 @@ from transformers import BartConfig, BartForConditionalGeneration
 
 from streamcap.cli import main
 from streamcap.errors import ModelError, WeightsError
-from streamcap.models.bundle import load_bundle
-from streamcap.models.captioner import load_components
-from streamcap.models.enclap_import import ImportOptions, import_enclap
-from streamcap.models.tokenizer import build_caption_tokenizer
+from streamcap.models.bundle.components import load_components
+from streamcap.models.bundle.manifest import load_bundle
+from streamcap.models.enclap.published import ImportOptions, import_enclap
+from streamcap.models.enclap.tokenizer import build_caption_tokenizer
 
 torch.set_num_threads(1)
 
@@ -221,21 +221,21 @@ def test_cli_import_then_caption(checkpoint: Path, tmp_path: Path,
     bundle = tmp_path / "bundle"
     code = main(["models", "import-enclap", str(checkpoint), "--output", str(bundle),
                  "--codec-preset", "encodec-tiny", "--clap-preset", "clap-tiny",
-                 "--max-window-s", "2"])
+                 "--max-window-s", "10"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "WARNING: EnCodec weights were not given" in out
     assert main(["models", "verify", str(bundle)]) == 0
     wav = tmp_path / "noise.wav"
     rng = np.random.default_rng(0)
-    sf.write(wav, (0.1 * rng.standard_normal(48000 * 3)).astype(np.float32), 48000)
+    sf.write(wav, (0.1 * rng.standard_normal(48000 * 15)).astype(np.float32), 48000)
     capsys.readouterr()
-    code = main(["caption", "--model", str(bundle), "--window-s", "2", "--hop-s", "1",
+    code = main(["caption", "--model", str(bundle), "--window-s", "10", "--hop-s", "5",
                  "--json", str(wav)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
-    assert len(rows) == 3  # 0-2 s, 1-3 s and a padded 2-4 s window
+    assert len(rows) == 3  # 0-10 s, 5-15 s and a padded 10-20 s window
     assert all(row["model"].startswith("enclap-base-ckpt-") for row in rows)
     assert all(len(row["candidates"]) == 1 for row in rows)  # beam search: one caption
     assert set(rows[0]["stages"]) >= {"codec", "clap", "encoder", "beam"}

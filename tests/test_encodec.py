@@ -10,8 +10,8 @@ import torch
 from transformers import EncodecModel
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
-from streamcap.models.codec_stream import StreamingCodec, StreamingOptions
-from streamcap.models.encodec import EncodecCodecConfig, EncodecTokenizer, encodec_preset
+from streamcap.models.codecs.encodec import EncodecCodecConfig, EncodecTokenizer, encodec_preset
+from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
 
 torch.set_num_threads(1)
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from streamcap.errors import ModelError
-from streamcap.models.beam import BeamOptions, beam_search
-from streamcap.models.enclap import EnclapModel
-from streamcap.models.enclap import preset as enclap_preset
-from streamcap.models.sampling import SamplingOptions, sample_candidates
-from streamcap.training.ensemble import CaptionEnsemble
+from streamcap.models.decoding.beam import BeamOptions, beam_search
+from streamcap.models.decoding.ensemble import CaptionEnsemble
+from streamcap.models.decoding.sampling import SamplingOptions, sample_candidates
+from streamcap.models.enclap.model import EnclapModel
+from streamcap.models.enclap.model import preset as enclap_preset
 
 
 def _model(seed: int, vocab: int = 60) -> EnclapModel:

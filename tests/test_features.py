@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from streamcap.errors import ConfigError, ModelError
-from streamcap.models.captioner import Components, build_components
-from streamcap.models.presets import preset_spec
-from streamcap.training.audio_io import load_audio
-from streamcap.training.corpus import CorpusOptions, make_corpus
-from streamcap.training.features import (
+from streamcap.models.bundle.components import Components, build_components
+from streamcap.models.bundle.presets import preset_spec
+from streamcap.training.data.audio_io import load_audio
+from streamcap.training.data.corpus import CorpusOptions, make_corpus
+from streamcap.training.data.features import (
     FeatureOptions,
     FeatureStore,
     precompute_features,
     shard_name,
 )
-from streamcap.training.manifest import ManifestRow, read_manifest
+from streamcap.training.data.manifest import ManifestRow, read_manifest
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from streamcap.errors import ConfigError, WeightsError
-from streamcap.models.fluency import (
+from streamcap.models.decoding.fluency import (
     ERROR_CLASSES,
     FenseClassifier,
     FluencyFilter,

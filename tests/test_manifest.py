@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from streamcap.errors import ConfigError
-from streamcap.training.datasets import (
+from streamcap.training.data.datasets import (
     from_audiocaps,
     from_clotho,
     from_clotho_mixup,
@@ -18,7 +18,7 @@ from streamcap.training.datasets import (
     mix_clotho_pairs,
     read_id_list,
 )
-from streamcap.training.manifest import ManifestRow, read_manifest, split_rows, write_manifest
+from streamcap.training.data.manifest import ManifestRow, read_manifest, split_rows, write_manifest
 
 
 def _wav(path: Path, seconds: float, rate: int = 16000, value: float = 0.1) -> Path:

@@ -1,4 +1,4 @@
-"""Tests of MCM span masking (streamcap.models.masking)."""
+"""Tests of MCM span masking (streamcap.training.trainers.masking)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamcap.errors import ModelError
-from streamcap.models.masking import (
+from streamcap.training.trainers.masking import (
     IGNORE_INDEX,
     apply_mcm_mask,
     mask_codes,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streamcap.errors import ConfigError, ModelError
-from streamcap.models.melspec import (
+from streamcap.models.retrieval.melspec import (
     LogMel,
     MelConfig,
     mel_filterbank,

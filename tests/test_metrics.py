@@ -16,8 +16,8 @@ import numpy.typing as npt
 import pytest
 
 from streamcap.errors import ConfigError
-from streamcap.training import metrics
-from streamcap.training.metrics import (
+from streamcap.training.evaluation import metrics
+from streamcap.training.evaluation.metrics import (
     audio_text_retrieval,
     bleu,
     caption_metrics,

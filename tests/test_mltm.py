@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamcap.errors import ConfigError, ModelError
-from streamcap.models.mltm import MLTMLoss, MLTMOptions, metric_cost, sinkhorn_log
+from streamcap.training.trainers.mltm import MLTMLoss, MLTMOptions, metric_cost, sinkhorn_log
 
 torch.set_num_threads(1)
 

@@ -18,18 +18,18 @@ import pytest
 import torch
 
 from streamcap.errors import ModelError
-from streamcap.models import presets
-from streamcap.models.bundle import resolve_model
-from streamcap.models.cnext import CNext
-from streamcap.models.codec import DacEncoderQuantizer
-from streamcap.models.enclap import EnclapModel
-from streamcap.models.presets import (
+from streamcap.models.bundle import presets
+from streamcap.models.bundle.manifest import resolve_model
+from streamcap.models.bundle.presets import (
     FluencyConfig,
     parameter_counts,
     preset_names,
     preset_spec,
 )
-from streamcap.models.retriever import AudioTextRetriever
+from streamcap.models.codecs.dac import DacEncoderQuantizer
+from streamcap.models.enclap.model import EnclapModel
+from streamcap.models.retrieval.cnext import CNext
+from streamcap.models.retrieval.retriever import AudioTextRetriever
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAMCAP = Path(sys.executable).parent / "streamcap"
@@ -71,7 +71,7 @@ def test_model_accepts_exactly_the_listed_presets(
     from dataclasses import replace
 
     from streamcap.cli import main
-    from streamcap.models.captioner import open_components
+    from streamcap.models.bundle.components import open_components
 
     monkeypatch.setitem(presets.PRESETS, "tiny-copy",
                         lambda: replace(preset_spec("tiny"), name="tiny-copy",
@@ -167,7 +167,7 @@ def test_tiny_counts_match_the_built_modules(presets_json: dict[str, Any]) -> No
     retriever_module = AudioTextRetriever(spec.retriever)
     retriever = n_params(retriever_module)
     audio_encoder = n_params(CNext(spec.retriever.audio))
-    from streamcap.models.captioner import build_components
+    from streamcap.models.bundle.components import build_components
 
     fluency_filter = build_components(spec).fluency
     assert fluency_filter is not None
@@ -313,7 +313,7 @@ def _descript_checkpoint(path: Path, **extra: object) -> dict[str, torch.Tensor]
 def test_convert_dac_writes_the_checked_encoder(tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from streamcap.models.dac_convert import read_descript_checkpoint
+    from streamcap.models.codecs.descript import read_descript_checkpoint
 
     pth = tmp_path / "weights_24khz.pth"
     _descript_checkpoint(pth)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from streamcap.errors import ConfigError
-from streamcap.training.optim import (
+from streamcap.training.trainers.optim import (
     OptimConfig,
     build_optimizer,
     build_scheduler,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamcap.models.rerank import RerankOptions, rerank
+from streamcap.models.decoding.rerank import RerankOptions, rerank
 
 OPTS = RerankOptions()
 TEXTS = ["a dog barks", "rain falls", "a car passes"]

@@ -11,9 +11,9 @@ import torch
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
 
 from streamcap.errors import ConfigError, WeightsError
-from streamcap.models.cnext import CNEXT_TOY, CNext
-from streamcap.models.mltm import MLTMLoss, MLTMOptions
-from streamcap.models.retriever import AudioTextRetriever, RetrieverConfig
+from streamcap.models.retrieval.cnext import CNEXT_TOY, CNext
+from streamcap.models.retrieval.retriever import AudioTextRetriever, RetrieverConfig
+from streamcap.training.trainers.mltm import MLTMLoss, MLTMOptions
 
 torch.set_num_threads(1)
 

@@ -14,13 +14,13 @@ import torch
 from torch_helpers import deterministic_torch
 
 from streamcap.errors import ConfigError
-from streamcap.models.cnext import CNEXT_TOY
-from streamcap.models.mltm import MLTMLoss, MLTMOptions
-from streamcap.models.retriever import AudioTextRetriever, RetrieverConfig
-from streamcap.models.tokenizer import build_caption_tokenizer
-from streamcap.training.loop import LoopConfig
-from streamcap.training.optim import OptimConfig
-from streamcap.training.retriever_trainer import (
+from streamcap.models.enclap.tokenizer import build_caption_tokenizer
+from streamcap.models.retrieval.cnext import CNEXT_TOY
+from streamcap.models.retrieval.retriever import AudioTextRetriever, RetrieverConfig
+from streamcap.training.trainers.loop import LoopConfig
+from streamcap.training.trainers.mltm import MLTMLoss, MLTMOptions
+from streamcap.training.trainers.optim import OptimConfig
+from streamcap.training.trainers.retriever import (
     RetrievalExample,
     RetrieverTrainConfig,
     WaveLoader,
@@ -147,7 +147,7 @@ def test_short_training_beats_chance_on_held_out_clips() -> None:
     sim = (audio @ text.T).numpy()
     relevant = [[test[a].captions[0] == test[t].captions[0] for t in range(len(test))]
                 for a in range(len(test))]
-    from streamcap.training.metrics import retrieval_metrics
+    from streamcap.training.evaluation.metrics import retrieval_metrics
 
     scores = retrieval_metrics(sim.T, np.asarray(relevant).T)
     assert scores.r1 > 2 * (2 / len(test)), scores
@@ -163,8 +163,8 @@ def test_training_on_corpus_scenes_beats_chance_on_held_out_scenes(tmp_path: Pat
     """
     import soundfile as sf
 
-    from streamcap.training.corpus import CorpusOptions, make_clip
-    from streamcap.training.metrics import audio_text_retrieval
+    from streamcap.training.data.corpus import CorpusOptions, make_clip
+    from streamcap.training.evaluation.metrics import audio_text_retrieval
 
     options = CorpusOptions(clips=1, seed=11, clip_s=4.0, sample_rate_hz=32000)
     train: list[RetrievalExample] = []

@@ -9,7 +9,7 @@ import torch
 from transformers import BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from streamcap.models.sampling import (
+from streamcap.models.decoding.sampling import (
     SampledCaption,
     SamplingOptions,
     _block_repeated_ngrams,

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from streamcap.errors import ModelError
-from streamcap.models.bundle import load_bundle
-from streamcap.models.captioner import load_components, save_components
+from streamcap.models.bundle.components import load_components, save_components
+from streamcap.models.bundle.manifest import load_bundle
 from streamcap.training.demo import init_components
-from streamcap.training.loop import LoopConfig, Trainer
-from streamcap.training.optim import OptimConfig
-from streamcap.training.soup import soup_bundles, soup_checkpoints, uniform_soup
+from streamcap.training.trainers.loop import LoopConfig, Trainer
+from streamcap.training.trainers.optim import OptimConfig
+from streamcap.training.trainers.soup import soup_bundles, soup_checkpoints, uniform_soup
 
 CAPTIONS = ["a dog barks", "rain falls on a roof", "a bell rings twice"] * 10
 

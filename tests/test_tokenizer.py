@@ -11,7 +11,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from streamcap.errors import WeightsError
-from streamcap.models.tokenizer import (
+from streamcap.models.enclap.tokenizer import (
     build_caption_tokenizer,
     caption_corpus,
     clean_caption_text,
@@ -74,7 +74,7 @@ def test_building_twice_is_identical(tok: PreTrainedTokenizerFast, tmp_path: Pat
     digest = hashlib.sha256((tmp_path / "a" / "tokenizer.json").read_bytes()).hexdigest()
     # a fresh interpreter (fresh hash seeds) writes the same file
     code = (
-        "import sys; from streamcap.models.tokenizer import build_caption_tokenizer, save_tokenizer; "
+        "import sys; from streamcap.models.enclap.tokenizer import build_caption_tokenizer, save_tokenizer; "
         "save_tokenizer(build_caption_tokenizer(600), sys.argv[1])"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], check=True, timeout=120)

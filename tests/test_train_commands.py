@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from streamcap.cli import main
-from streamcap.models.bundle import load_bundle
-from streamcap.models.captioner import load_components
+from streamcap.models.bundle.components import load_components
+from streamcap.models.bundle.manifest import load_bundle
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tests for streamcap.models.weights: the one weights reader and the one key/shape check."""
+"""Tests for streamcap.models.bundle.weights: the one weights reader and the one key/shape check."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from streamcap.errors import ModelError, WeightsError
-from streamcap.models.weights import (
+from streamcap.models.bundle.weights import (
     check_state,
     naming_file,
     read_checkpoint,

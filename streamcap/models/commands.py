@@ -9,7 +9,7 @@ from streamcap.errors import ModelError
 
 
 def _presets(args: argparse.Namespace) -> int:
-    from streamcap.models.presets import parameter_counts, preset_names, preset_spec
+    from streamcap.models.bundle.presets import parameter_counts, preset_names, preset_spec
 
     rows = []
     for name in preset_names():
@@ -33,8 +33,8 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from streamcap.models.captioner import build_components, save_components
-    from streamcap.models.presets import preset_spec
+    from streamcap.models.bundle.components import build_components, save_components
+    from streamcap.models.bundle.presets import preset_spec
 
     components = build_components(preset_spec(args.preset), seed=args.seed)
     path = save_components(components, args.directory, overwrite=args.overwrite)
@@ -44,7 +44,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from streamcap.models.bundle import load_bundle
+    from streamcap.models.bundle.manifest import load_bundle
 
     bundle = load_bundle(args.directory, verify=True)
     n = len(bundle.manifest.get("files", {}))
@@ -55,7 +55,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _convert_dac(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from streamcap.models.dac_convert import read_descript_checkpoint
+    from streamcap.models.codecs.descript import read_descript_checkpoint
 
     config, state = read_descript_checkpoint(args.pth)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def _convert_dac(args: argparse.Namespace) -> int:
 
 
 def _import_enclap(args: argparse.Namespace) -> int:
-    from streamcap.models.enclap_import import ImportOptions, import_enclap
+    from streamcap.models.enclap.published import ImportOptions, import_enclap
 
     options = ImportOptions(max_window_s=args.max_window_s, encodec=args.encodec, clap=args.clap,
                             tokenizer=args.tokenizer, codec_preset=args.codec_preset,

@@ -142,8 +142,8 @@ def _write_json(data: Any, path: Path) -> None:
 
 
 def _corpus(args: argparse.Namespace) -> int:
-    from streamcap.training.corpus import CorpusOptions, make_corpus
-    from streamcap.training.loop import Progress
+    from streamcap.training.data.corpus import CorpusOptions, make_corpus
+    from streamcap.training.trainers.loop import Progress
 
     options = CorpusOptions(clips=args.clips, seed=args.seed, sample_rate_hz=args.sample_rate,
                             captions_per_clip=args.captions_per_clip, clip_s=args.clip_s)
@@ -156,9 +156,9 @@ def _corpus(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from streamcap.models.captioner import save_components
+    from streamcap.models.bundle.components import save_components
+    from streamcap.training.data.manifest import read_manifest
     from streamcap.training.demo import init_components
-    from streamcap.training.manifest import read_manifest
 
     rows = read_manifest(args.manifest)
     captions = [c for r in rows if r.split == "train" for c in r.captions]
@@ -173,15 +173,15 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _load(path: Path) -> Any:
-    from streamcap.models.bundle import load_bundle
-    from streamcap.models.captioner import load_components
+    from streamcap.models.bundle.components import load_components
+    from streamcap.models.bundle.manifest import load_bundle
 
     return load_components(load_bundle(path))
 
 
 def _features(args: argparse.Namespace) -> int:
-    from streamcap.training.features import FeatureOptions, precompute_features
-    from streamcap.training.manifest import read_manifest
+    from streamcap.training.data.features import FeatureOptions, precompute_features
+    from streamcap.training.data.manifest import read_manifest
 
     rows = read_manifest(args.manifest)
     summary = precompute_features(rows, _load(args.model), args.out,
@@ -216,7 +216,7 @@ def _optim(args: argparse.Namespace, base: Any) -> Any:
 
 def _finish(args: argparse.Namespace, components: Any, history: Any, extra: dict[str, Any]
             ) -> int:
-    from streamcap.models.captioner import save_components
+    from streamcap.models.bundle.components import save_components
 
     if args.model_id:
         components.model_id = args.model_id
@@ -235,9 +235,9 @@ def _finish(args: argparse.Namespace, components: Any, history: Any, extra: dict
 
 
 def _retriever(args: argparse.Namespace) -> int:
-    from streamcap.training.features import FeatureStore
-    from streamcap.training.manifest import read_manifest
-    from streamcap.training.retriever_trainer import (
+    from streamcap.training.data.features import FeatureStore
+    from streamcap.training.data.manifest import read_manifest
+    from streamcap.training.trainers.retriever import (
         RetrieverTrainConfig,
         retrieval_examples,
         train_retriever,
@@ -269,12 +269,12 @@ def _retriever(args: argparse.Namespace) -> int:
 
 
 def _captioner(args: argparse.Namespace) -> int:
-    from streamcap.training.captioner_trainer import (
+    from streamcap.training.data.features import FeatureStore
+    from streamcap.training.trainers.captioner import (
         CaptionerTrainConfig,
         caption_examples,
         train_captioner,
     )
-    from streamcap.training.features import FeatureStore
 
     items = [i for d in args.features for i in FeatureStore(d).items("train")]
     examples = caption_examples(items, per_clip=args.captions == "one")
@@ -293,7 +293,7 @@ def _captioner(args: argparse.Namespace) -> int:
 
 
 def _soup(args: argparse.Namespace) -> int:
-    from streamcap.training.soup import soup_bundles
+    from streamcap.training.trainers.soup import soup_bundles
 
     parts = ("captioner", "retriever") if args.retriever else ("captioner",)
     path = soup_bundles(args.bundles, args.out, components=parts, overwrite=args.overwrite)
@@ -302,9 +302,9 @@ def _soup(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from streamcap.training.corpus import read_scenes
-    from streamcap.training.evaluate import EvalOptions, evaluate
-    from streamcap.training.manifest import read_manifest, split_rows
+    from streamcap.training.data.corpus import read_scenes
+    from streamcap.training.data.manifest import read_manifest, split_rows
+    from streamcap.training.evaluation.evaluate import EvalOptions, evaluate
 
     rows = split_rows(read_manifest(args.manifest), args.split)
     if args.limit is not None:

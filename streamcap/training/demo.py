@@ -26,14 +26,14 @@ from dataclasses import replace
 import torch
 
 from streamcap.errors import ModelError
-from streamcap.models.captioner import Components
-from streamcap.models.cnext import CNEXT_TOY
-from streamcap.models.codec import CodecConfig, CodecTokenizer
-from streamcap.models.enclap import EnclapModel
-from streamcap.models.enclap import preset as enclap_preset
-from streamcap.models.presets import FluencyConfig, PresetSpec, preset_spec
-from streamcap.models.retriever import AudioTextRetriever, RetrieverConfig
-from streamcap.models.tokenizer import build_caption_tokenizer
+from streamcap.models.bundle.components import Components
+from streamcap.models.bundle.presets import FluencyConfig, PresetSpec, preset_spec
+from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer
+from streamcap.models.enclap.model import EnclapModel
+from streamcap.models.enclap.model import preset as enclap_preset
+from streamcap.models.enclap.tokenizer import build_caption_tokenizer
+from streamcap.models.retrieval.cnext import CNEXT_TOY
+from streamcap.models.retrieval.retriever import AudioTextRetriever, RetrieverConfig
 
 DEMO_CODEC = CodecConfig(encoder_hidden_size=4, downsampling_ratios=(2, 4, 5, 8, 3),
                          n_codebooks=4)
@@ -63,7 +63,7 @@ def demo_spec(vocab_size: int = 1000) -> PresetSpec:
 
 
 def spec_for(name: str, vocab_size: int) -> PresetSpec:
-    """A preset (``demo`` or any of :mod:`streamcap.models.presets`) sized to a vocabulary."""
+    """A preset (``demo`` or any of :mod:`streamcap.models.bundle.presets`) sized to a vocabulary."""
     if name == "demo":
         return demo_spec(vocab_size)
     spec = preset_spec(name)

@@ -1,0 +1,1 @@
+"""Model bundles: the manifest and files of a bundle, reading weights, presets."""

@@ -1,0 +1,169 @@
+"""What the codec tokenizers share: precision handling, the fp32 master module, strict loading.
+
+:class:`streamcap.models.codecs.dac.CodecTokenizer` (DAC) and
+:class:`streamcap.models.codecs.encodec.EncodecTokenizer` (EnCodec) both hold an
+encoder + residual-vector-quantizer module with ``encoder.*``/``quantizer.*``
+keys. :class:`EncoderQuantizerTokenizer` keeps that module in fp32 (the source
+of :meth:`~EncoderQuantizerTokenizer.state_dict` and of the quantizer) plus an
+encoder copy in the chosen precision, validates input audio, and loads weights
+strictly through :func:`streamcap.models.bundle.weights.check_state`, the one key/shape
+check for weights. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from streamcap.errors import ModelError
+from streamcap.models.bundle.weights import check_state
+
+Precision = Literal["fp32", "bf16", "fp16"]
+CodesArray = npt.NDArray[np.int16]
+Float32Array = npt.NDArray[np.float32]
+
+PRECISION_DTYPES: Mapping[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+class AudioTokenizerConfig(Protocol):
+    """What the streaming cache and the captioner read from any codec's config."""
+
+    @property
+    def sample_rate_hz(self) -> int: ...
+
+    @property
+    def n_codebooks(self) -> int: ...
+
+    @property
+    def codebook_size(self) -> int: ...
+
+    @property
+    def hop_length(self) -> int: ...
+
+    @property
+    def frame_rate_hz(self) -> float: ...
+
+    @property
+    def codec_id(self) -> str: ...
+
+    def n_frames(self, n_samples: int) -> int: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=AudioTokenizerConfig)
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
+    """Base of the codec tokenizers: mono audio -> int16 codes (n_codebooks, n_frames).
+
+    A subclass sets ``_expected`` (key -> shape of its module), builds or adopts
+    the module and hands it to :meth:`_set_module`, and implements
+    :meth:`encode_tensor` and :meth:`_encode_clip`.
+
+    Args:
+        config: the codec dimensions.
+        device: torch device string, e.g. ``"cpu"`` or ``"cuda"``.
+        precision: dtype of the encoder: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+            The quantizer always runs in fp32.
+
+    Raises:
+        ModelError: ``precision`` is unknown.
+    """
+
+    _input_dtype: ClassVar[type[np.float32] | None] = None  # what encode() casts audio to
+    _expected: dict[str, tuple[int, ...]]
+    _model: ModuleT
+    _encoder_run: nn.Module
+
+    def __init__(self, config: ConfigT, device: str, precision: Precision) -> None:
+        if precision not in PRECISION_DTYPES:
+            raise ModelError(
+                f"codec precision: expected one of {sorted(PRECISION_DTYPES)}, got {precision!r}"
+            )
+        self.config = config
+        self.precision: Precision = precision
+        self.device = torch.device(device)
+        self._dtype = PRECISION_DTYPES[precision]
+
+    def _set_module(self, module: ModuleT) -> None:
+        """Keep ``module`` as the fp32 master copy (source of state_dict() and the quantizer)."""
+        self._model = module.to(device=self.device, dtype=torch.float32).eval()
+        self._encoder_run = self._make_run_encoder()
+
+    def _make_run_encoder(self) -> nn.Module:
+        encoder = self._model.get_submodule("encoder")
+        if self._dtype == torch.float32:
+            return encoder
+        return copy.deepcopy(encoder).to(dtype=self._dtype).eval()
+
+    def _load_checked(self, kept: Mapping[str, torch.Tensor], header: str) -> None:
+        """Check ``kept`` against the module (:class:`WeightsError` after ``header``), load it."""
+        check_state(self._expected, kept, header)
+        self._model.load_state_dict(kept, strict=True)
+        self._model.eval()
+        self._encoder_run = self._make_run_encoder()
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def frame_rate_hz(self) -> float:
+        """Code frames per second (75.0 for the 24 kHz codecs)."""
+        return self.config.frame_rate_hz
+
+    @property
+    def codec_id(self) -> str:
+        """Name of the code space (see the config's ``codec_id``)."""
+        return self.config.codec_id
+
+    @property
+    def module(self) -> ModuleT:
+        """The fp32 encoder + quantizer module (``encoder.*``/``quantizer.*`` keys)."""
+        return self._model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """fp32 weights of :attr:`module`, in the checkpoint's key layout."""
+        return {k: v.detach().clone() for k, v in self._model.state_dict().items()}
+
+    def encode(self, audio: Float32Array) -> CodesArray:
+        """Encode one mono clip.
+
+        Args:
+            audio: float32 (n,) at ``config.sample_rate_hz`` (how the last
+                partial frame is filled depends on the codec, see the subclass).
+
+        Returns:
+            int16 (n_codebooks, ceil(n / hop_length)) codes in ``[0, codebook_size)``.
+
+        Raises:
+            ModelError: ``audio`` is not 1-D or holds NaN/inf.
+        """
+        samples = np.asarray(audio, dtype=self._input_dtype)
+        if samples.ndim != 1:
+            raise ModelError(f"codec input: expected mono audio of shape (n,), got {samples.shape}")
+        n_frames = self.config.n_frames(samples.shape[0])
+        if n_frames == 0:
+            return np.zeros((self.config.n_codebooks, 0), dtype=np.int16)
+        if not np.all(np.isfinite(samples)):
+            raise ModelError("codec input: audio holds NaN or inf samples")
+        return self._encode_clip(samples, n_frames).to(torch.int16).cpu().numpy()
+
+    @abstractmethod
+    def _encode_clip(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
+        """int64 (n_codebooks, n_frames) codes of a finite, non-empty 1-D clip."""
+
+    @abstractmethod
+    def encode_tensor(self, audio: torch.Tensor) -> torch.Tensor:
+        """int64 (batch, n_codebooks, n_frames) codes of float (batch, 1, n) audio."""

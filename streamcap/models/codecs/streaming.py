@@ -1,0 +1,229 @@
+"""Incremental DAC encoding of overlapping windows with a per-source code cache.
+
+Windows overlap (e.g. 10 s every 5 s), so most of a window's code frames were
+already computed for the previous one. :class:`StreamingCodec` encodes only
+the frames not cached yet, with ``context_frames_left`` frames of audio before
+them and everything up to the window's end after them, and assembles the
+window's codes from the cache.
+
+Why context: the DAC encoder is convolutional with a receptive field of about
+±8.4 frames (±2,682 samples at 24 kHz, computed from the kernel sizes,
+dilations and strides); a frame closer than that to a chunk edge sees the
+zero padding there and its codes can differ from a whole-window encode.
+
+Which frames are final: frame ``f`` of a chunk is cached only when it lies at
+least ``context_frames_right`` frames before the chunk's end (and, when the
+chunk had to start at the window start, ``context_frames_left`` frames after
+it). The newest ``context_frames_right`` frames of each window are
+provisional: they are computed with the window end as boundary, exactly as a
+whole-window encode does, used for this window, and recomputed next time.
+
+Window edges: a whole-window encode sees zeros before the window start, a
+stream does not. With ``exact_edges=True`` (the default) the first
+``context_frames_left`` frames of every window are recomputed from a short
+chunk that starts at the window start, so the codes equal a whole-window
+encode everywhere (up to float rounding), which is what models trained on
+whole clips saw. With ``exact_edges=False`` they come from the cache (real
+audio on the left, no zero padding) and may differ from a whole-window encode.
+
+Requirements: window start and hop are whole numbers of hop-length frames
+(320 samples = 1/75 s at 24 kHz); a window whose start is not on the frame
+grid, or that does not follow its predecessor, is encoded whole and counted
+in :attr:`StreamingStats.whole_encodes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamcap.errors import ConfigError, ModelError
+from streamcap.messages import Window
+from streamcap.models.codecs.dac import AudioTokenizer, CodesArray, Float32Array
+
+# Receptive field of the DAC encoder with strides (2, 4, 5, 8) is ±8.4 frames; 10
+# leaves a margin for the quantizer's sensitivity to tiny latent differences.
+DEFAULT_CONTEXT_FRAMES = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamingOptions:
+    """Knobs of :class:`StreamingCodec`."""
+
+    context_frames_left: int = DEFAULT_CONTEXT_FRAMES  # audio frames encoded before new frames
+    context_frames_right: int = DEFAULT_CONTEXT_FRAMES  # newest frames kept provisional
+    exact_edges: bool = True  # recompute each window's first frames with the window start as edge
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"codec.streaming.{name}: expected an integer >= 0, got {getattr(self, name)!r}"
+            for name in ("context_frames_left", "context_frames_right")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0
+        ]
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass(slots=True)
+class StreamingStats:
+    """Counters of encoded work, for real-time-factor bookkeeping."""
+
+    windows: int = 0
+    frames_out: int = 0  # frames returned to callers
+    frames_encoded: int = 0  # frames the encoder computed (new + context + recomputed edges)
+    whole_encodes: int = 0  # windows encoded whole (first of an epoch excluded): off-grid or gap
+    resets: int = 0  # caches dropped because of a new epoch
+
+
+@dataclass(slots=True)
+class _SourceCache:
+    epoch: int
+    first_frame: int  # absolute frame index of codes[:, 0]
+    codes: CodesArray  # int16 (n_codebooks, m): final frames [first_frame, first_frame + m)
+    seen: bool = False  # a window of this epoch was already fed
+
+    @property
+    def end_frame(self) -> int:
+        return self.first_frame + int(self.codes.shape[1])
+
+
+@dataclass(slots=True)
+class StreamingCodec:
+    """Per-source incremental encoder of overlapping windows (sans-I/O, not thread-safe).
+
+    Args:
+        tokenizer: the codec; its hop length defines the frame grid.
+        options: context sizes and edge policy.
+    """
+
+    tokenizer: AudioTokenizer
+    options: StreamingOptions = field(default_factory=StreamingOptions)
+    stats: StreamingStats = field(default_factory=StreamingStats)
+    _caches: dict[str, _SourceCache] = field(default_factory=dict)
+
+    def codes_for(self, window: Window) -> CodesArray:
+        """Codes of ``window``'s audio at the codec's sample rate.
+
+        Returns:
+            int16 (n_codebooks, ceil(n / hop_length)), as :meth:`AudioTokenizer.encode`.
+        """
+        rate = self.tokenizer.config.sample_rate_hz
+        start_sample = round(window.start_s * rate)
+        return self.feed(
+            source_id=window.source_id,
+            epoch=window.epoch,
+            start_sample=start_sample,
+            audio=window.samples(rate),
+        )
+
+    def feed(
+        self, *, source_id: str, epoch: int, start_sample: int, audio: Float32Array
+    ) -> CodesArray:
+        """Codes of a window that starts ``start_sample`` samples into the source's epoch.
+
+        Args:
+            source_id: the cache key.
+            epoch: the source's clock epoch; a new one drops the cache.
+            start_sample: index of ``audio[0]`` on the source's stream clock at the codec rate.
+            audio: float32 (n,) mono at the codec's sample rate.
+
+        Returns:
+            int16 (n_codebooks, ceil(n / hop_length)) codes.
+
+        Raises:
+            ModelError: ``audio`` is not 1-D or is not finite.
+        """
+        samples = np.asarray(audio, dtype=np.float32)
+        if samples.ndim != 1:
+            raise ModelError(f"codec input: expected mono audio of shape (n,), got {samples.shape}")
+        config = self.tokenizer.config
+        hop = config.hop_length
+        n_frames = config.n_frames(samples.shape[0])
+        self.stats.windows += 1
+        self.stats.frames_out += n_frames
+        cache = self._caches.get(source_id)
+        if cache is None or cache.epoch != epoch:
+            if cache is not None:
+                self.stats.resets += 1
+            cache = _SourceCache(
+                epoch=epoch, first_frame=0, codes=self._empty(0)
+            )
+            self._caches[source_id] = cache
+        if start_sample % hop != 0 or n_frames == 0:
+            if cache.seen:
+                self.stats.whole_encodes += 1
+            cache.seen = True
+            cache.codes = self._empty(0)
+            self.stats.frames_encoded += n_frames
+            return self.tokenizer.encode(samples)
+        w0 = start_sample // hop
+        self._evict(cache, w0)
+        if cache.seen and cache.codes.shape[1] == 0:
+            self.stats.whole_encodes += 1
+        cache.seen = True
+        return self._assemble(cache, samples, w0, n_frames)
+
+    def reset(self, source_id: str | None = None) -> None:
+        """Drop one source's cache, or every cache when ``source_id`` is None."""
+        if source_id is None:
+            self._caches.clear()
+        else:
+            self._caches.pop(source_id, None)
+
+    def cached_frames(self, source_id: str) -> tuple[int, int]:
+        """Absolute frame range ``[first, end)`` of the final codes cached for ``source_id``."""
+        cache = self._caches.get(source_id)
+        if cache is None:
+            return (0, 0)
+        return (cache.first_frame, cache.end_frame)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _empty(self, n: int) -> CodesArray:
+        return np.zeros((self.tokenizer.config.n_codebooks, n), dtype=np.int16)
+
+    def _evict(self, cache: _SourceCache, w0: int) -> None:
+        """Keep only cached frames from ``w0`` on; drop all when ``w0`` is not inside the cache."""
+        if cache.first_frame <= w0 < cache.end_frame:
+            cache.codes = cache.codes[:, w0 - cache.first_frame :]
+        else:
+            cache.codes = self._empty(0)  # first window, gap, jump back, or hop < context
+        cache.first_frame = w0
+
+    def _encode_frames(self, samples: Float32Array, first: int, end: int) -> CodesArray:
+        """Codes of window-relative frames [first, end), encoded as one chunk (zero-padded edges)."""
+        hop = self.tokenizer.config.hop_length
+        chunk = samples[first * hop : end * hop]
+        self.stats.frames_encoded += end - first
+        return self.tokenizer.encode(chunk)
+
+    def _assemble(
+        self, cache: _SourceCache, samples: Float32Array, w0: int, n_frames: int
+    ) -> CodesArray:
+        """Window codes from the cache plus one encode of the uncached tail (frames relative to w0)."""
+        left = self.options.context_frames_left
+        right = self.options.context_frames_right
+        cached = cache.codes.shape[1]  # the cache covers window frames [0, cached)
+        out = self._empty(n_frames)
+        u = min(cached, max(n_frames - right, 0))  # first frame to compute now
+        s0 = max(0, u - left)  # the chunk starts `left` frames earlier, or at the window start
+        fresh = self._encode_frames(samples, s0, n_frames)
+        out[:, :u] = cache.codes[:, :u]
+        out[:, u:] = fresh[:, u - s0 :]
+        # Frames with `left` real frames before them and `right` after them become final.
+        lo = max(u, left)
+        hi = n_frames - right
+        if hi > lo:
+            new = fresh[:, lo - s0 : hi - s0]
+            if cached > 0 and lo == cached:
+                cache.codes = np.concatenate([cache.codes, new], axis=1)
+            else:
+                cache.codes = new.copy()
+                cache.first_frame = w0 + lo
+        if self.options.exact_edges and s0 > 0 and left > 0:
+            # The window's first frames as a whole-window encode sees them: zeros before w0.
+            n_edge = min(left, n_frames)
+            edge = self._encode_frames(samples, 0, min(n_frames, left + right))
+            out[:, :n_edge] = edge[:, :n_edge]
+        return out

@@ -1,0 +1,1 @@
+"""The audio-text retriever (CNext audio encoder, text encoder, projections), its mel front end, and LAION-CLAP."""

@@ -1,0 +1,1 @@
+"""Evaluation: caption and retrieval metrics and held-out evaluation of bundles."""

@@ -1,0 +1,1 @@
+"""Training: the shared loop, optimiser, the captioner and retriever trainers, their losses, soups."""
