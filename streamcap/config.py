@@ -62,9 +62,9 @@ class DaemonConfig:
     node_id: str = field(default_factory=socket.gethostname)
     log_format: str = "auto"  # auto: console on a TTY, JSON lines otherwise
     log_level: str = "info"
-    max_pending_windows: int = 4  # windows waiting for inference; the oldest is dropped beyond
+    max_pending_windows: int = 4  # windows waiting per source; its oldest is dropped beyond
     drain_on_stop: bool = True  # on shutdown, caption the windows already queued
-    stop_timeout_s: float = 10.0  # how long sinks get to flush on shutdown
+    stop_timeout_s: float = 10.0  # bound on the whole shutdown (see daemon.StopBudget)
     state_dir: str = ""  # sink state (MQTT outbox); "" = $STATE_DIRECTORY or ~/.local/state/streamcap
 
 

@@ -4,15 +4,24 @@ Stages and who owns them::
 
     SourceSupervisor (one per source, task streamcap[source:<id>].supervisor)
         -> Windower.feed (pure, on the event loop)
-        -> WindowQueue (bounded, drop oldest)
+        -> WindowQueue (a bounded FIFO per source, drop oldest; served round-robin)
         -> InferenceWorker (task streamcap[inference].worker; the model runs on the
            single inference thread of InferenceRuntime)
         -> PluginBus.publish -> one bounded inbox per sink -> Sink.run tasks
     HttpServer (/healthz, /metrics, the live page)
 
-Shutdown (SIGTERM/SIGINT): STOPPING=1 to systemd, sources stopped (each
-publishes "stopped"), queued windows captioned or dropped (``drain_on_stop``),
-sinks flushed and closed (the MQTT sink publishes "offline"), then exit 0.
+Shutdown (SIGTERM/SIGINT), bounded by ``[daemon] stop_timeout_s`` as a whole
+(:class:`StopBudget`): STOPPING=1 to systemd; the window queue closes, the
+sources are cancelled (each publishes "stopped") while the queued windows are
+captioned (``drain_on_stop``) until half the budget, what is left being dropped
+and counted (``reason="shutdown"``); sinks flush and close (the MQTT sink
+publishes "offline") until 90 % of it; then HTTP. A task that is still running
+at the end (it ignored its cancellation) is abandoned with an error log naming
+it, and so is an inference thread still busy with a model call.
+
+Exit status of ``streamcap run`` after a stop: 0 when everything stopped in
+time, 1 (:data:`EXIT_ABANDONED`) when something had to be abandoned; the
+process exits then too, without waiting for it.
 """
 
 from __future__ import annotations
@@ -20,12 +29,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any, Literal
 
 from streamcap import systemd
 from streamcap.audio.watchdog import WatchdogOptions
@@ -42,7 +55,7 @@ from streamcap.messages import (
     Window,
     new_run_id,
 )
-from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
+from streamcap.models.runtime import THREAD_NAME_PREFIX, InferenceRuntime, RuntimeOptions
 from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
 from streamcap.preflight import check_config_file, prepare
 from streamcap.sources.base import AudioSource
@@ -95,6 +108,15 @@ def state_root(config: Config) -> Path:
         return Path(env.split(":")[0])
     return Path.home() / ".local" / "state" / "streamcap"
 
+
+EXIT_ABANDONED = 1
+"""Exit status of ``streamcap run`` when the shutdown had to abandon a task or the inference thread."""
+
+CAPTURE_SHARE = 0.5
+"""Part of ``stop_timeout_s`` in which the sources stop and the queued windows are captioned."""
+
+SINKS_SHARE = 0.9
+"""Part of ``stop_timeout_s`` by which the sinks must have flushed and closed."""
 
 MAX_GAP_S = 10.0
 """Lost input up to this long inside one epoch is filled with silence; longer starts afresh."""
@@ -183,13 +205,18 @@ class Daemon:
         self.worker: InferenceWorker | None = None
         self.http: HttpServer | None = None
         self.captioner: WindowCaptioner | None = None
+        self.abandoned: list[str] = []
+        """Names of the tasks the shutdown abandoned (they ignored their cancellation)."""
+        self.stop_deadline: float | None = None
+        """When the shutdown must be over (``time.monotonic``), once it began."""
 
     # -- callbacks -----------------------------------------------------------------
 
     def _on_window_drop(self, window: Window) -> None:
         self._dropped.inc(1, window.source_id, "queue_full")
-        _log.warning("inference is behind: dropped window", window_id=window.window_id,
-                     dropped_total=self.queue.dropped)
+        _log.warning("inference is behind: dropped this source's oldest waiting window",
+                     source=window.source_id, window_id=window.window_id,
+                     dropped=self.queue.dropped_by_source.get(window.source_id, 0))
 
     def _publish(self, msg: Published) -> None:
         self.bus.publish(msg)
@@ -268,12 +295,37 @@ class Daemon:
         self._stop.set()
 
     async def run(self) -> int:
+        """Run until SIGTERM/SIGINT or until every source has ended; returns the exit code.
+
+        The shutdown is bounded by ``[daemon] stop_timeout_s`` (see :class:`StopBudget`):
+        0 after a clean stop, :data:`EXIT_ABANDONED` when a task had to be abandoned
+        (each is logged by name in :attr:`abandoned`).
+        """
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
-        systemd.status("loading model")
-        self.captioner = await self.runtime.run(self._captioner_factory)
+        stop = asyncio.create_task(self._stop.wait(), name="streamcap[daemon].stop")
+        try:
+            systemd.status("loading model")
+            load = asyncio.create_task(self.runtime.run(self._captioner_factory),
+                                       name="streamcap[inference].load")
+            await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not load.done():
+                # A model call cannot be interrupted: the load goes on in the inference
+                # thread, which run_daemon does not wait for beyond the stop budget.
+                load.cancel()
+                systemd.stopping("stopping")
+                _log.info("stopping before the model was loaded", reason="signal")
+                self.stop_deadline = time.monotonic() + self.config.daemon.stop_timeout_s
+                return 0
+            self.captioner = load.result()
+            return await self._run_loaded(stop)
+        finally:
+            stop.cancel()
+
+    async def _run_loaded(self, stop: asyncio.Task[Literal[True]]) -> int:
+        assert self.captioner is not None  # run() loaded it
         # transformers installs its own log handler on import: route it through ours again.
         configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
         rates = self.captioner.sample_rates_hz
@@ -285,12 +337,18 @@ class Daemon:
             self.http = HttpServer(self.config.http.host, self.config.http.port,
                                    metrics=self.metrics, health=self.health,
                                    page_config=self.page_config)
-        async with self.bus:
+        bus = asyncio.create_task(self.bus.run(), name="streamcap[bus].run")
+        await asyncio.sleep(0)  # let the bus start the sinks
+        if bus.done():
+            bus.result()  # a sink's state directory cannot be created (ConfigError)
+        supervisors: list[asyncio.Task[SourceStatus]] = []
+        helpers: list[asyncio.Task[Any]] = []
+        worker = asyncio.create_task(self.worker.run(), name="streamcap[inference].worker")
+        reason = "error"
+        try:
             if self.http is not None:
                 port = await self.http.start()
                 _log.info("http listening", url=f"http://{self.config.http.host}:{port}/")
-            supervisors: list[asyncio.Task[SourceStatus]] = []
-            worker = asyncio.create_task(self.worker.run(), name="streamcap[inference].worker")
             for name, src in self.config.sources.items():
                 from streamcap.sources.supervisor import SourceSupervisor
 
@@ -298,44 +356,126 @@ class Daemon:
                                                   max_gap_s=MAX_GAP_S, run_id=self.run_id))
                 sup = SourceSupervisor(self._factories[name], name, _watchdog_options(src))
                 supervisors.append(sup.start(self._block_handler(windower), self._on_status))
-            pinger = None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(30):
-                    await self.bus.wait_ready()
+            ready = asyncio.create_task(self.bus.wait_ready(), name="streamcap[bus].ready")
+            helpers.append(ready)
+            # A sink that never gets ready (broker down) delays READY=1, never a stop.
+            await asyncio.wait({ready, stop}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
             systemd.ready("captioning")
             interval = systemd.watchdog_interval_s()
             if interval:
-                pinger = asyncio.create_task(systemd.watchdog_pinger(interval),
-                                             name="streamcap[systemd].watchdog")
+                helpers.append(asyncio.create_task(systemd.watchdog_pinger(interval),
+                                                   name="streamcap[systemd].watchdog"))
             _log.info("streamcap running", sources=list(self.config.sources),
                       sinks=list(self._sinks), run_id=self.run_id)
             ended = asyncio.create_task(_all_done(supervisors), name="streamcap[sources].ended")
-            stop = asyncio.create_task(self._stop.wait(), name="streamcap[daemon].stop")
+            helpers.append(ended)
             await asyncio.wait({ended, stop}, return_when=asyncio.FIRST_COMPLETED)
+            reason = "signal" if self._stop.is_set() else "all sources ended"
+        finally:
             systemd.stopping("stopping")
-            _log.info("stopping", reason="signal" if self._stop.is_set() else "all sources ended")
-            for task in (*supervisors, ended, stop):
-                task.cancel()
-            results = await asyncio.gather(*supervisors, ended, stop, return_exceptions=True)
-            for task, result in zip(supervisors, results, strict=False):
-                if isinstance(result, Exception):
-                    _log.error("source task failed", task=task.get_name(),
-                               error=f"{type(result).__name__}: {result}")
-            discarded = self.queue.close(drop_pending=not self.config.daemon.drain_on_stop)
-            for window in discarded:
-                self._dropped.inc(1, window.source_id, "shutdown")
-            await worker
-            if pinger is not None:
-                pinger.cancel()
-            await self.bus.close(timeout_s=self.config.daemon.stop_timeout_s)
+            _log.info("stopping", reason=reason)
+            await self._shutdown(supervisors=supervisors, worker=worker, bus=bus,
+                                 helpers=helpers)
+        _log.info("stopped", captions=self.worker.processed, windows_dropped=self.queue.dropped,
+                  abandoned=self.abandoned)
+        return EXIT_ABANDONED if self.abandoned else 0
+
+    async def _shutdown(self, *, supervisors: list[asyncio.Task[SourceStatus]],
+                        worker: asyncio.Task[None], bus: asyncio.Task[None],
+                        helpers: list[asyncio.Task[Any]]) -> None:
+        """Stop every stage within ``stop_timeout_s``; a task that outlasts it is abandoned."""
+        budget = StopBudget(started_at=time.monotonic(),
+                            total_s=self.config.daemon.stop_timeout_s)
+        self.stop_deadline = budget.end
+        assert self.worker is not None
+        # 1. Capture and inference, in parallel: no window enters the queue any more, the
+        #    sources are cancelled (each publishes "stopped"), the worker drains the queue.
+        for window in self.queue.close(drop_pending=not self.config.daemon.drain_on_stop):
+            self._dropped.inc(1, window.source_id, "shutdown")
+        for task in (*supervisors, *helpers):
+            task.cancel()
+        self.worker.finish_by(budget.capture_deadline)
+        await _wait_until([*supervisors, *helpers, worker], budget.capture_deadline)
+        if not worker.done():
+            in_flight = self.worker.in_flight
+            worker.cancel()  # the model call goes on in the inference thread; its result is lost
+            await _wait_until([worker], budget.sinks_deadline)
+            if in_flight is not None:
+                self._dropped.inc(1, in_flight.source_id, "shutdown")
+        left = self.queue.close(drop_pending=True)
+        for window in left:
+            self._dropped.inc(1, window.source_id, "shutdown")
+        if left or worker.cancelled():
+            _log.warning("stop_timeout_s cut the drain short: windows dropped", queued=len(left),
+                         in_flight=worker.cancelled(),
+                         stop_timeout_s=self.config.daemon.stop_timeout_s)
+        for task in (*supervisors, worker):
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                error = task.exception()
+                _log.error("task failed", task=task.get_name(),
+                           error=f"{type(error).__name__}: {error}")
+        # 2. Sinks deliver what they hold (the MQTT sink publishes "offline").
+        closing = asyncio.create_task(
+            self.bus.close(timeout_s=max(0.01, budget.remaining(budget.sinks_deadline) / 2)),
+            name="streamcap[bus].close")
+        await _wait_until([closing, bus], budget.sinks_deadline)
+        if bus.done() and not bus.cancelled() and bus.exception() is not None:
+            _log.error("sinks failed", error=repr(bus.exception()))
+        # 3. HTTP, then whatever daemon task is left: cancelled, and abandoned if it ignores that.
         if self.http is not None:
-            await self.http.close()
-        _log.info("stopped", captions=self.worker.processed, windows_dropped=self.queue.dropped)
-        return 0
+            await _wait_until([asyncio.create_task(self.http.close(), name="streamcap[http].close")],
+                              budget.end)
+        current = asyncio.current_task()
+        left_tasks = [t for t in asyncio.all_tasks() if t is not current and not t.done()
+                      and t.get_name().startswith("streamcap[")]
+        for task in left_tasks:
+            task.cancel()
+        for task in sorted(await _wait_until(left_tasks, budget.end), key=lambda t: t.get_name()):
+            _log.error("task did not stop within stop_timeout_s; abandoned", task=task.get_name(),
+                       stop_timeout_s=self.config.daemon.stop_timeout_s)
+            self.abandoned.append(task.get_name())
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StopBudget:
+    """How ``[daemon] stop_timeout_s`` is shared on shutdown (times are ``time.monotonic``).
+
+    Sources and the drain of waiting windows run together until half the
+    budget; the sinks flush until 90 %; HTTP and any task left get the rest.
+    A task still running at the end is abandoned.
+    """
+
+    started_at: float
+    total_s: float
+
+    @property
+    def capture_deadline(self) -> float:
+        return self.started_at + CAPTURE_SHARE * self.total_s
+
+    @property
+    def sinks_deadline(self) -> float:
+        return self.started_at + SINKS_SHARE * self.total_s
+
+    @property
+    def end(self) -> float:
+        return self.started_at + self.total_s
+
+    def remaining(self, deadline: float, now: float | None = None) -> float:
+        return max(0.0, deadline - (time.monotonic() if now is None else now))
+
+
+async def _wait_until(tasks: Iterable[asyncio.Task[Any]], deadline: float) -> set[asyncio.Task[Any]]:
+    """Wait for ``tasks`` until ``deadline`` (``time.monotonic``); returns those not done."""
+    todo = {t for t in tasks if not t.done()}
+    if not todo:
+        return set()
+    _, pending = await asyncio.wait(todo, timeout=max(0.0, deadline - time.monotonic()))
+    return pending
 
 
 async def _all_done(tasks: list[asyncio.Task[SourceStatus]]) -> None:
-    await asyncio.gather(*tasks, return_exceptions=True)
+    if tasks:  # asyncio.wait, not gather: cancelling this does not wait for the tasks
+        await asyncio.wait(tasks)
 
 
 def _watchdog_options(src: SourceConfig) -> WatchdogOptions:
@@ -367,6 +507,94 @@ def run_daemon(*, config_path: Path | None, model: str | None, source_uri: str |
 
     try:
         daemon = Daemon(config, factory, runtime=runtime)
-        return asyncio.run(daemon.run())
-    finally:
+    except BaseException:
         runtime.close()
+        raise
+    return serve(daemon)
+
+
+def serve(daemon: Daemon) -> int:
+    """Run ``daemon`` on a new event loop, then close its runtime; returns the exit code.
+
+    Unlike ``asyncio.run``, nothing is waited for beyond the stop budget: when a task
+    or the inference thread is still busy then, the error is logged with its name and
+    the process exits at once with :data:`EXIT_ABANDONED` (this function does not return).
+    """
+    config = daemon.config
+    runtime = daemon.runtime
+    leftovers: list[str] = []
+    try:
+        code = _run_loop(daemon, leftovers)
+    finally:
+        deadline = daemon.stop_deadline or time.monotonic() + config.daemon.stop_timeout_s
+        if not _close_runtime(runtime, max(TEARDOWN_MIN_S, deadline - time.monotonic())):
+            _log.error("the inference thread is still busy with a model call; abandoned",
+                       thread=THREAD_NAME_PREFIX, stop_timeout_s=config.daemon.stop_timeout_s)
+            leftovers.append(THREAD_NAME_PREFIX)
+    if leftovers or daemon.abandoned:
+        # Threads and tasks that ignore their end would keep the interpreter from exiting
+        # (it joins every thread): leave without waiting for them.
+        _log.error("exiting without waiting for what was abandoned",
+                   abandoned=[*daemon.abandoned, *leftovers], exit_code=EXIT_ABANDONED)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(EXIT_ABANDONED)
+    return code
+
+
+TEARDOWN_MIN_S = 1.0
+"""Least time the event loop and the inference thread get to finish after the daemon stopped."""
+
+
+def _run_loop(daemon: Daemon, leftovers: list[str]) -> int:
+    """``asyncio.run(daemon.run())``, except that tasks and executor threads that do not end
+    within the stop budget are not waited for: their names go to ``leftovers``."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(daemon.run())
+    finally:
+        try:
+            deadline = daemon.stop_deadline or time.monotonic() + daemon.config.daemon.stop_timeout_s
+            leftovers += _finish_loop(loop, max(TEARDOWN_MIN_S, deadline - time.monotonic()))
+        finally:
+            asyncio.set_event_loop(None)
+            if not leftovers:
+                loop.close()
+
+
+def _finish_loop(loop: asyncio.AbstractEventLoop, timeout_s: float) -> list[str]:
+    """Cancel the tasks left, close async generators and the default executor, each
+    waited for at most ``timeout_s``; returns the names of what did not finish."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    pending: set[asyncio.Task[Any]] = set()
+    if tasks:
+        _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=timeout_s))
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            _log.error("task failed", task=task.get_name(), error=repr(task.exception()))
+    for task in pending:
+        _log.error("task did not stop; abandoned", task=task.get_name())
+    left = sorted(t.get_name() for t in pending)
+    if left:
+        return left
+    for name, closing in (("async generators", loop.shutdown_asyncgens()),
+                          ("default executor", loop.shutdown_default_executor())):
+        task = loop.create_task(closing, name=f"streamcap[daemon].close-{name.replace(' ', '-')}")
+        done, _ = loop.run_until_complete(asyncio.wait([task], timeout=timeout_s))
+        if not done:
+            _log.error("did not finish; abandoned", what=name)
+            return [name]
+    return []
+
+
+def _close_runtime(runtime: InferenceRuntime, timeout_s: float) -> bool:
+    """Close the inference runtime; False if its thread is still busy after ``timeout_s``."""
+    closer = threading.Thread(target=runtime.close, name="streamcap-runtime-close", daemon=True)
+    closer.start()
+    closer.join(timeout_s)
+    return not closer.is_alive()

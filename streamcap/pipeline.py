@@ -1,10 +1,12 @@
-"""From windows to published messages: a bounded window queue and one inference worker.
+"""From windows to published messages: fair per-source window queues and one inference worker.
 
-Capture never waits for inference. Windows wait in a :class:`WindowQueue`
-(bounded; when inference falls behind, the *oldest* window is dropped and
-counted, so captions stay current), and a single worker hands each window to
-the captioner on the inference thread (never on the event loop), then
-publishes the caption and the retriever's audio embedding.
+Capture never waits for inference. Windows wait in a :class:`WindowQueue`: a
+small FIFO per source (bounded; when inference falls behind, that source's
+*oldest* window is dropped and counted, so its captions stay current), served
+round-robin across the sources that have windows waiting, so that no source
+can starve another. A single worker hands each window to the captioner on the
+inference thread (never on the event loop), then publishes the caption and the
+retriever's audio embedding.
 """
 
 from __future__ import annotations
@@ -44,33 +46,100 @@ class WindowCaptioner(Protocol):
     def caption(self, window: Window) -> CaptionResult: ...
 
 
-class WindowQueue:
-    """A bounded FIFO of windows whose drop policy is *drop the oldest*.
+class RoundRobinWindows:
+    """Pure scheduling of waiting windows: a bounded FIFO per source, served in turn.
 
-    ``offer`` never blocks: capture must not wait for inference. Every drop is
-    counted (``dropped``) and reported through ``on_drop``; every change of the
-    number of waiting windows is reported through ``on_depth``.
+    Each source holds at most ``per_source`` windows; one more drops that
+    source's oldest (drop policy *drop oldest, per source*), never another
+    source's. :meth:`pop` serves the sources that have windows waiting in
+    turn (a source that gets a window while it had none joins the end of the
+    line), the oldest window of a source first: with ``n`` busy sources each
+    gets every ``n``-th caption, however their windows interleave.
     """
 
-    def __init__(self, max_windows: int,
+    def __init__(self, per_source: int) -> None:
+        if per_source < 1:
+            raise ValueError(f"per_source must be >= 1 (got {per_source})")
+        self.per_source = per_source
+        self._waiting: dict[str, collections.deque[Window]] = {}
+        self._turns: collections.deque[str] = collections.deque()  # sources with windows, in turn
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def depth(self, source_id: str) -> int:
+        """Windows of ``source_id`` waiting."""
+        waiting = self._waiting.get(source_id)
+        return len(waiting) if waiting else 0
+
+    def offer(self, window: Window) -> Window | None:
+        """Queue ``window``; returns the window dropped to make room for it, if any."""
+        waiting = self._waiting.setdefault(window.source_id, collections.deque())
+        if not waiting:
+            self._turns.append(window.source_id)  # its turn comes after those already waiting
+        dropped = waiting.popleft() if len(waiting) >= self.per_source else None
+        waiting.append(window)
+        if dropped is None:
+            self._size += 1
+        return dropped
+
+    def pop(self) -> Window | None:
+        """The oldest window of the source whose turn it is, or None when none waits."""
+        if not self._turns:
+            return None
+        source_id = self._turns.popleft()
+        waiting = self._waiting[source_id]
+        window = waiting.popleft()
+        if waiting:
+            self._turns.append(source_id)
+        self._size -= 1
+        return window
+
+    def clear(self) -> list[Window]:
+        """Remove every waiting window; returns them in the order they would have been served."""
+        out: list[Window] = []
+        while (window := self.pop()) is not None:
+            out.append(window)
+        return out
+
+
+class WindowQueue:
+    """Where windows wait for the captioner: :class:`RoundRobinWindows` made awaitable.
+
+    ``offer`` never blocks: capture must not wait for inference. Every drop is
+    counted (``dropped`` in all, ``dropped_by_source``) and reported through
+    ``on_drop``; every change of the number of waiting windows (all sources
+    together) is reported through ``on_depth``.
+
+    Args:
+        per_source: Windows each source may have waiting (``[daemon]
+            max_pending_windows``); at most ``per_source`` times the number of
+            sources wait in all.
+    """
+
+    def __init__(self, per_source: int,
                  on_drop: Callable[[Window], None] | None = None,
                  on_depth: Callable[[int], None] | None = None) -> None:
-        if max_windows < 1:
-            raise ValueError(f"max_windows must be >= 1 (got {max_windows})")
-        self.max_windows = max_windows
-        self._items: collections.deque[Window] = collections.deque()
+        self._windows = RoundRobinWindows(per_source)
+        self.per_source = per_source
         self._ready = asyncio.Event()
         self._closed = False
         self._on_drop = on_drop
         self._on_depth = on_depth
         self.dropped = 0
+        self.dropped_by_source: dict[str, int] = {}
 
     def _depth_changed(self) -> None:
         if self._on_depth is not None:
-            self._on_depth(len(self._items))
+            self._on_depth(len(self._windows))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._windows)
+
+    def depth(self, source_id: str) -> int:
+        """Windows of ``source_id`` waiting."""
+        return self._windows.depth(source_id)
 
     @property
     def closed(self) -> bool:
@@ -79,40 +148,48 @@ class WindowQueue:
     def offer(self, window: Window) -> None:
         if self._closed:
             raise RuntimeError("window queue is closed")
-        if len(self._items) >= self.max_windows:
-            old = self._items.popleft()
+        old = self._windows.offer(window)
+        if old is not None:
             self.dropped += 1
+            self.dropped_by_source[old.source_id] = self.dropped_by_source.get(old.source_id, 0) + 1
             if self._on_drop is not None:
                 self._on_drop(old)
-        self._items.append(window)
         self._depth_changed()
         self._ready.set()
 
     def close(self, *, drop_pending: bool = False) -> list[Window]:
-        """Stop accepting windows; returns the windows discarded when ``drop_pending``."""
+        """Stop accepting windows; returns the windows discarded when ``drop_pending``.
+
+        Safe to call again (to discard what is still waiting after a drain).
+        """
         self._closed = True
         discarded: list[Window] = []
         if drop_pending:
-            discarded = list(self._items)
-            self._items.clear()
-            self._depth_changed()
+            discarded = self._windows.clear()
+            if discarded:
+                self._depth_changed()
         self._ready.set()
         return discarded
 
     async def get(self) -> Window | None:
-        """The next window, or None once the queue is closed and empty."""
-        while not self._items:
+        """The next window (see :class:`RoundRobinWindows`), or None once closed and empty."""
+        while not self._windows:
             if self._closed:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        window = self._items.popleft()
+        window = self._windows.pop()
+        assert window is not None  # the loop above waited for one
         self._depth_changed()
         return window
 
 
 class InferenceWorker:
-    """Caption windows one at a time, in order, and publish the results.
+    """Caption windows one at a time, as the queue serves them, and publish the results.
+
+    On shutdown, :meth:`finish_by` bounds the drain: the worker starts no
+    window it does not expect to finish by the deadline (expected: as long as
+    the last one took), and returns, leaving the rest in the queue.
 
     Args:
         captioner: runs on the inference thread through ``run_blocking``.
@@ -143,6 +220,9 @@ class InferenceWorker:
         self.failed = 0
         self.last_lag_s = 0.0
         self.last_latency_s = 0.0
+        self.in_flight: Window | None = None
+        """The window being captioned now (its result is lost if the worker is cancelled)."""
+        self._deadline: float | None = None
         self._seconds = metrics.histogram(
             "streamcap_inference_seconds", "Compute time per window, by stage", ["stage"],
         )
@@ -155,20 +235,30 @@ class InferenceWorker:
         self._failures = metrics.counter(
             "streamcap_inference_failures_total", "Windows whose captioning raised", ["source"])
 
+    def finish_by(self, deadline: float) -> None:
+        """Start no window that is not expected to finish by ``deadline`` (``time.monotonic``)."""
+        self._deadline = deadline
+
+    def _may_start(self) -> bool:
+        return self._deadline is None or time.monotonic() + self.last_latency_s < self._deadline
+
     async def run(self) -> None:
-        """Consume the queue until it is closed and drained."""
-        while (window := await self._queue.get()) is not None:
+        """Consume the queue until it is closed and drained, or :meth:`finish_by` says stop."""
+        while self._may_start() and (window := await self._queue.get()) is not None:
             await self.process(window)
 
     async def process(self, window: Window) -> None:
         started = time.monotonic()
+        self.in_flight = window
         try:
             result = await self._run(self._captioner.caption, window)
         except Exception:
+            self.in_flight = None
             self.failed += 1
             self._failures.inc(1, window.source_id)
             _LOGGER.exception("captioning window %s failed", window.window_id)
             return
+        self.in_flight = None
         latency_s = time.monotonic() - started
         now = self._clock()
         lag_s = max(0.0, now - (window.captured_at + window.duration_s))

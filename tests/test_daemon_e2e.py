@@ -19,6 +19,7 @@ import html
 import json
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -34,7 +35,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from chromium import chromium_path, dump_dom
-from conftest import free_port
+from conftest import free_port, make_tone_file
 from daemon_process import (
     WAIT_S,
     DaemonProcess,
@@ -590,3 +591,89 @@ def test_sigterm_exits_0_offline_is_retained_and_jsonl_has_the_captions(
     assert_in_order(captions)
     statuses = [f for f in daemon.frames() if f["type"] == "status"]
     assert statuses[-1]["state"] == "stopped"
+
+
+# --------------------------------------------------------------------------- three sources
+
+
+def test_three_looped_sources_one_through_ffmpeg_all_captioned_and_sigterm_stops_in_time(
+        jsonl_installed: None, tmp_path: Path) -> None:
+    """Two WAV files and an MP3 (decoded by a real ffmpeg child; longer than a minute so
+    that it is streamed, not cached) looped in real time, windows every 0.5 s each: more
+    than the tiny model captions, so windows are dropped. Every source gets captions; after
+    one SIGTERM the daemon exits 0 within a bound derived from stop_timeout_s."""
+    stop_timeout_s = 5.0
+    files = {"low": write_wav(tmp_path / "low.wav"),
+             "high": make_tone_file(tmp_path / "high.wav", frequency_hz=1200, duration_s=12,
+                               sample_rate_hz=RATE),
+             "mp3": make_tone_file(tmp_path / "tone.mp3", frequency_hz=660, duration_s=75,
+                              sample_rate_hz=44100)}
+    jsonl = tmp_path / "archive.jsonl"
+    http_port = free_port()
+    sources = "".join(f"""
+[sources.{name}]
+uri = "file:{path}?loop=true"
+window_s = 10
+hop_s = 0.5
+""" for name, path in files.items())
+    config = tmp_path / "three.toml"
+    config.write_text(f"""
+[daemon]
+node_id = "three"
+state_dir = "{tmp_path / 'state'}"
+log_format = "json"
+max_pending_windows = 2
+stop_timeout_s = {stop_timeout_s}
+
+[model]
+bundle = "tiny"
+device = "cpu"
+precision = "fp32"
+threads = 1
+
+[model.decoding]
+n_candidates = 8
+seed = 0
+{sources}
+[sinks.archive]
+plugin = "jsonl"
+path = "{jsonl}"
+
+[http]
+port = {http_port}
+""", encoding="utf-8")
+    daemon = DaemonProcess.start(config, env={"PYTHONUNBUFFERED": "1"}, log=tmp_path / "log",
+                                 jsonl=jsonl, http_port=http_port)
+    try:
+        deadline = time.monotonic() + 2 * WAIT_S
+        while True:
+            counts = {name: 0 for name in files}
+            for c in daemon.captions():
+                counts[c["source_id"]] += 1
+            if sum(counts.values()) >= 12:
+                # served in turn: of twelve captions each source has about four
+                assert min(counts.values()) >= 3, f"captions per source: {counts}"
+                break
+            daemon.check_alive()
+            assert time.monotonic() < deadline, f"captions per source: {counts}\n" \
+                                                f"{daemon.log_tail()}"
+            time.sleep(0.2)
+        text = daemon.wait_metric("streamcap_windows_dropped_total",
+                                  '{source="mp3",reason="queue_full"}', lambda v: v > 0)
+        assert metric_samples(text, "streamcap_source_running")['{source="mp3"}'] == 1
+        daemon.proc.send_signal(signal.SIGTERM)
+        # the bound on this wait: the stop budget, the teardown's spare second and a
+        # generous allowance for the interpreter's exit on a small shared machine
+        try:
+            code = daemon.proc.wait(timeout=stop_timeout_s + 60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"no exit within stop_timeout_s + 60 s of SIGTERM:\n"
+                                 f"{daemon.log_tail()}") from None
+        assert code == 0, daemon.log_tail()
+        events = daemon.log_events()
+        assert [e for e in events if e.get("event") == "stopped" and "captions" in e]
+        assert not [e for e in events if "abandoned" in str(e.get("event"))], daemon.log_tail()
+        statuses = {f["source_id"]: f["state"] for f in daemon.frames() if f["type"] == "status"}
+        assert statuses == {name: "stopped" for name in files}
+    finally:
+        daemon.kill()

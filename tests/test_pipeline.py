@@ -1,4 +1,4 @@
-"""streamcap.pipeline: the bounded drop-oldest window queue and the inference worker.
+"""streamcap.pipeline: the fair per-source window queue and the inference worker.
 
 The worker tests use the real :class:`InferenceRuntime` (its single inference
 thread) with fake captioners: one held back by the test, so that an overloaded
@@ -28,7 +28,7 @@ from streamcap.config import parse_config
 from streamcap.daemon import Daemon
 from streamcap.messages import Caption, Embedding, Published, Window, make_window
 from streamcap.models.runtime import THREAD_NAME_PREFIX, InferenceRuntime, RuntimeOptions
-from streamcap.pipeline import CaptionResult, InferenceWorker, WindowQueue
+from streamcap.pipeline import CaptionResult, InferenceWorker, RoundRobinWindows, WindowQueue
 from streamcap.stats import Metrics
 
 WAIT_S = 30.0  # upper bound for something that must happen; never a timing assertion
@@ -83,7 +83,7 @@ def sample_value(text: str, name: str, default: float | None = None, **labels: s
 
 
 def test_queue_refuses_a_size_below_one() -> None:
-    with pytest.raises(ValueError, match="max_windows must be >= 1"):
+    with pytest.raises(ValueError, match="per_source must be >= 1"):
         WindowQueue(0)
 
 
@@ -98,6 +98,71 @@ async def test_queue_is_bounded_and_drops_the_oldest() -> None:
     got = [await q.get() for _ in range(3)]
     assert [w.seq for w in got if w is not None] == [4, 5, 6]
     assert len(q) == 0
+
+
+def test_round_robin_serves_every_source_in_turn() -> None:
+    rr = RoundRobinWindows(2)
+    for seq in range(3):
+        for source in ("a", "b", "c"):
+            assert rr.offer(window(seq, source)) is None or seq == 2
+    assert len(rr) == 6
+    served = [(w.source_id, w.seq) for w in rr.clear()]
+    # each source kept its two newest windows; sources take turns, oldest window first
+    assert served == [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2)]
+    assert len(rr) == 0 and rr.pop() is None
+
+
+def test_round_robin_drops_only_the_offering_sources_oldest() -> None:
+    rr = RoundRobinWindows(2)
+    rr.offer(window(0, "quiet"))
+    dropped = [rr.offer(window(seq, "busy")) for seq in range(5)]
+    assert [w.seq if w else None for w in dropped] == [None, None, 0, 1, 2]
+    assert (rr.depth("quiet"), rr.depth("busy"), len(rr)) == (1, 2, 3)
+    assert [(w.source_id, w.seq) for w in rr.clear()] == [("quiet", 0), ("busy", 3),
+                                                          ("busy", 4)]
+
+
+def test_round_robin_a_burst_from_one_source_does_not_take_every_turn() -> None:
+    """The arrival order that starved a source in a single drop-oldest FIFO: one source's
+    window always arrives first, so it was always the oldest, hence always the one dropped."""
+    rr = RoundRobinWindows(1)
+    served: list[str] = []
+    for seq in range(30):
+        for source in ("first", "second", "third"):
+            rr.offer(window(seq, source))
+        got = rr.pop()  # inference keeps up with one window per hop for three sources
+        assert got is not None
+        served.append(got.source_id)
+    assert {s: served.count(s) for s in ("first", "second", "third")} == {
+        "first": 10, "second": 10, "third": 10}
+
+
+def test_a_newly_busy_source_joins_the_end_of_the_line() -> None:
+    rr = RoundRobinWindows(4)
+    for seq in range(3):
+        rr.offer(window(seq, "a"))
+    rr.offer(window(0, "b"))
+    first = rr.pop()
+    rr.offer(window(0, "c"))
+    rest = rr.clear()
+    assert first is not None and (first.source_id, first.seq) == ("a", 0)
+    assert [(w.source_id, w.seq) for w in rest] == [("b", 0), ("a", 1), ("c", 0), ("a", 2)]
+
+
+async def test_queue_drops_per_source_and_counts_by_source() -> None:
+    dropped: list[Window] = []
+    depths: list[int] = []
+    q = WindowQueue(1, on_drop=dropped.append, on_depth=depths.append)
+    for seq in range(3):
+        q.offer(window(seq, "a"))
+    q.offer(window(0, "b"))
+    assert [(w.source_id, w.seq) for w in dropped] == [("a", 0), ("a", 1)]
+    assert q.dropped == 2 and q.dropped_by_source == {"a": 2}
+    assert (len(q), q.depth("a"), q.depth("b")) == (2, 1, 1)
+    assert depths == [1, 1, 1, 2]
+    got = [await q.get(), await q.get()]
+    assert [(w.source_id, w.seq) for w in got if w is not None] == [("a", 2), ("b", 0)]
+    assert depths[-2:] == [1, 0]
 
 
 async def test_depth_is_reported_on_every_change() -> None:
@@ -389,3 +454,65 @@ async def test_daemon_counts_dropped_windows_when_the_captioner_is_slow(
     assert embedded == [c.window_id for c in captions]
     states = [m.state.value for m in recorder.got if not isinstance(m, Caption | Embedding)]
     assert states[0] in ("starting", "running") and states[-1] == "stopped"
+
+
+def write_tone(path: Path, frequency_hz: float, seconds: float = 12.0) -> Path:
+    t = np.arange(int(seconds * RATE)) / RATE
+    noise = np.random.default_rng(int(frequency_hz)).normal(0.0, 0.05, t.size)
+    sf.write(path, (0.3 * np.sin(2 * np.pi * frequency_hz * t) + noise).astype(np.float32), RATE)
+    return path
+
+
+async def test_daemon_captions_every_source_when_inference_falls_behind(
+        tmp_path: Path, runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three looped files in real time, a new window of each every 0.5 s, and a captioner
+    that takes 0.5 s per window: two windows in three must go. Every source still gets its
+    turn, drops are counted per source, and every window is accounted for."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    names = ("first", "second", "third")
+    sources = {name: {"uri": f"file:{write_tone(tmp_path / f'{name}.wav', 300 + 200 * i)}"
+                             "?loop=true",
+                      "window_s": 10, "hop_s": 0.5}
+               for i, name in enumerate(names)}
+    config = parse_config({
+        "daemon": {"node_id": "fair", "max_pending_windows": 2, "state_dir": str(tmp_path)},
+        "sources": sources,
+        "http": {"enabled": False},
+    })
+    daemon = Daemon(config, lambda: SleepyCaptioner(0.5), runtime=runtime)
+    recorder = Recorder()
+    daemon.bus = PluginBus({"rec": recorder}, node_id="fair", metrics=daemon.metrics,
+                           state_root=tmp_path)
+    run = asyncio.create_task(daemon.run())
+
+    def per_source() -> dict[str, int]:
+        captions = captions_of(recorder.got)
+        return {name: sum(c.source_id == name for c in captions) for name in names}
+
+    def enough() -> bool:
+        if run.done():
+            raise AssertionError(f"the daemon stopped early: {run.result()}")
+        return len(captions_of(recorder.got)) >= 24
+
+    try:
+        await wait_until(enough, "24 captions")
+    finally:
+        daemon.request_stop()
+        assert await asyncio.wait_for(run, WAIT_S) == 0
+    counts = per_source()
+    assert daemon.queue.dropped > 0, "the captioner was meant to fall behind"
+    # round-robin: with three sources always waiting, each gets every third caption
+    assert min(counts.values()) >= 6, counts
+    text = daemon.metrics.render()
+    for name in names:
+        seqs = [c.seq for c in captions_of(recorder.got) if c.source_id == name]
+        assert seqs == sorted(set(seqs)), f"{name}: captions out of order or repeated"
+        windows = sample_value(text, "streamcap_windows_total", source=name)
+        full = sample_value(text, "streamcap_windows_dropped_total", source=name,
+                            reason="queue_full")
+        shutdown = sample_value(text, "streamcap_windows_dropped_total", 0.0, source=name,
+                                reason="shutdown")
+        assert full == daemon.queue.dropped_by_source.get(name, 0)
+        assert windows == counts[name] + full + shutdown, name
+    assert sample_value(text, "streamcap_window_queue_depth") == len(daemon.queue) == 0

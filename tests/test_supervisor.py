@@ -230,3 +230,55 @@ async def test_async_block_callback_is_awaited() -> None:
     async with asyncio.timeout(5):
         await sup.run(on_block, lambda status: None)
     assert seen == [0, 100, 200]
+
+
+@dataclass
+class DeafSource:
+    """A source that catches its cancellation and goes on: with more blocks, or by
+    raising an error that the supervisor would otherwise retry. Only the first cancellation
+    of all the sources of one test is ignored, so that a failing test does not hang."""
+
+    then: str  # "blocks" | "unavailable"
+    ignored: list[int]  # cancellations ignored so far, shared by the sources of a test
+    source_id: str = "src"
+
+    async def blocks(self) -> AsyncIterator[AudioBlock]:
+        i = 0
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if self.ignored:
+                    raise
+                self.ignored.append(1)
+                if self.then == "unavailable":
+                    raise SourceUnavailable("lost the input") from None
+            yield make_block(source_id=self.source_id, start_sample=i * 100, sample_rate_hz=RATE,
+                             samples=np.zeros(100, dtype=np.float32), captured_at=1.0 + i / 10)
+            i += 1
+
+
+@pytest.mark.parametrize("then", ["blocks", "unavailable"])
+async def test_a_source_that_swallows_its_cancellation_still_stops(then: str) -> None:
+    made: list[DeafSource] = []
+    ignored: list[int] = []
+
+    def factory() -> DeafSource:
+        made.append(DeafSource(then, ignored))
+        return made[-1]
+
+    rec = Recorder()
+    sup = SourceSupervisor(factory, "kitchen", WatchdogOptions(
+        stall_s=60, start_timeout_s=60, backoff_initial_s=0.01, backoff_max_s=0.01,
+        backoff_jitter=0.0))
+    task = sup.start(rec.on_block, rec.on_status)
+    async with asyncio.timeout(10):
+        while len(rec.blocks) < 3:
+            await asyncio.sleep(0.01)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=10)
+    assert done, f"the supervisor kept running after its cancellation: {rec.states}"
+    assert task.cancelled()
+    assert ignored == [1] and len(made) == 1, "restarted after the cancellation"
+    assert rec.states[-1] is S.STOPPED and rec.statuses[-1].reason == "shutdown"
+    assert S.RETRYING not in rec.states

@@ -176,8 +176,9 @@ class FfmpegPipe:
     async def wait(self) -> int:
         """Wait for ffmpeg to exit and for its stderr to be read; return the exit status."""
         code = await self._proc.wait()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(asyncio.shield(self._stderr_task), timeout=1.0)
+        # asyncio.wait neither cancels the reader nor swallows a cancellation of the caller
+        # (which must end the source, not let it go on to another pass).
+        await asyncio.wait([self._stderr_task], timeout=1.0)
         return code
 
     async def close(self) -> None:
@@ -194,10 +195,12 @@ class FfmpegPipe:
                     pass
             await self._proc.wait()
         finally:
-            if not self._stderr_task.done():
-                self._stderr_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._stderr_task
+            task = self._stderr_task
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])  # a cancellation of the caller still propagates
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                _LOGGER.debug("ffmpeg stderr reader for %s failed: %r", self._what, task.exception())
         _LOGGER.debug("ffmpeg for %s exited with %s", self._what, self._proc.returncode)
 
     def failure_message(self, code: int | None) -> str:

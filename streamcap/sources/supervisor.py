@@ -64,6 +64,18 @@ async def _call(callback: Callable[[_T], Awaitable[None] | None], item: _T) -> N
         await result
 
 
+def _raise_if_cancelling() -> None:
+    """Raise CancelledError if this task was asked to stop.
+
+    A source that catches the cancellation and goes on (delivers another block,
+    or ends so that the supervisor would retry) must not keep the supervisor
+    running: the request to stop still counts.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class SourceSupervisor:
     """Keep one source running: restart it after errors and stalls, report every state change.
 
@@ -133,7 +145,8 @@ class SourceSupervisor:
             The final status: STOPPED (end of input) or FAILED.
 
         Raises:
-            asyncio.CancelledError: on cancellation, after reporting STOPPED.
+            asyncio.CancelledError: on cancellation, after reporting STOPPED; also when the
+                source swallowed the cancellation (the request still ends the supervisor).
         """
         clock = self._clock
         wd = self.watchdog
@@ -144,6 +157,7 @@ class SourceSupervisor:
                     self.restarts += 1
                 await self._report(on_status, wd.started(clock.monotonic(), at=clock.wall()))
                 final = await self._run_once(on_block, on_status)
+                _raise_if_cancelling()  # the source swallowed the cancellation: never restart
                 if final is not None:
                     return final
                 status = wd.last_status
@@ -193,6 +207,7 @@ class SourceSupervisor:
                     return await self._end(on_status)
                 except Exception as exc:  # noqa: BLE001
                     return await self._fail(on_status, exc)
+                _raise_if_cancelling()  # a source that swallowed its cancellation ends here
                 if block.epoch != self.epoch or block.source_id != self.source_id:
                     block = dataclasses.replace(block, epoch=self.epoch, source_id=self.source_id)
                 await self._report(
@@ -203,12 +218,14 @@ class SourceSupervisor:
             await self._close(blocks)
 
     async def _end(self, on_status: StatusCallback) -> SourceStatus:
+        _raise_if_cancelling()  # ended because it was cancelled: "stopped (shutdown)" follows
         status = self.watchdog.ended(self._clock.monotonic(), at=self._clock.wall())
         await self._report(on_status, status)
         return status
 
     async def _fail(self, on_status: StatusCallback, exc: Exception) -> SourceStatus | None:
         """Classify an exception: SourceUnavailable retries, anything else fails for good."""
+        _raise_if_cancelling()  # no "retrying" for an error the shutdown caused
         clock = self._clock
         permanent = not isinstance(exc, SourceUnavailable)
         reason: str | BaseException = exc

@@ -1,0 +1,228 @@
+"""streamcap.daemon: the shutdown is bounded by stop_timeout_s, whatever a stage does.
+
+In-process tests run :class:`Daemon` with a real file source, the real inference thread
+and fakes for what must misbehave (a source that ignores its cancellation, a model call
+that does not return); one runs :func:`serve` in a real subprocess to see it exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_pipeline import (
+    RATE,
+    WAIT_S,
+    Recorder,
+    captions_of,
+    result_for,
+    sample_value,
+    wait_until,
+    write_tone,
+)
+
+from streamcap.bus.bus import PluginBus
+from streamcap.config import parse_config
+from streamcap.daemon import EXIT_ABANDONED, Daemon, StopBudget
+from streamcap.messages import AudioBlock, SourceStatus, Window, make_block
+from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
+from streamcap.pipeline import CaptionResult
+
+STOP_TIMEOUT_S = 2.0
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class DeafSource:
+    """Delivers silence until cancelled, then ignores every cancellation until released."""
+
+    def __init__(self, source_id: str, release: asyncio.Event) -> None:
+        self.source_id = source_id
+        self.release = release
+        self.ignored = 0
+
+    async def blocks(self) -> AsyncIterator[AudioBlock]:
+        i = 0
+        while True:
+            try:
+                await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                self.ignored += 1
+                while not self.release.is_set():
+                    try:
+                        await self.release.wait()
+                    except asyncio.CancelledError:
+                        self.ignored += 1
+                return
+            yield make_block(source_id=self.source_id, start_sample=i * 1600, sample_rate_hz=RATE,
+                             samples=np.zeros(1600, dtype=np.float32), captured_at=time.time())
+            i += 1
+
+
+class StuckCaptioner:
+    """Captions at once until ``stuck`` is set; then a call does not return until released."""
+
+    model_id = "stuck"
+    sample_rates_hz = (RATE,)
+
+    def __init__(self) -> None:
+        self.stuck = threading.Event()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def caption(self, win: Window) -> CaptionResult:
+        if self.stuck.is_set():
+            self.entered.set()
+            self.release.wait(timeout=4 * WAIT_S)
+        return result_for(win)
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[InferenceRuntime]:
+    rt = InferenceRuntime(RuntimeOptions(device="cpu", precision="fp32", num_threads=1))
+    try:
+        yield rt
+    finally:
+        await rt.aclose()
+
+
+def make_daemon(tmp_path: Path, runtime: InferenceRuntime, captioner: object,
+                sources: tuple[str, ...] = ("tone",)) -> tuple[Daemon, Recorder]:
+    wav = write_tone(tmp_path / "tone.wav", 440)
+    config = parse_config({
+        "daemon": {"node_id": "stop", "stop_timeout_s": STOP_TIMEOUT_S,
+                   "state_dir": str(tmp_path)},
+        "sources": {name: {"uri": f"file:{wav}?loop=true", "window_s": 10, "hop_s": 1,
+                           "realtime": False} for name in sources},
+        "http": {"enabled": False},
+    })
+    daemon = Daemon(config, lambda: captioner, runtime=runtime)  # type: ignore[arg-type, return-value]
+    recorder = Recorder()
+    daemon.bus = PluginBus({"rec": recorder}, node_id="stop", metrics=daemon.metrics,
+                           state_root=tmp_path)
+    return daemon, recorder
+
+
+def test_the_stop_budget_gives_capture_half_and_sinks_up_to_ninety_percent() -> None:
+    budget = StopBudget(started_at=100.0, total_s=10.0)
+    assert (budget.capture_deadline, budget.sinks_deadline, budget.end) == (105.0, 109.0, 110.0)
+    assert budget.remaining(budget.sinks_deadline, now=108.0) == 1.0
+    assert budget.remaining(budget.capture_deadline, now=108.0) == 0.0
+
+
+async def test_a_source_that_ignores_cancellation_cannot_keep_the_daemon_alive(
+        tmp_path: Path, runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    release = asyncio.Event()
+    deaf: list[DeafSource] = []
+
+    def make_deaf() -> DeafSource:
+        deaf.append(DeafSource("deaf", release))
+        return deaf[-1]
+
+    daemon, recorder = make_daemon(tmp_path, runtime, StuckCaptioner(), ("tone", "deaf"))
+    daemon._factories["deaf"] = make_deaf
+    run = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: run.done() or len(captions_of(recorder.got)) >= 2, "captions")
+        assert not run.done(), run
+        daemon.request_stop()
+        done, _ = await asyncio.wait([run], timeout=WAIT_S)
+        assert done, "the daemon waited for a source that ignores its cancellation"
+        assert run.result() == EXIT_ABANDONED
+        assert daemon.abandoned == ["streamcap[source:deaf].supervisor"]
+        assert deaf[0].ignored >= 1
+        # everything else stopped: the other source reported "stopped", the sinks flushed
+        states = [(m.source_id, m.state.value) for m in recorder.got
+                  if isinstance(m, SourceStatus)]
+        assert ("tone", "stopped") in states
+    finally:
+        release.set()
+        await asyncio.wait([t for t in asyncio.all_tasks()
+                            if t.get_name().startswith("streamcap[")], timeout=WAIT_S)
+
+
+async def test_a_model_call_that_does_not_return_does_not_hold_up_the_stop(
+        tmp_path: Path, runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    captioner = StuckCaptioner()
+    daemon, recorder = make_daemon(tmp_path, runtime, captioner)
+    run = asyncio.create_task(daemon.run())
+    try:
+        await wait_until(lambda: run.done() or len(captions_of(recorder.got)) >= 2, "captions")
+        captioner.stuck.set()
+        assert await asyncio.to_thread(captioner.entered.wait, WAIT_S)
+        daemon.request_stop()
+        done, _ = await asyncio.wait([run], timeout=WAIT_S)
+        assert done, "the drain waited for a model call that does not return"
+        assert run.result() == 0  # the worker task stopped; run_daemon deals with the thread
+        text = daemon.metrics.render()
+        windows = sample_value(text, "streamcap_windows_total", source="tone")
+        full = sample_value(text, "streamcap_windows_dropped_total", source="tone",
+                            reason="queue_full")
+        shutdown = sample_value(text, "streamcap_windows_dropped_total", source="tone",
+                                reason="shutdown")
+        assert shutdown >= 1  # the window in flight at least
+        assert windows == len(captions_of(recorder.got)) + full + shutdown
+        assert sample_value(text, "streamcap_window_queue_depth") == 0
+        assert [m.state.value for m in recorder.got
+                if isinstance(m, SourceStatus)][-1] == "stopped"
+    finally:
+        captioner.release.set()
+
+
+SERVE_SCRIPT = """
+import asyncio, os, signal, sys, threading, time
+sys.path.insert(0, {tests!r})
+import numpy as np
+from test_daemon import StuckCaptioner, make_daemon, DeafSource
+from streamcap.daemon import serve
+from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
+from pathlib import Path
+
+runtime = InferenceRuntime(RuntimeOptions(device="cpu", precision="fp32", num_threads=1))
+captioner = StuckCaptioner()
+daemon, recorder = make_daemon(Path({tmp!r}), runtime, captioner, ("tone", "deaf"))
+daemon._factories["deaf"] = lambda: DeafSource("deaf", asyncio.Event())  # never released
+
+def stop_when_stuck():
+    while sum(1 for m in recorder.got if getattr(m, "text", None)) < 2:
+        time.sleep(0.05)
+    captioner.stuck.set()
+    captioner.entered.wait()
+    print("STOPPING", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=stop_when_stuck, daemon=True).start()
+print("EXIT", serve(daemon), flush=True)
+"""
+
+
+def test_serve_exits_the_process_when_a_task_and_the_inference_thread_are_stuck(
+        tmp_path: Path) -> None:
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        # the bound is stop_timeout_s plus the teardown's least time; the wait is generous
+        out, _ = proc.communicate(timeout=2 * WAIT_S + STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"the process did not exit after SIGTERM:\n{out[-3000:]}") from None
+    assert "STOPPING" in out, out[-3000:]
+    assert proc.returncode == EXIT_ABANDONED, out[-3000:]
+    assert "EXIT" not in out  # serve() does not return: the process leaves at once
+    assert "streamcap[source:deaf].supervisor" in out
+    assert "streamcap-infer" in out
