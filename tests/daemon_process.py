@@ -11,7 +11,8 @@ Use it from a test module with ``from daemon_process import DaemonProcess, ...``
     text = daemon.wait_metric("streamcap_mqtt_connected", '{sink="broker"}', lambda v: v == 1)
     assert daemon.stop() == 0                    # SIGTERM, then the exit code
 
-Waits are generous upper bounds (``WAIT_S``); they fail with the daemon's log tail.
+Waits are generous upper bounds (``WAIT_S``, scaled by ``STREAMCAP_TEST_TIME_FACTOR``);
+they fail with the daemon's log tail.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-WAIT_S = 120.0  # upper bound for anything the daemon must eventually do
+from timing import scaled
+
+WAIT_S = scaled(120.0)  # upper bound for anything the daemon must eventually do
 SYSTEMD_VARIABLES = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
                                "STATE_DIRECTORY"})
 
@@ -46,7 +49,7 @@ def streamcap_command() -> list[str]:
 def http_get(url: str) -> tuple[int, str, str]:
     """Status, content type and body of a GET (4xx/5xx included)."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urllib.request.urlopen(url, timeout=scaled(30)) as resp:
             return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.headers.get("Content-Type", ""), err.read().decode()
@@ -113,7 +116,7 @@ class NotifyListener:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=scaled(5))
         self.sock.close()
 
 
@@ -221,19 +224,19 @@ class DaemonProcess:
                 self.exit_code = self.proc.wait(timeout=WAIT_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=scaled(30))
                 raise AssertionError(f"the daemon ignored SIGTERM:\n{self.log_tail()}") from None
         return self.exit_code
 
     def kill(self) -> None:
-        """Make sure the process is gone (SIGTERM, SIGKILL after 30 s)."""
+        """Make sure the process is gone (SIGTERM, SIGKILL after 30 s, scaled)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=scaled(30))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=scaled(30))
 
 
 __all__ = ["WAIT_S", "DaemonProcess", "NotifyListener", "http_get", "metric_samples",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from timing import scaled
 
 from streamcap.bus.bus import PluginBus, restart_delay, task_name
 from streamcap.bus.inbox import Inbox
@@ -19,7 +20,7 @@ from streamcap.errors import ConfigError
 from streamcap.messages import Caption, Embedding, Published, SourceState, SourceStatus
 from streamcap.stats import Metrics
 
-WAIT_S = 10.0  # generous upper bound for awaiting something that must happen
+WAIT_S = scaled(10.0)  # generous upper bound for awaiting something that must happen
 
 
 def cap(i: int, source: str = "a") -> Caption:

@@ -14,7 +14,6 @@ import pytest
 from aiohttp import web
 from timing import scaled
 
-
 from streamcap.errors import ConfigError
 from streamcap.http import (
     METRICS_CONTENT_TYPE,
