@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
-from typing import Final, Self
+from typing import Any, Final, Self
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -221,9 +221,11 @@ class HttpServer:
         self.metrics = metrics
         self.health = health
         self.page_config = page_config
-        self.max_request_bytes = max_request_bytes
-        self.request_timeout_s = request_timeout_s
-        self.shutdown_timeout_s = shutdown_timeout_s
+        # aiohttp enforces the limits (see the module docstring).
+        self._runner_options: dict[str, Any] = {
+            "shutdown_timeout": shutdown_timeout_s, "keepalive_timeout": request_timeout_s,
+            "max_line_size": max_request_bytes, "max_field_size": max_request_bytes,
+            "max_headers": MAX_HEADERS}
         self.assets: Mapping[str, Asset] = load_assets() if assets is None else dict(assets)
         self._runner: web.AppRunner | None = None
         self._bound_port: int | None = None
@@ -353,12 +355,8 @@ class HttpServer:
         Raises:
             ConfigError: The address cannot be bound (in use, not local, no permission).
         """
-        runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, logger=_SERVER_LOG,
-            shutdown_timeout=self.shutdown_timeout_s,
-            keepalive_timeout=self.request_timeout_s,
-            max_line_size=self.max_request_bytes, max_field_size=self.max_request_bytes,
-            max_headers=MAX_HEADERS)
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               logger=_SERVER_LOG, **self._runner_options)
         await runner.setup()
         try:
             await web.TCPSite(runner, self.host, self.port).start()

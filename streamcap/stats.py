@@ -43,12 +43,12 @@ class _Metric(Generic[_Impl]):
 
     kind = "untyped"
 
-    def __init__(self, registry: CollectorRegistry, name: str, labelnames: Sequence[str],
-                 impl: _Impl) -> None:
+    def __init__(self, registry: CollectorRegistry, name: str, help_text: str,
+                 labelnames: Sequence[str], impl: type[_Impl], **options: Any) -> None:
         self.name = name
         self.labelnames = tuple(labelnames)
         self._registry = registry
-        self._impl: _Impl = impl
+        self._impl: _Impl = impl(name, help_text, self.labelnames, registry=registry, **options)
 
     def _series(self, values: Sequence[str]) -> _Impl:
         """The child of one label set (the metric itself when it has no labels)."""
@@ -68,45 +68,43 @@ class _Metric(Generic[_Impl]):
         return 0.0 if found is None else found
 
 
-class Counter(_Metric[prometheus_client.Counter]):
+class _Scalar(_Metric[_Impl]):
+    """One float per label set: counters and gauges."""
+
+    def value(self, *labels: str) -> float:
+        """The current value of one series (0 for a label set never used)."""
+        return self._sample(self.name, labels)
+
+
+class Counter(_Scalar[prometheus_client.Counter]):
     """A monotonically increasing count."""
 
     kind = "counter"
 
     def __init__(self, registry: CollectorRegistry, name: str, help_text: str,
                  labelnames: Sequence[str] = ()) -> None:
-        super().__init__(registry, name, labelnames, prometheus_client.Counter(
-            name, help_text, tuple(labelnames), registry=registry))
+        super().__init__(registry, name, help_text, labelnames, prometheus_client.Counter)
 
     def inc(self, amount: float = 1.0, *labels: str) -> None:
         if amount < 0:
             raise ValueError("a counter only goes up")
         self._series(labels).inc(amount)
 
-    def value(self, *labels: str) -> float:
-        """The current count of one series (0 for a label set never used)."""
-        return self._sample(self.name, labels)
 
-
-class Gauge(_Metric[prometheus_client.Gauge]):
+class Gauge(_Scalar[prometheus_client.Gauge]):
     """A value that goes up and down."""
 
     kind = "gauge"
 
     def __init__(self, registry: CollectorRegistry, name: str, help_text: str,
                  labelnames: Sequence[str] = ()) -> None:
-        super().__init__(registry, name, labelnames, prometheus_client.Gauge(
-            name, help_text, tuple(labelnames), registry=registry))
+        super().__init__(registry, name, help_text, labelnames, prometheus_client.Gauge)
 
     def set(self, value: float, *labels: str) -> None:
         self._series(labels).set(float(value))
 
     def inc(self, amount: float = 1.0, *labels: str) -> None:
         self._series(labels).inc(amount)
-
-    def value(self, *labels: str) -> float:
-        """The current value of one series (0 for a label set never used)."""
-        return self._sample(self.name, labels)
 
 
 class Histogram(_Metric[prometheus_client.Histogram]):
@@ -118,8 +116,8 @@ class Histogram(_Metric[prometheus_client.Histogram]):
                  labelnames: Sequence[str] = (),
                  buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         self.buckets = tuple(sorted(buckets)) + (math.inf,)
-        super().__init__(registry, name, labelnames, prometheus_client.Histogram(
-            name, help_text, tuple(labelnames), registry=registry, buckets=self.buckets))
+        super().__init__(registry, name, help_text, labelnames, prometheus_client.Histogram,
+                         buckets=self.buckets)
 
     def observe(self, value: float, *labels: str) -> None:
         self._series(labels).observe(value)

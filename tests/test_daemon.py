@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from test_pipeline import runtime
 from timing import scaled
 from websockets.asyncio.client import connect
 
@@ -18,8 +18,10 @@ from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext, SinkEndpoint
 from streamcap.config import Config, parse_config
 from streamcap.daemon import Daemon
-from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
+from streamcap.models.runtime import InferenceRuntime
 from streamcap.pipeline import WindowCaptioner
+
+__all__ = ["runtime"]  # the fixture: one inference thread on the CPU
 
 WAIT_S = scaled(30.0)
 
@@ -40,15 +42,6 @@ class Served:
 
 def no_captioner() -> WindowCaptioner:
     raise AssertionError("these tests never load a model")
-
-
-@pytest.fixture
-async def runtime() -> AsyncIterator[InferenceRuntime]:
-    rt = InferenceRuntime(RuntimeOptions(device="cpu", precision="fp32", num_threads=1))
-    try:
-        yield rt
-    finally:
-        await rt.aclose()
 
 
 def config(tmp_path: Path, **sinks: dict[str, object]) -> Config:
