@@ -24,13 +24,20 @@ from typing import Any
 
 import pytest
 from processes import become_subreaper, keep_for_session, leaked_since, live_children, stop_leaked
-from timing import scaled
+from timing import TIME_FACTOR, scaled
 
 # --------------------------------------------------------------------------- child processes
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     become_subreaper()
+    # pytest-timeout's per-test limit from pyproject.toml is a wait too: scale it
+    # (before pytest-timeout reads it), unless --timeout or PYTEST_TIMEOUT set one.
+    ini = config.getini("timeout") if hasattr(config.option, "timeout") else None
+    if TIME_FACTOR != 1 and ini and config.option.timeout is None \
+            and not os.environ.get("PYTEST_TIMEOUT"):
+        config.option.timeout = scaled(float(ini))
 
 
 @pytest.fixture(scope="module", autouse=True)

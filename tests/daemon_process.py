@@ -31,11 +31,12 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from timing import scaled
 
 WAIT_S = scaled(120.0)  # upper bound for anything the daemon must eventually do
+T = TypeVar("T")
 SYSTEMD_VARIABLES = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
                                "STATE_DIRECTORY"})
 
@@ -188,32 +189,43 @@ class DaemonProcess:
     def captions(self) -> list[dict[str, Any]]:
         return [f for f in self.frames() if f["type"] == "caption"]
 
-    def wait_captions(self, n: int, timeout_s: float = WAIT_S) -> list[dict[str, Any]]:
-        """The jsonl captions, once there are at least ``n``."""
+    def poll(self, probe: Callable[[], tuple[T, bool]], failure: Callable[[T], str], *,
+             timeout_s: float = WAIT_S, interval_s: float = 0.1) -> T:
+        """Call ``probe`` (``(value, done)``) until done, the daemon alive meanwhile; the value.
+
+        Raises:
+            AssertionError: The daemon exited, or ``timeout_s`` passed (``failure(value)``).
+        """
         deadline = time.monotonic() + timeout_s
         while True:
-            found = self.captions()
-            if len(found) >= n:
-                return found
+            value, done = probe()
+            if done:
+                return value
             self.check_alive()
             if time.monotonic() > deadline:
-                raise AssertionError(f"only {len(found)} of {n} captions within {timeout_s} s:\n"
-                                     f"{self.log_tail()}")
-            time.sleep(0.1)
+                raise AssertionError(failure(value))
+            time.sleep(interval_s)
+
+    def wait_captions(self, n: int, timeout_s: float = WAIT_S) -> list[dict[str, Any]]:
+        """The jsonl captions, once there are at least ``n``."""
+        def probe() -> tuple[list[dict[str, Any]], bool]:
+            found = self.captions()
+            return found, len(found) >= n
+
+        return self.poll(probe, lambda found: f"only {len(found)} of {n} captions within "
+                                              f"{timeout_s} s:\n{self.log_tail()}",
+                         timeout_s=timeout_s)
 
     def wait_metric(self, name: str, labels: str, ok: Callable[[float], bool]) -> str:
         """Poll /metrics until sample ``name{labels}`` satisfies ``ok``; the metrics text."""
-        deadline = time.monotonic() + WAIT_S
-        while True:
+        def probe() -> tuple[tuple[str, float | None], bool]:
             _, _, text = http_get(self.http("/metrics"))
             value = metric_samples(text, name).get(labels)
-            if value is not None and ok(value):
-                return text
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name}{labels} = {value} never satisfied the check:\n"
-                                     f"{text}")
-            time.sleep(0.2)
+            return (text, value), value is not None and ok(value)
+
+        text, _ = self.poll(probe, lambda got: f"{name}{labels} = {got[1]} never satisfied "
+                                               f"the check:\n{got[0]}", interval_s=0.2)
+        return text
 
     def stop(self) -> int:
         """SIGTERM, then the exit code (the signal is sent once)."""
