@@ -44,6 +44,7 @@ from streamcap import systemd
 from streamcap.audio.watchdog import WatchdogOptions
 from streamcap.audio.windowing import Windower
 from streamcap.bus import PluginBus
+from streamcap.bus.plugin import Sink, sink_endpoint
 from streamcap.config import Config, SourceConfig, default_config, parse_config
 from streamcap.http import HealthReport, HttpServer
 from streamcap.logs import configure_logging, get_logger
@@ -166,7 +167,17 @@ class Daemon:
     """One running streamcap: sources, windows, inference, bus and HTTP."""
 
     def __init__(self, config: Config, captioner_factory: Callable[[], WindowCaptioner],
-                 *, runtime: InferenceRuntime) -> None:
+                 *, runtime: InferenceRuntime, extra_sinks: Mapping[str, Sink] | None = None,
+                 ) -> None:
+        """Build every stage from ``config``; start nothing.
+
+        Args:
+            extra_sinks: Sinks to run besides the configured ones, by instance name
+                (a test's recorder, say); a name of a ``[sinks.*]`` table is refused.
+
+        Raises:
+            ValueError: An extra sink has the name of a configured one.
+        """
         self.config = config
         self.run_id = new_run_id()  # in hello frames and every window id: never repeats
         self.metrics = Metrics()
@@ -178,7 +189,11 @@ class Daemon:
         # The same checks as check-config: every URI, option and plugin, before anything starts.
         prepared = prepare(config)
         self._factories: dict[str, Callable[[], AudioSource]] = dict(prepared.sources)
-        self._sinks = dict(prepared.sinks)
+        self._sinks: dict[str, Sink] = dict(prepared.sinks)
+        for name, sink in (extra_sinks or {}).items():
+            if name in self._sinks:
+                raise ValueError(f"extra sink {name!r}: [sinks.{name}] is configured already")
+            self._sinks[name] = sink
         m = self.metrics
         self._windows = m.counter("streamcap_windows_total", "Windows cut, by source", ["source"])
         self._dropped = m.counter("streamcap_windows_dropped_total",
@@ -274,19 +289,15 @@ class Daemon:
     def page_config(self) -> Mapping[str, object]:
         """Tell the live page where the WebSocket feed is (the first websocket sink)."""
         for name, sink in self._sinks.items():
-            inner = getattr(sink, "sink", sink)
-            port = getattr(inner, "bound_port", None)
-            options = getattr(inner, "options", None)
-            if port is None or options is None:
+            endpoint = sink_endpoint(sink)
+            if endpoint is None or endpoint.kind != "websocket":
                 continue
-            host = getattr(options, "host", "127.0.0.1")
-            if host in ("0.0.0.0", "::", ""):
-                host = ""  # the page then uses the host it was loaded from
-            scheme = "wss" if getattr(options, "tls_cert", None) else "ws"
+            # A wildcard address: the page then uses the host it was loaded from.
+            host = "" if endpoint.host in ("0.0.0.0", "::", "") else endpoint.host
             return {"node_id": self.config.daemon.node_id, "sink": name,
-                    "ws_url": f"{scheme}://{host}:{port}/" if host else None,
-                    "ws_port": port, "ws_scheme": scheme,
-                    "token_required": bool(getattr(options, "token_env", None))}
+                    "ws_url": f"{endpoint.scheme}://{host}:{endpoint.port}/" if host else None,
+                    "ws_port": endpoint.port, "ws_scheme": endpoint.scheme,
+                    "token_required": endpoint.token_required}
         return {"node_id": self.config.daemon.node_id, "ws_url": None}
 
     # -- lifecycle ---------------------------------------------------------------------

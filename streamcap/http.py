@@ -1,44 +1,53 @@
-"""The daemon's small HTTP/1.1 endpoint: health, Prometheus metrics and the live page.
+"""The daemon's HTTP endpoint on aiohttp: health, Prometheus metrics, the live page, and a
+router for JSON API routes.
 
-Routes (GET and HEAD only; every response closes the connection):
+Routes (GET and HEAD):
 
 - ``/healthz``: JSON from :class:`HealthReport`; 200 when live and ready, 503 otherwise;
 - ``/metrics``: :meth:`streamcap.stats.Metrics.render` in the Prometheus text format 0.0.4;
 - ``/config.json``: what the live page needs to open the WebSocket feed;
 - ``/`` and the files of the package data ``streamcap/web/``: the live page.
 
-Errors are JSON: ``{"error": code, "status": n, "message": text}``. A request head
-larger than ``max_request_bytes`` gets 431, one that does not arrive within
-``request_timeout_s`` gets 408, other methods 405 (with ``Allow``), unknown paths 404.
+More routes: :meth:`HttpServer.add_json_route` (before :meth:`HttpServer.start`).
 
-Parsing and routing are plain functions (:func:`parse_request_head`,
-:func:`encode_response`); :class:`HttpServer` only moves bytes on
-``asyncio.start_server``. Request bodies are never read.
+Errors the application answers are JSON: ``{"error": code, "status": n, "message":
+text}``: unknown paths 404, other methods 405 (with ``Allow``), a handler that raises
+500. aiohttp parses the requests and enforces the limits: request line and header
+field sizes (``max_request_bytes``; larger gets 400), header count, body size
+(``max_body_bytes``; larger gets 413) and the time a connection may stay idle or
+take to send its request (``request_timeout_s``; then it is closed). Malformed
+requests get aiohttp's own plain-text 400. Every answer the application gives is
+counted in ``streamcap_http_requests_total{route,code}``.
+
+The pure parts (:func:`jsonable`, :func:`health_payload`, :func:`error_payload`,
+:func:`load_assets`) are plain functions; :class:`HttpServer` wires them to aiohttp.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import math
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from http import HTTPStatus
 from importlib import resources
-from typing import Final, Self
-from urllib.parse import urlsplit
+from typing import Any, Final, Self
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from streamcap.errors import ConfigError
 from streamcap.logs import get_logger
+from streamcap.stats import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from streamcap.stats import Metrics
+
+__all__ = ["METRICS_CONTENT_TYPE", "Asset", "HealthReport", "HttpServer", "JsonHandler",
+           "error_payload", "health_payload", "json_response", "jsonable", "load_assets"]
 
 _log = get_logger(__name__)
 
-METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
-ALLOWED_METHODS: Final = ("GET", "HEAD")
 MAX_HEADERS: Final = 100
 
 _CONTENT_TYPES: Final[Mapping[str, str]] = {
@@ -51,19 +60,37 @@ _CONTENT_TYPES: Final[Mapping[str, str]] = {
     ".ico": "image/x-icon",
     ".txt": "text/plain; charset=utf-8",
 }
-_TOKEN_RE: Final = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_VERSION_RE: Final = re.compile(r"^HTTP/(\d)\.(\d)$")
-_ASSET_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # The live page opens a WebSocket on another port, so connect-src allows ws:/wss:.
-_PAGE_HEADERS: Final = (
-    ("Content-Security-Policy",
-     ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-      "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; "
-      "form-action 'none'")),
-    ("Referrer-Policy", "no-referrer"),  # the page URL may carry ?token=
-    ("X-Frame-Options", "DENY"),
-)
+_PAGE_HEADERS: Final[Mapping[str, str]] = {
+    "Content-Security-Policy":
+        ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+         "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; "
+         "form-action 'none'"),
+    "Referrer-Policy": "no-referrer",  # the page URL may carry ?token=
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",
+}
+
+
+
+class _ClientErrorFilter(logging.Filter):
+    """aiohttp logs every malformed request as an error with a traceback; it is the
+    client's mistake (aiohttp has answered it with a 400), so it becomes one debug line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            _log.debug("bad http request", status=exc.code, error=exc.message.strip())
+            return False
+        return True
+
+
+_SERVER_LOG: Final = logging.getLogger("streamcap.http.server")
+_SERVER_LOG.addFilter(_ClientErrorFilter())
+
+JsonHandler = Callable[[web.Request], Awaitable[object]]
+"""A JSON API route: the request in, a JSON-ready value out (see :meth:`HttpServer.add_json_route`)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -84,45 +111,12 @@ class HealthReport:
     details: Mapping[str, object] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RequestHead:
-    """A parsed request line and headers (names lower-cased; the last value wins)."""
-
-    method: str
-    target: str
-    path: str
-    query: str
-    version: str
-    headers: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Response:
-    """One HTTP response; ``Content-Length``, ``Date`` and ``Connection: close`` are added on encoding."""
-
-    status: int
-    body: bytes = b""
-    content_type: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-
-
 @dataclass(frozen=True, slots=True)
 class Asset:
     """A static file of the live page, held in memory."""
 
     content_type: str
     body: bytes
-
-
-class RequestError(Exception):
-    """A request that gets an error response instead of a route (internal to this module)."""
-
-    def __init__(self, status: HTTPStatus, message: str,
-                 headers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 # --------------------------------------------------------------------------- pure logic
@@ -142,90 +136,32 @@ def jsonable(value: object) -> object:
     return str(value)
 
 
+def error_payload(status: int, message: str) -> dict[str, object]:
+    """``{"error": "not_found", "status": 404, "message": ...}``."""
+    code = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    return {"error": code, "status": status, "message": message}
+
+
+def health_payload(report: HealthReport) -> tuple[int, dict[str, object]]:
+    """The status code and body of ``/healthz``; ``details`` cannot override the verdict."""
+    ok = report.live and report.ready
+    body: dict[str, object] = dict(report.details)
+    body.update({
+        "status": "ok" if ok else ("not_ready" if report.live else "down"),
+        "live": report.live,
+        "ready": report.ready,
+        "reasons": list(report.reasons),
+    })
+    return (200 if ok else 503), body
+
+
 def json_response(status: int, payload: object,
-                  headers: tuple[tuple[str, str], ...] = ()) -> Response:
+                  headers: Mapping[str, str] | None = None) -> web.Response:
     """A JSON response (strict JSON: no NaN), never cached."""
     body = json.dumps(jsonable(payload), ensure_ascii=False, allow_nan=False).encode("utf-8")
-    return Response(status=status, body=body, content_type=JSON_CONTENT_TYPE,
-                    headers=(("Cache-Control", "no-store"), *headers))
-
-
-def error_response(status: HTTPStatus, message: str,
-                   headers: tuple[tuple[str, str], ...] = ()) -> Response:
-    """``{"error": "not_found", "status": 404, "message": ...}``."""
-    code = status.phrase.lower().replace(" ", "_").replace("-", "_")
-    return json_response(int(status), {"error": code, "status": int(status), "message": message},
-                         headers)
-
-
-def parse_request_head(data: bytes) -> RequestHead:
-    """Parse a request line and headers, up to and including the blank line.
-
-    Args:
-        data: The raw head, ``b"GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n"``.
-
-    Raises:
-        RequestError: 400 for malformed input, 431 for too many headers, 505 for
-            an HTTP version other than 1.x.
-    """
-    text = data.decode("latin-1")
-    text = text.removesuffix("\r\n\r\n")
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not all(parts):
-        raise RequestError(HTTPStatus.BAD_REQUEST, "malformed request line")
-    method, target, version = parts
-    if not _TOKEN_RE.match(method):
-        raise RequestError(HTTPStatus.BAD_REQUEST, "malformed method")
-    version_match = _VERSION_RE.match(version)
-    if version_match is None:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "malformed HTTP version")
-    if version_match.group(1) != "1":
-        raise RequestError(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
-                           f"{version} is not supported (HTTP/1.0 and HTTP/1.1 are)")
-    if len(lines) - 1 > MAX_HEADERS:
-        raise RequestError(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                           f"more than {MAX_HEADERS} header fields")
-    headers: dict[str, str] = {}
-    hosts = 0
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN_RE.match(name):
-            raise RequestError(HTTPStatus.BAD_REQUEST, "malformed header field")
-        key = name.lower()
-        hosts += key == "host"
-        headers[key] = value.strip(" \t")
-    if version == "HTTP/1.1" and hosts != 1:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "HTTP/1.1 requests need exactly one Host header")
-
-    if target.startswith("/"):
-        split = urlsplit(target)
-        path, query = split.path, split.query
-    elif target.startswith(("http://", "https://")):
-        split = urlsplit(target)
-        path, query = split.path or "/", split.query
-    else:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "the request target must be a path")
-    return RequestHead(method=method, target=target, path=path, query=query, version=version,
-                       headers=headers)
-
-
-def encode_response(response: Response, *, head_only: bool = False,
-                    date: str | None = None) -> bytes:
-    """The response as bytes: status line, headers (with ``Content-Length`` and
-    ``Connection: close``) and the body unless ``head_only``."""
-    phrase = HTTPStatus(response.status).phrase
-    lines = [f"HTTP/1.1 {response.status} {phrase}",
-             f"Date: {date or formatdate(usegmt=True)}",
-             "Server: streamcap",
-             "Connection: close",
-             f"Content-Length: {len(response.body)}",
-             "X-Content-Type-Options: nosniff"]
-    if response.content_type is not None:
-        lines.append(f"Content-Type: {response.content_type}")
-    lines.extend(f"{name}: {value}" for name, value in response.headers)
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + response.body
+    return web.Response(status=status, body=body,
+                        headers={"Content-Type": JSON_CONTENT_TYPE, "Cache-Control": "no-store",
+                                 **(headers or {})})
 
 
 def load_assets(package: str = "streamcap", folder: str = "web") -> dict[str, Asset]:
@@ -242,7 +178,7 @@ def load_assets(package: str = "streamcap", folder: str = "web") -> dict[str, As
     for entry in root.iterdir():
         name = entry.name
         suffix = name[name.rfind("."):] if "." in name else ""
-        if not entry.is_file() or suffix not in _CONTENT_TYPES or not _ASSET_NAME_RE.match(name):
+        if not entry.is_file() or suffix not in _CONTENT_TYPES or name.startswith("."):
             continue
         assets["/" + name] = Asset(_CONTENT_TYPES[suffix], entry.read_bytes())
     if "/index.html" in assets:
@@ -254,7 +190,7 @@ def load_assets(package: str = "streamcap", folder: str = "web") -> dict[str, As
 
 
 class HttpServer:
-    """Serves ``/healthz``, ``/metrics``, ``/config.json`` and the live page.
+    """Serves ``/healthz``, ``/metrics``, ``/config.json``, the live page and added JSON routes.
 
     Args:
         host: Address to bind (``"127.0.0.1"`` by default in the config).
@@ -263,39 +199,138 @@ class HttpServer:
         health: Called per ``/healthz`` request, on the event loop; must be quick.
         page_config: Called per ``/config.json`` request, e.g.
             ``{"ws_url": "ws://127.0.0.1:8765/", "node_id": "...", "token_required": False}``.
-        max_request_bytes: Largest accepted request head (request line + headers).
-        request_timeout_s: Time a client has to send its request head.
-        write_timeout_s: Time a client has to take the response.
-        max_connections: Connections served at once; more get 503 at once.
+        max_request_bytes: Longest request line and longest header field (aiohttp's
+            ``max_line_size`` and ``max_field_size``).
+        max_body_bytes: Largest request body (aiohttp's ``client_max_size``).
+        request_timeout_s: How long a connection may stay idle, or take to send
+            its request, before it is closed (aiohttp's ``keepalive_timeout``).
+        shutdown_timeout_s: How long :meth:`close` lets requests in progress finish.
         assets: Static files by path (default: :func:`load_assets`).
     """
 
     def __init__(self, host: str, port: int, *, metrics: Metrics,
                  health: Callable[[], HealthReport],
                  page_config: Callable[[], Mapping[str, object]],
-                 max_request_bytes: int = 8192, request_timeout_s: float = 10.0,
-                 write_timeout_s: float = 10.0, max_connections: int = 64,
+                 max_request_bytes: int = 8190, max_body_bytes: int = 64 * 1024,
+                 request_timeout_s: float = 10.0, shutdown_timeout_s: float = 5.0,
                  assets: Mapping[str, Asset] | None = None) -> None:
         if max_request_bytes < 256:
             raise ValueError(f"max_request_bytes must be >= 256 (got {max_request_bytes})")
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1 (got {max_connections})")
         self.host = host
         self.port = port
         self.metrics = metrics
         self.health = health
         self.page_config = page_config
-        self.max_request_bytes = max_request_bytes
-        self.request_timeout_s = request_timeout_s
-        self.write_timeout_s = write_timeout_s
-        self.max_connections = max_connections
+        # aiohttp enforces the limits (see the module docstring).
+        self._runner_options: dict[str, Any] = {
+            "shutdown_timeout": shutdown_timeout_s, "keepalive_timeout": request_timeout_s,
+            "max_line_size": max_request_bytes, "max_field_size": max_request_bytes,
+            "max_headers": MAX_HEADERS}
         self.assets: Mapping[str, Asset] = load_assets() if assets is None else dict(assets)
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
         self._bound_port: int | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._labels: dict[str, str] = {}  # path -> route label of the request counter
         self._requests = metrics.counter(
             "streamcap_http_requests_total", "HTTP requests answered, by route and status code",
             ("route", "code"))
+        self.app = web.Application(middlewares=[self._middleware], client_max_size=max_body_bytes)
+        self.add_route("GET", "/healthz", self._healthz, label="healthz")
+        self.add_route("GET", "/metrics", self._metrics, label="metrics")
+        self.add_json_route("GET", "/config.json", self._page_config, label="config.json")
+        for path, asset in self.assets.items():
+            self.add_route("GET", path, self._asset_handler(asset), label="page")
+
+    # ----------------------------------------------------------------- routes
+
+    def add_route(self, method: str, path: str,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]], *,
+                  label: str) -> None:
+        """Serve ``method path`` (GET routes answer HEAD too); ``label`` is the
+        ``route`` of its requests in ``streamcap_http_requests_total``.
+
+        Raises:
+            RuntimeError: The server has started (aiohttp's router is frozen then).
+        """
+        self.app.router.add_route(method, path, handler)
+        if method == "GET":
+            self.app.router.add_route("HEAD", path, handler)
+        self._labels[path] = label
+
+    def add_json_route(self, method: str, path: str, handler: JsonHandler, *,
+                       label: str) -> None:
+        """:meth:`add_route` for a handler that returns a JSON-ready value (200).
+
+        A handler may raise ``aiohttp.web.HTTPException`` (e.g. ``HTTPBadRequest(text=...)``)
+        for another status: it becomes a JSON error with that text as its message.
+        """
+        async def respond(request: web.Request) -> web.StreamResponse:
+            return json_response(200, await handler(request))
+
+        self.add_route(method, path, respond, label=label)
+
+    @staticmethod
+    def _asset_handler(asset: Asset) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def serve(_request: web.Request) -> web.StreamResponse:
+            return web.Response(body=asset.body,
+                                headers={"Content-Type": asset.content_type, **_PAGE_HEADERS})
+        return serve
+
+    async def _healthz(self, _request: web.Request) -> web.StreamResponse:
+        try:
+            report = self.health()
+        except Exception as exc:  # noqa: BLE001 - a failing check means unhealthy, not a crash
+            _log.exception("health check raised")
+            report = HealthReport(live=False, ready=False,
+                                  reasons=(f"health check raised {type(exc).__name__}: {exc}",))
+        status, body = health_payload(report)
+        return json_response(status, body)
+
+    async def _metrics(self, _request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.metrics.render().encode("utf-8"),
+                            headers={"Content-Type": METRICS_CONTENT_TYPE,
+                                     "Cache-Control": "no-store"})
+
+    async def _page_config(self, _request: web.Request) -> object:
+        return dict(self.page_config())
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                          ) -> web.StreamResponse:
+        """JSON errors, the common headers, the request counter."""
+        path = request.raw_path.partition("?")[0]
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = self._error(exc, path)
+        except Exception:  # noqa: BLE001 - one failing route must not take the server down
+            _log.exception("http handler raised", path=path)
+            response = json_response(500, error_payload(500, "internal error; see the log"))
+        response.headers["Server"] = "streamcap"
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resource = request.match_info.route.resource  # None when no route matched
+        label = self._labels.get(request.path if resource is None else resource.canonical,
+                                 "other")
+        self._requests.inc(1.0, label, str(response.status))
+        _log.debug("http request", method=request.method, path=path, status=response.status)
+        return response
+
+    @staticmethod
+    def _error(exc: web.HTTPException, path: str) -> web.StreamResponse:
+        headers: dict[str, str] = {}
+        if isinstance(exc, web.HTTPNotFound):
+            message = f"no resource at {path}"
+        elif isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(exc.allowed_methods))
+            message = f"{exc.method} is not allowed on {path} (allowed: {allowed})"
+            headers["Allow"] = allowed
+        else:
+            message = exc.text or exc.reason
+        if exc.status < 400:  # a redirect, say: not an error
+            return exc
+        return json_response(exc.status, error_payload(exc.status, message), headers)
+
+    # ----------------------------------------------------------------- lifecycle
 
     @property
     def bound_port(self) -> int:
@@ -310,8 +345,9 @@ class HttpServer:
 
     @property
     def active_connections(self) -> int:
-        """Connections being served right now."""
-        return len(self._handlers)
+        """Connections open right now."""
+        server = self._runner.server if self._runner is not None else None
+        return 0 if server is None else len(server.connections)
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port.
@@ -319,27 +355,25 @@ class HttpServer:
         Raises:
             ConfigError: The address cannot be bound (in use, not local, no permission).
         """
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               logger=_SERVER_LOG, **self._runner_options)
+        await runner.setup()
         try:
-            self._server = await asyncio.start_server(
-                self._handle, self.host, self.port, limit=self.max_request_bytes)
+            await web.TCPSite(runner, self.host, self.port).start()
         except OSError as exc:
+            await runner.cleanup()
             raise ConfigError(f"http.host/http.port: cannot listen on {self.host}:{self.port}: "
                               f"{exc.strerror or exc}") from exc
-        self._bound_port = int(self._server.sockets[0].getsockname()[1])
+        self._runner = runner
+        self._bound_port = int(runner.addresses[0][1])
         _log.info("http listening", host=self.host, port=self._bound_port)
         return self._bound_port
 
     async def close(self) -> None:
         """Stop listening and end the connections still open."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        handlers = list(self._handlers)
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        await server.wait_closed()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -347,137 +381,3 @@ class HttpServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    # ----------------------------------------------------------------- routing
-
-    def route(self, request: RequestHead) -> tuple[str, Response]:
-        """The route name (for metrics) and the response to ``request``."""
-        path = request.path
-        handlers: dict[str, Callable[[], Response]] = {
-            "/healthz": self._healthz,
-            "/metrics": self._metrics,
-            "/config.json": self._page_config,
-        }
-        if path in handlers:
-            name = path.lstrip("/")
-            make = handlers[path]
-        elif path in self.assets:
-            name = "page"
-            make = self._asset_handler(self.assets[path])
-        else:
-            return "other", error_response(HTTPStatus.NOT_FOUND, f"no resource at {path}")
-        if request.method not in ALLOWED_METHODS:
-            return name, error_response(
-                HTTPStatus.METHOD_NOT_ALLOWED,
-                f"{request.method} is not allowed on {path} (allowed: GET, HEAD)",
-                (("Allow", ", ".join(ALLOWED_METHODS)),))
-        return name, make()
-
-    @staticmethod
-    def _asset_handler(asset: Asset) -> Callable[[], Response]:
-        def make() -> Response:
-            return Response(status=200, body=asset.body, content_type=asset.content_type,
-                            headers=(("Cache-Control", "no-cache"), *_PAGE_HEADERS))
-        return make
-
-    def _healthz(self) -> Response:
-        try:
-            report = self.health()
-        except Exception as exc:  # noqa: BLE001 - a failing check means unhealthy, not a crash
-            _log.exception("health check raised")
-            report = HealthReport(live=False, ready=False,
-                                  reasons=(f"health check raised {type(exc).__name__}: {exc}",))
-        ok = report.live and report.ready
-        body: dict[str, object] = dict(report.details)
-        body.update({
-            "status": "ok" if ok else ("not_ready" if report.live else "down"),
-            "live": report.live,
-            "ready": report.ready,
-            "reasons": list(report.reasons),
-        })
-        return json_response(200 if ok else 503, body)
-
-    def _metrics(self) -> Response:
-        return Response(status=200, body=self.metrics.render().encode("utf-8"),
-                        content_type=METRICS_CONTENT_TYPE, headers=(("Cache-Control", "no-store"),))
-
-    def _page_config(self) -> Response:
-        return json_response(200, dict(self.page_config()))
-
-    # ----------------------------------------------------------------- I/O
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - start_server always runs callbacks in a task
-            writer.close()
-            return
-        self._handlers.add(task)
-        try:
-            if len(self._handlers) > self.max_connections:
-                await self._send(writer, "other", error_response(
-                    HTTPStatus.SERVICE_UNAVAILABLE, "too many connections; retry later",
-                    (("Retry-After", "1"),)), head_only=False)
-                return
-            await self._serve_one(reader, writer)
-        except (ConnectionError, TimeoutError):
-            pass  # the client went away or stopped reading; nothing to answer
-        finally:
-            self._handlers.discard(task)
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except ConnectionError:
-                pass
-
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head_only = False
-        try:
-            async with asyncio.timeout(self.request_timeout_s):
-                raw = await reader.readuntil(b"\r\n\r\n")
-            request = parse_request_head(raw)
-            head_only = request.method == "HEAD"
-            route, response = self.route(request)
-        except asyncio.IncompleteReadError:
-            return  # closed before a complete request head
-        except TimeoutError:
-            route, response = "other", error_response(
-                HTTPStatus.REQUEST_TIMEOUT,
-                f"request head not received within {self.request_timeout_s:g} s")
-        except asyncio.LimitOverrunError:
-            route, response = "other", error_response(
-                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                f"request head larger than {self.max_request_bytes} bytes")
-        except RequestError as exc:
-            route, response = "other", error_response(exc.status, exc.message, exc.headers)
-        else:
-            _log.debug("http request", method=request.method, path=request.path,
-                       status=response.status)
-        await self._send(writer, route, response, head_only=head_only)
-        await self._linger(reader, writer)
-
-    async def _send(self, writer: asyncio.StreamWriter, route: str, response: Response, *,
-                    head_only: bool) -> None:
-        self._requests.inc(1.0, route, str(response.status))
-        writer.write(encode_response(response, head_only=head_only))
-        async with asyncio.timeout(self.write_timeout_s):
-            await writer.drain()
-
-    async def _linger(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Half-close, then discard what the client still sends for a moment.
-
-        Closing with unread input makes the kernel reset the connection, which
-        can destroy the response before the client reads it (e.g. an oversized
-        request still being sent when the 431 goes out).
-        """
-        if writer.can_write_eof():
-            writer.write_eof()
-        budget = 4 * self.max_request_bytes
-        try:
-            async with asyncio.timeout(1.0):
-                while budget > 0:
-                    chunk = await reader.read(min(budget, 65536))
-                    if not chunk:
-                        break
-                    budget -= len(chunk)
-        except (TimeoutError, ConnectionError):
-            pass

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from timing import scaled
 from websockets.sync.client import ClientConnection, connect
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -66,7 +67,7 @@ class _DevTools:
         self._ids = itertools.count(1)
 
     def call(self, method: str, params: dict[str, Any] | None = None, *,
-             session: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+             session: str | None = None, timeout_s: float = scaled(10.0)) -> dict[str, Any]:
         msg_id = next(self._ids)
         msg: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
         if session is not None:
@@ -113,10 +114,10 @@ def _browser(start_timeout_s: float) -> Iterator[_DevTools]:
                 tools = _DevTools(ws)
                 yield tools
                 with contextlib.suppress(Exception):
-                    tools.call("Browser.close", timeout_s=2.0)
+                    tools.call("Browser.close", timeout_s=scaled(2.0))
         finally:
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=scaled(5))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -152,7 +153,7 @@ def _page(url: str, timeout_s: float, wait_for: str | None) -> Iterator[tuple[_D
         yield tools, session
 
 
-def dump_dom(url: str, timeout_s: float = 30.0, *, wait_for: str | None = None) -> str:
+def dump_dom(url: str, timeout_s: float = scaled(30.0), *, wait_for: str | None = None) -> str:
     """The serialized DOM of ``url`` once loaded and ``wait_for`` holds.
 
     Args:
@@ -172,7 +173,7 @@ def dump_dom(url: str, timeout_s: float = 30.0, *, wait_for: str | None = None) 
     return str(html)
 
 
-def screenshot(url: str, path: Path, timeout_s: float = 30.0, *, wait_for: str | None = None,
+def screenshot(url: str, path: Path, timeout_s: float = scaled(30.0), *, wait_for: str | None = None,
                width: int = 1200, height: int = 800) -> Path:
     """Save a PNG of ``url`` (same waiting rules as :func:`dump_dom`) to ``path``."""
     with _page(url, timeout_s, wait_for) as (tools, session):

@@ -1,5 +1,8 @@
 """Shared pytest fixtures.
 
+Every wait here is ``scaled()`` by the test time factor (``STREAMCAP_TEST_TIME_FACTOR``,
+see ``timing.py``); test modules import ``scaled`` from ``timing`` for theirs.
+
 Sections: child processes (no test module may leave one running); loopback
 ports; ffmpeg (tone files, loopback senders); PulseAudio null sink (a real
 PortAudio device without a sound card).
@@ -21,12 +24,20 @@ from typing import Any
 
 import pytest
 from processes import become_subreaper, keep_for_session, leaked_since, live_children, stop_leaked
+from timing import TIME_FACTOR, scaled
 
 # --------------------------------------------------------------------------- child processes
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     become_subreaper()
+    # pytest-timeout's per-test limit from pyproject.toml is a wait too: scale it
+    # (before pytest-timeout reads it), unless --timeout or PYTEST_TIMEOUT set one.
+    ini = config.getini("timeout") if hasattr(config.option, "timeout") else None
+    if TIME_FACTOR != 1 and ini and config.option.timeout is None \
+            and not os.environ.get("PYTEST_TIMEOUT"):
+        config.option.timeout = scaled(float(ini))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -112,7 +123,7 @@ def make_tone_file(
         "-i", f"sine=frequency={frequency_hz}:sample_rate={sample_rate_hz}:duration={duration_s}",
         "-ac", str(channels), *extra_args, str(path),
     ]  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=scaled(60), check=False)
     if done.returncode != 0:
         raise RuntimeError(f"ffmpeg could not write {path}: {done.stderr.strip()}")
     return path
@@ -176,7 +187,7 @@ class ToneSender:
         self.proc = None
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+        proc.wait(timeout=scaled(10))
 
 
 @pytest.fixture
@@ -218,7 +229,8 @@ class PulseServer:
 
 
 def _pactl_ok(env: dict[str, str]) -> bool:
-    done = subprocess.run(["pactl", "info"], env=env, capture_output=True, timeout=5, check=False)
+    done = subprocess.run(["pactl", "info"], env=env, capture_output=True, timeout=scaled(5),
+                          check=False)
     return done.returncode == 0
 
 
@@ -267,7 +279,7 @@ def pulse() -> Iterator[PulseServer]:
     keep_for_session(proc.pid)
     saved = {k: os.environ.get(k) for k in ("XDG_RUNTIME_DIR", "PULSE_SERVER")}
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + scaled(15)
         while not _pactl_ok(env):
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.flush()
@@ -275,9 +287,10 @@ def pulse() -> Iterator[PulseServer]:
                 raise RuntimeError(f"pulseaudio did not start (exit {proc.poll()}): {text}")
             time.sleep(0.1)
         subprocess.run(
-            ["pactl", "set-default-source", f"{sink}.monitor"], env=env, check=True, timeout=5
+            ["pactl", "set-default-source", f"{sink}.monitor"], env=env, check=True, timeout=scaled(5)
         )
-        subprocess.run(["pactl", "set-default-sink", sink], env=env, check=True, timeout=5)
+        subprocess.run(["pactl", "set-default-sink", sink], env=env, check=True,
+                       timeout=scaled(5))
         os.environ["XDG_RUNTIME_DIR"] = env["XDG_RUNTIME_DIR"]
         os.environ["PULSE_SERVER"] = env["PULSE_SERVER"]
         _refresh_portaudio()
@@ -297,10 +310,10 @@ def pulse() -> Iterator[PulseServer]:
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=scaled(10))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(timeout=10)
+                proc.wait(timeout=scaled(10))
         log.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
         _refresh_portaudio()

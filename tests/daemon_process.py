@@ -11,7 +11,8 @@ Use it from a test module with ``from daemon_process import DaemonProcess, ...``
     text = daemon.wait_metric("streamcap_mqtt_connected", '{sink="broker"}', lambda v: v == 1)
     assert daemon.stop() == 0                    # SIGTERM, then the exit code
 
-Waits are generous upper bounds (``WAIT_S``); they fail with the daemon's log tail.
+Waits are generous upper bounds (``WAIT_S``, scaled by ``STREAMCAP_TEST_TIME_FACTOR``);
+they fail with the daemon's log tail.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-WAIT_S = 120.0  # upper bound for anything the daemon must eventually do
+from timing import scaled
+
+WAIT_S = scaled(120.0)  # upper bound for anything the daemon must eventually do
+T = TypeVar("T")
 SYSTEMD_VARIABLES = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
                                "STATE_DIRECTORY"})
 
@@ -46,7 +50,7 @@ def streamcap_command() -> list[str]:
 def http_get(url: str) -> tuple[int, str, str]:
     """Status, content type and body of a GET (4xx/5xx included)."""
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urllib.request.urlopen(url, timeout=scaled(30)) as resp:
             return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.headers.get("Content-Type", ""), err.read().decode()
@@ -113,7 +117,7 @@ class NotifyListener:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=scaled(5))
         self.sock.close()
 
 
@@ -185,32 +189,43 @@ class DaemonProcess:
     def captions(self) -> list[dict[str, Any]]:
         return [f for f in self.frames() if f["type"] == "caption"]
 
-    def wait_captions(self, n: int, timeout_s: float = WAIT_S) -> list[dict[str, Any]]:
-        """The jsonl captions, once there are at least ``n``."""
+    def poll(self, probe: Callable[[], tuple[T, bool]], failure: Callable[[T], str], *,
+             timeout_s: float = WAIT_S, interval_s: float = 0.1) -> T:
+        """Call ``probe`` (``(value, done)``) until done, the daemon alive meanwhile; the value.
+
+        Raises:
+            AssertionError: The daemon exited, or ``timeout_s`` passed (``failure(value)``).
+        """
         deadline = time.monotonic() + timeout_s
         while True:
-            found = self.captions()
-            if len(found) >= n:
-                return found
+            value, done = probe()
+            if done:
+                return value
             self.check_alive()
             if time.monotonic() > deadline:
-                raise AssertionError(f"only {len(found)} of {n} captions within {timeout_s} s:\n"
-                                     f"{self.log_tail()}")
-            time.sleep(0.1)
+                raise AssertionError(failure(value))
+            time.sleep(interval_s)
+
+    def wait_captions(self, n: int, timeout_s: float = WAIT_S) -> list[dict[str, Any]]:
+        """The jsonl captions, once there are at least ``n``."""
+        def probe() -> tuple[list[dict[str, Any]], bool]:
+            found = self.captions()
+            return found, len(found) >= n
+
+        return self.poll(probe, lambda found: f"only {len(found)} of {n} captions within "
+                                              f"{timeout_s} s:\n{self.log_tail()}",
+                         timeout_s=timeout_s)
 
     def wait_metric(self, name: str, labels: str, ok: Callable[[float], bool]) -> str:
         """Poll /metrics until sample ``name{labels}`` satisfies ``ok``; the metrics text."""
-        deadline = time.monotonic() + WAIT_S
-        while True:
+        def probe() -> tuple[tuple[str, float | None], bool]:
             _, _, text = http_get(self.http("/metrics"))
             value = metric_samples(text, name).get(labels)
-            if value is not None and ok(value):
-                return text
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name}{labels} = {value} never satisfied the check:\n"
-                                     f"{text}")
-            time.sleep(0.2)
+            return (text, value), value is not None and ok(value)
+
+        text, _ = self.poll(probe, lambda got: f"{name}{labels} = {got[1]} never satisfied "
+                                               f"the check:\n{got[0]}", interval_s=0.2)
+        return text
 
     def stop(self) -> int:
         """SIGTERM, then the exit code (the signal is sent once)."""
@@ -221,19 +236,19 @@ class DaemonProcess:
                 self.exit_code = self.proc.wait(timeout=WAIT_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=scaled(30))
                 raise AssertionError(f"the daemon ignored SIGTERM:\n{self.log_tail()}") from None
         return self.exit_code
 
     def kill(self) -> None:
-        """Make sure the process is gone (SIGTERM, SIGKILL after 30 s)."""
+        """Make sure the process is gone (SIGTERM, SIGKILL after 30 s, scaled)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=scaled(30))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=scaled(30))
 
 
 __all__ = ["WAIT_S", "DaemonProcess", "NotifyListener", "http_get", "metric_samples",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from timing import scaled
 
 
 def _which(name: str) -> str | None:
@@ -94,7 +95,7 @@ class Mosquitto:
             pwfile.unlink(missing_ok=True)
             for i, (user, password) in enumerate(self.users.items()):
                 args = [exe, "-b"] + (["-c"] if i == 0 else []) + [str(pwfile), user, password]
-                subprocess.run(args, check=True, capture_output=True, timeout=30)
+                subprocess.run(args, check=True, capture_output=True, timeout=scaled(30))
             lines += ["allow_anonymous false", f"password_file {pwfile}"]
         else:
             lines.append("allow_anonymous true")
@@ -102,7 +103,7 @@ class Mosquitto:
         conf.write_text("\n".join(lines) + "\n")
         return conf
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, timeout_s: float = scaled(20.0)) -> None:
         """Start the broker and wait until its port accepts connections.
 
         Raises:
@@ -142,10 +143,10 @@ class Mosquitto:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=scaled(15))
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(timeout=15)
+            proc.wait(timeout=scaled(15))
 
     def close(self) -> None:
         """Stop for good."""
@@ -156,7 +157,7 @@ class Mosquitto:
         return self.proc is not None and self.proc.poll() is None
 
 
-def mosquitto_sub(broker: Mosquitto, topic: str, *, count: int = 1, wait_s: float = 10.0,
+def mosquitto_sub(broker: Mosquitto, topic: str, *, count: int = 1, wait_s: float = scaled(10.0),
                   extra: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """Run the real ``mosquitto_sub`` until ``count`` messages (or ``wait_s``) and return them.
 
@@ -168,7 +169,7 @@ def mosquitto_sub(broker: Mosquitto, topic: str, *, count: int = 1, wait_s: floa
         raise RuntimeError("mosquitto_sub is not installed")
     args = [exe, "-h", broker.host, "-p", str(broker.port), "-t", topic, "-v",
             "-C", str(count), "-W", str(max(1, int(wait_s))), *extra]
-    done = subprocess.run(args, capture_output=True, timeout=wait_s + 15, check=False)
+    done = subprocess.run(args, capture_output=True, timeout=wait_s + scaled(15), check=False)
     out: list[tuple[str, str]] = []
     for line in done.stdout.decode().splitlines():
         t, _, payload = line.partition(" ")

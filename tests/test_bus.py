@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from timing import scaled
 
 from streamcap.bus.bus import PluginBus, restart_delay, task_name
 from streamcap.bus.inbox import Inbox
@@ -19,7 +20,7 @@ from streamcap.errors import ConfigError
 from streamcap.messages import Caption, Embedding, Published, SourceState, SourceStatus
 from streamcap.stats import Metrics
 
-WAIT_S = 10.0  # generous upper bound for awaiting something that must happen
+WAIT_S = scaled(10.0)  # generous upper bound for awaiting something that must happen
 
 
 def cap(i: int, source: str = "a") -> Caption:
@@ -139,8 +140,8 @@ async def test_a_sink_that_never_reads_does_not_delay_another(tmp_path: Path) ->
     # What the cancelled sink left behind is counted, not lost silently.
     assert bus.inboxes["stuck"].dropped["caption"] == n
     text = metrics.render()
-    assert f'streamcap_sink_dropped_total{{sink="stuck",kind="caption"}} {n}' in text
-    assert 'streamcap_sink_dropped_total{sink="fast",kind="caption"} 0' in text
+    assert f'streamcap_sink_dropped_total{{kind="caption",sink="stuck"}} {n}.0' in text
+    assert 'streamcap_sink_dropped_total{kind="caption",sink="fast"} 0.0' in text
 
 
 async def test_failing_sink_is_restarted_and_gets_later_messages(tmp_path: Path) -> None:

@@ -1,13 +1,16 @@
-"""streamcap.daemon: the shutdown is bounded by stop_timeout_s, whatever a stage does.
+"""streamcap.daemon: its seams (extra sinks, the live page's config read from the sinks'
+endpoints) and a shutdown bounded by stop_timeout_s, whatever a stage does.
 
 In-process tests run :class:`Daemon` with a real file source, the real inference thread
 and fakes for what must misbehave (a source that ignores its cancellation, a model call
-that does not return); one runs :func:`serve` in a real subprocess to see it exit.
+that does not return); one runs :func:`serve` in a real subprocess to see it exit. The
+whole daemon runs in test_pipeline.py (in-process) and test_daemon_e2e.py (subprocess).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -28,13 +31,16 @@ from test_pipeline import (
     wait_until,
     write_tone,
 )
+from timing import scaled
+from websockets.asyncio.client import connect
 
-from streamcap.bus.bus import PluginBus
-from streamcap.config import parse_config
+from streamcap.bus.inbox import Inbox
+from streamcap.bus.plugin import SinkContext, SinkEndpoint
+from streamcap.config import Config, parse_config
 from streamcap.daemon import EXIT_ABANDONED, Daemon, StopBudget
 from streamcap.messages import AudioBlock, SourceStatus, Window, make_block
 from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
-from streamcap.pipeline import CaptionResult
+from streamcap.pipeline import CaptionResult, WindowCaptioner
 
 STOP_TIMEOUT_S = 2.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,10 +109,9 @@ def make_daemon(tmp_path: Path, runtime: InferenceRuntime, captioner: object,
                            "realtime": False} for name in sources},
         "http": {"enabled": False},
     })
-    daemon = Daemon(config, lambda: captioner, runtime=runtime)  # type: ignore[arg-type, return-value]
     recorder = Recorder()
-    daemon.bus = PluginBus({"rec": recorder}, node_id="stop", metrics=daemon.metrics,
-                           state_root=tmp_path)
+    daemon = Daemon(config, lambda: captioner, runtime=runtime,  # type: ignore[arg-type, return-value]
+                    extra_sinks={"rec": recorder})
     return daemon, recorder
 
 
@@ -226,3 +231,79 @@ def test_serve_exits_the_process_when_a_task_and_the_inference_thread_are_stuck(
     assert "EXIT" not in out  # serve() does not return: the process leaves at once
     assert "streamcap[source:deaf].supervisor" in out
     assert "streamcap-infer" in out
+
+
+# --------------------------------------------------------------------------- seams
+
+SEAM_WAIT_S = scaled(30.0)
+
+
+class Served:
+    """A sink that says it serves clients, as a third-party plugin might."""
+
+    accepts = frozenset({"caption"})
+
+    def __init__(self, endpoint: SinkEndpoint | None) -> None:
+        self.endpoint = endpoint
+
+    async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+        ctx.ready()
+        async for _ in inbox:
+            pass
+
+
+def no_captioner() -> WindowCaptioner:
+    raise AssertionError("these tests never load a model")
+
+
+def config(tmp_path: Path, **sinks: dict[str, object]) -> Config:
+    return parse_config({
+        "daemon": {"node_id": "n1", "state_dir": str(tmp_path)},
+        "sources": {"s": {"uri": "file:/dev/null", "window_s": 10, "hop_s": 5}},
+        "sinks": sinks,
+        "http": {"enabled": False},
+    })
+
+
+async def test_page_config_comes_from_the_sink_endpoint(tmp_path: Path,
+                                                        runtime: InferenceRuntime) -> None:
+    quiet = Served(None)  # not listening: skipped
+    other = Served(SinkEndpoint(kind="sse", host="127.0.0.1", port=9000, scheme="http",
+                                token_required=False))  # not a WebSocket feed: skipped
+    ws = Served(SinkEndpoint(kind="websocket", host="127.0.0.1", port=8123, scheme="wss",
+                             token_required=True))
+    daemon = Daemon(config(tmp_path), no_captioner, runtime=runtime,
+                    extra_sinks={"quiet": quiet, "other": other, "feed": ws})
+    assert daemon.page_config() == {"node_id": "n1", "sink": "feed",
+                                    "ws_url": "wss://127.0.0.1:8123/", "ws_port": 8123,
+                                    "ws_scheme": "wss", "token_required": True}
+    ws.endpoint = SinkEndpoint(kind="websocket", host="0.0.0.0", port=8123, scheme="ws",
+                               token_required=False)
+    wildcard = daemon.page_config()
+    assert wildcard["ws_url"] is None and wildcard["ws_port"] == 8123  # the page's own host
+    ws.endpoint = None
+    assert daemon.page_config() == {"node_id": "n1", "ws_url": None}
+
+
+async def test_page_config_points_at_the_running_websocket_sink(
+        tmp_path: Path, runtime: InferenceRuntime) -> None:
+    cfg = config(tmp_path, ws={"plugin": "websocket", "port": 0})
+    daemon = Daemon(cfg, no_captioner, runtime=runtime)
+    assert daemon.page_config()["ws_url"] is None  # not listening yet
+    async with daemon.bus:
+        await asyncio.wait_for(daemon.bus.wait_ready(), SEAM_WAIT_S)
+        page = daemon.page_config()
+        assert page["sink"] == "ws" and page["token_required"] is False
+        url = page["ws_url"]
+        assert isinstance(url, str) and url.startswith("ws://127.0.0.1:")
+        async with connect(url) as client:
+            hello = json.loads(await asyncio.wait_for(client.recv(), SEAM_WAIT_S))
+            assert hello["type"] == "hello" and hello["node_id"] == "n1"
+
+
+async def test_an_extra_sink_cannot_take_a_configured_name(tmp_path: Path,
+                                                           runtime: InferenceRuntime) -> None:
+    cfg = config(tmp_path, ws={"plugin": "websocket", "port": 0})
+    with pytest.raises(ValueError, match=r"\[sinks.ws\] is configured already"):
+        Daemon(cfg, no_captioner, runtime=runtime,
+               extra_sinks={"ws": Served(None)})

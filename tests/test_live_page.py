@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from chromium import chromium_path, dump_dom
+from timing import scaled
 from websockets.asyncio.server import ServerConnection, serve
 
 from streamcap.http import HealthReport, HttpServer
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(
     reason="chromium is not installed (apt-get install --no-install-recommends chromium)")
 
 NODE = "test-node"
-PAGE_TIMEOUT_S = 60.0
+PAGE_TIMEOUT_S = scaled(60.0)
 
 
 def caption(source_id: str, seq: int, text: str, *, window_id: str) -> dict[str, object]:
@@ -113,9 +114,9 @@ async def test_page_shows_a_caption_in_its_source_card(one_shot_site: Site) -> N
     # the token from the page URL went onto the WebSocket URL, and the page subscribed
     assert one_shot_site.feed.paths == ["/?token=s3cret"]
     subscribe = {"type": "subscribe", "sources": "*", "kinds": ["caption", "status"]}
-    for _ in range(500):  # the frame was sent before the captions arrived; let the handler see it
-        if subscribe in one_shot_site.feed.received:
-            break
+    # the frame was sent before the captions arrived; let the handler see it
+    deadline = time.monotonic() + PAGE_TIMEOUT_S
+    while subscribe not in one_shot_site.feed.received and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert subscribe in one_shot_site.feed.received
 

@@ -26,6 +26,7 @@ from mosquitto import (  # noqa: F401  (fixtures)
     mosquitto_sub,
     start_mosquitto_sub,
 )
+from timing import scaled
 
 from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext
@@ -39,7 +40,7 @@ from streamcap.stats import Metrics
 NODE = "node1"
 PREFIX = f"streamcap/{NODE}"
 REPO = Path(__file__).resolve().parents[1]
-WAIT_S = 30.0  # generous: the machine is shared; nothing below asserts a duration
+WAIT_S = scaled(30.0)  # generous: the machine is shared; nothing below asserts a duration
 
 
 # --------------------------------------------------------------------------- helpers

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import ssl
@@ -23,6 +22,7 @@ import jsonschema
 import numpy as np
 import pytest
 import structlog
+from timing import scaled
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -33,13 +33,13 @@ from websockets.uri import parse_uri
 
 from streamcap.bus import wire
 from streamcap.bus.inbox import DropPolicy, Inbox
-from streamcap.bus.plugin import SinkContext
+from streamcap.bus.plugin import SinkContext, SinkEndpoint
 from streamcap.errors import ConfigError
 from streamcap.messages import Caption, CaptionCandidate, Embedding, SourceState, SourceStatus
 from streamcap.sinks.websocket import WebSocketSink, create_sink, is_loopback
 from streamcap.stats import Metrics
 
-TIMEOUT = 20.0 * float(os.environ.get("STREAMCAP_TEST_TIME_SCALE", "1"))
+TIMEOUT = scaled(20.0)
 """Generous bound on every wait: a test fails by timing out only when something is broken."""
 
 Json = dict[str, Any]
@@ -621,6 +621,7 @@ async def test_tls_with_a_trusted_self_signed_certificate(
     r = await start_sink({"tls_cert": str(cert), "tls_key": str(key)})
     client_ctx = ssl.create_default_context(cafile=str(cert))
     url = f"wss://127.0.0.1:{r.sink.bound_port}/"
+    assert r.sink.endpoint is not None and r.sink.endpoint.scheme == "wss"
     async with connect(url, ssl=client_ctx) as ws:
         hello, _ = await greet(ws)
         assert hello["capabilities"]["tls"] is True
@@ -640,3 +641,18 @@ def test_tls_key_that_does_not_match_is_a_config_error(
     with pytest.raises(ConfigError) as info:
         create_sink("ws", {"tls_cert": str(cert), "tls_key": str(bogus)})
     assert "sinks.ws.tls_cert" in str(info.value) and str(bogus) in str(info.value)
+
+
+async def test_endpoint_says_where_clients_connect(start_sink: SinkFactory,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The public seam the daemon reads (the live page's /config.json)."""
+    assert create_sink("ws", {"port": 0}).endpoint is None  # not listening yet
+    monkeypatch.setenv("TEST_WS_TOKEN", "s3cret-token")
+    r = await start_sink({"token_env": "TEST_WS_TOKEN"})
+    assert r.sink.endpoint == SinkEndpoint(kind="websocket", host="127.0.0.1",
+                                           port=r.sink.bound_port, scheme="ws",
+                                           token_required=True)
+    async with connect(f"ws://127.0.0.1:{r.sink.endpoint.port}/?token=s3cret-token") as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"] == "hello"
+    plain = await start_sink()
+    assert plain.sink.endpoint is not None and plain.sink.endpoint.token_required is False

@@ -27,7 +27,7 @@ def test_counter_gauge_and_histogram_render_in_text_format() -> None:
     assert 'streamcap_windows_total{source="kitchen"} 3' in text
     assert "streamcap_lag_seconds 1" in text
     assert 'streamcap_inference_seconds_bucket{le="0.5"} 1' in text
-    assert 'streamcap_inference_seconds_bucket{le="1"} 2' in text
+    assert 'streamcap_inference_seconds_bucket{le="1.0"} 2' in text
     assert 'streamcap_inference_seconds_bucket{le="+Inf"} 3' in text
     assert "streamcap_inference_seconds_count 3" in text
     assert "# TYPE streamcap_windows_total counter" in text
@@ -62,3 +62,33 @@ def test_misuse_is_refused() -> None:
     with pytest.raises(ValueError, match="already registered differently"):
         m.gauge("streamcap_a_total", "a", ["source"])
     assert m.counter("streamcap_a_total", "a", ["source"]) is c
+
+
+def test_each_registry_is_its_own() -> None:
+    """Two daemons in one process: the same names in two registries do not clash."""
+    a, b = Metrics(), Metrics()
+    a.counter("streamcap_w_total", "w", ["source"]).inc(2, "x")
+    b.counter("streamcap_w_total", "w", ["source"]).inc(5, "x")
+    assert 'streamcap_w_total{source="x"} 2.0' in a.render()
+    assert 'streamcap_w_total{source="x"} 5.0' in b.render()
+
+
+def test_process_series_and_no_created_series() -> None:
+    m = Metrics()
+    m.counter("streamcap_c_total", "c")
+    m.histogram("streamcap_h_seconds", "h").observe(0.1)
+    text = m.render()
+    assert "# TYPE process_cpu_seconds_total counter" in text
+    assert "process_resident_memory_bytes " in text
+    assert "_created" not in text
+
+
+def test_counter_names_end_in_total() -> None:
+    with pytest.raises(ValueError, match="must end in _total"):
+        Metrics().counter("streamcap_windows", "no suffix")
+
+
+def test_help_text_is_escaped() -> None:
+    m = Metrics()
+    m.gauge("streamcap_q", "a back\\slash\nand a newline")
+    assert "# HELP streamcap_q a back\\\\slash\\nand a newline" in m.render()

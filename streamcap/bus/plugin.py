@@ -15,6 +15,11 @@ The same holds for a source's ``create_source``. Only the plugins named in
 the config are loaded: nothing is imported for an entry point that no
 ``[sinks.*]`` table names.
 
+A sink that clients connect to (the WebSocket sink) also has an ``endpoint``
+property (:class:`ServesClients`) saying where, as a :class:`SinkEndpoint`;
+the daemon learns about sinks through that seam only (the live page's
+``/config.json``).
+
 Two options every sink table may carry are handled by the bus:
 
 * ``accepts``: the message kinds this instance receives, a subset of what the
@@ -100,6 +105,41 @@ class Sink(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SinkEndpoint:
+    """Where clients reach a sink that serves them, e.g. a WebSocket server.
+
+    Attributes:
+        kind: What is served there (``"websocket"``).
+        host: The address it listens on, as configured (``"0.0.0.0"`` for every one).
+        port: The TCP port actually bound (also with ``port = 0``).
+        scheme: The URL scheme clients use (``"ws"`` or ``"wss"``).
+        token_required: Clients must present a bearer token.
+    """
+
+    kind: str
+    host: str
+    port: int
+    scheme: str
+    token_required: bool
+
+
+@runtime_checkable
+class ServesClients(Protocol):
+    """A sink that clients connect to; optional on top of :class:`Sink`."""
+
+    @property
+    def endpoint(self) -> SinkEndpoint | None:
+        """Where it listens; None until it does (before ``run``, or between restarts)."""
+        ...
+
+
+def sink_endpoint(sink: object) -> SinkEndpoint | None:
+    """``sink``'s :class:`SinkEndpoint`, None for a sink that serves no clients or is not
+    listening (yet)."""
+    return sink.endpoint if isinstance(sink, ServesClients) else None
+
+
 class SinkFactory(Protocol):
     """The signature of every ``streamcap.sinks`` entry point."""
 
@@ -146,6 +186,11 @@ class LoadedSink:
     async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
         """Run the plugin's sink."""
         await self.sink.run(inbox, ctx)
+
+    @property
+    def endpoint(self) -> SinkEndpoint | None:
+        """The plugin's sink's endpoint (see :class:`ServesClients`)."""
+        return sink_endpoint(self.sink)
 
     def __repr__(self) -> str:
         return (f"LoadedSink({self.instance!r}, plugin={self.plugin.name!r}, "

@@ -60,7 +60,7 @@ from websockets.typing import Origin
 
 from streamcap.bus import wire
 from streamcap.bus.inbox import Inbox
-from streamcap.bus.plugin import SinkContext
+from streamcap.bus.plugin import SinkContext, SinkEndpoint
 from streamcap.errors import ConfigError
 from streamcap.messages import Published
 from streamcap.sinks.ws_protocol import (
@@ -328,6 +328,7 @@ class WebSocketSink:
         accepts: the kinds the bus delivers to this sink (option ``accepts``).
         bound_port: the TCP port actually listened on (useful with ``port = 0``),
             set once listening; None before.
+        endpoint: the same as a :class:`~streamcap.bus.plugin.SinkEndpoint`, for the daemon.
     """
 
     def __init__(self, instance: str, options: WebSocketOptions, *,
@@ -345,6 +346,15 @@ class WebSocketSink:
         self._ctx: SinkContext | None = None
         self._clients_gauge: Gauge | None = None
         self._dropped: Counter | None = None
+
+    @property
+    def endpoint(self) -> SinkEndpoint | None:
+        """Where clients connect; None until the sink listens."""
+        if self.bound_port is None:
+            return None
+        return SinkEndpoint(kind="websocket", host=self.options.host, port=self.bound_port,
+                            scheme="wss" if self._ssl is not None else "ws",
+                            token_required=self._token is not None)
 
     # ------------------------------------------------------------------ run
 
