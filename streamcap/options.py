@@ -319,7 +319,10 @@ def _value(kind: object, spec: Option, value: object, text: bool,
             raise _Refused(f"must be some of {', '.join(spec.choices)} (got {shown(value)})")
         if spec.non_empty and not items:
             raise _Refused(f"must not be empty (got {shown(value)})")
-        return origin(items) if origin is not list else items
+        collected = origin(items)
+        if spec.check is not None and (message := spec.check(collected)) is not None:
+            raise _Refused(f"{message} (got {shown(value)})")
+        return collected
     got = _scalar(kind, value, text)
     parsed = isinstance(value, str) and not isinstance(got, str | Path)
     show = shown(value if parsed else got)
