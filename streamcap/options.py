@@ -324,13 +324,12 @@ def _value(kind: object, spec: Option, value: object, text: bool,
             raise _Refused(f"{message} (got {shown(value)})")
         return collected
     got = _scalar(kind, value, text)
-    parsed = isinstance(value, str) and not isinstance(got, str | Path)
-    show = shown(value if parsed else got)
+    show = shown(value if isinstance(value, str) else got)
     if spec.null is not None and got == spec.null:
         return None
     if spec.choices is not None and got not in spec.choices:
         raise _Refused(f"must be one of {', '.join(spec.choices)} (got {show})")
-    if spec.non_empty and isinstance(got, str | Path) and not str(got).strip():
+    if spec.non_empty and isinstance(value, str) and not value.strip():
         raise _Refused(f"must not be empty (got {show})")
     if isinstance(got, int | float) and not isinstance(got, bool) and not _in_range(spec, got):
         raise _Refused(f"must be {range_rule(spec)} (got {show})")
