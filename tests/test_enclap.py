@@ -11,7 +11,6 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from streamcap.errors import ModelError
 from streamcap.models.enclap.model import (
-    IGNORE_INDEX,
     EnclapConfig,
     EnclapModel,
     count_parameters,
@@ -22,6 +21,7 @@ from streamcap.models.enclap.model import (
     streamcap_key,
     tile_positions,
 )
+from streamcap.models.enclap.model import IGNORE_INDEX
 from streamcap.training.trainers.masking import mask_codes
 
 torch.set_num_threads(2)
