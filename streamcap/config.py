@@ -230,7 +230,7 @@ def _read_source(name: str, table: Mapping[str, Any], where: str,
     capture_cls = SOURCE_OPTIONS.get(kind or "", None)
     capture_keys = (known_keys(capture_cls) if capture_cls is not None
                     else frozenset().union(*map(known_keys, SOURCE_OPTIONS.values())))
-    got = read(SourceConfig, table, where, also=capture_keys, fixed={"name": name})
+    got = read(SourceConfig, table, where, also=capture_keys, fixed_values={"name": name})
     problems.extend(got.problems)
     config = got.value
     if isinstance(uri, str) and "uri" not in got.refused:

@@ -39,7 +39,18 @@ import types
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Final, Generic, Literal, Protocol, TypeVar, Union, get_args, get_origin
+from typing import (
+    Any,
+    Final,
+    Generic,
+    Literal,
+    Protocol,
+    TypeVar,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from streamcap.errors import ConfigError
 
@@ -300,7 +311,7 @@ def _value(kind: object, spec: Option, value: object, text: bool,
         sub = read(kind, value, where, text=text)
         problems.extend(sub.problems)
         return sub.value
-    if kind in (Mapping[str, object], Mapping[str, Any]) or origin is Mapping:
+    if origin is Mapping:
         if not isinstance(value, Mapping):
             raise _Refused(f"expected a table (got {type_name(type(value))})")
         return value
@@ -354,14 +365,8 @@ def known_keys(cls: type) -> frozenset[str]:
     return frozenset(name for name, (_, spec) in _specs(cls).items() if spec.read)
 
 
-def _types(cls: type) -> dict[str, Any]:
-    import typing
-
-    return typing.get_type_hints(cls)
-
-
 def read(cls: type[T], values: Mapping[str, object], where: str = "", *, text: bool = False,
-         also: Collection[str] = (), fixed: Mapping[str, object] | None = None,
+         also: Collection[str] = (), fixed_values: Mapping[str, object] | None = None,
          label: Callable[[str], str] | None = None) -> Read[T]:
     """Read ``values`` into the options dataclass ``cls``, collecting every problem.
 
@@ -375,7 +380,7 @@ def read(cls: type[T], values: Mapping[str, object], where: str = "", *, text: b
             ``"0.5"``, ``"true"``/``"false"``, ``"1"``/``"0"``, ``"yes"``/``"no"``).
         also: Keys that belong to the same table but are read elsewhere:
             neither read nor unknown.
-        fixed: Values for the fields declared with :func:`fixed`.
+        fixed_values: Values for the fields declared with :func:`fixed`.
         label: How a message names a key, instead of the dotted key.
 
     Returns:
@@ -387,10 +392,10 @@ def read(cls: type[T], values: Mapping[str, object], where: str = "", *, text: b
         return f"{where}.{name}" if where else name
 
     specs = _specs(cls)
-    hints = _types(cls)
+    hints = get_type_hints(cls)
     problems: list[str] = []
     refused: set[str] = set()
-    kwargs: dict[str, object] = dict(fixed or {})
+    kwargs: dict[str, object] = dict(fixed_values or {})
     given = frozenset(values)
     secret_keys = {name.removesuffix("_env"): name for name, (_, spec) in specs.items()
                    if spec.secret is not None and name.endswith("_env")}
@@ -429,10 +434,11 @@ def read(cls: type[T], values: Mapping[str, object], where: str = "", *, text: b
 
 def read_options(cls: type[T], values: Mapping[str, object], where: str = "", *,
                  text: bool = False, also: Collection[str] = (),
-                 fixed: Mapping[str, object] | None = None,
+                 fixed_values: Mapping[str, object] | None = None,
                  label: Callable[[str], str] | None = None) -> T:
     """:func:`read`, raising ConfigError with every problem instead of returning them."""
-    return read(cls, values, where, text=text, also=also, fixed=fixed, label=label).result()
+    return read(cls, values, where, text=text, also=also, fixed_values=fixed_values,
+                label=label).result()
 
 
 def secret(name: str | None) -> str | None:

@@ -57,7 +57,7 @@ def problems(values: Mapping[str, Any], **kwargs: Any) -> list[str]:
 
 
 def test_defaults_and_given_values() -> None:
-    assert read_options(Opts, {}, fixed={"name": "n"}) == Opts(name="n")
+    assert read_options(Opts, {}, fixed_values={"name": "n"}) == Opts(name="n")
     got = read_options(Opts, {"title": "x", "count": 10, "ratio": 1, "rate_hz": 16000,
                               "on": False, "mode": "b", "colour": "green",
                               "kinds": ["x", "y"], "tags": ["a", "b"], "path": "/tmp/a",
