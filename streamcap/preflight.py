@@ -18,23 +18,16 @@ is a :class:`~streamcap.errors.PluginError` (exit 1) carrying every line.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from streamcap.bus.plugin import LoadedSink, load_sink, load_source_factory
 from streamcap.config import Config, SourceConfig, located, read_config, read_toml
 from streamcap.errors import ConfigError, PluginError
 from streamcap.sources.base import AudioSource, SourceFactory, parse_source_uri
-
-# Options each built-in source kind takes from a [sources.<name>] table; 0 means "automatic".
-_SOURCE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
-    "mic": ("sample_rate_hz", "channels", "block_s"),
-    "file": ("sample_rate_hz", "block_s", "realtime", "loop"),
-    "stream": ("sample_rate_hz", "block_s"),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,21 +44,16 @@ class Prepared:
     sinks: Mapping[str, LoadedSink]
 
 
-def source_options(source: SourceConfig, kind: str) -> dict[str, object]:
-    """The factory options the source table sets (defaults are the source's own).
+def source_options(source: SourceConfig) -> dict[str, object]:
+    """The capture options the source table sets, for its factory.
 
-    Keys left out of the table are not passed, so options in the URI
-    (``file:clip.wav?loop=true``) apply unless the table overrides them.
+    The table was read with the options type of the URI's kind
+    (``source.capture``), so these are exactly that kind's keys. Keys left
+    out of the table, and 0 (automatic), are not passed, so options in the
+    URI (``file:clip.wav?loop=true``) apply unless the table overrides them.
     """
-    out: dict[str, object] = {}
-    for key in _SOURCE_KEYS.get(kind, ("sample_rate_hz", "block_s")):
-        value = getattr(source, key)
-        if key not in source.explicit:
-            continue
-        if isinstance(value, int) and not isinstance(value, bool) and value == 0:
-            continue
-        out[key] = value
-    return out
+    return {f.name: value for f in dataclasses.fields(source.capture)
+            if f.name in source.explicit and (value := getattr(source.capture, f.name)) is not None}
 
 
 def prepare(config: Config) -> Prepared:
@@ -140,7 +128,7 @@ def _source(name: str, src: SourceConfig) -> Callable[[], AudioSource]:
     except ConfigError as exc:
         raise ConfigError([f"{key}: {line}" for line in exc.problems]) from None
     factory = load_source_factory(kind, config_key=key)
-    options = source_options(src, kind)
+    options = source_options(src)
     try:
         factory(name, src.uri, options)
     except (ConfigError, PluginError):

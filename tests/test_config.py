@@ -21,9 +21,17 @@ from streamcap.config import (
     default_config,
     load_config,
     parse_config,
-    secret_from_env,
 )
 from streamcap.errors import ConfigError
+from streamcap.options import known_keys
+from streamcap.sources.base import (
+    SOURCE_OPTIONS,
+    FileOptions,
+    MicOptions,
+    SourceOptions,
+    StreamOptions,
+    parse_source_uri,
+)
 
 SHIPPED = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -55,16 +63,38 @@ def test_empty_document_gives_the_dataclass_defaults() -> None:
 
 def test_a_full_source_is_read_with_its_values() -> None:
     config = parse_config(source(window_s=30, hop_s=0.5, sample_rate_hz=44100, channels=2,
-                                 realtime=False, loop=True, max_retries=3))
+                                 block_s=0.2, max_retries=3))
     src = config.sources["kitchen"]
     assert src.name == "kitchen"
     assert src.uri == "mic:default"
     assert (src.window_s, src.hop_s) == (30.0, 0.5)
     assert isinstance(src.window_s, float)  # a TOML integer is accepted for a number
-    assert (src.sample_rate_hz, src.channels, src.realtime, src.loop, src.max_retries) == (
-        44100, 2, False, True, 3)
+    assert src.max_retries == 3
+    assert src.capture == MicOptions(sample_rate_hz=44100, channels=2, block_s=0.2)
     assert src.explicit == frozenset({"uri", "window_s", "hop_s", "sample_rate_hz", "channels",
-                                      "realtime", "loop", "max_retries"})
+                                      "block_s", "max_retries"})
+
+
+@pytest.mark.parametrize(("uri", "table", "capture"), [
+    ("mic:default", {"channels": 0, "sample_rate_hz": 0}, MicOptions()),
+    ("file:/x.wav", {"realtime": False, "loop": True, "ffmpeg": "/opt/ffmpeg"},
+     FileOptions(realtime=False, loop=True, ffmpeg="/opt/ffmpeg")),
+    ("rtsp://cam/live", {"probe_s": 5, "ffmpeg": "/opt/ffmpeg", "block_s": 0.5},
+     StreamOptions(probe_s=5.0, ffmpeg="/opt/ffmpeg", block_s=0.5)),
+])
+def test_a_source_table_takes_the_options_its_kind_declares(
+        uri: str, table: dict[str, Any], capture: SourceOptions) -> None:
+    assert parse_config(source(uri=uri, **table)).sources["kitchen"].capture == capture
+
+
+@pytest.mark.parametrize(("uri", "key"), [
+    ("mic:default", "loop"), ("mic:default", "ffmpeg"), ("file:/x.wav", "channels"),
+    ("file:/x.wav", "probe_s"), ("rtsp://cam/live", "realtime"), ("rtsp://cam/live", "channels"),
+])
+def test_a_source_table_refuses_the_options_of_other_kinds(uri: str, key: str) -> None:
+    [problem] = problems_of(source(uri=uri, **{key: 1}))
+    known = sorted(known_keys(SourceConfig) | known_keys(SOURCE_OPTIONS[parse_source_uri(uri)[0]]))
+    assert problem == f"sources.kitchen.{key}: unknown key (known keys: {', '.join(known)})"
 
 
 def test_window_limits_and_hop_equal_to_window_are_valid() -> None:
@@ -130,7 +160,8 @@ def test_window_and_hop_must_be_whole_milliseconds(key: str, value: float) -> No
      "sources.kitchen.sample_rate_hz: expected an integer (got a boolean true)"),
     (source(sample_rate_hz=44100.0),
      "sources.kitchen.sample_rate_hz: expected an integer (got a number 44100.0)"),
-    (source(loop=1), "sources.kitchen.loop: expected true or false (got an integer 1)"),
+    (source(uri="file:/x.wav", loop=1),
+     "sources.kitchen.loop: expected true or false (got an integer 1)"),
     (source(hop_s={"a": 1}), "sources.kitchen.hop_s: expected a number (got a table {'a': 1})"),
     (source(uri=["mic:default"]),
      "sources.kitchen.uri: expected a string (got an array ['mic:default'])"),
@@ -191,7 +222,8 @@ def test_wrong_types_name_the_key_the_expected_and_the_given_type(
     (source(sample_rate_hz=4000),
      ("sources.kitchen.sample_rate_hz: must be 0 (automatic) or between 8000 and 192000 "
      "(got 4000)")),
-    (source(channels=65), "sources.kitchen.channels: must be between 0 and 64 (got 65)"),
+    (source(channels=65),
+     "sources.kitchen.channels: must be 0 (automatic) or between 1 and 64 (got 65)"),
     (source(block_s=3), "sources.kitchen.block_s: must be between 0.005 and 2 (got 3.0)"),
     (source(stall_s=0), "sources.kitchen.stall_s: must be > 0 and <= 3600 (got 0.0)"),
     (source(max_retries=-1), "sources.kitchen.max_retries: must be between 0 and 1000000 (got -1)"),
@@ -256,14 +288,19 @@ def test_durations_and_counts_have_upper_bounds(doc: dict[str, Any], expected: s
     ("mic:", "source uri 'mic:' names no device"),
     ("rtsp://", "source uri 'rtsp://' is not a URL"),
     ("ftp://h/x", "source uri 'ftp://h/x' has unknown scheme 'ftp'"),
-    ("file:/x.wav?loop=maybe", "source option 'loop': expected true or false, got 'maybe'"),
-    ("file:/x.wav?unknown=1", "unknown option 'unknown' for a file source"),
-    ("file:/x.wav?block_s=nan", "source option 'block_s': expected a number from 0.005 to 2"),
-    ("file:/x.wav?block_s=0.004", "source option 'block_s': expected a number from 0.005 to 2"),
-    ("file:/x.wav?sample_rate_hz=-5",
-     "source option 'sample_rate_hz': expected an integer from 8000 to 192000, got '-5'"),
-    ("file:/x.wav?sample_rate_hz=4000",
-     "source option 'sample_rate_hz': expected an integer from 8000 to 192000, got '4000'"),
+    ("file:/x.wav?loop=maybe",
+     "source option 'loop': expected true or false (got a string 'maybe')"),
+    ("file:/x.wav?unknown=1", ("source option 'unknown': unknown key (known keys: block_s, "
+                               "ffmpeg, loop, realtime, sample_rate_hz)")),
+    ("file:/x.wav?block_s=nan", "source option 'block_s': must be a finite number (got 'nan')"),
+    ("file:/x.wav?block_s=0.004",
+     "source option 'block_s': must be between 0.005 and 2 (got '0.004')"),
+    ("file:/x.wav?sample_rate_hz=-5", ("source option 'sample_rate_hz': must be 0 (automatic) "
+                                       "or between 8000 and 192000 (got '-5')")),
+    ("file:/x.wav?sample_rate_hz=4000", ("source option 'sample_rate_hz': must be 0 "
+                                         "(automatic) or between 8000 and 192000 (got '4000')")),
+    ("file:/x.wav?sample_rate_hz=1e9",
+     "source option 'sample_rate_hz': expected an integer (got a string '1e9')"),
 ])
 def test_source_uris_and_their_options_are_checked(uri: str, fragment: str) -> None:
     [problem] = problems_of(source(uri=uri))
@@ -272,10 +309,11 @@ def test_source_uris_and_their_options_are_checked(uri: str, fragment: str) -> N
 
 def test_uri_options_obey_the_ranges_of_the_table_keys() -> None:
     # The same value is refused in the table and in the URI, and the limits are accepted in both.
-    for key, bad, good in (("block_s", 3, 2), ("sample_rate_hz", 4000, 8000)):
-        assert problems_of(source(**{key: bad}))
+    for key, bad, good in (("block_s", 3, 2), ("sample_rate_hz", 4000, 8000),
+                           ("sample_rate_hz", 192001, 0), ("block_s", "nan", 0.005)):
+        assert problems_of(source(uri="file:/x.wav", **{key: bad}))
         assert problems_of(source(uri=f"file:/x.wav?{key}={bad}"))
-        parse_config(source(**{key: good}))
+        parse_config(source(uri="file:/x.wav", **{key: good}))
         parse_config(source(uri=f"file:/x.wav?{key}={good}"))
 
 
@@ -349,24 +387,6 @@ def test_secrets_in_sink_tables_are_refused_with_a_pointer_to_env(key: str) -> N
 def test_env_keys_must_name_a_variable(value: object) -> None:
     assert problems_of({"sinks": {"broker": {"plugin": "mqtt", "password_env": value}}}) == [
         "sinks.broker.password_env: expected the name of an environment variable"]
-
-
-def test_secret_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    options = {"password_env": "STREAMCAP_TEST_SECRET"}
-    monkeypatch.setenv("STREAMCAP_TEST_SECRET", "s3cret")
-    assert secret_from_env(options, "password", "sinks.broker") == "s3cret"
-    assert secret_from_env(options, "token", "sinks.broker") is None  # token_env not set
-    assert secret_from_env({}, "password", "sinks.broker") is None
-    monkeypatch.setenv("STREAMCAP_TEST_SECRET", "")
-    with pytest.raises(ConfigError) as info:
-        secret_from_env(options, "password", "sinks.broker")
-    assert info.value.problems == [
-        ("sinks.broker.password_env: environment variable STREAMCAP_TEST_SECRET is not set or "
-        "empty")]
-    monkeypatch.delenv("STREAMCAP_TEST_SECRET")
-    with pytest.raises(ConfigError, match=r"sinks\.broker\.password_env: environment variable "
-                                          r"STREAMCAP_TEST_SECRET is not set"):
-        secret_from_env(options, "password", "sinks.broker")
 
 
 # --------------------------------------------------------------------------- all at once
@@ -486,8 +506,8 @@ def test_shipped_config_is_valid_and_equals_the_defaults() -> None:
     assert config.model == ModelConfig()
     assert config.http == HttpConfig()
     src = config.sources["default"]
-    assert dataclasses.replace(src, explicit=frozenset()) == SourceConfig(name="default",
-                                                                          uri="mic:default")
+    assert dataclasses.replace(src, explicit=frozenset()) == SourceConfig(
+        name="default", uri="mic:default", capture=MicOptions())
 
 
 def _documented_keys(text: str) -> dict[str, set[str]]:
@@ -526,7 +546,9 @@ def test_shipped_config_documents_every_dataclass_field() -> None:
     assert documented["daemon"] == _fields(DaemonConfig)
     assert documented["model"] == _fields(ModelConfig) - {"decoding"}
     assert documented["model.decoding"] == _fields(DecodingConfig) - {"explicit"}
-    assert documented["sources.default"] == _fields(SourceConfig) - {"name", "explicit"}
+    capture = set().union(*(_fields(cls) for cls in SOURCE_OPTIONS.values()))
+    assert documented["sources.default"] == (
+        _fields(SourceConfig) - {"name", "explicit", "capture"} | capture)
     assert documented["http"] == _fields(HttpConfig)
     assert "plugin" in documented["sinks.ws"]
     # Only the keys without a fixed default are left commented out.

@@ -83,12 +83,14 @@ def test_load_sink_finds_and_checks_the_plugin(jsonl_installed: None, tmp_path: 
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({}, ["sinks.archive.path: required; expected the file to append to"]),
-        ({"path": ""}, ["sinks.archive.path: expected a non-empty string, got ''"]),
-        ({"path": 3}, ["sinks.archive.path: expected a non-empty string, got 3"]),
+        ({}, [("sinks.archive.path: missing: the file to append to; a relative path lives in "
+               "the sink's state directory")]),
+        ({"path": ""}, ["sinks.archive.path: must not be empty (got '')"]),
+        ({"path": " "}, ["sinks.archive.path: must not be empty (got ' ')"]),
+        ({"path": 3}, ["sinks.archive.path: expected a string (got an integer 3)"]),
         ({"path": "a", "fsync": True, "colour": "red"},
-         [f"sinks.archive.{key}: unknown option (the jsonl sink takes: path, plus accepts "
-          "and queue_size)" for key in ("colour", "fsync")]),
+         [f"sinks.archive.{key}: unknown key (known keys: accepts, path, queue_size)"
+          for key in ("fsync", "colour")]),
     ],
 )
 def test_bad_options_name_the_config_key(jsonl_installed: None, options: dict[str, object],

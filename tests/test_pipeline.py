@@ -479,10 +479,9 @@ async def test_daemon_captions_every_source_when_inference_falls_behind(
         "sources": sources,
         "http": {"enabled": False},
     })
-    daemon = Daemon(config, lambda: SleepyCaptioner(0.5), runtime=runtime)
     recorder = Recorder()
-    daemon.bus = PluginBus({"rec": recorder}, node_id="fair", metrics=daemon.metrics,
-                           state_root=tmp_path)
+    daemon = Daemon(config, lambda: SleepyCaptioner(0.5), runtime=runtime,
+                    extra_sinks={"rec": recorder})
     run = asyncio.create_task(daemon.run())
 
     def per_source() -> dict[str, int]:

@@ -11,6 +11,7 @@ from streamcap.config import load_config, parse_config
 from streamcap.errors import ConfigError, PluginError
 from streamcap.preflight import Prepared, check_config_file, prepare, source_options
 from streamcap.sources.base import AudioSource
+from streamcap.sources.stream import FfmpegStreamSource, input_args
 
 SOURCE = '[sources.kitchen]\nuri = "mic:default"\n'
 
@@ -136,8 +137,23 @@ def test_a_config_built_in_code_gets_the_uri_checked_too() -> None:
 
 def test_source_options_pass_only_what_the_table_sets() -> None:
     config = parse_config({"sources": {
-        "a": {"uri": "file:/x.wav?loop=true", "block_s": 0.2, "channels": 2},
+        "a": {"uri": "file:/x.wav?loop=true", "block_s": 0.2, "sample_rate_hz": 0},
         "b": {"uri": "mic:default", "sample_rate_hz": 0, "channels": 2}}})
-    assert source_options(config.sources["a"], "file") == {"block_s": 0.2}
-    assert source_options(config.sources["b"], "mic") == {"channels": 2}
+    assert source_options(config.sources["a"]) == {"block_s": 0.2}
+    assert source_options(config.sources["b"]) == {"channels": 2}
+
+
+def test_source_options_pass_the_keys_of_every_kind() -> None:
+    # ffmpeg and probe_s are read from the table and reach the source, like the rest.
+    config = parse_config({"sources": {
+        "a": {"uri": "file:/x.wav", "ffmpeg": "/opt/ffmpeg/bin/ffmpeg", "realtime": False},
+        "b": {"uri": "rtsp://cam/live", "probe_s": 5, "ffmpeg": "/opt/ffmpeg/bin/ffmpeg"}}})
+    assert source_options(config.sources["a"]) == {"ffmpeg": "/opt/ffmpeg/bin/ffmpeg",
+                                                   "realtime": False}
+    assert source_options(config.sources["b"]) == {"probe_s": 5.0,
+                                                   "ffmpeg": "/opt/ffmpeg/bin/ffmpeg"}
+    prepared = prepare(config)
+    cam = prepared.sources["b"]()
+    assert isinstance(cam, FfmpegStreamSource)
+    assert "5000000" in input_args(cam.url, cam._options)  # -analyzeduration in microseconds
 

@@ -201,7 +201,8 @@ def test_options_validation_names_every_problem(monkeypatch: pytest.MonkeyPatch)
                            "prefix": "a/#", "password_env": "NO_SUCH_MQTT_PW",
                            "username": "u", "ca_file": "/nonexistent"})
     text = str(err.value)
-    for needle in ("sinks.ha.porte: unknown option", "sinks.ha.password: secrets",
+    for needle in ("sinks.ha.porte: unknown key (known keys: accepts, birth_delay_s, ",
+                   "sinks.ha.password: secrets are not read from the config file",
                    "sinks.ha.qos_caption", "sinks.ha.prefix", "NO_SUCH_MQTT_PW is not set",
                    "sinks.ha.ca_file: only used with tls = true"):
         assert needle in text

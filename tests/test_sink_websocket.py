@@ -560,12 +560,18 @@ def test_loopback_detection() -> None:
 @pytest.mark.parametrize(
     ("options", "key", "fragment"),
     [
-        ({"port": 70000}, "sinks.ws.port", "0 to 65535"),
+        ({"port": 70000}, "sinks.ws.port", "must be between 0 and 65535 (got 70000)"),
         ({"port": "8765"}, "sinks.ws.port", "integer"),
-        ({"backfill": -1}, "sinks.ws.backfill", "integer"),
-        ({"max_queue": 0}, "sinks.ws.max_queue", "integer"),
+        ({"backfill": -1}, "sinks.ws.backfill", "must be between 0 and 10000 (got -1)"),
+        ({"backfill": 2.5}, "sinks.ws.backfill", "expected an integer (got a number 2.5)"),
+        ({"max_queue": 0}, "sinks.ws.max_queue", "must be between 1 and 1000000"),
+        ({"ping_timeout_s": float("nan")}, "sinks.ws.ping_timeout_s", "finite"),
+        ({"host": ""}, "sinks.ws.host", "must not be empty"),
         ({"backfill_scope": "node"}, "sinks.ws.backfill_scope", "source, global"),
-        ({"accepts": ["caption", "smell"]}, "sinks.ws.accepts", "subset"),
+        ({"accepts": ["caption", "smell"]}, "sinks.ws.accepts",
+         "must be some of caption, embedding, status"),
+        ({"allowed_origins": ["https://a", ""]}, "sinks.ws.allowed_origins",
+         "non-empty strings"),
         ({"allowed_origins": "https://a"}, "sinks.ws.allowed_origins", "array"),
         ({"ping_interval_s": 0}, "sinks.ws.ping_interval_s", "> 0"),
         ({"token_env": "STREAMCAP_TEST_UNSET_VAR"}, "sinks.ws.token_env",
@@ -573,7 +579,8 @@ def test_loopback_detection() -> None:
         ({"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"},
          "sinks.ws.tls_cert", "/nonexistent/cert.pem"),
         ({"tls_cert": "/nonexistent/cert.pem"}, "sinks.ws.tls_key", "needed"),
-        ({"prot": 1}, "sinks.ws.prot", "unknown key"),
+        ({"prot": 1}, "sinks.ws.prot", "unknown key (known keys: accepts, allowed_origins, "),
+        ({"token": "s3cret"}, "sinks.ws.token", "name it with 'token_env'"),
     ],
 )
 def test_bad_options_name_the_key(options: dict[str, object], key: str, fragment: str) -> None:

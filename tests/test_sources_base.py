@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 from streamcap.errors import ConfigError
+from streamcap.options import known_keys
 from streamcap.sources import file as file_mod
 from streamcap.sources import microphone, stream
 from streamcap.sources.base import (
+    SOURCE_OPTIONS,
     AudioSource,
+    FileOptions,
+    MicOptions,
     SampleCheck,
-    SourceOptions,
+    StreamOptions,
     parse_source_options,
     parse_source_uri,
     redact_url,
@@ -96,7 +100,8 @@ def test_redact_url_hides_password_with_at_sign() -> None:
 
 
 def test_options_defaults_and_coercion() -> None:
-    assert parse_source_options("file", {}) == SourceOptions()
+    assert parse_source_options("file", {}) == FileOptions()
+    assert parse_source_options("stream", {}) == StreamOptions()
     opts = parse_source_options(
         "file", {"block_s": 0.25}, {"loop": "true", "realtime": "0", "sample_rate_hz": "16000"}
     )
@@ -142,7 +147,6 @@ def test_bad_options_name_the_key(kind: str, options: dict[str, object], fragmen
         ("file", "sample_rate_hz", "192001"),
         ("file", "sample_rate_hz", 10**12),
         ("mic", "channels", 65),
-        ("mic", "channels", 0),
         ("stream", "probe_s", 0),
         ("stream", "probe_s", 61),
     ],
@@ -154,7 +158,22 @@ def test_values_obey_the_config_table_ranges_wherever_they_come_from(
         with pytest.raises(ConfigError) as err:
             parse_source_options(kind, options, params)
         [problem] = err.value.problems
-        assert problem.startswith(f"source option {key!r}: expected "), problem
+        assert problem.startswith(f"source option {key!r}: must be "), problem
+
+
+def test_zero_means_automatic_wherever_it_comes_from() -> None:
+    assert parse_source_options("mic", {"channels": 0, "sample_rate_hz": 0}) == MicOptions()
+    assert parse_source_options("mic", {}, {"channels": "0", "sample_rate_hz": "0"}) == MicOptions()
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("mic", MicOptions), ("file", FileOptions),
+                                           ("stream", StreamOptions)])
+def test_each_kind_takes_the_keys_its_options_type_declares(kind: str, cls: type) -> None:
+    assert SOURCE_OPTIONS[kind] is cls
+    with pytest.raises(ConfigError) as err:
+        parse_source_options(kind, {"bogus": 1})
+    assert err.value.problems == [
+        f"source option 'bogus': unknown key (known keys: {', '.join(sorted(known_keys(cls)))})"]
 
 
 def test_range_limits_are_accepted() -> None:

@@ -8,7 +8,9 @@ third-party plugins::
 
 A sink entry point is a factory ``create_sink(instance, options) -> Sink``
 that validates its own options (raising :class:`~streamcap.errors.ConfigError`
-naming ``sinks.<instance>.<key>``). It must not start anything (no sockets,
+naming ``sinks.<instance>.<key>``): it declares them as an options dataclass
+(:mod:`streamcap.options`) and reads them with :func:`read_sink_options`, so
+that every sink reports problems in the same words. It must not start anything (no sockets,
 threads or tasks: that is ``run``'s business), because ``streamcap
 check-config`` calls it too, to validate a config, and then drops the sink.
 The same holds for a source's ``create_source``. Only the plugins named in
@@ -38,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
 
@@ -46,6 +48,7 @@ from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.wire import KINDS
 from streamcap.errors import ConfigError, PluginError
 from streamcap.messages import new_run_id
+from streamcap.options import Read, option, read
 from streamcap.stats import Metrics
 
 if TYPE_CHECKING:
@@ -58,6 +61,8 @@ BUS_OPTIONS: Final = frozenset({"accepts", "queue_size"})
 BUS_ONLY_OPTIONS: Final = frozenset({"queue_size"})
 """Sink options the plugin's factory never sees."""
 MAX_QUEUE_SIZE: Final = 100_000
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,19 +257,26 @@ def _load(ep: metadata.EntryPoint, key: str, what: str) -> object:
 # --------------------------------------------------------------------------- bus options
 
 
-def _read_accepts(instance: str, value: object) -> frozenset[str]:
-    key = f"sinks.{instance}.accepts"
-    kinds = ", ".join(sorted(KINDS))
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key}: expected a list of message kinds from {kinds}, "
-                          f"got {value!r}")
-    unknown = sorted(set(value) - KINDS)
-    if unknown:
-        raise ConfigError(f"{key}: unknown message kind(s) {', '.join(unknown)}; "
-                          f"expected some of {kinds}")
-    if not value:
-        raise ConfigError(f"{key}: must name at least one message kind ({kinds})")
-    return frozenset(value)
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BusOptions:
+    """The options every sink table may carry, handled by the bus."""
+
+    accepts: frozenset[str] | None = option(
+        None, choices=sorted(KINDS), non_empty=True,
+        help="the message kinds this instance receives (default: all the sink supports)")
+    queue_size: int = option(DEFAULT_MAX_PENDING, min=1, max=MAX_QUEUE_SIZE,
+                             help="its inbox's max_pending, in messages")
+
+
+def read_sink_options(cls: type[T], instance: str, options: Mapping[str, object]) -> Read[T]:
+    """Read a sink's options into its options dataclass ``cls``: for every sink factory.
+
+    Messages name ``sinks.<instance>.<key>``; the bus's own keys (``accepts``,
+    ``queue_size``) are known without ``cls`` declaring them. ``.result()``
+    gives the options or raises ConfigError with every problem; the README's
+    "Writing a plugin" shows a whole factory.
+    """
+    return read(cls, options, f"sinks.{instance}", also=BUS_OPTIONS)
 
 
 def _check_supported(instance: str, accepts: frozenset[str], supported: frozenset[str],
@@ -273,13 +285,6 @@ def _check_supported(instance: str, accepts: frozenset[str], supported: frozense
     if unsupported:
         raise ConfigError(f"sinks.{instance}.accepts: plugin {plugin!r} cannot take "
                           f"{', '.join(unsupported)} (it supports {', '.join(sorted(supported))})")
-
-
-def _read_queue_size(instance: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_QUEUE_SIZE:
-        raise ConfigError(f"sinks.{instance}.queue_size: expected an integer from 1 to "
-                          f"{MAX_QUEUE_SIZE} (messages), got {value!r}")
-    return value
 
 
 def _check_sink(obj: object, instance: str, info: PluginInfo) -> Sink:
@@ -323,21 +328,12 @@ def load_sink(instance: str, plugin_name: str, options: Mapping[str, object]) ->
     """
     key = f"sinks.{instance}.plugin"
     # Every problem at once: the bus's own options, then the plugin's.
-    problems: list[str] = []
-    configured: frozenset[str] | None = None
-    queue_size = DEFAULT_MAX_PENDING
-    plugin_options = {k: v for k, v in options.items() if k not in BUS_ONLY_OPTIONS}
-    try:
-        if "accepts" in options:
-            configured = _read_accepts(instance, options["accepts"])
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-        del plugin_options["accepts"]  # reported once, not again by the plugin
-    try:
-        if "queue_size" in options:
-            queue_size = _read_queue_size(instance, options["queue_size"])
-    except ConfigError as exc:
-        problems.extend(exc.problems)
+    bus = read(BusOptions, {k: v for k, v in options.items() if k in BUS_OPTIONS},
+               f"sinks.{instance}")
+    problems = list(bus.problems)
+    configured, queue_size = bus.value.accepts, bus.value.queue_size
+    plugin_options = {k: v for k, v in options.items()
+                      if k not in BUS_ONLY_OPTIONS and k not in bus.refused}
     try:
         ep = _find(SINKS_GROUP, plugin_name, key, "sink")
     except ConfigError as exc:

@@ -42,14 +42,13 @@ import contextlib
 import hmac
 import ipaddress
 import itertools
-import os
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Final, get_args
+from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -60,9 +59,10 @@ from websockets.typing import Origin
 
 from streamcap.bus import wire
 from streamcap.bus.inbox import Inbox
-from streamcap.bus.plugin import SinkContext, SinkEndpoint
+from streamcap.bus.plugin import SinkContext, SinkEndpoint, read_sink_options
 from streamcap.errors import ConfigError
 from streamcap.messages import Published
+from streamcap.options import option, secret
 from streamcap.sinks.ws_protocol import (
     CONTROL,
     KINDS,
@@ -105,6 +105,13 @@ while it sends on and a client that keeps up never waits for one."""
 # --------------------------------------------------------------------------- options
 
 
+MAX_BACKFILL: Final = 10_000
+
+
+def _non_empty_strings(values: tuple[str, ...]) -> str | None:
+    return None if all(v.strip() for v in values) else "expected an array of non-empty strings"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WebSocketOptions:
     """The ``[sinks.<instance>]`` table of a ``websocket`` sink, validated.
@@ -113,23 +120,39 @@ class WebSocketOptions:
     token itself never appears in the config file or in this object.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 8765  # 0: an ephemeral port, logged and exposed as WebSocketSink.bound_port
-    backfill: int = 20  # captions replayed to a new subscriber
-    backfill_scope: BackfillScope = "source"  # last `backfill` per source, or overall
-    max_queue: int = 256  # frames pending per client before its oldest are dropped
-    max_queue_bytes: int = 4 * 1024 * 1024  # bytes pending per client, likewise
-    token_env: str | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    accepts: frozenset[str] = frozenset(KINDS)
-    allowed_origins: tuple[str, ...] | None = None  # None: any Origin
-    ping_interval_s: float = 20.0
-    ping_timeout_s: float = 20.0
+    host: str = option("127.0.0.1", non_empty=True, help="the address to bind")
+    port: int = option(8765, min=0, max=65535,
+                       help="0: an ephemeral port, logged and exposed as WebSocketSink.bound_port")
+    backfill: int = option(20, min=0, max=MAX_BACKFILL,
+                           help="captions replayed to a new subscriber")
+    backfill_scope: BackfillScope = option("source",
+                                           help="last `backfill` per source, or overall")
+    max_queue: int = option(256, min=1, max=1_000_000,
+                            help="frames pending per client before its oldest are dropped")
+    max_queue_bytes: int = option(4 * 1024 * 1024, min=64 * 1024, max=2**30,
+                                  help="bytes pending per client, likewise")
+    token_env: str | None = option(None, secret="the bearer token clients present")
+    tls_cert: Path | None = option(None, non_empty=True)
+    tls_key: Path | None = option(None, non_empty=True)
+    accepts: frozenset[str] = option(frozenset(KINDS), choices=KINDS, non_empty=True)
+    allowed_origins: tuple[str, ...] | None = option(None, check=_non_empty_strings,
+                                                     help="None: any Origin")
+    ping_interval_s: float = option(20.0, above=0)
+    ping_timeout_s: float = option(20.0, above=0)
 
-
-_OPTION_NAMES: Final = frozenset(WebSocketOptions.__dataclass_fields__)
-MAX_BACKFILL: Final = 10_000
+    def related_problems(self, refused: Collection[str]) -> Iterable[tuple[str, str]]:
+        """A public bind needs a token; a certificate needs its key and the key its certificate."""
+        if (self.token_env is None and not {"host", "token_env"} & set(refused)
+                and not is_loopback(self.host)):
+            yield "host", (f"{self.host!r} is not a loopback address, so anyone who can reach "
+                           f"this machine could read every caption; set token_env to the name "
+                           f"of an environment variable holding a bearer token (clients then "
+                           f"send 'Authorization: Bearer <token>' or '?token=<token>'), or bind "
+                           f"127.0.0.1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing, given = ("tls_key", "tls_cert") if self.tls_key is None else (
+                "tls_cert", "tls_key")
+            yield missing, f"{given} is set, so {missing} is needed too"
 
 
 def is_loopback(host: str) -> bool:
@@ -140,6 +163,26 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _tls_context(cert: Path, key: Path) -> tuple[ssl.SSLContext | None, list[tuple[str, str]]]:
+    """The server-side TLS context of ``cert`` and ``key``, or what stops it loading."""
+    problems = []
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append((name, f"cannot read {path}: {exc.strerror or exc}"))
+    if problems:
+        return None, problems
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        message = f"cannot load the certificate {cert} with the key {key} (tls_key): {exc}"
+        return None, [("tls_cert", message)]
+    return context, []
 
 
 def parse_options(
@@ -160,122 +203,16 @@ def parse_options(
     Raises:
         ConfigError: listing every problem, each naming its dotted key.
     """
-    where = f"sinks.{instance}"
-    problems: list[str] = []
-    d = WebSocketOptions()
-
-    def fail(key: str, message: str) -> None:
-        problems.append(f"{where}.{key}: {message}")
-
-    def integer(key: str, default: int, lo: int, hi: int) -> int:
-        value = options.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            fail(key, f"expected an integer from {lo} to {hi} (got {value!r})")
-            return default
-        return value
-
-    def number(key: str, default: float) -> float:
-        value = options.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            fail(key, f"expected a number of seconds > 0 (got {value!r})")
-            return default
-        return float(value)
-
-    def text(key: str, default: str | None) -> str | None:
-        value = options.get(key, default)
-        if value is not None and (not isinstance(value, str) or not value):
-            fail(key, f"expected a non-empty string (got {value!r})")
-            return default
-        return value
-
-    def strings(key: str) -> list[str] | None:
-        value = options.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            fail(key, f"expected an array of non-empty strings (got {value!r})")
-            return None
-        return value
-
-    for key in sorted(set(options) - _OPTION_NAMES):
-        fail(key, f"unknown key (known keys: {', '.join(sorted(_OPTION_NAMES))})")
-
-    host = text("host", d.host) or d.host
-    port = integer("port", d.port, 0, 65535)
-    backfill = integer("backfill", d.backfill, 0, MAX_BACKFILL)
-    max_queue = integer("max_queue", d.max_queue, 1, 1_000_000)
-    max_queue_bytes = integer("max_queue_bytes", d.max_queue_bytes, 64 * 1024, 2**30)
-    scope_value = options.get("backfill_scope", d.backfill_scope)
-    scopes: tuple[BackfillScope, ...] = get_args(BackfillScope)
-    scope: BackfillScope = d.backfill_scope
-    if scope_value in scopes:
-        scope = scopes[scopes.index(scope_value)]
-    else:
-        fail("backfill_scope", f"expected one of {', '.join(scopes)} (got {scope_value!r})")
-    accepts = d.accepts
-    if (kinds := strings("accepts")) is not None:
-        unknown = [k for k in kinds if k not in KINDS]
-        if unknown or not kinds:
-            fail("accepts", f"expected a non-empty subset of {', '.join(KINDS)} (got {kinds!r})")
-        else:
-            accepts = frozenset(kinds)
-    origins = strings("allowed_origins")
-    ping_interval = number("ping_interval_s", d.ping_interval_s)
-    ping_timeout = number("ping_timeout_s", d.ping_timeout_s)
-
-    token_env = text("token_env", None)
-    token: str | None = None
-    if token_env is not None:
-        token = os.environ.get(token_env, "")
-        if not token:
-            fail("token_env", f"environment variable {token_env} is not set or empty "
-                              f"(it must hold the bearer token clients present)")
-            token = None
-    elif not is_loopback(host):
-        fail("host", f"{host!r} is not a loopback address, so anyone who can reach this "
-                     f"machine could read every caption; set {where}.token_env to the name of "
-                     f"an environment variable holding a bearer token (clients then send "
-                     f"'Authorization: Bearer <token>' or '?token=<token>'), or bind "
-                     f"127.0.0.1")
-
-    cert_text, key_text = text("tls_cert", None), text("tls_key", None)
-    cert = Path(cert_text) if cert_text else None
-    key_path = Path(key_text) if key_text else None
+    got = read_sink_options(WebSocketOptions, instance, options)
+    problems = list(got.problems)
+    opts = got.value
     context: ssl.SSLContext | None = None
-    if (cert is None) != (key_path is None):
-        missing, given = ("tls_key", "tls_cert") if key_path is None else ("tls_cert", "tls_key")
-        fail(missing, f"{where}.{given} is set, so {where}.{missing} is needed too")
-    elif cert is not None and key_path is not None:
-        unreadable = False
-        for name, path in (("tls_cert", cert), ("tls_key", key_path)):
-            try:
-                with path.open("rb"):
-                    pass
-            except OSError as exc:
-                fail(name, f"cannot read {path}: {exc.strerror or exc}")
-                unreadable = True
-        if not unreadable:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            try:
-                context.load_cert_chain(cert, key_path)
-            except (ssl.SSLError, OSError) as exc:
-                fail("tls_cert", f"cannot load the certificate {cert} with the key {key_path} "
-                                 f"(tls_key): {exc}")
-                context = None
-
+    if opts.tls_cert is not None and opts.tls_key is not None:
+        context, tls_problems = _tls_context(opts.tls_cert, opts.tls_key)
+        problems += [f"sinks.{instance}.{name}: {message}" for name, message in tls_problems]
     if problems:
         raise ConfigError(problems)
-    return (
-        WebSocketOptions(
-            host=host, port=port, backfill=backfill, backfill_scope=scope,
-            max_queue=max_queue, max_queue_bytes=max_queue_bytes,
-            token_env=token_env, tls_cert=cert, tls_key=key_path,
-            accepts=accepts, allowed_origins=tuple(origins) if origins is not None else None,
-            ping_interval_s=ping_interval, ping_timeout_s=ping_timeout,
-        ),
-        token,
-        context,
-    )
+    return opts, secret(opts.token_env), context
 
 
 # --------------------------------------------------------------------------- the sink

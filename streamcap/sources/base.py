@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, TypeVar, runtime_checkable
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -32,6 +32,7 @@ import numpy as np
 from streamcap.audio.dsp import zero_nonfinite
 from streamcap.errors import ConfigError
 from streamcap.messages import AudioBlock, Float32Array
+from streamcap.options import option, read_options
 
 STREAM_SCHEMES: frozenset[str] = frozenset(
     {
@@ -61,8 +62,7 @@ _REDACTED = "***"
 DEFAULT_BLOCK_S = 0.1
 DEFAULT_STREAM_RATE_HZ = 48000
 
-# The ranges of the options, the same whether a value comes from a [sources.<name>]
-# table or from a ``file:`` URI's query (``config`` checks the table against them too).
+# The ranges of the capture options (declared once, below: SOURCE_OPTIONS).
 MIN_SAMPLE_RATE_HZ = 8000
 MAX_SAMPLE_RATE_HZ = 192000
 MAX_CHANNELS = 64
@@ -210,35 +210,79 @@ class SampleCheck:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SourceOptions:
-    """Options common to the built-in sources, validated.
+    """The capture options every built-in source takes, validated.
+
+    One declaration per source kind (:data:`SOURCE_OPTIONS`) is read from a
+    ``[sources.<name>]`` table, from a ``file:`` URI's query and by the
+    source's ``create_source``, so the three agree on keys and ranges.
 
     Attributes:
-        sample_rate_hz: Capture rate; ``None`` means the device default, the
-            file's native rate, or 48000 Hz for streams.
-        channels: Channels captured before the downmix to mono (microphones);
-            ``None`` means min(2, the device's maximum).
+        sample_rate_hz: Capture rate; ``None`` (0 in a table or URI) means
+            the device default, the file's native rate, or 48000 Hz for streams.
         block_s: Duration of each yielded block in seconds.
-        realtime: Files only: pace blocks at wall-clock speed.
-        loop: Files only: restart at the end, continuing the stream clock.
-        probe_s: Streams only: how long ffmpeg may analyse the input before
-            it starts decoding.
-        ffmpeg: Files and streams: the ffmpeg executable to run.
     """
 
-    sample_rate_hz: int | None = None
-    channels: int | None = None
-    block_s: float = DEFAULT_BLOCK_S
-    realtime: bool = True
-    loop: bool = False
-    probe_s: float = 1.0
-    ffmpeg: str = "ffmpeg"
+    sample_rate_hz: int | None = option(
+        None, min=MIN_SAMPLE_RATE_HZ, max=MAX_SAMPLE_RATE_HZ, null=0,
+        help="capture rate in Hz; 0 = the device's or file's own rate (streams: 48000)")
+    block_s: float = option(DEFAULT_BLOCK_S, min=MIN_BLOCK_S, max=MAX_BLOCK_S,
+                            help="duration of each block read from the source, in seconds")
 
 
-_OPTION_KEYS: dict[str, frozenset[str]] = {
-    "mic": frozenset({"sample_rate_hz", "channels", "block_s"}),
-    "file": frozenset({"sample_rate_hz", "block_s", "realtime", "loop", "ffmpeg"}),
-    "stream": frozenset({"sample_rate_hz", "block_s", "probe_s", "ffmpeg"}),
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MicOptions(SourceOptions):
+    """The options of a ``mic:`` source.
+
+    Attributes:
+        channels: Channels captured before the downmix to mono; ``None`` (0)
+            means min(2, the device's maximum).
+    """
+
+    channels: int | None = option(None, min=1, max=MAX_CHANNELS, null=0,
+                                  help="channels captured before the downmix to mono")
+
+
+def _program(value: str) -> str | None:
+    return None if value.strip() else "expected a program name or path"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileOptions(SourceOptions):
+    """The options of a ``file:`` source.
+
+    Attributes:
+        realtime: Pace blocks at wall-clock speed.
+        loop: Restart at the end, continuing the stream clock.
+        ffmpeg: The ffmpeg executable that decodes what soundfile cannot.
+    """
+
+    realtime: bool = option(True, help="deliver at wall-clock speed")
+    loop: bool = option(False, help="start again at the end")
+    ffmpeg: str = option("ffmpeg", check=_program, help="the ffmpeg executable")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamOptions(SourceOptions):
+    """The options of a network stream source.
+
+    Attributes:
+        probe_s: How long ffmpeg may analyse the input before it starts decoding.
+        ffmpeg: The ffmpeg executable to run.
+    """
+
+    probe_s: float = option(1.0, above=0, max=MAX_PROBE_S,
+                            help="how long ffmpeg may analyse the input, in seconds")
+    ffmpeg: str = option("ffmpeg", check=_program, help="the ffmpeg executable")
+
+
+S = TypeVar("S", bound=SourceOptions)
+
+SOURCE_OPTIONS: Final[Mapping[str, type[SourceOptions]]] = {
+    "mic": MicOptions,
+    "file": FileOptions,
+    "stream": StreamOptions,
 }
+"""The options type of each source kind: the one declaration of its keys."""
 
 
 def redact_url(url: str) -> str:
@@ -348,49 +392,6 @@ def parse_source_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     )
 
 
-def _as_bool(key: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"source option {key!r}: expected true or false, got {value!r}")
-
-
-def _as_int_in(key: str, value: object, lo: int, hi: int) -> int:
-    expected = f"expected an integer from {lo} to {hi}, got {value!r}"
-    if isinstance(value, bool):
-        raise ConfigError(f"source option {key!r}: {expected}")
-    if isinstance(value, int):
-        result = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        result = int(value.strip())
-    elif isinstance(value, float) and value.is_integer():
-        result = int(value)
-    else:
-        raise ConfigError(f"source option {key!r}: {expected}")
-    if not lo <= result <= hi:
-        raise ConfigError(f"source option {key!r}: {expected}")
-    return result
-
-
-def _as_float_in(key: str, value: object, lo: float, hi: float, *, above: bool = False) -> float:
-    """A number in ``[lo, hi]`` (``(lo, hi]`` when ``above``); NaN and infinities never are."""
-    low = f"above {lo:g}" if above else f"from {lo:g}"
-    expected = f"expected a number {low} to {hi:g}, got {value!r}"
-    if isinstance(value, bool):
-        raise ConfigError(f"source option {key!r}: {expected}")
-    try:
-        result = float(value) if isinstance(value, int | float | str) else float("nan")
-    except (ValueError, OverflowError):
-        result = float("nan")
-    in_range = (lo < result if above else lo <= result) and result <= hi  # False for NaN
-    if not in_range:
-        raise ConfigError(f"source option {key!r}: {expected}")
-    return result
-
-
 def parse_source_options(
     kind: str,
     options: Mapping[str, object],
@@ -398,9 +399,11 @@ def parse_source_options(
 ) -> SourceOptions:
     """Validate a source's options (from config and from the URI query) for ``kind``.
 
-    A value obeys the same range wherever it comes from: ``file:x.wav?block_s=9``
-    is refused like ``block_s = 9`` in the table (sample_rate_hz 8000-192000,
-    channels 1-64, block_s 0.005-2 s, probe_s up to 60 s; NaN and infinities never).
+    A value obeys the same declaration wherever it comes from (:data:`SOURCE_OPTIONS`):
+    ``file:x.wav?block_s=9`` is refused like ``block_s = 9`` in the table
+    (sample_rate_hz 8000-192000, channels 1-64, 0 meaning automatic for both,
+    block_s 0.005-2 s, probe_s up to 60 s; NaN and infinities never). A URI's
+    values are text: ``0.5``, ``true``/``false``, ``1``/``0``, ``yes``/``no``.
 
     Args:
         kind: ``"mic"``, ``"file"`` or ``"stream"``.
@@ -410,38 +413,18 @@ def parse_source_options(
     Raises:
         ConfigError: listing every unknown key and every bad value.
     """
-    allowed = _OPTION_KEYS.get(kind)
-    if allowed is None:
-        raise ConfigError(f"unknown source kind {kind!r}; expected one of {sorted(_OPTION_KEYS)}")
+    cls = SOURCE_OPTIONS.get(kind)
+    if cls is None:
+        raise ConfigError(f"unknown source kind {kind!r}; expected one of {sorted(SOURCE_OPTIONS)}")
+    return read_source_options(cls, options, uri_params)
+
+
+def read_source_options(
+    cls: type[S],
+    options: Mapping[str, object],
+    uri_params: Mapping[str, str] | None = None,
+) -> S:
+    """:func:`parse_source_options` for the options type ``cls`` of one kind (typed)."""
     merged: dict[str, object] = dict(uri_params or {})
     merged.update(options)
-    problems: list[str] = []
-    values: dict[str, object] = {}
-    for key, value in merged.items():
-        if key not in allowed:
-            problems.append(
-                f"unknown option {key!r} for a {kind} source; accepted: {', '.join(sorted(allowed))}"
-            )
-            continue
-        try:
-            if key == "sample_rate_hz":
-                values[key] = _as_int_in(key, value, MIN_SAMPLE_RATE_HZ, MAX_SAMPLE_RATE_HZ)
-            elif key == "channels":
-                values[key] = _as_int_in(key, value, 1, MAX_CHANNELS)
-            elif key == "block_s":
-                values[key] = _as_float_in(key, value, MIN_BLOCK_S, MAX_BLOCK_S)
-            elif key == "probe_s":
-                values[key] = _as_float_in(key, value, 0.0, MAX_PROBE_S, above=True)
-            elif key in ("realtime", "loop"):
-                values[key] = _as_bool(key, value)
-            elif key == "ffmpeg":
-                if not isinstance(value, str) or not value.strip():
-                    raise ConfigError(
-                        f"source option 'ffmpeg': expected a program name or path, got {value!r}"
-                    )
-                values[key] = value.strip()
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems)
-    return SourceOptions(**values)  # type: ignore[arg-type]
+    return read_options(cls, merged, text=True, label=lambda key: f"source option {key!r}")

@@ -38,10 +38,10 @@ import soundfile as sf
 from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock, Float32Array, make_block
 from streamcap.sources.base import (
+    FileOptions,
     SampleCheck,
-    SourceOptions,
-    parse_source_options,
     parse_source_uri,
+    read_source_options,
 )
 from streamcap.sources.ffmpeg import FfmpegPipe, decode_args
 
@@ -121,7 +121,7 @@ class FileSource:
     """
 
     def __init__(
-        self, source_id: str, path: str | os.PathLike[str], options: SourceOptions
+        self, source_id: str, path: str | os.PathLike[str], options: FileOptions
     ) -> None:
         self._source_id = source_id
         self._path = Path(path)
@@ -393,4 +393,4 @@ def create_source(source_id: str, uri: str, options: Mapping[str, object]) -> Fi
     kind, target, params = parse_source_uri(uri)
     if kind != "file":
         raise ConfigError(f"source {source_id!r}: uri {uri!r} is a {kind} source, not file:<path>")
-    return FileSource(source_id, target, parse_source_options("file", options, params))
+    return FileSource(source_id, target, read_source_options(FileOptions, options, params))

@@ -25,10 +25,10 @@ from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock, make_block
 from streamcap.sources import devices as _devices
 from streamcap.sources.base import (
+    MicOptions,
     SampleCheck,
-    SourceOptions,
-    parse_source_options,
     parse_source_uri,
+    read_source_options,
 )
 from streamcap.sources.devices import DeviceInfo
 
@@ -51,7 +51,7 @@ class MicrophoneSource:
             min(2, device maximum)), ``block_s``.
     """
 
-    def __init__(self, source_id: str, device: str, options: SourceOptions) -> None:
+    def __init__(self, source_id: str, device: str, options: MicOptions) -> None:
         self._source_id = source_id
         self._device = device
         self._options = options
@@ -287,4 +287,4 @@ def create_source(source_id: str, uri: str, options: Mapping[str, object]) -> Mi
     kind, target, params = parse_source_uri(uri)
     if kind != "mic":
         raise ConfigError(f"source {source_id!r}: uri {uri!r} is a {kind} source, not mic:<device>")
-    return MicrophoneSource(source_id, target, parse_source_options("mic", options, params))
+    return MicrophoneSource(source_id, target, read_source_options(MicOptions, options, params))

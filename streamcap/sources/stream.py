@@ -19,9 +19,9 @@ from streamcap.messages import AudioBlock, make_block
 from streamcap.sources.base import (
     DEFAULT_STREAM_RATE_HZ,
     SampleCheck,
-    SourceOptions,
-    parse_source_options,
+    StreamOptions,
     parse_source_uri,
+    read_source_options,
     redact_url,
     url_secrets,
 )
@@ -36,7 +36,7 @@ IO_TIMEOUT_S = 15.0
 _PERMANENT_MARKERS = ("Protocol not found", "Unknown input format")
 
 
-def input_args(url: str, options: SourceOptions) -> list[str]:
+def input_args(url: str, options: StreamOptions) -> list[str]:
     """ffmpeg input options suited to ``url``'s protocol (before ``-i``)."""
     scheme = url.partition(":")[0].lower()
     args = [
@@ -63,7 +63,7 @@ class FfmpegStreamSource:
         options: Validated options; ``sample_rate_hz`` defaults to 48000.
     """
 
-    def __init__(self, source_id: str, url: str, options: SourceOptions) -> None:
+    def __init__(self, source_id: str, url: str, options: StreamOptions) -> None:
         self._source_id = source_id
         self._url = url
         self._options = options
@@ -154,4 +154,4 @@ def create_source(source_id: str, uri: str, options: Mapping[str, object]) -> Ff
             f"source {source_id!r}: uri {redact_url(uri)!r} is a {kind} source, "
             "not a network stream URL"
         )
-    return FfmpegStreamSource(source_id, target, parse_source_options("stream", options, params))
+    return FfmpegStreamSource(source_id, target, read_source_options(StreamOptions, options, params))

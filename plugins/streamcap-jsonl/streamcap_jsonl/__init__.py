@@ -16,19 +16,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import IO
 
 from streamcap.bus.inbox import Inbox
-from streamcap.bus.plugin import SinkContext
+from streamcap.bus.plugin import SinkContext, read_sink_options
 from streamcap.bus.wire import encode, to_wire
-from streamcap.errors import ConfigError, InboxClosed
+from streamcap.errors import InboxClosed
+from streamcap.options import option
 
-__all__ = ["JsonlSink", "create_sink"]
+__all__ = ["JsonlOptions", "JsonlSink", "create_sink"]
 __version__ = "0.1.0"
 
-OPTIONS: Final = frozenset({"path"})
-BUS_OPTIONS: Final = frozenset({"accepts", "queue_size"})  # validated and applied by the bus
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JsonlOptions:
+    """The ``[sinks.<instance>]`` options of a ``jsonl`` sink (``accepts`` and
+    ``queue_size`` are the bus's: known without being declared here)."""
+
+    path: Path = option(Path(), required=True, non_empty=True,
+                        help="the file to append to; a relative path lives in the sink's "
+                             "state directory")
 
 
 def _open(path: Path) -> IO[str]:
@@ -89,19 +99,8 @@ def create_sink(instance: str, options: Mapping[str, object]) -> JsonlSink:
             possibly ``accepts``, which the bus validates and applies.
 
     Raises:
-        ConfigError: Naming ``sinks.<instance>.<key>`` for every problem.
+        ConfigError: Naming ``sinks.<instance>.<key>`` for every problem (from
+            the options reader, in the same words as every streamcap table).
     """
-    problems = [f"sinks.{instance}.{key}: unknown option (the jsonl sink takes: "
-                f"{', '.join(sorted(OPTIONS))}, plus accepts and queue_size)"
-                for key in sorted(set(options) - OPTIONS - BUS_OPTIONS)]
-    raw = options.get("path")
-    path: Path | None = None
-    if raw is None:
-        problems.append(f"sinks.{instance}.path: required; expected the file to append to")
-    elif not isinstance(raw, str) or not raw.strip():
-        problems.append(f"sinks.{instance}.path: expected a non-empty string, got {raw!r}")
-    else:
-        path = Path(raw).expanduser()
-    if problems or path is None:
-        raise ConfigError(problems)
-    return JsonlSink(path)
+    parsed = read_sink_options(JsonlOptions, instance, options).result()
+    return JsonlSink(parsed.path.expanduser())
