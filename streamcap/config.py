@@ -10,6 +10,7 @@ which the plugin validates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from streamcap.errors import ConfigError
+from streamcap.models.decoding.options import MAX_SEED, DecodingOptions, decoding_problems
 from streamcap.sources.base import (
     MAX_BLOCK_S,
     MAX_CHANNELS,
@@ -37,20 +39,10 @@ LOG_FORMATS: Final = ("auto", "json", "console")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEVICES: Final = ("auto", "cpu", "cuda")
 PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
-DECODING_MODES: Final = ("sample", "beam")
 CODEC_PRECISIONS: Final = ("fp32", "model")
 SECRET_KEYS: Final = frozenset({"password", "token", "secret", "api_key", "passwd"})
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-# Decoding limits: what the decoders can do, and sane bounds for the rest.
-MAX_DECODE_TOKENS: Final = 512  # longest caption either decoder may produce
-MIN_SAMPLE_TOKENS: Final = 2  # sampling: the forced BOS and EOS
-MIN_BEAM_LENGTH: Final = 3  # beam search: decoder start, BOS and EOS
-MIN_TEMPERATURE: Final = 0.01  # below, logits / temperature overflows to inf and NaN
-MAX_TEMPERATURE: Final = 10.0  # above, sampling is uniform noise
-MAX_CANDIDATES: Final = 256
-MAX_BEAMS: Final = 64
-MAX_SEED: Final = 2**63 - 1
 # Bounds of the other durations, in seconds.
 MAX_TIMEOUT_S: Final = 3600.0  # stop_timeout_s, stall_s, backoff_initial_s
 MAX_BACKOFF_S: Final = 86400.0  # backoff_max_s, backoff_reset_s
@@ -69,31 +61,13 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DecodingConfig:
-    mode: str = "sample"  # sample: nucleus sampling + reranking; beam: beam search
-    n_candidates: int = 30
-    top_p: float = 0.95
-    temperature: float = 0.5
-    max_new_tokens: int = 30
-    no_repeat_ngram_size: int = 0
-    encoder_weight: float = 0.7
-    decoder_weight: float = 0.3
-    fluency_threshold: float = 0.9
-    num_beams: int = 4
-    beam_max_length: int = 50
-    seed: int | None = None
-    # Keys the file set; a bundle's own decoding defaults fill the rest.
-    explicit: frozenset[str] = field(default=frozenset(), compare=False)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
     bundle: str = "demo"  # a bundle directory, "demo" (built in) or a preset name
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = all cores
     codec_precision: str = "fp32"  # DAC encoder: fp32 (exact codes) or "model" (follow precision)
-    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+    decoding: DecodingOptions = field(default_factory=DecodingOptions)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -264,45 +238,28 @@ def _read_daemon(r: _Reader) -> DaemonConfig:
     )
 
 
-def _read_decoding(r: _Reader) -> DecodingConfig:
-    d = DecodingConfig()
-    weight = _in_range(0.0, 1.0)
+_DECODING_KINDS: Final[Mapping[str, type]] = {
+    f.name: type(f.default) for f in dataclasses.fields(DecodingOptions)
+    if f.name not in ("seed", "explicit")}
+
+
+def _read_decoding(r: _Reader) -> DecodingOptions:
+    """``[model.decoding]``: typed here, bounded by :func:`decoding_problems` (one rule set)."""
+    d = DecodingOptions()
     seed = r.get("seed", int, -1,
                  lambda v: None if -1 <= v <= MAX_SEED else
                  f"must be >= 0 and <= {MAX_SEED}, or -1 for a fresh random stream")
-    before = len(r.problems)
-    max_new_tokens = r.get("max_new_tokens", int, d.max_new_tokens,
-                           lambda v: None if MIN_SAMPLE_TOKENS <= v <= MAX_DECODE_TOKENS else
-                           f"must be between {MIN_SAMPLE_TOKENS} (the forced BOS and EOS) and "
-                           f"{MAX_DECODE_TOKENS}")
-    tokens_ok = len(r.problems) == before
-    no_repeat = r.get("no_repeat_ngram_size", int, d.no_repeat_ngram_size,
-                      _in_range(0, MAX_DECODE_TOKENS))
-    if tokens_ok and no_repeat > max_new_tokens:
-        # An n-gram longer than the longest caption can never repeat.
-        r.fail("no_repeat_ngram_size", f"must be 0 (off) or <= max_new_tokens "
-                                       f"(got {no_repeat} > {max_new_tokens})")
-        no_repeat = d.no_repeat_ngram_size
-    return DecodingConfig(
-        mode=r.get("mode", str, d.mode, _one_of(DECODING_MODES)),
-        n_candidates=r.get("n_candidates", int, d.n_candidates, _in_range(1, MAX_CANDIDATES)),
-        top_p=r.get("top_p", float, d.top_p,
-                    lambda v: None if 0 < v <= 1 else "must be > 0 and <= 1"),
-        temperature=r.get("temperature", float, d.temperature,
-                          _in_range(MIN_TEMPERATURE, MAX_TEMPERATURE)),
-        max_new_tokens=max_new_tokens,
-        no_repeat_ngram_size=no_repeat,
-        encoder_weight=r.get("encoder_weight", float, d.encoder_weight, weight),
-        decoder_weight=r.get("decoder_weight", float, d.decoder_weight, weight),
-        fluency_threshold=r.get("fluency_threshold", float, d.fluency_threshold, weight),
-        num_beams=r.get("num_beams", int, d.num_beams, _in_range(1, MAX_BEAMS)),
-        beam_max_length=r.get("beam_max_length", int, d.beam_max_length,
-                              lambda v: None if MIN_BEAM_LENGTH <= v <= MAX_DECODE_TOKENS else
-                              f"must be between {MIN_BEAM_LENGTH} (decoder start, BOS and EOS) "
-                              f"and {MAX_DECODE_TOKENS}"),
-        seed=None if seed < 0 else seed,
-        explicit=frozenset(r.table),
-    )
+    values: dict[str, Any] = {key: r.get(key, kind, getattr(d, key))
+                              for key, kind in _DECODING_KINDS.items()}
+    values["seed"] = None if seed < 0 else seed
+    problems = decoding_problems({key: value for key, value in values.items()
+                                  if key in r.table})
+    for key, message in problems:
+        r.fail(key, message)
+        values[key] = getattr(d, key)
+    if problems and decoding_problems(values):
+        return d  # the rules between keys may still fail on the remaining values
+    return DecodingOptions(**values, explicit=frozenset(r.table))
 
 
 def _read_model(r: _Reader) -> ModelConfig:
