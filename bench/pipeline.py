@@ -58,13 +58,14 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from streamcap.audio.windowing import Windower
-from streamcap.config import DecodingConfig
 from streamcap.messages import Window, make_block
 from streamcap.models.bundle.components import Components, build_components
 from streamcap.models.bundle.presets import parameter_counts, preset_spec
 from streamcap.models.captioner import TEXT_MAX_LENGTH, Captioner
-from streamcap.models.decoding.rerank import RerankOptions, rerank
-from streamcap.models.decoding.sampling import SampledCaption, attach_texts, dedupe, score_captions
+from streamcap.models.decoding.candidates import DecodedCaption, attach_texts, dedupe
+from streamcap.models.decoding.inference import score_captions
+from streamcap.models.decoding.options import DecodingOptions
+from streamcap.models.decoding.rerank import rerank
 
 INPUT_RATE_HZ = 48000
 BLOCK_S = 0.1
@@ -139,7 +140,7 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def naive_caption(cap: Captioner, window: Window, decoding: DecodingConfig) -> dict[str, float]:
+def naive_caption(cap: Captioner, window: Window, decoding: DecodingOptions) -> dict[str, float]:
     """The naive pipeline on ``cap``'s models; returns seconds per stage.
 
     Whole-window DAC encode; HF ``generate`` repeating the encoder output
@@ -177,7 +178,7 @@ def naive_caption(cap: Captioner, window: Window, decoding: DecodingConfig) -> d
     out = bart.generate(
         encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
         do_sample=True, top_p=decoding.top_p, temperature=decoding.temperature,
-        num_return_sequences=n, max_new_tokens=new, min_new_tokens=min(4, new - 1),
+        num_return_sequences=n, max_new_tokens=new, min_new_tokens=decoding.min_tokens,
         no_repeat_ngram_size=decoding.no_repeat_ngram_size, num_beams=1,
         decoder_start_token_id=2, forced_bos_token_id=0, forced_eos_token_id=2,
         pad_token_id=1, eos_token_id=2, use_cache=True,
@@ -194,7 +195,7 @@ def naive_caption(cap: Captioner, window: Window, decoding: DecodingConfig) -> d
     lap("sampling")
     scores = score_captions(bart, hidden, mask, rows)
     lap("scoring")
-    sampled = [SampledCaption(token_ids=tuple(ids), decoder_score=s, log_likelihood=s * len(ids),
+    sampled = [DecodedCaption(token_ids=tuple(ids), decoder_score=s, log_likelihood=s * len(ids),
                               ended_by_model=False, text=txt)
                for ids, s, txt in zip(rows, scores, texts, strict=True)]
     unique = dedupe(sampled) or attach_texts(sampled[:1], c.tokenizer)
@@ -212,10 +213,7 @@ def naive_caption(cap: Captioner, window: Window, decoding: DecodingConfig) -> d
         with _autocast(device, dtype):
             error_probs = c.fluency.error_probs(uniq_texts).tolist()
     lap("fluency")
-    rerank(uniq_texts, [u.decoder_score for u in unique], encoder_scores, error_probs,
-           RerankOptions(encoder_weight=decoding.encoder_weight,
-                         decoder_weight=decoding.decoder_weight,
-                         fluency_threshold=decoding.fluency_threshold))
+    rerank(uniq_texts, [u.decoder_score for u in unique], encoder_scores, error_probs, decoding)
     lap("rerank")
     return seconds
 
@@ -228,7 +226,7 @@ class Pipeline:
     kind: str  # "optimised" or "naive"
     variant: str
     captioner: Captioner
-    decoding: DecodingConfig
+    decoding: DecodingOptions
     warm: bool = False  # warm up on another source first (the short pipelines share its models)
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -408,11 +406,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_start = os.getloadavg()
     spec = preset_spec(preset)
 
-    n_cand, n_tok = (8, 10) if args.quick else (DecodingConfig().n_candidates,
-                                                 DecodingConfig().max_new_tokens)
+    n_cand, n_tok = (8, 10) if args.quick else (DecodingOptions().n_candidates,
+                                                 DecodingOptions().max_new_tokens)
     short_tokens = min(args.short_tokens, n_tok - 2) if args.quick else args.short_tokens
-    base_decoding = DecodingConfig(seed=0, n_candidates=n_cand, max_new_tokens=n_tok)
-    short_decoding = DecodingConfig(seed=0, n_candidates=n_cand, max_new_tokens=short_tokens)
+    base_decoding = DecodingOptions(seed=0, n_candidates=n_cand, max_new_tokens=n_tok)
+    short_decoding = DecodingOptions(seed=0, n_candidates=n_cand, max_new_tokens=short_tokens)
     t_build = time.perf_counter()
     fresh = build_components(spec, seed=0)
     if args.logit_bias_std > 0:

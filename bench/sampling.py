@@ -32,7 +32,9 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from streamcap.models.decoding.sampling import SamplingOptions, sample_candidates
+from streamcap.models.decoding.inference import SharedCrossInference
+from streamcap.models.decoding.options import DecodingOptions
+from streamcap.models.decoding.sampling import NucleusSampler
 
 N, NEW_TOKENS, FRAMES = 30, 20, 750
 
@@ -80,15 +82,16 @@ def _hf(bart: BartForConditionalGeneration, enc: torch.Tensor, seed: int) -> Cal
 def _ours(
     bart: BartForConditionalGeneration, enc: torch.Tensor, seed: int, ngram: int
 ) -> Callable[[], object]:
-    opts = SamplingOptions(
+    sampler = NucleusSampler(DecodingOptions(
         n_candidates=N,
         max_new_tokens=NEW_TOKENS,
         min_new_tokens=NEW_TOKENS - 1,
         no_repeat_ngram_size=ngram,
-    )
+    ))
 
     def run() -> object:
-        return sample_candidates(bart, enc, None, opts, torch.Generator().manual_seed(seed))
+        return sampler.decode(SharedCrossInference(bart, enc, None),
+                              torch.Generator().manual_seed(seed))
 
     return run
 

@@ -30,8 +30,8 @@ import numpy as np
 from streamcap.audio.windowing import Windower
 from streamcap.config import ModelConfig, SourceConfig, load_config, parse_config
 from streamcap.errors import ConfigError, SourceError, StreamcapError
-from streamcap.messages import AudioBlock, Window, make_block
-from streamcap.pipeline import CaptionResult, WindowCaptioner
+from streamcap.messages import AudioBlock, CaptionResult, Window, make_block
+from streamcap.pipeline import WindowCaptioner
 from streamcap.sources.file import FileSource, create_source
 
 _FLAGS = {"window_s": "--window-s", "hop_s": "--hop-s"}
@@ -195,8 +195,9 @@ def caption_files_command(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(model.threads)
-    captioner: WindowCaptioner = build_captioner(args.model or model.bundle, model,
-                                                 device=device, dtype=dtype)
+    captioner: WindowCaptioner = build_captioner(
+        args.model or model.bundle, model.decoding, device=device, dtype=dtype,
+        codec_follows_dtype=model.codec_precision == "model")
     from streamcap.logs import configure_logging
 
     # transformers replaced our log handler when it loaded

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from streamcap.errors import ConfigError
+from streamcap.models.decoding.options import DecodingOptions
 from streamcap.options import fixed, given_keys, known_keys, option, read, secret_in_file, type_name
 from streamcap.sources.base import (
     SOURCE_OPTIONS,
@@ -36,20 +37,10 @@ LOG_FORMATS: Final = ("auto", "json", "console")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEVICES: Final = ("auto", "cpu", "cuda")
 PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
-DECODING_MODES: Final = ("sample", "beam")
 CODEC_PRECISIONS: Final = ("fp32", "model")
 SECRET_KEYS: Final = frozenset({"password", "token", "secret", "api_key", "passwd"})
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-# Decoding limits: what the decoders can do, and sane bounds for the rest.
-MAX_DECODE_TOKENS: Final = 512  # longest caption either decoder may produce
-MIN_SAMPLE_TOKENS: Final = 2  # sampling: the forced BOS and EOS
-MIN_BEAM_LENGTH: Final = 3  # beam search: decoder start, BOS and EOS
-MIN_TEMPERATURE: Final = 0.01  # below, logits / temperature overflows to inf and NaN
-MAX_TEMPERATURE: Final = 10.0  # above, sampling is uniform noise
-MAX_CANDIDATES: Final = 256
-MAX_BEAMS: Final = 64
-MAX_SEED: Final = 2**63 - 1
 # Bounds of the other durations, in seconds.
 MAX_TIMEOUT_S: Final = 3600.0  # stop_timeout_s, stall_s, backoff_initial_s
 MAX_BACKOFF_S: Final = 86400.0  # backoff_max_s, backoff_reset_s
@@ -75,22 +66,6 @@ def _bundle(v: str) -> str | None:
     return None if v.strip() else "must name a bundle directory or a preset"
 
 
-def _seed(v: int) -> str | None:
-    return (None if 0 <= v <= MAX_SEED else
-            f"must be >= 0 and <= {MAX_SEED}, or -1 for a fresh random stream")
-
-
-def _tokens(v: int) -> str | None:
-    return (None if MIN_SAMPLE_TOKENS <= v <= MAX_DECODE_TOKENS else
-            f"must be between {MIN_SAMPLE_TOKENS} (the forced BOS and EOS) and {MAX_DECODE_TOKENS}")
-
-
-def _beam_length(v: int) -> str | None:
-    return (None if MIN_BEAM_LENGTH <= v <= MAX_DECODE_TOKENS else
-            f"must be between {MIN_BEAM_LENGTH} (decoder start, BOS and EOS) and "
-            f"{MAX_DECODE_TOKENS}")
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DaemonConfig:
     node_id: str = option(default_factory=socket.gethostname, check=_name,
@@ -110,34 +85,6 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class DecodingConfig:
-    mode: str = option("sample", choices=DECODING_MODES,
-                       help="sample: nucleus sampling + reranking; beam: beam search")
-    n_candidates: int = option(30, min=1, max=MAX_CANDIDATES)
-    top_p: float = option(0.95, above=0, max=1)
-    temperature: float = option(0.5, min=MIN_TEMPERATURE, max=MAX_TEMPERATURE)
-    max_new_tokens: int = option(30, check=_tokens)
-    no_repeat_ngram_size: int = option(0, min=0, max=MAX_DECODE_TOKENS)
-    encoder_weight: float = option(0.7, min=0.0, max=1.0)
-    decoder_weight: float = option(0.3, min=0.0, max=1.0)
-    fluency_threshold: float = option(0.9, min=0.0, max=1.0)
-    num_beams: int = option(4, min=1, max=MAX_BEAMS)
-    beam_max_length: int = option(50, check=_beam_length)
-    seed: int | None = option(None, null=-1, check=_seed,
-                              help="-1 (or unset): a fresh random stream")
-    # Keys the file set; a bundle's own decoding defaults fill the rest.
-    explicit: frozenset[str] = given_keys()
-
-    def related_problems(self, refused: Collection[str]) -> Iterable[tuple[str, str]]:
-        """An n-gram longer than the longest caption can never repeat."""
-        if (not {"no_repeat_ngram_size", "max_new_tokens"} & set(refused)
-                and self.no_repeat_ngram_size > self.max_new_tokens):
-            yield "no_repeat_ngram_size", (f"must be 0 (off) or <= max_new_tokens "
-                                           f"(got {self.no_repeat_ngram_size} > "
-                                           f"{self.max_new_tokens})")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
     bundle: str = option("demo", check=_bundle,
                          help='a bundle directory, "demo" (built in) or a preset name')
@@ -147,7 +94,7 @@ class ModelConfig:
     codec_precision: str = option("fp32", choices=CODEC_PRECISIONS,
                                   help='DAC encoder: fp32 (exact codes) or "model" '
                                        "(follow precision)")
-    decoding: DecodingConfig = option(default_factory=DecodingConfig)
+    decoding: DecodingOptions = option(default_factory=DecodingOptions)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

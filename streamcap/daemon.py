@@ -513,8 +513,9 @@ def run_daemon(*, config_path: Path | None, model: str | None, source_uri: str |
                                               num_threads=config.model.threads or None))
 
     def factory() -> WindowCaptioner:
-        return build_captioner(model_spec, config.model, device=runtime.device,
-                               dtype=runtime.dtype)
+        return build_captioner(model_spec, config.model.decoding, device=runtime.device,
+                               dtype=runtime.dtype,
+                               codec_follows_dtype=config.model.codec_precision == "model")
 
     try:
         daemon = Daemon(config, factory, runtime=runtime)

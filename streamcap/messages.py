@@ -249,4 +249,13 @@ class Embedding:
     run_id: str = ""  # the window's run_id (Window.run_id)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaptionResult:
+    """What a captioner returns for one window: its caption, embedding and seconds per stage."""
+
+    caption: Caption
+    embedding: Embedding | None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
 Published = Caption | Embedding | SourceStatus

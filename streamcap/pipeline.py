@@ -19,19 +19,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from streamcap.messages import Caption, Embedding, Published, Window
+from streamcap.messages import CaptionResult, Published, Window
 from streamcap.stats import Metrics
 
 _LOGGER = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class CaptionResult:
-    """What a captioner returns for one window."""
-
-    caption: Caption
-    embedding: Embedding | None
-    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class WindowCaptioner(Protocol):

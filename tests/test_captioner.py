@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from streamcap.audio.windowing import Windower
-from streamcap.config import DecodingConfig, ModelConfig
 from streamcap.messages import Window, make_block
 from streamcap.models.captioner import Captioner, build_captioner
+from streamcap.models.decoding.filters import NoRepeatNgram
+from streamcap.models.decoding.options import DecodingOptions
 from streamcap.models.enclap.tokenizer import NO_CAPTION_TEXT
 
 RATE = 16000
@@ -24,11 +25,11 @@ RATE = 16000
 
 @pytest.fixture(scope="module", params=["sample", "beam"])
 def captioner(request: pytest.FixtureRequest) -> Captioner:
-    decoding = DecodingConfig(mode=request.param, n_candidates=3, max_new_tokens=4,
-                              beam_max_length=6, num_beams=2, seed=0,
-                              explicit=frozenset({"mode", "num_beams", "beam_max_length"}))
-    return build_captioner("tiny", ModelConfig(decoding=decoding, threads=1),
-                           device=torch.device("cpu"), dtype=torch.float32)
+    decoding = DecodingOptions(mode=request.param, n_candidates=3, max_new_tokens=4,
+                               beam_max_length=6, num_beams=2, seed=0, no_repeat_ngram_size=2,
+                               explicit=frozenset({"mode", "num_beams", "beam_max_length",
+                                                   "no_repeat_ngram_size"}))
+    return build_captioner("tiny", decoding, device=torch.device("cpu"), dtype=torch.float32)
 
 
 def one_window(captioner: Captioner) -> Window:
@@ -67,3 +68,34 @@ def test_a_caption_with_nothing_readable_is_an_honest_flagged_placeholder(
     assert [c.text for c in caption.candidates] == [NO_CAPTION_TEXT]
     assert all(c.flagged for c in caption.candidates)
     assert np.isfinite(caption.score)
+
+
+def test_caption_in_either_mode(captioner: Captioner) -> None:
+    result = captioner.caption(one_window(captioner))
+    caption = result.caption
+    assert caption.text and np.isfinite(caption.score)
+    assert caption.text in [c.text for c in caption.candidates]
+    stages = list(result.stage_seconds)
+    if captioner.task.options.mode == "beam":
+        assert stages[-2:] == ["encoder", "beam"]
+        [only] = caption.candidates
+        assert only.score == only.decoder_score and only.encoder_score is None
+    else:
+        assert stages[-4:] == ["encoder", "sampling", "text_encoder", "fluency"]
+        assert 1 <= len(caption.candidates) <= 3
+        assert all(c.encoder_score is not None for c in caption.candidates)
+    assert result.embedding is not None and result.embedding.window_id == caption.window_id
+
+
+def test_the_configured_ngram_block_reaches_either_decoder(captioner: Captioner) -> None:
+    blocks = [f.n for f in captioner.task.decoder.filters if isinstance(f, NoRepeatNgram)]
+    assert blocks == [2]
+
+
+def test_bundle_defaults_fill_only_what_the_user_did_not_set() -> None:
+    bundle = {"mode": "beam", "no_repeat_ngram_size": 3, "num_beams": 4, "unknown": 1}
+    assert DecodingOptions().with_defaults(bundle).no_repeat_ngram_size == 3
+    mine = DecodingOptions(no_repeat_ngram_size=0, num_beams=2,
+                           explicit=frozenset({"no_repeat_ngram_size", "num_beams"}))
+    chosen = mine.with_defaults(bundle)
+    assert (chosen.mode, chosen.no_repeat_ngram_size, chosen.num_beams) == ("beam", 0, 2)

@@ -14,7 +14,6 @@ import pytest
 from streamcap.config import (
     Config,
     DaemonConfig,
-    DecodingConfig,
     HttpConfig,
     ModelConfig,
     SourceConfig,
@@ -23,6 +22,7 @@ from streamcap.config import (
     parse_config,
 )
 from streamcap.errors import ConfigError
+from streamcap.models.decoding.options import DecodingOptions
 from streamcap.options import known_keys
 from streamcap.sources.base import (
     SOURCE_OPTIONS,
@@ -545,7 +545,7 @@ def test_shipped_config_documents_every_dataclass_field() -> None:
     documented = _documented_keys(SHIPPED.read_text(encoding="utf-8"))
     assert documented["daemon"] == _fields(DaemonConfig)
     assert documented["model"] == _fields(ModelConfig) - {"decoding"}
-    assert documented["model.decoding"] == _fields(DecodingConfig) - {"explicit"}
+    assert documented["model.decoding"] == _fields(DecodingOptions) - {"explicit"}
     capture = set().union(*(_fields(cls) for cls in SOURCE_OPTIONS.values()))
     assert documented["sources.default"] == (
         _fields(SourceConfig) - {"name", "explicit", "capture"} | capture)
@@ -554,11 +554,21 @@ def test_shipped_config_documents_every_dataclass_field() -> None:
     # Only the keys without a fixed default are left commented out.
     active = tomllib.loads(SHIPPED.read_text(encoding="utf-8"))
     assert _fields(DaemonConfig) - set(active["daemon"]) == {"node_id"}
-    # mode and the beam settings default to the bundle's own choice, so they stay commented.
-    assert _fields(DecodingConfig) - set(active["model"]["decoding"]) == {
-        "seed", "mode", "num_beams", "beam_max_length", "explicit"}
+    # mode, the beam settings and the n-gram block default to the bundle's own choice, so
+    # they stay commented.
+    assert _fields(DecodingOptions) - set(active["model"]["decoding"]) == {
+        "seed", "mode", "num_beams", "beam_max_length", "no_repeat_ngram_size", "explicit"}
 
 
 def test_documented_keys_parser_ignores_prose() -> None:
     text = '[a]\n# score = w * cosine(x)\nx = 1\n# y = "z"\n#   "mic:3" (device)\n[b.c]\nq = 2\n'
     assert _documented_keys(text) == {"a": {"x", "y"}, "b.c": {"q"}}
+
+
+def test_check_config_rejects_what_the_decoding_options_reject() -> None:
+    assert problems_of({"model": {"decoding": {"encoder_weight": 0, "decoder_weight": 0}}}) == [
+        "model.decoding.decoder_weight: encoder_weight and decoder_weight cannot both be 0"]
+    assert problems_of({"model": {"decoding": {"min_new_tokens": -1}}}) == [
+        "model.decoding.min_new_tokens: must be between 0 and 512 (got -1)"]
+    decoding = parse_config({"model": {"decoding": {"no_repeat_ngram_size": 3}}}).model.decoding
+    assert decoding.no_repeat_ngram_size == 3 and decoding.explicit == {"no_repeat_ngram_size"}

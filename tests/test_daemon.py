@@ -38,9 +38,9 @@ from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext, SinkEndpoint
 from streamcap.config import Config, parse_config
 from streamcap.daemon import EXIT_ABANDONED, Daemon, StopBudget
-from streamcap.messages import AudioBlock, SourceStatus, Window, make_block
+from streamcap.messages import AudioBlock, CaptionResult, SourceStatus, Window, make_block
 from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
-from streamcap.pipeline import CaptionResult, WindowCaptioner
+from streamcap.pipeline import WindowCaptioner
 
 STOP_TIMEOUT_S = 2.0
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from streamcap.errors import ModelError
-from streamcap.models.decoding.beam import BeamOptions, beam_search
+from streamcap.models.decoding.beam import BeamSearch
 from streamcap.models.decoding.ensemble import CaptionEnsemble
-from streamcap.models.decoding.sampling import SamplingOptions, sample_candidates
+from streamcap.models.decoding.inference import SharedCrossInference
+from streamcap.models.decoding.options import DecodingOptions
+from streamcap.models.decoding.sampling import NucleusSampler
 from streamcap.models.enclap.model import EnclapModel
 from streamcap.models.enclap.model import preset as enclap_preset
 
@@ -34,10 +36,12 @@ def test_greedy_ensemble_of_one_equals_the_model_greedy() -> None:
     codes, seq = _inputs()
     ens = CaptionEnsemble([model])
     encodings = ens.encode(codes, [seq])
-    options = BeamOptions(num_beams=1, max_length=12, no_repeat_ngram_size=3)
-    mine = ens.beam_search(encodings, options)
+    beam = BeamSearch(DecodingOptions(mode="beam", num_beams=1, beam_max_length=12,
+                                      no_repeat_ngram_size=3))
+    [mine] = beam.decode(ens.inference(encodings), None)
     enc = encodings[0]
-    reference = beam_search(model.bart, enc.hidden_states, enc.attention_mask, options)
+    [reference] = beam.decode(SharedCrossInference(model.bart, enc.hidden_states,
+                                                   enc.attention_mask), None)
     assert mine.token_ids == reference.token_ids
     assert mine.decoder_score == pytest.approx(reference.decoder_score, abs=1e-5)
 
@@ -47,9 +51,10 @@ def test_ensemble_of_a_model_with_itself_is_the_model() -> None:
     codes, seq = _inputs()
     one = CaptionEnsemble([model])
     two = CaptionEnsemble([model, model])
-    options = BeamOptions(num_beams=3, max_length=12)
-    a = one.beam_search(one.encode(codes, [seq]), options)
-    b = two.beam_search(two.encode(codes, [seq, seq]), options)
+    beam = BeamSearch(DecodingOptions(mode="beam", num_beams=3, beam_max_length=12,
+                                      no_repeat_ngram_size=3))
+    [a] = beam.decode(one.inference(one.encode(codes, [seq])), None)
+    [b] = beam.decode(two.inference(two.encode(codes, [seq, seq])), None)
     assert a.token_ids == b.token_ids
     assert a.decoder_score == pytest.approx(b.decoder_score, abs=1e-6)
 
@@ -74,15 +79,29 @@ def test_sampling_ensemble_of_one_draws_what_the_sampler_draws() -> None:
     codes, seq = _inputs()
     ens = CaptionEnsemble([model])
     encodings = ens.encode(codes, [seq])
-    options = SamplingOptions(n_candidates=6, max_new_tokens=10, temperature=1.0, top_p=0.9,
-                              min_new_tokens=2)
-    mine = ens.sample(encodings, options, torch.Generator().manual_seed(5))
+    sampler = NucleusSampler(DecodingOptions(n_candidates=6, max_new_tokens=10, temperature=1.0,
+                                             top_p=0.9, min_new_tokens=2,
+                                             no_repeat_ngram_size=3))
+    mine = sampler.decode(ens.inference(encodings), torch.Generator().manual_seed(5))
     enc = encodings[0]
-    reference = sample_candidates(model.bart, enc.hidden_states, enc.attention_mask, options,
-                                  torch.Generator().manual_seed(5))
+    reference = sampler.decode(SharedCrossInference(model.bart, enc.hidden_states,
+                                                    enc.attention_mask),
+                               torch.Generator().manual_seed(5))
     assert [c.token_ids for c in mine] == [c.token_ids for c in reference]
     for a, b in zip(mine, reference, strict=True):
         assert a.decoder_score == pytest.approx(b.decoder_score, abs=1e-4)
+
+
+def test_the_ensemble_decodes_differently_from_its_members() -> None:
+    m1, m2 = _model(2), _model(3)
+    codes, seq = _inputs()
+    beam = BeamSearch(DecodingOptions(mode="beam", num_beams=2, beam_max_length=12))
+    both = CaptionEnsemble([m1, m2])
+    [joint] = beam.decode(both.inference(both.encode(codes, [seq, seq])), None)
+    alone = [beam.decode(CaptionEnsemble([m]).inference(CaptionEnsemble([m]).encode(codes, [seq])),
+                         None)[0] for m in (m1, m2)]
+    assert joint.token_ids[0] == 0 and joint.token_ids[-1] == 2
+    assert joint.decoder_score not in {a.decoder_score for a in alone}
 
 
 def test_vocabularies_must_agree() -> None:

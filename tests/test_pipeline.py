@@ -26,9 +26,9 @@ from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext
 from streamcap.config import parse_config
 from streamcap.daemon import Daemon
-from streamcap.messages import Caption, Embedding, Published, Window, make_window
+from streamcap.messages import Caption, CaptionResult, Embedding, Published, Window, make_window
 from streamcap.models.runtime import THREAD_NAME_PREFIX, InferenceRuntime, RuntimeOptions
-from streamcap.pipeline import CaptionResult, InferenceWorker, RoundRobinWindows, WindowQueue
+from streamcap.pipeline import InferenceWorker, RoundRobinWindows, WindowQueue
 from streamcap.stats import Metrics
 
 WAIT_S = scaled(30.0)  # upper bound for something that must happen; never a timing assertion

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
-from streamcap.models.decoding.rerank import RerankOptions, rerank
+from streamcap.errors import ConfigError
+from streamcap.models.decoding.candidates import DecodedCaption
+from streamcap.models.decoding.options import DecodingOptions as RerankOptions
+from streamcap.models.decoding.rerank import Ranker, TextScorer, rerank
+from streamcap.models.enclap.tokenizer import NO_CAPTION_TEXT
 
 OPTS = RerankOptions()
 TEXTS = ["a dog barks", "rain falls", "a car passes"]
@@ -82,8 +88,56 @@ def test_bad_inputs_raise() -> None:
     ("field", "value"),
     [("encoder_weight", -0.1), ("decoder_weight", float("inf")), ("fluency_threshold", 1.5)],
 )
-def test_options_verify_names_field(field: str, value: float) -> None:
-    with pytest.raises(ValueError, match=f"RerankOptions.{field}"):
+def test_options_name_the_field(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"decoding.{field}: must be"):
         RerankOptions(**{field: value})
-    with pytest.raises(ValueError, match="both be 0"):
-        RerankOptions(encoder_weight=0.0, decoder_weight=0.0)
+    with pytest.raises(ConfigError, match="both be 0"):
+        RerankOptions(encoder_weight=0.0, decoder_weight=0.0).check()
+
+
+def _decoded(text: str, score: float) -> DecodedCaption:
+    return DecodedCaption(token_ids=(0, 5, 2), decoder_score=score, log_likelihood=3 * score,
+                          ended_by_model=True, text=text)
+
+
+DECODED = [_decoded("a dog barks", -1.0), _decoded("A dog barks!", -0.5),
+           _decoded("rain falls", -2.0)]
+
+
+def _scorer(values: dict[str, float], calls: list[str]) -> TextScorer:
+    def score(texts: Sequence[str]) -> list[float]:
+        calls.append(",".join(texts))
+        return [values[t] for t in texts]
+    return score
+
+
+def test_ranker_blends_distinct_texts_and_books_each_scorer() -> None:
+    calls: list[str] = []
+    laps: list[str] = []
+    ranked = Ranker(OPTS, blend=True).rank(
+        DECODED, similarity=_scorer({"A dog barks!": 0.1, "rain falls": 0.9}, calls),
+        fluency=_scorer({"A dog barks!": 0.95, "rain falls": 0.1}, calls),
+        lap=laps.append)
+    assert calls == ["A dog barks!,rain falls"] * 2  # deduplicated, best decoder score kept
+    assert laps == ["text_encoder", "fluency"]
+    assert ranked.best.text == "rain falls" and not ranked.flagged
+    assert ranked.best.score == pytest.approx(0.7 * 0.9 + 0.3 * -2.0)
+    assert [c.flagged for c in ranked.candidates] == [False, True]
+
+
+def test_ranker_without_blend_ranks_by_decoder_score_and_calls_no_scorer() -> None:
+    calls: list[str] = []
+    laps: list[str] = []
+    ranked = Ranker(OPTS, blend=False).rank(
+        DECODED, similarity=_scorer({}, calls), fluency=_scorer({}, calls),
+        lap=laps.append)
+    assert calls == [] and laps == []
+    assert ranked.best.text == "A dog barks!" and ranked.best.score == -0.5
+    assert ranked.best.encoder_score is None and ranked.best.error_prob is None
+
+
+def test_ranker_gives_a_flagged_placeholder_when_nothing_is_readable() -> None:
+    ranked = Ranker(OPTS, blend=True).rank([_decoded("", -3.0), _decoded(" ", -1.0)],
+                                           similarity=None, fluency=None, lap=lambda _: None)
+    assert ranked.best.text == NO_CAPTION_TEXT and ranked.flagged
+    assert ranked.best.score == -1.0 and len(ranked.candidates) == 1

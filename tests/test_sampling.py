@@ -3,30 +3,42 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
 from transformers import BartForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from streamcap.models.decoding.sampling import (
-    SampledCaption,
-    SamplingOptions,
-    _block_repeated_ngrams,
-    _sample_top_p,
+from streamcap.errors import ConfigError
+from streamcap.models.decoding.candidates import (
+    DecodedCaption,
     attach_texts,
-    choose_next_tokens,
     dedupe,
     normalise_text,
-    sample_candidates,
-    score_captions,
 )
+from streamcap.models.decoding.filters import TopP
+from streamcap.models.decoding.inference import SharedCrossInference, score_captions
+from streamcap.models.decoding.options import DecodingOptions
+from streamcap.models.decoding.sampling import NucleusSampler
+from streamcap.models.decoding.task import DecodingTask
 
 torch.set_num_threads(1)
 
 from torch_helpers import tiny_bart_config
 
 VOCAB, D_MODEL, EOS = 300, 32, 2
+
+
+def sampling_options(**fields: Any) -> DecodingOptions:
+    """Sampling options; no repeated 3-grams unless said otherwise."""
+    return DecodingOptions(**{"no_repeat_ngram_size": 3, **fields})
+
+
+def sample_candidates(bart: BartForConditionalGeneration, states: torch.Tensor,
+                      mask: torch.Tensor | None, options: DecodingOptions,
+                      generator: torch.Generator | None = None) -> list[DecodedCaption]:
+    return NucleusSampler(options).decode(SharedCrossInference(bart, states, mask), generator)
 
 
 def _tiny_bart(bias_std: float, eos_bias: float, seed: int = 0) -> BartForConditionalGeneration:
@@ -84,12 +96,13 @@ def _plain_sampler(
     bart: BartForConditionalGeneration,
     states: torch.Tensor,
     mask: torch.Tensor,
-    options: SamplingOptions,
+    options: DecodingOptions,
     generator: torch.Generator,
 ) -> list[tuple[tuple[int, ...], float]]:
     """Reference: encoder output repeated N times, full recompute per step, no cache."""
     n = options.n_candidates
-    history = torch.full((n, 1), options.decoder_start_token_id, dtype=torch.long)
+    sampler = NucleusSampler(options)
+    history = torch.full((n, 1), 2, dtype=torch.long)
     rows = list(range(n))
     logps: list[list[float]] = [[] for _ in range(n)]
     seqs: list[list[int]] = [[] for _ in range(n)]
@@ -101,11 +114,11 @@ def _plain_sampler(
                 attention_mask=mask.repeat(k, 1),
                 decoder_input_ids=history,
             )
-        tokens, logp = choose_next_tokens(out.logits[:, -1], history, options, generator)
+        tokens, logp = sampler.choose(out.logits[:, -1], history, generator)
         for r, t, lp in zip(rows, tokens.tolist(), logp.tolist(), strict=True):
             seqs[r].append(t)
             logps[r].append(lp)
-        live = [i for i, t in enumerate(tokens.tolist()) if t != options.eos_token_id]
+        live = [i for i, t in enumerate(tokens.tolist()) if t != EOS]
         if not live:
             break
         history = torch.cat([history, tokens[:, None]], dim=1)[live]
@@ -119,7 +132,7 @@ def test_scores_equal_teacher_forcing(
 ) -> None:
     bart = request.getfixturevalue(model)
     states, mask = encoder_out
-    opts = SamplingOptions(n_candidates=12, max_new_tokens=16, temperature=0.7, min_new_tokens=2)
+    opts = sampling_options(n_candidates=12, max_new_tokens=16, temperature=0.7, min_new_tokens=2)
     cands = sample_candidates(bart, states, mask, opts, torch.Generator().manual_seed(3))
     lengths = {len(c.token_ids) for c in cands}
     assert len(lengths) >= 3, f"want candidates of different lengths, got {lengths}"
@@ -138,7 +151,7 @@ def test_same_as_plain_unshared_sampler(
     flat_bart: BartForConditionalGeneration, encoder_out: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     states, mask = encoder_out
-    opts = SamplingOptions(n_candidates=6, max_new_tokens=10, min_new_tokens=2)
+    opts = sampling_options(n_candidates=6, max_new_tokens=10, min_new_tokens=2)
     shared = sample_candidates(flat_bart, states, mask, opts, torch.Generator().manual_seed(11))
     plain = _plain_sampler(flat_bart, states, mask, opts, torch.Generator().manual_seed(11))
     assert [c.token_ids for c in shared] == [ids for ids, _ in plain]
@@ -149,21 +162,23 @@ def test_seeded_generator_is_deterministic(
     peaked_bart: BartForConditionalGeneration, encoder_out: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     states, mask = encoder_out
-    opts = SamplingOptions(n_candidates=8, max_new_tokens=12)
+    opts = sampling_options(n_candidates=8, max_new_tokens=12)
     a = sample_candidates(peaked_bart, states, mask, opts, torch.Generator().manual_seed(7))
     b = sample_candidates(peaked_bart, states, mask, opts, torch.Generator().manual_seed(7))
     c = sample_candidates(peaked_bart, states, mask, opts, torch.Generator().manual_seed(8))
     assert a == b
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
-    seeded = SamplingOptions(n_candidates=8, max_new_tokens=12, seed=7)
-    assert sample_candidates(peaked_bart, states, mask, seeded) == a
+    seeded = DecodingTask(sampling_options(n_candidates=8, max_new_tokens=12, seed=7),
+                          _FakeTokenizer())
+    decoded = seeded.decode(SharedCrossInference(peaked_bart, states, mask))
+    assert [x.token_ids for x in decoded] == [x.token_ids for x in a]
 
 
 def test_length_limits_and_forced_tokens(
     flat_bart: BartForConditionalGeneration, encoder_out: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     states, mask = encoder_out
-    opts = SamplingOptions(n_candidates=16, max_new_tokens=9, min_new_tokens=4)
+    opts = sampling_options(n_candidates=16, max_new_tokens=9, min_new_tokens=4)
     cands = sample_candidates(flat_bart, states, mask, opts, torch.Generator().manual_seed(1))
     assert all(5 <= len(c.token_ids) <= 9 for c in cands)
     assert all(c.token_ids[0] == 0 and c.token_ids[-1] == EOS for c in cands)
@@ -181,7 +196,7 @@ def test_no_repeat_ngram(encoder_out: tuple[torch.Tensor, torch.Tensor]) -> None
     with torch.no_grad():  # two tokens hold the nucleus: 18 trigrams over 2 symbols must repeat
         bart.final_logits_bias[0, 10:12] += 10.0
     states, mask = encoder_out
-    free_opts = SamplingOptions(
+    free_opts = sampling_options(
         n_candidates=6, max_new_tokens=20, temperature=1.0, no_repeat_ngram_size=0
     )
     blocked_opts = replace(free_opts, no_repeat_ngram_size=3)
@@ -189,14 +204,6 @@ def test_no_repeat_ngram(encoder_out: tuple[torch.Tensor, torch.Tensor]) -> None
     blocked = sample_candidates(bart, states, mask, blocked_opts, torch.Generator().manual_seed(0))
     assert all(_has_repeat([2, *c.token_ids], 3) for c in free)
     assert not any(_has_repeat([2, *c.token_ids], 3) for c in blocked)
-
-
-def test_block_repeated_ngrams_unit() -> None:
-    z = torch.zeros(2, 10)
-    history = torch.tensor([[2, 0, 5, 6, 7, 5, 6], [2, 0, 5, 6, 7, 8, 9]])
-    _block_repeated_ngrams(z, history, 3)
-    assert torch.isinf(z[0]).nonzero().flatten().tolist() == [7]
-    assert not torch.isinf(z[1]).any()
 
 
 @pytest.mark.parametrize("vocab", [4, 200])
@@ -211,7 +218,7 @@ def test_top_p_samples_only_from_nucleus(vocab: int) -> None:
         nucleus = set((before < top_p).nonzero().flatten().tolist())
         assert 64 < len(nucleus) < vocab
     z = torch.log(probs).repeat(4000, 1)
-    drawn = _sample_top_p(z, top_p, torch.Generator().manual_seed(0))
+    drawn = TopP(top_p).draw(z, torch.Generator().manual_seed(0))
     seen = set(drawn.tolist())
     assert seen <= nucleus
     if vocab == 4:
@@ -224,14 +231,14 @@ def test_top_p_samples_only_from_nucleus(vocab: int) -> None:
 def test_bf16_model_runs(encoder_out: tuple[torch.Tensor, torch.Tensor]) -> None:
     bart = _tiny_bart(bias_std=3.0, eos_bias=8.5).bfloat16()
     states, mask = encoder_out
-    opts = SamplingOptions(n_candidates=4, max_new_tokens=8)
+    opts = sampling_options(n_candidates=4, max_new_tokens=8)
     cands = sample_candidates(bart, states, mask, opts, torch.Generator().manual_seed(0))
     assert len(cands) == 4
     assert all(c.decoder_score < 0.0 and c.token_ids[-1] == EOS for c in cands)
 
 
 def test_bad_inputs(flat_bart: BartForConditionalGeneration) -> None:
-    opts = SamplingOptions(n_candidates=2, max_new_tokens=4, min_new_tokens=0)
+    opts = sampling_options(n_candidates=2, max_new_tokens=4, min_new_tokens=0)
     with pytest.raises(ValueError, match=r"\(1, L, d_model\)"):
         sample_candidates(flat_bart, torch.zeros(2, 5, D_MODEL), None, opts)
     with pytest.raises(ValueError, match="d_model is 32"):
@@ -250,18 +257,24 @@ def test_bad_inputs(flat_bart: BartForConditionalGeneration) -> None:
         ("top_p", 1.5),
         ("temperature", 0.0),
         ("max_new_tokens", 1),
-        ("min_new_tokens", 30),
+        ("min_new_tokens", -1),
         ("no_repeat_ngram_size", -1),
-        ("eos_token_id", -2),
+        ("mode", "greedy"),
     ],
 )
-def test_options_verify_names_field(field: str, value: float) -> None:
-    with pytest.raises(ValueError, match=f"SamplingOptions.{field}"):
-        SamplingOptions(**{field: value})  # type: ignore[arg-type]
+def test_options_name_the_field(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"decoding.{field}: must be"):
+        DecodingOptions(**{field: value})  # type: ignore[arg-type]
 
 
-def _cand(text: str, score: float) -> SampledCaption:
-    return SampledCaption(
+def test_min_new_tokens_is_capped_below_the_maximum() -> None:
+    assert DecodingOptions(max_new_tokens=4).min_tokens == 3
+    assert DecodingOptions(max_new_tokens=30).min_tokens == 4
+    assert DecodingOptions(max_new_tokens=30, min_new_tokens=9).min_tokens == 9
+
+
+def _cand(text: str, score: float) -> DecodedCaption:
+    return DecodedCaption(
         token_ids=(0, 2),
         decoder_score=score,
         log_likelihood=2 * score,
@@ -298,7 +311,7 @@ class _FakeTokenizer:
 
 
 def test_attach_texts() -> None:
-    c = SampledCaption(
+    c = DecodedCaption(
         token_ids=(0, 7, 9, 2), decoder_score=-1.0, log_likelihood=-4.0, ended_by_model=True
     )
     (out,) = attach_texts([c], _FakeTokenizer())

@@ -7,13 +7,12 @@ Per window, on the inference thread:
 2. **retriever audio**: CNext clip embedding (EnCLAP's row 0) and the joint
    audio embedding (published as the window's ``Embedding``), at 32 kHz;
 3. **encoder**: EnCLAP's BART encoder over ``[clip, BOS, codes, EOS]``, once;
-4. **sampling**: ``n_candidates`` nucleus samples in one batched pass over
-   that one encoder output, each with its untempered mean log-probability;
-5. **text encoder**: the retriever's text embedding of each distinct candidate;
-6. **fluency**: the error probability of each distinct candidate;
-7. **rerank**: ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins.
-
-``mode = "beam"`` replaces 4-7 by beam search.
+4. **decoding** (:class:`~streamcap.models.decoding.task.DecodingTask`): the
+   options' token decoder over that one encoder output (``sampling``:
+   ``n_candidates`` nucleus samples in one batched pass; ``beam``: beam search),
+   then, for samples, **text encoder** (the retriever's text embedding of each
+   distinct candidate), **fluency** (its error probability) and the rerank
+   ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins.
 
 Two compositions exist (the bundle manifest names them: component ``codec`` has
 ``config.kind`` ``"dac"`` (the default when absent) or ``"encodec"``; an optional
@@ -33,32 +32,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from streamcap.config import DecodingConfig, ModelConfig
 from streamcap.errors import ModelError
-from streamcap.messages import Caption, CaptionCandidate, Embedding, Window
+from streamcap.messages import Caption, CaptionResult, Embedding, Window
 from streamcap.models.bundle.components import Components, open_components
 from streamcap.models.codecs.dac import AudioTokenizer, CodecTokenizer, Precision
 from streamcap.models.codecs.encodec import EncodecTokenizer
 from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
-from streamcap.models.decoding.beam import BeamOptions, beam_search
-from streamcap.models.decoding.rerank import RerankOptions, rerank
-from streamcap.models.decoding.sampling import (
-    SampledCaption,
-    SamplingOptions,
-    attach_texts,
-    dedupe,
-    sample_candidates,
-)
-from streamcap.models.enclap.tokenizer import (
-    NO_CAPTION_TEXT,
-    decode_caption,
-)
-from streamcap.pipeline import CaptionResult
+from streamcap.models.decoding.inference import SharedCrossInference
+from streamcap.models.decoding.options import DecodingOptions
+from streamcap.models.decoding.rerank import TextScorer
+from streamcap.models.decoding.task import DecodingTask
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -70,7 +58,7 @@ class Captioner:
 
     Args:
         components: the loaded models.
-        decoding: sampling, reranking and beam settings.
+        decoding: every decoding choice (strategy, its settings, reranking, seed).
         device: where the models run.
         dtype: compute precision of BART, CNext and the text encoders;
             log-mel features and all scores stay in float32.
@@ -78,7 +66,7 @@ class Captioner:
             float32); float32 by default because lower precision changes codes.
     """
 
-    def __init__(self, components: Components, decoding: DecodingConfig,
+    def __init__(self, components: Components, decoding: DecodingOptions,
                  *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32,
                  codec_dtype: torch.dtype = torch.float32) -> None:
@@ -109,20 +97,7 @@ class Captioner:
             c.fluency.model.to(self.device, dtype)
         self._stream = StreamingCodec(c.codec, streaming_options(c.codec))
         self._vocab_limit = len(c.tokenizer)
-        self._sampling = SamplingOptions(
-            n_candidates=decoding.n_candidates, top_p=decoding.top_p,
-            temperature=decoding.temperature, max_new_tokens=decoding.max_new_tokens,
-            no_repeat_ngram_size=decoding.no_repeat_ngram_size, seed=None,
-            min_new_tokens=min(4, decoding.max_new_tokens - 1))
-        self._beam = BeamOptions(num_beams=decoding.num_beams, max_length=decoding.beam_max_length)
-        self._rerank = RerankOptions(encoder_weight=decoding.encoder_weight,
-                                     decoder_weight=decoding.decoder_weight,
-                                     fluency_threshold=decoding.fluency_threshold)
-        self._generator = torch.Generator(device=self.device)
-        if decoding.seed is not None:
-            self._generator.manual_seed(decoding.seed)
-        else:
-            self._generator.seed()
+        self.task = DecodingTask(decoding, c.tokenizer, device=self.device)
         self._mask_extra_vocab()
 
     def _mask_extra_vocab(self) -> None:
@@ -201,30 +176,15 @@ class Captioner:
                              f"the model's max_frames {max_frames}; shorten window_s")
         hidden, mask = c.captioner.encode(codes_t, clip.to(self.dtype))
         lap("encoder")
-        if self.decoding.mode == "beam":
-            beam = beam_search(c.captioner.bart, hidden, mask, self._beam)
-            text = decode_caption(c.tokenizer, beam.token_ids)
-            lap("beam")
-            best = (CaptionCandidate(text=text, decoder_score=beam.decoder_score,
-                                     score=beam.decoder_score) if text
-                    else no_caption(beam.decoder_score))
-            candidates: tuple[CaptionCandidate, ...] = (best,)
-            flagged = best.flagged
-        else:
-            sampled = sample_candidates(c.captioner.bart, hidden, mask, self._sampling,
-                                        self._generator)
-            # dedupe drops the candidates whose text is empty once cleaned
-            unique = dedupe(attach_texts(sampled, c.tokenizer))
-            lap("sampling")
-            if unique:
-                best, candidates, flagged = self._rank(unique, audio_joint, lap)
-            else:
-                best = no_caption(max(s.decoder_score for s in sampled))
-                candidates, flagged = (best,), True
+        ranked = self.task.run(SharedCrossInference(c.captioner.bart, hidden, mask),
+                               similarity=self._similarity(audio_joint), fluency=self._fluency(),
+                               lap=lap)
+        best = ranked.best
         caption = Caption(
             window_id=window.window_id, source_id=window.source_id, seq=window.seq,
             start_s=window.start_s, end_s=window.end_s, captured_at=window.captured_at,
-            text=best.text, score=float(best.score), flagged=flagged, candidates=candidates,
+            text=best.text, score=float(best.score), flagged=ranked.flagged,
+            candidates=ranked.candidates,
             model=self.model_id, run_id=window.run_id)
         vector = audio_joint[0].cpu().numpy().astype(np.float32)
         vector.flags.writeable = False
@@ -233,40 +193,36 @@ class Captioner:
                               model=self.model_id, vector=vector, run_id=window.run_id)
         return CaptionResult(caption=caption, embedding=embedding, stage_seconds=seconds)
 
-    def _rank(self, unique: list[SampledCaption], audio_joint: torch.Tensor,
-              lap: Callable[[str], None]) -> tuple[CaptionCandidate,
-                                                   tuple[CaptionCandidate, ...], bool]:
-        """Score the distinct sampled captions and pick one: ``(best, candidates, flagged)``."""
-        c = self.components
-        texts = [s.text for s in unique]
-        encoder_scores = None
-        if c.retriever is not None:
-            enc = c.text_tokenizer(texts, padding=True, truncation=True,
-                                   max_length=TEXT_MAX_LENGTH, return_tensors="pt")
+    def _similarity(self, audio_joint: torch.Tensor) -> TextScorer | None:
+        """The retriever's cosine of texts with this window's audio, or None without one."""
+        retriever = self.components.retriever
+        if retriever is None:
+            return None
+
+        def cosine(texts: Sequence[str]) -> list[float]:
+            enc = self.components.text_tokenizer(list(texts), padding=True, truncation=True,
+                                                 max_length=TEXT_MAX_LENGTH, return_tensors="pt")
             with self._autocast():
-                text_joint = c.retriever.embed_text(enc["input_ids"].to(self.device),
-                                                    enc["attention_mask"].to(self.device))
+                text_joint = retriever.embed_text(enc["input_ids"].to(self.device),
+                                                  enc["attention_mask"].to(self.device))
             text_joint = torch.nn.functional.normalize(text_joint.float(), dim=-1)
-            encoder_scores = (text_joint @ audio_joint[0]).tolist()
-            lap("text_encoder")
-        error_probs = None
-        if c.fluency is not None:
+            scores: list[float] = (text_joint @ audio_joint[0]).tolist()
+            return scores
+
+        return cosine
+
+    def _fluency(self) -> TextScorer | None:
+        """The fluency filter's error probability of texts, or None without one."""
+        fluency = self.components.fluency
+        if fluency is None:
+            return None
+
+        def error_probs(texts: Sequence[str]) -> list[float]:
             with self._autocast():
-                error_probs = c.fluency.error_probs(texts).tolist()
-        lap("fluency")
-        ranked = rerank(texts, [s.decoder_score for s in unique], encoder_scores,
-                        error_probs, self._rerank)
-        return ranked.best, ranked.candidates, ranked.flagged
+                probs: list[float] = fluency.error_probs(list(texts)).tolist()
+            return probs
 
-
-def no_caption(decoder_score: float) -> CaptionCandidate:
-    """What is published when the model wrote nothing readable: a placeholder, flagged.
-
-    Its score stays the decoder's, so that it is honest; being flagged, it is
-    never preferred to a readable candidate.
-    """
-    return CaptionCandidate(text=NO_CAPTION_TEXT, decoder_score=decoder_score,
-                            score=decoder_score, flagged=True)
+        return error_probs
 
 
 ENCODEC_STREAMING = StreamingOptions(context_frames_left=75, context_frames_right=0,
@@ -281,22 +237,20 @@ def streaming_options(codec: AudioTokenizer) -> StreamingOptions:
     return ENCODEC_STREAMING if isinstance(codec, EncodecTokenizer) else StreamingOptions()
 
 
-_BUNDLE_DECODING_KEYS = {"mode": str, "num_beams": int, "beam_max_length": int}
+def build_captioner(spec: str, decoding: DecodingOptions, *, device: torch.device,
+                    dtype: torch.dtype, codec_follows_dtype: bool = False) -> Captioner:
+    """The captioner ``streamcap run`` and ``streamcap caption`` use.
 
-
-def build_captioner(spec: str, model: ModelConfig, *, device: torch.device,
-                    dtype: torch.dtype) -> Captioner:
-    """The captioner ``streamcap run`` and ``streamcap caption`` use."""
+    Args:
+        spec: a bundle directory, ``"demo"`` or a preset name.
+        decoding: the decoding options; the bundle's own decoding defaults fill every
+            field they do not mark explicit.
+        device: where the models run.
+        dtype: compute precision.
+        codec_follows_dtype: run the codec encoder in ``dtype`` too (else float32,
+            which keeps its codes exact).
+    """
     components = open_components(spec)
-    decoding = model.decoding
-    if components.decoding:
-        # The bundle's own default decoding (mode, beam size and length) applies to
-        # every key the config file did not set.
-        from dataclasses import replace
-
-        chosen = {key: kind(components.decoding[key])
-                  for key, kind in _BUNDLE_DECODING_KEYS.items()
-                  if key in components.decoding and key not in decoding.explicit}
-        decoding = replace(decoding, **chosen)
-    codec_dtype = dtype if model.codec_precision == "model" else torch.float32
+    decoding = decoding.with_defaults(components.decoding)
+    codec_dtype = dtype if codec_follows_dtype else torch.float32
     return Captioner(components, decoding, device=device, dtype=dtype, codec_dtype=codec_dtype)

@@ -23,35 +23,16 @@ result is marked ``flagged``. Without error probabilities nothing is flagged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from streamcap.messages import CaptionCandidate
+from streamcap.models.decoding.candidates import DecodedCaption, dedupe
+from streamcap.models.decoding.options import DecodingOptions
+from streamcap.models.enclap.tokenizer import NO_CAPTION_TEXT
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RerankOptions:
-    """Weights of the blended score and the fluency threshold."""
-
-    encoder_weight: float = 0.7
-    decoder_weight: float = 0.3
-    fluency_threshold: float = 0.9  # error_prob > threshold flags a candidate
-
-    def __post_init__(self) -> None:
-        self._verify()
-
-    def _verify(self) -> None:
-        """Raise ``ValueError`` naming the first field that is out of range."""
-        for name in ("encoder_weight", "decoder_weight"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0.0):
-                raise ValueError(f"RerankOptions.{name} must be a finite number >= 0, got {value}")
-        if self.encoder_weight == 0.0 and self.decoder_weight == 0.0:
-            raise ValueError("RerankOptions.encoder_weight and decoder_weight cannot both be 0")
-        if not 0.0 <= self.fluency_threshold <= 1.0:
-            raise ValueError(
-                f"RerankOptions.fluency_threshold must be in [0, 1], got {self.fluency_threshold}"
-            )
+TextScorer = Callable[[Sequence[str]], Sequence[float]]
+"""Scores of texts, one float per text: retriever cosine, or fluency-error probability."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -87,7 +68,7 @@ def rerank(
     decoder_scores: Sequence[float],
     encoder_scores: Sequence[float] | None,
     error_probs: Sequence[float] | None,
-    options: RerankOptions,
+    options: DecodingOptions,
 ) -> RerankResult:
     """Blend the scores, apply the fluency filter and pick the caption.
 
@@ -98,7 +79,7 @@ def rerank(
             None when there is no retriever (then score = decoder score).
         error_probs: fluency-error probability of each candidate in [0, 1],
             or None when there is no fluency filter (nothing is flagged).
-        options: the weights and the threshold.
+        options: the weights and the fluency threshold.
 
     Returns:
         The chosen caption and all candidates with their scores, sorted.
@@ -135,3 +116,51 @@ def rerank(
         best_index=chosen,
         candidates=tuple(candidates[i] for i in order),
     )
+
+
+def no_caption(decoder_score: float) -> RerankResult:
+    """What is published when the model wrote nothing readable: a placeholder, flagged.
+
+    Its score stays the decoder's, so that it is honest; being flagged, it is
+    never preferred to a readable candidate.
+    """
+    placeholder = CaptionCandidate(text=NO_CAPTION_TEXT, decoder_score=decoder_score,
+                                   score=decoder_score, flagged=True)
+    return RerankResult(best=placeholder, best_index=0, candidates=(placeholder,))
+
+
+class Ranker:
+    """Picks one of a decoder's captions.
+
+    With ``blend`` (sampling), the retriever cosine of each distinct caption is
+    blended with its decoder score and the fluency filter flags captions; without
+    (beam search's single caption), the decoder score alone ranks and nothing is
+    flagged. A decoder that wrote nothing readable gives :func:`no_caption`.
+    """
+
+    def __init__(self, options: DecodingOptions, *, blend: bool) -> None:
+        self.options, self.blend = options, blend
+
+    def rank(self, decoded: Sequence[DecodedCaption], *, similarity: TextScorer | None,
+             fluency: TextScorer | None, lap: Callable[[str], None]) -> RerankResult:
+        """Rank ``decoded`` (texts attached); ``lap`` books the scorers' time by stage.
+
+        Args:
+            decoded: at least one caption, texts attached.
+            similarity: the retriever's cosine of each text with the audio, or None.
+            fluency: the fluency-error probability of each text, or None.
+            lap: called with ``"text_encoder"`` and ``"fluency"`` after those stages.
+        """
+        unique = dedupe(decoded)  # also drops captions whose text is empty once cleaned
+        if not unique:
+            return no_caption(max(d.decoder_score for d in decoded))
+        texts = [d.text for d in unique]
+        encoder_scores = error_probs = None
+        if self.blend:
+            if similarity is not None:
+                encoder_scores = similarity(texts)
+                lap("text_encoder")
+            error_probs = None if fluency is None else fluency(texts)
+            lap("fluency")
+        return rerank(texts, [d.decoder_score for d in unique], encoder_scores, error_probs,
+                      self.options)

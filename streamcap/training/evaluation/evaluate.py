@@ -27,10 +27,9 @@ import torch
 
 from streamcap.errors import ConfigError, ModelError
 from streamcap.models.bundle.components import Components
-from streamcap.models.decoding.beam import BeamOptions
 from streamcap.models.decoding.ensemble import CaptionEnsemble
-from streamcap.models.decoding.rerank import RerankOptions, rerank
-from streamcap.models.decoding.sampling import SamplingOptions, attach_texts, dedupe
+from streamcap.models.decoding.options import DecodingOptions
+from streamcap.models.decoding.task import DecodingTask
 from streamcap.models.retrieval.retriever import AudioTextRetriever
 from streamcap.training.data.audio_io import load_audio
 from streamcap.training.data.corpus import Scene, keyword_accuracy
@@ -142,34 +141,28 @@ def caption_clips(members: Sequence[Components], clips: Sequence[ClipInputs],
     """One caption per clip from the ensemble of ``members`` (one member: that model)."""
     device = torch.device(options.device)
     ensemble = CaptionEnsemble([m.captioner.to(device).eval() for m in members])
-    tokenizer = members[0].tokenizer
-    beam = BeamOptions(num_beams=options.num_beams, max_length=options.max_length)
-    sampling = SamplingOptions(n_candidates=options.n_candidates,
-                               max_new_tokens=options.max_length - 1)
-    generator = torch.Generator(device=device).manual_seed(options.seed)
+    # EnCLAP's reference decoding settings: no repeated 3-grams in either mode.
+    decoding = DecodingOptions(mode=options.decoding, num_beams=options.num_beams,
+                               beam_max_length=options.max_length,
+                               max_new_tokens=options.max_length - 1,
+                               n_candidates=options.n_candidates, no_repeat_ngram_size=3,
+                               seed=options.seed)
+    task = DecodingTask(decoding, members[0].tokenizer, device=device)
     texts = []
     bar = Progress(len(clips), "caption", enabled=options.progress)
     for clip in clips:
         codes = torch.from_numpy(clip.codes.astype(np.int64))[None].to(device)
         seq = torch.from_numpy(clip.clip_embedding)[None].to(device)
-        encodings = ensemble.encode(codes, [seq] * len(members))
-        if options.decoding == "beam":
-            result = ensemble.beam_search(encodings, beam)
-            text = tokenizer.decode(list(result.token_ids), skip_special_tokens=True).strip()
-        else:
-            sampled = dedupe(attach_texts(ensemble.sample(encodings, sampling, generator),
-                                          tokenizer))
-            if not sampled:
-                texts.append("")
-                bar.update()
-                continue
-            cands = [s.text for s in sampled]
-            text_joint = text_embeddings(members[0], cands, device)
-            cosine = (text_joint @ clip.audio_joint).tolist()
-            ranked = rerank(cands, [s.decoder_score for s in sampled], cosine, None,
-                            RerankOptions())
-            text = ranked.best.text
-        texts.append(text)
+        inference = ensemble.inference(ensemble.encode(codes, [seq] * len(members)))
+
+        def cosine(cands: Sequence[str], audio: npt.NDArray[np.float32] = clip.audio_joint
+                   ) -> list[float]:
+            scores: list[float] = (text_embeddings(members[0], cands, device) @ audio).tolist()
+            return scores
+
+        ranked = task.run(inference, similarity=cosine)
+        # Without a fluency filter only the placeholder for an unreadable caption is flagged.
+        texts.append("" if ranked.flagged else ranked.best.text)
         bar.update()
     bar.close()
     return texts
