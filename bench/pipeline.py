@@ -116,8 +116,8 @@ def make_windows(source_id: str, seconds: float, rates: tuple[int, ...], seed: i
         windows += windower.feed(
             make_block(source_id=source_id, start_sample=start, sample_rate_hz=INPUT_RATE_HZ,
                        samples=signal[start : start + block], captured_at=start / INPUT_RATE_HZ)
-        )
-    return windows + windower.flush()
+        ).windows
+    return [*windows, *windower.flush()]
 
 
 # --------------------------------------------------------------------------- pipelines

@@ -110,7 +110,7 @@ def test_off_grid_and_gap_fall_back_to_whole_encode(tok: CodecTokenizer, stream_
 def test_codes_for_window(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
     codec = StreamingCodec(tok)
     window = make_window(
-        source_id="mic", seq=0, epoch=0, start_s=2.0, end_s=6.0, captured_at=0.0,
+        source_id="mic", seq=0, epoch=0, start_ms=2000, end_ms=6000, captured_at=0.0,
         level_dbfs=-20.0, audio={SR: stream_audio[HOP : HOP + WIN]},
     )
     assert np.array_equal(codec.codes_for(window), tok.encode(stream_audio[HOP : HOP + WIN]))
