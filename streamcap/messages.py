@@ -78,6 +78,13 @@ class AudioBlock:
         return len(self.samples) / self.sample_rate_hz
 
 
+def _read_only(samples: npt.ArrayLike) -> Float32Array:
+    """A read-only float32 (n,) copy of ``samples``."""
+    arr = np.array(samples, dtype=np.float32, copy=True).reshape(-1)
+    arr.flags.writeable = False
+    return arr
+
+
 def make_block(
     *,
     source_id: str,
@@ -90,13 +97,11 @@ def make_block(
     nonfinite: int = 0,
 ) -> AudioBlock:
     """Build an :class:`AudioBlock`, copying ``samples`` into a read-only float32 array."""
-    arr = np.array(samples, dtype=np.float32, copy=True).reshape(-1)
-    arr.flags.writeable = False
     return AudioBlock(
         source_id=source_id,
         start_sample=start_sample,
         sample_rate_hz=sample_rate_hz,
-        samples=arr,
+        samples=_read_only(samples),
         captured_at=captured_at,
         epoch=epoch,
         overflowed=overflowed,
@@ -192,11 +197,7 @@ def make_window(
     run = new_run_id() if run_id is None else check_run_id(run_id)
     if not 0 <= start_ms <= end_ms:
         raise ValueError(f"window span must have 0 <= start_ms <= end_ms, got [{start_ms}, {end_ms})")
-    frozen: dict[int, Float32Array] = {}
-    for rate, arr in audio.items():
-        a = np.array(arr, dtype=np.float32, copy=True).reshape(-1)
-        a.flags.writeable = False
-        frozen[int(rate)] = a
+    frozen = {int(rate): _read_only(arr) for rate, arr in audio.items()}
     return Window(
         window_id=make_window_id(source_id=source_id, run_id=run, epoch=epoch, start_ms=start_ms),
         source_id=source_id,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 from transformers import DacModel
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
-from streamcap.models.codecs.base import CodecTokens
+from streamcap.models.codecs.base import CodecTokens, EncoderQuantizerTokenizer
 from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer, codec_preset
+from streamcap.models.codecs.encodec import EncodecTokenizer, encodec_preset
 
 torch.set_num_threads(1)
 
@@ -64,15 +67,21 @@ def test_shape_dtype_and_frame_count(tok: CodecTokenizer, n: int) -> None:
 
 
 
-def test_tokens_are_int64_codes_with_their_codec_and_frame_rate(tok: CodecTokenizer) -> None:
+@pytest.mark.parametrize("kind", ["dac", "encodec"])
+def test_tokens_are_int64_codes_with_their_codec_and_frame_rate(
+    tok: CodecTokenizer, kind: str
+) -> None:
+    """CodecTokens, the one codec output type, from either codec (base.py's tokens())."""
+    codec: EncoderQuantizerTokenizer[Any, Any] = (
+        tok if kind == "dac" else EncodecTokenizer(encodec_preset("encodec-tiny")))
     x = _signal(24000 + 17)
-    tokens = tok.tokens(x, start_frame=75)
-    assert tokens.codes.dtype == torch.int64 and tokens.codes.device == tok.device
-    assert tokens.codec_id == tok.codec_id and tokens.frame_rate_hz == 75.0
+    tokens = codec.tokens(x, start_frame=75)
+    assert tokens.codes.dtype == torch.int64 and tokens.codes.device == codec.device
+    assert tokens.codec_id == codec.codec_id and tokens.frame_rate_hz == 75.0
     assert (tokens.start_frame, tokens.n_codebooks, tokens.n_frames) == (75, 4, 76)
     assert tokens.batched().shape == (1, 4, 76)
-    assert np.array_equal(tokens.to_numpy(), tok.encode(x))  # the int16 storage form
-    assert tok.tokens(np.zeros(0, np.float32)).codes.shape == (4, 0)
+    assert np.array_equal(tokens.to_numpy(), codec.encode(x))  # the int16 storage form
+    assert codec.tokens(np.zeros(0, np.float32)).codes.shape == (4, 0)
     with pytest.raises(ModelError, match="int64 codes"):
         CodecTokens(codes=tokens.codes.to(torch.int16), codec_id="x", frame_rate_hz=75.0)
 

@@ -10,7 +10,6 @@ import torch
 from transformers import EncodecModel
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
-from streamcap.models.codecs.base import CodecTokens
 from streamcap.models.codecs.encodec import EncodecCodecConfig, EncodecTokenizer, encodec_preset
 from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
 
@@ -45,18 +44,6 @@ def test_shape_dtype_and_frame_count(tok: EncodecTokenizer, n: int) -> None:
     assert codes.min() >= 0 and codes.max() < 1024
 
 
-
-def test_tokens_are_int64_codes_with_their_codec_and_frame_rate(tok: EncodecTokenizer) -> None:
-    x = _audio(24000 + 17)
-    tokens = tok.tokens(x, start_frame=75)
-    assert tokens.codes.dtype == torch.int64 and tokens.codes.device == tok.device
-    assert tokens.codec_id == tok.codec_id and tokens.frame_rate_hz == 75.0
-    assert (tokens.start_frame, tokens.n_codebooks, tokens.n_frames) == (75, 4, 76)
-    assert tokens.batched().shape == (1, 4, 76)
-    assert np.array_equal(tokens.to_numpy(), tok.encode(x))  # the int16 storage form
-    assert tok.tokens(np.zeros(0, np.float32)).codes.shape == (4, 0)
-    with pytest.raises(ModelError, match="int64 codes"):
-        CodecTokens(codes=tokens.codes.to(torch.int16), codec_id="x", frame_rate_hz=75.0)
 
 def test_empty_and_bad_input(tok: EncodecTokenizer) -> None:
     assert tok.encode(np.zeros(0, np.float32)).shape == (4, 0)
