@@ -117,7 +117,8 @@ def streaming_agreement(
         whole = [tok.encode(x[s : s + int(window_s * SR)]) for s in starts]
     eq_interior, eq_left, eq_right, eq_all = [], [], [], []
     for s, ref in zip(starts, whole, strict=True):
-        got = codec.feed(source_id="bench", epoch=0, start_sample=s, audio=x[s : s + int(window_s * SR)])
+        got = codec.feed(source_id="bench", epoch=0, start_sample=s,
+                         audio=x[s : s + int(window_s * SR)]).to_numpy()
         eq = got == ref
         eq_all.append(eq)
         eq_interior.append(eq[:, edge_frames:-edge_frames])

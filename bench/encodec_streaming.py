@@ -57,7 +57,7 @@ def run(tok: EncodecTokenizer, audio: np.ndarray, options: StreamingOptions, win
     start = 0.0
     while start + window_s <= len(audio) / rate + 1e-9:
         a, b = round(start * rate), round((start + window_s) * rate)
-        got = stream.feed(source_id="s", epoch=0, start_sample=a, audio=audio[a:b])
+        got = stream.feed(source_id="s", epoch=0, start_sample=a, audio=audio[a:b]).to_numpy()
         want = tok.encode(audio[a:b])
         agree.append(got == want)
         start += hop_s

@@ -117,8 +117,8 @@ def make_windows(source_id: str, seconds: float, rates: tuple[int, ...], seed: i
         windows += windower.feed(
             make_block(source_id=source_id, start_sample=start, sample_rate_hz=INPUT_RATE_HZ,
                        samples=signal[start : start + block], captured_at=start / INPUT_RATE_HZ)
-        )
-    return windows + windower.flush()
+        ).windows
+    return [*windows, *windower.flush()]
 
 
 # --------------------------------------------------------------------------- pipelines
@@ -162,15 +162,14 @@ def naive_caption(cap: Captioner, window: Window, decoding: DecodingOptions) -> 
         t = now
 
     codec_rate, mel_rate = c.codec.config.sample_rate_hz, c.retriever.config.audio.mel.sample_rate
-    codes = c.codec.encode(window.samples(codec_rate))  # no cache: the whole window
+    tokens = c.codec.tokens(window.samples(codec_rate))  # no cache: the whole window
     lap("codec")
     wave = torch.tensor(window.samples(mel_rate)).to(device)[None, :]
     with _autocast(device, dtype):
         clip, audio_joint = c.retriever.embed_audio(wave)
     audio_joint = torch.nn.functional.normalize(audio_joint.float(), dim=-1)
     lap("retriever_audio")
-    codes_t = torch.from_numpy(codes.astype(np.int64))[None].to(device)
-    hidden, mask = c.captioner.encode(codes_t, clip.to(dtype))
+    hidden, mask = c.captioner.encode(tokens.batched(), clip.to(dtype))
     lap("encoder")
     bart = c.captioner.bart
     n, new = decoding.n_candidates, decoding.max_new_tokens

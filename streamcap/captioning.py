@@ -111,15 +111,14 @@ def cut_windows(path: Path, blocks: list[AudioBlock], window_s: float, hop_s: fl
         raise SourceError(f"{path}: no audio in the file")
     rate = blocks[0].sample_rate_hz
     total = blocks[-1].start_sample + len(blocks[-1].samples)
-    duration_s = total / rate
     windower = Windower(path.name, window_s, hop_s, rates_hz)
     for block in blocks:
-        yield from windower.feed(block)
+        yield from windower.feed(block).windows
     pad = np.zeros(int(np.ceil((window_s + 1.0) * rate)), dtype=np.float32)
     tail = make_block(source_id=path.name, start_sample=total, sample_rate_hz=rate,
-                      samples=pad, captured_at=blocks[-1].captured_at + duration_s)
-    for window in windower.feed(tail):
-        if window.start_s < duration_s or window.seq == 0:
+                      samples=pad, captured_at=blocks[-1].captured_at + total / rate)
+    for window in windower.feed(tail).windows:
+        if window.start_sample(rate) < total or window.seq == 0:  # starts inside the file
             yield window
 
 

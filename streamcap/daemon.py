@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from streamcap import systemd
 from streamcap.audio.watchdog import WatchdogOptions
-from streamcap.audio.windowing import Windower
+from streamcap.audio.windowing import RestartReason, Windower
 from streamcap.bus import PluginBus
 from streamcap.bus.plugin import Sink, sink_endpoint
 from streamcap.config import Config, SourceConfig, default_config, parse_config
@@ -121,46 +121,6 @@ SINKS_SHARE = 0.9
 
 MAX_GAP_S = 10.0
 """Lost input up to this long inside one epoch is filled with silence; longer starts afresh."""
-
-
-class SourceWindows:
-    """A source's windower that survives a gap too long to fill with silence.
-
-    The windower refuses a gap longer than its ``max_gap_s`` (hours of silent
-    windows would follow). Then the audio after the gap starts a new window
-    epoch of its own, as after a source restart, so nothing spans the gap and
-    nothing is lost after it.
-    """
-
-    def __init__(self, windower: Windower) -> None:
-        self.windower = windower
-        self._mapping: dict[int, tuple[int, int]] = {}  # source epoch -> (window epoch, offset)
-        self._next_epoch = 0
-        self.gaps = 0
-
-    def feed(self, block: AudioBlock) -> list[Window]:
-        mapped = self._mapping.get(block.epoch)
-        if mapped is None:
-            mapped = self._restart(block, 0)
-        try:
-            return self.windower.feed(self._rebase(block, mapped))
-        except ValueError as exc:
-            self.gaps += 1
-            _log.warning("audio gap: restarting windows", source=block.source_id, detail=str(exc))
-            return self.windower.feed(self._rebase(block, self._restart(block, block.start_sample)))
-
-    def _restart(self, block: AudioBlock, offset: int) -> tuple[int, int]:
-        mapped = (self._next_epoch, offset)
-        self._next_epoch += 1
-        self._mapping = {block.epoch: mapped}
-        return mapped
-
-    @staticmethod
-    def _rebase(block: AudioBlock, mapped: tuple[int, int]) -> AudioBlock:
-        epoch, offset = mapped
-        if epoch == block.epoch and offset == 0:
-            return block
-        return dataclasses.replace(block, epoch=epoch, start_sample=block.start_sample - offset)
 
 
 class Daemon:
@@ -245,11 +205,15 @@ class Daemon:
         if previous is None or previous.state != status.state or previous.reason != status.reason:
             self._publish(status)
 
-    def _block_handler(self, windows: SourceWindows) -> Callable[[AudioBlock], None]:
+    def _block_handler(self, windower: Windower) -> Callable[[AudioBlock], None]:
         def on_block(block: AudioBlock) -> None:
             if block.nonfinite:
                 self._nonfinite.inc(block.nonfinite, block.source_id)
-            for window in windows.feed(block):
+            cut = windower.feed(block)  # a ValueError is a bug: it propagates
+            if cut.restart is not None and cut.restart.reason is RestartReason.GAP:
+                _log.warning("audio gap: restarting windows", source=block.source_id,
+                             epoch=cut.restart.epoch, detail=cut.restart.detail)
+            for window in cut.windows:
                 self._windows.inc(1, window.source_id)
                 if self.queue.closed:
                     continue
@@ -363,8 +327,8 @@ class Daemon:
             for name, src in self.config.sources.items():
                 from streamcap.sources.supervisor import SourceSupervisor
 
-                windower = SourceWindows(Windower(name, src.window_s, src.hop_s, rates,
-                                                  max_gap_s=MAX_GAP_S, run_id=self.run_id))
+                windower = Windower(name, src.window_s, src.hop_s, rates,
+                                    max_gap_s=MAX_GAP_S, run_id=self.run_id)
                 sup = SourceSupervisor(self._factories[name], name, _watchdog_options(src))
                 supervisors.append(sup.start(self._block_handler(windower), self._on_status))
             ready = asyncio.create_task(self.bus.wait_ready(), name="streamcap[bus].ready")

@@ -3,9 +3,9 @@
 Only these types travel between a source, the windower, the inference
 worker and the sinks. Arrays are made read-only by the factory functions
 (``make_block``, ``make_window``): ``frozen=True`` alone would not protect
-their contents. Times named ``*_s`` are seconds on the source's stream
-clock (sample index / sample rate); times named ``*_at`` are wall-clock
-UNIX seconds (UTC).
+their contents. Times named ``*_ms`` are exact integer milliseconds and
+``*_s`` seconds on the source's stream clock (sample index / sample rate);
+times named ``*_at`` are wall-clock UNIX seconds (UTC).
 """
 
 from __future__ import annotations
@@ -78,6 +78,13 @@ class AudioBlock:
         return len(self.samples) / self.sample_rate_hz
 
 
+def _read_only(samples: npt.ArrayLike) -> Float32Array:
+    """A read-only float32 (n,) copy of ``samples``."""
+    arr = np.array(samples, dtype=np.float32, copy=True).reshape(-1)
+    arr.flags.writeable = False
+    return arr
+
+
 def make_block(
     *,
     source_id: str,
@@ -90,13 +97,11 @@ def make_block(
     nonfinite: int = 0,
 ) -> AudioBlock:
     """Build an :class:`AudioBlock`, copying ``samples`` into a read-only float32 array."""
-    arr = np.array(samples, dtype=np.float32, copy=True).reshape(-1)
-    arr.flags.writeable = False
     return AudioBlock(
         source_id=source_id,
         start_sample=start_sample,
         sample_rate_hz=sample_rate_hz,
-        samples=arr,
+        samples=_read_only(samples),
         captured_at=captured_at,
         epoch=epoch,
         overflowed=overflowed,
@@ -108,25 +113,47 @@ def make_block(
 class Window:
     """A ``window_s``-long slice cut every ``hop_s``; the unit of captioning.
 
+    Timebase: the window covers ``[start_ms, end_ms)`` milliseconds of its
+    epoch's stream clock, exact integers. At a sample rate ``r`` its audio is
+    the epoch's stream samples ``[start_sample(r), end_sample(r))``, with
+    ``start_sample(r) = ceil(start_ms * r / 1000)`` (the windower's index
+    rule), so positions at any rate are exact integers, never a float round
+    trip. ``start_s``/``end_s`` are derived from the milliseconds.
+
     ``audio`` maps each sample rate the models asked for to the window's
-    samples at that rate (float32 (n,), read-only). Every rate covers the
-    same stream interval ``[start_s, end_s)``.
+    samples at that rate (float32 (n,), read-only).
     """
 
     window_id: str  # make_window_id(): f"{source_id}:{run_id}:{epoch}:{start_ms}"
     source_id: str
     seq: int  # per source, +1 per window; starts at 0 with each run
-    epoch: int
-    start_s: float
-    end_s: float
+    epoch: int  # the windower's clock epoch: +1 at each restart of the stream clock
+    start_ms: int  # on the epoch's stream clock
+    end_ms: int
     captured_at: float  # wall clock of the window's first sample
     level_dbfs: float  # RMS level of the window
     audio: Mapping[int, Float32Array]
     run_id: str  # the daemon run that cut it (fresh and random at each start)
 
     @property
+    def start_s(self) -> float:
+        return self.start_ms / 1000
+
+    @property
+    def end_s(self) -> float:
+        return self.end_ms / 1000
+
+    @property
     def duration_s(self) -> float:
-        return self.end_s - self.start_s
+        return (self.end_ms - self.start_ms) / 1000
+
+    def start_sample(self, sample_rate_hz: int) -> int:
+        """Index of the window's first sample on its epoch's stream at ``sample_rate_hz``."""
+        return sample_index(self.start_ms, sample_rate_hz)
+
+    def end_sample(self, sample_rate_hz: int) -> int:
+        """Index one past the window's last sample on its epoch's stream at ``sample_rate_hz``."""
+        return sample_index(self.end_ms, sample_rate_hz)
 
     def samples(self, sample_rate_hz: int) -> Float32Array:
         """The window's samples at ``sample_rate_hz``; ``KeyError`` names the rates on offer."""
@@ -139,13 +166,21 @@ class Window:
             ) from None
 
 
+def sample_index(ms: int, sample_rate_hz: int) -> int:
+    """The first sample at ``sample_rate_hz`` whose time is at or after ``ms`` milliseconds.
+
+    ``ceil(ms * rate / 1000)`` in integers: the index rule every window follows.
+    """
+    return -((-ms * sample_rate_hz) // 1000)
+
+
 def make_window(
     *,
     source_id: str,
     seq: int,
     epoch: int,
-    start_s: float,
-    end_s: float,
+    start_ms: int,
+    end_ms: int,
     captured_at: float,
     level_dbfs: float,
     audio: Mapping[int, npt.ArrayLike],
@@ -157,22 +192,19 @@ def make_window(
     run of its own). See :func:`make_window_id`.
 
     Raises:
-        ValueError: ``run_id`` is not a valid run id.
+        ValueError: ``run_id`` is not a valid run id, or not ``0 <= start_ms <= end_ms``.
     """
     run = new_run_id() if run_id is None else check_run_id(run_id)
-    frozen: dict[int, Float32Array] = {}
-    for rate, arr in audio.items():
-        a = np.array(arr, dtype=np.float32, copy=True).reshape(-1)
-        a.flags.writeable = False
-        frozen[int(rate)] = a
-    start_ms = round(start_s * 1000)
+    if not 0 <= start_ms <= end_ms:
+        raise ValueError(f"window span must have 0 <= start_ms <= end_ms, got [{start_ms}, {end_ms})")
+    frozen = {int(rate): _read_only(arr) for rate, arr in audio.items()}
     return Window(
         window_id=make_window_id(source_id=source_id, run_id=run, epoch=epoch, start_ms=start_ms),
         source_id=source_id,
         seq=seq,
         epoch=epoch,
-        start_s=start_s,
-        end_s=end_s,
+        start_ms=start_ms,
+        end_ms=end_ms,
         captured_at=captured_at,
         level_dbfs=level_dbfs,
         audio=types.MappingProxyType(frozen),

@@ -37,7 +37,7 @@ def one_window(captioner: Captioner) -> Window:
     windower = Windower("s", 10.0, 10.0, captioner.sample_rates_hz)
     block = make_block(source_id="s", start_sample=0, sample_rate_hz=RATE, samples=audio,
                        captured_at=0.0)
-    [window] = windower.feed(block)
+    [window] = windower.feed(block).windows
     return window
 
 

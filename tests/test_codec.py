@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 from transformers import DacModel
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
+from streamcap.models.codecs.base import CodecTokens, EncoderQuantizerTokenizer
 from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer, codec_preset
+from streamcap.models.codecs.encodec import EncodecTokenizer, encodec_preset
 
 torch.set_num_threads(1)
 
@@ -61,6 +65,25 @@ def test_shape_dtype_and_frame_count(tok: CodecTokenizer, n: int) -> None:
     assert codes.shape == (4, -(-n // 320))
     assert codes.min() >= 0 and codes.max() < 1024
 
+
+
+@pytest.mark.parametrize("kind", ["dac", "encodec"])
+def test_tokens_are_int64_codes_with_their_codec_and_frame_rate(
+    tok: CodecTokenizer, kind: str
+) -> None:
+    """CodecTokens, the one codec output type, from either codec (base.py's tokens())."""
+    codec: EncoderQuantizerTokenizer[Any, Any] = (
+        tok if kind == "dac" else EncodecTokenizer(encodec_preset("encodec-tiny")))
+    x = _signal(24000 + 17)
+    tokens = codec.tokens(x, start_frame=75)
+    assert tokens.codes.dtype == torch.int64 and tokens.codes.device == codec.device
+    assert tokens.codec_id == codec.codec_id and tokens.frame_rate_hz == 75.0
+    assert (tokens.start_frame, tokens.n_codebooks, tokens.n_frames) == (75, 4, 76)
+    assert tokens.batched().shape == (1, 4, 76)
+    assert np.array_equal(tokens.to_numpy(), codec.encode(x))  # the int16 storage form
+    assert codec.tokens(np.zeros(0, np.float32)).codes.shape == (4, 0)
+    with pytest.raises(ModelError, match="int64 codes"):
+        CodecTokens(codes=tokens.codes.to(torch.int16), codec_id="x", frame_rate_hz=75.0)
 
 def test_empty_and_bad_input(tok: CodecTokenizer) -> None:
     assert tok.encode(np.zeros(0, dtype=np.float32)).shape == (4, 0)

@@ -8,7 +8,7 @@ import torch
 
 from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import make_window
-from streamcap.models.codecs.dac import CodecTokenizer, codec_preset
+from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer, CodecTokens, codec_preset
 from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
 
 torch.set_num_threads(1)
@@ -35,7 +35,9 @@ def _run(tok: CodecTokenizer, x: np.ndarray, options: StreamingOptions) -> list[
     pairs = []
     for start in range(0, len(x) - WIN + 1, HOP):
         a = x[start : start + WIN]
-        pairs.append((codec.feed(source_id="s", epoch=0, start_sample=start, audio=a), tok.encode(a)))
+        got = codec.feed(source_id="s", epoch=0, start_sample=start, audio=a)
+        assert got.start_frame == start // 320 and got.codec_id == tok.codec_id
+        pairs.append((got.codes.numpy(), tok.tokens(a).codes.numpy()))
     return pairs
 
 
@@ -43,7 +45,7 @@ def test_streamed_codes_equal_whole_window_codes(tok: CodecTokenizer, stream_aud
     pairs = _run(tok, stream_audio, StreamingOptions())
     assert len(pairs) == 6
     for got, ref in pairs:
-        assert got.shape == ref.shape == (4, WIN // 320) and got.dtype == np.int16
+        assert got.shape == ref.shape == (4, WIN // 320) and got.dtype == np.int64
         assert (got[:, 12:-12] == ref[:, 12:-12]).mean() >= 0.998  # interior (at most one flip per window)
         assert (got == ref).mean() >= 0.998  # exact_edges: the window edges too
 
@@ -82,7 +84,7 @@ def test_epoch_reset_and_sources_apart(tok: CodecTokenizer, stream_audio: np.nda
     # Same start index, new epoch: the old epoch's cache must not leak into these codes.
     got = codec.feed(source_id="s", epoch=1, start_sample=HOP, audio=b)
     assert codec.stats.resets == 1
-    assert np.array_equal(got, tok.encode(b))
+    assert torch.equal(got.codes, tok.tokens(b).codes)
     assert codec.cached_frames("s")[0] == HOP // 320 + 10
     assert codec.cached_frames("other")[0] == 10
     codec.reset("s")
@@ -101,19 +103,62 @@ def test_off_grid_and_gap_fall_back_to_whole_encode(tok: CodecTokenizer, stream_
     codec = StreamingCodec(tok)
     codec.feed(source_id="s", epoch=0, start_sample=0, audio=stream_audio[:WIN])
     off = stream_audio[HOP + 100 : HOP + 100 + WIN]
-    assert np.array_equal(codec.feed(source_id="s", epoch=0, start_sample=HOP + 100, audio=off), tok.encode(off))
+    got = codec.feed(source_id="s", epoch=0, start_sample=HOP + 100, audio=off)
+    assert got.start_frame is None and torch.equal(got.codes, tok.tokens(off).codes)
     far = stream_audio[5 * HOP : 5 * HOP + WIN]
-    assert np.array_equal(codec.feed(source_id="s", epoch=0, start_sample=5 * HOP, audio=far), tok.encode(far))
+    got = codec.feed(source_id="s", epoch=0, start_sample=5 * HOP, audio=far)
+    assert got.start_frame == 5 * HOP // 320 and torch.equal(got.codes, tok.tokens(far).codes)
     assert codec.stats.whole_encodes == 2
 
 
-def test_codes_for_window(tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+def test_codes_for_window_take_its_exact_start_sample(
+    tok: CodecTokenizer, stream_audio: np.ndarray
+) -> None:
+    """A window's start at the codec rate comes from its integer timebase (milliseconds ->
+    samples, no seconds in between): windows far into a stream land on the frame grid and
+    continue the cache."""
     codec = StreamingCodec(tok)
-    window = make_window(
-        source_id="mic", seq=0, epoch=0, start_s=2.0, end_s=6.0, captured_at=0.0,
-        level_dbfs=-20.0, audio={SR: stream_audio[HOP : HOP + WIN]},
-    )
-    assert np.array_equal(codec.codes_for(window), tok.encode(stream_audio[HOP : HOP + WIN]))
+    base_ms = 1_234_560  # 20 min 34.56 s: 29,629,440 samples, frame 92,592 at 24 kHz
+    for i in range(3):
+        start_ms = base_ms + i * HOP // 24
+        a = stream_audio[i * HOP : i * HOP + WIN]
+        window = make_window(
+            source_id="mic", seq=i, epoch=0, start_ms=start_ms, end_ms=start_ms + WIN // 24,
+            captured_at=0.0, level_dbfs=-20.0, audio={SR: a},
+        )
+        assert window.start_sample(SR) == start_ms * 24
+        got = codec.codes_for(window)
+        assert got.start_frame == start_ms * 24 // 320
+        assert (got.codes.numpy() == tok.tokens(a).codes.numpy()).mean() >= 0.998
+    assert codec.stats.whole_encodes == 0  # every window continued the cache
+
+
+class _MetaTokenizer:
+    """A codec whose codes live on the "meta" device: any copy to the host would fail."""
+
+    def __init__(self) -> None:
+        self.config: CodecConfig = codec_preset("tiny")
+        self.device = torch.device("meta")
+        self.codec_id = self.config.codec_id
+        self.frame_rate_hz = self.config.frame_rate_hz
+
+    def tokens(self, audio: np.ndarray, *, start_frame: int | None = 0) -> CodecTokens:
+        n = self.config.n_frames(len(audio))
+        return CodecTokens(codes=torch.zeros((4, n), dtype=torch.int64, device=self.device),
+                           codec_id=self.codec_id, frame_rate_hz=self.frame_rate_hz,
+                           start_frame=start_frame)
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        raise AssertionError("the streaming cache must not ask for host codes")
+
+
+def test_streamed_codes_never_leave_the_device(stream_audio: np.ndarray) -> None:
+    codec = StreamingCodec(_MetaTokenizer())  # type: ignore[arg-type]
+    for start in (0, HOP, 2 * HOP, 2 * HOP + 100):
+        got = codec.feed(source_id="s", epoch=0, start_sample=start,
+                         audio=stream_audio[start : start + WIN])
+        assert got.codes.device.type == "meta" and got.codes.dtype == torch.int64
+        assert got.batched().shape == (1, 4, WIN // 320)
 
 
 def test_bad_options_and_input(tok: CodecTokenizer) -> None:

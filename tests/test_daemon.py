@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -231,6 +232,84 @@ def test_serve_exits_the_process_when_a_task_and_the_inference_thread_are_stuck(
     assert "EXIT" not in out  # serve() does not return: the process leaves at once
     assert "streamcap[source:deaf].supervisor" in out
     assert "streamcap-infer" in out
+
+
+class ScriptedSource:
+    """Delivers 0.5 s blocks of a tone at the given ``start_sample``s, then ends."""
+
+    def __init__(self, source_id: str, starts: list[int]) -> None:
+        self.source_id = source_id
+        self.starts = starts
+
+    async def blocks(self) -> AsyncIterator[AudioBlock]:
+        n = RATE // 2
+        t = np.arange(n) / RATE
+        for start in self.starts:
+            await asyncio.sleep(0)
+            yield make_block(source_id=self.source_id, start_sample=start, sample_rate_hz=RATE,
+                             samples=(0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32),
+                             captured_at=1.7e9 + start / RATE)
+
+
+async def _cut_windows(tmp_path: Path, runtime: InferenceRuntime, starts: list[int],
+                       capfd: pytest.CaptureFixture[str],
+                       ) -> tuple[list[Window], list[dict[str, Any]]]:
+    """Run a daemon whose one source delivers blocks at ``starts`` until it ends: the
+    windows it cut and the log events (the daemon logs JSON lines to stderr)."""
+    daemon, _ = make_daemon(tmp_path, runtime, StuckCaptioner())
+    daemon._factories["tone"] = lambda: ScriptedSource("tone", starts)
+    cut: list[Window] = []
+    offer = daemon.queue.offer
+
+    def record(window: Window) -> None:
+        cut.append(window)
+        offer(window)
+
+    daemon.queue.offer = record  # type: ignore[method-assign]
+    run = asyncio.create_task(daemon.run())
+    done, _ = await asyncio.wait([run], timeout=WAIT_S)
+    assert done, "the daemon did not stop when its only source ended"
+    lines = capfd.readouterr().err.splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    return cut, events
+
+
+async def test_a_long_gap_restarts_the_window_clock_after_it(
+        tmp_path: Path, runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """12 s of audio, 20 s lost (above MAX_GAP_S), 12 s more: the audio after the gap is
+    windowed from 0 in epoch 1, nothing spans the gap, and the gap is logged."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    half = RATE // 2
+    starts = [i * half for i in range(24)] + [(24 + 40 + i) * half for i in range(24)]
+    cut, events = await _cut_windows(tmp_path, runtime, starts, capfd)
+    run_id = cut[0].run_id
+    epochs = [(w.epoch, w.start_ms) for w in cut]
+    assert epochs == [(0, 0), (0, 1000), (0, 2000), (1, 0), (1, 1000), (1, 2000)], epochs
+    assert [w.seq for w in cut] == list(range(6))
+    assert cut[3].window_id == f"tone:{run_id}:1:0"
+    assert cut[3].captured_at == pytest.approx(1.7e9 + 32.0)
+    gaps = [e for e in events if e["event"] == "audio gap: restarting windows"]
+    assert len(gaps) == 1 and gaps[0]["epoch"] == 1 and "max_gap_s=10" in gaps[0]["detail"]
+
+
+async def test_a_source_bug_is_not_turned_into_a_restart(
+        tmp_path: Path, runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A block that goes back in time within one source clock is a bug: it fails the
+    source's task with the windower's error instead of starting new windows over and over."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    half = RATE // 2
+    starts = [i * half for i in range(24)] + [i * half for i in range(24)]
+    cut, events = await _cut_windows(tmp_path, runtime, starts, capfd)
+    assert [(w.epoch, w.start_ms) for w in cut] == [(0, 0), (0, 1000), (0, 2000)]
+    assert not [e for e in events if e["event"] == "audio gap: restarting windows"]
+    failed = [e for e in events if e["event"] == "task failed"]
+    assert len(failed) == 1, events
+    assert failed[0]["task"] == "streamcap[source:tone].supervisor"
+    assert "ValueError" in failed[0]["error"] and "overlaps" in failed[0]["error"]
 
 
 # --------------------------------------------------------------------------- seams

@@ -41,7 +41,8 @@ T0 = 1_000_000.0  # wall clock of the first window's first sample
 def window(seq: int, source: str = "s") -> Window:
     """Window ``seq`` of a 10 s / 5 s hop stream that started at ``T0``."""
     start = seq * HOP_S
-    return make_window(source_id=source, seq=seq, epoch=0, start_s=start, end_s=start + WINDOW_S,
+    return make_window(source_id=source, seq=seq, epoch=0, start_ms=round(start * 1000),
+                       end_ms=round((start + WINDOW_S) * 1000),
                        captured_at=T0 + start, level_dbfs=-20.0,
                        audio={RATE: np.zeros(8, dtype=np.float32)})
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from streamcap.audio import resample as resample_module
 from streamcap.audio.dsp import rms_dbfs
 from streamcap.audio.resample import resample
-from streamcap.audio.windowing import Windower
+from streamcap.audio.windowing import RestartReason, Windower
 from streamcap.messages import AudioBlock, Window, make_block
 
 IN_RATES = [8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 96000]
@@ -53,7 +53,9 @@ def _blocks(
 def _run(w: Windower, blocks: Sequence[AudioBlock], *, flush: bool = True) -> list[Window]:
     windows: list[Window] = []
     for b in blocks:
-        windows.extend(w.feed(b))
+        cut = w.feed(b)
+        assert cut.restart is None
+        windows.extend(cut.windows)
     if flush:
         windows.extend(w.flush())
     return windows
@@ -95,12 +97,13 @@ def test_windows_are_exact_slices_of_the_resampled_stream(
     for k, win in enumerate(windows):
         assert win.seq == k
         assert win.epoch == 0
-        assert win.start_s == pytest.approx(k * hop_ms / 1000)
-        assert win.end_s == pytest.approx((k * hop_ms + window_ms) / 1000)
+        assert (win.start_ms, win.end_ms) == (k * hop_ms, k * hop_ms + window_ms)
+        assert win.start_s == k * hop_ms / 1000 and win.end_s == (k * hop_ms + window_ms) / 1000
         assert win.window_id == f"mic:run1:0:{k * hop_ms}" and win.run_id == "run1"
         for r in rates:
             start = -(-k * hop_ms * r // 1000)
             end = -(-(k * hop_ms + window_ms) * r // 1000)
+            assert (win.start_sample(r), win.end_sample(r)) == (start, end)
             np.testing.assert_allclose(win.samples(r), refs[r][start:end], rtol=0, atol=1e-6)
         assert win.captured_at == pytest.approx(T0 + k * hop_ms / 1000, abs=1e-6)
         assert win.level_dbfs == pytest.approx(rms_dbfs(win.samples(rates[0])))
@@ -177,7 +180,11 @@ def test_epoch_change_resets_clock_but_not_seq() -> None:
     w = Windower("mic", 0.3, 0.3, (24000,), run_id="r0")
     first = _run(w, _blocks(a, 16000, [1000]), flush=False)
     assert [win.seq for win in first] == [0, 1, 2]  # 1.0 s of audio; 0.9-1.2 s is incomplete
-    second = _run(w, _blocks(b, 16000, [777], epoch=1), flush=True)
+    blocks = _blocks(b, 16000, [777], epoch=1)
+    cut = w.feed(blocks[0])
+    assert cut.restart is not None and cut.restart.reason is RestartReason.SOURCE_RESTART
+    assert cut.restart.epoch == 1 and w.restarts[RestartReason.SOURCE_RESTART] == 1
+    second = [*cut.windows, *_run(w, blocks[1:], flush=True)]
     assert [win.seq for win in second] == [3, 4]  # 0.75 s: 0.6-0.9 s never completes
     assert [win.epoch for win in second] == [1, 1]
     assert [win.start_s for win in second] == [0.0, 0.3]
@@ -191,8 +198,12 @@ def test_epoch_change_resets_clock_but_not_seq() -> None:
 def test_new_epoch_may_change_the_input_rate() -> None:
     w = Windower("mic", 0.2, 0.2, (16000,))
     _run(w, _blocks(_signal(5, 4800), 48000, [480]), flush=False)
-    out = _run(w, _blocks(_signal(6, 8000), 8000, [800], epoch=2))
-    assert [win.epoch for win in out] == [2] * 5
+    blocks = _blocks(_signal(6, 8000), 8000, [800], epoch=2)
+    first = w.feed(blocks[0])
+    assert first.restart is not None and first.restart.epoch == 1
+    out = [*first.windows, *_run(w, blocks[1:])]
+    # The windower counts its own epochs: the source's epoch 2 is window epoch 1.
+    assert [win.epoch for win in out] == [1] * 5
     assert all(win.samples(16000).size == 3200 for win in out)
 
 
@@ -225,27 +236,68 @@ def _blk(
     )
 
 
-def test_large_gap_overlap_and_bad_blocks_raise() -> None:
+def test_overlap_and_bad_blocks_raise() -> None:
     w = Windower("mic", 0.2, 0.1, (16000,), max_gap_s=0.5)
     w.feed(_blk(0, n=1600))
     with pytest.raises(ValueError, match="overlaps"):
         w.feed(_blk(1000))
-    with pytest.raises(ValueError, match="max_gap_s"):
-        w.feed(_blk(1600 + 8001))
-    w.feed(_blk(1600 + 8000))  # exactly max_gap_s is zero-filled
-    assert w.gap_samples_filled == 8000
+    cut = w.feed(_blk(1600 + 8000))  # exactly max_gap_s is zero-filled
+    assert cut.restart is None and w.gap_samples_filled == 8000
     with pytest.raises(ValueError, match="sample_rate_hz"):
         w.feed(_blk(9610, rate=8000))
     with pytest.raises(ValueError, match="'other'"):
         w.feed(_blk(9610, source="other"))
-    w.feed(_blk(0, epoch=3))
+    assert w.feed(_blk(0, epoch=3)).restart is not None
     with pytest.raises(ValueError, match="older"):
         w.feed(_blk(0, epoch=2))
     w.flush()
+    assert w.epoch is None
     with pytest.raises(ValueError, match="flushed"):
         w.feed(_blk(10, epoch=3))
-    w.reset()
-    assert w.feed(_blk(0, epoch=0)) == []
+    assert w.feed(_blk(0, epoch=4)).restart is not None
+    assert w.restarts == {RestartReason.SOURCE_RESTART: 2, RestartReason.GAP: 0}
+
+
+def test_a_gap_above_max_gap_s_restarts_the_clock_at_the_block_after_it() -> None:
+    a = _signal(8, 8000)
+    b = _signal(9, 9000)
+    w = Windower("mic", 0.25, 0.125, (24000,), max_gap_s=0.5, run_id="r")
+    before = _run(w, _blocks(a, 16000, [400]), flush=False)
+    after_blocks = [make_block(source_id="mic", start_sample=blk.start_sample + 8000 + 8001,
+                               sample_rate_hz=16000, samples=blk.samples,
+                               captured_at=blk.captured_at + 2.0)
+                    for blk in _blocks(b, 16000, [500])]
+    cut = w.feed(after_blocks[0])
+    assert cut.restart is not None
+    assert (cut.restart.reason, cut.restart.epoch) == (RestartReason.GAP, 1)
+    assert cut.restart.lost_s == pytest.approx(8001 / 16000)
+    assert "max_gap_s" in cut.restart.detail
+    assert w.restarts[RestartReason.GAP] == 1 and w.gaps_filled == 0
+    after = [*cut.windows, *_run(w, after_blocks[1:], flush=False)]
+    # Nothing spans the gap and nothing after it is lost: the audio after the gap is
+    # windowed exactly as a fresh stream, in epoch 1, its clock at 0 at the block.
+    alone = _run(Windower("mic", 0.25, 0.125, (24000,), run_id="r"),
+                 _blocks(b, 16000, [500]), flush=False)
+    assert [win.window_id for win in after] == [
+        win.window_id.replace(":r:0:", ":r:1:") for win in alone]
+    assert [win.seq for win in after] == list(range(len(before), len(before) + len(alone)))
+    assert after[0].captured_at == pytest.approx(T0 + 2.0)
+    for got, ref in zip(after, alone, strict=True):
+        np.testing.assert_array_equal(got.samples(24000), ref.samples(24000))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_samples_are_a_bug_not_a_restart(bad: float) -> None:
+    w = Windower("mic", 0.2, 0.1, (16000,))
+    w.feed(_blk(0, n=1600))
+    samples = np.zeros(160, dtype=np.float32)
+    samples[7] = bad
+    block = make_block(source_id="mic", start_sample=1600, sample_rate_hz=16000,
+                       samples=samples, captured_at=T0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        w.feed(block)
+    assert w.restarts == {RestartReason.SOURCE_RESTART: 0, RestartReason.GAP: 0}
+    assert w.feed(_blk(1600, n=1600)).restart is None  # the clock was not touched
 
 
 @pytest.mark.parametrize(

@@ -27,15 +27,26 @@ the resamplers' look-ahead (:attr:`StreamResampler.lookahead_in` input
 samples past its end). :meth:`Windower.flush` pads the end of the stream
 with zeros so that the last whole windows come out.
 
-Gaps and epochs. A block whose ``start_sample`` is ahead of the next expected
-sample (lost input) is preceded by zeros if the gap is at most ``max_gap_s``;
-the gap is counted in :attr:`Windower.gaps_filled` and
-:attr:`Windower.gap_samples_filled`. A larger gap, a block that overlaps or
-goes back in time, a sample-rate change within an epoch, an epoch lower than
-the current one, or a block of an epoch already flushed raises ``ValueError``:
-a source that restarts must start a new epoch. A new epoch resets the stream
-clock, the resamplers and the buffers and drops the incomplete windows of the
-old one; audio never spans epochs. ``seq`` is never reset.
+Epochs and restarts. The windower owns the window clock: its epochs count
+0, 1, 2, ... per windower and start the stream clock (and ``start_ms``)
+afresh. A new epoch starts, and :meth:`Windower.feed` reports it as a
+:class:`Restart` in its :class:`Windowed` result, when
+
+* the source started a new clock (``AudioBlock.epoch`` changed: the
+  supervisor restarted it), reason :attr:`RestartReason.SOURCE_RESTART`;
+* a block's ``start_sample`` is ahead of the next expected sample by more
+  than ``max_gap_s`` (lost input; hours of silent windows would follow),
+  reason :attr:`RestartReason.GAP`: the new epoch starts at that block.
+
+A shorter forward gap is filled with zeros and counted in
+:attr:`Windower.gaps_filled` and :attr:`Windower.gap_samples_filled`. A new
+epoch resets the resamplers and the buffers and drops the incomplete windows
+of the old one; audio never spans epochs. ``seq`` and the epoch counter are
+never reset. Input that no source produces is a bug and raises
+``ValueError``, never a restart: a block of another source, one that overlaps
+audio already fed, a sample-rate change within a source clock, a source clock
+older than the current one, a block of a clock already flushed, or samples
+that are NaN or infinite (sources replace those by silence).
 
 Window ids. Every window carries the windower's ``run_id`` (the daemon draws
 a fresh random one at each start) and ``window_id`` is
@@ -48,6 +59,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
 from fractions import Fraction
 
 import numpy as np
@@ -62,7 +75,33 @@ from streamcap.messages import (
     check_run_id,
     make_window,
     new_run_id,
+    sample_index,
 )
+
+
+class RestartReason(StrEnum):
+    """Why the windower started a new epoch."""
+
+    SOURCE_RESTART = "source_restart"  # the source started a new clock (AudioBlock.epoch)
+    GAP = "gap"  # lost input longer than max_gap_s
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Restart:
+    """A new window epoch: the stream clock starts again at 0 with the block that caused it."""
+
+    reason: RestartReason
+    epoch: int  # the new window epoch
+    detail: str  # human-readable: what was seen
+    lost_s: float = 0.0  # input lost in a gap (seconds at the input rate); 0 for a source restart
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Windowed:
+    """What one :meth:`Windower.feed` produced: the completed windows and any restart."""
+
+    windows: tuple[Window, ...] = ()
+    restart: Restart | None = None  # set when this block started a new epoch (not the first)
 
 
 def _whole_ms(value: float, field: str) -> int:
@@ -76,10 +115,6 @@ def _whole_ms(value: float, field: str) -> int:
     return int(ms)
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -((-a) // b)
-
-
 class Windower:
     """Cuts one source's blocks into ``window_s`` windows every ``hop_s``.
 
@@ -90,7 +125,8 @@ class Windower:
             milliseconds (``hop_s > window_s`` leaves audio between windows unused).
         rates_hz: sample rates every window carries, distinct positive ints; the
             first one is the rate ``level_dbfs`` is measured at.
-        max_gap_s: longest forward gap in ``start_sample`` that is zero-filled.
+        max_gap_s: longest forward gap in ``start_sample`` that is zero-filled; a
+            longer one starts a new epoch.
         run_id: the daemon run's id, part of every ``window_id``; None draws a
             fresh random one (a run of its own).
 
@@ -131,16 +167,18 @@ class Windower:
         """Forward gaps zero-filled since construction."""
         self.gap_samples_filled = 0
         """Input samples of zeros inserted for those gaps."""
-        self._epoch: int | None = None
-        self._last_epoch: int | None = None
-        self._flushed = False
+        self.restarts: dict[RestartReason, int] = dict.fromkeys(RestartReason, 0)
+        """New epochs started after the first, by reason."""
+        self._epoch = -1  # the current window epoch; -1 before the first block
+        self._source_epoch: int | None = None  # AudioBlock.epoch of the current source clock
+        self._flushed = False  # the current source clock was flushed
         self._in_rate = 0  # input rate of the current epoch; 0 between epochs
-        self._next_input = 0  # next expected input sample index of the epoch
+        self._origin = 0  # source start_sample at which the current epoch's clock is 0
+        self._next_input = 0  # next expected input sample index, on the epoch's clock
         self._next_k = 0  # index of the next window of the epoch
-        self._anchors: deque[tuple[int, float]] = deque()  # (start_sample, captured_at)
+        self._anchors: deque[tuple[int, float]] = deque()  # (epoch sample, captured_at)
         self._resamplers: dict[int, StreamResampler] = {}
         self._rings: dict[int, RingBuffer] = {}
-        self.reset()
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -151,8 +189,8 @@ class Windower:
 
     @property
     def epoch(self) -> int | None:
-        """The epoch being windowed, or None before the first block / after reset or flush."""
-        return self._epoch
+        """The window epoch being cut, or None before the first block and after a flush."""
+        return self._epoch if self._in_rate else None
 
     def buffer_capacity(self, rate_hz: int) -> int:
         """Samples the ring buffer of ``rate_hz`` can hold now (0 between epochs)."""
@@ -162,96 +200,122 @@ class Windower:
     def window_indices(self, k: int, rate_hz: int) -> tuple[int, int]:
         """``(start, end)`` sample indices of window ``k`` of an epoch at ``rate_hz``."""
         t0 = k * self.hop_ms
-        return _ceil_div(t0 * rate_hz, 1000), _ceil_div((t0 + self.window_ms) * rate_hz, 1000)
+        return sample_index(t0, rate_hz), sample_index(t0 + self.window_ms, rate_hz)
 
-    def reset(self) -> None:
-        """Forget the current epoch and all buffered audio; ``seq`` and the gap counters stay."""
-        self._epoch = None
-        self._last_epoch = None
-        self._flushed = False
-        self._clear_epoch_state(in_rate=0)
-
-    def feed(self, block: AudioBlock) -> list[Window]:
-        """Take the next block of the source and return the windows it completed, in order.
+    def feed(self, block: AudioBlock) -> Windowed:
+        """Take the next block of the source: the windows it completed, and any restart.
 
         Args:
             block: the next block; ``samples`` float32 (n,) at ``block.sample_rate_hz``.
 
         Returns:
-            The completed windows (often none), oldest first.
+            The completed windows (often none), oldest first, and the :class:`Restart`
+            when this block started a new epoch (not for the very first block).
 
         Raises:
-            ValueError: wrong source, a block out of order (overlap, gap above
-                ``max_gap_s``, older or flushed epoch) or a rate change within an epoch.
+            ValueError: input no source produces (see the module doc): another source,
+                an overlap, a rate change within a source clock, an older or flushed
+                source clock, or NaN/infinite samples.
         """
-        if block.source_id != self.source_id:
-            raise ValueError(
-                f"Windower({self.source_id!r}): got a block of source {block.source_id!r}"
-            )
-        if self._last_epoch is not None and block.epoch < self._last_epoch:
-            raise ValueError(
-                f"Windower({self.source_id!r}): block epoch {block.epoch} is older than "
-                f"the current epoch {self._last_epoch}"
-            )
-        if block.epoch == self._last_epoch and self._flushed:
-            raise ValueError(
-                f"Windower({self.source_id!r}): epoch {block.epoch} was already flushed; "
-                "a restarted source must start a new epoch"
-            )
-        if block.epoch != self._epoch:
-            self._epoch = block.epoch
-            self._last_epoch = block.epoch
-            self._flushed = False
-            self._clear_epoch_state(in_rate=block.sample_rate_hz)
-        in_rate = self._in_rate
-        if block.sample_rate_hz != in_rate:
-            raise ValueError(
-                f"Windower({self.source_id!r}): sample_rate_hz changed from {in_rate} to "
-                f"{block.sample_rate_hz} within epoch {block.epoch}; start a new epoch"
-            )
-        gap = block.start_sample - self._next_input
-        if gap < 0:
-            raise ValueError(
-                f"Windower({self.source_id!r}): block start_sample {block.start_sample} "
-                f"overlaps audio already fed (expected {self._next_input}, epoch {block.epoch})"
-            )
-        samples = block.samples
-        if gap > 0:
-            if gap > self.max_gap_s * block.sample_rate_hz:
-                raise ValueError(
-                    f"Windower({self.source_id!r}): block start_sample {block.start_sample} "
-                    f"leaves a gap of {gap / block.sample_rate_hz:.3f} s after sample "
-                    f"{self._next_input}, above max_gap_s={self.max_gap_s}; start a new epoch"
-                )
-            samples = np.concatenate((np.zeros(gap, dtype=np.float32), samples))
-            self.gaps_filled += 1
-            self.gap_samples_filled += gap
-        self._anchors.append((block.start_sample, block.captured_at))
-        self._next_input = block.start_sample + block.samples.size
+        restart = self._check(block)
+        if restart is None:
+            position = block.start_sample - self._origin
+            gap = position - self._next_input
+            samples = block.samples
+            if gap > 0:
+                samples = np.concatenate((np.zeros(gap, dtype=np.float32), samples))
+                self.gaps_filled += 1
+                self.gap_samples_filled += gap
+        else:
+            self.restarts[restart.reason] += 1
+            position, samples = 0, block.samples
+        self._anchors.append((position, block.captured_at))
+        self._next_input = position + block.samples.size
         for rate in self.rates_hz:
             self._push(rate, self._resamplers[rate].feed(samples))
-        return self._emit()
+        return Windowed(windows=self._emit(), restart=restart)
 
-    def flush(self) -> list[Window]:
+    def flush(self) -> tuple[Window, ...]:
         """End the current epoch: pad it with zeros and return the windows that completes.
 
         Windows reaching past the last fed sample are dropped, never padded. Later
-        blocks of the same epoch are refused.
+        blocks of the same source clock are refused.
 
         Returns:
             The completed windows, oldest first.
         """
-        if self._epoch is None:
-            return []
+        if not self._in_rate:
+            return ()
         for rate in self.rates_hz:
             self._push(rate, self._resamplers[rate].flush())
         windows = self._emit()
         self._flushed = True
-        self._epoch = None
         self._clear_epoch_state(in_rate=0)
         return windows
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _check(self, block: AudioBlock) -> Restart | None:
+        """Refuse input no source produces; start a new epoch when the block needs one.
+
+        Returns:
+            The restart, when a new epoch started after an earlier one; else None.
+        """
+        name = f"Windower({self.source_id!r})"
+        if block.source_id != self.source_id:
+            raise ValueError(f"{name}: got a block of source {block.source_id!r}")
+        if not np.isfinite(block.samples).all():
+            raise ValueError(
+                f"{name}: block at start_sample {block.start_sample} holds NaN or infinite "
+                "samples; a source must replace them by silence"
+            )
+        current = self._source_epoch
+        if current is not None and block.epoch < current:
+            raise ValueError(
+                f"{name}: block epoch {block.epoch} is older than the current source epoch "
+                f"{current}"
+            )
+        if block.epoch == current and self._flushed:
+            raise ValueError(
+                f"{name}: source epoch {block.epoch} was already flushed; "
+                "a restarted source must start a new epoch"
+            )
+        if block.epoch != current:
+            self._source_epoch = block.epoch
+            self._flushed = False
+            detail = (f"source clock epoch {block.epoch} began" if current is None else
+                      f"source clock epoch {block.epoch} follows {current}")
+            return self._new_epoch(block, RestartReason.SOURCE_RESTART, detail)
+        if block.sample_rate_hz != self._in_rate:
+            raise ValueError(
+                f"{name}: sample_rate_hz changed from {self._in_rate} to "
+                f"{block.sample_rate_hz} within source epoch {block.epoch}; "
+                "a source must start a new epoch"
+            )
+        position = block.start_sample - self._origin
+        gap = position - self._next_input
+        if gap < 0:
+            raise ValueError(
+                f"{name}: block start_sample {block.start_sample} overlaps audio already fed "
+                f"(expected {self._next_input + self._origin}, source epoch {block.epoch})"
+            )
+        if gap > self.max_gap_s * block.sample_rate_hz:
+            lost_s = gap / block.sample_rate_hz
+            detail = (f"{lost_s:.3f} s of input lost after sample "
+                      f"{self._next_input + self._origin}, above max_gap_s={self.max_gap_s:g}")
+            return self._new_epoch(block, RestartReason.GAP, detail, lost_s=lost_s)
+        return None
+
+    def _new_epoch(self, block: AudioBlock, reason: RestartReason, detail: str,
+                   *, lost_s: float = 0.0) -> Restart | None:
+        """Start the next window epoch with its clock at 0 at ``block``."""
+        first = self._epoch < 0
+        self._epoch += 1
+        self._origin = block.start_sample
+        self._clear_epoch_state(in_rate=block.sample_rate_hz)
+        if first:
+            return None
+        return Restart(reason=reason, epoch=self._epoch, detail=detail, lost_s=lost_s)
 
     def _clear_epoch_state(self, *, in_rate: int) -> None:
         self._in_rate = in_rate
@@ -265,7 +329,7 @@ class Windower:
         for rate in self.rates_hz:
             self._resamplers[rate] = StreamResampler(in_rate, rate)
             start, end = self.window_indices(0, rate)
-            hop = _ceil_div(self.hop_ms * rate, 1000)
+            hop = sample_index(self.hop_ms, rate)
             self._rings[rate] = RingBuffer(end - start + hop + 1)
 
     def _push(self, rate: int, samples: Float32Array) -> None:
@@ -285,7 +349,7 @@ class Windower:
             anchor_sample, anchor_at = sample, at
         return anchor_at + float((position - anchor_sample) / self._in_rate)
 
-    def _emit(self) -> list[Window]:
+    def _emit(self) -> tuple[Window, ...]:
         windows: list[Window] = []
         while self._anchors:
             k = self._next_k
@@ -298,9 +362,9 @@ class Windower:
                 make_window(
                     source_id=self.source_id,
                     seq=self._seq,
-                    epoch=self._epoch if self._epoch is not None else 0,
-                    start_s=start_ms / 1000,
-                    end_s=(start_ms + self.window_ms) / 1000,
+                    epoch=self._epoch,
+                    start_ms=start_ms,
+                    end_ms=start_ms + self.window_ms,
                     captured_at=self._captured_at(k),
                     level_dbfs=rms_dbfs(audio[self.rates_hz[0]]),
                     audio=audio,
@@ -315,4 +379,4 @@ class Windower:
             next_pos = Fraction(self._next_k * self.hop_ms * self._in_rate, 1000)
             while len(self._anchors) > 1 and self._anchors[1][0] <= next_pos:
                 self._anchors.popleft()
-        return windows
+        return tuple(windows)

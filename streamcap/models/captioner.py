@@ -151,7 +151,7 @@ class Captioner:
             seconds[stage] = now - t
             t = now
 
-        codes = self._stream.codes_for(window)
+        tokens = self._stream.codes_for(window)
         lap("codec")
         audio_joint: torch.Tensor | None = None
         clip: torch.Tensor | None = None
@@ -169,12 +169,11 @@ class Captioner:
                 audio_joint = clip.float()
         if clip is None or audio_joint is None:
             raise ModelError("captioner: neither a retriever nor a sequence embedder")
-        codes_t = torch.from_numpy(codes.astype(np.int64))[None].to(self.device)
         max_frames = c.captioner.config.max_frames
-        if codes_t.shape[-1] > max_frames:
-            raise ModelError(f"window {window.window_id}: {codes_t.shape[-1]} codec frames > "
+        if tokens.n_frames > max_frames:
+            raise ModelError(f"window {window.window_id}: {tokens.n_frames} codec frames > "
                              f"the model's max_frames {max_frames}; shorten window_s")
-        hidden, mask = c.captioner.encode(codes_t, clip.to(self.dtype))
+        hidden, mask = c.captioner.encode(tokens.batched(), clip.to(self.dtype))
         lap("encoder")
         ranked = self.task.run(SharedCrossInference(c.captioner.bart, hidden, mask),
                                similarity=self._similarity(audio_joint), fluency=self._fluency(),

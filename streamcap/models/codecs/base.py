@@ -8,6 +8,11 @@ of :meth:`~EncoderQuantizerTokenizer.state_dict` and of the quantizer) plus an
 encoder copy in the chosen precision, validates input audio, and loads weights
 strictly through :func:`streamcap.models.bundle.weights.check_state`, the one key/shape
 check for weights. No I/O happens here.
+
+Codec output is :class:`CodecTokens`: int64 codes that stay on the codec's
+device (the captioner consumes them there), with the codec id, the frame rate
+and the frame index of their first frame. :meth:`EncoderQuantizerTokenizer.encode`
+gives the int16 NumPy form for storage (feature shards).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
@@ -34,6 +40,49 @@ PRECISION_DTYPES: Mapping[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodecTokens:
+    """Codec codes of one clip or window, as they travel from the codec to the captioner.
+
+    ``codes`` is int64 (n_codebooks, n_frames) on the codec's device and is never
+    written to (slices share its storage). ``start_frame`` is the index of
+    ``codes[:, 0]`` on the stream's frame grid (0 for a clip of its own), or None
+    for a window that does not start on the grid (encoded whole).
+    """
+
+    codes: torch.Tensor
+    codec_id: str
+    frame_rate_hz: float
+    start_frame: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.codes.dtype != torch.int64 or self.codes.dim() != 2:
+            raise ModelError(
+                f"codec tokens: expected int64 codes of shape (n_codebooks, n_frames), "
+                f"got {self.codes.dtype} {tuple(self.codes.shape)}"
+            )
+
+    @property
+    def n_codebooks(self) -> int:
+        return int(self.codes.shape[0])
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def duration_s(self) -> float:
+        return self.n_frames / self.frame_rate_hz
+
+    def batched(self) -> torch.Tensor:
+        """int64 (1, n_codebooks, n_frames): the captioner's batch of one (a view)."""
+        return self.codes[None]
+
+    def to_numpy(self) -> CodesArray:
+        """int16 (n_codebooks, n_frames) on the host, the storage form."""
+        return self.codes.to(torch.int16).cpu().numpy()
 
 
 class AudioTokenizerConfig(Protocol):
@@ -137,15 +186,16 @@ class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
         """fp32 weights of :attr:`module`, in the checkpoint's key layout."""
         return {k: v.detach().clone() for k, v in self._model.state_dict().items()}
 
-    def encode(self, audio: Float32Array) -> CodesArray:
-        """Encode one mono clip.
+    def tokens(self, audio: Float32Array, *, start_frame: int | None = 0) -> CodecTokens:
+        """Encode one mono clip; the codes stay on this tokenizer's device.
 
         Args:
             audio: float32 (n,) at ``config.sample_rate_hz`` (how the last
                 partial frame is filled depends on the codec, see the subclass).
+            start_frame: the clip's first frame on its stream's frame grid.
 
         Returns:
-            int16 (n_codebooks, ceil(n / hop_length)) codes in ``[0, codebook_size)``.
+            int64 (n_codebooks, ceil(n / hop_length)) codes in ``[0, codebook_size)``.
 
         Raises:
             ModelError: ``audio`` is not 1-D or holds NaN/inf.
@@ -155,10 +205,22 @@ class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
             raise ModelError(f"codec input: expected mono audio of shape (n,), got {samples.shape}")
         n_frames = self.config.n_frames(samples.shape[0])
         if n_frames == 0:
-            return np.zeros((self.config.n_codebooks, 0), dtype=np.int16)
-        if not np.all(np.isfinite(samples)):
+            codes = torch.zeros((self.config.n_codebooks, 0), dtype=torch.int64,
+                                device=self.device)
+        elif not np.all(np.isfinite(samples)):
             raise ModelError("codec input: audio holds NaN or inf samples")
-        return self._encode_clip(samples, n_frames).to(torch.int16).cpu().numpy()
+        else:
+            codes = self._encode_clip(samples, n_frames)
+        return CodecTokens(codes=codes, codec_id=self.codec_id,
+                           frame_rate_hz=self.frame_rate_hz, start_frame=start_frame)
+
+    def encode(self, audio: Float32Array) -> CodesArray:
+        """:meth:`tokens` of one mono clip in the storage form: int16 (n_codebooks, n_frames).
+
+        Raises:
+            ModelError: ``audio`` is not 1-D or holds NaN/inf.
+        """
+        return self.tokens(audio).to_numpy()
 
     @abstractmethod
     def _encode_clip(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ from streamcap.errors import ConfigError, ModelError
 from streamcap.models.bundle.weights import check_state
 from streamcap.models.codecs.base import (
     AudioTokenizerConfig,
+    CodecTokens,
     CodesArray,
     EncoderQuantizerTokenizer,
     Float32Array,
@@ -55,6 +56,7 @@ __all__ = [
     "AudioTokenizerConfig",
     "CodecConfig",
     "CodecTokenizer",
+    "CodecTokens",
     "CodesArray",
     "DacEncoderQuantizer",
     "Float32Array",
@@ -169,7 +171,7 @@ class CodecConfig:
 
 
 class AudioTokenizer(Protocol):
-    """A codec front end: mono audio at ``config.sample_rate_hz`` -> int16 codes (K, n_frames).
+    """A codec front end: mono audio at ``config.sample_rate_hz`` -> :class:`CodecTokens`.
 
     Implemented by :class:`CodecTokenizer` (DAC) and
     :class:`streamcap.models.codecs.encodec.EncodecTokenizer` (EnCodec).
@@ -183,6 +185,11 @@ class AudioTokenizer(Protocol):
 
     @property
     def frame_rate_hz(self) -> float: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def tokens(self, audio: Float32Array, *, start_frame: int | None = 0) -> CodecTokens: ...
 
     def encode(self, audio: Float32Array) -> CodesArray: ...
 

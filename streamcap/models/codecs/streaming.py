@@ -30,6 +30,11 @@ Requirements: window start and hop are whole numbers of hop-length frames
 (320 samples = 1/75 s at 24 kHz); a window whose start is not on the frame
 grid, or that does not follow its predecessor, is encoded whole and counted
 in :attr:`StreamingStats.whole_encodes`.
+
+Codes stay on the codec's device: the cache holds int64 tensors there and a
+window's :class:`CodecTokens` are assembled there, never copied to the host
+and back. The window's start comes from its exact integer timebase
+(:meth:`Window.start_sample`).
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import Window
-from streamcap.models.codecs.dac import AudioTokenizer, CodesArray, Float32Array
+from streamcap.models.codecs.dac import AudioTokenizer, CodecTokens, Float32Array
 
 # Receptive field of the DAC encoder with strides (2, 4, 5, 8) is ±8.4 frames; 10
 # leaves a margin for the quantizer's sensitivity to tiny latent differences.
@@ -80,7 +86,7 @@ class StreamingStats:
 class _SourceCache:
     epoch: int
     first_frame: int  # absolute frame index of codes[:, 0]
-    codes: CodesArray  # int16 (n_codebooks, m): final frames [first_frame, first_frame + m)
+    codes: torch.Tensor  # int64 (n_codebooks, m) on the codec's device: final frames from first_frame
     seen: bool = False  # a window of this epoch was already fed
 
     @property
@@ -102,24 +108,23 @@ class StreamingCodec:
     stats: StreamingStats = field(default_factory=StreamingStats)
     _caches: dict[str, _SourceCache] = field(default_factory=dict)
 
-    def codes_for(self, window: Window) -> CodesArray:
+    def codes_for(self, window: Window) -> CodecTokens:
         """Codes of ``window``'s audio at the codec's sample rate.
 
         Returns:
-            int16 (n_codebooks, ceil(n / hop_length)), as :meth:`AudioTokenizer.encode`.
+            int64 (n_codebooks, ceil(n / hop_length)) codes, as :meth:`AudioTokenizer.tokens`.
         """
         rate = self.tokenizer.config.sample_rate_hz
-        start_sample = round(window.start_s * rate)
         return self.feed(
             source_id=window.source_id,
             epoch=window.epoch,
-            start_sample=start_sample,
+            start_sample=window.start_sample(rate),
             audio=window.samples(rate),
         )
 
     def feed(
         self, *, source_id: str, epoch: int, start_sample: int, audio: Float32Array
-    ) -> CodesArray:
+    ) -> CodecTokens:
         """Codes of a window that starts ``start_sample`` samples into the source's epoch.
 
         Args:
@@ -129,7 +134,8 @@ class StreamingCodec:
             audio: float32 (n,) mono at the codec's sample rate.
 
         Returns:
-            int16 (n_codebooks, ceil(n / hop_length)) codes.
+            int64 (n_codebooks, ceil(n / hop_length)) codes on the codec's device;
+            ``start_frame`` is the window's first frame (None off the frame grid).
 
         Raises:
             ModelError: ``audio`` is not 1-D or is not finite.
@@ -146,23 +152,25 @@ class StreamingCodec:
         if cache is None or cache.epoch != epoch:
             if cache is not None:
                 self.stats.resets += 1
-            cache = _SourceCache(
-                epoch=epoch, first_frame=0, codes=self._empty(0)
-            )
+            cache = _SourceCache(epoch=epoch, first_frame=0, codes=self._empty())
             self._caches[source_id] = cache
-        if start_sample % hop != 0 or n_frames == 0:
+        on_grid = start_sample % hop == 0
+        if not on_grid or n_frames == 0:
             if cache.seen:
                 self.stats.whole_encodes += 1
             cache.seen = True
-            cache.codes = self._empty(0)
+            cache.codes = self._empty()
             self.stats.frames_encoded += n_frames
-            return self.tokenizer.encode(samples)
+            return self.tokenizer.tokens(samples,
+                                         start_frame=start_sample // hop if on_grid else None)
         w0 = start_sample // hop
         self._evict(cache, w0)
         if cache.seen and cache.codes.shape[1] == 0:
             self.stats.whole_encodes += 1
         cache.seen = True
-        return self._assemble(cache, samples, w0, n_frames)
+        codes = self._assemble(cache, samples, w0, n_frames)
+        return CodecTokens(codes=codes, codec_id=self.tokenizer.codec_id,
+                           frame_rate_hz=self.tokenizer.frame_rate_hz, start_frame=w0)
 
     def reset(self, source_id: str | None = None) -> None:
         """Drop one source's cache, or every cache when ``source_id`` is None."""
@@ -180,46 +188,45 @@ class StreamingCodec:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _empty(self, n: int) -> CodesArray:
-        return np.zeros((self.tokenizer.config.n_codebooks, n), dtype=np.int16)
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros((self.tokenizer.config.n_codebooks, 0), dtype=torch.int64,
+                           device=self.tokenizer.device)
 
     def _evict(self, cache: _SourceCache, w0: int) -> None:
         """Keep only cached frames from ``w0`` on; drop all when ``w0`` is not inside the cache."""
         if cache.first_frame <= w0 < cache.end_frame:
             cache.codes = cache.codes[:, w0 - cache.first_frame :]
         else:
-            cache.codes = self._empty(0)  # first window, gap, jump back, or hop < context
+            cache.codes = self._empty()  # first window, gap, jump back, or hop < context
         cache.first_frame = w0
 
-    def _encode_frames(self, samples: Float32Array, first: int, end: int) -> CodesArray:
+    def _encode_frames(self, samples: Float32Array, first: int, end: int) -> torch.Tensor:
         """Codes of window-relative frames [first, end), encoded as one chunk (zero-padded edges)."""
         hop = self.tokenizer.config.hop_length
         chunk = samples[first * hop : end * hop]
         self.stats.frames_encoded += end - first
-        return self.tokenizer.encode(chunk)
+        return self.tokenizer.tokens(chunk).codes
 
     def _assemble(
         self, cache: _SourceCache, samples: Float32Array, w0: int, n_frames: int
-    ) -> CodesArray:
+    ) -> torch.Tensor:
         """Window codes from the cache plus one encode of the uncached tail (frames relative to w0)."""
         left = self.options.context_frames_left
         right = self.options.context_frames_right
         cached = cache.codes.shape[1]  # the cache covers window frames [0, cached)
-        out = self._empty(n_frames)
         u = min(cached, max(n_frames - right, 0))  # first frame to compute now
         s0 = max(0, u - left)  # the chunk starts `left` frames earlier, or at the window start
         fresh = self._encode_frames(samples, s0, n_frames)
-        out[:, :u] = cache.codes[:, :u]
-        out[:, u:] = fresh[:, u - s0 :]
+        out = torch.cat((cache.codes[:, :u], fresh[:, u - s0 :]), dim=1)  # a new tensor
         # Frames with `left` real frames before them and `right` after them become final.
         lo = max(u, left)
         hi = n_frames - right
         if hi > lo:
             new = fresh[:, lo - s0 : hi - s0]
             if cached > 0 and lo == cached:
-                cache.codes = np.concatenate([cache.codes, new], axis=1)
+                cache.codes = torch.cat((cache.codes, new), dim=1)
             else:
-                cache.codes = new.copy()
+                cache.codes = new
                 cache.first_frame = w0 + lo
         if self.options.exact_edges and s0 > 0 and left > 0:
             # The window's first frames as a whole-window encode sees them: zeros before w0.
