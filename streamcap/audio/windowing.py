@@ -145,11 +145,6 @@ class Windower:
     # -- public ---------------------------------------------------------------------------------
 
     @property
-    def next_seq(self) -> int:
-        """``seq`` of the next window emitted."""
-        return self._seq
-
-    @property
     def epoch(self) -> int | None:
         """The epoch being windowed, or None before the first block / after reset or flush."""
         return self._epoch
