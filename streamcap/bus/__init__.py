@@ -6,7 +6,7 @@ what the daemon and sink plugins need; see each module for the details.
 
 from __future__ import annotations
 
-from streamcap.bus.bus import PluginBus, restart_delay, task_name
+from streamcap.bus.bus import PluginBus, task_name
 from streamcap.bus.inbox import DEFAULT_MAX_PENDING, DEFAULT_POLICIES, DropPolicy, Inbox
 from streamcap.bus.plugin import (
     SINKS_GROUP,
@@ -56,7 +56,6 @@ __all__ = [
     "load_sink",
     "load_sinks",
     "load_source_factory",
-    "restart_delay",
     "task_name",
     "to_wire",
 ]
