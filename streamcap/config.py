@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from streamcap.errors import ConfigError
+from streamcap.redact import is_secret_key
 from streamcap.sources.base import (
     MAX_BLOCK_S,
     MAX_CHANNELS,
@@ -39,7 +40,6 @@ DEVICES: Final = ("auto", "cpu", "cuda")
 PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
 DECODING_MODES: Final = ("sample", "beam")
 CODEC_PRECISIONS: Final = ("fp32", "model")
-SECRET_KEYS: Final = frozenset({"password", "token", "secret", "api_key", "passwd"})
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # Decoding limits: what the decoders can do, and sane bounds for the rest.
@@ -395,7 +395,7 @@ def _read_sink(name: str, r: _Reader) -> SinkConfig:
     for key, value in r.table.items():
         if key == "plugin":
             continue
-        if key.lower() in SECRET_KEYS:
+        if is_secret_key(key):
             r.fail(key, f"secrets are not read from the config file: put the value in an "
                         f"environment variable and name it with '{key}_env'")
             continue

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import structlog
 
-from streamcap.logs import configure_logging, get_logger, redact
+from streamcap.logs import configure_logging, get_logger
+from streamcap.redact import redact
 
 ROOT = Path(__file__).resolve().parent.parent
 

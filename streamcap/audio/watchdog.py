@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from streamcap.backoff import Backoff
 from streamcap.errors import ConfigError
 from streamcap.messages import SourceState, SourceStatus
+from streamcap.redact import redact
 
 _ACTIVE = frozenset({SourceState.STARTING, SourceState.RUNNING, SourceState.STALLED})
 
@@ -76,10 +77,10 @@ class WatchdogOptions:
 
 
 def _describe(reason: str | BaseException) -> str:
+    """The status reason, redacted: it is published and shown by /healthz."""
     if isinstance(reason, BaseException):
-        text = str(reason) or type(reason).__name__
-        return text
-    return reason
+        return redact(str(reason) or type(reason).__name__)
+    return redact(reason)
 
 
 class SourceWatchdog:

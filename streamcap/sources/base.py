@@ -1,4 +1,4 @@
-"""What every audio source shares: the protocol, URI parsing, options, URL redaction.
+"""What every audio source shares: the protocol, URI parsing, options.
 
 A source is anything with a ``source_id`` and a ``blocks()`` async generator
 yielding mono float32 :class:`~streamcap.messages.AudioBlock` objects. It
@@ -25,13 +25,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote
 
 import numpy as np
 
 from streamcap.audio.dsp import zero_nonfinite
 from streamcap.errors import ConfigError
 from streamcap.messages import AudioBlock, Float32Array
+from streamcap.redact import redact
 
 STREAM_SCHEMES: frozenset[str] = frozenset(
     {
@@ -54,9 +55,6 @@ ACCEPTED_FORMS = (
     "mic:default, mic:<index>, mic:<device name part>, file:<path>[?loop=true&realtime=false], "
     "or a stream URL (" + ", ".join(f"{s}://" for s in sorted(STREAM_SCHEMES)) + ")"
 )
-
-_SECRET_PARAMS = frozenset({"password", "passwd", "pass", "pwd", "token", "key", "secret"})
-_REDACTED = "***"
 
 DEFAULT_BLOCK_S = 0.1
 DEFAULT_STREAM_RATE_HZ = 48000
@@ -241,59 +239,6 @@ _OPTION_KEYS: dict[str, frozenset[str]] = {
 }
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` with its user, password and secret query values replaced by ``***``.
-
-    ``rtsp://user:pass@cam/x?token=abc&ch=1`` becomes
-    ``rtsp://***:***@cam/x?token=***&ch=1``. Strings that are not URLs come
-    back unchanged.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        masked = f"{_REDACTED}:{_REDACTED}" if ":" in userinfo else _REDACTED
-        netloc = f"{masked}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
-            query = urlencode(
-                [(k, _REDACTED if k.lower() in _SECRET_PARAMS else v) for k, v in pairs],
-                safe="*",
-                quote_via=quote,
-            )
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def url_secrets(url: str) -> list[str]:
-    """The strings :func:`redact_url` hides in ``url`` (user:password, password, secret values).
-
-    Used to scrub them from text that quotes the URL in its own way, such as
-    ffmpeg's error messages.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return []
-    found: list[str] = []
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rpartition("@")[0]
-        password = userinfo.partition(":")[2]
-        found += [userinfo, password, unquote(password)]
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key.lower() in _SECRET_PARAMS:
-            found += [value, quote(value, safe="")]
-    # longest first, so that "user:pass" goes before "pass"; very short strings
-    # would scrub ordinary words from the text
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
-
-
 def parse_source_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     """Split a source URI into ``(kind, target, params)``.
 
@@ -327,7 +272,7 @@ def parse_source_uri(uri: str) -> tuple[str, str, dict[str, str]]:
             host, slash, tail = host_and_path.partition("/")
             if host not in ("", "localhost"):
                 raise ConfigError(
-                    f"source uri {redact_url(uri)!r} names host {host!r}; file: URIs must be local"
+                    f"source uri {redact(uri)!r} names host {host!r}; file: URIs must be local"
                 )
             path = unquote(slash + tail)
         if not path:
@@ -337,14 +282,14 @@ def parse_source_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     if scheme_l in STREAM_SCHEMES:
         if not rest.startswith("//") or len(rest) <= 2:
             raise ConfigError(
-                f"source uri {redact_url(uri)!r} is not a URL; expected {scheme_l}://host..."
+                f"source uri {redact(uri)!r} is not a URL; expected {scheme_l}://host..."
             )
         target = uri.strip()
         if scheme_l.startswith("hls+"):
             target = target[len("hls+") :]
         return "stream", target, {}
     raise ConfigError(
-        f"source uri {redact_url(uri)!r} has unknown scheme {scheme!r}; expected {ACCEPTED_FORMS}"
+        f"source uri {redact(uri)!r} has unknown scheme {scheme!r}; expected {ACCEPTED_FORMS}"
     )
 
 

@@ -16,14 +16,13 @@ from collections.abc import AsyncGenerator, Mapping
 
 from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock, make_block
+from streamcap.redact import redact, url_secrets
 from streamcap.sources.base import (
     DEFAULT_STREAM_RATE_HZ,
     SampleCheck,
     SourceOptions,
     parse_source_options,
     parse_source_uri,
-    redact_url,
-    url_secrets,
 )
 from streamcap.sources.ffmpeg import FfmpegPipe, decode_args
 
@@ -79,7 +78,7 @@ class FfmpegStreamSource:
     @property
     def url(self) -> str:
         """The stream URL with credentials replaced by ``***``."""
-        return redact_url(self._url)
+        return redact(self._url)
 
     def __repr__(self) -> str:
         return f"FfmpegStreamSource({self._source_id!r}, {self.url!r})"
@@ -151,7 +150,7 @@ def create_source(source_id: str, uri: str, options: Mapping[str, object]) -> Ff
     kind, target, params = parse_source_uri(uri)
     if kind != "stream":
         raise ConfigError(
-            f"source {source_id!r}: uri {redact_url(uri)!r} is a {kind} source, "
+            f"source {source_id!r}: uri {redact(uri)!r} is a {kind} source, "
             "not a network stream URL"
         )
     return FfmpegStreamSource(source_id, target, parse_source_options("stream", options, params))
