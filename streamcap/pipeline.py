@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from streamcap.clock import Clock, SystemClock
 from streamcap.messages import Caption, Embedding, Published, Window
 from streamcap.stats import Metrics
 
@@ -198,7 +199,7 @@ class InferenceWorker:
         run_blocking: ``InferenceRuntime.run``: calls a function on the single
             inference thread and awaits its result.
         metrics: where inference time, lag and failures are counted.
-        clock: wall clock, for lag.
+        clock: where the wall clock is read, for lag.
     """
 
     def __init__(
@@ -209,13 +210,13 @@ class InferenceWorker:
         run_blocking: Callable[[Callable[[Window], CaptionResult], Window],
                                Awaitable[CaptionResult]],
         metrics: Metrics,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         self._captioner = captioner
         self._queue = queue
         self._publish = publish
         self._run = run_blocking
-        self._clock = clock
+        self._clock = clock or SystemClock()
         self.processed = 0
         self.failed = 0
         self.last_lag_s = 0.0
@@ -260,7 +261,7 @@ class InferenceWorker:
             return
         self.in_flight = None
         latency_s = time.monotonic() - started
-        now = self._clock()
+        now = self._clock.wall()
         lag_s = max(0.0, now - (window.captured_at + window.duration_s))
         caption = dataclasses.replace(
             result.caption, latency_ms=round(latency_s * 1000, 1), lag_s=round(lag_s, 3))

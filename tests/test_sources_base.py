@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 
+from streamcap.clock import FakeClock
 from streamcap.errors import ConfigError
 from streamcap.sources import file as file_mod
 from streamcap.sources import microphone, stream
@@ -178,14 +179,6 @@ def test_stream_source_never_shows_credentials() -> None:
 # --------------------------------------------------------------------------- SampleCheck
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _check(clock: FakeClock, caplog: pytest.LogCaptureFixture, *,
            realtime: bool = False) -> SampleCheck:
     caplog.set_level(logging.WARNING, logger="streamcap.sources.base")
@@ -194,7 +187,7 @@ def _check(clock: FakeClock, caplog: pytest.LogCaptureFixture, *,
 
 def test_sample_check_zeroes_counts_and_names_the_position(
         caplog: pytest.LogCaptureFixture) -> None:
-    check = _check(FakeClock(), caplog)
+    check = _check(FakeClock(100.0), caplog)
     block = np.full(1000, 0.1, dtype=np.float32)
     block[900:] = np.nan
     block[950] = np.inf
@@ -207,7 +200,7 @@ def test_sample_check_zeroes_counts_and_names_the_position(
 
 
 def test_sample_check_warns_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     check = _check(clock, caplog)
     block = np.array([np.nan, 0.0, np.inf, 0.0], dtype=np.float32)
     for i in range(480):  # 60 s of blocks, every one of them bad
@@ -223,7 +216,7 @@ def test_sample_check_warns_at_most_once_per_interval(caplog: pytest.LogCaptureF
 
 def test_sample_check_reports_a_source_slower_than_real_time(
         caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     check = _check(clock, caplog, realtime=True)
     block = np.zeros(100, dtype=np.float32)
     for _ in range(20):  # 1 s of audio every 1.25 s
@@ -237,7 +230,7 @@ def test_sample_check_reports_a_source_slower_than_real_time(
 
 def test_sample_check_is_quiet_for_a_source_that_keeps_up(
         caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     check = _check(clock, caplog, realtime=True)
     block = np.zeros(100, dtype=np.float32)
     for i in range(100):  # on time, with jitter

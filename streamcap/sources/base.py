@@ -21,8 +21,7 @@ Source URIs::
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl, unquote
@@ -30,6 +29,7 @@ from urllib.parse import parse_qsl, unquote
 import numpy as np
 
 from streamcap.audio.dsp import zero_nonfinite
+from streamcap.clock import Clock, SystemClock
 from streamcap.errors import ConfigError
 from streamcap.messages import AudioBlock, Float32Array
 from streamcap.redact import redact
@@ -121,7 +121,7 @@ class SampleCheck:
     Args:
         what: Names the source in warnings (``"file source a: /x.wav"``).
         realtime: Watch the delivery pace.
-        clock: Monotonic seconds (tests inject a fake one).
+        clock: Where time is read (tests inject a fake one).
         logger: Where warnings go.
     """
 
@@ -130,7 +130,7 @@ class SampleCheck:
         what: str,
         *,
         realtime: bool = True,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
         logger: logging.Logger = _LOGGER,
         warn_interval_s: float = NONFINITE_WARN_INTERVAL_S,
         lag_s: float = SLOW_LAG_S,
@@ -138,7 +138,7 @@ class SampleCheck:
     ) -> None:
         self.what = what
         self.realtime = realtime
-        self._clock = clock
+        self._clock = clock or SystemClock()
         self._log = logger
         self._warn_interval_s = warn_interval_s
         self._lag_s = lag_s
@@ -165,7 +165,7 @@ class SampleCheck:
             sample_rate_hz: Their rate.
         """
         clean, count, first = zero_nonfinite(np.asarray(samples, dtype=np.float32))
-        now = self._clock()
+        now = self._clock.monotonic()
         if count:
             self._nonfinite(count, position_s + first / sample_rate_hz, now)
         if self.realtime and len(clean):

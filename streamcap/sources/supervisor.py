@@ -20,11 +20,11 @@ import dataclasses
 import inspect
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from streamcap.audio.watchdog import SourceWatchdog, WatchdogOptions
+from streamcap.clock import Clock, SystemClock
 from streamcap.errors import SourceUnavailable, StreamcapError
 from streamcap.messages import AudioBlock, SourceState, SourceStatus
 from streamcap.sources.base import AudioSource
@@ -38,24 +38,6 @@ StatusCallback = Callable[[SourceStatus], Awaitable[None] | None]
 
 CLOSE_TIMEOUT_S = 5.0
 """How long a source may take to clean up after it is cancelled or closed."""
-
-
-class Clock(Protocol):
-    """Where the supervisor reads time: monotonic for timeouts, wall clock for messages."""
-
-    def monotonic(self) -> float: ...
-
-    def wall(self) -> float: ...
-
-
-class SystemClock:
-    """``time.monotonic`` and ``time.time``."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def wall(self) -> float:
-        return time.time()
 
 
 async def _call(callback: Callable[[_T], Awaitable[None] | None], item: _T) -> None:
