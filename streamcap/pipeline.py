@@ -14,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from streamcap.clock import Clock, SystemClock
+from streamcap.logs import get_logger
 from streamcap.messages import Caption, Embedding, Published, Window
 from streamcap.stats import Metrics
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -253,11 +253,12 @@ class InferenceWorker:
         self.in_flight = window
         try:
             result = await self._run(self._captioner.caption, window)
-        except Exception:
+        except Exception:  # noqa: BLE001 - logged with its traceback and counted; the worker goes on
             self.in_flight = None
             self.failed += 1
             self._failures.inc(1, window.source_id)
-            _LOGGER.exception("captioning window %s failed", window.window_id)
+            _log.exception("captioning failed", window_id=window.window_id,
+                           source_id=window.source_id)
             return
         self.in_flight = None
         latency_s = time.monotonic() - started
@@ -266,9 +267,9 @@ class InferenceWorker:
         caption = dataclasses.replace(
             result.caption, latency_ms=round(latency_s * 1000, 1), lag_s=round(lag_s, 3))
         self._publish(caption)
-        _LOGGER.info("caption %s [%s]: %s (score %.3f, %.0f ms, lag %.2f s)",
-                     caption.window_id, caption.source_id, caption.text[:200], caption.score,
-                     caption.latency_ms, caption.lag_s)
+        _log.info("caption", window_id=caption.window_id, source_id=caption.source_id,
+                  text=caption.text[:200], score=round(caption.score, 3),
+                  latency_ms=caption.latency_ms, lag_s=caption.lag_s)
         if result.embedding is not None:
             self._publish(result.embedding)
         self.processed += 1

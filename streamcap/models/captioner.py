@@ -31,7 +31,6 @@ when a retriever exists, else the CLAP embedding.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -59,8 +58,6 @@ from streamcap.models.enclap.tokenizer import (
     decode_caption,
 )
 from streamcap.pipeline import CaptionResult
-
-_LOGGER = logging.getLogger(__name__)
 
 TEXT_MAX_LENGTH = 64
 

@@ -20,17 +20,18 @@ Source URIs::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 from urllib.parse import parse_qsl, unquote
 
 import numpy as np
+import structlog
 
 from streamcap.audio.dsp import zero_nonfinite
 from streamcap.clock import Clock, SystemClock
 from streamcap.errors import ConfigError
+from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, Float32Array
 from streamcap.redact import redact
 
@@ -68,7 +69,7 @@ MIN_BLOCK_S = 0.005
 MAX_BLOCK_S = 2.0
 MAX_PROBE_S = 60.0
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 NONFINITE_WARN_INTERVAL_S = 10.0
 """At most one warning about NaN or infinite samples per source this often (the rest are counted)."""
@@ -131,7 +132,7 @@ class SampleCheck:
         *,
         realtime: bool = True,
         clock: Clock | None = None,
-        logger: logging.Logger = _LOGGER,
+        logger: structlog.stdlib.BoundLogger = _log,
         warn_interval_s: float = NONFINITE_WARN_INTERVAL_S,
         lag_s: float = SLOW_LAG_S,
         slow_interval_s: float = SLOW_WARN_INTERVAL_S,
@@ -180,9 +181,9 @@ class SampleCheck:
             return
         self._last_nonfinite_warning = now
         self._log.warning(
-            "%s: replaced %d NaN or infinite samples by silence (the first of this block at "
-            "%.3f s into the input; %d in all; at most one such warning every %g s)",
-            self.what, self._unreported, at_s, self.nonfinite_total, self._warn_interval_s,
+            "NaN or infinite samples replaced by silence", source=self.what,
+            replaced=self._unreported, first_at_s=round(at_s, 3), total=self.nonfinite_total,
+            warn_interval_s=self._warn_interval_s,
         )
         self._unreported = 0
 
@@ -200,9 +201,9 @@ class SampleCheck:
         self._last_slow_warning = now
         self.slow_warnings += 1
         self._log.warning(
-            "%s delivers audio slower than real time: %.1f s of audio in %.1f s (%.2fx); "
-            "captions will fall behind",
-            self.what, self._audio_s, elapsed, self._audio_s / elapsed,
+            "source delivers audio slower than real time; captions will fall behind",
+            source=self.what, audio_s=round(self._audio_s, 1), elapsed_s=round(elapsed, 1),
+            speed=round(self._audio_s / elapsed, 2),
         )
 
 

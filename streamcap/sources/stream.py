@@ -10,7 +10,6 @@ supervisor's stall timeout.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
 
@@ -25,8 +24,6 @@ from streamcap.sources.base import (
     parse_source_uri,
 )
 from streamcap.sources.ffmpeg import FfmpegPipe, decode_args
-
-_LOGGER = logging.getLogger(__name__)
 
 IO_TIMEOUT_S = 15.0
 """ffmpeg gives up on a connection that transfers nothing for this long."""
