@@ -21,6 +21,7 @@ from typing import Protocol
 from streamcap.clock import Clock, SystemClock
 from streamcap.logs import get_logger
 from streamcap.messages import Caption, Embedding, Published, Window
+from streamcap.queues import BoundedQueue, DropPolicy
 from streamcap.stats import Metrics
 
 _log = get_logger(__name__)
@@ -50,9 +51,9 @@ class WindowCaptioner(Protocol):
 class RoundRobinWindows:
     """Pure scheduling of waiting windows: a bounded FIFO per source, served in turn.
 
-    Each source holds at most ``per_source`` windows; one more drops that
-    source's oldest (drop policy *drop oldest, per source*), never another
-    source's. :meth:`pop` serves the sources that have windows waiting in
+    Each source holds at most ``per_source`` windows in a
+    :class:`~streamcap.queues.BoundedQueue` of its own; one more drops that
+    source's oldest (``drop_oldest``, per source), never another source's. :meth:`pop` serves the sources that have windows waiting in
     turn (a source that gets a window while it had none joins the end of the
     line), the oldest window of a source first: with ``n`` busy sources each
     gets every ``n``-th caption, however their windows interleave.
@@ -62,7 +63,7 @@ class RoundRobinWindows:
         if per_source < 1:
             raise ValueError(f"per_source must be >= 1 (got {per_source})")
         self.per_source = per_source
-        self._waiting: dict[str, collections.deque[Window]] = {}
+        self._waiting: dict[str, BoundedQueue[Window]] = {}
         self._turns: collections.deque[str] = collections.deque()  # sources with windows, in turn
         self._size = 0
 
@@ -76,14 +77,17 @@ class RoundRobinWindows:
 
     def offer(self, window: Window) -> Window | None:
         """Queue ``window``; returns the window dropped to make room for it, if any."""
-        waiting = self._waiting.setdefault(window.source_id, collections.deque())
+        waiting = self._waiting.get(window.source_id)
+        if waiting is None:
+            waiting = self._waiting[window.source_id] = BoundedQueue(
+                self.per_source, name="per_source")
         if not waiting:
             self._turns.append(window.source_id)  # its turn comes after those already waiting
-        dropped = waiting.popleft() if len(waiting) >= self.per_source else None
-        waiting.append(window)
-        if dropped is None:
+        dropped = waiting.offer(window, policy=DropPolicy.DROP_OLDEST)
+        if not dropped:
             self._size += 1
-        return dropped
+            return None
+        return dropped[0].item
 
     def pop(self) -> Window | None:
         """The oldest window of the source whose turn it is, or None when none waits."""
@@ -91,7 +95,8 @@ class RoundRobinWindows:
             return None
         source_id = self._turns.popleft()
         waiting = self._waiting[source_id]
-        window = waiting.popleft()
+        window = waiting.pop()
+        assert window is not None  # a source is in line only while it has windows waiting
         if waiting:
             self._turns.append(source_id)
         self._size -= 1

@@ -29,12 +29,13 @@ from types import MappingProxyType, TracebackType
 from typing import Self
 
 from streamcap.backoff import Backoff
-from streamcap.bus.inbox import DEFAULT_MAX_PENDING, DropPolicy, Inbox
+from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.plugin import LoadedSink, Sink, SinkContext
 from streamcap.bus.wire import kind_of
 from streamcap.errors import ConfigError
 from streamcap.logs import get_logger
 from streamcap.messages import Published, check_run_id, new_run_id
+from streamcap.queues import DropPolicy
 from streamcap.stats import Metrics
 
 _log = get_logger(__name__)
