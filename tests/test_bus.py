@@ -7,28 +7,17 @@ import random
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
+from test_inbox import cap, emb
 
 from streamcap.bus.bus import PluginBus, task_name
 from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import LoadedSink, PluginInfo, SinkContext
 from streamcap.errors import ConfigError
-from streamcap.messages import Caption, Embedding, Published, SourceState, SourceStatus
+from streamcap.messages import Published, SourceState, SourceStatus
 from streamcap.stats import Metrics
 
 WAIT_S = 10.0  # generous upper bound for awaiting something that must happen
-
-
-def cap(i: int, source: str = "a") -> Caption:
-    return Caption(window_id=f"{source}:0:{i * 1000}", source_id=source, seq=i, start_s=float(i),
-                   end_s=i + 10.0, captured_at=1.0, text=f"caption {i}", score=0.5)
-
-
-def emb(i: int, source: str = "a") -> Embedding:
-    return Embedding(window_id=f"{source}:0:{i * 1000}", source_id=source, seq=i,
-                     start_s=float(i), end_s=i + 10.0, model="m",
-                     vector=np.zeros(2, dtype=np.float32))
 
 
 class Recorder:
