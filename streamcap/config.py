@@ -24,6 +24,7 @@ from typing import Any, Final, TypeVar
 from streamcap.errors import ConfigError
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.options import fixed, given_keys, known_keys, option, read, secret_in_file, type_name
+from streamcap.redact import is_secret_key
 from streamcap.sources.base import (
     SOURCE_OPTIONS,
     SourceOptions,
@@ -38,7 +39,6 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEVICES: Final = ("auto", "cpu", "cuda")
 PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
 CODEC_PRECISIONS: Final = ("fp32", "model")
-SECRET_KEYS: Final = frozenset({"password", "token", "secret", "api_key", "passwd"})
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 # Bounds of the other durations, in seconds.
@@ -219,7 +219,7 @@ def _read_sink(name: str, table: Mapping[str, Any], where: str,
     for key, value in table.items():
         if key == "plugin":
             continue
-        if key.lower() in SECRET_KEYS:
+        if is_secret_key(key):
             problems.append(f"{where}.{key}: {secret_in_file(key)}")
             continue
         if key.endswith("_env") and not (isinstance(value, str) and value):

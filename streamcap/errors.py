@@ -18,9 +18,19 @@ third-party exception type escapes its adapter.
 
 from __future__ import annotations
 
+from streamcap.redact import redact
+
 
 class StreamcapError(Exception):
-    """Base class of every error streamcap raises on purpose."""
+    """Base class of every error streamcap raises on purpose.
+
+    Its message is redacted (:func:`streamcap.redact.redact`) when the error is
+    made, so that a URL with credentials quoted in it never reaches a terminal,
+    a log line or a status reason.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class ConfigError(StreamcapError):
@@ -31,7 +41,8 @@ class ConfigError(StreamcapError):
     """
 
     def __init__(self, problems: str | list[str]) -> None:
-        self.problems: list[str] = [problems] if isinstance(problems, str) else list(problems)
+        found = [problems] if isinstance(problems, str) else list(problems)
+        self.problems: list[str] = [redact(problem) for problem in found]
         super().__init__("\n".join(self.problems))
 
 

@@ -2,53 +2,46 @@
 
 JSON lines when stderr is not a terminal (journald, files, pipes) or when
 ``log_format = "json"``; coloured key=value lines on a terminal. Every string
-value passes through :func:`redact` so that credentials in stream URLs
-(``rtsp://user:pass@cam/...``, ``?token=...``) never reach a log.
+value passes through :func:`streamcap.redact.redact` (the :func:`redact_event`
+processor) so that credentials in stream URLs (``rtsp://user:pass@cam/...``,
+``?token=...``, ``;password=...``) and authorization headers never reach a log;
+the value of a key that names a secret (``password=...``) is hidden whole.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any, Final, TextIO
+from typing import Any, TextIO
 
 import structlog
 
-# Greedy up to the last "@" of the authority: a password may hold an unencoded "@".
-_USERINFO_RE: Final = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]+@")
-_QUERY_SECRET_RE: Final = re.compile(
-    r"(?P<key>[?&;](?:password|passwd|pass|pwd|token|access_token|auth|key|api_key|secret)=)"
-    r"[^&;\s#]*",
-    re.IGNORECASE,
-)
-
-
-def redact(text: str) -> str:
-    """Hide user info and secret query parameters in any URL inside ``text``.
-
-    >>> redact("rtsp://admin:hunter2@10.0.0.5/live?token=abc&x=1")
-    'rtsp://***@10.0.0.5/live?token=***&x=1'
-    """
-    text = _USERINFO_RE.sub(r"\g<scheme>***@", text)
-    return _QUERY_SECRET_RE.sub(r"\g<key>***", text)
+from streamcap.redact import REDACTED, is_secret_key, redact
 
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
-        return redact(value) if ("=" in value or "@" in value) else value
+        return redact(value)
     if type(value) in (list, tuple):  # exactly: a named tuple cannot be rebuilt this way
         return type(value)(_redact_value(v) for v in value)
     if type(value) is dict:
-        return {k: _redact_value(v) for k, v in value.items()}
+        return {k: _redact_field(k, v) for k, v in value.items()}
     return value
 
 
-def _redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _redact_field(key: object, value: Any) -> Any:
+    if isinstance(key, str) and is_secret_key(key) and value is not None:
+        return REDACTED
+    return _redact_value(value)
+
+
+def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The structlog processor: every string value through :func:`~streamcap.redact.redact`,
+    and the whole value of a key that names a secret (``password=...``, ``token=...``)."""
     for key, value in event.items():
-        event[key] = _redact_value(value)
+        event[key] = _redact_field(key, value)
     return event
 
 
@@ -74,7 +67,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
-        _redact_event,
+        redact_event,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -97,7 +90,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if use_json else _identity,
-            _redact_event,  # again: exception text formatted just above
+            redact_event,  # again: exception text formatted just above
             renderer,
         ],
     )

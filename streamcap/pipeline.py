@@ -14,15 +14,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from streamcap.clock import Clock, SystemClock
+from streamcap.logs import get_logger
 from streamcap.messages import CaptionResult, Published, Window
+from streamcap.queues import BoundedQueue, DropPolicy
 from streamcap.stats import Metrics
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 
 class WindowCaptioner(Protocol):
@@ -40,9 +42,9 @@ class WindowCaptioner(Protocol):
 class RoundRobinWindows:
     """Pure scheduling of waiting windows: a bounded FIFO per source, served in turn.
 
-    Each source holds at most ``per_source`` windows; one more drops that
-    source's oldest (drop policy *drop oldest, per source*), never another
-    source's. :meth:`pop` serves the sources that have windows waiting in
+    Each source holds at most ``per_source`` windows in a
+    :class:`~streamcap.queues.BoundedQueue` of its own; one more drops that
+    source's oldest (``drop_oldest``, per source), never another source's. :meth:`pop` serves the sources that have windows waiting in
     turn (a source that gets a window while it had none joins the end of the
     line), the oldest window of a source first: with ``n`` busy sources each
     gets every ``n``-th caption, however their windows interleave.
@@ -52,7 +54,7 @@ class RoundRobinWindows:
         if per_source < 1:
             raise ValueError(f"per_source must be >= 1 (got {per_source})")
         self.per_source = per_source
-        self._waiting: dict[str, collections.deque[Window]] = {}
+        self._waiting: dict[str, BoundedQueue[Window]] = {}
         self._turns: collections.deque[str] = collections.deque()  # sources with windows, in turn
         self._size = 0
 
@@ -66,14 +68,17 @@ class RoundRobinWindows:
 
     def offer(self, window: Window) -> Window | None:
         """Queue ``window``; returns the window dropped to make room for it, if any."""
-        waiting = self._waiting.setdefault(window.source_id, collections.deque())
+        waiting = self._waiting.get(window.source_id)
+        if waiting is None:
+            waiting = self._waiting[window.source_id] = BoundedQueue(
+                self.per_source, name="per_source")
         if not waiting:
             self._turns.append(window.source_id)  # its turn comes after those already waiting
-        dropped = waiting.popleft() if len(waiting) >= self.per_source else None
-        waiting.append(window)
-        if dropped is None:
+        dropped = waiting.offer(window, policy=DropPolicy.DROP_OLDEST)
+        if not dropped:
             self._size += 1
-        return dropped
+            return None
+        return dropped[0].item
 
     def pop(self) -> Window | None:
         """The oldest window of the source whose turn it is, or None when none waits."""
@@ -81,7 +86,8 @@ class RoundRobinWindows:
             return None
         source_id = self._turns.popleft()
         waiting = self._waiting[source_id]
-        window = waiting.popleft()
+        window = waiting.pop()
+        assert window is not None  # a source is in line only while it has windows waiting
         if waiting:
             self._turns.append(source_id)
         self._size -= 1
@@ -189,7 +195,7 @@ class InferenceWorker:
         run_blocking: ``InferenceRuntime.run``: calls a function on the single
             inference thread and awaits its result.
         metrics: where inference time, lag and failures are counted.
-        clock: wall clock, for lag.
+        clock: where the wall clock is read, for lag.
     """
 
     def __init__(
@@ -200,13 +206,13 @@ class InferenceWorker:
         run_blocking: Callable[[Callable[[Window], CaptionResult], Window],
                                Awaitable[CaptionResult]],
         metrics: Metrics,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         self._captioner = captioner
         self._queue = queue
         self._publish = publish
         self._run = run_blocking
-        self._clock = clock
+        self._clock = clock or SystemClock()
         self.processed = 0
         self.failed = 0
         self.last_lag_s = 0.0
@@ -243,22 +249,23 @@ class InferenceWorker:
         self.in_flight = window
         try:
             result = await self._run(self._captioner.caption, window)
-        except Exception:
+        except Exception:  # noqa: BLE001 - logged with its traceback and counted; the worker goes on
             self.in_flight = None
             self.failed += 1
             self._failures.inc(1, window.source_id)
-            _LOGGER.exception("captioning window %s failed", window.window_id)
+            _log.exception("captioning failed", window_id=window.window_id,
+                           source_id=window.source_id)
             return
         self.in_flight = None
         latency_s = time.monotonic() - started
-        now = self._clock()
+        now = self._clock.wall()
         lag_s = max(0.0, now - (window.captured_at + window.duration_s))
         caption = dataclasses.replace(
             result.caption, latency_ms=round(latency_s * 1000, 1), lag_s=round(lag_s, 3))
         self._publish(caption)
-        _LOGGER.info("caption %s [%s]: %s (score %.3f, %.0f ms, lag %.2f s)",
-                     caption.window_id, caption.source_id, caption.text[:200], caption.score,
-                     caption.latency_ms, caption.lag_s)
+        _log.info("caption", window_id=caption.window_id, source_id=caption.source_id,
+                  text=caption.text[:200], score=round(caption.score, 3),
+                  latency_ms=caption.latency_ms, lag_s=caption.lag_s)
         if result.embedding is not None:
             self._publish(result.embedding)
         self.processed += 1

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from streamcap.errors import ModelError, WeightsError
 from streamcap.models.bundle.manifest import (
@@ -162,13 +162,15 @@ def test_missing_file_named(tmp_path: Path) -> None:
             load_bundle(directory, verify=verify)
 
 
-def test_extra_file_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_extra_file_warns(tmp_path: Path) -> None:
     directory = _save(tmp_path)
     (directory / "weights" / "stray.safetensors").write_bytes(b"x")
-    with caplog.at_level(logging.WARNING, logger="streamcap.models.bundle.manifest"):
+    with capture_logs() as logs:
         loaded = load_bundle(directory)
     assert loaded.extra_files == ("weights/stray.safetensors",)
-    assert "weights/stray.safetensors is not listed" in caplog.text
+    [event] = [e for e in logs if e["log_level"] == "warning"]
+    assert event["file"] == "weights/stray.safetensors"
+    assert "is not listed" in event["event"]
 
 
 @pytest.mark.parametrize(

@@ -7,31 +7,18 @@ import random
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from test_inbox import cap, emb
 from timing import scaled
 
-from streamcap.bus.bus import PluginBus, restart_delay, task_name
+from streamcap.bus.bus import PluginBus, task_name
 from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import LoadedSink, PluginInfo, SinkContext
 from streamcap.errors import ConfigError
-from streamcap.messages import Caption, Embedding, Published, SourceState, SourceStatus
+from streamcap.messages import Published, SourceState, SourceStatus
 from streamcap.stats import Metrics
 
 WAIT_S = scaled(10.0)  # generous upper bound for awaiting something that must happen
-
-
-def cap(i: int, source: str = "a") -> Caption:
-    return Caption(window_id=f"{source}:0:{i * 1000}", source_id=source, seq=i, start_s=float(i),
-                   end_s=i + 10.0, captured_at=1.0, text=f"caption {i}", score=0.5)
-
-
-def emb(i: int, source: str = "a") -> Embedding:
-    return Embedding(window_id=f"{source}:0:{i * 1000}", source_id=source, seq=i,
-                     start_s=float(i), end_s=i + 10.0, model="m",
-                     vector=np.zeros(2, dtype=np.float32))
 
 
 class Recorder:
@@ -272,20 +259,6 @@ def test_publish_rejects_non_messages(tmp_path: Path) -> None:
     bus = make_bus(tmp_path, {"r": Recorder()})
     with pytest.raises(TypeError):
         bus.publish("caption")  # type: ignore[arg-type]
-
-
-@given(attempt=st.integers(0, 100), initial=st.floats(0.001, 10), cap_s=st.floats(10, 120),
-       seed=st.integers(0, 2**32))
-def test_restart_delay_is_jittered_and_capped(attempt: int, initial: float, cap_s: float,
-                                               seed: int) -> None:
-    delay = restart_delay(attempt, initial_s=initial, max_s=cap_s, rng=random.Random(seed))
-    assert 0.0 <= delay <= min(cap_s, initial * 2.0**attempt)
-
-
-def test_restart_delays_spread_out() -> None:
-    rng = random.Random(5)
-    delays = {round(restart_delay(3, initial_s=1.0, max_s=30.0, rng=rng), 6) for _ in range(20)}
-    assert len(delays) > 10 and max(delays) <= 8.0
 
 
 async def test_unwritable_state_root_is_a_config_error(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from streamcap.bus.inbox import DropPolicy, Inbox
+from streamcap.bus.inbox import Inbox
 from streamcap.errors import InboxClosed
 from streamcap.messages import Caption, Embedding, Published, SourceState, SourceStatus
+from streamcap.queues import DropPolicy
 
 
 def cap(i: int, source: str = "a") -> Caption:

@@ -24,6 +24,7 @@ from timing import scaled
 
 from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext
+from streamcap.clock import FakeClock
 from streamcap.config import parse_config
 from streamcap.daemon import Daemon
 from streamcap.messages import Caption, CaptionResult, Embedding, Published, Window, make_window
@@ -225,16 +226,6 @@ async def test_close_wakes_a_waiting_get() -> None:
 # --------------------------------------------------------------------------- InferenceWorker
 
 
-class FakeClock:
-    """The wall clock the worker reads for lag; the test sets it."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class HeldCaptioner:
     """A captioner that takes as long as the test says: each call waits for a permit.
 
@@ -292,7 +283,7 @@ async def test_an_overloaded_worker_drops_the_oldest_and_its_lag_grows_to_a_boun
         runtime: InferenceRuntime) -> None:
     """Each window takes two hops to caption: half the windows must go, the oldest ones."""
     captioner = HeldCaptioner()
-    clock = FakeClock()
+    clock = FakeClock(T0)
     metrics = Metrics()
     dropped: list[Window] = []
     published: list[Published] = []
@@ -353,7 +344,7 @@ async def test_a_failing_window_is_counted_and_the_worker_goes_on(
     published: list[Published] = []
     q = WindowQueue(4)
     worker = InferenceWorker(captioner, q, published.append, runtime.run, metrics,
-                             clock=FakeClock())
+                             clock=FakeClock(T0))
     for seq in range(3):
         q.offer(window(seq))
     q.close()

@@ -34,7 +34,7 @@ from streamcap.errors import ConfigError
 from streamcap.logs import get_logger
 from streamcap.messages import Caption, CaptionCandidate, Embedding, SourceState, SourceStatus
 from streamcap.sinks.homeassistant import STATE_MAX_CHARS
-from streamcap.sinks.mqtt import MqttSink, Topics, backoff_delay, create_sink
+from streamcap.sinks.mqtt import MqttSink, Topics, create_sink
 from streamcap.stats import Metrics
 
 NODE = "node1"
@@ -220,16 +220,6 @@ def test_option_defaults_and_topics() -> None:
     t = Topics("streamcap/box")
     assert t.caption("a/b#") == "streamcap/box/a_b_/caption"
     assert t.availability == "streamcap/box/availability"
-
-
-def test_backoff_is_jittered_and_capped() -> None:
-    import random
-
-    rng = random.Random(1)
-    delays = [backoff_delay(a, initial_s=0.5, max_s=8.0, rng=rng) for a in range(12)]
-    assert all(0.25 <= d <= 8.0 for d in delays)
-    assert max(delays[6:]) <= 8.0 and min(delays[6:]) >= 4.0
-    assert len(set(delays)) == len(delays)
 
 
 # --------------------------------------------------------------------------- with a broker

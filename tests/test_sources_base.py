@@ -1,12 +1,12 @@
-"""URI parsing, option validation and URL redaction shared by the sources."""
+"""URI parsing and option validation shared by the sources."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
+from streamcap.clock import FakeClock
 from streamcap.errors import ConfigError
 from streamcap.options import known_keys
 from streamcap.sources import file as file_mod
@@ -20,7 +20,6 @@ from streamcap.sources.base import (
     StreamOptions,
     parse_source_options,
     parse_source_uri,
-    redact_url,
 )
 
 
@@ -74,29 +73,6 @@ def test_unknown_scheme_message_redacts_credentials() -> None:
     with pytest.raises(ConfigError) as err:
         parse_source_uri("ftp://bob:hunter2@host/x")
     assert "hunter2" not in str(err.value)
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("rtsp://user:pass@cam:554/s", "rtsp://***:***@cam:554/s"),
-        ("rtsp://user@cam/s", "rtsp://***@cam/s"),
-        ("http://h/s?token=abc&ch=1", "http://h/s?token=***&ch=1"),
-        ("http://h/s?Password=p&key=k&secret=s", "http://h/s?Password=***&key=***&secret=***"),
-        ("https://a:b@h/s?x=1&token=t", "https://***:***@h/s?x=1&token=***"),
-        ("udp://127.0.0.1:5000", "udp://127.0.0.1:5000"),
-        ("http://h/s?x=1", "http://h/s?x=1"),
-        ("not a url", "not a url"),
-    ],
-)
-def test_redact_url(url: str, expected: str) -> None:
-    assert redact_url(url) == expected
-
-
-def test_redact_url_hides_password_with_at_sign() -> None:
-    out = redact_url("rtsp://admin:p@ss@cam/s")
-    assert "p@ss" not in out and "ss@" not in out
-    assert out.endswith("@cam/s")
 
 
 def test_options_defaults_and_coercion() -> None:
@@ -221,74 +197,65 @@ def test_stream_source_never_shows_credentials() -> None:
 # --------------------------------------------------------------------------- SampleCheck
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _check(clock: FakeClock, caplog: pytest.LogCaptureFixture, *,
-           realtime: bool = False) -> SampleCheck:
-    caplog.set_level(logging.WARNING, logger="streamcap.sources.base")
+def _check(clock: FakeClock, *, realtime: bool = False) -> SampleCheck:
     return SampleCheck("file source a: /data/bad.wav", realtime=realtime, clock=clock)
 
 
-def test_sample_check_zeroes_counts_and_names_the_position(
-        caplog: pytest.LogCaptureFixture) -> None:
-    check = _check(FakeClock(), caplog)
+def test_sample_check_zeroes_counts_and_names_the_position() -> None:
+    check = _check(FakeClock(100.0))
     block = np.full(1000, 0.1, dtype=np.float32)
     block[900:] = np.nan
     block[950] = np.inf
-    clean, count = check.check(block, position_s=2.0, sample_rate_hz=1000)
+    with capture_logs() as logs:
+        clean, count = check.check(block, position_s=2.0, sample_rate_hz=1000)
     assert count == 100 and check.nonfinite_total == 100
     assert np.isfinite(clean).all() and not clean[900:].any()
-    [record] = caplog.records
-    assert "/data/bad.wav" in record.getMessage()
-    assert "2.900 s" in record.getMessage()  # 2 s + sample 900 at 1000 Hz
+    [event] = logs
+    assert event["log_level"] == "warning"
+    assert event["source"] == "file source a: /data/bad.wav"
+    assert event["first_at_s"] == 2.9  # 2 s + sample 900 at 1000 Hz
 
 
-def test_sample_check_warns_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
-    check = _check(clock, caplog)
+def test_sample_check_warns_at_most_once_per_interval() -> None:
+    clock = FakeClock(100.0)
+    check = _check(clock)
     block = np.array([np.nan, 0.0, np.inf, 0.0], dtype=np.float32)
-    for i in range(480):  # 60 s of blocks, every one of them bad
-        clock.now = 100.0 + i * 0.125
-        check.check(block, position_s=i * 0.125, sample_rate_hz=32)
+    with capture_logs() as logs:
+        for i in range(480):  # 60 s of blocks, every one of them bad
+            clock.now = 100.0 + i * 0.125
+            check.check(block, position_s=i * 0.125, sample_rate_hz=32)
     assert check.nonfinite_total == 960
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 6  # at 0, 10, 20, 30, 40, 50 s
-    assert "replaced 2 NaN" in messages[0]
-    assert "replaced 160 NaN" in messages[1]  # the blocks counted since the first warning
-    assert "802 in all" in messages[-1]
+    assert len(logs) == 6  # at 0, 10, 20, 30, 40, 50 s
+    assert logs[0]["replaced"] == 2
+    assert logs[1]["replaced"] == 160  # the blocks counted since the first warning
+    assert logs[-1]["total"] == 802
 
 
-def test_sample_check_reports_a_source_slower_than_real_time(
-        caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
-    check = _check(clock, caplog, realtime=True)
+def test_sample_check_reports_a_source_slower_than_real_time() -> None:
+    clock = FakeClock(100.0)
+    check = _check(clock, realtime=True)
     block = np.zeros(100, dtype=np.float32)
-    for _ in range(20):  # 1 s of audio every 1.25 s
-        clock.now += 1.25
-        check.check(block, position_s=0.0, sample_rate_hz=100)
+    with capture_logs() as logs:
+        for _ in range(20):  # 1 s of audio every 1.25 s
+            clock.now += 1.25
+            check.check(block, position_s=0.0, sample_rate_hz=100)
     assert check.slow_warnings == 1
-    [record] = caplog.records
-    assert "slower than real time" in record.getMessage()
-    assert "/data/bad.wav" in record.getMessage()
+    [event] = logs
+    assert "slower than real time" in event["event"]
+    assert event["source"] == "file source a: /data/bad.wav"
 
 
-def test_sample_check_is_quiet_for_a_source_that_keeps_up(
-        caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
-    check = _check(clock, caplog, realtime=True)
+def test_sample_check_is_quiet_for_a_source_that_keeps_up() -> None:
+    clock = FakeClock(100.0)
+    check = _check(clock, realtime=True)
+    fast = _check(clock, realtime=False)
     block = np.zeros(100, dtype=np.float32)
-    for i in range(100):  # on time, with jitter
-        clock.now = 100.0 + i + (0.5 if i % 2 else 0.0)
-        check.check(block, position_s=0.0, sample_rate_hz=100)
-    fast = _check(clock, caplog, realtime=False)
-    for _ in range(10):  # not meant to be real time: never slow
-        clock.now += 5.0
-        fast.check(block, position_s=0.0, sample_rate_hz=100)
+    with capture_logs() as logs:
+        for i in range(100):  # on time, with jitter
+            clock.now = 100.0 + i + (0.5 if i % 2 else 0.0)
+            check.check(block, position_s=0.0, sample_rate_hz=100)
+        for _ in range(10):  # not meant to be real time: never slow
+            clock.now += 5.0
+            fast.check(block, position_s=0.0, sample_rate_hz=100)
     assert check.slow_warnings == 0 and fast.slow_warnings == 0
-    assert not caplog.records
+    assert not logs

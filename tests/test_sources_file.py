@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import tempfile
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from structlog.testing import capture_logs
 
 from streamcap.errors import SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock
@@ -245,22 +245,22 @@ def write_float_wav_with_nonfinite(path: Path, seconds: float = 1.0) -> np.ndarr
 
 
 async def test_nonfinite_samples_become_silence_counted_and_located(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path
 ) -> None:
     path = tmp_path / "nan.wav"
     audio = write_float_wav_with_nonfinite(path)
-    caplog.set_level(logging.WARNING)
     src = create_source("f", f"file:{path}?realtime=false", {"block_s": 0.25})
-    blocks = await collect(src)
+    with capture_logs() as logs:
+        blocks = await collect(src)
     samples = np.concatenate([b.samples for b in blocks])
     assert np.isfinite(samples).all()
     np.testing.assert_array_equal(samples[:-100], audio[:-100])
     assert not samples[-100:].any()
     assert sum(b.nonfinite for b in blocks) == 100 == src.nonfinite_samples
     assert [b.nonfinite for b in blocks] == [0, 0, 0, 100]
-    [warning] = [r.getMessage() for r in caplog.records if "NaN" in r.getMessage()]
-    assert str(path) in warning
-    assert f"{(RATE - 100) / RATE:.3f} s" in warning  # where the first bad sample is
+    [warning] = [e for e in logs if "NaN" in e["event"]]
+    assert str(path) in warning["source"]
+    assert warning["first_at_s"] == round((RATE - 100) / RATE, 3)  # where the first bad sample is
 
 
 @pytest.mark.parametrize("name", ["short.mp3", "short.wav"])
@@ -295,25 +295,26 @@ async def test_long_looped_file_is_not_kept_in_memory(tmp_path: Path,
 
 
 async def test_truncated_wav_is_played_with_a_warning_giving_both_durations(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path
 ) -> None:
     whole = tmp_path / "whole.wav"
     write_sine(whole, 3.0)
     data = whole.read_bytes()
     path = tmp_path / "cut.wav"
     path.write_bytes(data[: 44 + 2 * RATE])  # the header and 1 s of 16-bit samples
-    caplog.set_level(logging.WARNING)
     src = create_source("f", f"file:{path}?realtime=false", {})
     probe = await src.probe()
     assert probe.duration_s == pytest.approx(1.0, abs=0.01)
     assert probe.announced_s == pytest.approx(3.0, abs=0.01)
-    blocks = await collect(src)
+    with capture_logs() as logs:
+        blocks = await collect(src)
     assert sum(len(b.samples) for b in blocks) == pytest.approx(RATE, abs=2)
-    [warning] = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
-    assert str(path) in warning and "3.000 s" in warning and "1.000 s" in warning
-    caplog.clear()
-    await collect(create_source("g", f"file:{whole}?realtime=false", {}))
-    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+    [warning] = [e for e in logs if "truncated" in e["event"]]
+    assert str(path) in warning["source"]
+    assert (warning["announced_s"], warning["holds_s"]) == (3.0, 1.0)
+    with capture_logs() as logs:
+        await collect(create_source("g", f"file:{whole}?realtime=false", {}))
+    assert not [e for e in logs if "truncated" in e["event"]]
 
 
 # --------------------------------------------------------------------------- as a daemon source
@@ -373,7 +374,7 @@ port = {http_port}
         events = daemon.log_events()
         assert not [e for e in events if "audio gap" in str(e.get("event"))]
         warnings = [e for e in events if "NaN" in str(e.get("event"))]
-        assert warnings and all(str(wav) in e["event"] for e in warnings)
+        assert warnings and all(str(wav) in e["source"] for e in warnings)
         assert len(warnings) < nonfinite / 100  # one pass holds 100: not one warning per pass
     finally:
         code = daemon.stop()

@@ -64,7 +64,7 @@ async def test_unreachable_url_is_unavailable_with_ffmpeg_message(
             async for _ in src.blocks():
                 pass
     message = str(err.value)
-    assert f"tcp://***:***@127.0.0.1:{free_tcp_port}?token=***" in message
+    assert f"tcp://***@127.0.0.1:{free_tcp_port}?token=***" in message
     assert "exited with code 1" in message
     assert "Connection refused" in message  # ffmpeg's own stderr line
     assert "hunter22" not in message and "abc123" not in message

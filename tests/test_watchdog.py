@@ -1,67 +1,12 @@
-"""Backoff and the source watchdog state machine, driven by a fake clock (plain floats)."""
+"""The source watchdog state machine, driven by a fake clock (plain floats)."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from streamcap.audio.watchdog import Backoff, SourceWatchdog, WatchdogOptions
+from streamcap.audio.watchdog import SourceWatchdog, WatchdogOptions
 from streamcap.errors import ConfigError, SourceUnavailable
 from streamcap.messages import SourceState
-
-# ------------------------------------------------------------------ Backoff
-
-
-def test_backoff_without_jitter_doubles_up_to_the_cap() -> None:
-    b = Backoff(initial_s=0.5, max_s=5.0, multiplier=2.0, jitter=0.0)
-    assert [b.next_delay() for _ in range(7)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
-
-
-def test_backoff_full_jitter_stays_within_the_capped_bound() -> None:
-    b = Backoff(initial_s=1.0, max_s=8.0, multiplier=2.0, jitter=1.0, rng=random.Random(7))
-    caps = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
-    delays = [b.next_delay() for _ in caps]
-    for delay, cap in zip(delays, caps, strict=True):
-        assert 0.0 <= delay <= cap
-    # jitter actually varies the delays
-    assert len({round(d, 6) for d in delays}) == len(delays)
-
-
-def test_backoff_partial_jitter_keeps_a_floor() -> None:
-    b = Backoff(initial_s=2.0, max_s=2.0, jitter=0.25, rng=random.Random(1))
-    for _ in range(200):
-        assert 1.5 <= b.next_delay() <= 2.0
-
-
-def test_backoff_huge_attempt_count_does_not_overflow() -> None:
-    b = Backoff(initial_s=1.0, max_s=30.0, multiplier=10.0, jitter=0.0)
-    assert b.cap(10_000) == 30.0
-
-
-def test_backoff_resets_only_after_a_healthy_period() -> None:
-    b = Backoff(initial_s=1.0, max_s=60.0, jitter=0.0, reset_after_s=10.0)
-    for _ in range(3):
-        b.next_delay()
-    assert not b.healthy(9.9)
-    assert b.next_delay() == 8.0
-    assert b.healthy(10.0)
-    assert b.next_delay() == 1.0
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"initial_s": 0.0},
-        {"initial_s": 5.0, "max_s": 1.0},
-        {"multiplier": 0.5},
-        {"jitter": 1.5},
-        {"reset_after_s": -1.0},
-    ],
-)
-def test_backoff_rejects_bad_parameters(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ConfigError, match="backoff"):
-        Backoff(**kwargs)  # type: ignore[arg-type]
 
 
 def test_watchdog_options_reject_bad_values() -> None:

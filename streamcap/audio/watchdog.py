@@ -22,93 +22,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from streamcap.backoff import Backoff
 from streamcap.errors import ConfigError
 from streamcap.messages import SourceState, SourceStatus
+from streamcap.redact import redact
 
 _ACTIVE = frozenset({SourceState.STARTING, SourceState.RUNNING, SourceState.STALLED})
-
-
-class Backoff:
-    """Capped exponential backoff with jitter, reset after a healthy period.
-
-    The n-th delay (n = 0, 1, ...) is drawn uniformly from
-    ``[cap * (1 - jitter), cap]`` with ``cap = min(max_s, initial_s * multiplier**n)``;
-    ``jitter=1`` is "full jitter", ``jitter=0`` a fixed schedule.
-
-    Args:
-        initial_s: Upper bound of the first delay.
-        max_s: Upper bound of every delay.
-        multiplier: Growth of the bound per attempt (>= 1).
-        jitter: Fraction of the bound that is randomised, in [0, 1].
-        reset_after_s: Data flowing for this long resets the schedule.
-        rng: Random source (seed it in tests).
-
-    Raises:
-        ConfigError: a parameter is out of range.
-    """
-
-    def __init__(
-        self,
-        initial_s: float = 1.0,
-        max_s: float = 60.0,
-        multiplier: float = 2.0,
-        jitter: float = 1.0,
-        reset_after_s: float = 30.0,
-        *,
-        rng: random.Random | None = None,
-    ) -> None:
-        problems = []
-        if not initial_s > 0:
-            problems.append(f"backoff initial_s: expected > 0, got {initial_s}")
-        if not max_s >= initial_s:
-            problems.append(f"backoff max_s: expected >= initial_s ({initial_s}), got {max_s}")
-        if not multiplier >= 1:
-            problems.append(f"backoff multiplier: expected >= 1, got {multiplier}")
-        if not 0 <= jitter <= 1:
-            problems.append(f"backoff jitter: expected a fraction in [0, 1], got {jitter}")
-        if not reset_after_s >= 0:
-            problems.append(f"backoff reset_after_s: expected >= 0, got {reset_after_s}")
-        if problems:
-            raise ConfigError(problems)
-        self.initial_s = initial_s
-        self.max_s = max_s
-        self.multiplier = multiplier
-        self.jitter = jitter
-        self.reset_after_s = reset_after_s
-        self._rng = rng or random.Random()
-        self.attempt = 0
-        """How many delays were handed out since the last reset."""
-
-    def cap(self, attempt: int) -> float:
-        """The upper bound of the delay for ``attempt`` (0-based)."""
-        # min() before the power would overflow for large attempts
-        bound = self.initial_s
-        for _ in range(attempt):
-            bound *= self.multiplier
-            if bound >= self.max_s:
-                return self.max_s
-        return min(bound, self.max_s)
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt, in seconds; advances the schedule."""
-        cap = self.cap(self.attempt)
-        self.attempt += 1
-        return cap - self.jitter * cap * self._rng.random()
-
-    def healthy(self, healthy_for_s: float) -> bool:
-        """Report that data has flowed for ``healthy_for_s``; reset once it reaches ``reset_after_s``.
-
-        Returns:
-            Whether the schedule was reset now.
-        """
-        if self.attempt and healthy_for_s >= self.reset_after_s:
-            self.reset()
-            return True
-        return False
-
-    def reset(self) -> None:
-        """Start the schedule again from ``initial_s``."""
-        self.attempt = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,7 +41,7 @@ class WatchdogOptions:
         max_retries: Give up after this many consecutive failed attempts;
             ``None`` retries forever.
         backoff_initial_s, backoff_max_s, backoff_multiplier, backoff_jitter,
-        backoff_reset_after_s: See :class:`Backoff`.
+        backoff_reset_after_s: See :class:`~streamcap.backoff.Backoff`.
     """
 
     stall_s: float = 5.0
@@ -158,10 +77,10 @@ class WatchdogOptions:
 
 
 def _describe(reason: str | BaseException) -> str:
+    """The status reason, redacted: it is published and shown by /healthz."""
     if isinstance(reason, BaseException):
-        text = str(reason) or type(reason).__name__
-        return text
-    return reason
+        return redact(str(reason) or type(reason).__name__)
+    return redact(reason)
 
 
 class SourceWatchdog:

@@ -183,11 +183,6 @@ class Windower:
     # -- public ---------------------------------------------------------------------------------
 
     @property
-    def next_seq(self) -> int:
-        """``seq`` of the next window emitted."""
-        return self._seq
-
-    @property
     def epoch(self) -> int | None:
         """The window epoch being cut, or None before the first block and after a flush."""
         return self._epoch if self._in_rate else None

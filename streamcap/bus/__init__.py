@@ -6,8 +6,8 @@ what the daemon and sink plugins need; see each module for the details.
 
 from __future__ import annotations
 
-from streamcap.bus.bus import PluginBus, restart_delay, task_name
-from streamcap.bus.inbox import DEFAULT_MAX_PENDING, DEFAULT_POLICIES, DropPolicy, Inbox
+from streamcap.bus.bus import PluginBus, task_name
+from streamcap.bus.inbox import DEFAULT_MAX_PENDING, DEFAULT_POLICIES, Inbox
 from streamcap.bus.plugin import (
     SINKS_GROUP,
     SOURCES_GROUP,
@@ -31,6 +31,7 @@ from streamcap.bus.wire import (
     kind_of,
     to_wire,
 )
+from streamcap.queues import DropPolicy
 
 __all__ = [
     "DEFAULT_MAX_PENDING",
@@ -56,7 +57,6 @@ __all__ = [
     "load_sink",
     "load_sinks",
     "load_source_factory",
-    "restart_delay",
     "task_name",
     "to_wire",
 ]

@@ -7,10 +7,11 @@ instead of slowing capture, inference or another sink.
 
 Each sink runs as the task ``streamcap[sink:<instance>].run`` inside one
 TaskGroup. A sink whose ``run`` raises (or returns while its inbox is still
-open) is logged once and restarted after ``uniform(0, min(max, initial *
-2**attempt))`` seconds on the same inbox, so that messages offered meanwhile
-reach the restarted sink; ``attempt`` goes back to zero once a run has lasted
-``restart_reset_s``. Shutdown (:meth:`PluginBus.close`) closes every inbox,
+open) is logged once and restarted on the same inbox, so that messages
+offered meanwhile reach the restarted sink, after a delay from its
+:class:`~streamcap.backoff.Backoff` with full jitter (``uniform(0, min(max,
+initial * 2**attempt))`` seconds); the schedule starts again once a run has
+lasted ``restart_reset_s``. Shutdown (:meth:`PluginBus.close`) closes every inbox,
 lets the sinks drain and flush, and cancels those that outlast the timeout;
 what they leave behind is counted as dropped.
 
@@ -27,12 +28,14 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Self
 
-from streamcap.bus.inbox import DEFAULT_MAX_PENDING, DropPolicy, Inbox
+from streamcap.backoff import Backoff
+from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.plugin import LoadedSink, Sink, SinkContext
 from streamcap.bus.wire import kind_of
 from streamcap.errors import ConfigError
 from streamcap.logs import get_logger
 from streamcap.messages import Published, check_run_id, new_run_id
+from streamcap.queues import DropPolicy
 from streamcap.stats import Metrics
 
 _log = get_logger(__name__)
@@ -43,31 +46,15 @@ def task_name(instance: str) -> str:
     return f"streamcap[sink:{instance}].run"
 
 
-def restart_delay(attempt: int, *, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Seconds to wait before restart number ``attempt + 1`` (full jitter, capped).
-
-    Args:
-        attempt: Consecutive failures before this one (0 for the first).
-        initial_s: The cap of the first delay.
-        max_s: The cap of every delay.
-        rng: The random source.
-
-    Returns:
-        A delay uniformly drawn from ``[0, min(max_s, initial_s * 2**attempt)]``.
-    """
-    ceiling = min(max_s, initial_s * 2.0 ** min(attempt, 62))
-    return rng.uniform(0.0, ceiling)
-
-
 class _SinkState:
-    __slots__ = ("attempt", "inbox", "ready", "restarts", "sink", "task")
+    __slots__ = ("backoff", "inbox", "ready", "restarts", "sink", "task")
 
-    def __init__(self, sink: Sink, inbox: Inbox) -> None:
+    def __init__(self, sink: Sink, inbox: Inbox, backoff: Backoff) -> None:
         self.sink = sink
         self.inbox = inbox
         self.ready = asyncio.Event()
         self.restarts = 0
-        self.attempt = 0
+        self.backoff = backoff
         self.task: asyncio.Task[None] | None = None
 
 
@@ -119,10 +106,7 @@ class PluginBus:
         self.run_id = new_run_id() if run_id is None else check_run_id(run_id)
         self.metrics = metrics
         self.state_root = Path(state_root)
-        self._initial_s = restart_initial_s
-        self._max_s = restart_max_s
-        self._reset_s = restart_reset_s
-        self._rng = rng or random.Random()
+        rng = rng or random.Random()
         self._depth = metrics.gauge("streamcap_sink_queue_depth",
                                     "Messages waiting in a sink's inbox.", ["sink"])
         self._dropped = metrics.counter("streamcap_sink_dropped_total",
@@ -142,7 +126,9 @@ class PluginBus:
                 on_drop=self._drop_counter(name),
                 on_depth=self._depth_gauge(name),
             )
-            self._states[name] = _SinkState(sink, inbox)
+            backoff = Backoff(restart_initial_s, restart_max_s, jitter=1.0,
+                              reset_after_s=restart_reset_s, rng=rng)
+            self._states[name] = _SinkState(sink, inbox, backoff)
             self._depth.set(0, name)
             for kind in sorted(sink.accepts):
                 self._dropped.inc(0.0, name, kind)
@@ -326,20 +312,18 @@ class PluginBus:
                     failure = exc
                 if failure is None and state.inbox.closed:
                     return
-                if loop.time() - started >= self._reset_s:
-                    state.attempt = 0
+                state.backoff.healthy(loop.time() - started)
                 if state.inbox.closed and self._closing.is_set() and failure is not None:
                     _log.error("sink failed during shutdown", sink=name,
                                exc_info=failure, pending=state.inbox.depth)
                     return
-                delay = restart_delay(state.attempt, initial_s=self._initial_s,
-                                      max_s=self._max_s, rng=self._rng)
-                state.attempt += 1
+                delay = state.backoff.next_delay()
+                attempt = state.backoff.attempt
                 if failure is None:
                     _log.error("sink returned while its inbox was open; restarting",
-                               sink=name, attempt=state.attempt, retry_in_s=round(delay, 3))
+                               sink=name, attempt=attempt, retry_in_s=round(delay, 3))
                 else:
-                    _log.error("sink failed; restarting", sink=name, attempt=state.attempt,
+                    _log.error("sink failed; restarting", sink=name, attempt=attempt,
                                retry_in_s=round(delay, 3), exc_info=failure)
                 try:
                     await asyncio.wait_for(self._closing.wait(), timeout=delay)

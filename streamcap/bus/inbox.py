@@ -3,7 +3,9 @@
 The bus offers every message to each interested sink's :class:`Inbox`;
 ``offer`` is synchronous and never waits, so a sink that stops reading costs
 memory up to ``max_pending`` messages and nothing else. What happens when a
-sink falls behind is decided per message kind by a :class:`DropPolicy`:
+sink falls behind is decided per message kind by a
+:class:`~streamcap.queues.DropPolicy` of the :class:`~streamcap.queues.BoundedQueue`
+it is built on:
 
 * ``drop_oldest`` (captions by default): the message joins the queue; when
   the queue is full, the oldest pending message is dropped.
@@ -23,9 +25,7 @@ loop's thread (the bus moves publishes from other threads onto the loop).
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from enum import StrEnum
 from types import MappingProxyType
 from typing import Final
 
@@ -33,15 +33,9 @@ from streamcap.bus.wire import KINDS, kind_of
 from streamcap.errors import InboxClosed
 from streamcap.logs import get_logger
 from streamcap.messages import Published, SourceStatus
+from streamcap.queues import BoundedQueue, DropPolicy, DropReason
 
 _log = get_logger(__name__)
-
-
-class DropPolicy(StrEnum):
-    """What an inbox does with a kind of message when its sink falls behind."""
-
-    DROP_OLDEST = "drop_oldest"
-    LATEST_PER_SOURCE = "latest_per_source"
 
 
 DEFAULT_POLICIES: Final[Mapping[str, DropPolicy]] = MappingProxyType(
@@ -85,9 +79,6 @@ class Inbox:
         on_drop: DropHook | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"inbox {name!r}: max_pending must be an integer >= 1, "
-                             f"got {max_pending!r}")
         merged = dict(DEFAULT_POLICIES)
         for kind, policy in (policies or {}).items():
             if kind not in KINDS:
@@ -99,9 +90,8 @@ class Inbox:
         self.policies: Mapping[str, DropPolicy] = MappingProxyType(merged)
         self._on_drop = on_drop
         self._on_depth = on_depth
-        self._items: OrderedDict[int, Published] = OrderedDict()
-        self._latest: dict[tuple[str, str], int] = {}  # (kind, source_id) -> key in _items
-        self._next_key = 0
+        self._items: BoundedQueue[Published] = BoundedQueue(
+            max_pending, name=f"inbox {name!r}: max_pending")
         self._dropped: dict[str, int] = {kind: 0 for kind in sorted(KINDS)}
         self._closed = False
         self._wakeup = asyncio.Event()
@@ -134,19 +124,13 @@ class Inbox:
         if self._closed:
             self._drop(kind, msg, "inbox closed")
             return
-        if self.policies[kind] is DropPolicy.LATEST_PER_SOURCE:
-            slot = (kind, msg.source_id)
-            old_key = self._latest.pop(slot, None)
-            if old_key is not None:
-                old = self._items.pop(old_key)
-                self._drop(kind, old, "superseded by a newer message from the same source")
-            key = self._append(msg)
-            self._latest[slot] = key
-        else:
-            self._append(msg)
-        while len(self._items) > self.max_pending:
-            _, victim = self._pop_oldest()
-            self._drop(kind_of(victim), victim, f"inbox full ({self.max_pending} pending)")
+        for dropped in self._items.offer(msg, policy=self.policies[kind],
+                                         key=(kind, msg.source_id)):
+            victim = dropped.item
+            reason = (f"inbox full ({self.max_pending} pending)"
+                      if dropped.reason is DropReason.FULL
+                      else "superseded by a newer message from the same source")
+            self._drop(kind_of(victim), victim, reason)
         self._changed()
         self._wakeup.set()
 
@@ -157,23 +141,20 @@ class Inbox:
 
     def discard(self, reason: str) -> int:
         """Drop every pending message (counted and logged); returns how many."""
-        n = 0
-        while self._items:
-            _, msg = self._pop_oldest()
+        pending = self._items.clear()
+        for msg in pending:
             self._drop(kind_of(msg), msg, reason)
-            n += 1
-        if n:
+        if pending:
             self._changed()
-        return n
+        return len(pending)
 
     # ------------------------------------------------------------------ consumer side
 
     def get_nowait(self) -> Published | None:
         """The oldest pending message, or None if there is none."""
-        if not self._items:
-            return None
-        _, msg = self._pop_oldest()
-        self._changed()
+        msg = self._items.pop()
+        if msg is not None:
+            self._changed()
         return msg
 
     async def get(self) -> Published:
@@ -201,19 +182,6 @@ class Inbox:
             raise StopAsyncIteration from None
 
     # ------------------------------------------------------------------ internals
-
-    def _append(self, msg: Published) -> int:
-        key = self._next_key
-        self._next_key += 1
-        self._items[key] = msg
-        return key
-
-    def _pop_oldest(self) -> tuple[int, Published]:
-        key, msg = self._items.popitem(last=False)
-        slot = (kind_of(msg), msg.source_id)
-        if self._latest.get(slot) == key:
-            del self._latest[slot]
-        return key, msg
 
     def _changed(self) -> None:
         if self._on_depth is not None:

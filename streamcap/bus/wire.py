@@ -25,7 +25,6 @@ from typing import Final, Literal
 
 import numpy as np
 
-from streamcap.logs import redact
 from streamcap.messages import (
     Caption,
     CaptionCandidate,
@@ -34,6 +33,7 @@ from streamcap.messages import (
     Published,
     SourceStatus,
 )
+from streamcap.redact import redact
 
 PROTOCOL: Final = "streamcap.v1"
 PROTOCOL_VERSION: Final = 1

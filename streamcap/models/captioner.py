@@ -30,7 +30,6 @@ when a retriever exists, else the CLAP embedding.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Iterator, Sequence
 
@@ -47,8 +46,6 @@ from streamcap.models.decoding.inference import SharedCrossInference
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.models.decoding.rerank import TextScorer
 from streamcap.models.decoding.task import DecodingTask
-
-_LOGGER = logging.getLogger(__name__)
 
 TEXT_MAX_LENGTH = 64
 

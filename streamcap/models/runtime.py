@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,8 +23,9 @@ from typing import Final, ParamSpec, Self, TypeVar
 import torch
 
 from streamcap.errors import ModelError
+from streamcap.logs import get_logger
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -68,7 +68,7 @@ def choose_device(requested: str = "auto", *, option: str = "device") -> torch.d
             )
     else:
         raise ModelError(f"{option} = {requested!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    _LOGGER.info("inference device %s (requested %s)", device, requested)
+    _log.info("inference device chosen", device=str(device), requested=requested)
     return device
 
 
@@ -121,9 +121,8 @@ def decide_precision(
     if value == "fp16" and on_cpu:
         raise ModelError(f"{option} = 'fp16': not supported on CPU; use 'fp32', 'bf16' or 'auto'")
     if value == "bf16" and on_cpu and not cpu_bf16:
-        _LOGGER.warning(
-            "%s = 'bf16': this CPU has no native bf16; expect it to be slower than fp32", option
-        )
+        _log.warning("this CPU has no native bf16; expect it to be slower than fp32",
+                     option=option, value="bf16")
     return _DTYPES[value]
 
 
@@ -139,7 +138,8 @@ def choose_precision(
         cpu_bf16=device.type == "cpu" and cpu_supports_bf16(),
         option=option,
     )
-    _LOGGER.info("inference precision %s on %s (requested %s)", dtype, device, requested)
+    _log.info("inference precision chosen", dtype=str(dtype), device=str(device),
+              requested=requested)
     return dtype
 
 
@@ -191,9 +191,8 @@ class InferenceRuntime:
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX, initializer=self._init_thread
         )
-        _LOGGER.info(
-            "inference runtime on %s, %s, %d threads", self.device, self.dtype, self.num_threads
-        )
+        _log.info("inference runtime started", device=str(self.device), dtype=str(self.dtype),
+                  threads=self.num_threads)
 
     def _init_thread(self) -> None:
         torch.set_num_threads(self.num_threads)

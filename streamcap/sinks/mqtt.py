@@ -45,6 +45,7 @@ from typing import Final
 import aiomqtt
 
 from streamcap import __version__
+from streamcap.backoff import Backoff
 from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext
 from streamcap.bus.wire import encode, to_wire
@@ -54,8 +55,7 @@ from streamcap.sinks import homeassistant as ha
 from streamcap.sinks.mqtt_options import MqttOptions, parse_options, topic_segment
 from streamcap.sinks.outbox import Outbox, OutboxRecord
 
-__all__ = ["MqttOptions", "MqttSink", "Topics", "backoff_delay", "create_sink", "parse_options",
-           "topic_segment"]
+__all__ = ["MqttOptions", "MqttSink", "Topics", "create_sink", "parse_options", "topic_segment"]
 
 LIVE_QUEUE_MAX: Final = 1024
 """Embeddings and statuses waiting for the writer while connected."""
@@ -84,17 +84,6 @@ class Topics:
 
     def ha_state(self, source_id: str) -> str:
         return f"{self.prefix}/{topic_segment(source_id)}/ha_state"
-
-
-def backoff_delay(attempt: int, *, initial_s: float, max_s: float, rng: random.Random) -> float:
-    """Seconds to wait before reconnect attempt ``attempt`` (0-based).
-
-    Jittered and capped: uniform in ``[c/2, c]`` with ``c = min(max_s,
-    initial_s * 2**attempt)``, so that daemons restarted together by a broker
-    outage do not reconnect in lockstep.
-    """
-    ceiling = min(max_s, initial_s * 2.0 ** min(attempt, 32))
-    return rng.uniform(ceiling / 2.0, ceiling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +224,10 @@ class _Session:
 
     async def connection_loop(self) -> None:
         """Connect, serve, and reconnect with backoff until :attr:`stop` is set."""
-        attempt = 0
+        # Half jitter: uniform in [c/2, c] with c = min(max, initial * 2**attempt), so that
+        # daemons cut off together by a broker outage do not reconnect in lockstep.
+        backoff = Backoff(self.options.reconnect_initial_s, self.options.reconnect_max_s,
+                          jitter=0.5, reset_after_s=HEALTHY_AFTER_S, rng=self.rng)
         while not self.stop.is_set():
             started = time.monotonic()
             connected_at: list[float] = []
@@ -248,10 +240,10 @@ class _Session:
                 reason = _describe(os_group.exceptions[0])
             self._set_connected(False)
             self.m_connect_errors.inc(1, *self.labels)
-            if connected_at and time.monotonic() - connected_at[0] >= HEALTHY_AFTER_S:
-                attempt = 0
-            delay = backoff_delay(attempt, initial_s=self.options.reconnect_initial_s,
-                                  max_s=self.options.reconnect_max_s, rng=self.rng)
+            if connected_at:
+                backoff.healthy(time.monotonic() - connected_at[0])
+            attempt = backoff.attempt
+            delay = backoff.next_delay()
             fields: dict[str, object] = {
                 "host": self.options.host, "port": self.options.port, "error": reason,
                 "retry_in_s": round(delay, 2), "attempt": attempt + 1,
@@ -262,7 +254,6 @@ class _Session:
                 self.log.warning("mqtt broker unreachable or connection lost; retrying", **fields)
             else:
                 self.log.debug("mqtt reconnect failed", **fields)
-            attempt += 1
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self.stop.wait()

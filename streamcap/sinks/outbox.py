@@ -173,11 +173,6 @@ class Outbox:
         """Bytes pending (topics + payloads)."""
         return self._bytes
 
-    @property
-    def acked_seq(self) -> int:
-        """The highest acknowledged (or dropped) sequence number."""
-        return self._acked
-
     def __iter__(self) -> Iterator[OutboxRecord]:
         return iter(tuple(self._pending))
 

@@ -1,4 +1,4 @@
-"""What every audio source shares: the protocol, URI parsing, options, URL redaction.
+"""What every audio source shares: the protocol, URI parsing, options.
 
 A source is anything with a ``source_id`` and a ``blocks()`` async generator
 yielding mono float32 :class:`~streamcap.messages.AudioBlock` objects. It
@@ -20,19 +20,21 @@ Source URIs::
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar, runtime_checkable
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote
 
 import numpy as np
+import structlog
 
 from streamcap.audio.dsp import zero_nonfinite
+from streamcap.clock import Clock, SystemClock
 from streamcap.errors import ConfigError
+from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, Float32Array
 from streamcap.options import option, read_options
+from streamcap.redact import redact
 
 STREAM_SCHEMES: frozenset[str] = frozenset(
     {
@@ -56,9 +58,6 @@ ACCEPTED_FORMS = (
     "or a stream URL (" + ", ".join(f"{s}://" for s in sorted(STREAM_SCHEMES)) + ")"
 )
 
-_SECRET_PARAMS = frozenset({"password", "passwd", "pass", "pwd", "token", "key", "secret"})
-_REDACTED = "***"
-
 DEFAULT_BLOCK_S = 0.1
 DEFAULT_STREAM_RATE_HZ = 48000
 
@@ -70,7 +69,7 @@ MIN_BLOCK_S = 0.005
 MAX_BLOCK_S = 2.0
 MAX_PROBE_S = 60.0
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 NONFINITE_WARN_INTERVAL_S = 10.0
 """At most one warning about NaN or infinite samples per source this often (the rest are counted)."""
@@ -123,7 +122,7 @@ class SampleCheck:
     Args:
         what: Names the source in warnings (``"file source a: /x.wav"``).
         realtime: Watch the delivery pace.
-        clock: Monotonic seconds (tests inject a fake one).
+        clock: Where time is read (tests inject a fake one).
         logger: Where warnings go.
     """
 
@@ -132,15 +131,15 @@ class SampleCheck:
         what: str,
         *,
         realtime: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-        logger: logging.Logger = _LOGGER,
+        clock: Clock | None = None,
+        logger: structlog.stdlib.BoundLogger = _log,
         warn_interval_s: float = NONFINITE_WARN_INTERVAL_S,
         lag_s: float = SLOW_LAG_S,
         slow_interval_s: float = SLOW_WARN_INTERVAL_S,
     ) -> None:
         self.what = what
         self.realtime = realtime
-        self._clock = clock
+        self._clock = clock or SystemClock()
         self._log = logger
         self._warn_interval_s = warn_interval_s
         self._lag_s = lag_s
@@ -167,7 +166,7 @@ class SampleCheck:
             sample_rate_hz: Their rate.
         """
         clean, count, first = zero_nonfinite(np.asarray(samples, dtype=np.float32))
-        now = self._clock()
+        now = self._clock.monotonic()
         if count:
             self._nonfinite(count, position_s + first / sample_rate_hz, now)
         if self.realtime and len(clean):
@@ -182,9 +181,9 @@ class SampleCheck:
             return
         self._last_nonfinite_warning = now
         self._log.warning(
-            "%s: replaced %d NaN or infinite samples by silence (the first of this block at "
-            "%.3f s into the input; %d in all; at most one such warning every %g s)",
-            self.what, self._unreported, at_s, self.nonfinite_total, self._warn_interval_s,
+            "NaN or infinite samples replaced by silence", source=self.what,
+            replaced=self._unreported, first_at_s=round(at_s, 3), total=self.nonfinite_total,
+            warn_interval_s=self._warn_interval_s,
         )
         self._unreported = 0
 
@@ -202,9 +201,9 @@ class SampleCheck:
         self._last_slow_warning = now
         self.slow_warnings += 1
         self._log.warning(
-            "%s delivers audio slower than real time: %.1f s of audio in %.1f s (%.2fx); "
-            "captions will fall behind",
-            self.what, self._audio_s, elapsed, self._audio_s / elapsed,
+            "source delivers audio slower than real time; captions will fall behind",
+            source=self.what, audio_s=round(self._audio_s, 1), elapsed_s=round(elapsed, 1),
+            speed=round(self._audio_s / elapsed, 2),
         )
 
 
@@ -285,59 +284,6 @@ SOURCE_OPTIONS: Final[Mapping[str, type[SourceOptions]]] = {
 """The options type of each source kind: the one declaration of its keys."""
 
 
-def redact_url(url: str) -> str:
-    """Return ``url`` with its user, password and secret query values replaced by ``***``.
-
-    ``rtsp://user:pass@cam/x?token=abc&ch=1`` becomes
-    ``rtsp://***:***@cam/x?token=***&ch=1``. Strings that are not URLs come
-    back unchanged.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        masked = f"{_REDACTED}:{_REDACTED}" if ":" in userinfo else _REDACTED
-        netloc = f"{masked}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
-            query = urlencode(
-                [(k, _REDACTED if k.lower() in _SECRET_PARAMS else v) for k, v in pairs],
-                safe="*",
-                quote_via=quote,
-            )
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def url_secrets(url: str) -> list[str]:
-    """The strings :func:`redact_url` hides in ``url`` (user:password, password, secret values).
-
-    Used to scrub them from text that quotes the URL in its own way, such as
-    ffmpeg's error messages.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return []
-    found: list[str] = []
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rpartition("@")[0]
-        password = userinfo.partition(":")[2]
-        found += [userinfo, password, unquote(password)]
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key.lower() in _SECRET_PARAMS:
-            found += [value, quote(value, safe="")]
-    # longest first, so that "user:pass" goes before "pass"; very short strings
-    # would scrub ordinary words from the text
-    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
-
-
 def parse_source_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     """Split a source URI into ``(kind, target, params)``.
 
@@ -371,7 +317,7 @@ def parse_source_uri(uri: str) -> tuple[str, str, dict[str, str]]:
             host, slash, tail = host_and_path.partition("/")
             if host not in ("", "localhost"):
                 raise ConfigError(
-                    f"source uri {redact_url(uri)!r} names host {host!r}; file: URIs must be local"
+                    f"source uri {redact(uri)!r} names host {host!r}; file: URIs must be local"
                 )
             path = unquote(slash + tail)
         if not path:
@@ -381,14 +327,14 @@ def parse_source_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     if scheme_l in STREAM_SCHEMES:
         if not rest.startswith("//") or len(rest) <= 2:
             raise ConfigError(
-                f"source uri {redact_url(uri)!r} is not a URL; expected {scheme_l}://host..."
+                f"source uri {redact(uri)!r} is not a URL; expected {scheme_l}://host..."
             )
         target = uri.strip()
         if scheme_l.startswith("hls+"):
             target = target[len("hls+") :]
         return "stream", target, {}
     raise ConfigError(
-        f"source uri {redact_url(uri)!r} has unknown scheme {scheme!r}; expected {ACCEPTED_FORMS}"
+        f"source uri {redact(uri)!r} has unknown scheme {scheme!r}; expected {ACCEPTED_FORMS}"
     )
 
 

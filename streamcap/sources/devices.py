@@ -7,13 +7,14 @@ functions return an empty list and a reason a user can act on, which is what
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
 
-_LOGGER = logging.getLogger(__name__)
+from streamcap.logs import get_logger
+
+_log = get_logger(__name__)
 
 _lock = threading.Lock()
 _active_streams = 0
@@ -91,7 +92,7 @@ def refresh_portaudio() -> bool:
             sd._terminate()
             sd._initialize()
         except Exception as exc:  # noqa: BLE001 - sounddevice raises PortAudioError; log and go on
-            _LOGGER.warning("re-initialising PortAudio failed: %s", exc)
+            _log.warning("re-initialising PortAudio failed", error=str(exc))
             return False
     return True
 

@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 
 from streamcap.errors import SourceUnavailable
+from streamcap.logs import get_logger
 from streamcap.messages import Float32Array
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 STDERR_LINES = 20
 """How many of ffmpeg's last stderr lines are kept for error messages."""
@@ -200,8 +200,9 @@ class FfmpegPipe:
                 task.cancel()
                 await asyncio.wait([task])  # a cancellation of the caller still propagates
             if task.done() and not task.cancelled() and task.exception() is not None:
-                _LOGGER.debug("ffmpeg stderr reader for %s failed: %r", self._what, task.exception())
-        _LOGGER.debug("ffmpeg for %s exited with %s", self._what, self._proc.returncode)
+                _log.debug("ffmpeg stderr reader failed", source=self._what,
+                           error=repr(task.exception()))
+        _log.debug("ffmpeg exited", source=self._what, returncode=self._proc.returncode)
 
     def failure_message(self, code: int | None) -> str:
         """Describe an exit of ffmpeg: the input, the exit status and its last stderr lines."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import re
 import stat
@@ -36,6 +35,7 @@ import numpy as np
 import soundfile as sf
 
 from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
+from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, Float32Array, make_block
 from streamcap.sources.base import (
     FileOptions,
@@ -45,7 +45,7 @@ from streamcap.sources.base import (
 )
 from streamcap.sources.ffmpeg import FfmpegPipe, decode_args
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 SOUNDFILE_SUFFIXES = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".au"})
 """File name suffixes read with soundfile; everything else goes through ffmpeg."""
@@ -310,12 +310,11 @@ class FileSource:
         self.sample_rate_hz = rate
         read_pass = self._soundfile_pass if probe.decoder == "soundfile" else self._ffmpeg_pass
         if probe.announced_s is not None and probe.duration_s is not None:
-            _LOGGER.warning(
-                "%s is truncated: its header announces %.3f s of audio, the file holds %.3f s "
-                "(%d samples at %d Hz); playing what is there",
-                self._what(), probe.announced_s, probe.duration_s,
-                round(probe.duration_s * rate), rate,
-            )
+            _log.warning("file is truncated: its header announces more audio than it holds; "
+                         "playing what is there", source=self._what(),
+                         announced_s=round(probe.announced_s, 3),
+                         holds_s=round(probe.duration_s, 3),
+                         samples=round(probe.duration_s * rate), rate_hz=rate)
         checker = SampleCheck(self._what(), realtime=self._options.realtime)
         cache_limit = round(LOOP_CACHE_MAX_S * rate) if self._options.loop else -1
         cache: list[tuple[Float32Array, int]] | None = None
@@ -359,9 +358,9 @@ class FileSource:
                 return
             if caching:
                 cache = caching
-                _LOGGER.debug("%s: %.3f s long, looping from memory", self._what(),
-                              delivered / rate)
-            _LOGGER.debug("%s: looping after pass %d", self._what(), self.passes)
+                _log.debug("looping from memory", source=self._what(),
+                           duration_s=round(delivered / rate, 3))
+            _log.debug("looping", source=self._what(), passes=self.passes)
 
 
 async def _checked(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
+from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, make_block
 from streamcap.sources import devices as _devices
 from streamcap.sources.base import (
@@ -32,7 +32,7 @@ from streamcap.sources.base import (
 )
 from streamcap.sources.devices import DeviceInfo
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 QUEUE_S = 5.0
 """Seconds of audio buffered between PortAudio and the consumer before blocks are dropped."""
@@ -230,7 +230,7 @@ class MicrophoneSource:
             _devices.stream_closed()
             self._queue = None
             raise
-        _LOGGER.info("recording from %s at %d Hz, %d ch", where, rate, channels)
+        _log.info("recording", source=where, rate_hz=rate, channels=channels)
         queue = self._queue
         checker = SampleCheck(where)
         try:
@@ -266,7 +266,7 @@ def _close_stream(stream: Any) -> None:
         stream.abort()
         stream.close()
     except Exception as exc:  # noqa: BLE001 - PortAudioError while closing a dead device
-        _LOGGER.debug("closing input stream failed: %s", exc)
+        _log.debug("closing input stream failed", error=str(exc))
     finally:
         _devices.stream_closed()
 

@@ -10,24 +10,20 @@ supervisor's stall timeout.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncGenerator, Mapping
 
 from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock, make_block
+from streamcap.redact import redact, url_secrets
 from streamcap.sources.base import (
     DEFAULT_STREAM_RATE_HZ,
     SampleCheck,
     StreamOptions,
     parse_source_uri,
     read_source_options,
-    redact_url,
-    url_secrets,
 )
 from streamcap.sources.ffmpeg import FfmpegPipe, decode_args
-
-_LOGGER = logging.getLogger(__name__)
 
 IO_TIMEOUT_S = 15.0
 """ffmpeg gives up on a connection that transfers nothing for this long."""
@@ -79,7 +75,7 @@ class FfmpegStreamSource:
     @property
     def url(self) -> str:
         """The stream URL with credentials replaced by ``***``."""
-        return redact_url(self._url)
+        return redact(self._url)
 
     def __repr__(self) -> str:
         return f"FfmpegStreamSource({self._source_id!r}, {self.url!r})"
@@ -151,7 +147,7 @@ def create_source(source_id: str, uri: str, options: Mapping[str, object]) -> Ff
     kind, target, params = parse_source_uri(uri)
     if kind != "stream":
         raise ConfigError(
-            f"source {source_id!r}: uri {redact_url(uri)!r} is a {kind} source, "
+            f"source {source_id!r}: uri {redact(uri)!r} is a {kind} source, "
             "not a network stream URL"
         )
     return FfmpegStreamSource(source_id, target, read_source_options(StreamOptions, options, params))

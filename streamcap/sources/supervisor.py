@@ -18,18 +18,18 @@ import asyncio
 import contextlib
 import dataclasses
 import inspect
-import logging
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from streamcap.audio.watchdog import SourceWatchdog, WatchdogOptions
+from streamcap.clock import Clock, SystemClock
 from streamcap.errors import SourceUnavailable, StreamcapError
+from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, SourceState, SourceStatus
 from streamcap.sources.base import AudioSource
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 _T = TypeVar("_T")
 
@@ -38,24 +38,6 @@ StatusCallback = Callable[[SourceStatus], Awaitable[None] | None]
 
 CLOSE_TIMEOUT_S = 5.0
 """How long a source may take to clean up after it is cancelled or closed."""
-
-
-class Clock(Protocol):
-    """Where the supervisor reads time: monotonic for timeouts, wall clock for messages."""
-
-    def monotonic(self) -> float: ...
-
-    def wall(self) -> float: ...
-
-
-class SystemClock:
-    """``time.monotonic`` and ``time.time``."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def wall(self) -> float:
-        return time.time()
 
 
 async def _call(callback: Callable[[_T], Awaitable[None] | None], item: _T) -> None:
@@ -126,11 +108,12 @@ class SourceSupervisor:
             return
         self.status = status
         log = (
-            _LOGGER.warning
+            _log.warning
             if status.state in (SourceState.STALLED, SourceState.RETRYING)
-            else (_LOGGER.error if status.state is SourceState.FAILED else _LOGGER.info)
+            else (_log.error if status.state is SourceState.FAILED else _log.info)
         )
-        log("source %s: %s (%s)", self.source_id, status.state.value, status.reason)
+        log("source state", source_id=self.source_id, state=status.state.value,
+            reason=status.reason, retry_in_s=status.retry_in_s, attempt=status.attempt)
         await _call(on_status, status)
 
     async def run(self, on_block: BlockCallback, on_status: StatusCallback) -> SourceStatus:
@@ -230,7 +213,7 @@ class SourceSupervisor:
         permanent = not isinstance(exc, SourceUnavailable)
         reason: str | BaseException = exc
         if not isinstance(exc, StreamcapError):
-            _LOGGER.exception("source %s raised an unexpected error", self.source_id)
+            _log.exception("source raised an unexpected error", source_id=self.source_id)
             reason = f"unexpected {type(exc).__name__}: {exc}"
         status = self.watchdog.error(
             reason, permanent=permanent, now=clock.monotonic(), at=clock.wall()
@@ -247,6 +230,7 @@ class SourceSupervisor:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await aclose()
         except TimeoutError:
-            _LOGGER.error("source %s did not close within %.0f s", self.source_id, CLOSE_TIMEOUT_S)
+            _log.error("source did not close in time", source_id=self.source_id,
+                       timeout_s=CLOSE_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001
-            _LOGGER.warning("source %s raised while closing: %s", self.source_id, exc)
+            _log.warning("source raised while closing", source_id=self.source_id, error=str(exc))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -128,10 +127,6 @@ def run(args: argparse.Namespace) -> int:
     if args.train_command is None:
         raise ConfigError(f"train: a subcommand is needed: {', '.join(TRAIN_COMMANDS)}")
     return handlers[args.train_command](args)
-
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr if not sys.stdout.isatty() else sys.stdout)
 
 
 def _write_json(data: Any, path: Path) -> None:

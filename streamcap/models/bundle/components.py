@@ -9,7 +9,6 @@ or a preset (random weights), and :func:`open_components` opens any of them.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from streamcap.errors import ModelError
+from streamcap.logs import get_logger
 from streamcap.models.bundle.manifest import Bundle, load_bundle, resolve_model, save_bundle
 from streamcap.models.bundle.presets import FluencyConfig, PresetSpec, preset_spec
 from streamcap.models.bundle.weights import check_state
@@ -38,7 +38,7 @@ from streamcap.models.enclap.tokenizer import (
 from streamcap.models.retrieval.clap import ClapEmbedder, ClapEmbedderConfig
 from streamcap.models.retrieval.retriever import AudioTextRetriever, RetrieverConfig
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -180,8 +180,8 @@ def load_components(bundle: Bundle) -> Components:
                          "'seq_embedder' component; one of them must make encoder row 0")
     for name, config in configs.items():
         if config.get("random_weights"):
-            _LOGGER.warning("bundle %s: component %r has RANDOM weights: %s", bundle.path, name,
-                            config.get("note", "captions are meaningless"))
+            _log.warning("bundle component has RANDOM weights", bundle=str(bundle.path),
+                         component=name, note=config.get("note", "captions are meaningless"))
     try:
         codec = make_codec(configs["codec"])
         codec.load_state_dict(bundle.load_weights("codec"))
@@ -250,13 +250,13 @@ def demo_bundle_path() -> Path:
 def open_components(spec: str, *, seed: int = 0) -> Components:
     """Components for ``--model``: a bundle directory, ``demo`` or a preset name."""
     if spec == DEMO_MODEL:
-        _LOGGER.warning(DEMO_WARNING)
+        _log.warning(DEMO_WARNING)
         return load_components(load_bundle(demo_bundle_path()))
     resolved = resolve_model(spec)
     if resolved.kind == "bundle":
         assert resolved.bundle_path is not None  # resolve_model sets it for bundles
         return load_components(load_bundle(resolved.bundle_path))
     if resolved.warning:
-        _LOGGER.warning(resolved.warning)
+        _log.warning(resolved.warning, model=spec)
     assert resolved.preset is not None  # resolve_model sets it for presets
     return build_components(preset_spec(resolved.preset), seed=seed)

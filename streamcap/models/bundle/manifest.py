@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -50,9 +49,10 @@ import torch
 from safetensors.torch import save_file
 
 from streamcap.errors import ModelError, WeightsError
+from streamcap.logs import get_logger
 from streamcap.models.bundle.weights import read_state_dict
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 BUNDLE_FORMAT: Final = "streamcap-bundle"
 BUNDLE_FORMAT_VERSION: Final = 1
@@ -278,9 +278,8 @@ def save_bundle(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _LOGGER.info(
-        "saved bundle %s (%s) to %s", manifest["model_id"], ", ".join(comp_entries), directory
-    )
+    _log.info("bundle saved", model_id=manifest["model_id"], components=list(comp_entries),
+              directory=str(directory))
     return directory
 
 
@@ -383,9 +382,8 @@ def _verify_files(directory: Path, files: Mapping[str, str], *, hashes: bool) ->
     on_disk = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
     extra = sorted(rel for rel in on_disk if rel != MANIFEST_NAME and rel not in files)
     for rel in extra:
-        _LOGGER.warning(
-            "bundle %s: file %s is not listed in %s; ignored", directory, rel, MANIFEST_NAME
-        )
+        _log.warning(f"bundle file {rel} is not listed in {MANIFEST_NAME}; ignored",
+                     bundle=str(directory), file=rel)
     return tuple(extra)
 
 

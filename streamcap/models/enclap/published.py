@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import shutil
 import tempfile
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from streamcap.errors import ModelError, WeightsError
+from streamcap.logs import get_logger
 from streamcap.models.bundle.weights import check_state, naming_file, read_state_dict
 from streamcap.models.codecs.encodec import EncodecCodecConfig, EncodecTokenizer, encodec_preset
 from streamcap.models.enclap.model import EnclapConfig, EnclapModel, extend_positions, streamcap_key
@@ -52,7 +52,7 @@ from streamcap.models.retrieval.clap import (
     convert_laion_state_dict,
 )
 
-_LOGGER = logging.getLogger(__name__)
+_log = get_logger(__name__)
 
 ACCEPTED_ARCHITECTURES = frozenset(
     {"EnClapBartForConditionalGeneration", "BartForConditionalGeneration", "BartModel"})
@@ -339,6 +339,6 @@ def import_enclap(directory: Path, output: Path, options: ImportOptions = Import
         path = save_components(components, output, overwrite=overwrite,
                                caption_tokenizer_dir=tok_copy)
     for note in notes.values():
-        _LOGGER.warning("import-enclap: %s", note)
+        _log.warning("import-enclap note", note=note)
     return ImportReport(path=path, model_id=model_id, config=config,
                         warnings=tuple(notes.values()))

@@ -1,0 +1,120 @@
+"""The one redaction: every secret form is hidden in log lines, status reasons and error messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamcap.audio.watchdog import SourceWatchdog
+from streamcap.errors import ConfigError, SourceUnavailable
+from streamcap.redact import SECRET_KEYS, is_secret_key, redact, url_secrets
+
+SECRET = "hunter2xyz"
+
+# Every form a credential takes in a URL or header, each holding SECRET.
+SECRET_FORMS = [
+    f"rtsp://admin:{SECRET}@cam:554/live",  # userinfo
+    f"rtsp://{SECRET}@cam/live",  # userinfo without a password
+    f"rtsp://admin:p@{SECRET}@cam/live",  # an unencoded '@' in the password
+    f"rtsp://cam/live;password={SECRET}",  # rtsp ;param= form
+    f"rtsp://cam/live;user=bob;pass={SECRET};chan=1",
+    *(f"https://api.example/x?a=1&{key}={SECRET}&b=2" for key in sorted(SECRET_KEYS)),
+    f"http://h/s?PassWord={SECRET}",  # names compare case-insensitively
+    f"http://h/s?token={SECRET}#frag",
+    f"Authorization: Bearer {SECRET}",
+    f"Authorization: Basic {SECRET}",
+    f"authorization={SECRET}",
+    f"Proxy-Authorization: Digest {SECRET}",
+    f"headers: {{'Authorization': 'Bearer {SECRET}'}}",
+    f"sent Bearer {SECRET} upstream",
+]
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_redact_hides_every_secret_form(form: str) -> None:
+    out = redact(f"opening {form} now")
+    assert SECRET not in out
+    assert "***" in out
+    assert out.startswith("opening ") and out.endswith(" now")
+    assert redact(out) == out  # idempotent
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("rtsp://admin:hunter2@10.0.0.5/live?token=abc&x=1",
+     "rtsp://***@10.0.0.5/live?token=***&x=1"),
+    ("rtsp://user:pass@cam:554/s", "rtsp://***@cam:554/s"),
+    ("rtsp://user@cam/s", "rtsp://***@cam/s"),
+    ("http://h/s?Password=p&key=k&secret=s", "http://h/s?Password=***&key=***&secret=***"),
+    ("https://host/x?access_token=zz;pwd=qq", "https://host/x?access_token=***;pwd=***"),
+    ("rtsp://cam/live;password=pw;chan=1", "rtsp://cam/live;password=***;chan=1"),
+    ("http://h/s?sig=abc&apikey=k&client_secret=c",
+     "http://h/s?sig=***&apikey=***&client_secret=***"),
+    ("Authorization: Bearer abc.def-ghi", "Authorization: Bearer ***"),
+    ("Authorization: Basic dXNlcjpwYXNz", "Authorization: Basic ***"),
+    ("Authorization: s3cr3t", "Authorization: ***"),
+    ("http://user:pass@radio.example:8000/stream.mp3",
+     "http://***@radio.example:8000/stream.mp3"),
+    ("rtsp://user:p@ss@cam/stream", "rtsp://***@cam/stream"),  # unencoded '@' in a password
+    ("https://host/x?password=p&api_key=k#frag", "https://host/x?password=***&api_key=***#frag"),
+    ("http://host/hls.m3u8?a=1&Token=T0K&b=2", "http://host/hls.m3u8?a=1&Token=***&b=2"),
+    ("opening rtsp://a:b@cam1/s and http://c:d@cam2/t?auth=e now",
+     "opening rtsp://***@cam1/s and http://***@cam2/t?auth=*** now"),
+])
+def test_redact_output(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "no url here",
+    "window_s=10 hop_s=5",
+    "mail bob@example.com about key=value",
+    "http://host/path?email=a@b.c&monkey=1&keyframe=2",
+    "file:/srv/clip.wav?loop=true&realtime=false",
+    "mic:default",
+    "udp://0.0.0.0:5004",
+    "Basic information",
+    "authorization failed",
+    "",
+])
+def test_redact_leaves_text_without_credentials_unchanged(text: str) -> None:
+    assert redact(text) == text
+
+
+def test_secret_keys_are_one_case_insensitive_list() -> None:
+    for key in ("password", "PASSWORD", "api_key", "Token", "sig", "client_secret", "auth"):
+        assert is_secret_key(key)
+    for key in ("host", "keepalive_s", "password_env", "monkey"):
+        assert not is_secret_key(key)
+
+
+def test_url_secrets_lists_what_redact_hides_raw_decoded_and_encoded() -> None:
+    url = "rtsp://admin:p%40ss%2Fw@cam/live;password=semi1?token=a%2Bb&x=1"
+    found = url_secrets(url)
+    assert "admin:p%40ss%2Fw" in found and "p@ss/w" in found
+    assert "semi1" in found and "a%2Bb" in found and "a+b" in found
+    assert found == sorted(found, key=len, reverse=True)
+    assert url_secrets("udp://0.0.0.0:5004") == []
+
+
+# ------------------------------------------------------------------ where the text goes
+# (log lines: tests/test_logs.py)
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_every_secret_form_is_redacted_in_a_health_reason(form: str) -> None:
+    """A failing source's status reason is what /healthz shows and the sinks publish."""
+    watchdog = SourceWatchdog("cam")
+    watchdog.started(0.0)
+    status = watchdog.error(OSError(f"cannot open {form}"), permanent=False, now=1.0)
+    assert SECRET not in status.reason and "***" in status.reason
+    failed = watchdog.error(f"ffmpeg said: {form}", permanent=True, now=2.0)
+    assert SECRET not in failed.reason
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_every_secret_form_is_redacted_in_an_error_message(form: str) -> None:
+    unavailable = SourceUnavailable(f"stream {form} cannot be opened")
+    assert SECRET not in str(unavailable) and SECRET not in repr(unavailable)
+    config = ConfigError([f"sources.cam.uri: {form} is not allowed", "other problem"])
+    assert SECRET not in str(config)
+    assert all(SECRET not in problem for problem in config.problems)
+    assert config.problems[1] == "other problem"
