@@ -298,7 +298,8 @@ async def test_a_source_bug_is_not_turned_into_a_restart(
         tmp_path: Path, runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch,
         capfd: pytest.CaptureFixture[str]) -> None:
     """A block that goes back in time within one source clock is a bug: it fails the
-    source's task with the windower's error instead of starting new windows over and over."""
+    source (state "failed", with the windower's error as the reason, as /healthz shows it)
+    instead of starting new windows over and over."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     half = RATE // 2
@@ -306,10 +307,10 @@ async def test_a_source_bug_is_not_turned_into_a_restart(
     cut, events = await _cut_windows(tmp_path, runtime, starts, capfd)
     assert [(w.epoch, w.start_ms) for w in cut] == [(0, 0), (0, 1000), (0, 2000)]
     assert not [e for e in events if e["event"] == "audio gap: restarting windows"]
-    failed = [e for e in events if e["event"] == "task failed"]
+    failed = [e for e in events if e["event"] == "source state" and e["state"] == "failed"]
     assert len(failed) == 1, events
-    assert failed[0]["task"] == "streamcap[source:tone].supervisor"
-    assert "ValueError" in failed[0]["error"] and "overlaps" in failed[0]["error"]
+    assert failed[0]["source_id"] == "tone"
+    assert "ValueError" in failed[0]["reason"] and "overlaps" in failed[0]["reason"]
 
 
 # --------------------------------------------------------------------------- seams

@@ -196,7 +196,10 @@ class SourceSupervisor:
                 await self._report(
                     on_status, wd.data(len(block.samples), clock.monotonic(), at=clock.wall())
                 )
-                await _call(on_block, block)
+                try:
+                    await _call(on_block, block)
+                except Exception as exc:  # noqa: BLE001  (a block the windower refuses: a bug)
+                    return await self._fail(on_status, exc)
         finally:
             await self._close(blocks)
 
