@@ -207,7 +207,7 @@ def test_bad_manifest_names_key(tmp_path: Path, edit: Any, match: str) -> None:
 def test_manifest_missing_or_not_json(tmp_path: Path) -> None:
     directory = _save(tmp_path)
     (directory / MANIFEST_NAME).write_text("{not json", encoding="utf-8")
-    with pytest.raises(WeightsError, match="manifest.json is not valid JSON"):
+    with pytest.raises(WeightsError, match="manifest.json: not valid JSON"):
         load_bundle(directory)
     (directory / MANIFEST_NAME).write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(WeightsError, match="JSON object"):

@@ -88,6 +88,12 @@ def _vector(vector: Float32Array) -> list[float | None]:
     return [_num(float(f"{x:.{EMBEDDING_DIGITS}g}")) for x in flat.tolist()]
 
 
+def _window_fields(msg: Caption | Embedding) -> dict[str, object]:
+    """What captions and embeddings both say of their window."""
+    return {"run_id": msg.run_id, "window_id": msg.window_id, "source_id": msg.source_id,
+            "seq": int(msg.seq), "start_s": _num(msg.start_s), "end_s": _num(msg.end_s)}
+
+
 def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
     """The JSON-ready frame of one published message.
 
@@ -109,12 +115,7 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
     frame: dict[str, object] = {"type": kind, "v": PROTOCOL_VERSION, "node_id": node_id}
     if isinstance(msg, Caption):
         frame.update(
-            run_id=msg.run_id,
-            window_id=msg.window_id,
-            source_id=msg.source_id,
-            seq=int(msg.seq),
-            start_s=_num(msg.start_s),
-            end_s=_num(msg.end_s),
+            _window_fields(msg),
             captured_at=_num(msg.captured_at),
             text=msg.text,
             score=_num(msg.score),
@@ -127,12 +128,7 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
     elif isinstance(msg, Embedding):
         vector = _vector(msg.vector)
         frame.update(
-            run_id=msg.run_id,
-            window_id=msg.window_id,
-            source_id=msg.source_id,
-            seq=int(msg.seq),
-            start_s=_num(msg.start_s),
-            end_s=_num(msg.end_s),
+            _window_fields(msg),
             model=msg.model,
             dim=len(vector),
             vector=vector,

@@ -308,16 +308,26 @@ def _check_rel(dotted: str, rel: object) -> str:
     return rel
 
 
+def read_json_object(path: Path, error: type[ModelError] = ModelError) -> dict[str, Any]:
+    """A JSON file holding an object (a manifest, a checkpoint's ``config.json``).
+
+    Raises:
+        ModelError: (``error``) unreadable, not valid JSON, or not an object; names the file.
+    """
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object (got {type(raw).__name__})")
+    return raw
+
+
 def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise WeightsError(f"{path}: {MANIFEST_NAME} is missing; not a streamcap bundle")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise WeightsError(f"{path}: {MANIFEST_NAME} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise WeightsError(f"{path}: {MANIFEST_NAME} must hold a JSON object")
+    manifest = read_json_object(path, WeightsError)
     if manifest.get("format") != BUNDLE_FORMAT:
         raise _bad("format", f"{BUNDLE_FORMAT!r}, got {manifest.get('format')!r}")
     version = manifest.get("format_version")

@@ -26,7 +26,6 @@ position table (:func:`streamcap.models.enclap.model.extend_positions`); see
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import shutil
 import tempfile
@@ -39,6 +38,7 @@ import torch
 
 from streamcap.errors import ModelError, WeightsError
 from streamcap.logs import get_logger
+from streamcap.models.bundle.manifest import read_json_object
 from streamcap.models.bundle.weights import check_state, naming_file, read_state_dict
 from streamcap.models.codecs.encodec import EncodecCodecConfig, EncodecTokenizer, encodec_preset
 from streamcap.models.enclap.model import EnclapConfig, EnclapModel, extend_positions, streamcap_key
@@ -206,13 +206,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError(f"{path}: missing; an EnCLAP checkpoint directory holds config.json "
                          "and pytorch_model.bin")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelError(f"{path}: expected a JSON object")
-    return raw
+    return read_json_object(path)
 
 
 def load_reference_checkpoint(directory: Path) -> tuple[EnclapConfig, dict[str, torch.Tensor]]:
