@@ -56,14 +56,39 @@ def http_get(url: str) -> tuple[int, str, str]:
         return err.code, err.headers.get("Content-Type", ""), err.read().decode()
 
 
-def metric_samples(text: str, name: str) -> dict[str, float]:
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _canonical(labels: str) -> str:
+    """Label text with its labels sorted by name: ``{b="1",a="2"}`` -> ``{a="2",b="1"}``."""
+    if not labels:
+        return ""
+    pairs = sorted(_LABEL.findall(labels))
+    return "{" + ",".join(f'{k}="{v}"' for k, v in pairs) + "}"
+
+
+class MetricSamples(dict[str, float]):
+    """Samples by label text; looked up in any label order."""
+
+    def __getitem__(self, labels: str) -> float:
+        return super().__getitem__(_canonical(labels))
+
+    def __contains__(self, labels: object) -> bool:
+        return isinstance(labels, str) and super().__contains__(_canonical(labels))
+
+    def get(self, labels: str, default: float | None = None) -> float | None:  # type: ignore[override]
+        return super().get(_canonical(labels), default)
+
+
+def metric_samples(text: str, name: str) -> MetricSamples:
     """``{label text: value}`` of every sample of metric ``name`` in Prometheus text
-    (label text as rendered, e.g. ``{sink="ws"}``; ``""`` without labels)."""
-    out: dict[str, float] = {}
+    (label text as rendered, e.g. ``{sink="ws"}``; ``""`` without labels; looked up in
+    any label order, since exposition orders labels as it likes)."""
+    out = MetricSamples()
     for line in text.splitlines():
         match = re.fullmatch(rf"{re.escape(name)}(\{{.*\}})? (\S+)", line)
         if match:
-            out[match[1] or ""] = float(match[2])
+            dict.__setitem__(out, _canonical(match[1] or ""), float(match[2]))
     return out
 
 
