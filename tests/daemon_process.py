@@ -47,6 +47,13 @@ def streamcap_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "streamcap"]
 
 
+def tiny_model_toml(*, n_candidates: int = 8, max_new_tokens: int | None = None) -> str:
+    """The ``[model]`` tables of a daemon test: the tiny preset on one CPU thread, seeded."""
+    extra = "" if max_new_tokens is None else f"max_new_tokens = {max_new_tokens}\n"
+    return ('[model]\nbundle = "tiny"\ndevice = "cpu"\nprecision = "fp32"\nthreads = 1\n\n'
+            f"[model.decoding]\nn_candidates = {n_candidates}\n{extra}seed = 0\n")
+
+
 def http_get(url: str) -> tuple[int, str, str]:
     """Status, content type and body of a GET (4xx/5xx included)."""
     try:
@@ -276,5 +283,13 @@ class DaemonProcess:
                 self.proc.wait(timeout=scaled(30))
 
 
-__all__ = ["WAIT_S", "DaemonProcess", "NotifyListener", "http_get", "metric_samples",
-           "mqtt_lines", "streamcap_command"]
+__all__ = [
+    "WAIT_S",
+    "DaemonProcess",
+    "NotifyListener",
+    "http_get",
+    "metric_samples",
+    "mqtt_lines",
+    "streamcap_command",
+    "tiny_model_toml",
+]

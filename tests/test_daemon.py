@@ -28,6 +28,7 @@ from test_pipeline import (
     Recorder,
     captions_of,
     result_for,
+    runtime,
     sample_value,
     wait_until,
     write_tone,
@@ -40,8 +41,10 @@ from streamcap.bus.plugin import SinkContext, SinkEndpoint
 from streamcap.config import Config, parse_config
 from streamcap.daemon import EXIT_ABANDONED, Daemon, StopBudget
 from streamcap.messages import AudioBlock, CaptionResult, SourceStatus, Window, make_block
-from streamcap.models.runtime import InferenceRuntime, RuntimeOptions
+from streamcap.models.runtime import InferenceRuntime
 from streamcap.pipeline import WindowCaptioner
+
+__all__ = ["runtime"]  # the fixture: one inference thread on the CPU
 
 STOP_TIMEOUT_S = 2.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,13 +94,6 @@ class StuckCaptioner:
         return result_for(win)
 
 
-@pytest.fixture
-async def runtime() -> AsyncIterator[InferenceRuntime]:
-    rt = InferenceRuntime(RuntimeOptions(device="cpu", precision="fp32", num_threads=1))
-    try:
-        yield rt
-    finally:
-        await rt.aclose()
 
 
 def make_daemon(tmp_path: Path, runtime: InferenceRuntime, captioner: object,

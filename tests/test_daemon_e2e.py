@@ -44,6 +44,7 @@ from daemon_process import (
     metric_samples,
     mqtt_lines,
     streamcap_command,
+    tiny_model_toml,
 )
 from mosquitto import Mosquitto, mosquitto_path, mosquitto_sub, start_mosquitto_sub
 from test_jsonl_plugin import jsonl_installed
@@ -119,16 +120,7 @@ log_format = "json"
 max_pending_windows = 2
 stop_timeout_s = 20
 
-[model]
-bundle = "tiny"
-device = "cpu"
-precision = "fp32"
-threads = 1
-
-[model.decoding]
-n_candidates = 8
-seed = 0
-
+{tiny_model_toml()}
 [sources.{SOURCE}]
 uri = "file:{wav}?loop=true"
 window_s = 10
@@ -626,16 +618,7 @@ log_format = "json"
 max_pending_windows = 2
 stop_timeout_s = {stop_timeout_s}
 
-[model]
-bundle = "tiny"
-device = "cpu"
-precision = "fp32"
-threads = 1
-
-[model.decoding]
-n_candidates = 8
-seed = 0
-{sources}
+{tiny_model_toml()}{sources}
 [sinks.archive]
 plugin = "jsonl"
 path = "{jsonl}"

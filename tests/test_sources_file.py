@@ -323,7 +323,14 @@ async def test_truncated_wav_is_played_with_a_warning_giving_both_durations(
 @pytest.mark.slow
 def test_daemon_keeps_captioning_a_looped_file_with_nan_and_inf(tmp_path: Path) -> None:
     from conftest import free_port
-    from daemon_process import WAIT_S, DaemonProcess, NotifyListener, http_get, metric_samples
+    from daemon_process import (
+        WAIT_S,
+        DaemonProcess,
+        NotifyListener,
+        http_get,
+        metric_samples,
+        tiny_model_toml,
+    )
 
     wav = tmp_path / "nan.wav"
     write_float_wav_with_nonfinite(wav)
@@ -335,17 +342,7 @@ node_id = "nan-test"
 state_dir = "{tmp_path / 'state'}"
 log_format = "json"
 
-[model]
-bundle = "tiny"
-device = "cpu"
-precision = "fp32"
-threads = 1
-
-[model.decoding]
-n_candidates = 2
-max_new_tokens = 4
-seed = 0
-
+{tiny_model_toml(n_candidates=2, max_new_tokens=4)}
 [sources.bad]
 uri = "file:{wav}?loop=true"
 window_s = 10
