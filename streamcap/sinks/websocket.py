@@ -335,7 +335,7 @@ class WebSocketSink:
         scheme = "wss" if self._ssl is not None else "ws"
         ctx.logger.info("websocket sink listening",
                         urls=[f"{scheme}://{_host_for_url(a[0])}:{a[1]}/" for a in addresses],
-                        port=self.bound_port, auth=self._token is not None,
+                        port=self.bound_port, token_required=self._token is not None,
                         tls=self._ssl is not None)
         if self._token is not None and self._ssl is None and not is_loopback(self.options.host):
             ctx.logger.warning(
