@@ -105,15 +105,21 @@ async def test_resampling_goes_through_ffmpeg(tmp_path: Path, ffmpeg: str) -> No
     assert abs(peak_hz(np.concatenate([b.samples for b in blocks]), RATE) - 1000) < 3
 
 
+def short_clip(tmp_path: Path, tone_file: Callable[..., Path], name: str,
+               duration_s: float) -> Path:
+    """A short tone: a wav written here, anything else (mp3) by the real ffmpeg."""
+    if name.endswith(".wav"):
+        path = tmp_path / name
+        write_sine(path, duration_s)
+        return path
+    return tone_file(name, duration_s=duration_s, sample_rate_hz=RATE)
+
+
 @pytest.mark.parametrize("name", ["loop.wav", "loop.mp3"])
 async def test_loop_continues_the_stream_clock(
     tmp_path: Path, tone_file: Callable[..., Path], name: str
 ) -> None:
-    if name.endswith(".wav"):
-        path = tmp_path / name
-        write_sine(path, 0.35)
-    else:
-        path = tone_file(name, duration_s=0.35, sample_rate_hz=RATE)
+    path = short_clip(tmp_path, tone_file, name, 0.35)
     src = create_source("f", f"file:{path}?loop=true&realtime=false", {"block_s": 0.1})
     blocks = await collect(src, limit=20)
     check_contiguous(blocks)
@@ -267,11 +273,7 @@ async def test_nonfinite_samples_become_silence_counted_and_located(
 async def test_short_looped_file_is_decoded_once_and_replayed_from_memory(
     tmp_path: Path, tone_file: Callable[..., Path], name: str
 ) -> None:
-    if name.endswith(".wav"):
-        path = tmp_path / name
-        write_sine(path, 0.3)
-    else:
-        path = tone_file(name, duration_s=0.3, sample_rate_hz=RATE)
+    path = short_clip(tmp_path, tone_file, name, 0.3)
     src = create_source("f", f"file:{path}?loop=true&realtime=false", {"block_s": 0.1})
     blocks = await collect(src, limit=40)
     check_contiguous(blocks)
