@@ -13,11 +13,13 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections import OrderedDict
+from collections.abc import Hashable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
+from streamcap.clock import Clock, SystemClock
 from streamcap.redact import REDACTED, is_secret_key, redact
 
 
@@ -110,6 +112,49 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         library.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
         library.propagate = True
     logging.captureWarnings(True)
+
+
+class Throttle:
+    """At most one log line per key per interval, for events a peer can repeat at will
+    (refused connections, malformed frames, accept errors).
+
+    ``allow(key)`` returns None when the line must be held back (it is counted), or
+    the number of lines held back for ``key`` since the last one that was let through,
+    to be logged with it (``suppressed=n``)::
+
+        if (held := throttle.allow(("token", remote_ip))) is not None:
+            log.warning("websocket client refused: invalid token", suppressed=held)
+
+    At most ``max_keys`` keys are remembered (the least recently seen are forgotten),
+    so a flood of distinct keys cannot grow memory.
+    """
+
+    def __init__(self, interval_s: float = 60.0, *, clock: Clock | None = None,
+                 max_keys: int = 1024) -> None:
+        if not interval_s > 0 or max_keys < 1:
+            raise ValueError(f"Throttle: interval_s must be > 0 and max_keys >= 1 "
+                             f"(got {interval_s}, {max_keys})")
+        self.interval_s = interval_s
+        self._clock = clock or SystemClock()
+        self._max_keys = max_keys
+        self._keys: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
+        self.suppressed_total = 0
+        """Lines held back so far, over all keys."""
+
+    def allow(self, key: Hashable = None) -> int | None:
+        """None: hold this line back; else log it, with the count held back before it."""
+        now = self._clock.monotonic()
+        last = self._keys.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._keys[key] = (last[0], last[1] + 1)
+            self._keys.move_to_end(key)
+            self.suppressed_total += 1
+            return None
+        self._keys[key] = (now, 0)
+        self._keys.move_to_end(key)
+        while len(self._keys) > self._max_keys:
+            self._keys.popitem(last=False)
+        return 0 if last is None else last[1]
 
 
 def _identity(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -16,7 +16,8 @@ import pytest
 import structlog
 from test_redact import SECRET, SECRET_FORMS
 
-from streamcap.logs import configure_logging, get_logger
+from streamcap.clock import FakeClock
+from streamcap.logs import Throttle, configure_logging, get_logger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -184,3 +185,31 @@ def test_a_secret_named_field_is_hidden_whole(restore_logging: None,
     [line] = _json_lines(capsys.readouterr().err)
     assert (line["user"], line["password"], line["headers"]) == (
         "bob", "***", {"Authorization": "***"})
+
+
+def test_throttle_lets_one_line_per_interval_and_counts_the_rest() -> None:
+    clock = FakeClock()
+    throttle = Throttle(10.0, clock=clock)
+    assert throttle.allow("a") == 0
+    assert [throttle.allow("a") for _ in range(5)] == [None] * 5
+    assert throttle.allow("b") == 0  # keys are independent
+    clock.advance(10.0)
+    assert throttle.allow("a") == 5  # logged with the five held back
+    assert throttle.allow("a") is None
+    assert throttle.suppressed_total == 6
+
+
+def test_throttle_remembers_a_bounded_number_of_keys() -> None:
+    clock = FakeClock()
+    throttle = Throttle(10.0, clock=clock, max_keys=3)
+    for key in range(100):
+        assert throttle.allow(key) == 0
+    assert len(throttle._keys) == 3
+    assert throttle.allow(99) is None and throttle.allow(0) == 0  # 0 was forgotten
+
+
+def test_throttle_refuses_bad_settings() -> None:
+    with pytest.raises(ValueError, match="interval_s"):
+        Throttle(0.0)
+    with pytest.raises(ValueError, match="max_keys"):
+        Throttle(1.0, max_keys=0)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import itertools
 import ssl
 from collections import deque
@@ -62,6 +61,7 @@ from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext, SinkEndpoint, read_sink_options
 from streamcap.errors import ConfigError
 from streamcap.messages import Published
+from streamcap.netpolicy import is_loopback
 from streamcap.options import option, secret
 from streamcap.sinks.ws_protocol import (
     CONTROL,
@@ -153,16 +153,6 @@ class WebSocketOptions:
             missing, given = ("tls_key", "tls_cert") if self.tls_key is None else (
                 "tls_cert", "tls_key")
             yield missing, f"{given} is set, so {missing} is needed too"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _tls_context(cert: Path, key: Path) -> tuple[ssl.SSLContext | None, list[tuple[str, str]]]:

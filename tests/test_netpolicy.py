@@ -1,0 +1,97 @@
+"""streamcap.netpolicy: the Host and Origin rules, on header values a browser or an attacker sends."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamcap.netpolicy import (
+    HostPolicy,
+    host_of,
+    is_ip_literal,
+    is_loopback,
+    is_wildcard,
+    normalise_origin,
+    origin_allowed,
+)
+
+
+def test_loopback_detection() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("127.3.2.1") and is_loopback("::1")
+    assert is_loopback("localhost") and is_loopback("[::1]") and is_loopback("LocalHost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("")
+    assert not is_loopback("192.168.1.5") and not is_loopback("myhost.lan")
+
+
+def test_wildcards_and_ip_literals() -> None:
+    assert all(is_wildcard(h) for h in ("0.0.0.0", "::", "", "[::]"))
+    assert not is_wildcard("127.0.0.1") and not is_wildcard("host.lan")
+    assert is_ip_literal("10.1.2.3") and is_ip_literal("[fe80::1]") and is_ip_literal("::1")
+    assert not is_ip_literal("localhost") and not is_ip_literal("10.1.2")
+
+
+@pytest.mark.parametrize(("header", "host"), [
+    ("127.0.0.1:8080", "127.0.0.1"), ("Example.LAN", "example.lan"), ("example.lan.:80", "example.lan"),
+    ("[::1]:8765", "::1"), ("[::1]", "::1"), ("localhost", "localhost"),
+])
+def test_host_of_well_formed(header: str, host: str) -> None:
+    assert host_of(header) == host
+
+
+@pytest.mark.parametrize("header", [
+    "", " ", "a b", "evil/x", "user@host", "host:port", "host:123456", "[::1", "[nope]:80",
+    "host:80:80", "::1", "h\\x", "?", "#",
+])
+def test_host_of_malformed(header: str) -> None:
+    assert host_of(header) is None
+
+
+def test_host_policy_refuses_unknown_names() -> None:
+    """A rebinding page's name is refused; addresses, localhost and configured names pass."""
+    policy = HostPolicy.for_listener("127.0.0.1")
+    assert policy.allows("127.0.0.1:8080") and policy.allows("[::1]:8080")
+    assert policy.allows("localhost:8080") and policy.allows("app.localhost")
+    assert policy.allows(None)
+    assert not policy.allows("evil.example:8080") and not policy.allows("localhost.evil.example")
+    assert not policy.allows("not a host")
+
+
+def test_host_policy_names_from_bind_and_config() -> None:
+    policy = HostPolicy.for_listener("Monitor.lan", ["Kitchen.Local.", " "])
+    assert policy.names == frozenset({"monitor.lan", "kitchen.local"})
+    assert policy.allows("monitor.lan:8080") and policy.allows("KITCHEN.local")
+    assert not policy.allows("other.lan")
+    assert HostPolicy.for_listener("0.0.0.0").names == frozenset()
+    assert HostPolicy.for_listener("192.168.1.5").names == frozenset()
+
+
+@pytest.mark.parametrize(("origin", "normal"), [
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080"), ("HTTPS://Example.com:443", "https://example.com"),
+    ("http://example.com:80/", "http://example.com"), ("http://[::1]:8080", "http://[::1]:8080"),
+])
+def test_normalise_origin(origin: str, normal: str) -> None:
+    assert normalise_origin(origin) == normal
+
+
+@pytest.mark.parametrize("origin", ["null", "", "file:///x", "http://", "http://h/path", "http://u:p@h",
+                                    "http://h:99999", "http://h?x=1"])
+def test_normalise_origin_refuses_non_origins(origin: str) -> None:
+    assert normalise_origin(origin) is None
+
+
+def test_origin_same_host_by_default() -> None:
+    """The live page (HTTP port) may open the feed (WebSocket port) on the same host; other pages not."""
+    assert origin_allowed(None, "127.0.0.1:8765", None)  # not a browser
+    assert origin_allowed("http://127.0.0.1:8080", "127.0.0.1:8765", None)
+    assert origin_allowed("http://LOCALHOST:8080", "localhost:8765", None)
+    assert not origin_allowed("https://evil.example", "127.0.0.1:8765", None)
+    assert not origin_allowed("http://localhost:8080", "127.0.0.1:8765", None)
+    assert not origin_allowed("null", "127.0.0.1:8765", None)
+    assert not origin_allowed("http://127.0.0.1:8080", None, None)
+
+
+def test_origin_allow_list_replaces_same_host() -> None:
+    allowed = ["https://dash.example:443", "http://127.0.0.1:3000"]
+    assert origin_allowed("https://dash.example", "127.0.0.1:8765", allowed)
+    assert origin_allowed("http://127.0.0.1:3000", "127.0.0.1:8765", allowed)
+    assert not origin_allowed("http://127.0.0.1:8080", "127.0.0.1:8765", allowed)
+    assert not origin_allowed("https://evil.example", "127.0.0.1:8765", allowed)
