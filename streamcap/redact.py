@@ -63,10 +63,12 @@ _PARAM_RE: Final = re.compile(
 _ENC_PARAM_RE: Final = re.compile(
     r"(?P<key>(?:%3F|%26|%3B)(?P<name>(?:[A-Za-z0-9._~+-]|%(?!3D|26|3B|3F|23)[0-9A-F]{2}){1,64})"
     r"%3D)(?:[^?&;\s#\"'%]|%(?!26|3B|3F|23)[0-9A-F]{2})*", re.IGNORECASE)
-# A secret-named key quoted in JSON or a Python repr: "token": "abc", 'password': 'x'
+# A secret-named key quoted in JSON or a Python repr: "token": "abc", 'password': 'x',
+# {"pin": 1234}; an unquoted value only where a mapping's entry ends (not in a sentence
+# such as "option 'token': unknown key").
 _QUOTED_KEY_RE: Final = re.compile(
     r"""(?P<key>(?P<q>["'])(?P<name>[^"'\s:]{1,64})(?P=q)\s*:\s*)"""
-    r"""(?:(?P<v>["'])(?:\\.|(?!(?P=v)).)*(?P=v)|[^\s,}\]]+)""")
+    r"""(?:(?P<v>["'])(?:\\.|(?!(?P=v)).)*(?P=v)|[^\s,}\]"']+(?=\s*(?:[,}\]]|$)))""")
 _HEADER_RE: Final = re.compile(
     rf"(?P<name>(?<![?&;])\b(?:{'|'.join(re.escape(h) for h in _HEADER_NAMES)})[\"']?\s*"
     rf"(?P<sep>[:=])\s*)"

@@ -325,5 +325,36 @@ def test_no_secret_reaches_the_outside(hostile: Hostile, where: str) -> None:
               for m in MARKER.finditer(text)]
     assert not leaks, f"{where} shows {len(leaks)} secret(s):\n" + "\n".join(leaks[:20])
 
+
+def test_check_config_refusals_show_no_secret(tmp_path: Path) -> None:
+    """Every refusal of a bad config names the key and what was expected, never a secret
+    (unknown schemes, secret-named URI options, secrets written into the file)."""
+    config = tmp_path / "bad.toml"
+    config.write_text(f"""
+[sources.a]
+uri = "foo://admin:Pw-zqva@cam/live?token=T-zqvb&%41PIKEY=K-zqvc"
+[sources.b]
+uri = "file:{tmp_path / 'none.wav'}?token=T-zqvd&password=P-zqve&loop=true"
+[sources.c]
+uri = "rtsp://admin:p@ss:Pw-zqvf@cam/live;password=P-zqvg"
+window_s = 3
+[sinks.ws]
+plugin = "websocket"
+token = "T-zqvh"
+[sinks.m]
+plugin = "mqtt"
+username = "u"
+password = "P-zqvi"
+""", encoding="utf-8")
+    for args in (["check-config", str(config)], ["--debug", "check-config", str(config)]):
+        done = subprocess.run([*streamcap_command(), *args], capture_output=True, text=True,
+                              timeout=scaled(120), check=False)
+        out = done.stdout + done.stderr
+        assert done.returncode != 0
+        assert "sources.a.uri" in out and "sinks.ws.token" in out and "sinks.m.password" in out
+        found = MARKER.search(out)
+        assert found is None, f"{args}: ...{_context(out, found.start())}..."
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

@@ -123,6 +123,8 @@ def test_redact_output(text: str, expected: str) -> None:
     '{"auth_required": true, "monkey": "x", "keyframe": 2}',
     "http://h/p?u=http%3A%2F%2Fcam%2Fs%3Fa%3D1%26b%3D2",
     "progress 50%26 done",
+    "source option 'token': unknown key (known keys: loop)",
+    "sinks.ws.token: secrets are not read from the config file",
     "",
 ])
 def test_redact_leaves_text_without_credentials_unchanged(text: str) -> None:
