@@ -6,15 +6,23 @@
   (up to the last ``@`` of the authority: a password may hold an unencoded ``@``);
 * the value of a secret parameter after ``?``, ``&`` or ``;``, which covers query
   strings (``?token=abc``, ``&api_key=k``) and ``;param=`` forms such as RTSP's
-  ``rtsp://cam/live;password=p``: ``token=***``;
-* ``Authorization`` and ``Proxy-Authorization`` header values (``Authorization: Bearer
-  abc`` -> ``Authorization: Bearer ***``, ``Basic``, ``Digest`` ... alike) and a bare
-  ``Bearer <token>``.
+  ``rtsp://cam/live;password=p``: ``token=***``; a name percent-encoded
+  (``?access%5Ftoken=``) is the same name;
+* the same two forms percent-encoded in a URL nested in another's query
+  (``?u=rtsp%3A%2F%2Fuser%3Apass%40cam%3Ftoken%3Dabc`` ->
+  ``?u=rtsp%3A%2F%2F***%40cam%3Ftoken%3D***``);
+* the value of a secret header, ``Authorization``, ``Proxy-Authorization``,
+  ``Cookie``, ``Set-Cookie``, ``X-Api-Key``, ``X-Auth-Token`` ..., to the end of its
+  line or its closing quote, a known scheme kept (``Authorization: Bearer abc`` ->
+  ``Authorization: Bearer ***``, ``Cookie: a=1; b=2`` -> ``Cookie: ***``; as the
+  libraries log request headers at debug), and a bare ``Bearer <token>``;
+* the value of a secret key quoted in JSON or a Python repr (``"token": "abc"``,
+  ``{'password': 'x'}``), as a client's frame or a dict in a message shows it.
 
-A parameter is secret when its name, compared case-insensitively, is one of
-:data:`SECRET_KEYS`. The same list decides which keys of a log event or a config
-table hold secrets (:func:`is_secret_key`). Text without credentials comes back
-unchanged, e-mail addresses included.
+A name is secret when, compared case-insensitively, it is one of :data:`SECRET_KEYS`:
+the one list for URL parameters, header names, log event keys and config keys
+(:func:`is_secret_key`). Text without credentials comes back unchanged, e-mail
+addresses included; :func:`redact` is idempotent and linear in the text's length.
 """
 
 from __future__ import annotations
@@ -40,6 +48,12 @@ SECRET_KEYS: Final = frozenset({
 })
 """Names (lower case) whose values are secrets: URL parameters, header names, log event keys,
 config keys. A name is compared after percent-decoding (``access%5Ftoken`` is ``access_token``)."""
+
+_KEY_ALTERNATION: Final = "|".join(sorted((re.escape(k) for k in SECRET_KEYS), key=len,
+                                          reverse=True))
+_KEY_HINTS: Final = ("pass", "pwd", "secret", "token", "auth", "key", "sig", "cookie")
+"""One of these is in every secret key and header name: text without any of them needs no
+key-based pattern (a fast check: most log lines hold none)."""
 
 _HEADER_NAMES: Final = ("proxy-authorization", "authorization", "set-cookie", "cookie",
                         "x-api-key", "api-key", "x-auth-token", "x-access-token")
@@ -67,8 +81,9 @@ _ENC_PARAM_RE: Final = re.compile(
 # {"pin": 1234}; an unquoted value only where a mapping's entry ends (not in a sentence
 # such as "option 'token': unknown key").
 _QUOTED_KEY_RE: Final = re.compile(
-    r"""(?P<key>(?P<q>["'])(?P<name>[^"'\s:]{1,64})(?P=q)\s*:\s*)"""
-    r"""(?:(?P<v>["'])(?:\\.|(?!(?P=v)).)*(?P=v)|[^\s,}\]"']+(?=\s*(?:[,}\]]|$)))""")
+    rf"""(?P<key>(?P<q>["'])(?P<name>{_KEY_ALTERNATION})(?P=q)\s*:\s*)"""
+    r"""(?:(?P<v>["'])(?:\\.|(?!(?P=v)).)*(?P=v)|[^\s,}\]"']+(?=\s*(?:[,}\]]|$)))""",
+    re.IGNORECASE)
 _HEADER_RE: Final = re.compile(
     rf"(?P<name>(?<![?&;])\b(?:{'|'.join(re.escape(h) for h in _HEADER_NAMES)})[\"']?\s*"
     rf"(?P<sep>[:=])\s*)"
@@ -102,16 +117,14 @@ def redact(text: str) -> str:
         text = _ENC_PARAM_RE.sub(_param_sub, text)
     if "=" in text:
         text = _PARAM_RE.sub(_param_sub, text)
-    if ":" in text and ("'" in text or '"' in text):
-        text = _QUOTED_KEY_RE.sub(_param_sub, text)
-    if _HEADER_HINT.search(text):
+    lowered = text.lower()
+    if any(hint in lowered for hint in _KEY_HINTS):
+        if ":" in text and ("'" in text or '"' in text):
+            text = _QUOTED_KEY_RE.sub(_param_sub, text)
         text = _HEADER_RE.sub(_header_sub, text)
     if "Bearer" in text:
         text = _BEARER_RE.sub(rf"\g<scheme>{REDACTED}", text)
     return text
-
-
-_HEADER_HINT: Final = re.compile(r"authorization|cookie|-key|-token", re.IGNORECASE)
 
 
 def _secret_name(name: str) -> bool:
