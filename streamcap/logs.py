@@ -5,7 +5,12 @@ JSON lines when stderr is not a terminal (journald, files, pipes) or when
 value passes through :func:`streamcap.redact.redact` (the :func:`redact_event`
 processor) so that credentials in stream URLs (``rtsp://user:pass@cam/...``,
 ``?token=...``, ``;password=...``) and authorization headers never reach a log;
-the value of a key that names a secret (``password=...``) is hidden whole.
+the value of a key that names a secret (``password=...``) is hidden whole. This holds
+for every logger: the libraries' records (websockets, aiohttp, aiomqtt, asyncio log
+request lines and headers at debug) go through the same processors, their extra
+fields included; any other object in an event is rendered here (its ``repr()``)
+and redacted, and a traceback is redacted once formatted. Uncaught exceptions (main
+thread, other threads, ``__del__``) are logged, not printed by Python as they are.
 """
 
 from __future__ import annotations
