@@ -5,7 +5,12 @@ JSON lines when stderr is not a terminal (journald, files, pipes) or when
 value passes through :func:`streamcap.redact.redact` (the :func:`redact_event`
 processor) so that credentials in stream URLs (``rtsp://user:pass@cam/...``,
 ``?token=...``, ``;password=...``) and authorization headers never reach a log;
-the value of a key that names a secret (``password=...``) is hidden whole.
+the value of a key that names a secret (``password=...``) is hidden whole. This holds
+for every logger: the libraries' records (websockets, aiohttp, aiomqtt, asyncio log
+request lines and headers at debug) go through the same processors, their extra
+fields included; any other object in an event is rendered here (its ``repr()``)
+and redacted, and a traceback is redacted once formatted. Uncaught exceptions (main
+thread, other threads, ``__del__``) are logged, not printed by Python as they are.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 import io
 import logging
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Hashable, MutableMapping
+from types import TracebackType
 from typing import Any, TextIO
 
 import structlog
@@ -22,15 +29,30 @@ import structlog
 from streamcap.clock import Clock, SystemClock
 from streamcap.redact import REDACTED, is_secret_key, redact
 
+_PLAIN: tuple[type, ...] = (int, float, bool, type(None))
+_KEPT_AS_IS: frozenset[str] = frozenset({"exc_info", "stack_info"})
+"""Event keys a later processor renders itself (and redacts: see :func:`configure_logging`)."""
+
 
 def _redact_value(value: Any) -> Any:
     if isinstance(value, str):
         return redact(value)
+    if isinstance(value, _PLAIN):
+        return value
     if type(value) in (list, tuple):  # exactly: a named tuple cannot be rebuilt this way
         return type(value)(_redact_value(v) for v in value)
     if type(value) is dict:
         return {k: _redact_field(k, v) for k, v in value.items()}
-    return value
+    # Any other object (a named tuple, a URL object, a request) would be rendered with its
+    # repr(), out of our sight: render it here, redacted.
+    return redact(_render(value))
+
+
+def _render(value: object) -> str:
+    structlog_repr = getattr(value, "__structlog__", None)
+    if callable(structlog_repr):
+        return str(structlog_repr())
+    return repr(value)
 
 
 def _redact_field(key: object, value: Any) -> Any:
@@ -41,8 +63,12 @@ def _redact_field(key: object, value: Any) -> Any:
 
 def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """The structlog processor: every string value through :func:`~streamcap.redact.redact`,
-    and the whole value of a key that names a secret (``password=...``, ``token=...``)."""
+    other objects as their redacted ``repr()``, and the whole value of a key that names a
+    secret (``password=...``, ``token=...``). ``exc_info`` and structlog's own ``_``-keys
+    are left for later processors (the traceback is redacted once formatted)."""
     for key, value in event.items():
+        if key in _KEPT_AS_IS or (isinstance(key, str) and key.startswith("_")):
+            continue
         event[key] = _redact_field(key, value)
     return event
 
@@ -112,6 +138,40 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         library.setLevel(numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING))
         library.propagate = True
     logging.captureWarnings(True)
+    # Uncaught exceptions would be printed by Python itself, unredacted: log them instead.
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+    sys.unraisablehook = _log_unraisable
+
+
+_UNCAUGHT = logging.getLogger("streamcap.uncaught")
+
+
+def _log_uncaught(exc_type: type[BaseException], exc: BaseException,
+                  tb: TracebackType | None) -> None:
+    """``sys.excepthook``: the traceback as a (redacted) log record."""
+    if issubclass(exc_type, KeyboardInterrupt):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    _UNCAUGHT.critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: likewise, naming the thread."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    exc = args.exc_value
+    _UNCAUGHT.error("uncaught exception in thread %s", name,
+                    exc_info=(args.exc_type, exc, args.exc_traceback) if exc is not None else None)
+
+
+def _log_unraisable(args: Any) -> None:
+    """``sys.unraisablehook`` (an exception in ``__del__``, say): likewise."""
+    exc = args.exc_value
+    exc_info = (args.exc_type, exc, args.exc_traceback) if exc is not None else None
+    _UNCAUGHT.error("exception ignored in %r%s", args.object,
+                    f": {args.err_msg}" if args.err_msg else "", exc_info=exc_info)
 
 
 class Throttle:

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import namedtuple
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,8 @@ def restore_logging() -> Iterator[None]:
         logging.getLogger(name).setLevel(logging.NOTSET)
     logging.captureWarnings(False)
     structlog.reset_defaults()
+    sys.excepthook, threading.excepthook = sys.__excepthook__, threading.__excepthook__
+    sys.unraisablehook = sys.__unraisablehook__
 
 
 def _json_lines(text: str) -> list[dict[str, Any]]:
@@ -67,7 +70,7 @@ def test_credentials_in_logged_urls_are_redacted(capsys: pytest.CaptureFixture[s
     log.info("connecting", uri="rtsp://admin:hunter2@cam/live?token=s3cret")
     log.info("sources", uris=["rtsp://admin:hunter2@cam/a"], extra={"u": "http://x:hunter2@h/"})
     Pair = namedtuple("Pair", "a b")
-    log.info("pair", pair=Pair("rtsp://admin:hunter2@cam/", 1))  # left as is, must not crash
+    log.info("pair", pair=Pair("rtsp://admin:hunter2@cam/", 1))  # rendered as its repr, redacted
     logging.getLogger("ffmpeg").error("cannot open %s", "http://user:hunter2@radio/s?key=s3cret")
     try:
         raise OSError("connect to rtsp://admin:hunter2@cam/live failed")
@@ -83,7 +86,8 @@ def test_credentials_in_logged_urls_are_redacted(capsys: pytest.CaptureFixture[s
     assert lines[1]["extra"] == {"u": "http://***@h/"}
     assert "rtsp://***@cam/live failed" in lines[4]["exception"]
     assert "s3cret" not in err
-    assert err.count("hunter2") == 1  # only inside the named tuple's repr
+    assert lines[2]["pair"] == "Pair(a='rtsp://***@cam/', b=1)"
+    assert "hunter2" not in err
 
 
 def test_console_format_is_readable_and_redacted(capsys: pytest.CaptureFixture[str],
@@ -213,3 +217,62 @@ def test_throttle_refuses_bad_settings() -> None:
         Throttle(0.0)
     with pytest.raises(ValueError, match="max_keys"):
         Throttle(1.0, max_keys=0)
+
+
+class _Url:
+    """An object whose repr() quotes a URL, as URL and request objects do."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"_Url({self.url!r})"
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_objects_in_a_log_event_are_rendered_redacted(
+        form: str, restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """structlog renders other objects with repr() after every processor: they are
+    rendered, redacted, by the redaction itself (log extras of libraries included)."""
+    configure_logging("json", "info")
+    get_logger("streamcap.test").info("request", target=_Url(form))
+    logging.getLogger("some.library").info("request", extra={"request": _Url(form)})
+    err = capsys.readouterr().err
+    first, second = _json_lines(err)
+    assert first["target"].startswith("_Url(") and second["request"].startswith("_Url(")
+    assert SECRET not in err
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_uncaught_exceptions_are_logged_redacted(log_format: str) -> None:
+    """An exception nobody catches (main thread, another thread, __del__) is logged through
+    the redaction, never printed by Python as is."""
+    code = textwrap.dedent(f"""
+        import threading
+        from streamcap.logs import configure_logging
+        configure_logging({log_format!r}, "info")
+
+        def fail():
+            raise OSError("cannot open rtsp://admin:{SECRET}@cam/live?token={SECRET}")
+
+        class Leaky:
+            def __del__(self):
+                raise ValueError("Authorization: Bearer {SECRET}")
+
+        thread = threading.Thread(target=fail, name="worker")
+        thread.start()
+        thread.join()
+        Leaky()
+        fail()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, check=False,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1
+    assert SECRET not in done.stderr
+    assert "uncaught exception in thread worker" in done.stderr
+    assert "exception ignored in" in done.stderr
+    assert done.stderr.count("OSError: cannot open rtsp://***@cam/live?token=***") == 2
+    if log_format == "json":
+        levels = [line["level"] for line in _json_lines(done.stderr)]
+        assert levels == ["error", "error", "critical"]

@@ -10,31 +10,66 @@ from streamcap.redact import SECRET_KEYS, is_secret_key, redact, url_secrets
 
 SECRET = "hunter2xyz"
 
-# Every form a credential takes in a URL or header, each holding SECRET.
-SECRET_FORMS = [
+# Every form a credential takes in a URL or a sentence, each holding SECRET.
+URL_FORMS = [
     f"rtsp://admin:{SECRET}@cam:554/live",  # userinfo
     f"rtsp://{SECRET}@cam/live",  # userinfo without a password
     f"rtsp://admin:p@{SECRET}@cam/live",  # an unencoded '@' in the password
+    f"rtsp://admin:p@ss:{SECRET}@cam/live",  # an unencoded '@' and ':' in the password
+    f"rtsp://admin:p%40{SECRET}%3A@cam/live",  # a percent-encoded password
     f"rtsp://cam/live;password={SECRET}",  # rtsp ;param= form
     f"rtsp://cam/live;user=bob;pass={SECRET};chan=1",
     *(f"https://api.example/x?a=1&{key}={SECRET}&b=2" for key in sorted(SECRET_KEYS)),
     f"http://h/s?PassWord={SECRET}",  # names compare case-insensitively
     f"http://h/s?token={SECRET}#frag",
+    f"http://h/s?token=a%26{SECRET}&x=1",  # a percent-encoded '&' inside the value
+    f"http://h/s?access%5Ftoken={SECRET}&x=1",  # a percent-encoded name
+    f"http://h/s?%41PI%4BEY={SECRET}",
+    f"http://h/s?%2561pikey={SECRET}",  # a name encoded twice
+    # a URL nested, percent-encoded, in another's query
+    f"http://h/proxy?u=rtsp%3A%2F%2Fadm%3A{SECRET}%40cam%2Flive&z=1",
+    f"http://h/proxy?u=rtsp%3a%2f%2fcam%2flive%3ftoken%3d{SECRET}%26x%3d1",
+    f"http://h/proxy?u=http%3A%2F%2Fcam%2Fs%3Bpassword%3D{SECRET}",
+    f"http://h/proxy?u=http%3A%2F%2Fcam%2Fs%3Fa%3D1%26sig%3D{SECRET}",
+    f"sent Bearer {SECRET} upstream",
+    f"authorization={SECRET}",
+    f"headers: {{'Authorization': 'Bearer {SECRET}', 'Host': 'cam'}}",
+    f'frame {{"type": "subscribe", "token": "{SECRET}"}}',  # JSON
+    f"{{'password': '{SECRET}', 'user': 'bob'}}",  # a Python repr
+    f'{{"api_key": {SECRET}}}',  # an unquoted value
+]
+# A header's value is hidden to the end of its line or its closing quote.
+HEADER_FORMS = [
     f"Authorization: Bearer {SECRET}",
     f"Authorization: Basic {SECRET}",
-    f"authorization={SECRET}",
+    f"Authorization: Custom {SECRET}",  # an unknown scheme
+    f"Authorization: Bearer wrong {SECRET}",  # more than one word
     f"Proxy-Authorization: Digest {SECRET}",
-    f"headers: {{'Authorization': 'Bearer {SECRET}'}}",
-    f"sent Bearer {SECRET} upstream",
+    f'Proxy-Authorization: Digest username="u", response="{SECRET}"',
+    f"< Cookie: session={SECRET}; theme=dark",
+    f"> Set-Cookie: sid={SECRET}; HttpOnly",
+    f"< X-Api-Key: {SECRET}",
+    f"X-Auth-Token: {SECRET}",
+    f"x-access-token: {SECRET}",
+    f"Invalid header value char: b'Authorization: Custom {SECRET}\\x01'",
 ]
+SECRET_FORMS = URL_FORMS + HEADER_FORMS
 
 
-@pytest.mark.parametrize("form", SECRET_FORMS)
+@pytest.mark.parametrize("form", URL_FORMS)
 def test_redact_hides_every_secret_form(form: str) -> None:
     out = redact(f"opening {form} now")
     assert SECRET not in out
     assert "***" in out
     assert out.startswith("opening ") and out.endswith(" now")
+    assert redact(out) == out  # idempotent
+
+
+@pytest.mark.parametrize("form", HEADER_FORMS)
+def test_redact_hides_every_header_value(form: str) -> None:
+    out = redact(form)
+    assert SECRET not in out
+    assert out.endswith(("***", "***'"))
     assert redact(out) == out  # idempotent
 
 
@@ -58,6 +93,17 @@ def test_redact_hides_every_secret_form(form: str) -> None:
     ("http://host/hls.m3u8?a=1&Token=T0K&b=2", "http://host/hls.m3u8?a=1&Token=***&b=2"),
     ("opening rtsp://a:b@cam1/s and http://c:d@cam2/t?auth=e now",
      "opening rtsp://***@cam1/s and http://***@cam2/t?auth=*** now"),
+    ("http://h/s?access%5Ftoken=zz&x=1", "http://h/s?access%5Ftoken=***&x=1"),
+    ("http://h/p?u=rtsp%3A%2F%2Fa%3Ab%40cam%3Ftoken%3Dt%26x%3D1&z=2",
+     "http://h/p?u=rtsp%3A%2F%2F***%40cam%3Ftoken%3D***%26x%3D1&z=2"),
+    ("Authorization: Custom a b", "Authorization: ***"),
+    ("Authorization: Bearer abc, then more", "Authorization: Bearer ***"),
+    ("< Cookie: session=abc; theme=dark", "< Cookie: ***"),
+    ("authorization=abc next", "authorization=*** next"),
+    ("{'Authorization': 'Bearer x', 'Host': 'cam'}", "{'Authorization': '***', 'Host': 'cam'}"),
+    ('{"token": "a\\"b", "n": 1}', '{"token": "***", "n": 1}'),
+    ('{"password": null}', '{"password": ***}'),
+    ('> WWW-Authenticate: Bearer realm="streamcap"', '> WWW-Authenticate: Bearer realm="streamcap"'),
 ])
 def test_redact_output(text: str, expected: str) -> None:
     assert redact(text) == expected
@@ -73,6 +119,12 @@ def test_redact_output(text: str, expected: str) -> None:
     "udp://0.0.0.0:5004",
     "Basic information",
     "authorization failed",
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+    '{"auth_required": true, "monkey": "x", "keyframe": 2}',
+    "http://h/p?u=http%3A%2F%2Fcam%2Fs%3Fa%3D1%26b%3D2",
+    "progress 50%26 done",
+    "source option 'token': unknown key (known keys: loop)",
+    "sinks.ws.token: secrets are not read from the config file",
     "",
 ])
 def test_redact_leaves_text_without_credentials_unchanged(text: str) -> None:
@@ -82,7 +134,9 @@ def test_redact_leaves_text_without_credentials_unchanged(text: str) -> None:
 def test_secret_keys_are_one_case_insensitive_list() -> None:
     for key in ("password", "PASSWORD", "api_key", "Token", "sig", "client_secret", "auth"):
         assert is_secret_key(key)
-    for key in ("host", "keepalive_s", "password_env", "monkey"):
+    for key in ("Cookie", "Set-Cookie", "X-Api-Key", "x-auth-token"):
+        assert is_secret_key(key)
+    for key in ("host", "keepalive_s", "password_env", "monkey", "key_file", "token_env"):
         assert not is_secret_key(key)
 
 
@@ -93,6 +147,9 @@ def test_url_secrets_lists_what_redact_hides_raw_decoded_and_encoded() -> None:
     assert "semi1" in found and "a%2Bb" in found and "a+b" in found
     assert found == sorted(found, key=len, reverse=True)
     assert url_secrets("udp://0.0.0.0:5004") == []
+    assert url_secrets("http://h/s?access%5Ftoken=enc1&x=1") == ["enc1"]
+    nested = url_secrets("http://h/p?u=rtsp%3A%2F%2Fadm%3Anest1%40cam%3Ftoken%3Dnest2%26x%3D1")
+    assert "nest1" in nested and "adm:nest1" in nested and "nest2" in nested
 
 
 # ------------------------------------------------------------------ where the text goes
