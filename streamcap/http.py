@@ -27,9 +27,9 @@ message repeats what the client sent besides the path:
 
 Time limits, all ``request_timeout_s``: a connection is closed when it has not sent a
 whole request head that long after it opened or after its last answer (even while it
-keeps sending a byte at a time), when the server cannot write to it for that long (a
-client that does not read), and a request body that is not read is discarded for at
-most that long. A client that half-closes its side still gets the answer to the request
+keeps sending a byte at a time), and when the server cannot write to it for that long
+(a client that does not read). After answering a request whose body no route read, the
+connection is closed rather than the body waited for. A client that half-closes its side still gets the answer to the request
 it sent (requests pipelined behind that one are dropped), then the connection is
 closed. A request body over ``max_body_bytes`` gets 413.
 
@@ -131,13 +131,13 @@ _PAGE_HEADERS: Final[Mapping[str, str]] = {
 
 
 class _ClientErrorFilter(logging.Filter):
-    """aiohttp logs every malformed request as an error with a traceback; it is the
-    client's mistake (aiohttp has answered it with a 400), so it becomes one debug line."""
+    """aiohttp logs a malformed request or body it meets outside a handler as an error
+    with a traceback; it is the client's mistake, so it becomes one debug line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            _log.debug("bad http request", status=exc.code, error=exc.message.strip())
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
+            _log.debug("bad http request", error=type(exc).__name__)
             return False
         return True
 
@@ -480,7 +480,7 @@ class HttpServer:
         self._shutdown_timeout_s = shutdown_timeout_s
         # What each connection's aiohttp handler enforces (see the module docstring).
         self._handler_options: dict[str, Any] = {
-            "keepalive_timeout": request_timeout_s, "lingering_time": request_timeout_s,
+            "keepalive_timeout": request_timeout_s, "lingering_time": 0,
             "max_line_size": max_request_bytes, "max_field_size": max_request_bytes,
             "max_headers": MAX_HEADERS, "logger": _SERVER_LOG, "access_log": None}
         self.assets: Mapping[str, Asset] = load_assets() if assets is None else dict(assets)
@@ -568,6 +568,10 @@ class HttpServer:
             response = self._refusal(request) or await handler(request)
         except web.HTTPException as exc:
             response = self._error(exc, path)
+        except (web.RequestPayloadError, HttpProcessingError) as exc:  # a body a route read
+            cause = exc if isinstance(exc, HttpProcessingError) else exc.__cause__
+            response = json_response(400, error_payload(
+                400, bad_request_message(cause, self.max_request_bytes)), {"Connection": "close"})
         except Exception:  # noqa: BLE001 - one failing route must not take the server down
             _log.exception("http handler raised", path=path)
             response = json_response(500, error_payload(500, "internal error; see the log"))

@@ -673,3 +673,23 @@ def test_bad_request_message_never_quotes_the_request(exc: BaseException | None,
 ])
 def test_target_authority(target: str, authority: str | None) -> None:
     assert target_authority(target) == authority
+
+
+async def test_a_body_that_cannot_be_decoded_is_a_400_not_a_500(
+        daemon: Daemon, metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+    srv = make_server(daemon, metrics)
+
+    async def echo(req: web.Request) -> object:
+        return {"size": len(await req.read())}
+
+    srv.add_json_route("POST", "/api/echo", echo, label="echo")
+    bad_gzip = (b"Host: 127.0.0.1\r\nContent-Encoding: gzip\r\nContent-Length: 8\r\n"
+                b"Connection: close\r\n\r\nnot gzip")
+    async with srv:
+        with caplog.at_level(logging.DEBUG), capture_logs() as logs:
+            read = await raw(srv.bound_port, b"POST /api/echo HTTP/1.1\r\n" + bad_gzip)
+            unread = await raw(srv.bound_port, b"POST /metrics HTTP/1.1\r\n" + bad_gzip)
+    assert status_of(read) == 400
+    assert json.loads(read.partition(b"\r\n\r\n")[2])["message"].startswith("malformed request")
+    assert status_of(unread) == 405
+    assert not troubles(logs, caplog)
