@@ -599,6 +599,8 @@ async def test_a_client_that_does_not_read_is_cut_off(daemon: Daemon,
         sock.connect(("127.0.0.1", srv.bound_port))
         sock.sendall(b"GET /big.txt HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20)
         try:
+            while srv.active_connections == 0:
+                await asyncio.sleep(0.01)
             deadline = asyncio.get_running_loop().time() + WAIT_S
             while srv.active_connections > 0:  # the client never reads
                 assert asyncio.get_running_loop().time() < deadline, "never cut off"
