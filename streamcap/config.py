@@ -142,11 +142,30 @@ class _SinkTable:
     plugin: str = option("", check=lambda v: None if _NAME_RE.match(v) else "must be a plugin name")
 
 
+_HOST_NAME: Final = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
+                               r"(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
+MAX_HTTP_CONNECTIONS: Final = 65535
+
+
+def _host_names(names: tuple[str, ...]) -> str | None:
+    bad = [n for n in names if not _HOST_NAME.match(n)]
+    return (None if not bad else
+            "each must be a host name without scheme, port or path, e.g. 'streamcap.lan'")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpConfig:
     enabled: bool = True
     host: str = option("127.0.0.1", non_empty=True)
     port: int = option(8080, min=0, max=65535)
+    allowed_hosts: tuple[str, ...] = option(
+        (), check=_host_names,
+        help="Host header names answered besides IP literals, localhost and host; "
+             "others get 421")
+    max_connections: int = option(256, min=1, max=MAX_HTTP_CONNECTIONS,
+                                  help="open connections at most; more get 503")
+    request_timeout_s: float = option(10.0, above=0, max=MAX_TIMEOUT_S,
+                                      help="idle, request head and stalled-write limit")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

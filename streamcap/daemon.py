@@ -309,9 +309,12 @@ class Daemon:
         self.worker = InferenceWorker(self.captioner, self.queue, self._publish,
                                       self.runtime.run, self.metrics)
         if self.config.http.enabled:
-            self.http = HttpServer(self.config.http.host, self.config.http.port,
-                                   metrics=self.metrics, health=self.health,
-                                   page_config=self.page_config)
+            http = self.config.http
+            self.http = HttpServer(http.host, http.port, metrics=self.metrics,
+                                   health=self.health, page_config=self.page_config,
+                                   allowed_hosts=http.allowed_hosts,
+                                   max_connections=http.max_connections,
+                                   request_timeout_s=http.request_timeout_s)
         bus = asyncio.create_task(self.bus.run(), name="streamcap[bus].run")
         await asyncio.sleep(0)  # let the bus start the sinks
         if bus.done():

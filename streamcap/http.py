@@ -10,45 +10,101 @@ Routes (GET and HEAD):
 
 More routes: :meth:`HttpServer.add_json_route` (before :meth:`HttpServer.start`).
 
-Errors the application answers are JSON: ``{"error": code, "status": n, "message":
-text}``: unknown paths 404, other methods 405 (with ``Allow``), a handler that raises
-500. aiohttp parses the requests and enforces the limits: request line and header
-field sizes (``max_request_bytes``; larger gets 400), header count, body size
-(``max_body_bytes``; larger gets 413) and the time a connection may stay idle or
-take to send its request (``request_timeout_s``; then it is closed). Malformed
-requests get aiohttp's own plain-text 400. Every answer the application gives is
-counted in ``streamcap_http_requests_total{route,code}``.
+Every error is JSON, ``{"error": code, "status": n, "message": text}``, and no
+message repeats what the client sent besides the path:
+
+- unknown paths 404, other methods 405 (with ``Allow``), a handler that raises 500;
+- a ``Host`` header (or an absolute-form target) naming a host this server does not
+  answer for: 421 (DNS rebinding; see :class:`streamcap.netpolicy.HostPolicy`: IP
+  literals, ``localhost``, the bound name and ``allowed_hosts`` pass);
+- a request aiohttp cannot parse (bad request line, method, header, target or body
+  framing, a request line or header field over ``max_request_bytes``, more than
+  :data:`MAX_HEADERS` headers): 400, and the connection is closed; an HTTP version
+  other than 1.0 and 1.1: 400;
+- over ``max_connections`` open connections, a new one is answered 503 at once and
+  closed, before anything is read from it (a client that already sent its request may
+  see the connection reset instead).
+
+Time limits, all ``request_timeout_s``: a connection is closed when it has not sent a
+whole request head that long after it opened or after its last answer (even while it
+keeps sending a byte at a time), and when the server cannot write to it for that long
+(a client that does not read). After answering a request whose body no route read, the
+connection is closed rather than the body waited for. A client that half-closes its side still gets the answer to the request
+it sent (requests pipelined behind that one are dropped), then the connection is
+closed. A request body over ``max_body_bytes`` gets 413.
+
+Counted: every answer in ``streamcap_http_requests_total{route,code}`` (route
+``malformed`` for requests that could not be parsed), every refusal in
+``streamcap_http_refused_total{reason}`` (``host``, ``max_connections``), open
+connections in ``streamcap_http_connections``. Refusals are logged as warnings at most
+once a minute per reason and client address, with the number held back
+(``suppressed``); malformed requests are logged at debug level, without traceback.
 
 The pure parts (:func:`jsonable`, :func:`health_payload`, :func:`error_payload`,
-:func:`load_assets`) are plain functions; :class:`HttpServer` wires them to aiohttp.
+:func:`load_assets`, :func:`bad_request_message`, :func:`target_authority`) are plain
+functions; :class:`HttpServer` wires them to aiohttp.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
 from typing import Any, Final, Self
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    BadStatusLine,
+    ContentEncodingError,
+    ContentLengthError,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    TransferEncodingError,
+)
+from aiohttp.web_request import BaseRequest
 
 from streamcap.errors import ConfigError
-from streamcap.logs import get_logger
+from streamcap.logs import Throttle, get_logger
+from streamcap.netpolicy import HostPolicy
 from streamcap.stats import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from streamcap.stats import Metrics
 
-__all__ = ["METRICS_CONTENT_TYPE", "Asset", "HealthReport", "HttpServer", "JsonHandler",
-           "error_payload", "health_payload", "json_response", "jsonable", "load_assets"]
+__all__ = ["MAX_HEADERS", "METRICS_CONTENT_TYPE", "Asset", "HealthReport", "HttpServer",
+           "JsonHandler", "bad_request_message", "error_payload", "health_payload",
+           "json_response", "jsonable", "load_assets", "target_authority"]
 
 _log = get_logger(__name__)
 
 JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
 MAX_HEADERS: Final = 100
+"""Most header fields in one request (more: 400)."""
+LOG_INTERVAL_S: Final = 60.0
+"""At most one warning per refusal reason and client address in this time."""
+_SERVED_VERSIONS: Final = frozenset({HttpVersion10, HttpVersion11})
+# The parser's own reason for a request it refused is a fixed phrase of words; what it
+# quotes of the request after it is dropped.
+_PARSER_REASON: Final = re.compile(r"[A-Za-z][A-Za-z /,.()'`-]{0,79}")
+_CLASS_MESSAGES: Final[tuple[tuple[type[HttpProcessingError], str], ...]] = (
+    (BadHttpMethod, "not an HTTP/1.x request (bad method)"),
+    (BadStatusLine, "bad request line"),
+    (InvalidURLError, "bad request target"),
+    (InvalidHeader, "bad header field"),
+    (TransferEncodingError, "bad chunked body or Transfer-Encoding"),
+    (ContentLengthError, "body shorter than its Content-Length"),
+    (ContentEncodingError, "body not in its Content-Encoding"),
+)
 
 _CONTENT_TYPES: Final[Mapping[str, str]] = {
     ".html": "text/html; charset=utf-8",
@@ -75,13 +131,13 @@ _PAGE_HEADERS: Final[Mapping[str, str]] = {
 
 
 class _ClientErrorFilter(logging.Filter):
-    """aiohttp logs every malformed request as an error with a traceback; it is the
-    client's mistake (aiohttp has answered it with a 400), so it becomes one debug line."""
+    """aiohttp logs a malformed request or body it meets outside a handler as an error
+    with a traceback; it is the client's mistake, so it becomes one debug line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            _log.debug("bad http request", status=exc.code, error=exc.message.strip())
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError):
+            _log.debug("bad http request", error=type(exc).__name__)
             return False
         return True
 
@@ -142,6 +198,39 @@ def error_payload(status: int, message: str) -> dict[str, object]:
     return {"error": code, "status": status, "message": message}
 
 
+def bad_request_message(exc: BaseException | None, max_request_bytes: int) -> str:
+    """The message of the 400 for a request the parser refused, without any of its bytes.
+
+    Args:
+        exc: What the parser raised.
+        max_request_bytes: The limit a too long line or field went over.
+    """
+    if isinstance(exc, LineTooLong):
+        return f"request line or header field longer than {max_request_bytes} bytes"
+    if isinstance(exc, HttpProcessingError):
+        # The C parser's messages are "<reason>:\n\n  <the bytes>\n  ^".
+        # Plain BadHttpMessages are fixed phrases ("Duplicate 'Host' header found.").
+        reason, quoted, _ = exc.message.partition(":\n")
+        if quoted or type(exc) is BadHttpMessage:
+            reason = reason.strip().rstrip(".")
+            if _PARSER_REASON.fullmatch(reason):
+                return f"malformed request: {reason[0].lower()}{reason[1:]}"
+        for kind, message in _CLASS_MESSAGES:
+            if isinstance(exc, kind):
+                return f"malformed request: {message}"
+    return "malformed request"
+
+
+def target_authority(raw_target: str) -> str | None:
+    """The authority of an absolute-form request target (``http://name:port/path``);
+    None for the usual origin form (``/path``), ``*`` and anything else."""
+    scheme, sep, rest = raw_target.partition("://")
+    if not sep or not scheme or raw_target.startswith("/"):
+        return None
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    return rest[:end]
+
+
 def health_payload(report: HealthReport) -> tuple[int, dict[str, object]]:
     """The status code and body of ``/healthz``; ``details`` cannot override the verdict."""
     ok = report.live and report.ready
@@ -186,6 +275,162 @@ def load_assets(package: str = "streamcap", folder: str = "web") -> dict[str, As
     return assets
 
 
+# --------------------------------------------------------------------------- connections
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's handler of one connection, answering what it cannot parse in the server's
+    JSON error shape (see :func:`bad_request_message`), never echoing the request."""
+
+    __slots__ = ("_answer_error",)
+
+    def __init__(self, manager: web.Server,
+                 answer_error: Callable[[BaseRequest, int, BaseException | None],
+                                        web.StreamResponse],
+                 **options: Any) -> None:
+        super().__init__(manager, **options)
+        self._answer_error = answer_error
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # as aiohttp: too late for another answer
+            raise ConnectionError("the answer has begun; cannot send an error instead")
+        response = self._answer_error(request, status, exc)
+        response.force_close()
+        return response
+
+
+class _Connection(asyncio.Protocol):
+    """One accepted connection: refused over the cap, else handed to a :class:`_Handler`.
+
+    Sits between the transport and aiohttp's handler to keep the exact count of open
+    connections, to answer the request in progress when the client half-closes (aiohttp
+    would drop it), and to abort a connection the server has not been able to write to
+    for ``request_timeout_s``.
+    """
+
+    __slots__ = ("_gate", "_handler", "_stalled", "_transport")
+
+    def __init__(self, gate: _Gate) -> None:
+        self._gate = gate
+        self._handler: _Handler | None = None
+        self._transport: asyncio.Transport | None = None
+        self._stalled: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._handler = self._gate.admit(transport)
+        if self._handler is not None:
+            self._handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:
+            self._handler.data_received(data)
+
+    def eof_received(self) -> bool:
+        """The client half-closed: close now when idle, else after the answer in progress
+        (requests pipelined behind it are dropped). True keeps the sending side open."""
+        handler = self._handler
+        if handler is None:
+            return False
+        # aiohttp's handler waits on this future exactly while idle between requests.
+        waiter = getattr(handler, "_waiter", None)
+        if isinstance(waiter, asyncio.Future) and not waiter.done():
+            return False
+        handler.close()
+        return True
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+        if self._stalled is None and self._transport is not None:
+            self._stalled = asyncio.get_running_loop().call_later(
+                self._gate.request_timeout_s, self._transport.abort)
+
+    def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        handler, self._handler = self._handler, None
+        self._transport = None
+        if handler is not None:
+            self._gate.release()
+            handler.connection_lost(exc)
+
+
+class _Gate:
+    """The listener's protocol factory: at most ``max_connections`` open at once."""
+
+    def __init__(self, make_handler: Callable[[], _Handler], *, max_connections: int,
+                 request_timeout_s: float, refused: Callable[[], None],
+                 opened: Callable[[int], None]) -> None:
+        self.make_handler = make_handler
+        self.max_connections = max_connections
+        self.request_timeout_s = request_timeout_s
+        self.open = 0
+        self._refused = refused
+        self._opened = opened
+
+    def __call__(self) -> _Connection:
+        return _Connection(self)
+
+    def admit(self, transport: asyncio.Transport) -> _Handler | None:
+        """A handler for a new connection; None after answering 503 and closing it."""
+        if self.open >= self.max_connections:
+            self._refused()
+            transport.write(_REFUSED)
+            transport.close()
+            return None
+        self.open += 1
+        self._opened(self.open)
+        return self.make_handler()
+
+    def release(self) -> None:
+        self.open -= 1
+        self._opened(self.open)
+
+
+def _refusal_bytes() -> bytes:
+    body = json.dumps(error_payload(503, "too many connections; try again later")).encode()
+    head = ("HTTP/1.1 503 Service Unavailable\r\n"
+            f"Content-Type: {JSON_CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\nRetry-After: 1\r\nServer: streamcap\r\n"
+            "X-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+_REFUSED: Final = _refusal_bytes()
+
+
+class _Site(web.BaseSite):
+    """A TCP listener whose connections go through a :class:`_Gate`."""
+
+    __slots__ = ("_factory", "_host", "_port")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, factory: _Gate) -> None:
+        super().__init__(runner)
+        self._host, self._port, self._factory = host, port, factory
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        self._server = await asyncio.get_running_loop().create_server(
+            self._factory, self._host, self._port, backlog=self._backlog,
+            reuse_address=True)
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -199,11 +444,14 @@ class HttpServer:
         health: Called per ``/healthz`` request, on the event loop; must be quick.
         page_config: Called per ``/config.json`` request, e.g.
             ``{"ws_url": "ws://127.0.0.1:8765/", "node_id": "...", "token_required": False}``.
+        allowed_hosts: Host names answered besides IP literals, ``localhost`` and
+            ``host`` (:meth:`HostPolicy.for_listener`); other ``Host`` headers get 421.
+        max_connections: Open connections at most; more are answered 503 and closed.
         max_request_bytes: Longest request line and longest header field (aiohttp's
             ``max_line_size`` and ``max_field_size``).
         max_body_bytes: Largest request body (aiohttp's ``client_max_size``).
-        request_timeout_s: How long a connection may stay idle, or take to send
-            its request, before it is closed (aiohttp's ``keepalive_timeout``).
+        request_timeout_s: How long a connection may stay idle, take to send its
+            request head, or not read what the server writes, before it is closed.
         shutdown_timeout_s: How long :meth:`close` lets requests in progress finish.
         assets: Static files by path (default: :func:`load_assets`).
     """
@@ -211,28 +459,45 @@ class HttpServer:
     def __init__(self, host: str, port: int, *, metrics: Metrics,
                  health: Callable[[], HealthReport],
                  page_config: Callable[[], Mapping[str, object]],
+                 allowed_hosts: Iterable[str] = (), max_connections: int = 256,
                  max_request_bytes: int = 8190, max_body_bytes: int = 64 * 1024,
                  request_timeout_s: float = 10.0, shutdown_timeout_s: float = 5.0,
                  assets: Mapping[str, Asset] | None = None) -> None:
         if max_request_bytes < 256:
             raise ValueError(f"max_request_bytes must be >= 256 (got {max_request_bytes})")
+        if max_connections < 1 or not request_timeout_s > 0:
+            raise ValueError(f"max_connections must be >= 1 and request_timeout_s > 0 "
+                             f"(got {max_connections}, {request_timeout_s})")
         self.host = host
         self.port = port
         self.metrics = metrics
         self.health = health
         self.page_config = page_config
-        # aiohttp enforces the limits (see the module docstring).
-        self._runner_options: dict[str, Any] = {
-            "shutdown_timeout": shutdown_timeout_s, "keepalive_timeout": request_timeout_s,
+        self.host_policy = HostPolicy.for_listener(host, allowed_hosts)
+        self.max_connections = max_connections
+        self.max_request_bytes = max_request_bytes
+        self.request_timeout_s = request_timeout_s
+        self._shutdown_timeout_s = shutdown_timeout_s
+        # What each connection's aiohttp handler enforces (see the module docstring).
+        self._handler_options: dict[str, Any] = {
+            "keepalive_timeout": request_timeout_s, "lingering_time": 0,
             "max_line_size": max_request_bytes, "max_field_size": max_request_bytes,
-            "max_headers": MAX_HEADERS}
+            "max_headers": MAX_HEADERS, "logger": _SERVER_LOG, "access_log": None}
         self.assets: Mapping[str, Asset] = load_assets() if assets is None else dict(assets)
         self._runner: web.AppRunner | None = None
+        self._gate: _Gate | None = None
         self._bound_port: int | None = None
         self._labels: dict[str, str] = {}  # path -> route label of the request counter
+        self._throttle = Throttle(LOG_INTERVAL_S)
         self._requests = metrics.counter(
             "streamcap_http_requests_total", "HTTP requests answered, by route and status code",
             ("route", "code"))
+        self._refused = metrics.counter(
+            "streamcap_http_refused_total",
+            "HTTP requests and connections refused: Host not allowed (host), too many "
+            "connections open (max_connections)", ("reason",))
+        self._connections = metrics.gauge("streamcap_http_connections",
+                                          "HTTP connections open")
         self.app = web.Application(middlewares=[self._middleware], client_max_size=max_body_bytes)
         self.add_route("GET", "/healthz", self._healthz, label="healthz")
         self.add_route("GET", "/metrics", self._metrics, label="metrics")
@@ -297,12 +562,16 @@ class HttpServer:
     async def _middleware(self, request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                           ) -> web.StreamResponse:
-        """JSON errors, the common headers, the request counter."""
+        """The Host and version checks, JSON errors, the common headers, the request counter."""
         path = request.raw_path.partition("?")[0]
         try:
-            response = await handler(request)
+            response = self._refusal(request) or await handler(request)
         except web.HTTPException as exc:
             response = self._error(exc, path)
+        except (web.RequestPayloadError, HttpProcessingError) as exc:  # a body a route read
+            cause = exc if isinstance(exc, HttpProcessingError) else exc.__cause__
+            response = json_response(400, error_payload(
+                400, bad_request_message(cause, self.max_request_bytes)), {"Connection": "close"})
         except Exception:  # noqa: BLE001 - one failing route must not take the server down
             _log.exception("http handler raised", path=path)
             response = json_response(500, error_payload(500, "internal error; see the log"))
@@ -314,6 +583,41 @@ class HttpServer:
         self._requests.inc(1.0, label, str(response.status))
         _log.debug("http request", method=request.method, path=path, status=response.status)
         return response
+
+    def _refusal(self, request: web.Request) -> web.StreamResponse | None:
+        """The answer to a request this server does not serve: another HTTP version, or a
+        ``Host`` (or absolute-form target) naming another host."""
+        if request.version not in _SERVED_VERSIONS:
+            return json_response(400, error_payload(
+                400, "only HTTP/1.0 and HTTP/1.1 are served"), {"Connection": "close"})
+        host = request.headers.get("Host")
+        authority = target_authority(request.raw_path)
+        if self.host_policy.allows(host) and (authority is None
+                                              or self.host_policy.allows(authority)):
+            return None
+        self._refused.inc(1.0, "host")
+        if (held := self._throttle.allow(("host", request.remote))) is not None:
+            _log.warning("http request refused: Host not allowed (see http.allowed_hosts)",
+                         host=(host or "")[:100], target_host=(authority or "")[:100],
+                         remote=request.remote, suppressed=held)
+        return json_response(421, error_payload(
+            421, "this server does not answer for that host name; an operator can list it "
+                 "in http.allowed_hosts"))
+
+    def _answer_error(self, request: BaseRequest, status: int,
+                      exc: BaseException | None) -> web.StreamResponse:
+        """aiohttp's answer to what never reached the application (see :class:`_Handler`)."""
+        if status >= 500:
+            _log.error("http request failed outside its handler", status=status,
+                       error=repr(exc) if exc is not None else None)
+            message = "internal error; see the log"
+        else:
+            message = bad_request_message(exc, self.max_request_bytes)
+            _log.debug("bad http request", status=status, error=message,
+                       remote=request.remote)
+        self._requests.inc(1.0, "malformed", str(status))
+        return json_response(status, error_payload(status, message),
+                             {"Server": "streamcap", "X-Content-Type-Options": "nosniff"})
 
     @staticmethod
     def _error(exc: web.HTTPException, path: str) -> web.StreamResponse:
@@ -346,8 +650,7 @@ class HttpServer:
     @property
     def active_connections(self) -> int:
         """Connections open right now."""
-        server = self._runner.server if self._runner is not None else None
-        return 0 if server is None else len(server.connections)
+        return 0 if self._gate is None else self._gate.open
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port.
@@ -355,19 +658,37 @@ class HttpServer:
         Raises:
             ConfigError: The address cannot be bound (in use, not local, no permission).
         """
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                               logger=_SERVER_LOG, **self._runner_options)
+        runner = web.AppRunner(self.app, handle_signals=False,
+                               shutdown_timeout=self._shutdown_timeout_s)
         await runner.setup()
+        manager = runner.server
+        assert manager is not None  # set up just above
+        loop = asyncio.get_running_loop()
+        gate = _Gate(lambda: _Handler(manager, self._answer_error, loop=loop,
+                                      **self._handler_options),
+                     max_connections=self.max_connections,
+                     request_timeout_s=self.request_timeout_s,
+                     refused=self._refuse_connection,
+                     opened=lambda n: self._connections.set(n))
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
+            await _Site(runner, self.host, self.port, gate).start()
         except OSError as exc:
             await runner.cleanup()
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConfigError(f"http.host/http.port: cannot listen on {self.host}:{self.port}: "
-                              f"{exc.strerror or exc}") from exc
-        self._runner = runner
+                              f"{reason}") from exc
+        self._runner, self._gate = runner, gate
         self._bound_port = int(runner.addresses[0][1])
-        _log.info("http listening", host=self.host, port=self._bound_port)
+        _log.info("http listening", host=self.host, port=self._bound_port,
+                  max_connections=self.max_connections)
         return self._bound_port
+
+    def _refuse_connection(self) -> None:
+        self._refused.inc(1.0, "max_connections")
+        if (held := self._throttle.allow(("max_connections",))) is not None:
+            _log.warning("http connection refused: max_connections open (see "
+                         "http.max_connections)", max_connections=self.max_connections,
+                         suppressed=held)
 
     async def close(self) -> None:
         """Stop listening and end the connections still open."""

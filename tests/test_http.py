@@ -7,19 +7,33 @@ import http.client
 import json
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMessage,
+    BadHttpMethod,
+    BadStatusLine,
+    InvalidHeader,
+    LineTooLong,
+)
+from structlog.testing import capture_logs
 from timing import scaled
 
+from streamcap.config import HttpConfig, parse_config, read_config
 from streamcap.errors import ConfigError
 from streamcap.http import (
     METRICS_CONTENT_TYPE,
+    Asset,
     HealthReport,
     HttpServer,
+    bad_request_message,
     jsonable,
+    target_authority,
 )
 from streamcap.stats import Metrics
 
@@ -267,7 +281,8 @@ async def test_post_is_405_with_allow(server: HttpServer) -> None:
 
 
 async def test_oversized_request_is_rejected(server: HttpServer) -> None:
-    huge = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: " + b"a" * 20_000 + b"\r\n\r\n"
+    huge = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Filler: " + b"a" * 20_000
+            + b"\r\n\r\n")
     answer = await raw(server.bound_port, huge)
     assert status_of(answer) == 400  # aiohttp's limit (max_field_size)
     assert b"8190 bytes" in answer
@@ -282,10 +297,11 @@ async def test_oversized_request_with_http_client(server: HttpServer) -> None:
 
 @pytest.mark.parametrize(("data", "status"), [
     (b"GET /healthz HTTP/1.1\r\n\r\n", 400),  # no Host
-    (b"GET healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n", 400),
+    (b"GET healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 400),
+    (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nbad header\r\n\r\n", 400),
     (b"GET /healthz HTTP/1.0\r\n\r\n", 200),  # HTTP/1.0 needs no Host
-    (b"GET http://127.0.0.1/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 200),
+    (b"GET http://127.0.0.1/healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+     200),
 ])
 async def test_malformed_requests(server: HttpServer, data: bytes, status: int) -> None:
     assert status_of(await raw(server.bound_port, data)) == status
@@ -294,7 +310,8 @@ async def test_malformed_requests(server: HttpServer, data: bytes, status: int) 
 async def test_a_malformed_request_logs_no_traceback(server: HttpServer,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG):
-        answer = await raw(server.bound_port, b"GET /x HTTP/1.1\r\nHost: x\r\nbad header\r\n\r\n")
+        answer = await raw(server.bound_port,
+                           b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nbad header\r\n\r\n")
     assert status_of(answer) == 400
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
@@ -302,7 +319,7 @@ async def test_a_malformed_request_logs_no_traceback(server: HttpServer,
 async def test_slow_client_is_disconnected(daemon: Daemon, metrics: Metrics) -> None:
     async with make_server(daemon, metrics, request_timeout_s=0.2) as srv:
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.bound_port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
         await writer.drain()
         assert await asyncio.wait_for(reader.read(), WAIT_S) == b""
         writer.close()
@@ -366,6 +383,263 @@ async def test_bound_port_and_bind_errors(daemon: Daemon, metrics: Metrics) -> N
             await clash.start()
 
 
+# --------------------------------------------------------------------------- hostile clients
+
+
+def counter(metrics: Metrics, name: str, *labels: str) -> float:
+    names = {"streamcap_http_requests_total": ("route", "code"),
+             "streamcap_http_refused_total": ("reason",)}
+    return metrics.counter(name, "", names[name]).value(*labels)
+
+
+def refusal_warnings(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["log_level"] == "warning" and "refused" in e["event"]]
+
+
+def troubles(logs: list[dict[str, Any]], caplog: pytest.LogCaptureFixture) -> list[object]:
+    """Log lines at warning or above, or with a traceback (streamcap's and the libraries')."""
+    ours = [e for e in logs if e["log_level"] in ("warning", "error", "critical")
+            or "exc_info" in e]
+    theirs = [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+    return [*ours, *theirs]
+
+
+async def test_a_host_header_naming_another_host_is_refused(server: HttpServer,
+                                                            metrics: Metrics) -> None:
+    """DNS rebinding: a page of evil.example resolved to 127.0.0.1 sends Host: evil.example."""
+    port = server.bound_port
+    with capture_logs() as logs:
+        for path in ("/healthz", "/metrics", "/config.json", "/"):
+            reply = await request(port, "GET", path, headers={"Host": f"evil.example:{port}"})
+            assert reply.status == 421, path
+            assert reply.json() == {
+                "error": "misdirected_request", "status": 421,
+                "message": "this server does not answer for that host name; an operator can "
+                           "list it in http.allowed_hosts"}
+        # the absolute form of the target names a host too
+        answer = await raw(port, b"GET http://evil.example/healthz HTTP/1.1\r\n"
+                                 b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert status_of(answer) == 421
+        for bad in ("", "[::1", "127.0.0.1:80/x", "user@127.0.0.1"):
+            assert (await request(port, "GET", "/healthz", headers={"Host": bad})).status == 421
+    assert counter(metrics, "streamcap_http_refused_total", "host") == 9
+    assert counter(metrics, "streamcap_http_requests_total", "healthz", "421") == 6
+    # one warning line for the lot, the rest held back until the next interval
+    assert len(refusal_warnings(logs)) == 1
+    for host in (f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", "[::1]:1",
+                 "app.localhost", "10.0.0.7"):
+        assert (await request(port, "GET", "/healthz", headers={"Host": host})).status == 200
+
+
+async def test_allowed_hosts_and_the_bound_name_are_answered(daemon: Daemon,
+                                                             metrics: Metrics) -> None:
+    srv = HttpServer("localhost", 0, metrics=metrics, health=daemon.health,
+                     page_config=daemon.page_config, allowed_hosts=["Streamcap.LAN"])
+    async with srv:
+        for host in ("streamcap.lan", "streamcap.lan.:8080", "localhost"):
+            reply = await request(srv.bound_port, "GET", "/healthz", headers={"Host": host})
+            assert reply.status == 200, host
+        reply = await request(srv.bound_port, "GET", "/healthz",
+                              headers={"Host": "evil.streamcap.lan"})
+        assert reply.status == 421
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"FOO /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "invalid method"),
+    (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n", "duplicate"),
+    ((b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+      b"Content-Length: 2\r\n\r\n"), "content-length"),
+    ((b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+      b"zz\r\n"), "chunk"),
+    (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-" + b"y" * 9000 + b": 1\r\n\r\n",
+     "longer than 8190 bytes"),
+    (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-A: 1\r\n" * 150 + b"\r\n",
+     "malformed request"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "malformed request"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\xaa" * 40 + b"\r\n\r\n",
+     "malformed request"),
+])
+async def test_unparsable_requests_get_a_json_400_that_echoes_nothing(
+        server: HttpServer, metrics: Metrics, caplog: pytest.LogCaptureFixture,
+        data: bytes, message: str) -> None:
+    marker = b"yyyyyyyy" if b"yyyy" in data else b"healthz"
+    with caplog.at_level(logging.DEBUG), capture_logs() as logs:
+        answer = await raw(server.bound_port, data)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert status_of(answer) == 400
+    assert b"Content-Type: application/json; charset=utf-8" in head
+    assert b"Server: streamcap" in head and b"aiohttp" not in head
+    payload = json.loads(body)
+    assert payload["error"] == "bad_request" and payload["status"] == 400
+    assert message in payload["message"].lower()
+    assert marker not in body and b"\\x" not in body and b"b'" not in body
+    assert counter(metrics, "streamcap_http_requests_total", "malformed", "400") == 1
+    assert not troubles(logs, caplog)
+    assert [e["error"] for e in logs if e["event"] == "bad http request"] == [
+        payload["message"]]
+
+
+@pytest.mark.parametrize("version", [b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.2", b"HTTP/3.0"])
+async def test_other_http_versions_are_refused(server: HttpServer, version: bytes) -> None:
+    answer = await raw(server.bound_port, b"GET /healthz " + version + b"\r\nHost: 127.0.0.1\r\n"
+                                          b"Connection: close\r\n\r\n")
+    assert status_of(answer) == 400
+    message = json.loads(answer.partition(b"\r\n\r\n")[2])["message"]
+    assert message in ("only HTTP/1.0 and HTTP/1.1 are served",  # aiohttp parses 2.0 and 0.9
+                       "malformed request: bad status line")
+
+
+async def test_a_half_closed_client_gets_its_answer_then_the_connection_closes(
+        daemon: Daemon, metrics: Metrics) -> None:
+    async with make_server(daemon, metrics, request_timeout_s=WAIT_S * 10) as srv:
+        for data in (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                     b"GET /metrics HTTP/1.0\r\n\r\n", b"GET /healthz HTTP/1.1\r\nHo", b""):
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.bound_port)
+            writer.write(data)
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), WAIT_S)  # closed well before
+            writer.close()                                          # request_timeout_s
+            if data.endswith(b"\r\n\r\n"):
+                assert status_of(answer) == 200
+            else:  # nothing whole to answer
+                assert answer == b""
+        while srv.active_connections:
+            await asyncio.sleep(0.01)
+
+
+async def trickle(port: int, data: bytes, every_s: float) -> tuple[int, bool]:
+    """Send ``data`` a byte at a time; how many bytes went before the server closed, and
+    whether it did."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    sent = 0
+    try:
+        for byte in data:
+            if reader.at_eof():
+                return sent, True
+            writer.write(bytes([byte]))
+            await writer.drain()
+            sent += 1
+            try:
+                if await asyncio.wait_for(reader.read(1), every_s) == b"":
+                    return sent, True
+            except TimeoutError:
+                pass
+        return sent, False
+    except ConnectionError:
+        return sent, True
+    finally:
+        writer.close()
+
+
+async def test_a_request_head_sent_byte_by_byte_is_cut_off(daemon: Daemon,
+                                                           metrics: Metrics) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"s" * 4000
+    async with make_server(daemon, metrics, request_timeout_s=0.5) as srv:
+        sent, closed = await trickle(srv.bound_port, head, every_s=0.02)
+        assert closed, "the server kept a trickling client for the whole head"
+        assert sent < len(head)
+        assert (await request(srv.bound_port, "GET", "/healthz")).status == 200
+
+
+async def test_healthz_answers_while_slow_clients_hold_connections(daemon: Daemon,
+                                                                   metrics: Metrics) -> None:
+    cap = 12
+    async with make_server(daemon, metrics, max_connections=cap,
+                           request_timeout_s=WAIT_S) as srv:
+        port = srv.bound_port
+        slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(cap - 2)]
+        for _, writer in slow:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0")  # and no more
+        while srv.active_connections < cap - 2:
+            await asyncio.sleep(0.01)
+        assert (await request(port, "GET", "/healthz")).status == 200
+        while srv.active_connections > cap - 2:  # that request's connection is gone
+            await asyncio.sleep(0.01)
+        # over the cap: answered 503 at once and closed, the server stays up
+        admitted: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        refused: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        with capture_logs() as logs:
+            for _ in range(6):
+                before = (srv.active_connections, refused_count(metrics))
+                client = await asyncio.open_connection("127.0.0.1", port)
+                while (srv.active_connections, refused_count(metrics)) == before:
+                    await asyncio.sleep(0.01)
+                (admitted if srv.active_connections > before[0] else refused).append(client)
+            answers = [await asyncio.wait_for(r.read(), WAIT_S) for r, _ in refused]
+        assert len(admitted) == 2 and len(refused) == 4
+        for answer in answers:
+            assert status_of(answer) == 503
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == (
+                "service_unavailable")
+        assert srv.active_connections == cap
+        assert refused_count(metrics) == 4
+        assert len(refusal_warnings(logs)) == 1
+        for _, writer in slow + admitted + refused:
+            writer.close()
+        while srv.active_connections > 0:
+            await asyncio.sleep(0.01)
+        assert (await request(port, "GET", "/healthz")).status == 200
+        text = (await request(port, "GET", "/metrics")).body.decode()
+        assert "streamcap_http_connections 1.0" in text  # this request's own
+
+
+def refused_count(metrics: Metrics) -> float:
+    return counter(metrics, "streamcap_http_refused_total", "max_connections")
+
+
+async def test_a_client_that_does_not_read_is_cut_off(daemon: Daemon,
+                                                      metrics: Metrics) -> None:
+    big = Asset("text/plain; charset=utf-8", b"z" * 1_000_000)
+    srv = HttpServer("127.0.0.1", 0, metrics=metrics, health=daemon.health,
+                     page_config=daemon.page_config, request_timeout_s=0.5,
+                     assets={"/big.txt": big})
+    async with srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.bound_port))
+        sock.sendall(b"GET /big.txt HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 20)
+        try:
+            while srv.active_connections == 0:
+                await asyncio.sleep(0.01)
+            deadline = asyncio.get_running_loop().time() + WAIT_S
+            while srv.active_connections > 0:  # the client never reads
+                assert asyncio.get_running_loop().time() < deadline, "never cut off"
+                await asyncio.sleep(0.05)
+        finally:
+            sock.close()
+        assert (await request(srv.bound_port, "GET", "/healthz")).status == 200
+
+
+# --------------------------------------------------------------------------- the http table
+
+
+@pytest.mark.parametrize(("table", "problem"), [
+    ({"allowed_hosts": "lan"}, "http.allowed_hosts: expected an array (got a string 'lan')"),
+    ({"allowed_hosts": ["http://x.lan"]},
+     "http.allowed_hosts: each must be a host name without scheme, port or path"),
+    ({"allowed_hosts": ["x.lan:80"]}, "http.allowed_hosts: each must be a host name"),
+    ({"allowed_hosts": ["*"]}, "http.allowed_hosts: each must be a host name"),
+    ({"max_connections": 0}, "http.max_connections: must be between 1 and 65535 (got 0)"),
+    ({"max_connections": 70000}, "http.max_connections: must be between 1 and 65535"),
+    ({"request_timeout_s": 0}, "http.request_timeout_s: must be > 0 and <= 3600"),
+    ({"request_timeout_s": float("inf")}, "http.request_timeout_s: must be a finite number"),
+])
+def test_the_http_table_refuses_values_out_of_range(table: dict[str, object],
+                                                    problem: str) -> None:
+    _, problems = read_config({"sources": {"a": {"uri": "mic:default"}}, "http": table})
+    assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+def test_the_http_table_defaults_and_values() -> None:
+    assert HttpConfig() == HttpConfig(allowed_hosts=(), max_connections=256,
+                                      request_timeout_s=10.0)
+    config = parse_config({"sources": {"a": {"uri": "mic:default"}}, "http": {
+        "allowed_hosts": ["streamcap.lan", "cam-1.example."], "max_connections": 8,
+        "request_timeout_s": 2.5}})
+    assert config.http.allowed_hosts == ("streamcap.lan", "cam-1.example.")
+    assert config.http.max_connections == 8 and config.http.request_timeout_s == 2.5
+
+
 # --------------------------------------------------------------------------- pure parts
 
 
@@ -374,3 +648,50 @@ def test_jsonable() -> None:
     out = jsonable({"a": (1, float("inf")), "b": frozenset({"y", "x"}), 3: value})
     assert isinstance(out, dict)
     assert out["a"] == [1, None] and out["b"] == ["x", "y"] and isinstance(out["3"], str)
+
+
+@pytest.mark.parametrize(("exc", "message"), [
+    (LineTooLong(b"GET /aaaa", 8190), "request line or header field longer than 300 bytes"),
+    (BadHttpMethod("FOO /secret"), "malformed request: not an HTTP/1.x request (bad method)"),
+    (BadStatusLine("GET /secret HTTP/9"), "malformed request: bad request line"),
+    (InvalidHeader(b"X-Secret"), "malformed request: bad header field"),
+    (BadHttpMessage("Invalid header value char:\n\n  b'secret'\n  ^"),
+     "malformed request: invalid header value char"),
+    (BadHttpMessage("Duplicate 'Host' header found."),
+     "malformed request: duplicate 'Host' header found"),
+    (BadHttpMessage("x" * 200), "malformed request"),
+    (BadHttpMessage("secret: \x00\x01:\n\n  b'...'"), "malformed request"),
+    (None, "malformed request"),
+])
+def test_bad_request_message_never_quotes_the_request(exc: BaseException | None,
+                                                      message: str) -> None:
+    assert bad_request_message(exc, 300) == message
+
+
+@pytest.mark.parametrize(("target", "authority"), [
+    ("/healthz", None), ("/a://b", None), ("*", None), ("healthz", None),
+    ("http://evil.example/healthz", "evil.example"), ("http://127.0.0.1:8080", "127.0.0.1:8080"),
+    ("http://u@h?q", "u@h"), ("HTTP://[::1]:1#f", "[::1]:1"),
+])
+def test_target_authority(target: str, authority: str | None) -> None:
+    assert target_authority(target) == authority
+
+
+async def test_a_body_that_cannot_be_decoded_is_a_400_not_a_500(
+        daemon: Daemon, metrics: Metrics, caplog: pytest.LogCaptureFixture) -> None:
+    srv = make_server(daemon, metrics)
+
+    async def echo(req: web.Request) -> object:
+        return {"size": len(await req.read())}
+
+    srv.add_json_route("POST", "/api/echo", echo, label="echo")
+    bad_gzip = (b"Host: 127.0.0.1\r\nContent-Encoding: gzip\r\nContent-Length: 8\r\n"
+                b"Connection: close\r\n\r\nnot gzip")
+    async with srv:
+        with caplog.at_level(logging.DEBUG), capture_logs() as logs:
+            read = await raw(srv.bound_port, b"POST /api/echo HTTP/1.1\r\n" + bad_gzip)
+            unread = await raw(srv.bound_port, b"POST /metrics HTTP/1.1\r\n" + bad_gzip)
+    assert status_of(read) == 400
+    assert json.loads(read.partition(b"\r\n\r\n")[2])["message"].startswith("malformed request")
+    assert status_of(unread) == 405
+    assert not troubles(logs, caplog)
