@@ -78,6 +78,7 @@ from aiohttp.web_request import BaseRequest
 from streamcap.errors import ConfigError
 from streamcap.logs import Throttle, get_logger
 from streamcap.netpolicy import HostPolicy
+from streamcap.redact import redact
 from streamcap.stats import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from streamcap.stats import Metrics
 
@@ -232,14 +233,15 @@ def target_authority(raw_target: str) -> str | None:
 
 
 def health_payload(report: HealthReport) -> tuple[int, dict[str, object]]:
-    """The status code and body of ``/healthz``; ``details`` cannot override the verdict."""
+    """The status code and body of ``/healthz``; ``details`` cannot override the verdict.
+    Reasons are redacted here, whoever wrote them."""
     ok = report.live and report.ready
     body: dict[str, object] = dict(report.details)
     body.update({
         "status": "ok" if ok else ("not_ready" if report.live else "down"),
         "live": report.live,
         "ready": report.ready,
-        "reasons": list(report.reasons),
+        "reasons": [redact(reason) for reason in report.reasons],
     })
     return (200 if ok else 503), body
 

@@ -32,6 +32,7 @@ from streamcap.http import (
     HealthReport,
     HttpServer,
     bad_request_message,
+    health_payload,
     jsonable,
     target_authority,
 )
@@ -695,3 +696,13 @@ async def test_a_body_that_cannot_be_decoded_is_a_400_not_a_500(
     assert json.loads(read.partition(b"\r\n\r\n")[2])["message"].startswith("malformed request")
     assert status_of(unread) == 405
     assert not troubles(logs, caplog)
+
+
+def test_health_reasons_are_redacted_whoever_wrote_them() -> None:
+    report = HealthReport(live=True, ready=False, reasons=(
+        "source cam: rtsp://admin:hunter2@cam/live;password=pw?access_token=tok failed",))
+    status, body = health_payload(report)
+    assert status == 503
+    text = json.dumps(body)
+    assert "hunter2" not in text and "pw" not in text.replace("password", "")
+    assert "tok" not in text.replace("access_token", "") and "***" in text
