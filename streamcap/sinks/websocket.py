@@ -319,6 +319,19 @@ class _Client:
             wait = False
 
 
+@dataclass(frozen=True, slots=True)
+class ClientBacklog:
+    """What waits for one connected client (for tests and diagnostics)."""
+
+    client: int
+    frames: int
+    bytes: int
+    replies: int
+    """Answers to the client's own frames among ``frames`` (hello, subscribed, pong, error)."""
+    reading: bool
+    """Whether the sink reads the client's next frame (fewer than MAX_PENDING_REPLIES replies)."""
+
+
 class WebSocketSink:
     """Serves the bus's messages to WebSocket clients (see the module docstring).
 
@@ -358,6 +371,12 @@ class WebSocketSink:
         return SinkEndpoint(kind="websocket", host=self.options.host, port=self.bound_port,
                             scheme="wss" if self._ssl is not None else "ws",
                             token_required=self._token is not None)
+
+    def backlogs(self) -> list[ClientBacklog]:
+        """What waits for each connected client now, in connection order."""
+        return [ClientBacklog(client=c.number, frames=len(c.queue), bytes=c.queue.bytes,
+                              replies=c.queue.pending(CONTROL), reading=c.room.is_set())
+                for c in self._clients.values()]
 
     # ------------------------------------------------------------------ run
 
@@ -569,7 +588,7 @@ class WebSocketSink:
         writer = asyncio.create_task(self._write(client), name=f"{name}.writer")
         try:
             while True:
-                await client.room.wait()  # a client that does not read its answers is not read
+                await _room_or_close(client)  # a client that does not read its answers is not read
                 self._on_frame(client, await ws.recv())
         except ConnectionClosed:
             pass
@@ -597,6 +616,7 @@ class WebSocketSink:
                 client.idle.set()
         except ConnectionClosed:
             client.idle.set()
+            client.room.set()  # the reader then sees the close too
 
     @staticmethod
     async def _send(client: _Client, frame: str) -> None:
@@ -670,6 +690,19 @@ class WebSocketSink:
                 "captions": self._history.held(),
             },
         }
+
+
+async def _room_or_close(client: _Client) -> None:
+    """Until the client may send its next frame, or its connection closes."""
+    if client.room.is_set():
+        return
+    waits = {asyncio.ensure_future(client.room.wait()),
+             asyncio.ensure_future(client.ws.wait_closed())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _dropped_notice(drops: Mapping[str, int]) -> dict[str, object]:
