@@ -47,7 +47,7 @@ from streamcap.bus import PluginBus
 from streamcap.bus.plugin import Sink, sink_endpoint
 from streamcap.config import Config, SourceConfig, default_config, parse_config
 from streamcap.http import HealthReport, HttpServer
-from streamcap.logs import configure_logging, get_logger
+from streamcap.logs import Throttle, configure_logging, get_logger
 from streamcap.messages import (
     AudioBlock,
     Published,
@@ -337,7 +337,10 @@ class Daemon:
             ready = asyncio.create_task(self.bus.wait_ready(), name="streamcap[bus].ready")
             helpers.append(ready)
             # A sink that never gets ready (broker down) delays READY=1, never a stop.
-            await asyncio.wait({ready, stop}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({ready, stop, bus}, timeout=30,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if bus.done() and not ready.done():
+                bus.result()  # a sink could not start (its port is taken): ConfigError, exit 2
             systemd.ready("captioning")
             interval = systemd.watchdog_interval_s()
             if interval:
@@ -347,7 +350,9 @@ class Daemon:
                       sinks=list(self._sinks), run_id=self.run_id)
             ended = asyncio.create_task(_all_done(supervisors), name="streamcap[sources].ended")
             helpers.append(ended)
-            await asyncio.wait({ended, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({ended, stop, bus}, return_when=asyncio.FIRST_COMPLETED)
+            if bus.done():
+                bus.result()  # a sink that was never ready failed to start: ConfigError
             reason = "signal" if self._stop.is_set() else "all sources ended"
         finally:
             systemd.stopping("stopping")
@@ -523,6 +528,41 @@ def serve(daemon: Daemon) -> int:
     return code
 
 
+ACCEPT_ERROR_LOG_INTERVAL_S = 60.0
+"""At most one log line per listener and error per this many seconds for failed accepts."""
+
+
+class LoopErrorHandler:
+    """The event loop's exception handler: a listener's failed ``accept()`` is logged
+    once per :data:`ACCEPT_ERROR_LOG_INTERVAL_S` (with how many were held back), without
+    a traceback; anything else goes to asyncio's default handler.
+
+    Out of file descriptors (EMFILE, ENFILE) asyncio stops accepting for a second and
+    reports it each time: at once per second and listener, with a traceback each, that
+    would fill the journal while the machine is already short of resources.
+    """
+
+    def __init__(self, interval_s: float = ACCEPT_ERROR_LOG_INTERVAL_S) -> None:
+        self.throttle = Throttle(interval_s)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message", ""))
+        error = context.get("exception")
+        if not message.startswith("socket.accept()") or not isinstance(error, OSError):
+            loop.default_exception_handler(context)
+            return
+        listener = context.get("socket")
+        try:
+            address = str(listener.getsockname()) if listener is not None else ""
+        except OSError:
+            address = ""
+        held = self.throttle.allow((address, error.errno))
+        if held is not None:
+            _log.error("cannot accept connections", listener=address,
+                       error=error.strerror or str(error), errno=error.errno, suppressed=held,
+                       every_s=self.throttle.interval_s)
+
+
 TEARDOWN_MIN_S = 1.0
 """Least time the event loop and the inference thread get to finish after the daemon stopped."""
 
@@ -531,6 +571,7 @@ def _run_loop(daemon: Daemon, leftovers: list[str]) -> int:
     """``asyncio.run(daemon.run())``, except that tasks and executor threads that do not end
     within the stop budget are not waited for: their names go to ``leftovers``."""
     loop = asyncio.new_event_loop()
+    loop.set_exception_handler(LoopErrorHandler())
     asyncio.set_event_loop(loop)
     try:
         return loop.run_until_complete(daemon.run())

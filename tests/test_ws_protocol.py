@@ -9,8 +9,10 @@ import pytest
 from streamcap.sinks.ws_protocol import (
     CONTROL,
     DEFAULT_KINDS,
+    Admission,
     BackfillScope,
     ClientQueue,
+    ConnectionGate,
     FrameError,
     History,
     PingRequest,
@@ -102,9 +104,18 @@ def test_ping() -> None:
         ({"type": "subscribe", "backfill": -1}, "bad_field", "backfill"),
         ({"type": "subscribe", "backfill": True}, "bad_field", "backfill"),
         ({"type": "subscribe", "backfill": 2.5}, "bad_field", "backfill"),
-        ({"type": "subscribe", "source": ["kitchen"]}, "bad_field", "source"),
-        ({"type": "ping", "extra": 1}, "bad_field", "extra"),
+        ({"type": "subscribe", "source": ["kitchen"]}, "bad_field", None),
+        ({"type": "ping", "extra": 1}, "bad_field", None),
         ({"type": "ping", "id": [1]}, "bad_field", "id"),
+        ({"type": "ping", "id": "x" * 65}, "bad_field", "id"),
+        ({"type": "ping", "id": ""}, "bad_field", "id"),
+        ({"type": "ping", "id": 2**53 + 1}, "bad_field", "id"),
+        ({"type": "ping", "id": 1.5}, "bad_field", "id"),
+        ({"type": "subscribe", "sources": ["k" * 65]}, "bad_field", "sources"),
+        ({"type": "subscribe", "sources": [f"s{i}" for i in range(257)]}, "bad_field",
+         "sources"),
+        ("[" * 100_000, "bad_json", None),
+        ('{"type": "ping", "id": ' + "9" * 5000 + "}", "bad_json", None),
     ],
 )
 def test_malformed_frames_name_the_problem(data: object, code: str, field: str | None) -> None:
@@ -127,7 +138,34 @@ def test_errors_echo_the_request_id() -> None:
     err = parse({"type": "subscribe", "id": "r1", "kinds": 5})
     assert isinstance(err, FrameError) and err.details["id"] == "r1"
     err = parse({"type": "nope", "id": 9})
-    assert isinstance(err, FrameError) and err.details == {"type": "nope", "id": 9}
+    assert isinstance(err, FrameError) and err.details == {"field": "type", "id": 9}
+
+
+MARK = "QQQQ"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"type": MARK * 1000},
+        {"type": "subscribe", "kinds": [MARK * 1000]},
+        {"type": "subscribe", MARK * 1000: 1},
+        {"type": "ping", MARK * 1000: 1},
+        {"type": "subscribe", "sources": [MARK * 1000]},
+        {"type": "subscribe", "backfill": MARK * 1000},
+        {"type": "ping", "id": MARK * 1000},
+        {MARK * 1000: "x"},
+        '{"type": "' + MARK * 1000,
+        MARK * 1000,
+        "[" * 50 + MARK * 1000,
+    ],
+)
+def test_errors_never_echo_the_input(data: object) -> None:
+    """An answer is never larger than a fixed size, whatever the client sent."""
+    err = parse(data)
+    assert isinstance(err, FrameError)
+    text = json.dumps({"message": err.message, "details": dict(err.details)})
+    assert MARK not in text and len(text) < 300
 
 
 # --------------------------------------------------------------------------- client queue
@@ -267,3 +305,41 @@ def test_history_says_how_many_captions_it_holds(scope: BackfillScope,
         h.add("caption", src, "x")
     h.add("status", "s", "st")
     assert h.held() == held
+
+
+def test_client_queue_counts_what_is_pending_by_kind() -> None:
+    q = ClientQueue(3)
+    q.push(CONTROL, "hello")
+    q.push("caption", "c1")
+    q.push("caption", "c2")
+    assert (q.pending(CONTROL), q.pending("caption")) == (1, 2)
+    assert q.push("embedding", "e1") == ["embedding"]  # over 3: embeddings go first
+    assert q.push("status", "s1") == ["caption"]  # then the oldest caption or status
+    assert (q.pending("caption"), q.pending("status"), q.pending("embedding")) == (1, 1, 0)
+    q.pop()
+    assert q.pending(CONTROL) == 0
+
+
+# --------------------------------------------------------------------------- connection gate
+
+
+def test_gate_serves_up_to_the_cap_then_refuses_then_aborts() -> None:
+    gate = ConnectionGate(max_clients=2, refusal_slots=1)
+    assert [gate.open() for _ in range(5)] == [
+        Admission.SERVE, Admission.SERVE, Admission.REFUSE, Admission.ABORT, Admission.ABORT]
+    assert len(gate) == 5 and gate.held(Admission.SERVE) == 2
+    gate.close(Admission.ABORT)
+    gate.close(Admission.ABORT)
+    assert gate.open() is Admission.ABORT  # the refusal slot is still taken
+    gate.close(Admission.ABORT)
+    gate.close(Admission.SERVE)  # a client left: the next one gets in
+    assert gate.open() is Admission.SERVE
+    gate.close(Admission.REFUSE)
+    assert gate.open() is Admission.REFUSE
+
+
+def test_gate_refuses_nonsense() -> None:
+    with pytest.raises(ValueError):
+        ConnectionGate(0, 1)
+    with pytest.raises(ValueError, match="no serve connection is open"):
+        ConnectionGate(1, 0).close(Admission.SERVE)

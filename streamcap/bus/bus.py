@@ -11,7 +11,9 @@ open) is logged once and restarted on the same inbox, so that messages
 offered meanwhile reach the restarted sink, after a delay from its
 :class:`~streamcap.backoff.Backoff` with full jitter (``uniform(0, min(max,
 initial * 2**attempt))`` seconds); the schedule starts again once a run has
-lasted ``restart_reset_s``. Shutdown (:meth:`PluginBus.close`) closes every inbox,
+lasted ``restart_reset_s``. A :class:`~streamcap.errors.ConfigError` from a sink's
+first run, before it called ``ready`` (its port is taken, say), ends :meth:`PluginBus.run`
+with that error instead: the daemon stops with exit 2. Shutdown (:meth:`PluginBus.close`) closes every inbox,
 lets the sinks drain and flush, and cancels those that outlast the timeout;
 what they leave behind is counted as dropped.
 
@@ -32,7 +34,7 @@ from streamcap.backoff import Backoff
 from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.plugin import LoadedSink, Sink, SinkContext
 from streamcap.bus.wire import kind_of
-from streamcap.errors import ConfigError
+from streamcap.errors import ConfigError, StreamcapError
 from streamcap.logs import get_logger
 from streamcap.messages import Published, check_run_id, new_run_id
 from streamcap.queues import DropPolicy
@@ -229,16 +231,22 @@ class PluginBus:
         """Run every sink, supervised, until :meth:`close` has let them finish.
 
         Raises:
-            ConfigError: A sink's state directory cannot be created.
+            ConfigError: A sink's state directory cannot be created, or a sink's first run
+                failed with a ConfigError before it was ready (its port is taken).
             RuntimeError: The bus was already started.
         """
         self._prepare()
         await self._run_sinks()
 
     async def _run_sinks(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for name, state in self._states.items():
-                state.task = tg.create_task(self._supervise(name, state), name=task_name(name))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, state in self._states.items():
+                    state.task = tg.create_task(self._supervise(name, state),
+                                                name=task_name(name))
+        except* ConfigError as group:  # a sink could not start at all
+            raise ConfigError([p for e in group.exceptions if isinstance(e, ConfigError)
+                               for p in e.problems]) from None
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Close every inbox, wait up to ``timeout_s`` for the sinks to flush, cancel the rest.
@@ -312,6 +320,9 @@ class PluginBus:
                     failure = exc
                 if failure is None and state.inbox.closed:
                     return
+                if (isinstance(failure, ConfigError) and state.restarts == 0
+                        and not state.ready.is_set()):
+                    raise failure  # the first start failed on its configuration: fatal
                 state.backoff.healthy(loop.time() - started)
                 if state.inbox.closed and self._closing.is_set() and failure is not None:
                     _log.error("sink failed during shutdown", sink=name,
@@ -322,6 +333,9 @@ class PluginBus:
                 if failure is None:
                     _log.error("sink returned while its inbox was open; restarting",
                                sink=name, attempt=attempt, retry_in_s=round(delay, 3))
+                elif isinstance(failure, StreamcapError):  # a known failure: its message says it
+                    _log.error("sink failed; restarting", sink=name, attempt=attempt,
+                               retry_in_s=round(delay, 3), error=str(failure))
                 else:
                     _log.error("sink failed; restarting", sink=name, attempt=attempt,
                                retry_in_s=round(delay, 3), exc_info=failure)

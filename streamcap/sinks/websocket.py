@@ -3,9 +3,18 @@
 ``websockets.asyncio.server.serve`` does the protocol work; this module adds
 the streamcap parts around it:
 
-- bearer-token auth at the handshake (``Authorization: Bearer <token>`` or
-  ``?token=`` for browsers), compared in constant time; a bad or missing token
-  gets HTTP 401 and no connection;
+- a cap on connections (``max_clients``), counted from the moment a
+  connection is accepted, handshake included (:class:`~streamcap.sinks.ws_protocol.ConnectionGate`):
+  over it a client gets HTTP 503 with ``Retry-After``, or is closed at once
+  when even the refusal slots are taken;
+- handshake checks, in this order, each refusal counted in
+  ``streamcap_websocket_refused_total{sink,reason}`` and logged at most once a
+  minute per reason and remote address (:class:`~streamcap.logs.Throttle`):
+  capacity (503), a malformed request such as a repeated ``Host``, ``Origin``
+  or ``Authorization`` header (400), a ``Host`` this listener does not answer
+  to (403, against DNS rebinding), a browser page from another origin (403),
+  and the bearer token (``Authorization: Bearer <token>`` or ``?token=`` for
+  browsers, compared in constant time; 401);
 - a ``hello`` frame on connect, then the default subscription (captions and
   status of every source) with its backfill;
 - per-client subscriptions, parsed and answered by :mod:`streamcap.sinks.ws_protocol`;
@@ -13,7 +22,11 @@ the streamcap parts around it:
   and bytes) and one writer task per client, so that a client that stops
   reading only loses its own oldest frames (counted, and announced to it by a
   ``dropped`` error frame when it reads again) and never delays the sink or
-  another client.
+  another client;
+- a client's frames are read only while fewer than :data:`MAX_PENDING_REPLIES`
+  answers to it (``subscribed``, ``pong``, ``error``) wait in its queue, so a
+  client that floods requests without reading the answers is simply not read
+  further (TCP pushes back) and cannot make the sink queue more.
 
 Where a slow client's backlog sits. Left alone, the frames a client has not
 read pile up *below* its queue, where nothing can drop or count them: in the
@@ -43,31 +56,33 @@ import hmac
 import itertools
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Final
+from typing import ClassVar, Final, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
-from websockets.typing import Origin
 
 from streamcap.bus import wire
 from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext, SinkEndpoint, read_sink_options
 from streamcap.errors import ConfigError
+from streamcap.logs import Throttle
 from streamcap.messages import Published
-from streamcap.netpolicy import is_loopback
+from streamcap.netpolicy import HostPolicy, host_of, is_loopback, normalise_origin, origin_allowed
 from streamcap.options import option, secret
 from streamcap.sinks.ws_protocol import (
     CONTROL,
     KINDS,
+    Admission,
     BackfillScope,
     ClientQueue,
+    ConnectionGate,
     FrameError,
     History,
     PingRequest,
@@ -86,6 +101,29 @@ CLOSE_TIMEOUT_S: Final = 2.0
 
 MAX_CLIENT_FRAME_BYTES: Final = 64 * 1024
 """Client frames are small requests; a larger one closes the connection (1009)."""
+
+CLIENT_FRAMES_BUFFERED: Final = 4
+"""Client frames read ahead of the sink per connection (websockets' ``max_queue``):
+with :data:`MAX_CLIENT_FRAME_BYTES`, at most 256 KiB of a client's input waits here."""
+
+MAX_PENDING_REPLIES: Final = 8
+"""A client's next frame is read only while fewer answers than this wait for it."""
+
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+"""A connection that has not completed its opening handshake by then is closed."""
+
+REFUSAL_SLOTS: Final = 32
+"""Connections over ``max_clients`` held at a time to answer 503; more are closed at once."""
+
+RETRY_AFTER_S: Final = 5
+"""The ``Retry-After`` of a 503 at capacity, seconds."""
+
+REFUSAL_LOG_INTERVAL_S: Final = 60.0
+"""At most one log line per refusal reason and remote address per this many seconds."""
+
+RefusalReason = Literal["capacity", "bad_request", "host", "origin", "token"]
+REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
+    "capacity", "bad_request", "host", "origin", "token")
 
 IN_FLIGHT_FRAMES: Final = 8
 """Frames a client may have on the wire, not yet acknowledged by a pong.
@@ -112,6 +150,22 @@ def _non_empty_strings(values: tuple[str, ...]) -> str | None:
     return None if all(v.strip() for v in values) else "expected an array of non-empty strings"
 
 
+def _origins(values: tuple[str, ...]) -> str | None:
+    if not all(v.strip() for v in values):
+        return "expected an array of non-empty strings"
+    if not all(normalise_origin(v) is not None for v in values):
+        return "expected origins such as 'https://home.example' or 'http://192.0.2.7:8080'"
+    return None
+
+
+def _host_names(values: tuple[str, ...]) -> str | None:
+    if not all(v.strip() for v in values):
+        return "expected an array of non-empty strings"
+    if not all(host_of(v) is not None and ":" not in v.strip("[]") for v in values):
+        return "expected host names without a port or scheme, such as 'streamcap.home.example'"
+    return None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WebSocketOptions:
     """The ``[sinks.<instance>]`` table of a ``websocket`` sink, validated.
@@ -131,14 +185,20 @@ class WebSocketOptions:
                             help="frames pending per client before its oldest are dropped")
     max_queue_bytes: int = option(4 * 1024 * 1024, min=64 * 1024, max=2**30,
                                   help="bytes pending per client, likewise")
+    max_clients: int = option(256, min=1, max=65_536,
+                              help="connections at a time, handshakes included; more get 503")
     token_env: str | None = option(None, secret="the bearer token clients present")
     tls_cert: Path | None = option(None, non_empty=True)
     tls_key: Path | None = option(None, non_empty=True)
     accepts: frozenset[str] = option(frozenset(KINDS), choices=KINDS, non_empty=True)
-    allowed_origins: tuple[str, ...] | None = option(None, check=_non_empty_strings,
-                                                     help="None: any Origin")
-    ping_interval_s: float = option(20.0, above=0)
-    ping_timeout_s: float = option(20.0, above=0)
+    allowed_origins: tuple[str, ...] | None = option(
+        None, check=_origins,
+        help="browser Origins allowed; None: pages from the host the client connects to")
+    allowed_hosts: tuple[str, ...] | None = option(
+        None, check=_host_names,
+        help="Host header names answered besides IP literals, localhost and `host`")
+    ping_interval_s: float = option(20.0, above=0, max=3600)
+    ping_timeout_s: float = option(20.0, above=0, max=3600)
 
     def related_problems(self, refused: Collection[str]) -> Iterable[tuple[str, str]]:
         """A public bind needs a token; a certificate needs its key and the key its certificate."""
@@ -228,6 +288,17 @@ class _Client:
         self.pings: deque[tuple[Awaitable[float], int, int]] = deque()
         self.unpinged_frames = 0
         self.unpinged_bytes = 0
+        # Set while fewer than MAX_PENDING_REPLIES answers wait in the queue: only then
+        # is the client's next frame read.
+        self.room = asyncio.Event()
+        self.room.set()
+
+    def update_room(self) -> None:
+        """Open or close the client's read side by the answers waiting for it."""
+        if self.queue.pending(CONTROL) < MAX_PENDING_REPLIES:
+            self.room.set()
+        else:
+            self.room.clear()
 
     async def ping(self) -> None:
         """Ping now; its pong will acknowledge everything sent so far."""
@@ -246,6 +317,19 @@ class _Client:
             self.unacked_frames -= frames
             self.unacked_bytes -= nbytes
             wait = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientBacklog:
+    """What waits for one connected client (for tests and diagnostics)."""
+
+    client: int
+    frames: int
+    bytes: int
+    replies: int
+    """Answers to the client's own frames among ``frames`` (hello, subscribed, pong, error)."""
+    reading: bool
+    """Whether the sink reads the client's next frame (fewer than MAX_PENDING_REPLIES replies)."""
 
 
 class WebSocketSink:
@@ -273,6 +357,11 @@ class WebSocketSink:
         self._ctx: SinkContext | None = None
         self._clients_gauge: Gauge | None = None
         self._dropped: Counter | None = None
+        self._refused: Counter | None = None
+        self._refusal_log = Throttle(REFUSAL_LOG_INTERVAL_S)
+        self._hosts = HostPolicy.for_listener(options.host, options.allowed_hosts or ())
+        self.gate = ConnectionGate(options.max_clients, REFUSAL_SLOTS)
+        """Connections held now, by admission (handshakes included)."""
 
     @property
     def endpoint(self) -> SinkEndpoint | None:
@@ -282,6 +371,12 @@ class WebSocketSink:
         return SinkEndpoint(kind="websocket", host=self.options.host, port=self.bound_port,
                             scheme="wss" if self._ssl is not None else "ws",
                             token_required=self._token is not None)
+
+    def backlogs(self) -> list[ClientBacklog]:
+        """What waits for each connected client now, in connection order."""
+        return [ClientBacklog(client=c.number, frames=len(c.queue), bytes=c.queue.bytes,
+                              replies=c.queue.pending(CONTROL), reading=c.room.is_set())
+                for c in self._clients.values()]
 
     # ------------------------------------------------------------------ run
 
@@ -294,22 +389,34 @@ class WebSocketSink:
             "streamcap_websocket_dropped_total",
             "Frames dropped from WebSocket clients' queues because the client was not reading",
             ("sink", "kind"))
+        self._refused = ctx.metrics.counter(
+            "streamcap_websocket_refused_total",
+            "WebSocket connections refused at the handshake, by reason "
+            "(capacity, bad_request, host, origin, token)", ("sink", "reason"))
+        for reason in REFUSAL_REASONS:
+            self._refused.inc(0.0, self.instance, reason)
         self._clients_gauge.set(len(self._clients), self.instance)
         opts = self.options
-        origins: list[Origin | None] | None = None
-        if opts.allowed_origins is not None:
-            # Clients that send no Origin header (not browsers) stay welcome.
-            origins = [Origin(o) for o in opts.allowed_origins] + [None]
-        async with serve(
+        server = serve(
             self._serve_client, opts.host, opts.port,
-            process_request=self._authorize,
+            process_request=self._check_handshake,
+            create_connection=_gated_connection(self.gate, self._on_abort),
             ssl=self._ssl,
-            origins=origins,
+            open_timeout=HANDSHAKE_TIMEOUT_S,
             ping_interval=opts.ping_interval_s,
             ping_timeout=opts.ping_timeout_s,
             close_timeout=CLOSE_TIMEOUT_S,
             max_size=MAX_CLIENT_FRAME_BYTES,
-        ) as server:
+            max_queue=CLIENT_FRAMES_BUFFERED,
+        )
+        try:
+            await server  # binds
+        except OSError as exc:
+            # The daemon stops with exit 2 when this happens at the sink's first start;
+            # the bus retries a later restart with backoff.
+            raise ConfigError(f"sinks.{self.instance}.host/port: cannot listen on "
+                              f"{opts.host}:{opts.port}: {exc.strerror or exc}") from exc
+        async with server:
             self._announce(server, ctx)
             async for msg in inbox:
                 self._dispatch(msg)
@@ -370,6 +477,7 @@ class WebSocketSink:
 
     def _push_control(self, client: _Client, frame: Mapping[str, object]) -> None:
         self._push(client, CONTROL, wire.encode(frame))
+        client.update_room()
 
     @property
     def _node_id(self) -> str:
@@ -377,22 +485,86 @@ class WebSocketSink:
 
     # ------------------------------------------------------------------ connections
 
-    def _authorize(self, connection: ServerConnection, request: Request) -> Response | None:
-        """``process_request`` hook: 401 unless the request carries the token (when one is set)."""
+    def _check_handshake(self, connection: ServerConnection,
+                         request: Request) -> Response | None:
+        """``process_request`` hook: None lets the handshake go on, else the refusal.
+
+        Capacity (503), a malformed request (400), the ``Host`` (403), the
+        ``Origin`` (403), then the token (401); nothing of the request is echoed.
+        """
+        admission = (connection.admission if isinstance(connection, _GatedConnection)
+                     else Admission.SERVE)
+        if admission is not Admission.SERVE:
+            response = self._refuse(connection, "capacity", HTTPStatus.SERVICE_UNAVAILABLE,
+                                    f"this server serves at most {self.options.max_clients} "
+                                    f"connections at a time; retry later\n")
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
+        fields = read_handshake(request)
+        if isinstance(fields, str):
+            return self._refuse(connection, "bad_request", HTTPStatus.BAD_REQUEST, fields + "\n")
+        if not self._hosts.allows(fields.host):
+            return self._refuse(connection, "host", HTTPStatus.FORBIDDEN,
+                                "this server does not answer to that Host name (see the "
+                                "sink's allowed_hosts)\n")
+        if not self._origin_allowed(fields.origin, fields.host):
+            return self._refuse(connection, "origin", HTTPStatus.FORBIDDEN,
+                                "pages from this Origin may not connect (see the sink's "
+                                "allowed_origins)\n")
         if self._token is None:
             return None
-        presented = _presented_token(request)
+        presented = fields.token
         if presented is not None and hmac.compare_digest(presented.encode(),
                                                          self._token.encode()):
             return None
-        if self._ctx is not None:
-            self._ctx.logger.warning(
-                "websocket client refused: missing or invalid bearer token",
-                remote=_remote(connection), token_given=presented is not None)
-        response = connection.respond(HTTPStatus.UNAUTHORIZED,
-                                      "missing or invalid bearer token\n")
+        response = self._refuse(connection, "token", HTTPStatus.UNAUTHORIZED,
+                                "missing or invalid bearer token\n",
+                                token_given=presented is not None)
         response.headers["WWW-Authenticate"] = 'Bearer realm="streamcap"'
         return response
+
+    def _origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        """The page's origin may connect: see :func:`~streamcap.netpolicy.origin_allowed`.
+
+        Without ``allowed_origins``, a page from a loopback host (the live page opened
+        as ``localhost``) may also connect to a loopback host (``127.0.0.1``): both
+        name this machine.
+        """
+        if origin_allowed(origin, host, self.options.allowed_origins):
+            return True
+        if self.options.allowed_origins is not None or origin is None or host is None:
+            return False
+        page = normalise_origin(origin)
+        page_host = urlsplit(page).hostname if page is not None else None
+        requested = host_of(host)
+        return (page_host is not None and requested is not None
+                and is_loopback(page_host) and is_loopback(requested))
+
+    def _refuse(self, connection: ServerConnection, reason: RefusalReason, status: HTTPStatus,
+                text: str, **fields: object) -> Response:
+        """Count and (throttled) log a refusal; the plain-text response to send."""
+        self._count_refusal(connection, reason, status, **fields)
+        return connection.respond(status, text)
+
+    def _count_refusal(self, connection: ServerConnection, reason: RefusalReason,
+                       status: HTTPStatus | None, **fields: object) -> None:
+        if self._refused is not None:
+            self._refused.inc(1.0, self.instance, reason)
+        if self._ctx is None:
+            return
+        # capacity: one line for everyone (a flood comes from many addresses)
+        key = (reason,) if reason == "capacity" else (reason, _remote_host(connection))
+        held = self._refusal_log.allow(key)
+        if held is not None:
+            self._ctx.logger.warning(
+                "websocket client refused", reason=reason,
+                status=None if status is None else int(status), remote=_remote(connection),
+                connections=len(self.gate), max_clients=self.options.max_clients,
+                suppressed=held, **fields)
+
+    def _on_abort(self, connection: ServerConnection) -> None:
+        """A connection over the cap and every refusal slot: closed at once, counted."""
+        self._count_refusal(connection, "capacity", None)
 
     async def _serve_client(self, ws: ServerConnection) -> None:
         """websockets' connection handler: hello, default subscription, then read client frames."""
@@ -415,8 +587,9 @@ class WebSocketSink:
         self._subscribe(client, client.subscription, None, self.options.backfill, None)
         writer = asyncio.create_task(self._write(client), name=f"{name}.writer")
         try:
-            async for data in ws:
-                self._on_frame(client, data)
+            while True:
+                await _room_or_close(client)  # a client that does not read its answers is not read
+                self._on_frame(client, await ws.recv())
         except ConnectionClosed:
             pass
         finally:
@@ -435,6 +608,7 @@ class WebSocketSink:
                 await client.wakeup.wait()
                 client.wakeup.clear()
                 while (item := client.queue.pop()) is not None:
+                    client.update_room()
                     drops, frame = item
                     if drops:
                         await self._send(client, wire.encode(_dropped_notice(drops)))
@@ -442,6 +616,7 @@ class WebSocketSink:
                 client.idle.set()
         except ConnectionClosed:
             client.idle.set()
+            client.room.set()  # the reader then sees the close too
 
     @staticmethod
     async def _send(client: _Client, frame: str) -> None:
@@ -517,6 +692,19 @@ class WebSocketSink:
         }
 
 
+async def _room_or_close(client: _Client) -> None:
+    """Until the client may send its next frame, or its connection closes."""
+    if client.room.is_set():
+        return
+    waits = {asyncio.ensure_future(client.room.wait()),
+             asyncio.ensure_future(client.ws.wait_closed())}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 def _dropped_notice(drops: Mapping[str, int]) -> dict[str, object]:
     total = sum(drops.values())
     return wire.error_frame(
@@ -525,22 +713,96 @@ def _dropped_notice(drops: Mapping[str, int]) -> dict[str, object]:
         dropped=total, by_kind=dict(sorted(drops.items())))
 
 
-def _presented_token(request: Request) -> str | None:
-    """The token in ``Authorization: Bearer <token>``, else in the ``token`` query parameter."""
+@dataclass(frozen=True, slots=True)
+class HandshakeFields:
+    """What the handshake checks read from a request, each header present at most once."""
+
+    host: str | None
+    origin: str | None
+    token: str | None
+    """From ``Authorization: Bearer <token>``, else from ``?token=``; None if neither."""
+
+
+_SINGLE_HEADERS: Final = ("Host", "Origin", "Authorization")
+MAX_QUERY_FIELDS: Final = 32
+
+
+def read_handshake(request: Request) -> HandshakeFields | str:
+    """The fields of an opening handshake, or why the request is malformed (HTTP 400).
+
+    Malformed: ``Host``, ``Origin`` or ``Authorization`` given more than once, a
+    target that is not a path with an optional query, more than one ``token``
+    parameter or more than :data:`MAX_QUERY_FIELDS` query fields. The reason
+    never quotes the request. An ``Authorization`` header of another scheme
+    than ``Bearer`` presents no token (HTTP 401 where one is required).
+    """
     headers: Headers = request.headers
+    for name in _SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            return f"the {name} header was given more than once"
+    try:
+        target = urlsplit(request.path)
+        query = parse_qs(target.query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        return (f"the request target must be a path with at most {MAX_QUERY_FIELDS} "
+                f"query fields")
+    if target.scheme or target.netloc or not request.path.startswith("/"):
+        return "the request target must be a path such as /?token=..."
+    tokens = query.get("token", [])
+    if len(tokens) > 1:
+        return "the token query parameter was given more than once"
+    token: str | None = tokens[0] if tokens and tokens[0] else None
     auth = headers.get("Authorization")
     if auth is not None:
         scheme, _, value = auth.strip().partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    values = parse_qs(urlsplit(request.path).query).get("token")
-    return values[0] if values else None
+        token = value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    return HandshakeFields(host=headers.get("Host"), origin=headers.get("Origin"), token=token)
+
+
+class _GatedConnection(ServerConnection):
+    """A connection counted by a :class:`ConnectionGate` from accept to close."""
+
+    gate: ClassVar[ConnectionGate]
+    on_abort: ClassVar[Callable[[ServerConnection], None]]
+    admission: Admission = Admission.SERVE
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.admission = self.gate.open()
+        if self.admission is Admission.ABORT:
+            type(self).on_abort(self)
+            self.transport.abort()  # connection_lost follows: the handshake ends without a word
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self.gate.close(self.admission)
+
+
+def _gated_connection(gate: ConnectionGate,
+                      on_abort: Callable[[ServerConnection], None]) -> type[_GatedConnection]:
+    """The connection class of one listener, counted by ``gate``."""
+
+    class GatedConnection(_GatedConnection):
+        pass
+
+    GatedConnection.gate = gate
+    GatedConnection.on_abort = on_abort
+    return GatedConnection
 
 
 def _remote(ws: ServerConnection) -> str:
     address = ws.remote_address
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{_host_for_url(str(address[0]))}:{address[1]}"
+    return str(address)
+
+
+def _remote_host(ws: ServerConnection) -> str:
+    address = ws.remote_address
+    if isinstance(address, tuple) and address:
+        return str(address[0])
     return str(address)
 
 

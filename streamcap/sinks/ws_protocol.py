@@ -1,17 +1,22 @@
 """The WebSocket sink's per-client logic, with no sockets and no asyncio.
 
-Three pieces, each a plain synchronous class or function:
+Four pieces, each a plain synchronous class or function:
 
 - :func:`parse_client_frame` turns one client frame (text or bytes) into a
   :class:`SubscribeRequest`, a :class:`PingRequest` or a :class:`FrameError`
-  that the sink sends back as an ``error`` frame (the connection stays up);
+  that the sink sends back as an ``error`` frame (the connection stays up).
+  An error names the field and what was expected, and never quotes the
+  client's input, so that an answer is never larger than a fixed size
+  whatever the client sent;
 - :class:`ClientQueue` is one client's queue of encoded frames, bounded in
   frames and in bytes: when a client stops reading, the oldest frames are
   dropped (embeddings first), every drop is counted, and the next frame the
   client gets is preceded by the count;
 - :class:`History` remembers the last captions (per source or overall), the
   latest status of every source and the sources seen so far, and replays what a
-  new subscription adds.
+  new subscription adds;
+- :class:`ConnectionGate` counts a listener's open connections, handshakes
+  included, against ``max_clients``.
 
 Frames are kept as encoded JSON text, so that a message is encoded once however
 many clients receive it.
@@ -19,6 +24,7 @@ many clients receive it.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import json
 from collections import deque
@@ -41,7 +47,20 @@ BackfillScope = Literal["source", "global"]
 
 ErrorCode = Literal["bad_json", "bad_frame", "unknown_type", "bad_field"]
 
-_ID_TYPES: Final = (str, int)
+MAX_ID_CHARS: Final = 64
+"""Longest string ``id`` a client frame may carry (it is echoed in the reply)."""
+
+MAX_ID_INT: Final = 2**53
+"""Largest magnitude of an integer ``id`` (exact in every JSON implementation)."""
+
+MAX_SOURCE_ID_CHARS: Final = 64
+"""Longest source id in a subscription: the config's limit on source names."""
+
+MAX_SOURCES: Final = 256
+"""Most source ids one subscription may list."""
+
+_ID_EXPECTED: Final = (f"expected a string of 1 to {MAX_ID_CHARS} characters or an integer "
+                       f"between -2**53 and 2**53")
 _SUBSCRIBE_FIELDS: Final = frozenset({"type", "id", "sources", "kinds", "backfill"})
 _PING_FIELDS: Final = frozenset({"type", "id"})
 
@@ -131,29 +150,70 @@ def parse_client_frame(
     try:
         obj = json.loads(data)
     except ValueError as exc:
-        return FrameError(code="bad_json", message=f"frame is not valid JSON: {exc}")
+        position = getattr(exc, "pos", None)
+        where: dict[str, object] = {"offset": position} if isinstance(position, int) else {}
+        # a JSONDecodeError's own text names what was expected and where, never the input;
+        # other ValueErrors (an integer of thousands of digits) are told in our words
+        message = (f"frame is not valid JSON: {exc.msg}" if isinstance(exc, json.JSONDecodeError)
+                   else "frame is not valid JSON: a number is too large")
+        return FrameError(code="bad_json", message=message, details=where)
+    except RecursionError:
+        return FrameError(code="bad_json",
+                          message="frame is not valid JSON: arrays or objects nested too deeply")
     if not isinstance(obj, dict):
         return FrameError(code="bad_frame",
-                          message=f"frame must be a JSON object, got {type(obj).__name__}")
+                          message=f"frame must be a JSON object, got {_json_type(obj)}")
     request_id = obj.get("id")
-    if "id" in obj and (not isinstance(request_id, _ID_TYPES) or isinstance(request_id, bool)):
-        return _bad_field("id", "expected a string or an integer", None)
+    if "id" in obj and not _valid_id(request_id):
+        return _bad_field("id", _ID_EXPECTED, None)
+    assert request_id is None or isinstance(request_id, (str, int))  # _valid_id
     frame_type = obj.get("type")
     if not isinstance(frame_type, str):
         return _bad_field("type", "expected a string: subscribe or ping", request_id)
     if frame_type == "subscribe":
         return _parse_subscribe(obj, request_id, offered=offered, max_backfill=max_backfill)
     if frame_type == "ping":
-        unknown = sorted(set(obj) - _PING_FIELDS)
-        if unknown:
-            return _bad_field(unknown[0], "unknown field in a ping frame (known: type, id)",
-                              request_id)
+        if set(obj) - _PING_FIELDS:
+            return _unknown_fields("ping", _PING_FIELDS, request_id)
         return PingRequest(request_id=request_id)
-    details: dict[str, object] = {"type": frame_type}
+    details: dict[str, object] = {"field": "type"}
     if request_id is not None:
         details["id"] = request_id
     return FrameError(code="unknown_type",
-                      message=f"unknown frame type {frame_type!r} (known: subscribe, ping)",
+                      message="type: unknown frame type (known: subscribe, ping)",
+                      details=details)
+
+
+def _valid_id(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return 0 < len(value) <= MAX_ID_CHARS
+    return isinstance(value, int) and -MAX_ID_INT <= value <= MAX_ID_INT
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type: array, string, number, boolean or null."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        return "array"
+    return "string" if isinstance(value, str) else "object"
+
+
+def _unknown_fields(kind: str, known: frozenset[str],
+                    request_id: str | int | None) -> FrameError:
+    """An unknown field: told without its name (a client's input is never echoed)."""
+    details: dict[str, object] = {}
+    if request_id is not None:
+        details["id"] = request_id
+    return FrameError(code="bad_field",
+                      message=f"unknown field in a {kind} frame "
+                              f"(known: {', '.join(sorted(known))})",
                       details=details)
 
 
@@ -161,19 +221,17 @@ def _parse_subscribe(
     obj: Mapping[str, object], request_id: str | int | None, *,
     offered: frozenset[str], max_backfill: int,
 ) -> ClientFrame:
-    unknown = sorted(set(obj) - _SUBSCRIBE_FIELDS)
-    if unknown:
-        known = ", ".join(sorted(_SUBSCRIBE_FIELDS))
-        return _bad_field(unknown[0], f"unknown field in a subscribe frame (known: {known})",
-                          request_id)
+    if set(obj) - _SUBSCRIBE_FIELDS:
+        return _unknown_fields("subscribe", _SUBSCRIBE_FIELDS, request_id)
 
     sources: frozenset[str] | None = None
     raw_sources = obj.get("sources", "*")
     if raw_sources != "*":
-        if not isinstance(raw_sources, list) or not all(
-                isinstance(s, str) and s for s in raw_sources):
-            return _bad_field("sources", 'expected "*" or a list of source ids (strings)',
-                              request_id)
+        if not isinstance(raw_sources, list) or len(raw_sources) > MAX_SOURCES or not all(
+                isinstance(s, str) and 0 < len(s) <= MAX_SOURCE_ID_CHARS for s in raw_sources):
+            return _bad_field("sources", f'expected "*" or a list of at most {MAX_SOURCES} '
+                                         f"source ids (strings of 1 to {MAX_SOURCE_ID_CHARS} "
+                                         f"characters)", request_id)
         sources = frozenset(raw_sources)
 
     kinds = DEFAULT_KINDS & offered
@@ -186,10 +244,10 @@ def _parse_subscribe(
                               request_id)
         for k in raw_kinds:
             if k not in KINDS:
-                return _bad_field("kinds", f"unknown kind {k!r} (known: {', '.join(KINDS)})",
+                return _bad_field("kinds", f"unknown kind (known: {', '.join(KINDS)})",
                                   request_id)
             if k not in offered:
-                return _bad_field("kinds", f"kind {k!r} is not offered by this server "
+                return _bad_field("kinds", f"kind {k} is not offered by this server "
                                            f"(offered: {', '.join(sorted(offered))})",
                                   request_id)
         kinds = frozenset(raw_kinds)
@@ -242,6 +300,7 @@ class ClientQueue:
         self._bytes = 0
         self._unreported: dict[str, int] = {}
         self._dropped_total = 0
+        self._pending: dict[str, int] = dict.fromkeys(_TIER, 0)
 
     def __len__(self) -> int:
         return sum(len(t) for t in self._tiers)
@@ -250,6 +309,10 @@ class ClientQueue:
     def bytes(self) -> int:
         """UTF-8 bytes of the frames queued now."""
         return self._bytes
+
+    def pending(self, kind: str) -> int:
+        """Frames of ``kind`` (or :data:`CONTROL`) queued now."""
+        return self._pending[kind]
 
     @property
     def dropped_total(self) -> int:
@@ -274,11 +337,13 @@ class ClientQueue:
         nbytes = frame_size(frame) if size is None else size
         self._tiers[_TIER[kind]].append((next(self._order), kind, frame, nbytes))
         self._bytes += nbytes
+        self._pending[kind] += 1
         dropped: list[str] = []
         while self._over() and len(self) > 1:
             victim_tier = next(t for t in self._tiers if t)
             _, dropped_kind, _, victim_bytes = victim_tier.popleft()
             self._bytes -= victim_bytes
+            self._pending[dropped_kind] -= 1
             self._unreported[dropped_kind] = self._unreported.get(dropped_kind, 0) + 1
             self._dropped_total += 1
             dropped.append(dropped_kind)
@@ -290,8 +355,9 @@ class ClientQueue:
         if not heads:
             return None
         oldest = min(heads, key=lambda t: t[0][0])
-        _, _, frame, nbytes = oldest.popleft()
+        _, kind, frame, nbytes = oldest.popleft()
         self._bytes -= nbytes
+        self._pending[kind] -= 1
         drops, self._unreported = self._unreported, {}
         return drops, frame
 
@@ -377,3 +443,62 @@ class History:
             picked.sort(key=lambda e: e[0])
         out.extend(("caption", frame) for _, _, frame in picked)
         return out
+
+
+# --------------------------------------------------------------------------- connection gate
+
+
+class Admission(enum.Enum):
+    """What a listener does with a connection it has just accepted."""
+
+    SERVE = "serve"
+    """Within ``max_clients``: its handshake goes on; it may become a client."""
+    REFUSE = "refuse"
+    """Over the cap: its request is read and answered ``503 Service Unavailable``."""
+    ABORT = "abort"
+    """Over the cap and every refusal slot busy: closed at once, without an answer."""
+
+
+class ConnectionGate:
+    """A listener's open connections, counted from accept to close, handshakes included.
+
+    A connection still in its handshake (or refused for a bad token) holds a file
+    descriptor as surely as a subscribed client, so it counts against
+    ``max_clients`` from the moment it is accepted. Past the cap, up to
+    ``refusal_slots`` more are held just long enough to read their request and
+    answer 503; past those, a connection is closed at once. A listener therefore
+    never holds more than ``max_clients + refusal_slots`` connections.
+    """
+
+    def __init__(self, max_clients: int, refusal_slots: int) -> None:
+        if max_clients < 1 or refusal_slots < 0:
+            raise ValueError(f"expected max_clients >= 1 and refusal_slots >= 0 "
+                             f"(got {max_clients}, {refusal_slots})")
+        self.max_clients = max_clients
+        self.refusal_slots = refusal_slots
+        self._open = dict.fromkeys(Admission, 0)
+
+    def __len__(self) -> int:
+        """Connections held now, whatever their admission."""
+        return sum(self._open.values())
+
+    def held(self, admission: Admission) -> int:
+        """Connections held now with this admission."""
+        return self._open[admission]
+
+    def open(self) -> Admission:
+        """Admit a connection just accepted; pair every call with :meth:`close`."""
+        if self._open[Admission.SERVE] < self.max_clients:
+            admission = Admission.SERVE
+        elif self._open[Admission.REFUSE] < self.refusal_slots:
+            admission = Admission.REFUSE
+        else:
+            admission = Admission.ABORT
+        self._open[admission] += 1
+        return admission
+
+    def close(self, admission: Admission) -> None:
+        """A connection admitted as ``admission`` has closed."""
+        if self._open[admission] < 1:
+            raise ValueError(f"no {admission.value} connection is open")
+        self._open[admission] -= 1
