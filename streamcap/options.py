@@ -35,7 +35,9 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
+import unicodedata
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ MAX_SHOWN: Final = 80
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _INTEGER_TEXT: Final = re.compile(r"^[+-]?\d+$")
+_BARE_KEY: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,8 +177,33 @@ class Read(Generic[T]):
 
 def shown(value: object) -> str:
     """``repr(value)``, cut short: a message stays one readable line."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than repr() converts
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
     return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 3]}..."
+
+
+def toml_key(name: str) -> str:
+    """``name`` as one part of a dotted key, written as TOML writes it.
+
+    A bare key (letters, digits, ``-``, ``_``) stays as it is; any other is
+    quoted with its control characters escaped, so that a message never
+    carries a raw escape sequence or line break from the file, and cut short
+    like :func:`shown`.
+    """
+    if _BARE_KEY.match(name):
+        return name if len(name) <= MAX_SHOWN else f"{name[:MAX_SHOWN - 3]}..."
+    quoted = '"' + "".join(map(_toml_char, name)) + '"'
+    return quoted if len(quoted) <= MAX_SHOWN else f"{quoted[:MAX_SHOWN - 4]}...\""
+
+
+def _toml_char(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if unicodedata.category(c).startswith("C"):  # control, format, surrogate, unassigned
+        return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+    return c
 
 
 def type_name(kind: object) -> str:
@@ -261,7 +289,11 @@ def _scalar(kind: object, value: object, text: bool) -> object:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if text and isinstance(value, str) and _INTEGER_TEXT.match(value.strip()):
-            return int(value.strip())
+            try:
+                return int(value.strip())
+            except ValueError:  # more digits than int() converts
+                raise _Refused(f"expected an integer of at most {sys.get_int_max_str_digits()} "
+                               f"digits (got {shown(value)})") from None
     elif kind is float:
         result: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -389,7 +421,7 @@ def read(cls: type[T], values: Mapping[str, object], where: str = "", *, text: b
     def key(name: str) -> str:
         if label is not None:
             return label(name)
-        return f"{where}.{name}" if where else name
+        return f"{where}.{toml_key(name)}" if where else toml_key(name)
 
     specs = _specs(cls)
     hints = get_type_hints(cls)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import tomllib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from streamcap.options import (
     read,
     read_options,
     secret,
+    shown,
+    toml_key,
 )
 
 Colour = Literal["red", "green"]
@@ -123,6 +127,19 @@ def test_text_that_is_no_integer(value: str) -> None:
         f"sinks.t.count: expected an integer (got a string {value!r})"]
 
 
+def test_text_of_more_digits_than_int_reads_is_refused_not_raised() -> None:
+    limit = sys.get_int_max_str_digits()
+    [problem] = problems({"count": "9" * (limit + 1)}, text=True)
+    assert problem.startswith(f"sinks.t.count: expected an integer of at most {limit} digits "
+                              f"(got '999")
+    assert len(problem) < 160
+
+
+def test_an_integer_too_long_to_print_is_shown_as_such() -> None:
+    limit = sys.get_int_max_str_digits()
+    assert shown(10 ** (limit + 1)) == f"an integer of more than {limit} digits"
+
+
 # --------------------------------------------------------------------------- numbers
 
 
@@ -192,6 +209,23 @@ def test_unknown_keys_name_the_known_ones() -> None:
     known = ", ".join(sorted(known_keys(Opts)))
     assert problems({"colour": "red", "color": "red"}) == [
         f"sinks.t.color: unknown key (known keys: {known})"]
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("plain_key-1", "plain_key-1"), ("with space", '"with space"'), ("", '""'),
+    ("kü", '"kü"'), ('q"\\', '"q\\"\\\\"'),
+    ("\x1b[31m\r\n\x00\x7f\x9b\u202e", '"\\u001b[31m\\u000d\\u000a\\u0000\\u007f\\u009b\\u202e"'),
+    ("k" * 200, "k" * 77 + "..."),
+])
+def test_a_key_is_named_as_toml_writes_it(name: str, key: str) -> None:
+    """No raw control character, line break or bidi override from a file reaches a message."""
+    assert toml_key(name) == key
+    assert problems({name: 1})[0].startswith(f"sinks.t.{key}: unknown key")
+
+
+def test_a_quoted_key_reads_back_as_the_key() -> None:
+    for name in ("with space", "\x1b[31m\r\n", 'q"\\', "kü\u202e"):
+        assert tomllib.loads(f"{toml_key(name)} = 1") == {name: 1}
 
 
 def test_keys_read_elsewhere_are_known_and_listed() -> None:
