@@ -293,6 +293,13 @@ class WebSocketSink:
                             scheme="wss" if self._ssl is not None else "ws",
                             token_required=self._token is not None)
 
+    @property
+    def configured_endpoint(self) -> SinkEndpoint:
+        """Where it will listen, as configured (port 0: any free one); known before ``run``."""
+        return SinkEndpoint(kind="websocket", host=self.options.host, port=self.options.port,
+                            scheme="wss" if self._ssl is not None else "ws",
+                            token_required=self._token is not None)
+
     # ------------------------------------------------------------------ run
 
     async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
