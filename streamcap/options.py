@@ -32,13 +32,14 @@ same words wherever the value comes from:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
 import sys
 import types
 import unicodedata
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import (
@@ -387,6 +388,16 @@ def _value(kind: object, spec: Option, value: object, text: bool,
     return got
 
 
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The field types of an options dataclass, evaluated once per class."""
+    return _cached_type_hints(cls)
+
+
+@functools.cache
+def _cached_type_hints(cls: Hashable) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
 def _specs(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Option]]:
     fields = dataclasses.fields(cls)
     return {f.name: (f, f.metadata.get(METADATA_KEY) or Option()) for f in fields if f.init}
@@ -424,7 +435,7 @@ def read(cls: type[T], values: Mapping[str, object], where: str = "", *, text: b
         return f"{where}.{toml_key(name)}" if where else toml_key(name)
 
     specs = _specs(cls)
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     problems: list[str] = []
     refused: set[str] = set()
     kwargs: dict[str, object] = dict(fixed_values or {})
