@@ -26,6 +26,7 @@ from typing import Any, Final, TypeVar
 from streamcap.errors import ConfigError
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.options import (
+    file_kind,
     fixed,
     given_keys,
     known_keys,
@@ -360,18 +361,11 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _check_config_file(p: Path, st: os.stat_result) -> None:
     """Refuse what is not a regular file of at most MAX_CONFIG_BYTES."""
     if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{p}: cannot read config file (it is {_file_kind(st.st_mode)}, "
+        raise ConfigError(f"{p}: cannot read config file (it is {file_kind(st.st_mode)}, "
                           f"not a regular file)")
     if st.st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{p}: cannot read config file ({st.st_size} bytes, more than the "
                           f"{MAX_CONFIG_BYTES} a config file may have)")
-
-
-def _file_kind(mode: int) -> str:
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISSOCK, "a socket"))
-    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -36,6 +36,7 @@ import functools
 import math
 import os
 import re
+import stat
 import sys
 import types
 import unicodedata
@@ -205,6 +206,28 @@ def _toml_char(c: str) -> str:
     if unicodedata.category(c).startswith("C"):  # control, format, surrogate, unassigned
         return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
     return c
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, for messages: ``a FIFO``, ``a character device``..."""
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def regular_file(value: object) -> str | None:
+    """A ``check`` for an option naming a file that is read whole (a certificate, say).
+
+    A FIFO would block the reader until some writer comes, and a device may never
+    end, so anything but a regular file is refused before it is opened. A path
+    that cannot be looked up at all is left for the reader to report.
+    """
+    try:
+        mode = os.stat(str(value)).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else f"must be a regular file (it is {file_kind(mode)})"
 
 
 def type_name(kind: object) -> str:

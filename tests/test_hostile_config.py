@@ -414,9 +414,14 @@ class FifoUnblocker:
         self.thread.start()
 
     def _run(self) -> None:
-        if not self.done.wait(scaled(10)):
-            self.had_to_unblock = True
-            os.close(os.open(self.path, os.O_WRONLY))
+        if self.done.wait(scaled(10)):
+            return
+        self.had_to_unblock = True
+        while not self.done.wait(0.1):  # every reader that comes, until the command returns
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader right now
+                pass
 
     def stop(self) -> bool:
         """Whether a reader had to be unblocked."""
@@ -442,6 +447,34 @@ def test_paths_that_are_not_regular_files_are_refused_unread(
         assert code == 2, err
         assert err.splitlines() == [
             f"{ERROR}{path}: cannot read config file (it is {kind}, not a regular file)"], err
+
+
+@pytest.mark.parametrize(("table", "keys"), [
+    ("sinks.live", ("tls_cert", "tls_key")),
+    ("sinks.broker", ("ca_file", "cert_file", "key_file")),
+])
+@pytest.mark.parametrize("which", ["fifo", "dev-zero"])
+def test_files_the_config_names_are_refused_unless_regular(
+        table: str, keys: tuple[str, ...], which: str, fifo: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Certificates and keys are read whole: a FIFO would block check-config, a device
+    never end. Each is refused, naming its key, before anything opens it."""
+    target = str(fifo) if which == "fifo" else "/dev/zero"
+    doc = _copy(BASE)
+    section, _, name = table.partition(".")
+    doc[section][name].update({key: target for key in keys})
+    if table == "sinks.broker":
+        doc[section][name]["tls"] = True
+    path = tmp_path / "files.toml"
+    path.write_text(toml_document(doc), encoding="utf-8")
+    unblocker = FifoUnblocker(fifo)
+    code = main(["check-config", str(path)])
+    assert not unblocker.stop(), "check-config opened the FIFO and blocked"
+    err = capsys.readouterr().err
+    assert code == 2, err
+    named = {line.split(": ")[3] for line in err.splitlines()}
+    assert named == {f"{table}.{key}" for key in keys}, err
+    assert "Traceback" not in err
 
 
 def test_a_config_file_over_the_size_cap_is_refused(

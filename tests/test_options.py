@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tomllib
 from collections.abc import Collection, Iterable, Mapping
@@ -20,6 +21,7 @@ from streamcap.options import (
     option,
     read,
     read_options,
+    regular_file,
     secret,
     shown,
     toml_key,
@@ -319,3 +321,28 @@ def test_every_problem_at_once_in_declaration_order_then_unknown_keys() -> None:
     with pytest.raises(ConfigError) as err:
         got.result()
     assert err.value.problems == list(got.problems)
+
+
+def test_regular_file_refuses_fifos_and_devices_and_leaves_missing_paths_to_the_reader(
+        tmp_path: Path) -> None:
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    plain = tmp_path / "p"
+    plain.write_text("x")
+    assert regular_file(fifo) == "must be a regular file (it is a FIFO)"
+    assert regular_file("/dev/zero") == "must be a regular file (it is a character device)"
+    assert regular_file(tmp_path) == "must be a regular file (it is a directory)"
+    assert regular_file(plain) is None
+    assert regular_file(tmp_path / "missing") is None
+    assert regular_file("nul\x00byte") is None
+
+
+def test_regular_file_as_a_check_names_the_key(tmp_path: Path) -> None:
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class Files:
+        cert: Path | None = option(None, check=regular_file)
+
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    assert list(read(Files, {"cert": str(fifo)}, "sinks.t").problems) == [
+        f"sinks.t.cert: must be a regular file (it is a FIFO) (got {str(fifo)!r})"]

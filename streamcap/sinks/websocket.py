@@ -62,7 +62,7 @@ from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext, SinkEndpoint, read_sink_options
 from streamcap.errors import ConfigError
 from streamcap.messages import Published
-from streamcap.options import option, secret
+from streamcap.options import option, regular_file, secret
 from streamcap.sinks.ws_protocol import (
     CONTROL,
     KINDS,
@@ -132,8 +132,8 @@ class WebSocketOptions:
     max_queue_bytes: int = option(4 * 1024 * 1024, min=64 * 1024, max=2**30,
                                   help="bytes pending per client, likewise")
     token_env: str | None = option(None, secret="the bearer token clients present")
-    tls_cert: Path | None = option(None, non_empty=True)
-    tls_key: Path | None = option(None, non_empty=True)
+    tls_cert: Path | None = option(None, non_empty=True, check=regular_file)
+    tls_key: Path | None = option(None, non_empty=True, check=regular_file)
     accepts: frozenset[str] = option(frozenset(KINDS), choices=KINDS, non_empty=True)
     allowed_origins: tuple[str, ...] | None = option(None, check=_non_empty_strings,
                                                      help="None: any Origin")
