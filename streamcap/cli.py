@@ -104,11 +104,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    # The checks `run` makes before it starts: values, source URIs, and every named
-    # plugin's own option validation (nothing is started).
-    from streamcap.preflight import check_config_file
+    # The checks `run` makes before it starts: values, source URIs, every named
+    # plugin's own option validation and the listeners' ports (nothing is started).
+    from streamcap.config import located
+    from streamcap.preflight import check_config
 
-    config = check_config_file(args.path)
+    checked = check_config(args.path)
+    config = checked.config
+    for line in located([str(w) for w in checked.warnings], args.path):
+        print(f"streamcap: warning: {line}", file=sys.stderr)
     names = ", ".join(config.sources) or "none (embedded default source)"
     sinks = ", ".join(f"{n} ({s.plugin})" for n, s in config.sinks.items()) or "none"
     print(f"{args.path}: valid; sources: {names}; sinks: {sinks}")

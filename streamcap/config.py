@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
+import sys
 import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -23,7 +25,17 @@ from typing import Any, Final, TypeVar
 
 from streamcap.errors import ConfigError
 from streamcap.models.decoding.options import DecodingOptions
-from streamcap.options import fixed, given_keys, known_keys, option, read, secret_in_file, type_name
+from streamcap.options import (
+    file_kind,
+    fixed,
+    given_keys,
+    known_keys,
+    option,
+    read,
+    secret_in_file,
+    toml_key,
+    type_name,
+)
 from streamcap.redact import is_secret_key
 from streamcap.sources.base import (
     SOURCE_OPTIONS,
@@ -45,6 +57,10 @@ _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TIMEOUT_S: Final = 3600.0  # stop_timeout_s, stall_s, backoff_initial_s
 MAX_BACKOFF_S: Final = 86400.0  # backoff_max_s, backoff_reset_s
 MAX_RETRIES: Final = 1_000_000
+MAX_URI_CHARS: Final = 4096
+"""A source URI longer than this is refused (and never quoted whole in a message)."""
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+"""A config file larger than this (1 MiB) is refused unread."""
 URI_MISSING: Final = ("every source needs a uri such as 'mic:default', "
                       "'file:/path/clip.wav?loop=true' or 'rtsp://camera/stream'")
 
@@ -60,6 +76,10 @@ def _name(v: str) -> str | None:
 
 def _whole_ms(v: float) -> str | None:
     return None if abs(v * 1000 - round(v * 1000)) < 1e-6 else "must be a whole number of milliseconds"
+
+
+def _uri_length(v: str) -> str | None:
+    return None if len(v) <= MAX_URI_CHARS else f"must be at most {MAX_URI_CHARS} characters"
 
 
 def _bundle(v: str) -> str | None:
@@ -108,7 +128,7 @@ class SourceConfig:
     """
 
     name: str = fixed()
-    uri: str = option("", required=True, non_empty=True, help=URI_MISSING)
+    uri: str = option("", required=True, non_empty=True, check=_uri_length, help=URI_MISSING)
     window_s: float = option(10.0, min=MIN_WINDOW_S, max=MAX_WINDOW_S, check=_whole_ms)
     hop_s: float = option(5.0, above=0, check=_whole_ms)
     stall_s: float = option(5.0, above=0, max=MAX_TIMEOUT_S)
@@ -239,10 +259,11 @@ def _read_sink(name: str, table: Mapping[str, Any], where: str,
         if key == "plugin":
             continue
         if is_secret_key(key):
-            problems.append(f"{where}.{key}: {secret_in_file(key)}")
+            problems.append(f"{where}.{toml_key(key)}: {secret_in_file(key)}")
             continue
         if key.endswith("_env") and not (isinstance(value, str) and value):
-            problems.append(f"{where}.{key}: expected the name of an environment variable")
+            problems.append(f"{where}.{toml_key(key)}: expected the name of an environment "
+                            f"variable")
             continue
         options[key] = value
     plugin = got.value.plugin if "plugin" in table else name
@@ -253,7 +274,7 @@ def _named_tables(tables: Mapping[str, object], section: str, problems: list[str
                   read_one: Callable[[str, Mapping[str, Any], str, list[str]], T]) -> dict[str, T]:
     out: dict[str, T] = {}
     for name, table in tables.items():
-        key = f"{section}.{name}"
+        key = f"{section}.{toml_key(name)}"
         if not _NAME_RE.match(name):
             problems.append(f"{key}: a {section[:-1]} name must be 1-64 letters, digits, "
                             f"'-' or '_'")
@@ -307,17 +328,38 @@ def parse_config(data: Mapping[str, Any], path: Path | None = None) -> Config:
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The TOML document in a file.
 
+    Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read: a FIFO,
+    a device (``/dev/zero``), a socket or a directory is refused before it is
+    opened, and the file is opened without blocking and checked again once
+    open, so that it cannot be swapped for a FIFO in between.
+
     Raises:
-        ConfigError: one line naming the file: unreadable, not UTF-8, invalid
-            TOML (with line and column) or nested too deeply to parse.
+        ConfigError: one line naming the file: missing, not a regular file,
+            too large, unreadable, not UTF-8, starting with a byte order mark,
+            invalid TOML (with line and column) or nested too deeply to parse.
     """
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        _check_config_file(p, os.stat(p))
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from None
+    try:
+        _check_config_file(p, os.fstat(fd))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:  # it grew since the check
+        raise ConfigError(f"{p}: cannot read config file (more than the {MAX_CONFIG_BYTES} "
+                          f"bytes a config file may have)")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ConfigError(f"{p}: starts with a byte order mark (BOM); save it as UTF-8 "
+                          f"without BOM")
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -328,6 +370,21 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         # tomllib parses nested arrays and inline tables recursively.
         raise ConfigError(f"{p}: invalid TOML: arrays or inline tables nested too deeply "
                           f"to parse") from None
+    except ValueError as exc:
+        # An integer of more digits than int() converts (sys.get_int_max_str_digits()).
+        what = (f"an integer of more than {sys.get_int_max_str_digits()} digits"
+                if "digits" in str(exc) else str(exc))
+        raise ConfigError(f"{p}: invalid TOML: {what}") from None
+
+
+def _check_config_file(p: Path, st: os.stat_result) -> None:
+    """Refuse what is not a regular file of at most MAX_CONFIG_BYTES."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{p}: cannot read config file (it is {file_kind(st.st_mode)}, "
+                          f"not a regular file)")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: cannot read config file ({st.st_size} bytes, more than the "
+                          f"{MAX_CONFIG_BYTES} a config file may have)")
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

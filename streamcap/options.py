@@ -32,11 +32,15 @@ same words wherever the value comes from:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
+import stat
+import sys
 import types
-from collections.abc import Callable, Collection, Iterable, Mapping
+import unicodedata
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import (
@@ -61,6 +65,7 @@ MAX_SHOWN: Final = 80
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 _INTEGER_TEXT: Final = re.compile(r"^[+-]?\d+$")
+_BARE_KEY: Final = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -174,8 +179,55 @@ class Read(Generic[T]):
 
 def shown(value: object) -> str:
     """``repr(value)``, cut short: a message stays one readable line."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than repr() converts
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
     return text if len(text) <= MAX_SHOWN else f"{text[:MAX_SHOWN - 3]}..."
+
+
+def toml_key(name: str) -> str:
+    """``name`` as one part of a dotted key, written as TOML writes it.
+
+    A bare key (letters, digits, ``-``, ``_``) stays as it is; any other is
+    quoted with its control characters escaped, so that a message never
+    carries a raw escape sequence or line break from the file, and cut short
+    like :func:`shown`.
+    """
+    if _BARE_KEY.match(name):
+        return name if len(name) <= MAX_SHOWN else f"{name[:MAX_SHOWN - 3]}..."
+    quoted = '"' + "".join(map(_toml_char, name)) + '"'
+    return quoted if len(quoted) <= MAX_SHOWN else f"{quoted[:MAX_SHOWN - 4]}...\""
+
+
+def _toml_char(c: str) -> str:
+    if c in '"\\':
+        return "\\" + c
+    if unicodedata.category(c).startswith("C"):  # control, format, surrogate, unassigned
+        return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+    return c
+
+
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, for messages: ``a FIFO``, ``a character device``..."""
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def regular_file(value: object) -> str | None:
+    """A ``check`` for an option naming a file that is read whole (a certificate, say).
+
+    A FIFO would block the reader until some writer comes, and a device may never
+    end, so anything but a regular file is refused before it is opened. A path
+    that cannot be looked up at all is left for the reader to report.
+    """
+    try:
+        mode = os.stat(str(value)).st_mode
+    except (OSError, ValueError):
+        return None
+    return None if stat.S_ISREG(mode) else f"must be a regular file (it is {file_kind(mode)})"
 
 
 def type_name(kind: object) -> str:
@@ -261,7 +313,11 @@ def _scalar(kind: object, value: object, text: bool) -> object:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if text and isinstance(value, str) and _INTEGER_TEXT.match(value.strip()):
-            return int(value.strip())
+            try:
+                return int(value.strip())
+            except ValueError:  # more digits than int() converts
+                raise _Refused(f"expected an integer of at most {sys.get_int_max_str_digits()} "
+                               f"digits (got {shown(value)})") from None
     elif kind is float:
         result: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -355,6 +411,16 @@ def _value(kind: object, spec: Option, value: object, text: bool,
     return got
 
 
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The field types of an options dataclass, evaluated once per class."""
+    return _cached_type_hints(cls)
+
+
+@functools.cache
+def _cached_type_hints(cls: Hashable) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
 def _specs(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Option]]:
     fields = dataclasses.fields(cls)
     return {f.name: (f, f.metadata.get(METADATA_KEY) or Option()) for f in fields if f.init}
@@ -389,10 +455,10 @@ def read(cls: type[T], values: Mapping[str, object], where: str = "", *, text: b
     def key(name: str) -> str:
         if label is not None:
             return label(name)
-        return f"{where}.{name}" if where else name
+        return f"{where}.{toml_key(name)}" if where else toml_key(name)
 
     specs = _specs(cls)
-    hints = get_type_hints(cls)
+    hints = _type_hints(cls)
     problems: list[str] = []
     refused: set[str] = set()
     kwargs: dict[str, object] = dict(fixed_values or {})

@@ -14,20 +14,36 @@ Problems come all at once, one line each, naming the dotted key
 a bad option is a :class:`~streamcap.errors.ConfigError` (exit 2); a plugin
 that is installed but broken (fails to import, crashes, breaks the protocol)
 is a :class:`~streamcap.errors.PluginError` (exit 1) carrying every line.
+
+The listeners (the HTTP server and every sink that says where it will listen,
+:class:`~streamcap.bus.plugin.Listens`) are checked together: two on one port
+whose hosts overlap (the same address, or either one a wildcard such as
+``0.0.0.0`` or ``::``) are refused, naming both keys; port 0 (a free port
+chosen at start) never clashes. Each listener bound beyond loopback gets a
+warning (:func:`open_bind_warnings`): ``check-config`` prints them and
+:func:`prepare` logs them, once each.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-from streamcap.bus.plugin import LoadedSink, load_sink, load_source_factory
+from streamcap.bus.plugin import LoadedSink, load_sink, load_source_factory, sink_listens_on
 from streamcap.config import Config, SourceConfig, located, read_config, read_toml
 from streamcap.errors import ConfigError, PluginError
+from streamcap.logs import get_logger
 from streamcap.sources.base import AudioSource, SourceFactory, parse_source_uri
+
+_log = get_logger(__name__)
+
+WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
+"""Hosts that bind every address of the machine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +58,50 @@ class Prepared:
 
     sources: Mapping[str, Callable[[], AudioSource]]
     sinks: Mapping[str, LoadedSink]
+    warnings: tuple[BindWarning, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A socket the config asks for: the HTTP server, or a sink clients connect to.
+
+    Attributes:
+        key: The table that configures it (``"http"``, ``"sinks.live"``); its
+            options are ``<key>.host`` and ``<key>.port``.
+        what: What it serves, for messages (``"the HTTP server"``, ``"the websocket sink"``).
+        host: The address to bind, as configured.
+        port: The port, as configured; 0 = a free port chosen at start.
+        token_required: Clients must present a token (None: not applicable).
+        tls: It serves TLS.
+    """
+
+    key: str
+    what: str
+    host: str
+    port: int
+    token_required: bool | None = None
+    tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BindWarning:
+    """A listener reachable beyond this machine, and what to do about it."""
+
+    key: str
+    host: str
+    port: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}.host: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A config file that passed every check, with the warnings for it."""
+
+    config: Config
+    warnings: tuple[BindWarning, ...]
 
 
 def source_options(source: SourceConfig) -> dict[str, object]:
@@ -59,6 +119,9 @@ def source_options(source: SourceConfig) -> dict[str, object]:
 def prepare(config: Config) -> Prepared:
     """Load and configure every source and sink plugin ``config`` names, starting none.
 
+    Logs a warning for each listener bound beyond loopback (:func:`open_bind_warnings`),
+    once: the daemon calls this once, before it starts anything.
+
     Raises:
         ConfigError: every problem, one line each naming its dotted key (and
             the config file, when there is one).
@@ -67,6 +130,9 @@ def prepare(config: Config) -> Prepared:
     """
     prepared, config_problems, plugin_problems = _prepare(config, skip=frozenset())
     _raise(config_problems, plugin_problems, config.path)
+    for warning in prepared.warnings:
+        _log.warning(warning.message, option=f"{warning.key}.host", host=warning.host,
+                     port=warning.port)
     return prepared
 
 
@@ -81,11 +147,123 @@ def check_config_file(path: str | os.PathLike[str]) -> Config:
             problem in it, one line each, prefixed with the path.
         PluginError: as for :func:`prepare`.
     """
+    return check_config(path).config
+
+
+def check_config(path: str | os.PathLike[str]) -> Checked:
+    """:func:`check_config_file`, with the warnings about listeners open to the network.
+
+    Raises:
+        ConfigError, PluginError: as for :func:`check_config_file`.
+    """
     p = Path(path)
     config, problems = read_config(read_toml(p), p)
-    _, config_problems, plugin_problems = _prepare(config, skip=_tables_with_problems(problems))
+    prepared, config_problems, plugin_problems = _prepare(
+        config, skip=_tables_with_problems(problems))
     _raise(problems + config_problems, plugin_problems, p)
-    return config
+    return Checked(config=config, warnings=prepared.warnings)
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    if host.strip().lower() == "localhost":
+        return True
+    address = _address(host)
+    return address is not None and address.is_loopback
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]"))
+    except ValueError:
+        return None
+
+
+def _canonical_host(host: str) -> str:
+    """``host`` in one spelling: ``::0`` and ``[::]`` are ``::``, names are lower case."""
+    address = _address(host)
+    return str(address) if address is not None else host.strip().lower()
+
+
+def hosts_overlap(a: str, b: str) -> bool:
+    """Whether listeners on hosts ``a`` and ``b`` would take the same port: the same
+    address, either one a wildcard, or ``localhost`` and a loopback address."""
+    ca, cb = _canonical_host(a), _canonical_host(b)
+    if ca == cb or ca in WILDCARD_HOSTS or cb in WILDCARD_HOSTS:
+        return True
+    return "localhost" in (ca, cb) and is_loopback(ca) and is_loopback(cb)
+
+
+def port_clashes(listeners: Iterable[Listener]) -> list[str]:
+    """One problem for each listener whose port an earlier one takes already.
+
+    Two listeners clash when their ports are equal and not 0, and their hosts
+    overlap (:func:`hosts_overlap`). The line names the later listener's
+    ``port`` key and the earlier one's.
+    """
+    problems: list[str] = []
+    seen: list[Listener] = []
+    for listener in listeners:
+        if listener.port != 0:
+            for other in seen:
+                if other.port == listener.port and hosts_overlap(other.host, listener.host):
+                    problems.append(
+                        f"{listener.key}.port: port {listener.port} is taken by "
+                        f"{other.key}.port already ({other.what} on {other.host!r}; "
+                        f"{listener.what} on {listener.host!r}); give each listener a port "
+                        f"of its own")
+                    break
+        seen.append(listener)
+    return problems
+
+
+def open_bind_warnings(listeners: Iterable[Listener]) -> list[BindWarning]:
+    """A warning for each listener bound beyond loopback, saying who can reach what."""
+    warnings: list[BindWarning] = []
+    for listener in listeners:
+        if is_loopback(listener.host):
+            continue
+        port = f"port {listener.port}" if listener.port else "a port chosen at start"
+        where = f"{listener.host!r} is not a loopback address: {listener.what} on {port}"
+        if listener.key == "http":
+            message = (f"{where} is reachable from the network, so anyone who can reach this "
+                       f"machine reads /metrics, /healthz and the live page; bind 127.0.0.1 "
+                       f"(the default) behind a reverse proxy that authenticates, or firewall "
+                       f"the port")
+        elif listener.token_required is False:
+            message = (f"{where} is reachable from the network and requires no token, so "
+                       f"anyone who can reach this machine receives every caption; set "
+                       f"token_env, or bind 127.0.0.1")
+        else:
+            message = f"{where} is reachable from the network"
+            if not listener.tls:
+                message += (" without TLS, so the token and every caption cross the network in "
+                            "clear text; set tls_cert/tls_key or put a TLS reverse proxy in "
+                            "front")
+            message += "; firewall the port unless that is intended"
+        warnings.append(BindWarning(key=listener.key, host=listener.host, port=listener.port,
+                                    message=message))
+    return warnings
+
+
+def config_listeners(config: Config, sinks: Mapping[str, object],
+                     skip: Collection[str] = ()) -> list[Listener]:
+    """The HTTP server (when enabled) and every sink that says where it will listen."""
+    listeners: list[Listener] = []
+    if config.http.enabled and "http" not in skip:
+        listeners.append(Listener(key="http", what="the HTTP server", host=config.http.host,
+                                  port=config.http.port))
+    for name, sink in sinks.items():
+        endpoint = sink_listens_on(sink)
+        if endpoint is not None:
+            listeners.append(Listener(key=f"sinks.{name}", what=f"the {endpoint.kind} sink",
+                                      host=endpoint.host, port=endpoint.port,
+                                      token_required=endpoint.token_required,
+                                      tls=endpoint.scheme in ("wss", "https")))
+    return listeners
 
 
 # --------------------------------------------------------------------------- internals
@@ -117,7 +295,11 @@ def _prepare(config: Config,
             config_problems.extend(_keyed(line, where) for line in exc.problems)
         except PluginError as exc:
             plugin_problems.extend(str(exc).splitlines())
-    return Prepared(sources=sources, sinks=sinks), config_problems, plugin_problems
+    listeners = config_listeners(config, sinks, skip)
+    config_problems.extend(port_clashes(listeners))
+    prepared = Prepared(sources=sources, sinks=sinks,
+                        warnings=tuple(open_bind_warnings(listeners)))
+    return prepared, config_problems, plugin_problems
 
 
 def _source(name: str, src: SourceConfig) -> Callable[[], AudioSource]:
@@ -152,13 +334,15 @@ def _keyed(line: str, where: str) -> str:
 
 
 def _tables_with_problems(problems: list[str]) -> frozenset[str]:
-    """``sources.<name>`` and ``sinks.<name>`` of every table some problem names."""
+    """``sources.<name>``, ``sinks.<name>`` and ``http`` when some problem names them."""
     tables: set[str] = set()
     for line in problems:
         key = line.split(": ", 1)[0]
         section, _, rest = key.partition(".")
         if section in ("sources", "sinks") and rest:
             tables.add(f"{section}.{rest.split('.', 1)[0]}")
+        elif section == "http":
+            tables.add("http")
     return frozenset(tables)
 
 

@@ -118,6 +118,37 @@ def test_check_config_valid_file(tmp_path: Path) -> None:
     assert done.stderr == ""
 
 
+def test_check_config_warns_once_for_each_listener_open_to_the_network(tmp_path: Path) -> None:
+    path = tmp_path / "open.toml"
+    path.write_text('[http]\nhost = "0.0.0.0"\n[sources.kitchen]\nuri = "mic:default"\n'
+                    '[sinks.ws]\nplugin = "websocket"\nhost = "::"\ntoken_env = "WS_TOKEN"\n'
+                    '[sinks.local]\nplugin = "websocket"\nport = 8766\n')
+    done = run_cli("check-config", str(path), env={**os.environ, "WS_TOKEN": "s3cret"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{path}: valid; ")
+    warnings = done.stderr.splitlines()
+    assert [w.split(": ")[:3] for w in warnings] == [
+        ["streamcap", "warning", str(path)], ["streamcap", "warning", str(path)]]
+    assert warnings[0].startswith(f"streamcap: warning: {path}: http.host: '0.0.0.0' is not a "
+                                  f"loopback address: the HTTP server on port 8080 ")
+    assert "/metrics, /healthz and the live page" in warnings[0]
+    assert warnings[1].startswith(f"streamcap: warning: {path}: sinks.ws.host: '::' is not a "
+                                  f"loopback address: the websocket sink on port 8765 ")
+    assert "without TLS" in warnings[1]
+
+
+def test_check_config_and_run_refuse_two_listeners_on_one_port(tmp_path: Path) -> None:
+    path = tmp_path / "clash.toml"
+    path.write_text('[http]\nport = 8765\n[sources.kitchen]\nuri = "mic:default"\n'
+                    '[sinks.ws]\nplugin = "websocket"\n')
+    checked = run_cli("check-config", str(path))
+    ran = run_cli("run", "--config", str(path))
+    assert (checked.returncode, ran.returncode) == (2, 2), ran.stderr
+    assert errors(checked.stderr) == errors(ran.stderr) == [
+        (f"{path}: sinks.ws.port: port 8765 is taken by http.port already (the HTTP server on "
+         f"'127.0.0.1'; the websocket sink on '127.0.0.1'); give each listener a port of its own")]
+
+
 def test_check_config_reports_every_bad_value_and_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text('[daemon]\nlog_level = "loud"\n\n[sources.kitchen]\nuri = "mic:default"\n'
@@ -129,7 +160,7 @@ def test_check_config_reports_every_bad_value_and_exits_2(tmp_path: Path) -> Non
     assert errors(done.stderr) == [
         f"{path}: daemon.log_level: must be one of debug, info, warning, error (got 'loud')",
         f"{path}: http.port: expected an integer (got a string '80')",
-        f"{path}: http.bogus: unknown key (known keys: enabled, host, port)",
+        f"{path}: http.bogus: unknown key (known keys: allowed_hosts, enabled, host, max_connections, port, request_timeout_s)",
         f"{path}: sources.kitchen.hop_s: must be > 0 and <= window_s (got 12 > 10)",
         (f"{path}: sinks.broker.password: secrets are not read from the config file: put the "
         "value in an environment variable and name it with 'password_env'"),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import sys
+import threading
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +15,8 @@ from typing import Any
 import pytest
 
 from streamcap.config import (
+    MAX_CONFIG_BYTES,
+    MAX_URI_CHARS,
     Config,
     DaemonConfig,
     HttpConfig,
@@ -20,6 +25,7 @@ from streamcap.config import (
     default_config,
     load_config,
     parse_config,
+    read_toml,
 )
 from streamcap.errors import ConfigError
 from streamcap.models.decoding.options import DecodingOptions
@@ -329,12 +335,16 @@ def test_a_source_without_uri_says_what_a_uri_looks_like() -> None:
     assert "mic:default" in problem and "rtsp://" in problem
 
 
-@pytest.mark.parametrize("name", ["bad name", "a.b", "x" * 65, "", "kü"])
-def test_bad_source_and_sink_names(name: str) -> None:
+@pytest.mark.parametrize(("name", "key"), [
+    ("bad name", '"bad name"'), ("a.b", '"a.b"'), ("x" * 65, "x" * 65), ("", '""'),
+    ("kü", '"kü"'), ("\x1b[2J\n", '"\\u001b[2J\\u000a"'), ("x" * 100, "x" * 77 + "..."),
+])
+def test_bad_source_and_sink_names(name: str, key: str) -> None:
+    """A name is quoted as TOML would write it: no raw control character reaches a terminal."""
     assert problems_of({"sources": {name: {"uri": "mic:default"}}}) == [
-        f"sources.{name}: a source name must be 1-64 letters, digits, '-' or '_'"]
+        f"sources.{key}: a source name must be 1-64 letters, digits, '-' or '_'"]
     assert problems_of({"sinks": {name: {"plugin": "websocket"}}}) == [
-        f"sinks.{name}: a sink name must be 1-64 letters, digits, '-' or '_'"]
+        f"sinks.{key}: a sink name must be 1-64 letters, digits, '-' or '_'"]
 
 
 def test_sections_that_are_not_tables() -> None:
@@ -438,6 +448,86 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path}: cannot read config file")):
         load_config(tmp_path)
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path: Path) -> None:
+    # Opening a FIFO for reading blocks until a writer comes: read_toml must not open it.
+    # Should it, the writer thread ends the wait (and the message is not this one).
+    path = tmp_path / "config.fifo"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def rescue() -> None:
+        if not done.wait(10.0):
+            os.close(os.open(path, os.O_WRONLY))
+
+    thread = threading.Thread(target=rescue, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ConfigError) as info:
+            read_toml(path)
+    finally:
+        done.set()
+        thread.join()
+    assert info.value.problems == [
+        f"{path}: cannot read config file (it is a FIFO, not a regular file)"]
+
+
+@pytest.mark.parametrize(("path", "kind"), [("/dev/zero", "a character device"),
+                                            ("/dev/null", "a character device")])
+def test_a_device_is_refused_unread(path: str, kind: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        read_toml(path)
+    assert info.value.problems == [
+        f"{path}: cannot read config file (it is {kind}, not a regular file)"]
+
+
+def test_a_symlink_to_a_device_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "config.toml"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match=re.escape(f"{link}: cannot read config file (it is "
+                                                    f"a character device")):
+        read_toml(link)
+
+
+def test_a_file_over_the_size_cap_is_refused_and_one_at_the_cap_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_bytes(b"#" * MAX_CONFIG_BYTES + b"\n")
+    with pytest.raises(ConfigError) as info:
+        read_toml(path)
+    assert info.value.problems == [
+        (f"{path}: cannot read config file ({MAX_CONFIG_BYTES + 1} bytes, more than the "
+         f"{MAX_CONFIG_BYTES} a config file may have)")]
+    path.write_bytes(b"x = 1\n" + b"#" * (MAX_CONFIG_BYTES - 7) + b"\n")
+    assert read_toml(path) == {"x": 1}
+
+
+def test_a_byte_order_mark_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[daemon]\n")
+    with pytest.raises(ConfigError) as info:
+        read_toml(path)
+    assert info.value.problems == [
+        f"{path}: starts with a byte order mark (BOM); save it as UTF-8 without BOM"]
+
+
+def test_an_integer_too_long_to_read_is_invalid_toml(tmp_path: Path) -> None:
+    path = tmp_path / "long.toml"
+    path.write_text("[daemon]\nmax_pending_windows = " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        read_toml(path)
+    assert info.value.problems == [
+        f"{path}: invalid TOML: an integer of more than {sys.get_int_max_str_digits()} digits"]
+
+
+def test_a_source_uri_has_a_length_cap() -> None:
+    uri = "file:/x.wav?loop=" + "y" * MAX_URI_CHARS
+    [problem] = problems_of({"sources": {"a": {"uri": uri}}})
+    assert problem.startswith(f"sources.a.uri: must be at most {MAX_URI_CHARS} characters "
+                              f"(got 'file:/x.wav?loop=yyy")
+    assert len(problem) < 200
+    at_cap = parse_config({"sources": {"a": {"uri": "file:/" + "x" * (MAX_URI_CHARS - 6)}}})
+    assert len(at_cap.sources["a"].uri) == MAX_URI_CHARS
 
 
 def test_invalid_toml_gives_line_and_column(tmp_path: Path) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+import tomllib
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,10 @@ from streamcap.options import (
     option,
     read,
     read_options,
+    regular_file,
     secret,
+    shown,
+    toml_key,
 )
 
 Colour = Literal["red", "green"]
@@ -123,6 +129,19 @@ def test_text_that_is_no_integer(value: str) -> None:
         f"sinks.t.count: expected an integer (got a string {value!r})"]
 
 
+def test_text_of_more_digits_than_int_reads_is_refused_not_raised() -> None:
+    limit = sys.get_int_max_str_digits()
+    [problem] = problems({"count": "9" * (limit + 1)}, text=True)
+    assert problem.startswith(f"sinks.t.count: expected an integer of at most {limit} digits "
+                              f"(got '999")
+    assert len(problem) < 160
+
+
+def test_an_integer_too_long_to_print_is_shown_as_such() -> None:
+    limit = sys.get_int_max_str_digits()
+    assert shown(10 ** (limit + 1)) == f"an integer of more than {limit} digits"
+
+
 # --------------------------------------------------------------------------- numbers
 
 
@@ -192,6 +211,23 @@ def test_unknown_keys_name_the_known_ones() -> None:
     known = ", ".join(sorted(known_keys(Opts)))
     assert problems({"colour": "red", "color": "red"}) == [
         f"sinks.t.color: unknown key (known keys: {known})"]
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("plain_key-1", "plain_key-1"), ("with space", '"with space"'), ("", '""'),
+    ("kü", '"kü"'), ('q"\\', '"q\\"\\\\"'),
+    ("\x1b[31m\r\n\x00\x7f\x9b\u202e", '"\\u001b[31m\\u000d\\u000a\\u0000\\u007f\\u009b\\u202e"'),
+    ("k" * 200, "k" * 77 + "..."),
+])
+def test_a_key_is_named_as_toml_writes_it(name: str, key: str) -> None:
+    """No raw control character, line break or bidi override from a file reaches a message."""
+    assert toml_key(name) == key
+    assert problems({name: 1})[0].startswith(f"sinks.t.{key}: unknown key")
+
+
+def test_a_quoted_key_reads_back_as_the_key() -> None:
+    for name in ("with space", "\x1b[31m\r\n", 'q"\\', "kü\u202e"):
+        assert tomllib.loads(f"{toml_key(name)} = 1") == {name: 1}
 
 
 def test_keys_read_elsewhere_are_known_and_listed() -> None:
@@ -285,3 +321,28 @@ def test_every_problem_at_once_in_declaration_order_then_unknown_keys() -> None:
     with pytest.raises(ConfigError) as err:
         got.result()
     assert err.value.problems == list(got.problems)
+
+
+def test_regular_file_refuses_fifos_and_devices_and_leaves_missing_paths_to_the_reader(
+        tmp_path: Path) -> None:
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    plain = tmp_path / "p"
+    plain.write_text("x")
+    assert regular_file(fifo) == "must be a regular file (it is a FIFO)"
+    assert regular_file("/dev/zero") == "must be a regular file (it is a character device)"
+    assert regular_file(tmp_path) == "must be a regular file (it is a directory)"
+    assert regular_file(plain) is None
+    assert regular_file(tmp_path / "missing") is None
+    assert regular_file("nul\x00byte") is None
+
+
+def test_regular_file_as_a_check_names_the_key(tmp_path: Path) -> None:
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class Files:
+        cert: Path | None = option(None, check=regular_file)
+
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    assert list(read(Files, {"cert": str(fifo)}, "sinks.t").problems) == [
+        f"sinks.t.cert: must be a regular file (it is a FIFO) (got {str(fifo)!r})"]

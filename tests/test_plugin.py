@@ -23,10 +23,12 @@ from streamcap.bus.plugin import (
     LoadedSink,
     PluginInfo,
     SinkContext,
+    SinkEndpoint,
     list_plugins,
     load_sink,
     load_sinks,
     load_source_factory,
+    sink_listens_on,
 )
 from streamcap.errors import ConfigError, PluginError
 
@@ -311,3 +313,28 @@ async def test_loaded_sink_runs_the_plugin_sink(fake_dist: FakeDist, tmp_path: P
                       logger=get_logger("t").bind(sink="out"), state_dir=tmp_path)
     await sink.run(inbox, ctx)  # returns once the closed inbox is drained
     assert "fake-" in repr(sink)
+
+
+def test_a_sink_says_where_it_will_listen_before_it_starts() -> None:
+    loaded = load_sink("live", "websocket", {"port": 0, "host": "::1"})
+    expected = SinkEndpoint(kind="websocket", host="::1", port=0, scheme="ws",
+                            token_required=False)
+    assert loaded.configured_endpoint == expected
+    assert sink_listens_on(loaded) == expected
+    assert sink_listens_on(loaded.sink) == expected
+    assert loaded.endpoint is None  # not listening
+
+
+def test_a_sink_that_listens_for_nobody_has_no_configured_endpoint() -> None:
+    class Quiet:
+        accepts = frozenset({"caption"})
+
+        async def run(self, inbox: Inbox, ctx: object) -> None:
+            return None
+
+    class Lying(Quiet):
+        configured_endpoint = ("0.0.0.0", 80)
+
+    assert sink_listens_on(Quiet()) is None
+    assert sink_listens_on(Lying()) is None
+    assert sink_listens_on(load_sink("broker", "mqtt", {"host": "127.0.0.1"})) is None

@@ -6,10 +6,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from streamcap.config import load_config, parse_config
 from streamcap.errors import ConfigError, PluginError
-from streamcap.preflight import Prepared, check_config_file, prepare, source_options
+from streamcap.preflight import (
+    Listener,
+    Prepared,
+    check_config,
+    check_config_file,
+    hosts_overlap,
+    open_bind_warnings,
+    port_clashes,
+    prepare,
+    source_options,
+)
 from streamcap.sources.base import AudioSource
 from streamcap.sources.stream import FfmpegStreamSource, input_args
 
@@ -157,3 +168,105 @@ def test_source_options_pass_the_keys_of_every_kind() -> None:
     assert isinstance(cam, FfmpegStreamSource)
     assert "5000000" in input_args(cam.url, cam._options)  # -analyzeduration in microseconds
 
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+def _listener(key: str, host: str, port: int, *, token_required: bool | None = None,
+              tls: bool = False) -> Listener:
+    return Listener(key=key, what=f"the {key}", host=host, port=port,
+                    token_required=token_required, tls=tls)
+
+
+@pytest.mark.parametrize(("a", "b", "overlap"), [
+    ("127.0.0.1", "127.0.0.1", True), ("0.0.0.0", "127.0.0.1", True), ("::1", "::", True),
+    ("0.0.0.0", "::1", True), ("::0", "[::1]", True), ("localhost", "127.0.0.1", True),
+    ("LOCALHOST", "::1", True), ("127.0.0.1", "127.0.0.2", False), ("127.0.0.1", "::1", False),
+    ("192.168.1.5", "10.0.0.1", False), ("localhost", "192.168.1.5", False),
+    ("Host.Example", "host.example", True),
+])
+def test_hosts_overlap(a: str, b: str, overlap: bool) -> None:
+    assert hosts_overlap(a, b) is overlap
+    assert hosts_overlap(b, a) is overlap
+
+
+def test_port_clashes_name_both_keys_and_port_0_never_clashes() -> None:
+    listeners = [_listener("http", "127.0.0.1", 8080), _listener("sinks.a", "0.0.0.0", 8080),
+                 _listener("sinks.b", "127.0.0.2", 9000), _listener("sinks.c", "::", 9000),
+                 _listener("sinks.d", "127.0.0.1", 0), _listener("sinks.e", "127.0.0.1", 0),
+                 _listener("sinks.f", "127.0.0.3", 8081)]
+    problems = port_clashes(listeners)
+    assert [p.split(": ")[0] for p in problems] == ["sinks.a.port", "sinks.c.port"]
+    assert "port 8080 is taken by http.port already" in problems[0]
+    assert "port 9000 is taken by sinks.b.port already" in problems[1]
+    assert port_clashes([]) == []
+
+
+def test_open_bind_warnings_only_beyond_loopback() -> None:
+    warnings = open_bind_warnings([
+        _listener("http", "127.0.0.1", 8080), _listener("sinks.a", "::1", 1),
+        _listener("sinks.b", "localhost", 2),
+        _listener("http", "0.0.0.0", 8080),
+        _listener("sinks.open", "192.168.1.5", 0, token_required=False),
+        _listener("sinks.clear", "::", 8765, token_required=True),
+        _listener("sinks.tls", "::", 8766, token_required=True, tls=True),
+    ])
+    assert [str(w).split(": ")[0] for w in warnings] == [
+        "http.host", "sinks.open.host", "sinks.clear.host", "sinks.tls.host"]
+    http, open_, clear, tls = (w.message for w in warnings)
+    assert "/metrics, /healthz and the live page" in http and "port 8080" in http
+    assert "requires no token" in open_ and "a port chosen at start" in open_
+    assert "without TLS" in clear and "without TLS" not in tls
+    assert warnings[0].host == "0.0.0.0" and warnings[0].port == 8080
+
+
+def test_two_listeners_on_one_port_are_refused_by_check_config_and_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMCAP_TEST_TOKEN", "s3cret")
+    path = write(tmp_path, SOURCE + '[http]\nport = 18080\n'
+                 '[sinks.a]\nplugin = "websocket"\nport = 18080\n'
+                 '[sinks.b]\nplugin = "websocket"\nport = 18081\nhost = "0.0.0.0"\n'
+                 'token_env = "STREAMCAP_TEST_TOKEN"\n'
+                 '[sinks.c]\nplugin = "websocket"\nport = 18081\nhost = "::1"\n'
+                 '[sinks.d]\nplugin = "websocket"\nport = 0\n'
+                 '[sinks.e]\nplugin = "websocket"\nport = 0\n')
+    with pytest.raises(ConfigError) as checked:
+        check_config_file(path)
+    own = "give each listener a port of its own"
+    assert checked.value.problems == [
+        (f"{path}: sinks.a.port: port 18080 is taken by http.port already (the HTTP server on "
+         f"'127.0.0.1'; the websocket sink on '127.0.0.1'); {own}"),
+        (f"{path}: sinks.c.port: port 18081 is taken by sinks.b.port already (the websocket "
+         f"sink on '0.0.0.0'; the websocket sink on '::1'); {own}")]
+    with pytest.raises(ConfigError) as prepared:
+        prepare(load_config(path))
+    assert prepared.value.problems == checked.value.problems
+
+
+def test_a_disabled_http_server_or_a_bad_http_table_takes_no_port(tmp_path: Path) -> None:
+    sink = '[sinks.a]\nplugin = "websocket"\nport = 8080\n'
+    check_config_file(write(tmp_path, SOURCE + '[http]\nenabled = false\n' + sink))
+    path = write(tmp_path, SOURCE + '[http]\nport = "8765"\n' + sink)
+    with pytest.raises(ConfigError) as info:  # the default 8080 stands in: no clash with it
+        check_config_file(path)
+    assert [line.split(": ")[1] for line in info.value.problems] == ["http.port"]
+
+
+def test_check_config_and_prepare_warn_about_open_binds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMCAP_TEST_TOKEN", "s3cret")
+    path = write(tmp_path, SOURCE + '[http]\nhost = "0.0.0.0"\nport = 0\n'
+                 '[sinks.live]\nplugin = "websocket"\nport = 0\nhost = "::"\n'
+                 'token_env = "STREAMCAP_TEST_TOKEN"\n'
+                 '[sinks.local]\nplugin = "websocket"\nport = 0\n')
+    checked = check_config(path)
+    assert [w.key for w in checked.warnings] == ["http", "sinks.live"]
+    with capture_logs() as logs:
+        prepared = prepare(checked.config)
+    assert prepared.warnings == checked.warnings
+    warned = [e for e in logs if e["log_level"] == "warning"]
+    assert [(e["option"], e["host"], e["event"]) for e in warned] == [
+        (f"{w.key}.host", w.host, w.message) for w in checked.warnings]
+    quiet = check_config(write(tmp_path, SOURCE + '[sinks.live]\nplugin = "websocket"\n'))
+    assert quiet.warnings == ()

@@ -150,6 +150,7 @@ def test_unit_has_the_required_settings() -> None:
         "SupplementaryGroups": "audio", "StateDirectory": "streamcap",
         "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
         "NoNewPrivileges": "yes", "PrivateDevices": "no", "KillSignal": "SIGTERM",
+        "LimitNOFILE": "8192",
         "EnvironmentFile": "-/etc/streamcap/streamcap.env",
         "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
         "ExecStart": f"{INSTALLED_EXEC} run --config /etc/streamcap/config.toml",

@@ -20,7 +20,9 @@ the config are loaded: nothing is imported for an entry point that no
 A sink that clients connect to (the WebSocket sink) also has an ``endpoint``
 property (:class:`ServesClients`) saying where, as a :class:`SinkEndpoint`;
 the daemon learns about sinks through that seam only (the live page's
-``/config.json``).
+``/config.json``). Such a sink also says where it *will* listen, before it
+starts, with ``configured_endpoint`` (:class:`Listens`): the preflight checks
+refuse two listeners on one port and warn about those open to the network.
 
 Two options every sink table may carry are handled by the bus:
 
@@ -145,6 +147,27 @@ def sink_endpoint(sink: object) -> SinkEndpoint | None:
     return sink.endpoint if isinstance(sink, ServesClients) else None
 
 
+@runtime_checkable
+class Listens(Protocol):
+    """A sink that will listen for clients, saying where before it starts; optional.
+
+    ``streamcap check-config`` and ``run`` read it before anything starts, to
+    refuse two listeners on one port and to warn about listeners reachable
+    from the network (:mod:`streamcap.preflight`).
+    """
+
+    @property
+    def configured_endpoint(self) -> SinkEndpoint | None:
+        """Where it will listen, as configured: ``port`` 0 means a free port chosen at start."""
+        ...
+
+
+def sink_listens_on(sink: object) -> SinkEndpoint | None:
+    """``sink``'s configured :class:`SinkEndpoint`, None for a sink that listens for nobody."""
+    found = sink.configured_endpoint if isinstance(sink, Listens) else None
+    return found if isinstance(found, SinkEndpoint) else None
+
+
 class SinkFactory(Protocol):
     """The signature of every ``streamcap.sinks`` entry point."""
 
@@ -196,6 +219,11 @@ class LoadedSink:
     def endpoint(self) -> SinkEndpoint | None:
         """The plugin's sink's endpoint (see :class:`ServesClients`)."""
         return sink_endpoint(self.sink)
+
+    @property
+    def configured_endpoint(self) -> SinkEndpoint | None:
+        """Where the plugin's sink will listen (see :class:`Listens`), None if nowhere."""
+        return sink_listens_on(self.sink)
 
     def __repr__(self) -> str:
         return (f"LoadedSink({self.instance!r}, plugin={self.plugin.name!r}, "

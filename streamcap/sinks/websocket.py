@@ -57,7 +57,7 @@ import itertools
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import ClassVar, Final, Literal
@@ -75,7 +75,7 @@ from streamcap.errors import ConfigError
 from streamcap.logs import Throttle
 from streamcap.messages import Published
 from streamcap.netpolicy import HostPolicy, host_of, is_loopback, normalise_origin, origin_allowed
-from streamcap.options import option, secret
+from streamcap.options import option, regular_file, secret
 from streamcap.sinks.ws_protocol import (
     CONTROL,
     KINDS,
@@ -188,8 +188,8 @@ class WebSocketOptions:
     max_clients: int = option(256, min=1, max=65_536,
                               help="connections at a time, handshakes included; more get 503")
     token_env: str | None = option(None, secret="the bearer token clients present")
-    tls_cert: Path | None = option(None, non_empty=True)
-    tls_key: Path | None = option(None, non_empty=True)
+    tls_cert: Path | None = option(None, non_empty=True, check=regular_file)
+    tls_key: Path | None = option(None, non_empty=True, check=regular_file)
     accepts: frozenset[str] = option(frozenset(KINDS), choices=KINDS, non_empty=True)
     allowed_origins: tuple[str, ...] | None = option(
         None, check=_origins,
@@ -368,15 +368,20 @@ class WebSocketSink:
         """Where clients connect; None until the sink listens."""
         if self.bound_port is None:
             return None
-        return SinkEndpoint(kind="websocket", host=self.options.host, port=self.bound_port,
-                            scheme="wss" if self._ssl is not None else "ws",
-                            token_required=self._token is not None)
+        return replace(self.configured_endpoint, port=self.bound_port)
 
     def backlogs(self) -> list[ClientBacklog]:
         """What waits for each connected client now, in connection order."""
         return [ClientBacklog(client=c.number, frames=len(c.queue), bytes=c.queue.bytes,
                               replies=c.queue.pending(CONTROL), reading=c.room.is_set())
                 for c in self._clients.values()]
+
+    @property
+    def configured_endpoint(self) -> SinkEndpoint:
+        """Where it will listen, as configured (port 0: any free one); known before ``run``."""
+        return SinkEndpoint(kind="websocket", host=self.options.host, port=self.options.port,
+                            scheme="wss" if self._ssl is not None else "ws",
+                            token_required=self._token is not None)
 
     # ------------------------------------------------------------------ run
 
