@@ -350,9 +350,12 @@ class Daemon:
                       sinks=list(self._sinks), run_id=self.run_id)
             ended = asyncio.create_task(_all_done(supervisors), name="streamcap[sources].ended")
             helpers.append(ended)
-            await asyncio.wait({ended, stop, bus}, return_when=asyncio.FIRST_COMPLETED)
-            if bus.done():
-                bus.result()  # a sink that was never ready failed to start: ConfigError
+            watched = {ended, stop, bus}
+            while not (ended.done() or stop.done()):
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                if bus.done():
+                    bus.result()  # a sink that was never ready failed to start: ConfigError
+                    watched.discard(bus)  # it ended cleanly: there are no sinks
             reason = "signal" if self._stop.is_set() else "all sources ended"
         finally:
             systemd.stopping("stopping")
