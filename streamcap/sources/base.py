@@ -33,7 +33,7 @@ from streamcap.clock import Clock, SystemClock
 from streamcap.errors import ConfigError
 from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, Float32Array
-from streamcap.options import option, read_options
+from streamcap.options import option, read_options, shown
 from streamcap.redact import redact
 
 STREAM_SCHEMES: frozenset[str] = frozenset(
@@ -424,4 +424,4 @@ def read_source_options(
     """:func:`parse_source_options` for the options type ``cls`` of one kind (typed)."""
     merged: dict[str, object] = dict(uri_params or {})
     merged.update(options)
-    return read_options(cls, merged, text=True, label=lambda key: f"source option {key!r}")
+    return read_options(cls, merged, text=True, label=lambda key: f"source option {shown(key)}")

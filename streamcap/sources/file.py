@@ -9,10 +9,23 @@ short clip does not restart ffmpeg (or reopen the file) every few tenths of a
 second.
 
 Every block passes :class:`~streamcap.sources.base.SampleCheck`: NaN and
-infinite samples become silence (counted and warned about), and a real-time
-file that cannot keep up is reported. A WAV or AIFF file whose header
-announces more audio than the file holds (truncated) is played as far as it
-goes, with a warning.
+infinite samples become silence and samples beyond full scale are clipped
+(both counted and warned about), and a real-time file that cannot keep up is
+reported. A WAV or AIFF file whose header announces more audio than the file
+holds (truncated) is played as far as it goes, with a warning.
+
+Hostile files: only a regular file (or a link to one) is read. A FIFO, a
+device, a socket or a directory is refused by ``os.stat`` before anything
+opens it (a FIFO's open blocks), and soundfile's descriptor is opened
+non-blocking and checked again with ``fstat``. Every blocking call
+(``stat``, open, header, reads) runs in a thread of the source's own, so a
+slow disk never stalls the event loop; closing waits for a read in progress,
+shutdown never waits for the thread. A native sample rate outside
+:data:`~streamcap.sources.base.MIN_FILE_RATE_HZ` -
+:data:`~streamcap.sources.base.MAX_FILE_RATE_HZ` (1000-384000 Hz) is refused;
+reads take at most ``_READ_SAMPLES`` samples of all channels at once, so no
+header value sizes an allocation. ffmpeg and ffprobe get an absolute
+``file:`` URL and only the file protocol.
 
 Error classes: a missing or unreadable file is :class:`SourceUnavailable`
 (it may appear later); a file that exists but cannot be decoded is
