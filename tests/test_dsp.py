@@ -9,12 +9,12 @@ import pytest
 
 from streamcap.audio.dsp import (
     SILENCE_DBFS,
+    clip_full_scale,
     downmix,
     pcm_bytes_to_float32,
     pcm_to_float32,
     peak_dbfs,
     rms_dbfs,
-    clip_full_scale,
     zero_nonfinite,
 )
 
