@@ -7,11 +7,18 @@ The end of a file is padded with silence so that its last seconds get a
 window too; a file shorter than one window gets one padded window (and a
 warning giving its real duration).
 
+A file is streamed: read one block at a time and each window captioned and
+printed as soon as it is complete, so memory stays at a few windows however
+long the file is, and the first caption comes after one window of audio.
+
 Everything the user typed is checked before the model loads (seconds):
 ``--window-s`` and ``--hop-s`` by the same rules as ``window_s`` and ``hop_s``
 in a ``[sources.<name>]`` table, and every file is opened and probed as the
 daemon's file source would, so a missing, unreadable or non-audio file is
-reported at once.
+reported at once. An input that is no regular file (a FIFO, a device, a
+socket, a directory, or a link to one) is refused before anything is read
+from it, with exit status 2 (a usage error); a file that fails otherwise
+is reported and the others are still captioned (exit status 1).
 """
 
 from __future__ import annotations
@@ -21,105 +28,163 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from streamcap.audio.windowing import Windower
+from streamcap.cli import EXIT_FAILURE, EXIT_USAGE
 from streamcap.config import ModelConfig, SourceConfig, load_config, parse_config
 from streamcap.errors import ConfigError, SourceError, StreamcapError
-from streamcap.messages import AudioBlock, CaptionResult, Window, make_block
+from streamcap.messages import CaptionResult, Window, make_block
 from streamcap.pipeline import WindowCaptioner
-from streamcap.sources.file import FileSource, create_source
+from streamcap.sources.base import FileOptions
+from streamcap.sources.file import FileSource, not_a_regular_file
 
 _FLAGS = {"window_s": "--window-s", "hop_s": "--hop-s"}
 _TABLE = "sources.caption"
+_BLOCK_S = 1.0
+
+T = TypeVar("T")
 
 
 def _file_source(path: Path) -> FileSource:
-    return create_source(path.name, f"file:{path.resolve()}", {"realtime": False, "block_s": 1.0})
+    # The path is a path, never a URI: a name holding "?loop=true" stays part of the name.
+    return FileSource(path.name, path.absolute(), FileOptions(realtime=False, block_s=_BLOCK_S))
 
 
-def check_files(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """Open and probe every file as the file source would, decoding nothing.
+@dataclass(frozen=True, slots=True)
+class CheckedFiles:
+    """What :func:`check_files` found.
 
-    Returns:
-        The files that can be captioned, and one problem line for each other
-        file (missing, unreadable, a directory, not audio).
+    Attributes:
+        good: The files that can be captioned, in the order given.
+        problems: One line for each file that cannot (missing, unreadable, not audio).
+        refused: One line for each input that is no regular file (a FIFO,
+            device, socket or directory): a usage error.
     """
 
-    async def probe_all() -> tuple[list[Path], list[str]]:
-        good: list[Path] = []
-        problems: list[str] = []
+    good: list[Path]
+    problems: list[str]
+    refused: list[str]
+
+
+def check_files(paths: list[Path]) -> CheckedFiles:
+    """Examine and probe every file as the file source would, decoding nothing.
+
+    A FIFO, device, socket or directory is found with ``os.stat`` and never opened.
+    """
+
+    async def probe_all() -> CheckedFiles:
+        found = CheckedFiles([], [], [])
         for path in paths:
             if not path.exists() and not path.is_symlink():
-                problems.append(f"{path}: no such file")
+                found.problems.append(f"{path}: no such file")
+                continue
+            special = not_a_regular_file(path)
+            if special is not None:
+                found.refused.append(f"{path} {special}; expected an audio file")
                 continue
             try:
                 await _file_source(path).probe()
             except SourceError as exc:
-                problems.append(str(exc))
+                found.problems.append(str(exc))
             else:
-                good.append(path)
-        return good, problems
+                found.good.append(path)
+        return found
 
     return asyncio.run(probe_all())
 
 
-def _file_blocks(path: Path) -> list[AudioBlock]:
-    """Decode a whole file as fast as possible (blocks of 1 s)."""
+@dataclass(frozen=True, slots=True)
+class FileEnd:
+    """The end of a file's audio, reached before its padded tail windows.
 
-    async def collect() -> list[AudioBlock]:
-        async with aclosing(_file_source(path).blocks()) as blocks:
-            return [block async for block in blocks]
+    Attributes:
+        total_samples: The samples the file held.
+        sample_rate_hz: Their rate.
+    """
 
-    return asyncio.run(collect())
+    total_samples: int
+    sample_rate_hz: int
 
 
-def short_file_warning(path: Path, blocks: list[AudioBlock], window_s: float) -> str | None:
+def short_file_warning(path: Path, end: FileEnd, window_s: float) -> str | None:
     """The warning for a file holding less audio than one window, or None."""
-    if not blocks:
-        return None
-    rate = blocks[0].sample_rate_hz
-    total = blocks[-1].start_sample + len(blocks[-1].samples)
+    total, rate = end.total_samples, end.sample_rate_hz
     if total >= window_s * rate:
         return None
     return (f"{path}: holds only {total / rate:.6g} s of audio ({total} samples at {rate} Hz), "
             f"shorter than the {window_s:g} s window; the rest of the window is silence")
 
 
-def file_windows(path: Path, window_s: float, hop_s: float,
-                 rates_hz: tuple[int, ...]) -> Iterator[Window]:
-    """The windows of one file, the tail padded with silence.
+async def stream_windows(path: Path, window_s: float, hop_s: float,
+                         rates_hz: tuple[int, ...]) -> AsyncGenerator[Window | FileEnd, None]:
+    """The windows of one file as its blocks are read, then :class:`FileEnd`, then the
+    windows of its tail padded with silence.
 
     Raises:
         SourceError: the file is missing, unreadable, corrupt or not audio.
     """
-    return cut_windows(path, _file_blocks(path), window_s, hop_s, rates_hz)
-
-
-def cut_windows(path: Path, blocks: list[AudioBlock], window_s: float, hop_s: float,
-                rates_hz: tuple[int, ...]) -> Iterator[Window]:
-    """The windows of a decoded file's blocks, the tail padded with silence.
-
-    Raises:
-        SourceError: there are no blocks.
-    """
-    if not blocks:
-        raise SourceError(f"{path}: no audio in the file")
-    rate = blocks[0].sample_rate_hz
-    total = blocks[-1].start_sample + len(blocks[-1].samples)
     windower = Windower(path.name, window_s, hop_s, rates_hz)
-    for block in blocks:
-        yield from windower.feed(block).windows
+    total = 0
+    rate: int | None = None
+    captured_at = 0.0
+    async with aclosing(_file_source(path).blocks()) as blocks:
+        async for block in blocks:
+            if rate is None:
+                rate, captured_at = block.sample_rate_hz, block.captured_at
+            total = block.start_sample + len(block.samples)
+            for window in windower.feed(block).windows:
+                yield window
+    if rate is None:
+        raise SourceError(f"{path}: no audio in the file")
+    yield FileEnd(total, rate)
     pad = np.zeros(int(np.ceil((window_s + 1.0) * rate)), dtype=np.float32)
     tail = make_block(source_id=path.name, start_sample=total, sample_rate_hz=rate,
-                      samples=pad, captured_at=blocks[-1].captured_at + total / rate)
+                      samples=pad, captured_at=captured_at + total / rate)
     for window in windower.feed(tail).windows:
         if window.start_sample(rate) < total or window.seq == 0:  # starts inside the file
             yield window
+
+
+def iterate(agen: AsyncGenerator[T, None]) -> Iterator[T]:
+    """Drive an async generator from synchronous code, one item at a time, on a loop
+    of its own; the generator is closed however the iteration ends."""
+    loop = asyncio.new_event_loop()
+
+    async def step() -> T:
+        return await anext(agen)
+
+    try:
+        while True:
+            try:
+                item = loop.run_until_complete(step())
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        try:
+            loop.run_until_complete(agen.aclose())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+def file_windows(path: Path, window_s: float, hop_s: float,
+                 rates_hz: tuple[int, ...]) -> Iterator[Window]:
+    """The windows of one file, streamed, the tail padded with silence.
+
+    Raises:
+        SourceError: the file is missing, unreadable, corrupt or not audio.
+    """
+    for item in iterate(stream_windows(path, window_s, hop_s, rates_hz)):
+        if isinstance(item, Window):
+            yield item
 
 
 class _Progress:
@@ -178,16 +243,19 @@ def _flag_problem(problem: str) -> str:
 
 
 def caption_files_command(args: argparse.Namespace) -> int:
-    """Run ``streamcap caption``; returns the exit code (1 when any file failed)."""
+    """Run ``streamcap caption``; returns the exit code (1 when any file failed, 2 when an
+    input is no regular file)."""
     from streamcap.models.captioner import build_captioner
     from streamcap.models.runtime import choose_device, choose_precision
 
     model, window_s, hop_s = _settings(args)
-    files, problems = check_files(list(args.files))
-    for problem in problems:
+    checked = check_files(list(args.files))
+    for problem in checked.refused + checked.problems:
         print(f"streamcap: error: {problem}", file=sys.stderr)
-    if not files:
-        return 1
+    if checked.refused:
+        return EXIT_USAGE
+    if not checked.good:
+        return EXIT_FAILURE
     device = choose_device(model.device)
     dtype = choose_precision(model.precision, device)
     if model.threads:
@@ -202,27 +270,27 @@ def caption_files_command(args: argparse.Namespace) -> int:
     # transformers replaced our log handler when it loaded
     configure_logging("auto", "debug" if getattr(args, "debug", False) else "info")
     progress = _Progress(sys.stderr.isatty() and not args.json)
-    failed = len(problems)
-    for path in files:
+    failed = len(checked.problems)
+    for path in checked.good:
         try:
-            blocks = _file_blocks(path)
-            windows = list(cut_windows(path, blocks, window_s, hop_s,
-                                       captioner.sample_rates_hz))
+            for item in iterate(stream_windows(path, window_s, hop_s,
+                                               captioner.sample_rates_hz)):
+                if isinstance(item, FileEnd):
+                    warning = short_file_warning(path, item, window_s)
+                    if warning is not None:
+                        print(f"streamcap: warning: {warning}", file=sys.stderr)
+                    continue
+                progress.update(f"{path.name}: window {item.seq + 1} at {item.start_s:.0f} s")
+                started = time.perf_counter()
+                result: CaptionResult = captioner.caption(item)
+                elapsed = time.perf_counter() - started
+                progress.clear()
+                _print(path, item, result, elapsed, as_json=args.json)
         except (SourceError, StreamcapError) as exc:
+            progress.clear()
             failed += 1
             print(f"streamcap: error: {exc}", file=sys.stderr)
-            continue
-        warning = short_file_warning(path, blocks, window_s)
-        if warning is not None:
-            print(f"streamcap: warning: {warning}", file=sys.stderr)
-        for i, window in enumerate(windows, 1):
-            progress.update(f"{path.name}: window {i}/{len(windows)}")
-            started = time.perf_counter()
-            result: CaptionResult = captioner.caption(window)
-            elapsed = time.perf_counter() - started
-            progress.clear()
-            _print(path, window, result, elapsed, as_json=args.json)
-    return 1 if failed else 0
+    return EXIT_FAILURE if failed else 0
 
 
 def _print(path: Path, window: Window, result: CaptionResult, elapsed_s: float, *,

@@ -168,9 +168,13 @@ class Daemon:
         self._nonfinite = m.counter("streamcap_nonfinite_samples_total",
                                     "NaN or infinite input samples replaced by silence, by source",
                                     ["source"])
+        self._clipped = m.counter("streamcap_clipped_samples_total",
+                                  "Input samples beyond full scale clipped to [-1, 1], by source",
+                                  ["source"])
         for name in config.sources:
             self._windows.inc(0, name)
             self._nonfinite.inc(0, name)
+            self._clipped.inc(0, name)
             self._dropped.inc(0, name, "queue_full")
             self._source_up.set(0, name)
         self.queue = WindowQueue(config.daemon.max_pending_windows, on_drop=self._on_window_drop,
@@ -209,6 +213,8 @@ class Daemon:
         def on_block(block: AudioBlock) -> None:
             if block.nonfinite:
                 self._nonfinite.inc(block.nonfinite, block.source_id)
+            if block.clipped:
+                self._clipped.inc(block.clipped, block.source_id)
             cut = windower.feed(block)  # a ValueError is a bug: it propagates
             if cut.restart is not None and cut.restart.reason is RestartReason.GAP:
                 _log.warning("audio gap: restarting windows", source=block.source_id,

@@ -72,6 +72,7 @@ class AudioBlock:
     epoch: int = 0
     overflowed: bool = False  # the device or decoder reported lost input before this block
     nonfinite: int = 0  # NaN or infinite input samples the source replaced by silence
+    clipped: int = 0  # finite input samples beyond full scale the source clipped to [-1, 1]
 
     @property
     def duration_s(self) -> float:
@@ -95,6 +96,7 @@ def make_block(
     epoch: int = 0,
     overflowed: bool = False,
     nonfinite: int = 0,
+    clipped: int = 0,
 ) -> AudioBlock:
     """Build an :class:`AudioBlock`, copying ``samples`` into a read-only float32 array."""
     return AudioBlock(
@@ -106,6 +108,7 @@ def make_block(
         epoch=epoch,
         overflowed=overflowed,
         nonfinite=nonfinite,
+        clipped=clipped,
     )
 
 

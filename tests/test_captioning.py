@@ -8,9 +8,12 @@ keeps decoding cheap (2 candidates of 4 tokens, fp32, one thread, fixed seed).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import subprocess
 import sys
+import tracemalloc
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,15 +23,18 @@ import pytest
 import soundfile as sf
 
 from streamcap.captioning import (
-    _file_blocks,
+    FileEnd,
     _settings,
     check_files,
     file_windows,
+    iterate,
     short_file_warning,
+    stream_windows,
 )
 from streamcap.cli import main
 from streamcap.config import ModelConfig
 from streamcap.errors import ConfigError, SourceError
+from streamcap.messages import Window
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAMCAP = Path(sys.executable).parent / "streamcap"
@@ -174,12 +180,13 @@ def test_bad_window_flags_are_usage_errors_through_the_cli(
 def test_short_file_warning_names_the_file_and_its_real_duration(tmp_path: Path) -> None:
     path = tmp_path / "one.wav"
     sf.write(path, np.array([0.5], dtype=np.float32), RATE, subtype="FLOAT")
-    blocks = _file_blocks(path)
-    warning = short_file_warning(path, blocks, 10.0)
+    [end] = [item for item in iterate(stream_windows(path, 10.0, 5.0, (RATE,)))
+             if isinstance(item, FileEnd)]
+    assert end == FileEnd(1, RATE)
+    warning = short_file_warning(path, end, 10.0)
     assert warning is not None
     assert str(path) in warning and "6.25e-05 s" in warning and "1 samples" in warning
-    assert short_file_warning(path, _file_blocks(write_wav(tmp_path / "long.wav", 10.0)),
-                              10.0) is None
+    assert short_file_warning(path, FileEnd(10 * RATE, RATE), 10.0) is None
 
 
 def test_check_files_reports_every_bad_file_without_decoding(tmp_path: Path) -> None:
@@ -188,12 +195,13 @@ def test_check_files_reports_every_bad_file_without_decoding(tmp_path: Path) -> 
     folder.mkdir()
     corrupt = write_corrupt(tmp_path / "corrupt.wav")
     missing = tmp_path / "missing.wav"
-    files, problems = check_files([good, folder, corrupt, missing])
-    assert files == [good]
-    assert len(problems) == 3
-    assert str(folder) in problems[0] and "is a directory" in problems[0]
-    assert str(corrupt) in problems[1] and "cannot be decoded" in problems[1]
-    assert problems[2] == f"{missing}: no such file"
+    found = check_files([good, folder, corrupt, missing])
+    assert found.good == [good]
+    assert found.refused == [(f"{folder} is a directory, not a regular file; "
+                             "expected an audio file")]
+    assert len(found.problems) == 2
+    assert str(corrupt) in found.problems[0] and "cannot be decoded" in found.problems[0]
+    assert found.problems[1] == f"{missing}: no such file"
 
 
 # --------------------------------------------------------------------------- the command
@@ -315,10 +323,11 @@ def test_unreadable_inputs_are_reported_before_loading_a_model(tmp_path: Path) -
     folder.mkdir()
     corrupt = write_corrupt(tmp_path / "corrupt.wav")
     done = run_caption(tmp_path, str(folder), str(corrupt), str(tmp_path / "gone.mp3"))
-    assert done.returncode == 1
+    assert done.returncode == 2  # a directory is no file: a usage error
     problems = errors(done.stderr)
     assert len(problems) == 3
-    assert str(folder) in problems[0] and str(corrupt) in problems[1]
+    assert str(folder) in problems[0] and "is a directory" in problems[0]
+    assert str(corrupt) in problems[1]
     assert "random weights" not in done.stderr  # no model was built
 
 
@@ -357,3 +366,64 @@ def test_bad_window_is_a_usage_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert errors(done.stderr) == [
         "--window-s: must be a whole number of milliseconds (got 10.0005)"]
+
+
+# --------------------------------------------------------------------------- streaming, hostile input
+
+
+def test_file_windows_stream_with_memory_bounded_by_a_few_windows(tmp_path: Path) -> None:
+    """20 minutes of 8 kHz audio (38 MB as float32) are windowed holding a few windows."""
+    rate, minutes = 8000, 20
+    path = tmp_path / "long.wav"
+    with sf.SoundFile(path, "w", samplerate=rate, channels=1, subtype="PCM_16") as out:
+        chunk = (0.1 * np.random.default_rng(0).standard_normal(60 * rate)).astype(np.float32)
+        for _ in range(minutes):
+            out.write(chunk)
+    decoded_bytes = minutes * 60 * rate * 4
+    tracemalloc.start()
+    try:
+        count = 0
+        for window in file_windows(path, 10.0, 5.0, (rate,)):
+            count += 1
+            del window
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == minutes * 12
+    assert peak < decoded_bytes / 8, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_first_window_comes_before_the_file_is_read_to_its_end(tmp_path: Path) -> None:
+    path = write_wav(tmp_path / "long.wav", 60.0)
+    windows = stream_windows(path, 10.0, 10.0, (RATE,))
+    stream = iterate(windows)
+    first = next(stream)
+    assert isinstance(first, Window) and first.seq == 0
+    # the source is suspended inside the file: its frame is still running, not finished
+    assert windows.ag_frame is not None
+    stream.close()  # closes the generator and the file
+
+
+def test_file_named_like_a_uri_query_is_read_as_a_file(tmp_path: Path, ffmpeg: str) -> None:
+    write_wav(tmp_path / "x.wav", 1.0)
+    odd = write_wav(tmp_path / "odd.wav", 3.0).rename(tmp_path / "x.wav?loop=true")
+    # x.wav?loop=true itself (3 s, one window), not x.wav looped forever
+    windows = list(itertools.islice(file_windows(odd, 10.0, 10.0, (RATE,)), 3))
+    assert len(windows) == 1
+    assert np.count_nonzero(windows[0].samples(RATE)) > 2 * RATE
+
+
+def test_check_files_refuses_fifos_devices_and_links_to_them_unopened(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.wav"
+    link.symlink_to(fifo)
+    good = write_wav(tmp_path / "good.wav", 1.0)
+    found = check_files([fifo, Path("/dev/zero"), link, good])  # would block on the FIFO
+    assert found.good == [good]
+    assert found.refused == [
+        f"{fifo} is a FIFO (named pipe), not a regular file; expected an audio file",
+        "/dev/zero is a character device, not a regular file; expected an audio file",
+        (f"{link} is a link to a FIFO (named pipe) ({fifo}), not a regular file; "
+        "expected an audio file"),
+    ]

@@ -9,6 +9,7 @@ import pytest
 
 from streamcap.audio.dsp import (
     SILENCE_DBFS,
+    clip_full_scale,
     downmix,
     pcm_bytes_to_float32,
     pcm_to_float32,
@@ -113,3 +114,17 @@ def test_zero_nonfinite_passes_finite_samples_through() -> None:
     clean, count, first = zero_nonfinite(x)
     assert clean is x
     assert (count, first) == (0, -1)
+
+
+def test_clip_full_scale_clips_and_counts_overs() -> None:
+    x = np.array([0.5, 1e30, -2.0, 1.0, -1.0, 3.4e38], dtype=np.float32)
+    clipped, count, first = clip_full_scale(x)
+    np.testing.assert_array_equal(clipped, [0.5, 1.0, -1.0, 1.0, -1.0, 1.0])
+    assert (count, first) == (3, 1)
+    assert clipped.dtype == np.float32 and x[1] == np.float32(1e30)  # input untouched
+
+
+def test_clip_full_scale_passes_samples_within_full_scale_through() -> None:
+    x = np.array([0.5, -1.0, 1.0], dtype=np.float32)
+    clipped, count, first = clip_full_scale(x)
+    assert clipped is x and (count, first) == (0, -1)

@@ -207,13 +207,52 @@ def test_sample_check_zeroes_counts_and_names_the_position() -> None:
     block[900:] = np.nan
     block[950] = np.inf
     with capture_logs() as logs:
-        clean, count = check.check(block, position_s=2.0, sample_rate_hz=1000)
-    assert count == 100 and check.nonfinite_total == 100
+        checked = check.check(block, position_s=2.0, sample_rate_hz=1000)
+    clean, count = checked.samples, checked.nonfinite
+    assert count == 100 and check.nonfinite_total == 100 and checked.clipped == 0
     assert np.isfinite(clean).all() and not clean[900:].any()
     [event] = logs
     assert event["log_level"] == "warning"
     assert event["source"] == "file source a: /data/bad.wav"
     assert event["first_at_s"] == 2.9  # 2 s + sample 900 at 1000 Hz
+
+
+@pytest.mark.parametrize("huge", [1e30, -1e30, float(np.finfo(np.float32).max), 1.5])
+def test_sample_check_clips_samples_beyond_full_scale_and_counts_them(huge: float) -> None:
+    check = _check(FakeClock(100.0))
+    block = np.full(1000, 0.25, dtype=np.float32)
+    block[500:600] = huge
+    block[700] = np.nan
+    with capture_logs() as logs:
+        checked = check.check(block, position_s=1.0, sample_rate_hz=1000)
+    assert (checked.nonfinite, checked.clipped) == (1, 100)
+    assert check.clipped_total == 100 and check.nonfinite_total == 1
+    assert np.isfinite(checked.samples).all() and np.abs(checked.samples).max() == 1.0
+    np.testing.assert_array_equal(checked.samples[500:600], np.sign(huge))
+    np.testing.assert_array_equal(checked.samples[:500], block[:500])  # the rest untouched
+    [clip_warning] = [e for e in logs if "full scale" in e["event"]]
+    assert clip_warning["source"] == "file source a: /data/bad.wav"
+    assert (clip_warning["clipped"], clip_warning["first_at_s"]) == (100, 1.5)
+
+
+def test_sample_check_passes_full_scale_samples_untouched() -> None:
+    check = _check(FakeClock(100.0))
+    block = np.array([1.0, -1.0, 0.5, 0.0], dtype=np.float32)
+    with capture_logs() as logs:
+        checked = check.check(block, position_s=0.0, sample_rate_hz=4)
+    assert checked.samples is block and checked.clipped == 0 and not logs
+
+
+def test_sample_check_clipping_warns_at_most_once_per_interval() -> None:
+    clock = FakeClock(100.0)
+    check = _check(clock)
+    block = np.array([2.0, 0.0, -3.0, 0.0], dtype=np.float32)
+    with capture_logs() as logs:
+        for i in range(480):  # 60 s of blocks, every one of them too loud
+            clock.now = 100.0 + i * 0.125
+            check.check(block, position_s=i * 0.125, sample_rate_hz=32)
+    assert check.clipped_total == 960
+    assert len(logs) == 6 and all(e["event"].startswith("samples beyond") for e in logs)
 
 
 def test_sample_check_warns_at_most_once_per_interval() -> None:

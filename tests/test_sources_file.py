@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from structlog.testing import capture_logs
+from timing import scaled
 
 from streamcap.errors import SourceFormatError, SourceUnavailable
 from streamcap.messages import AudioBlock
@@ -379,3 +382,195 @@ port = {http_port}
         code = daemon.stop()
         notify.close()
     assert code == 0, daemon.log_tail()
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def _unblock_fifo_later(path: Path) -> threading.Thread:
+    """A writer that opens ``path`` (a FIFO) after a while and closes it at once.
+
+    Code that opened the FIFO on the event loop would block until then; the writer
+    makes such code fail (reading nothing) instead of hanging the test forever.
+    """
+
+    def write() -> None:
+        time.sleep(scaled(3))
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("via_link", [False, True])
+async def test_fifo_is_refused_without_opening_it(tmp_path: Path, via_link: bool) -> None:
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    path = fifo
+    if via_link:
+        path = tmp_path / "link.wav"
+        path.symlink_to(fifo)
+    writer = _unblock_fifo_later(fifo)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        with pytest.raises(SourceFormatError) as err:
+            await collect(create_source("f", f"file:{path}", {}))
+    finally:
+        task.cancel()
+    message = str(err.value)
+    assert "file source f" in message and str(path) in message
+    assert "FIFO" in message and "not a regular file" in message
+    if via_link:
+        assert "is a link to a FIFO" in message and str(fifo) in message
+    writer.join()
+
+
+@pytest.mark.parametrize(("device", "kind"), [("/dev/zero", "a character device"),
+                                              ("/dev/null", "a character device")])
+async def test_device_is_refused(device: str, kind: str) -> None:
+    if not Path(device).exists():
+        pytest.skip(f"{device} is missing")
+    with pytest.raises(SourceFormatError, match=f"{device} is {kind}, not a regular file"):
+        await collect(create_source("f", f"file:{device}", {"realtime": False}))
+
+
+async def test_socket_is_refused(tmp_path: Path) -> None:
+    directory = Path(tempfile.mkdtemp(prefix="sc-sock-"))  # AF_UNIX paths are short
+    path = directory / "s.wav"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        with pytest.raises(SourceFormatError, match="is a socket, not a regular file"):
+            await collect(create_source("f", f"file:{path}", {}))
+    finally:
+        sock.close()
+
+
+def write_header_rate(path: Path, rate: int, samples: int = 100) -> None:
+    """A float WAV whose header claims ``rate`` Hz (soundfile refuses to write most of them)."""
+    sf.write(str(path), np.zeros(samples, dtype=np.float32), RATE, subtype="FLOAT")
+    data = bytearray(path.read_bytes())
+    assert data[24:28] == RATE.to_bytes(4, "little")
+    data[24:28] = rate.to_bytes(4, "little")
+    data[28:32] = (rate * 4).to_bytes(4, "little")  # bytes per second
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rate", [1, 999, 384001, 1_000_000])
+async def test_sample_rate_outside_the_range_is_refused(tmp_path: Path, rate: int) -> None:
+    path = tmp_path / "rate.wav"
+    write_header_rate(path, rate)
+    with pytest.raises(SourceFormatError) as err:
+        await collect(create_source("f", f"file:{path}?realtime=false", {}))
+    assert str(err.value) == (f"file source f: {path} has a sample rate of {rate} Hz; "
+                              "expected 1000 to 384000 Hz")
+
+
+async def test_sample_rate_outside_the_range_is_refused_through_ffmpeg(
+        tmp_path: Path, ffmpeg: str) -> None:
+    path = tmp_path / "rate.wav"
+    write_header_rate(path, 500, samples=4000)
+    renamed = path.rename(tmp_path / "rate.audio")  # not a soundfile suffix: ffprobe reads it
+    with pytest.raises(SourceFormatError, match="has a sample rate of 500 Hz; expected 1000"):
+        await collect(create_source("f", f"file:{renamed}?realtime=false", {}))
+
+
+@pytest.mark.parametrize("rate", [1000, 384000])
+async def test_sample_rates_at_the_limits_are_read(tmp_path: Path, rate: int) -> None:
+    path = tmp_path / "edge.wav"
+    write_header_rate(path, rate, samples=500)
+    blocks = await collect(create_source("f", f"file:{path}?realtime=false", {}))
+    assert blocks[0].sample_rate_hz == rate and sum(len(b.samples) for b in blocks) == 500
+
+
+async def test_many_channels_are_read_in_bounded_pieces(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_mod, "_READ_SAMPLES", 4096)
+    path = tmp_path / "wide.wav"
+    frames = np.tile(np.arange(1000, dtype=np.float32)[:, None] / 1000, (1, 256))
+    frames[:, 0] = 0.0
+    sf.write(str(path), frames, RATE, subtype="FLOAT")
+    reads: list[int] = []
+    real_read = sf.SoundFile.read
+
+    def counting_read(self: sf.SoundFile, frames: int = -1, **kwargs: object) -> object:
+        reads.append(frames)
+        return real_read(self, frames, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sf.SoundFile, "read", counting_read)
+    blocks = await collect(create_source("f", f"file:{path}?realtime=false", {"block_s": 1.0}))
+    samples = np.concatenate([b.samples for b in blocks])
+    np.testing.assert_allclose(samples, frames.mean(axis=1), rtol=1e-6)
+    assert max(reads) * 256 <= 4096  # 16 frames of 256 channels per read
+
+
+async def test_huge_amplitudes_are_clipped_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "loud.wav"
+    audio = np.full(RATE // 2, 1e30, dtype=np.float32)
+    audio[::2] = -3.0e38
+    audio[:10] = 0.5
+    sf.write(str(path), audio, RATE, subtype="FLOAT")
+    src = create_source("f", f"file:{path}?realtime=false", {"block_s": 0.1})
+    with capture_logs() as logs:
+        blocks = await collect(src)
+    samples = np.concatenate([b.samples for b in blocks])
+    assert np.abs(samples).max() == 1.0 and samples[:10].tolist() == [0.5] * 10
+    assert sum(b.clipped for b in blocks) == RATE // 2 - 10 == src.clipped_samples
+    [warning] = [e for e in logs if "full scale" in e["event"]]
+    assert str(path) in warning["source"]
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+async def test_looped_one_sample_file_is_tiled_into_whole_blocks(tmp_path: Path,
+                                                                 realtime: bool) -> None:
+    path = tmp_path / "one.wav"
+    sf.write(str(path), np.array([0.5], dtype=np.float32), RATE, subtype="FLOAT")
+    src = create_source("f", f"file:{path}?loop=true&realtime={str(realtime).lower()}",
+                        {"block_s": 0.05})
+    blocks = await collect(src, limit=6)
+    check_contiguous(blocks)
+    assert len(blocks[0].samples) == 1  # the first pass, as read
+    assert [len(b.samples) for b in blocks[1:]] == [RATE // 20] * 5  # then whole blocks
+    assert all((b.samples == 0.5).all() for b in blocks)
+    assert src.decodes == 1 and src.passes == 1 + 5 * RATE // 20
+
+
+async def test_looped_clip_counts_its_bad_samples_on_every_pass(tmp_path: Path) -> None:
+    path = tmp_path / "bad.wav"
+    sf.write(str(path), np.array([np.nan, 5.0, 0.5, 0.25], dtype=np.float32), RATE,
+             subtype="FLOAT")
+    src = create_source("f", f"file:{path}?loop=true&realtime=false", {"block_s": 0.005})
+    blocks = await collect(src, limit=3)  # 4 samples, then 80-sample blocks: 20 passes each
+    assert [b.nonfinite for b in blocks] == [1, 20, 20]
+    assert [b.clipped for b in blocks] == [1, 20, 20]
+    assert blocks[1].samples[:4].tolist() == [0.0, 1.0, 0.5, 0.25]
+
+
+async def test_empty_looped_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "empty.wav"
+    sf.write(str(path), np.zeros(0, dtype=np.float32), RATE, subtype="FLOAT")
+    with pytest.raises(SourceFormatError, match=f"{path} holds no audio frames"):
+        await collect(create_source("f", f"file:{path}?loop=true&realtime=false", {}))
+
+
+async def test_file_name_like_a_url_or_an_option_is_read_as_a_file(
+        tmp_path: Path, tone_file: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    tone = tone_file("tone.mp3", duration_s=0.2)
+    for name in ("http:x.mp3", "-report"):
+        (tmp_path / name).write_bytes(tone.read_bytes())
+        src = FileSource("f", name, file_mod.FileOptions(realtime=False))
+        blocks = await collect(src)
+        assert sum(len(b.samples) for b in blocks) > 0
+    assert not list(tmp_path.glob("ffprobe-*.log")) and not list(tmp_path.glob("ffmpeg-*.log"))

@@ -134,6 +134,34 @@ def zero_nonfinite(samples: Float32Array) -> tuple[Float32Array, int, int]:
     return clean, int(bad.sum()), int(np.argmax(bad.reshape(-1)))
 
 
+FULL_SCALE = 1.0
+"""The largest sample magnitude streamcap passes on; louder samples are clipped to it."""
+
+
+def clip_full_scale(samples: Float32Array) -> tuple[Float32Array, int, int]:
+    """Clip finite samples to [-:data:`FULL_SCALE`, +:data:`FULL_SCALE`].
+
+    Integer PCM never leaves that range; a float file or decoder can hold any
+    finite value (1e30), which would overflow the models' float32 arithmetic
+    into NaN. Clipping keeps the waveform's sign and timing and bounds every
+    value that reaches a model.
+
+    Args:
+        samples: finite float32 samples of any shape; never modified.
+
+    Returns:
+        ``(clipped, count, first)``: ``clipped`` is ``samples`` itself when
+        nothing exceeds full scale, else a clipped copy; ``count`` is how many
+        samples were clipped and ``first`` the flat index of the first one
+        (-1 when there is none).
+    """
+    over = np.abs(samples) > np.float32(FULL_SCALE)
+    if not over.any():
+        return samples, 0, -1
+    clipped = np.clip(samples, -FULL_SCALE, FULL_SCALE).astype(np.float32, copy=False)
+    return clipped, int(over.sum()), int(np.argmax(over.reshape(-1)))
+
+
 def _to_dbfs(amplitude: float, what: str) -> float:
     if not math.isfinite(amplitude):
         raise ValueError(f"{what}: samples contain NaN or infinity")

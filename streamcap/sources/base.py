@@ -28,12 +28,12 @@ from urllib.parse import parse_qsl, unquote
 import numpy as np
 import structlog
 
-from streamcap.audio.dsp import zero_nonfinite
+from streamcap.audio.dsp import clip_full_scale, zero_nonfinite
 from streamcap.clock import Clock, SystemClock
 from streamcap.errors import ConfigError
 from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, Float32Array
-from streamcap.options import option, read_options
+from streamcap.options import option, read_options, shown
 from streamcap.redact import redact
 
 STREAM_SCHEMES: frozenset[str] = frozenset(
@@ -68,11 +68,16 @@ MAX_CHANNELS = 64
 MIN_BLOCK_S = 0.005
 MAX_BLOCK_S = 2.0
 MAX_PROBE_S = 60.0
+MIN_FILE_RATE_HZ = 1000
+"""The lowest native rate of an audio file that is read (a header claiming 1 Hz is refused)."""
+MAX_FILE_RATE_HZ = 384000
+"""The highest native rate of an audio file that is read."""
 
 _log = get_logger(__name__)
 
 NONFINITE_WARN_INTERVAL_S = 10.0
-"""At most one warning about NaN or infinite samples per source this often (the rest are counted)."""
+"""At most one warning about NaN or infinite samples, and one about samples beyond full
+scale, per source this often (the rest are counted)."""
 SLOW_LAG_S = 2.0
 """A real-time source whose audio falls this far behind the wall clock is reported as slow."""
 SLOW_WARN_INTERVAL_S = 60.0
@@ -104,16 +109,37 @@ class SourceFactory(Protocol):
     def __call__(self, source_id: str, uri: str, options: Mapping[str, object]) -> AudioSource: ...
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedSamples:
+    """Samples as they enter streamcap, after :meth:`SampleCheck.check`.
+
+    Attributes:
+        samples: float32 (n,), finite and within [-1, 1].
+        nonfinite: NaN or infinite samples replaced by silence.
+        clipped: Finite samples beyond full scale clipped to -1 or 1.
+    """
+
+    samples: Float32Array
+    nonfinite: int = 0
+    clipped: int = 0
+
+
 class SampleCheck:
     """What every built-in source does to its samples as they enter streamcap.
 
     * NaN and infinite samples (a broken float file, a misbehaving driver or
       decoder) are replaced by silence and counted: :attr:`nonfinite_total`,
       and per block in ``AudioBlock.nonfinite`` for the
-      ``streamcap_nonfinite_samples_total`` metric. The first one is logged
-      with its position; later ones at most once per ``warn_interval_s``,
-      with the count since the last warning, so a stream of them cannot
-      flood the log. Nothing downstream ever sees a non-finite sample.
+      ``streamcap_nonfinite_samples_total`` metric.
+    * Finite samples beyond full scale (|x| > 1: a float file holding 1e30,
+      which would overflow the models into NaN) are clipped to -1 or 1 and
+      counted: :attr:`clipped_total`, and per block in ``AudioBlock.clipped``
+      for the ``streamcap_clipped_samples_total`` metric. Integer PCM never
+      clips; a float file with overs loses only their excess.
+    * Either kind is logged the first time with its position, later at most
+      once per ``warn_interval_s`` with the count since the last warning, so
+      a stream of them cannot flood the log. Nothing downstream ever sees a
+      non-finite sample or one beyond full scale.
     * For a source that should deliver in real time (``realtime=True``):
       when its audio falls more than ``lag_s`` behind the wall clock since
       its first block, a warning says how far (at most once per
@@ -141,23 +167,32 @@ class SampleCheck:
         self.realtime = realtime
         self._clock = clock or SystemClock()
         self._log = logger
-        self._warn_interval_s = warn_interval_s
         self._lag_s = lag_s
         self._slow_interval_s = slow_interval_s
-        self.nonfinite_total = 0
-        """Non-finite samples replaced by silence so far."""
-        self._unreported = 0
-        self._last_nonfinite_warning: float | None = None
+        self._nonfinite = _Throttled("NaN or infinite samples replaced by silence", "replaced",
+                                     warn_interval_s)
+        self._clipped = _Throttled("samples beyond full scale clipped to [-1, 1]", "clipped",
+                                   warn_interval_s)
         self._first_at: float | None = None
         self._audio_s = 0.0  # audio delivered after the first block
         self._last_slow_warning: float | None = None
         self.slow_warnings = 0
         """Slower-than-real-time warnings logged so far."""
 
+    @property
+    def nonfinite_total(self) -> int:
+        """Non-finite samples replaced by silence so far."""
+        return self._nonfinite.total
+
+    @property
+    def clipped_total(self) -> int:
+        """Samples beyond full scale clipped so far."""
+        return self._clipped.total
+
     def check(
         self, samples: Float32Array, *, position_s: float, sample_rate_hz: int
-    ) -> tuple[Float32Array, int]:
-        """Return ``(samples with NaN/inf zeroed, how many were zeroed)``.
+    ) -> CheckedSamples:
+        """Return the samples with NaN/inf zeroed and overs clipped, and both counts.
 
         Args:
             samples: float32 mono samples just read; never modified.
@@ -165,27 +200,18 @@ class SampleCheck:
                 warning (seconds into the file, or since the stream opened).
             sample_rate_hz: Their rate.
         """
-        clean, count, first = zero_nonfinite(np.asarray(samples, dtype=np.float32))
+        clean, nonfinite, first_bad = zero_nonfinite(np.asarray(samples, dtype=np.float32))
+        clean, clipped, first_over = clip_full_scale(clean)
         now = self._clock.monotonic()
-        if count:
-            self._nonfinite(count, position_s + first / sample_rate_hz, now)
+        if nonfinite:
+            at_s = position_s + first_bad / sample_rate_hz
+            self._nonfinite.add(self._log, self.what, nonfinite, at_s, now)
+        if clipped:
+            at_s = position_s + first_over / sample_rate_hz
+            self._clipped.add(self._log, self.what, clipped, at_s, now)
         if self.realtime and len(clean):
             self._pace(len(clean) / sample_rate_hz, now)
-        return clean, count
-
-    def _nonfinite(self, count: int, at_s: float, now: float) -> None:
-        self.nonfinite_total += count
-        self._unreported += count
-        last = self._last_nonfinite_warning
-        if last is not None and now - last < self._warn_interval_s:
-            return
-        self._last_nonfinite_warning = now
-        self._log.warning(
-            "NaN or infinite samples replaced by silence", source=self.what,
-            replaced=self._unreported, first_at_s=round(at_s, 3), total=self.nonfinite_total,
-            warn_interval_s=self._warn_interval_s,
-        )
-        self._unreported = 0
+        return CheckedSamples(clean, nonfinite, clipped)
 
     def _pace(self, duration_s: float, now: float) -> None:
         if self._first_at is None:
@@ -205,6 +231,31 @@ class SampleCheck:
             source=self.what, audio_s=round(self._audio_s, 1), elapsed_s=round(elapsed, 1),
             speed=round(self._audio_s / elapsed, 2),
         )
+
+
+class _Throttled:
+    """One kind of repaired sample: counted always, warned about at most once per interval."""
+
+    def __init__(self, event: str, field: str, interval_s: float) -> None:
+        self.event = event
+        self.field = field
+        self.interval_s = interval_s
+        self.total = 0
+        self._unreported = 0
+        self._last_warning: float | None = None
+
+    def add(self, log: structlog.stdlib.BoundLogger, what: str, count: int, at_s: float,
+            now: float) -> None:
+        self.total += count
+        self._unreported += count
+        last = self._last_warning
+        if last is not None and now - last < self.interval_s:
+            return
+        self._last_warning = now
+        fields: dict[str, object] = {self.field: self._unreported}
+        log.warning(self.event, source=what, first_at_s=round(at_s, 3),
+                           total=self.total, warn_interval_s=self.interval_s, **fields)
+        self._unreported = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -373,4 +424,4 @@ def read_source_options(
     """:func:`parse_source_options` for the options type ``cls`` of one kind (typed)."""
     merged: dict[str, object] = dict(uri_params or {})
     merged.update(options)
-    return read_options(cls, merged, text=True, label=lambda key: f"source option {key!r}")
+    return read_options(cls, merged, text=True, label=lambda key: f"source option {shown(key)}")

@@ -242,7 +242,7 @@ class MicrophoneSource:
                 mono = frames[:, 0] if frames.shape[1] == 1 else frames.mean(axis=1)
                 overflowed = self._pending_overflow
                 self._pending_overflow = False
-                samples, nonfinite = checker.check(
+                checked = checker.check(
                     np.asarray(mono, dtype=np.float32),
                     position_s=start_sample / rate,
                     sample_rate_hz=rate,
@@ -251,10 +251,11 @@ class MicrophoneSource:
                     source_id=self._source_id,
                     start_sample=start_sample,
                     sample_rate_hz=rate,
-                    samples=samples,
+                    samples=checked.samples,
                     captured_at=captured_at,
                     overflowed=overflowed,
-                    nonfinite=nonfinite,
+                    nonfinite=checked.nonfinite,
+                    clipped=checked.clipped,
                 )
         finally:
             self._queue = None

@@ -111,7 +111,7 @@ class FfmpegStreamSource:
                 samples = await pipe.read(self.block_samples)
                 if len(samples):
                     now = time.time()
-                    samples, nonfinite = checker.check(
+                    checked = checker.check(
                         samples,
                         position_s=start_sample / self.sample_rate_hz,
                         sample_rate_hz=self.sample_rate_hz,
@@ -120,9 +120,10 @@ class FfmpegStreamSource:
                         source_id=self._source_id,
                         start_sample=start_sample,
                         sample_rate_hz=self.sample_rate_hz,
-                        samples=samples,
+                        samples=checked.samples,
                         captured_at=now - len(samples) / self.sample_rate_hz,
-                        nonfinite=nonfinite,
+                        nonfinite=checked.nonfinite,
+                        clipped=checked.clipped,
                     )
                     start_sample += len(samples)
                 if len(samples) < self.block_samples:
