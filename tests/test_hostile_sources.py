@@ -281,7 +281,7 @@ def hostile_uri_options() -> Iterator[tuple[str, str]]:
     yield "block_s=0.1&block_s=0.00001", "block_s"  # the last one counts
     yield "bogus=1", "bogus"
     yield "channels=2", "channels"  # a microphone's option
-    yield "x" * 5000 + "=1", "x" * 5000
+    yield "x" * 3000 + "=1", "x" * 3000  # long, yet under the 4096-character URI cap
 
 
 @pytest.mark.parametrize(("query", "key"), list(hostile_uri_options()))
