@@ -267,6 +267,7 @@ def test_open_bind_warnings_only_beyond_loopback() -> None:
     assert "/metrics, /healthz and the live page" in http and "port 8080" in http
     assert "requires no token" in open_ and "a port chosen at start" in open_
     assert "without TLS" in clear and "without TLS" not in tls
+    assert "set tls_cert/tls_key or put a TLS reverse proxy in front" in clear
     assert warnings[0].host == "0.0.0.0" and warnings[0].port == 8080
 
 

@@ -22,6 +22,7 @@ import jsonschema
 import numpy as np
 import pytest
 import structlog
+from structlog.testing import capture_logs
 from timing import scaled
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
@@ -538,6 +539,19 @@ async def test_allowed_origins(start_sink: SinkFactory) -> None:
         await greet(ws)
     async with connect(r.url) as ws:  # no Origin header: not a browser, allowed
         await greet(ws)
+
+
+async def test_the_sink_leaves_the_clear_text_warning_to_preflight(
+        start_sink: SinkFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-loopback sink without TLS is warned about once, by preflight (which
+    check-config runs too), not again by the sink at every (re)start."""
+    monkeypatch.setenv("TEST_WS_TOKEN", "s3cret-token")
+    with capture_logs() as logs:
+        r = await start_sink({"host": "0.0.0.0", "token_env": "TEST_WS_TOKEN"})
+        async with connect(f"ws://127.0.0.1:{r.sink.bound_port}/?token=s3cret-token") as ws:
+            await greet(ws)
+    assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+    assert any(e["event"] == "websocket sink listening" for e in logs)
 
 
 def test_non_loopback_bind_without_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
