@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar
 
 from streamcap.errors import ConfigError
 from streamcap.models.decoding.options import DecodingOptions
+from streamcap.netpolicy import host_names_problem
 from streamcap.options import (
     file_kind,
     fixed,
@@ -162,15 +163,7 @@ class _SinkTable:
     plugin: str = option("", check=lambda v: None if _NAME_RE.match(v) else "must be a plugin name")
 
 
-_HOST_NAME: Final = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})"
-                               r"(?:\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
 MAX_HTTP_CONNECTIONS: Final = 65535
-
-
-def _host_names(names: tuple[str, ...]) -> str | None:
-    bad = [n for n in names if not _HOST_NAME.match(n)]
-    return (None if not bad else
-            "each must be a host name without scheme, port or path, e.g. 'streamcap.lan'")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,7 +172,7 @@ class HttpConfig:
     host: str = option("127.0.0.1", non_empty=True)
     port: int = option(8080, min=0, max=65535)
     allowed_hosts: tuple[str, ...] = option(
-        (), check=_host_names,
+        (), check=host_names_problem,
         help="Host header names answered besides IP literals, localhost and host; "
              "others get 421")
     max_connections: int = option(256, min=1, max=MAX_HTTP_CONNECTIONS,

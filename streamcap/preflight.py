@@ -17,17 +17,17 @@ is a :class:`~streamcap.errors.PluginError` (exit 1) carrying every line.
 
 The listeners (the HTTP server and every sink that says where it will listen,
 :class:`~streamcap.bus.plugin.Listens`) are checked together: two on one port
-whose hosts overlap (the same address, or either one a wildcard such as
-``0.0.0.0`` or ``::``) are refused, naming both keys; port 0 (a free port
-chosen at start) never clashes. Each listener bound beyond loopback gets a
-warning (:func:`open_bind_warnings`): ``check-config`` prints them and
-:func:`prepare` logs them, once each.
+whose hosts overlap (:func:`hosts_overlap`: the same address, or a wildcard of
+the other's family) are refused, naming both keys; port 0 (a free port chosen
+at start) never clashes. Each listener bound beyond loopback gets a warning
+(:func:`open_bind_warnings`): ``check-config`` prints them and :func:`prepare`
+logs them, once each (a WebSocket sink without TLS is warned about here only,
+with the TLS advice).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -38,13 +38,10 @@ from streamcap.bus.plugin import LoadedSink, load_sink, load_source_factory, sin
 from streamcap.config import Config, SourceConfig, located, read_config, read_toml
 from streamcap.errors import ConfigError, PluginError
 from streamcap.logs import get_logger
+from streamcap.netpolicy import ip_address, is_loopback, is_wildcard
 from streamcap.sources.base import AudioSource, SourceFactory, parse_source_uri
 
 _log = get_logger(__name__)
-
-WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
-"""Hosts that bind every address of the machine."""
-
 
 @dataclass(frozen=True, slots=True)
 class Prepared:
@@ -167,34 +164,45 @@ def check_config(path: str | os.PathLike[str]) -> Checked:
 # --------------------------------------------------------------------------- listeners
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
-    if host.strip().lower() == "localhost":
-        return True
-    address = _address(host)
-    return address is not None and address.is_loopback
+_ANY: Final = "*"
+"""In a :func:`_binds` pair: every address of that family."""
+
+_LOCALHOST: Final = frozenset({("4", "127.0.0.1"), ("6", "::1")})
 
 
-def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]"))
-    except ValueError:
-        return None
+def _binds(host: str) -> frozenset[tuple[str, str]]:
+    """What binding ``host`` takes, as (family, address) pairs: family ``4`` or ``6``
+    (address :data:`_ANY` for the family's wildcard), or ``name`` for a name that is
+    not resolved here."""
+    address = ip_address(host)
+    if address is not None:
+        family = str(address.version)
+        return frozenset({(family, _ANY if address.is_unspecified else str(address))})
+    if is_wildcard(host):  # "" (or "*"): asyncio binds 0.0.0.0 and ::
+        return frozenset({("4", _ANY), ("6", _ANY)})
+    name = host.strip().rstrip(".").lower()
+    return _LOCALHOST if name == "localhost" else frozenset({("name", name)})
 
 
-def _canonical_host(host: str) -> str:
-    """``host`` in one spelling: ``::0`` and ``[::]`` are ``::``, names are lower case."""
-    address = _address(host)
-    return str(address) if address is not None else host.strip().lower()
+def _bind_overlap(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    (fa, xa), (fb, xb) = a, b
+    if fa == "name" or fb == "name":  # a name may resolve to any address: only a wildcard
+        return (fa, xa) == (fb, xb) or xa == _ANY or xb == _ANY  # or itself surely overlaps
+    return fa == fb and (xa == xb or _ANY in (xa, xb))
 
 
 def hosts_overlap(a: str, b: str) -> bool:
-    """Whether listeners on hosts ``a`` and ``b`` would take the same port: the same
-    address, either one a wildcard, or ``localhost`` and a loopback address."""
-    ca, cb = _canonical_host(a), _canonical_host(b)
-    if ca == cb or ca in WILDCARD_HOSTS or cb in WILDCARD_HOSTS:
-        return True
-    return "localhost" in (ca, cb) and is_loopback(ca) and is_loopback(cb)
+    """Whether listeners on hosts ``a`` and ``b`` would take the same port.
+
+    asyncio (and so aiohttp and websockets) binds IPv6 sockets with ``IPV6_V6ONLY``,
+    so the address families do not mix: ``0.0.0.0`` takes every IPv4 address and
+    ``::`` every IPv6 one, and ``0.0.0.0`` with ``::1`` (or ``::`` with ``127.0.0.1``)
+    bind side by side. Overlapping are: the same address, an address and its family's
+    wildcard, ``""`` (both wildcards) and anything, ``localhost`` (127.0.0.1 and
+    ``::1``) and what overlaps either, and a name not resolved here with itself or
+    with a wildcard.
+    """
+    return any(_bind_overlap(x, y) for x in _binds(a) for y in _binds(b))
 
 
 def port_clashes(listeners: Iterable[Listener]) -> list[str]:

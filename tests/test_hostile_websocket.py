@@ -40,6 +40,7 @@ from structlog.testing import capture_logs
 from timing import scaled
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Origin
 
 from streamcap.bus.inbox import DropPolicy, Inbox
 from streamcap.bus.plugin import SinkContext
@@ -480,8 +481,6 @@ async def test_handshake_abuse_is_answered_4xx_counted_and_logged_once(
 
 async def test_any_web_page_cannot_read_the_feed_by_default(
         start_sink: Callable[..., Awaitable[Running]]) -> None:
-    from websockets.typing import Origin
-
     r = await start_sink()
     with pytest.raises(InvalidStatus) as info:
         async with connect(r.url, origin=Origin("https://evil.example")):
@@ -541,6 +540,103 @@ async def test_connections_over_max_clients_get_503_and_the_next_gets_in(
         for ws in clients:
             await ws.close()
     await until(lambda: len(r.sink.gate) == 0, "every connection released")
+
+
+async def test_lone_surrogates_in_an_id_or_source_id_are_refused_without_a_traceback(
+        start_sink: Callable[..., Awaitable[Running]], caplog: pytest.LogCaptureFixture) -> None:
+    """Valid JSON can spell a lone surrogate (no UTF-8 frame can carry it back): answered
+    bad_field without echoing it, the connection stays up, nothing is logged."""
+    r = await start_sink()
+    frames = ['{"type": "ping", "id": "\\ud800"}',
+              '{"type": "subscribe", "id": "x\\udfff"}',
+              '{"type": "subscribe", "sources": ["\\ud800"], "id": 3}',
+              '{"type": "subscribe", "sources": ["kitchen", "\\udc00\\ud800"]}']
+    async with connect(r.url) as ws:
+        await greet(ws)
+        for _ in range(20):
+            for frame in frames:
+                await ws.send(frame)
+                error = check_error(await recv(ws), {"bad_field"})
+                assert error["details"]["field"] in ("id", "sources")
+        await ws.send(json.dumps({"type": "ping", "id": "still here"}))
+        assert json.loads(await recv(ws)) == {"type": "pong", "v": 1, "id": "still here"}
+        await still_receives(r, ws, 1)
+    assert_no_library_errors(caplog)
+    assert not [e for e in r.logs if e.get("log_level") in ("warning", "error")]
+
+
+async def test_a_frame_whose_handling_fails_gets_internal_and_one_log_line(
+        start_sink: Callable[..., Awaitable[Running]], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net: a bug while handling one frame costs neither the connection nor a
+    traceback per frame (websockets' 'connection handler failed')."""
+    import streamcap.sinks.websocket as websocket_module
+
+    def broken(data: str | bytes, **_: object) -> object:
+        raise UnicodeEncodeError("utf-8", MARK, 0, 1, "a bug")
+
+    r = await start_sink()
+    async with connect(r.url) as good, connect(r.url) as ws:
+        await greet(good)
+        await greet(ws)
+        monkeypatch.setattr(websocket_module, "parse_client_frame", broken)
+        for i in range(50):
+            await ws.send(json.dumps({"type": "ping", "id": i}))
+            frame = check_error(await recv(ws), {"internal"})
+            assert frame["details"] == {}
+        await still_receives(r, ws, 1)
+        await still_receives(r, good, 2)
+        assert ws.close_code is None
+    failed = r.log_lines("websocket client frame failed")
+    assert len(failed) == 1, failed
+    assert failed[0]["error"] == "UnicodeEncodeError" and MARK not in str(failed[0])
+    assert_no_library_errors(caplog)
+
+
+async def test_refusals_from_many_addresses_are_logged_once_per_reason(
+        start_sink: Callable[..., Awaitable[Running]]) -> None:
+    """An attacker holding many addresses (an IPv6 /64; here 127.0.0.0/8) gets one line
+    per reason and interval, not one per address."""
+    r = await start_sink({"token_env": "HOSTILE_WS_TOKEN"})
+    addresses = [f"127.0.{i // 200}.{i % 200 + 2}" for i in range(40)]
+    for address in addresses:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(r.url, additional_headers={"Authorization": "Bearer wrong"},
+                               local_addr=(address, 0)):
+                pass
+        assert info.value.response.status_code == 401
+        with pytest.raises(InvalidStatus):
+            async with connect(r.url, origin=Origin("https://evil.example"),
+                               local_addr=(address, 0)):
+                pass
+    assert r.refused("token") == len(addresses) and r.refused("origin") == len(addresses)
+    lines = r.log_lines("websocket client refused")
+    assert sorted(e["reason"] for e in lines) == ["origin", "token"], lines
+
+
+async def test_connection_churn_logs_at_info_once_per_interval(
+        start_sink: Callable[..., Awaitable[Running]]) -> None:
+    """Any local process can open and close connections at will: each is logged at debug,
+    and at info once per interval with the count connected."""
+    r = await start_sink()
+    async with connect(r.url) as kept:
+        await greet(kept)
+        for _ in range(30):
+            async with connect(r.url) as ws:
+                await greet(ws)
+        await until(lambda: len(r.sink.backlogs()) == 1, "the churn to end")
+
+        def lines(event: str, level: str) -> list[MutableMapping[str, Any]]:
+            return [e for e in r.log_lines(event) if e["log_level"] == level]
+
+        for event in ("websocket client connected", "websocket client disconnected"):
+            assert len(lines(event, "info")) == 1, lines(event, "info")
+        assert len(lines("websocket client connected", "debug")) == 30
+        assert len(lines("websocket client disconnected", "debug")) == 29
+        first = lines("websocket client connected", "info")[0]
+        assert first["clients"] == 1 and first["suppressed"] == 0
+        gauge = r.metrics.gauge("streamcap_websocket_clients", "", ("sink",))
+        assert gauge.value("ws") == 1
 
 
 def test_ping_settings_outside_their_range_are_refused() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,23 +183,70 @@ def _listener(key: str, host: str, port: int, *, token_required: bool | None = N
 
 @pytest.mark.parametrize(("a", "b", "overlap"), [
     ("127.0.0.1", "127.0.0.1", True), ("0.0.0.0", "127.0.0.1", True), ("::1", "::", True),
-    ("0.0.0.0", "::1", True), ("::0", "[::1]", True), ("localhost", "127.0.0.1", True),
-    ("LOCALHOST", "::1", True), ("127.0.0.1", "127.0.0.2", False), ("127.0.0.1", "::1", False),
+    ("::0", "[::1]", True), ("localhost", "127.0.0.1", True), ("LOCALHOST", "::1", True),
+    ("localhost", "0.0.0.0", True), ("localhost", "::", True), ("", "127.0.0.1", True),
+    ("", "::1", True), ("", "0.0.0.0", True), ("", "::", True), ("", "localhost", True),
+    ("Host.Example", "host.example", True), ("host.example", "0.0.0.0", True),
+    ("host.example", "::", True),
+    # asyncio binds IPv6 with IPV6_V6ONLY: the families do not mix
+    ("0.0.0.0", "::1", False), ("::", "127.0.0.1", False), ("0.0.0.0", "::", False),
+    ("127.0.0.1", "127.0.0.2", False), ("127.0.0.1", "::1", False),
     ("192.168.1.5", "10.0.0.1", False), ("localhost", "192.168.1.5", False),
-    ("Host.Example", "host.example", True),
+    ("host.example", "127.0.0.1", False), ("host.example", "other.example", False),
 ])
 def test_hosts_overlap(a: str, b: str, overlap: bool) -> None:
     assert hosts_overlap(a, b) is overlap
     assert hosts_overlap(b, a) is overlap
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+BIND_HOSTS = ["0.0.0.0", "::", "127.0.0.1", "::1"]
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.parametrize("first", BIND_HOSTS)
+@pytest.mark.parametrize("second", [*BIND_HOSTS, ""])
+async def test_hosts_overlap_agrees_with_a_real_bind(first: str, second: str) -> None:
+    """Bind ``first`` as the listeners do (asyncio), then ``second`` on its port: the
+    second fails exactly when hosts_overlap says so (0.0.0.0 and ::1 bind side by side)."""
+
+    async def serve(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    one = await asyncio.start_server(serve, first, 0)
+    try:
+        port = one.sockets[0].getsockname()[1]
+        try:
+            two = await asyncio.start_server(serve, second, port)
+        except OSError:
+            clashed = True
+        else:
+            clashed = False
+            two.close()
+            await two.wait_closed()
+    finally:
+        one.close()
+        await one.wait_closed()
+    assert hosts_overlap(first, second) is clashed
+    assert hosts_overlap(second, first) is clashed
+
+
 def test_port_clashes_name_both_keys_and_port_0_never_clashes() -> None:
     listeners = [_listener("http", "127.0.0.1", 8080), _listener("sinks.a", "0.0.0.0", 8080),
                  _listener("sinks.b", "127.0.0.2", 9000), _listener("sinks.c", "::", 9000),
+                 _listener("sinks.g", "::1", 8080), _listener("sinks.h", "", 9000),
                  _listener("sinks.d", "127.0.0.1", 0), _listener("sinks.e", "127.0.0.1", 0),
                  _listener("sinks.f", "127.0.0.3", 8081)]
     problems = port_clashes(listeners)
-    assert [p.split(": ")[0] for p in problems] == ["sinks.a.port", "sinks.c.port"]
+    assert [p.split(": ")[0] for p in problems] == ["sinks.a.port", "sinks.h.port"]
     assert "port 8080 is taken by http.port already" in problems[0]
     assert "port 9000 is taken by sinks.b.port already" in problems[1]
     assert port_clashes([]) == []
@@ -218,6 +267,7 @@ def test_open_bind_warnings_only_beyond_loopback() -> None:
     assert "/metrics, /healthz and the live page" in http and "port 8080" in http
     assert "requires no token" in open_ and "a port chosen at start" in open_
     assert "without TLS" in clear and "without TLS" not in tls
+    assert "set tls_cert/tls_key or put a TLS reverse proxy in front" in clear
     assert warnings[0].host == "0.0.0.0" and warnings[0].port == 8080
 
 
@@ -229,6 +279,7 @@ def test_two_listeners_on_one_port_are_refused_by_check_config_and_run(
                  '[sinks.b]\nplugin = "websocket"\nport = 18081\nhost = "0.0.0.0"\n'
                  'token_env = "STREAMCAP_TEST_TOKEN"\n'
                  '[sinks.c]\nplugin = "websocket"\nport = 18081\nhost = "::1"\n'
+                 '[sinks.f]\nplugin = "websocket"\nport = 18081\nhost = "127.0.0.1"\n'
                  '[sinks.d]\nplugin = "websocket"\nport = 0\n'
                  '[sinks.e]\nplugin = "websocket"\nport = 0\n')
     with pytest.raises(ConfigError) as checked:
@@ -237,8 +288,8 @@ def test_two_listeners_on_one_port_are_refused_by_check_config_and_run(
     assert checked.value.problems == [
         (f"{path}: sinks.a.port: port 18080 is taken by http.port already (the HTTP server on "
          f"'127.0.0.1'; the websocket sink on '127.0.0.1'); {own}"),
-        (f"{path}: sinks.c.port: port 18081 is taken by sinks.b.port already (the websocket "
-         f"sink on '0.0.0.0'; the websocket sink on '::1'); {own}")]
+        (f"{path}: sinks.f.port: port 18081 is taken by sinks.b.port already (the websocket "
+         f"sink on '0.0.0.0'; the websocket sink on '127.0.0.1'); {own}")]
     with pytest.raises(ConfigError) as prepared:
         prepare(load_config(path))
     assert prepared.value.problems == checked.value.problems

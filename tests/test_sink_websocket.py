@@ -22,6 +22,7 @@ import jsonschema
 import numpy as np
 import pytest
 import structlog
+from structlog.testing import capture_logs
 from timing import scaled
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
@@ -540,6 +541,19 @@ async def test_allowed_origins(start_sink: SinkFactory) -> None:
         await greet(ws)
 
 
+async def test_the_sink_leaves_the_clear_text_warning_to_preflight(
+        start_sink: SinkFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-loopback sink without TLS is warned about once, by preflight (which
+    check-config runs too), not again by the sink at every (re)start."""
+    monkeypatch.setenv("TEST_WS_TOKEN", "s3cret-token")
+    with capture_logs() as logs:
+        r = await start_sink({"host": "0.0.0.0", "token_env": "TEST_WS_TOKEN"})
+        async with connect(f"ws://127.0.0.1:{r.sink.bound_port}/?token=s3cret-token") as ws:
+            await greet(ws)
+    assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+    assert any(e["event"] == "websocket sink listening" for e in logs)
+
+
 def test_non_loopback_bind_without_token_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as info:
         create_sink("ws", {"host": "0.0.0.0"})
@@ -577,13 +591,15 @@ def test_non_loopback_bind_without_token_is_refused(monkeypatch: pytest.MonkeyPa
         ({"ping_interval_s": 3601}, "sinks.ws.ping_interval_s", "> 0 and <= 3600"),
         ({"ping_timeout_s": 1e9}, "sinks.ws.ping_timeout_s", "> 0 and <= 3600"),
         ({"ping_interval_s": float("inf")}, "sinks.ws.ping_interval_s", "finite"),
-        ({"max_clients": 0}, "sinks.ws.max_clients", "must be between 1 and 65536 (got 0)"),
-        ({"max_clients": 70_000}, "sinks.ws.max_clients", "must be between 1 and 65536"),
+        ({"max_clients": 0}, "sinks.ws.max_clients", "must be between 1 and 65535 (got 0)"),
+        ({"max_clients": 65_536}, "sinks.ws.max_clients", "must be between 1 and 65535"),
         ({"allowed_origins": ["home.example"]}, "sinks.ws.allowed_origins",
          "expected origins such as 'https://home.example'"),
         ({"allowed_hosts": ["home.example:8765"]}, "sinks.ws.allowed_hosts",
-         "without a port"),
-        ({"allowed_hosts": [""]}, "sinks.ws.allowed_hosts", "non-empty strings"),
+         "host name without scheme, port or path"),
+        ({"allowed_hosts": [""]}, "sinks.ws.allowed_hosts", "host name without"),
+        # one rule with http.allowed_hosts: a Unicode name never matches a Host header
+        ({"allowed_hosts": ["k\u00e4se.example"]}, "sinks.ws.allowed_hosts", "xn-- form"),
         ({"token": "s3cret"}, "sinks.ws.token", "name it with 'token_env'"),
     ],
 )

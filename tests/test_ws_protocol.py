@@ -19,6 +19,7 @@ from streamcap.sinks.ws_protocol import (
     SubscribeRequest,
     Subscription,
     default_subscription,
+    is_utf8_text,
     parse_client_frame,
 )
 
@@ -139,6 +140,29 @@ def test_errors_echo_the_request_id() -> None:
     assert isinstance(err, FrameError) and err.details["id"] == "r1"
     err = parse({"type": "nope", "id": 9})
     assert isinstance(err, FrameError) and err.details == {"field": "type", "id": 9}
+
+
+@pytest.mark.parametrize(
+    ("frame", "field", "echoed_id"),
+    [
+        ('{"type": "ping", "id": "\\ud800"}', "id", None),
+        ('{"type": "subscribe", "id": "a\\udfffb"}', "id", None),
+        ('{"type": "subscribe", "id": 4, "sources": ["kitchen", "\\ud800"]}', "sources", 4),
+        ('{"type": "subscribe", "sources": ["\\udc80x"]}', "sources", None),
+    ],
+)
+def test_lone_surrogates_in_echoed_strings_are_refused_without_echo(
+        frame: str, field: str, echoed_id: int | None) -> None:
+    """JSON escapes can spell a lone surrogate, which no UTF-8 frame can carry back:
+    such an id or source id is a bad_field, and the answer is encodable."""
+    err = parse(frame)
+    assert isinstance(err, FrameError) and err.code == "bad_field", err
+    assert err.details["field"] == field and err.details.get("id") == echoed_id
+    json.dumps({"message": err.message, "details": dict(err.details)},
+               ensure_ascii=False).encode("utf-8")  # no UnicodeEncodeError
+    assert parse('{"type": "ping", "id": "\\ud83d\\ude00"}') == PingRequest(
+        request_id="\U0001f600")  # a surrogate pair is a character: fine
+    assert is_utf8_text("caf\u00e9") and not is_utf8_text("\ud800")
 
 
 MARK = "QQQQ"

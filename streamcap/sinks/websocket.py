@@ -9,7 +9,8 @@ the streamcap parts around it:
   when even the refusal slots are taken;
 - handshake checks, in this order, each refusal counted in
   ``streamcap_websocket_refused_total{sink,reason}`` and logged at most once a
-  minute per reason and remote address (:class:`~streamcap.logs.Throttle`):
+  minute per reason, whatever the remote address (:class:`~streamcap.logs.Throttle`;
+  an attacker holding many addresses gets no more lines):
   capacity (503), a malformed request such as a repeated ``Host``, ``Origin``
   or ``Authorization`` header (400), a ``Host`` this listener does not answer
   to (403, against DNS rebinding), a browser page from another origin (403),
@@ -18,6 +19,12 @@ the streamcap parts around it:
 - a ``hello`` frame on connect, then the default subscription (captions and
   status of every source) with its backfill;
 - per-client subscriptions, parsed and answered by :mod:`streamcap.sinks.ws_protocol`;
+  a frame whose handling fails unexpectedly is answered by an ``internal`` error frame
+  and logged at most once a minute (the error's type, never a traceback or the frame),
+  and the connection stays open;
+- connects and disconnects are logged at debug; at info, at most one line a minute
+  each (with ``clients=`` connected now and ``suppressed=``), since any local process
+  can open and close connections at will;
 - one :class:`~streamcap.sinks.ws_protocol.ClientQueue` (bounded in frames
   and bytes) and one writer task per client, so that a client that stops
   reading only loses its own oldest frames (counted, and announced to it by a
@@ -74,7 +81,13 @@ from streamcap.bus.plugin import SinkContext, SinkEndpoint, read_sink_options
 from streamcap.errors import ConfigError
 from streamcap.logs import Throttle
 from streamcap.messages import Published
-from streamcap.netpolicy import HostPolicy, host_of, is_loopback, normalise_origin, origin_allowed
+from streamcap.netpolicy import (
+    HostPolicy,
+    OriginPolicy,
+    host_names_problem,
+    is_loopback,
+    normalise_origin,
+)
 from streamcap.options import option, regular_file, secret
 from streamcap.sinks.ws_protocol import (
     CONTROL,
@@ -119,7 +132,14 @@ RETRY_AFTER_S: Final = 5
 """The ``Retry-After`` of a 503 at capacity, seconds."""
 
 REFUSAL_LOG_INTERVAL_S: Final = 60.0
-"""At most one log line per refusal reason and remote address per this many seconds."""
+"""At most one log line per refusal reason per this many seconds (any remote address)."""
+
+CONNECTION_LOG_INTERVAL_S: Final = 60.0
+"""At most one info line per this many seconds for connects, and one for disconnects
+(each is also logged at debug)."""
+
+FAILURE_LOG_INTERVAL_S: Final = 60.0
+"""At most one log line per this many seconds for client frames whose handling failed."""
 
 RefusalReason = Literal["capacity", "bad_request", "host", "origin", "token"]
 REFUSAL_REASONS: Final[tuple[RefusalReason, ...]] = (
@@ -145,9 +165,8 @@ while it sends on and a client that keeps up never waits for one."""
 
 MAX_BACKFILL: Final = 10_000
 
-
-def _non_empty_strings(values: tuple[str, ...]) -> str | None:
-    return None if all(v.strip() for v in values) else "expected an array of non-empty strings"
+MAX_CLIENTS: Final = 65_535
+"""The largest ``max_clients`` (the HTTP server's ``max_connections`` has the same bound)."""
 
 
 def _origins(values: tuple[str, ...]) -> str | None:
@@ -155,14 +174,6 @@ def _origins(values: tuple[str, ...]) -> str | None:
         return "expected an array of non-empty strings"
     if not all(normalise_origin(v) is not None for v in values):
         return "expected origins such as 'https://home.example' or 'http://192.0.2.7:8080'"
-    return None
-
-
-def _host_names(values: tuple[str, ...]) -> str | None:
-    if not all(v.strip() for v in values):
-        return "expected an array of non-empty strings"
-    if not all(host_of(v) is not None and ":" not in v.strip("[]") for v in values):
-        return "expected host names without a port or scheme, such as 'streamcap.home.example'"
     return None
 
 
@@ -185,7 +196,7 @@ class WebSocketOptions:
                             help="frames pending per client before its oldest are dropped")
     max_queue_bytes: int = option(4 * 1024 * 1024, min=64 * 1024, max=2**30,
                                   help="bytes pending per client, likewise")
-    max_clients: int = option(256, min=1, max=65_536,
+    max_clients: int = option(256, min=1, max=MAX_CLIENTS,
                               help="connections at a time, handshakes included; more get 503")
     token_env: str | None = option(None, secret="the bearer token clients present")
     tls_cert: Path | None = option(None, non_empty=True, check=regular_file)
@@ -195,7 +206,7 @@ class WebSocketOptions:
         None, check=_origins,
         help="browser Origins allowed; None: pages from the host the client connects to")
     allowed_hosts: tuple[str, ...] | None = option(
-        None, check=_host_names,
+        None, check=host_names_problem,
         help="Host header names answered besides IP literals, localhost and `host`")
     ping_interval_s: float = option(20.0, above=0, max=3600)
     ping_timeout_s: float = option(20.0, above=0, max=3600)
@@ -359,7 +370,10 @@ class WebSocketSink:
         self._dropped: Counter | None = None
         self._refused: Counter | None = None
         self._refusal_log = Throttle(REFUSAL_LOG_INTERVAL_S)
+        self._connection_log = Throttle(CONNECTION_LOG_INTERVAL_S)
+        self._failure_log = Throttle(FAILURE_LOG_INTERVAL_S)
         self._hosts = HostPolicy.for_listener(options.host, options.allowed_hosts or ())
+        self._origins = OriginPolicy.from_config(options.allowed_origins)
         self.gate = ConnectionGate(options.max_clients, REFUSAL_SLOTS)
         """Connections held now, by admission (handshakes included)."""
 
@@ -439,11 +453,6 @@ class WebSocketSink:
                         urls=[f"{scheme}://{_host_for_url(a[0])}:{a[1]}/" for a in addresses],
                         port=self.bound_port, token_required=self._token is not None,
                         tls=self._ssl is not None)
-        if self._token is not None and self._ssl is None and not is_loopback(self.options.host):
-            ctx.logger.warning(
-                "websocket sink serves a non-loopback address without TLS: the bearer token "
-                "and every caption cross the network in clear text; set tls_cert/tls_key or "
-                "put a TLS reverse proxy in front", host=self.options.host)
         if not self._ready_called:
             self._ready_called = True
             ctx.ready()
@@ -512,7 +521,7 @@ class WebSocketSink:
             return self._refuse(connection, "host", HTTPStatus.FORBIDDEN,
                                 "this server does not answer to that Host name (see the "
                                 "sink's allowed_hosts)\n")
-        if not self._origin_allowed(fields.origin, fields.host):
+        if not self._origins.allows(fields.origin, fields.host):
             return self._refuse(connection, "origin", HTTPStatus.FORBIDDEN,
                                 "pages from this Origin may not connect (see the sink's "
                                 "allowed_origins)\n")
@@ -528,23 +537,6 @@ class WebSocketSink:
         response.headers["WWW-Authenticate"] = 'Bearer realm="streamcap"'
         return response
 
-    def _origin_allowed(self, origin: str | None, host: str | None) -> bool:
-        """The page's origin may connect: see :func:`~streamcap.netpolicy.origin_allowed`.
-
-        Without ``allowed_origins``, a page from a loopback host (the live page opened
-        as ``localhost``) may also connect to a loopback host (``127.0.0.1``): both
-        name this machine.
-        """
-        if origin_allowed(origin, host, self.options.allowed_origins):
-            return True
-        if self.options.allowed_origins is not None or origin is None or host is None:
-            return False
-        page = normalise_origin(origin)
-        page_host = urlsplit(page).hostname if page is not None else None
-        requested = host_of(host)
-        return (page_host is not None and requested is not None
-                and is_loopback(page_host) and is_loopback(requested))
-
     def _refuse(self, connection: ServerConnection, reason: RefusalReason, status: HTTPStatus,
                 text: str, **fields: object) -> Response:
         """Count and (throttled) log a refusal; the plain-text response to send."""
@@ -557,9 +549,8 @@ class WebSocketSink:
             self._refused.inc(1.0, self.instance, reason)
         if self._ctx is None:
             return
-        # capacity: one line for everyone (a flood comes from many addresses)
-        key = (reason,) if reason == "capacity" else (reason, _remote_host(connection))
-        held = self._refusal_log.allow(key)
+        # one line per reason for everyone: a flood may come from many addresses
+        held = self._refusal_log.allow(reason)
         if held is not None:
             self._ctx.logger.warning(
                 "websocket client refused", reason=reason,
@@ -584,7 +575,8 @@ class WebSocketSink:
         client = _Client(number, ws, self.options, default_subscription(self.accepts))
         self._clients[number] = client
         self._count_clients()
-        ctx.logger.info("websocket client connected", client=number, remote=_remote(ws))
+        self._log_connection(ctx, "websocket client connected", client=number,
+                             remote=_remote(ws))
         # hello and the default subscription's backfill are queued before any other
         # message can be dispatched to this client: nothing awaits in between.
         self._push_control(client, wire.hello(ctx.node_id, self._capabilities(),
@@ -594,7 +586,11 @@ class WebSocketSink:
         try:
             while True:
                 await _room_or_close(client)  # a client that does not read its answers is not read
-                self._on_frame(client, await ws.recv())
+                data = await ws.recv()
+                try:
+                    self._on_frame(client, data)
+                except Exception as exc:  # a bug must not cost the connection or flood the log
+                    self._on_frame_failed(ctx, client, exc)
         except ConnectionClosed:
             pass
         finally:
@@ -603,8 +599,28 @@ class WebSocketSink:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-            ctx.logger.info("websocket client disconnected", client=number,
-                            code=ws.close_code, dropped=client.queue.dropped_total)
+            self._log_connection(ctx, "websocket client disconnected", client=number,
+                                 code=ws.close_code, dropped=client.queue.dropped_total)
+
+    def _log_connection(self, ctx: SinkContext, event: str, **fields: object) -> None:
+        """A connect or disconnect: at debug, and at info at most once an interval per event."""
+        held = self._connection_log.allow(event)
+        if held is None:
+            ctx.logger.debug(event, **fields)
+        else:
+            ctx.logger.info(event, clients=len(self._clients), suppressed=held, **fields)
+
+    def _on_frame_failed(self, ctx: SinkContext, client: _Client, exc: Exception) -> None:
+        """Handling one client frame raised: answer ``internal``, log once an interval.
+
+        The line names the exception's type only: its text may quote the client's input.
+        """
+        self._push_control(client, wire.error_frame(
+            "internal", "the server failed to handle this frame; the connection stays open"))
+        held = self._failure_log.allow()
+        if held is not None:
+            ctx.logger.error("websocket client frame failed", client=client.number,
+                             error=type(exc).__name__, suppressed=held)
 
     async def _write(self, client: _Client) -> None:
         """Send the client's queue in order; only this task ever waits on this client."""
@@ -801,13 +817,6 @@ def _remote(ws: ServerConnection) -> str:
     address = ws.remote_address
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{_host_for_url(str(address[0]))}:{address[1]}"
-    return str(address)
-
-
-def _remote_host(ws: ServerConnection) -> str:
-    address = ws.remote_address
-    if isinstance(address, tuple) and address:
-        return str(address[0])
     return str(address)
 
 

@@ -7,7 +7,10 @@ Four pieces, each a plain synchronous class or function:
   that the sink sends back as an ``error`` frame (the connection stays up).
   An error names the field and what was expected, and never quotes the
   client's input, so that an answer is never larger than a fixed size
-  whatever the client sent;
+  whatever the client sent. Strings that are echoed (``id``, source ids) must
+  be text that UTF-8 can carry: JSON escapes can spell a lone surrogate
+  (``"\\ud800"``), which no frame can send, so such a string is refused
+  (``bad_field``, without echoing it);
 - :class:`ClientQueue` is one client's queue of encoded frames, bounded in
   frames and in bytes: when a client stops reading, the oldest frames are
   dropped (embeddings first), every drop is counted, and the next frame the
@@ -59,8 +62,8 @@ MAX_SOURCE_ID_CHARS: Final = 64
 MAX_SOURCES: Final = 256
 """Most source ids one subscription may list."""
 
-_ID_EXPECTED: Final = (f"expected a string of 1 to {MAX_ID_CHARS} characters or an integer "
-                       f"between -2**53 and 2**53")
+_ID_EXPECTED: Final = (f"expected a string of 1 to {MAX_ID_CHARS} characters (no lone "
+                       f"surrogates) or an integer between -2**53 and 2**53")
 _SUBSCRIBE_FIELDS: Final = frozenset({"type", "id", "sources", "kinds", "backfill"})
 _PING_FIELDS: Final = frozenset({"type", "id"})
 
@@ -188,8 +191,18 @@ def _valid_id(value: object) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, str):
-        return 0 < len(value) <= MAX_ID_CHARS
+        return 0 < len(value) <= MAX_ID_CHARS and is_utf8_text(value)
     return isinstance(value, int) and -MAX_ID_INT <= value <= MAX_ID_INT
+
+
+def is_utf8_text(value: str) -> bool:
+    """Whether ``value`` can be sent in a text frame: UTF-8 encodes it (no lone surrogates,
+    which a JSON ``\\ud800`` escape can spell)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_type(value: object) -> str:
@@ -228,10 +241,11 @@ def _parse_subscribe(
     raw_sources = obj.get("sources", "*")
     if raw_sources != "*":
         if not isinstance(raw_sources, list) or len(raw_sources) > MAX_SOURCES or not all(
-                isinstance(s, str) and 0 < len(s) <= MAX_SOURCE_ID_CHARS for s in raw_sources):
+                isinstance(s, str) and 0 < len(s) <= MAX_SOURCE_ID_CHARS and is_utf8_text(s)
+                for s in raw_sources):
             return _bad_field("sources", f'expected "*" or a list of at most {MAX_SOURCES} '
                                          f"source ids (strings of 1 to {MAX_SOURCE_ID_CHARS} "
-                                         f"characters)", request_id)
+                                         f"characters, no lone surrogates)", request_id)
         sources = frozenset(raw_sources)
 
     kinds = DEFAULT_KINDS & offered
