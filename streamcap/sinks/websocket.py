@@ -589,7 +589,7 @@ class WebSocketSink:
                 data = await ws.recv()
                 try:
                     self._on_frame(client, data)
-                except Exception as exc:  # a bug must not cost the connection or flood the log
+                except Exception as exc:  # noqa: BLE001 - a bug must not cost the connection or flood the log
                     self._on_frame_failed(ctx, client, exc)
         except ConnectionClosed:
             pass
