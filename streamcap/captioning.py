@@ -41,9 +41,10 @@ from streamcap.cli import EXIT_FAILURE, EXIT_USAGE
 from streamcap.config import ModelConfig, SourceConfig, load_config, parse_config
 from streamcap.errors import ConfigError, SourceError, StreamcapError
 from streamcap.messages import CaptionResult, Window, make_block
+from streamcap.options import irregular_file
 from streamcap.pipeline import WindowCaptioner
 from streamcap.sources.base import FileOptions
-from streamcap.sources.file import FileSource, not_a_regular_file
+from streamcap.sources.file import FileSource
 
 _FLAGS = {"window_s": "--window-s", "hop_s": "--hop-s"}
 _TABLE = "sources.caption"
@@ -85,9 +86,9 @@ def check_files(paths: list[Path]) -> CheckedFiles:
             if not path.exists() and not path.is_symlink():
                 found.problems.append(f"{path}: no such file")
                 continue
-            special = not_a_regular_file(path)
-            if special is not None:
-                found.refused.append(f"{path} {special}; expected an audio file")
+            if (what := irregular_file(path)) is not None:
+                found.refused.append(f"{path} is {what}, not a regular file; "
+                                     f"expected an audio file")
                 continue
             try:
                 await _file_source(path).probe()
