@@ -32,7 +32,6 @@ same words wherever the value comes from:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -40,7 +39,7 @@ import stat
 import sys
 import types
 import unicodedata
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import (
@@ -468,14 +467,16 @@ def _value(kind: object, spec: Option, value: object, text: bool,
     return got
 
 
-def _type_hints(cls: type) -> dict[str, Any]:
-    """The field types of an options dataclass, evaluated once per class."""
-    return _cached_type_hints(cls)
+_TYPE_HINTS: dict[type, Mapping[str, Any]] = {}
 
 
-@functools.cache
-def _cached_type_hints(cls: Hashable) -> dict[str, Any]:
-    return get_type_hints(cls)
+def _type_hints(cls: type) -> Mapping[str, Any]:
+    """The field types of an options dataclass, evaluated once per class (read-only: every
+    caller gets the same mapping)."""
+    hints = _TYPE_HINTS.get(cls)
+    if hints is None:
+        hints = _TYPE_HINTS[cls] = types.MappingProxyType(get_type_hints(cls))
+    return hints
 
 
 def _specs(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Option]]:
