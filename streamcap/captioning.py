@@ -37,7 +37,7 @@ from typing import TypeVar
 import numpy as np
 
 from streamcap.audio.windowing import Windower
-from streamcap.cli import EXIT_FAILURE, EXIT_USAGE
+from streamcap.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from streamcap.config import ModelConfig, SourceConfig, load_config, parse_config
 from streamcap.errors import ConfigError, SourceError, StreamcapError
 from streamcap.messages import CaptionResult, Window, make_block
@@ -287,11 +287,11 @@ def caption_files_command(args: argparse.Namespace) -> int:
                 elapsed = time.perf_counter() - started
                 progress.clear()
                 _print(path, item, result, elapsed, as_json=args.json)
-        except (SourceError, StreamcapError) as exc:
+        except StreamcapError as exc:  # a source's or the model's
             progress.clear()
             failed += 1
             print(f"streamcap: error: {exc}", file=sys.stderr)
-    return EXIT_FAILURE if failed else 0
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _print(path: Path, window: Window, result: CaptionResult, elapsed_s: float, *,
