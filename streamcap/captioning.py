@@ -37,13 +37,14 @@ from typing import TypeVar
 import numpy as np
 
 from streamcap.audio.windowing import Windower
-from streamcap.cli import EXIT_FAILURE, EXIT_USAGE
+from streamcap.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from streamcap.config import ModelConfig, SourceConfig, load_config, parse_config
 from streamcap.errors import ConfigError, SourceError, StreamcapError
 from streamcap.messages import CaptionResult, Window, make_block
+from streamcap.options import irregular_file
 from streamcap.pipeline import WindowCaptioner
 from streamcap.sources.base import FileOptions
-from streamcap.sources.file import FileSource, not_a_regular_file
+from streamcap.sources.file import FileSource
 
 _FLAGS = {"window_s": "--window-s", "hop_s": "--hop-s"}
 _TABLE = "sources.caption"
@@ -85,9 +86,9 @@ def check_files(paths: list[Path]) -> CheckedFiles:
             if not path.exists() and not path.is_symlink():
                 found.problems.append(f"{path}: no such file")
                 continue
-            special = not_a_regular_file(path)
-            if special is not None:
-                found.refused.append(f"{path} {special}; expected an audio file")
+            if (what := irregular_file(path)) is not None:
+                found.refused.append(f"{path} is {what}, not a regular file; "
+                                     f"expected an audio file")
                 continue
             try:
                 await _file_source(path).probe()
@@ -286,11 +287,11 @@ def caption_files_command(args: argparse.Namespace) -> int:
                 elapsed = time.perf_counter() - started
                 progress.clear()
                 _print(path, item, result, elapsed, as_json=args.json)
-        except (SourceError, StreamcapError) as exc:
+        except StreamcapError as exc:  # a source's or the model's
             progress.clear()
             failed += 1
             print(f"streamcap: error: {exc}", file=sys.stderr)
-    return EXIT_FAILURE if failed else 0
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def _print(path: Path, window: Window, result: CaptionResult, elapsed_s: float, *,

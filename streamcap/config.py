@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import stat
 import sys
 import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -27,10 +26,10 @@ from streamcap.errors import ConfigError
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.netpolicy import host_names_problem
 from streamcap.options import (
-    file_kind,
     fixed,
     given_keys,
     known_keys,
+    open_regular,
     option,
     read,
     secret_in_file,
@@ -323,8 +322,8 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     Only a regular file of at most :data:`MAX_CONFIG_BYTES` is read: a FIFO,
     a device (``/dev/zero``), a socket or a directory is refused before it is
-    opened, and the file is opened without blocking and checked again once
-    open, so that it cannot be swapped for a FIFO in between.
+    opened (:func:`streamcap.options.open_regular`), and the size is checked
+    once it is open.
 
     Raises:
         ConfigError: one line naming the file: missing, not a regular file,
@@ -333,14 +332,14 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     p = Path(path)
     try:
-        _check_config_file(p, os.stat(p))
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_regular(p, lambda what: ConfigError(
+            f"{p}: cannot read config file (it is {what}, not a regular file)"))
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config file ({exc.strerror})") from None
     try:
-        _check_config_file(p, os.fstat(fd))
+        _check_config_size(p, os.fstat(fd).st_size)
         with os.fdopen(fd, "rb", closefd=False) as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
@@ -370,13 +369,10 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"{p}: invalid TOML: {what}") from None
 
 
-def _check_config_file(p: Path, st: os.stat_result) -> None:
-    """Refuse what is not a regular file of at most MAX_CONFIG_BYTES."""
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{p}: cannot read config file (it is {file_kind(st.st_mode)}, "
-                          f"not a regular file)")
-    if st.st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{p}: cannot read config file ({st.st_size} bytes, more than the "
+def _check_config_size(p: Path, size: int) -> None:
+    """Refuse a file of more than MAX_CONFIG_BYTES."""
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: cannot read config file ({size} bytes, more than the "
                           f"{MAX_CONFIG_BYTES} a config file may have)")
 
 

@@ -32,7 +32,6 @@ same words wherever the value comes from:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -40,7 +39,7 @@ import stat
 import sys
 import types
 import unicodedata
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import (
@@ -208,6 +207,14 @@ def _toml_char(c: str) -> str:
     return c
 
 
+# ---------------------------------------------------------------------- files read whole
+#
+# The one home of "only a regular file is read": a FIFO blocks whoever opens it until a
+# writer comes, a device may never end (/dev/zero) or act on open (a terminal, a tape),
+# so anything else is refused from ``os.stat``, before it is opened, and again from
+# ``fstat`` once open, in case it was swapped in between.
+
+
 def file_kind(mode: int) -> str:
     """What a ``st_mode`` is, for messages: ``a FIFO``, ``a character device``..."""
     kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
@@ -216,18 +223,67 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
-def regular_file(value: object) -> str | None:
-    """A ``check`` for an option naming a file that is read whole (a certificate, say).
+def not_regular(mode: int) -> str | None:
+    """:func:`file_kind` of a ``st_mode`` that is not a regular file's; None for one."""
+    return None if stat.S_ISREG(mode) else file_kind(mode)
 
-    A FIFO would block the reader until some writer comes, and a device may never
-    end, so anything but a regular file is refused before it is opened. A path
-    that cannot be looked up at all is left for the reader to report.
-    """
+
+def as_found(path: str | os.PathLike[str], kind: str) -> str:
+    """``kind``, or ``a link to <kind> (<target>)`` when ``path`` is a symbolic link."""
+    if os.path.islink(path):
+        return f"a link to {kind} ({os.path.realpath(path)})"
+    return kind
+
+
+def irregular_file(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` names when it is no regular file (:func:`as_found`), looked up with
+    ``os.stat`` (never opened); None for a regular file and for a path that cannot be
+    looked up (missing: the reader reports it)."""
     try:
-        mode = os.stat(str(value)).st_mode
-    except (OSError, ValueError):
+        kind = not_regular(os.stat(path).st_mode)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
         return None
-    return None if stat.S_ISREG(mode) else f"must be a regular file (it is {file_kind(mode)})"
+    return None if kind is None else as_found(path, kind)
+
+
+def open_regular(path: str | os.PathLike[str],
+                 refuse: Callable[[str], Exception]) -> int:
+    """A blocking, read-only descriptor of ``path``, which must be a regular file (or a
+    link to one).
+
+    Anything else is refused from ``os.stat``, before it is opened; the open itself does
+    not block (a FIFO swapped in meanwhile) and makes no terminal the controlling one,
+    and what it opened is checked again with ``fstat``.
+
+    Args:
+        path: The file.
+        refuse: Makes the error raised for what is not a regular file, from its
+            :func:`file_kind` (``a FIFO``; see :func:`as_found` for links).
+
+    Raises:
+        OSError: From ``os.stat`` or ``os.open`` (missing, no permission...): the
+            caller words it.
+        Exception: ``refuse(kind)`` when ``path`` is no regular file.
+    """
+    if (kind := not_regular(os.stat(path).st_mode)) is not None:
+        raise refuse(kind)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if (kind := not_regular(os.fstat(fd).st_mode)) is not None:
+            raise refuse(kind)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def regular_file(value: object) -> str | None:
+    """A ``check`` for an option naming a file that is read whole (a certificate, say):
+    anything but a regular file is refused before it is opened. A path that cannot be
+    looked up at all is left for the reader to report."""
+    what = irregular_file(str(value))
+    return None if what is None else f"must be a regular file (it is {what})"
 
 
 def type_name(kind: object) -> str:
@@ -411,14 +467,16 @@ def _value(kind: object, spec: Option, value: object, text: bool,
     return got
 
 
-def _type_hints(cls: type) -> dict[str, Any]:
-    """The field types of an options dataclass, evaluated once per class."""
-    return _cached_type_hints(cls)
+_TYPE_HINTS: dict[type, Mapping[str, Any]] = {}
 
 
-@functools.cache
-def _cached_type_hints(cls: Hashable) -> dict[str, Any]:
-    return get_type_hints(cls)
+def _type_hints(cls: type) -> Mapping[str, Any]:
+    """The field types of an options dataclass, evaluated once per class (read-only: every
+    caller gets the same mapping)."""
+    hints = _TYPE_HINTS.get(cls)
+    if hints is None:
+        hints = _TYPE_HINTS[cls] = types.MappingProxyType(get_type_hints(cls))
+    return hints
 
 
 def _specs(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Option]]:

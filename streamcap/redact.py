@@ -22,7 +22,8 @@
 A name is secret when, compared case-insensitively, it is one of :data:`SECRET_KEYS`:
 the one list for URL parameters, header names, log event keys and config keys
 (:func:`is_secret_key`). Text without credentials comes back unchanged, e-mail
-addresses included; :func:`redact` is idempotent and linear in the text's length.
+addresses included; :func:`redact` is idempotent and linear in the text's length (a
+URL scheme counts only when at most 32 characters long).
 """
 
 from __future__ import annotations
@@ -61,14 +62,19 @@ _HEADER_NAMES: Final = ("proxy-authorization", "authorization", "set-cookie", "c
 
 _AUTH_SCHEMES: Final = r"bearer|basic|digest|token|negotiate|apikey|ntlm|hoba|mutual|aws4-hmac-sha256"
 
+# Every pattern below is tried at every position of a text, so none may scan an
+# unbounded run from each: what precedes a fixed marker is capped (the URL scheme at
+# _SCHEME_MAX characters before "://", a parameter name at 64), and what follows one
+# ends at the next marker of its kind. That keeps :func:`redact` linear in the text.
+_SCHEME_MAX: Final = 32
+_SCHEME: Final = rf"[A-Za-z][A-Za-z0-9+.-]{{0,{_SCHEME_MAX - 1}}}"
 # Raw URL user info, greedy up to the last "@" of the authority: a password may hold an
 # unencoded "@".
-_USERINFO_RE: Final = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]+@")
+_USERINFO_RE: Final = re.compile(rf"(?P<scheme>{_SCHEME}://)[^/?#\s]+@")
 # The same, percent-encoded inside another URL (rtsp%3A%2F%2Fuser%3Apass%40cam), greedy
 # likewise up to the last %40.
 _ENC_USERINFO_RE: Final = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*%3A%2F%2F)(?:(?!%2F|%3F|%23)[^/?#\s&;])+%40",
-    re.IGNORECASE)
+    rf"(?P<scheme>{_SCHEME}%3A%2F%2F)(?:(?!%2F|%3F|%23)[^/?#\s&;])+%40", re.IGNORECASE)
 # name=value after ?, & or ; (query strings and RTSP's ;param= forms); the name is checked
 # against SECRET_KEYS after percent-decoding.
 _PARAM_RE: Final = re.compile(

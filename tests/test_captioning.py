@@ -422,8 +422,8 @@ def test_check_files_refuses_fifos_devices_and_links_to_them_unopened(tmp_path: 
     found = check_files([fifo, Path("/dev/zero"), link, good])  # would block on the FIFO
     assert found.good == [good]
     assert found.refused == [
-        f"{fifo} is a FIFO (named pipe), not a regular file; expected an audio file",
+        f"{fifo} is a FIFO, not a regular file; expected an audio file",
         "/dev/zero is a character device, not a regular file; expected an audio file",
-        (f"{link} is a link to a FIFO (named pipe) ({fifo}), not a regular file; "
+        (f"{link} is a link to a FIFO ({fifo}), not a regular file; "
         "expected an audio file"),
     ]

@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import logging
+import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -609,6 +610,62 @@ async def test_a_client_that_does_not_read_is_cut_off(daemon: Daemon,
         finally:
             sock.close()
         assert (await request(srv.bound_port, "GET", "/healthz")).status == 200
+
+
+def accepted_side(client: socket.socket) -> socket.socket:
+    """A duplicate of the server's end of ``client``'s connection (the server runs in this
+    process), found among this process's open sockets by its addresses."""
+    want = (client.getpeername(), client.getsockname())
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:  # closed meanwhile, or not an INET socket
+            continue
+        try:
+            if (sock.getsockname(), sock.getpeername()) == want:
+                return sock
+        except OSError:
+            pass
+        sock.close()
+    raise AssertionError("the server's end of the connection is not in this process")
+
+
+async def test_a_client_that_stops_reading_with_a_little_left_unsent_is_cut_off(
+        daemon: Daemon, metrics: Metrics) -> None:
+    # Less than aiohttp's 64 KiB high-water mark left in the server's buffer when the
+    # connection goes idle: the server's kernel send buffer made small so that the
+    # leftover does not depend on how far this host's TCP autotuning grows it.
+    async with make_server(daemon, metrics, request_timeout_s=0.5, max_connections=2) as srv:
+        port = srv.bound_port
+        one = len(await raw(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                  b"Connection: close\r\n\r\n"))  # an answer's size
+        clients = []
+        for _ in range(2):  # every slot
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            clients.append(sock)
+        try:
+            while srv.active_connections < 2:
+                await asyncio.sleep(0.01)
+            for sock in clients:
+                with accepted_side(sock) as server_end:
+                    server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+                    assert server_end.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 16384
+                # ~40 KB of answers: more than the kernel buffers on both ends hold, less
+                # than 64 KiB; and the client never reads
+                count = 40_000 // one + 1
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * count)
+            deadline = asyncio.get_running_loop().time() + WAIT_S
+            while srv.active_connections > 0:
+                assert asyncio.get_running_loop().time() < deadline, "never cut off"
+                await asyncio.sleep(0.05)
+        finally:
+            for sock in clients:
+                sock.close()
+        assert (await request(port, "GET", "/healthz")).status == 200
 
 
 # --------------------------------------------------------------------------- the http table

@@ -13,11 +13,15 @@ from typing import Any, Literal
 
 import pytest
 
+from streamcap import options
 from streamcap.errors import ConfigError
 from streamcap.options import (
+    as_found,
     fixed,
     given_keys,
+    irregular_file,
     known_keys,
+    open_regular,
     option,
     read,
     read_options,
@@ -346,3 +350,49 @@ def test_regular_file_as_a_check_names_the_key(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     assert list(read(Files, {"cert": str(fifo)}, "sinks.t").problems) == [
         f"sinks.t.cert: must be a regular file (it is a FIFO) (got {str(fifo)!r})"]
+
+
+class Refused(Exception):
+    pass
+
+
+def test_open_regular_opens_only_regular_files(tmp_path: Path) -> None:
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)  # opened for reading without O_NONBLOCK, it would block this test
+    link = tmp_path / "l"
+    link.symlink_to(fifo)
+    plain = tmp_path / "p"
+    plain.write_text("x")
+    for path, kind in ((fifo, "a FIFO"), (link, "a FIFO"),
+                       (Path("/dev/zero"), "a character device"), (tmp_path, "a directory")):
+        with pytest.raises(Refused) as err:
+            open_regular(path, Refused)
+        assert err.value.args == (kind,)
+    assert as_found(link, "a FIFO") == f"a link to a FIFO ({fifo})"
+    assert as_found(fifo, "a FIFO") == "a FIFO"
+    assert irregular_file(link) == f"a link to a FIFO ({fifo})"
+    assert irregular_file(plain) is None and irregular_file(tmp_path / "missing") is None
+    fd = open_regular(plain, Refused)
+    try:
+        assert os.get_blocking(fd) and os.read(fd, 8) == b"x"
+    finally:
+        os.close(fd)
+    with pytest.raises(FileNotFoundError):
+        open_regular(tmp_path / "missing", Refused)
+
+
+def test_open_regular_checks_again_what_it_opened(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A FIFO swapped in after the look-up: the open does not block, fstat refuses it and
+    # the descriptor is closed.
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    plain = tmp_path / "p"
+    plain.write_text("x")
+    looked_up = os.stat(plain)
+    monkeypatch.setattr(options.os, "stat", lambda _path: looked_up)
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(Refused) as err:
+        open_regular(fifo, Refused)
+    assert err.value.args == ("a FIFO",)
+    assert set(os.listdir("/proc/self/fd")) <= before

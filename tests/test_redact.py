@@ -175,3 +175,34 @@ def test_every_secret_form_is_redacted_in_an_error_message(form: str) -> None:
     assert SECRET not in str(config)
     assert all(SECRET not in problem for problem in config.problems)
     assert config.problems[1] == "other problem"
+
+
+# Texts an HTTP client can put in a debug log line (a request path up to 8190 bytes, a
+# header), shaped so that a pattern retried from every position with an unbounded scan
+# would take minutes at this size: 256 KiB of one run, then what makes a pattern start.
+_RUN = 256 * 1024
+HOSTILE_TEXTS = {
+    "letters then @": "a" * _RUN + "@",
+    "letters then %": "a" * _RUN + "%",
+    "letters then =": "a" * _RUN + "=",
+    "letters and digits then @": "a1" * (_RUN // 2) + "@",
+    "Bearer repeated": "Bearer " * (_RUN // 7),
+    "Bearer then spaces": "Bearer" + " " * _RUN,
+    "authorization repeated": "authorization" * (_RUN // 13),
+    "authorization then spaces": ("authorization" + " " * 64) * (_RUN // 77),
+    "a scheme then a long authority": "a" * 40 + "://" + "x" * _RUN + "/@",
+    "an encoded scheme then a long authority": "a" * 40 + "%3A%2F%2F" + "x" * _RUN + "%2F%40",
+    "encoded parameter names": "%3Ftoken" * (_RUN // 8),
+    "parameter names": "?token" * (_RUN // 6),
+    "quoted keys, values left open": "'token': \"" * (_RUN // 10),
+    "quoted header values left open": "authorization: '\"" * (_RUN // 17),
+}
+
+
+@pytest.mark.timeout(60)  # a hang guard: each takes well under a second when linear
+@pytest.mark.parametrize("shape", sorted(HOSTILE_TEXTS))
+def test_redact_finishes_on_hostile_text_and_still_hides_what_follows(shape: str) -> None:
+    text = HOSTILE_TEXTS[shape] + f"; rtsp://admin:{SECRET}@cam/live?token={SECRET}"
+    hidden = redact(text)
+    assert SECRET not in hidden
+    assert "rtsp://***@cam/live?token=***" in hidden

@@ -31,7 +31,7 @@ import structlog
 from streamcap.audio.dsp import clip_full_scale, zero_nonfinite
 from streamcap.clock import Clock, SystemClock
 from streamcap.errors import ConfigError
-from streamcap.logs import get_logger
+from streamcap.logs import Throttle, get_logger
 from streamcap.messages import AudioBlock, Float32Array
 from streamcap.options import option, read_options, shown
 from streamcap.redact import redact
@@ -124,6 +124,13 @@ class CheckedSamples:
     clipped: int = 0
 
 
+_NONFINITE: Final = "replaced"
+_CLIPPED: Final = "clipped"
+_REPAIR_EVENTS: Final = {_NONFINITE: "NaN or infinite samples replaced by silence",
+                         _CLIPPED: "samples beyond full scale clipped to [-1, 1]"}
+"""The warning of each kind of repaired sample, by the field holding its count."""
+
+
 class SampleCheck:
     """What every built-in source does to its samples as they enter streamcap.
 
@@ -168,26 +175,25 @@ class SampleCheck:
         self._clock = clock or SystemClock()
         self._log = logger
         self._lag_s = lag_s
-        self._slow_interval_s = slow_interval_s
-        self._nonfinite = _Throttled("NaN or infinite samples replaced by silence", "replaced",
-                                     warn_interval_s)
-        self._clipped = _Throttled("samples beyond full scale clipped to [-1, 1]", "clipped",
-                                   warn_interval_s)
+        self._warn_interval_s = warn_interval_s
+        self._repair_log = Throttle(warn_interval_s, clock=self._clock)
+        self._slow_log = Throttle(slow_interval_s, clock=self._clock)
+        self._totals = {_NONFINITE: 0, _CLIPPED: 0}
+        self._unreported = {_NONFINITE: 0, _CLIPPED: 0}  # since the last warning
         self._first_at: float | None = None
         self._audio_s = 0.0  # audio delivered after the first block
-        self._last_slow_warning: float | None = None
         self.slow_warnings = 0
         """Slower-than-real-time warnings logged so far."""
 
     @property
     def nonfinite_total(self) -> int:
         """Non-finite samples replaced by silence so far."""
-        return self._nonfinite.total
+        return self._totals[_NONFINITE]
 
     @property
     def clipped_total(self) -> int:
         """Samples beyond full scale clipped so far."""
-        return self._clipped.total
+        return self._totals[_CLIPPED]
 
     def check(
         self, samples: Float32Array, *, position_s: float, sample_rate_hz: int
@@ -204,14 +210,25 @@ class SampleCheck:
         clean, clipped, first_over = clip_full_scale(clean)
         now = self._clock.monotonic()
         if nonfinite:
-            at_s = position_s + first_bad / sample_rate_hz
-            self._nonfinite.add(self._log, self.what, nonfinite, at_s, now)
+            self._repaired(_NONFINITE, nonfinite, position_s + first_bad / sample_rate_hz)
         if clipped:
-            at_s = position_s + first_over / sample_rate_hz
-            self._clipped.add(self._log, self.what, clipped, at_s, now)
+            self._repaired(_CLIPPED, clipped, position_s + first_over / sample_rate_hz)
         if self.realtime and len(clean):
             self._pace(len(clean) / sample_rate_hz, now)
         return CheckedSamples(clean, nonfinite, clipped)
+
+    def _repaired(self, field: str, count: int, at_s: float) -> None:
+        """Count ``count`` repaired samples; warn at most once per ``warn_interval_s``,
+        with the number repaired since the last warning as ``field``."""
+        self._totals[field] += count
+        self._unreported[field] += count
+        if self._repair_log.allow(field) is None:
+            return
+        fields: dict[str, object] = {field: self._unreported[field]}
+        self._log.warning(_REPAIR_EVENTS[field], source=self.what, first_at_s=round(at_s, 3),
+                          total=self._totals[field], warn_interval_s=self._warn_interval_s,
+                          **fields)
+        self._unreported[field] = 0
 
     def _pace(self, duration_s: float, now: float) -> None:
         if self._first_at is None:
@@ -221,41 +238,14 @@ class SampleCheck:
         elapsed = now - self._first_at
         if elapsed - self._audio_s <= self._lag_s:
             return
-        last = self._last_slow_warning
-        if last is not None and now - last < self._slow_interval_s:
+        if self._slow_log.allow() is None:
             return
-        self._last_slow_warning = now
         self.slow_warnings += 1
         self._log.warning(
             "source delivers audio slower than real time; captions will fall behind",
             source=self.what, audio_s=round(self._audio_s, 1), elapsed_s=round(elapsed, 1),
             speed=round(self._audio_s / elapsed, 2),
         )
-
-
-class _Throttled:
-    """One kind of repaired sample: counted always, warned about at most once per interval."""
-
-    def __init__(self, event: str, field: str, interval_s: float) -> None:
-        self.event = event
-        self.field = field
-        self.interval_s = interval_s
-        self.total = 0
-        self._unreported = 0
-        self._last_warning: float | None = None
-
-    def add(self, log: structlog.stdlib.BoundLogger, what: str, count: int, at_s: float,
-            now: float) -> None:
-        self.total += count
-        self._unreported += count
-        last = self._last_warning
-        if last is not None and now - last < self.interval_s:
-            return
-        self._last_warning = now
-        fields: dict[str, object] = {self.field: self._unreported}
-        log.warning(self.event, source=what, first_at_s=round(at_s, 3),
-                           total=self.total, warn_interval_s=self.interval_s, **fields)
-        self._unreported = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

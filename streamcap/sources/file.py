@@ -17,7 +17,8 @@ holds (truncated) is played as far as it goes, with a warning.
 Hostile files: only a regular file (or a link to one) is read. A FIFO, a
 device, a socket or a directory is refused by ``os.stat`` before anything
 opens it (a FIFO's open blocks), and soundfile's descriptor is opened
-non-blocking and checked again with ``fstat``. Every blocking call
+non-blocking and checked again with ``fstat``
+(:func:`streamcap.options.open_regular`). Every blocking call
 (``stat``, open, header, reads) runs in a thread of the source's own, so a
 slow disk never stalls the event loop; closing waits for a read in progress,
 shutdown never waits for the thread. A native sample rate outside
@@ -38,7 +39,6 @@ import asyncio
 import contextlib
 import os
 import re
-import stat
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +54,7 @@ from streamcap.audio.dsp import FULL_SCALE, downmix
 from streamcap.errors import ConfigError, SourceFormatError, SourceUnavailable
 from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, Float32Array, make_block
+from streamcap.options import as_found, not_regular, open_regular
 from streamcap.sources.base import (
     MAX_FILE_RATE_HZ,
     MIN_FILE_RATE_HZ,
@@ -135,48 +136,6 @@ def ffprobe_for(ffmpeg: str) -> str:
     return f"{head}ffprobe{tail}" if _ else "ffprobe"
 
 
-_SPECIAL_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-)
-
-
-def special_file_kind(mode: int) -> str | None:
-    """What a file of ``st_mode`` ``mode`` is when it is not a regular file, else None.
-
-    A FIFO or a device is never opened as a file source: opening a FIFO blocks
-    until a writer comes, and a device can be read forever.
-    """
-    if stat.S_ISREG(mode):
-        return None
-    for test, kind in _SPECIAL_KINDS:
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def not_a_regular_file(path: Path) -> str | None:
-    """``"is a FIFO (named pipe)"`` (naming a link's target) when ``path`` is no regular file.
-
-    Checked with ``os.stat`` (links followed), never by opening the file.
-    None when it is a regular file or cannot be examined (it may not exist yet).
-    """
-    try:
-        kind = special_file_kind(os.stat(path).st_mode)
-    except OSError:
-        return None
-    return None if kind is None else _is_kind(path, kind)
-
-
-def _is_kind(path: Path, kind: str) -> str:
-    if path.is_symlink():
-        return f"is a link to {kind} ({os.path.realpath(path)}), not a regular file"
-    return f"is {kind}, not a regular file"
-
-
 class FileSource:
     """Replay an audio file as mono float32 blocks.
 
@@ -230,22 +189,20 @@ class FileSource:
             raise SourceUnavailable(
                 f"{self._what()} cannot be accessed ({exc.strerror}); expected {_EXPECTED}"
             ) from exc
-        kind = special_file_kind(st.st_mode)
-        if kind is not None:
-            raise SourceFormatError(f"{self._what()} {_is_kind(self._path, kind)}; "
-                                    f"expected {_EXPECTED}")
+        if (kind := not_regular(st.st_mode)) is not None:
+            raise self._not_regular(kind)
         if not os.access(self._path, os.R_OK):
             raise SourceUnavailable(f"{self._what()} is not readable; expected {_EXPECTED}")
 
-    def _open(self) -> _OpenFile:
-        """Open the file for soundfile, refusing anything but a regular file (race-free).
+    def _not_regular(self, kind: str) -> SourceFormatError:
+        return SourceFormatError(f"{self._what()} is {as_found(self._path, kind)}, not a "
+                                 f"regular file; expected {_EXPECTED}")
 
-        The descriptor is opened non-blocking, so that a FIFO put in the file's
-        place after :meth:`_check_file` cannot block the open, and checked with
-        ``fstat`` before soundfile reads from it.
-        """
+    def _open(self) -> _OpenFile:
+        """Open the file for soundfile, refusing anything but a regular file (race-free:
+        :func:`~streamcap.options.open_regular`)."""
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = open_regular(self._path, self._not_regular)
         except FileNotFoundError as exc:
             raise SourceUnavailable(f"{self._what()} does not exist; expected {_EXPECTED}") from exc
         except OSError as exc:
@@ -253,11 +210,6 @@ class FileSource:
                 f"{self._what()} cannot be opened ({exc.strerror}); expected {_EXPECTED}"
             ) from exc
         try:
-            kind = special_file_kind(os.fstat(fd).st_mode)
-            if kind is not None:
-                raise SourceFormatError(f"{self._what()} {_is_kind(self._path, kind)}; "
-                                        f"expected {_EXPECTED}")
-            os.set_blocking(fd, True)
             return _OpenFile(sf.SoundFile(fd, closefd=False), fd)
         except BaseException:
             os.close(fd)
