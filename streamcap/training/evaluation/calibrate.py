@@ -6,8 +6,10 @@ abstention off. A caption is *right* when it names at least one sound type and
 only types the scene holds, or, for a scene without events (silence, a room or
 street bed alone), when it names none. The floors of
 :func:`streamcap.models.decoding.abstain.calibrate` then keep ``keep`` of the
-right captions; the share of wrong captions the rule turns into abstentions is
-reported beside it (never used to choose the floors).
+right captions (the quiet margin: of those whose scene holds events, since a
+right caption of a quiet scene loses nothing by becoming "quiet"); the share of
+wrong captions the rule turns into abstentions is reported beside it (never
+used to choose the floors).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Judged:
     quiet_confidence: float | None
     level_dbfs: float
     right: bool
+    has_events: bool = True  # the scene holds at least one event
 
 
 def is_right(text: str, present: frozenset[str]) -> bool:
@@ -78,7 +81,8 @@ def judge_clips(captioner: Captioner, rows: Sequence[ManifestRow], scenes: Mappi
             present = frozenset(scenes[row.clip_id].kinds)
             out.append(Judged(clip_id=row.clip_id, text=caption.text,
                               confidence=caption.confidence, quiet_confidence=quiet_conf,
-                              level_dbfs=window.level_dbfs, right=is_right(caption.text, present)))
+                              level_dbfs=window.level_dbfs, right=is_right(caption.text, present),
+                              has_events=bool(present)))
             if progress is not None:
                 progress(i, len(rows))
     finally:
@@ -92,8 +96,10 @@ def rule_from(judged: Sequence[Judged], *, keep: float, quiet_texts: Sequence[st
     right = [j for j in judged if j.right]
     if not right:
         raise ConfigError("calibration: no held-out caption was right; nothing to keep")
+    # Margins over the quiet texts come from right captions of scenes with events only:
+    # turning a right caption of a quiet scene into "quiet" loses nothing.
     margins = ([j.confidence - j.quiet_confidence for j in right
-                if j.quiet_confidence is not None] if quiet_texts else None)
+                if j.quiet_confidence is not None and j.has_events] if quiet_texts else None)
     rule = calibrate([j.confidence for j in right], margins, keep=keep,
                      quiet_texts=quiet_texts, quiet_dbfs=quiet_dbfs,
                      notes={"split": split, "clips": len(judged)})
