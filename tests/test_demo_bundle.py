@@ -46,6 +46,13 @@ def test_the_bundle_is_small_and_verifies() -> None:
     assert bundle.model_id == "streamcap-demo-v1"
 
 
+def test_the_bundle_abstains_by_a_rule_calibrated_on_its_own_val_split() -> None:
+    rule = load_bundle(BUNDLE).abstention
+    assert rule is not None
+    assert rule.calibration["split"] == "val" and rule.calibration["keep"] == 0.9
+    assert rule.quiet_texts and -1.0 < rule.min_confidence < 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rain", "engine", "wind", "dog", "whistle", "siren"])
 def test_captions_of_fresh_clips_mention_the_event(kind: str, tmp_path: Path) -> None:
