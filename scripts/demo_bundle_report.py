@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
                             "stopped_early": history["stopped_early"],
                             "examples": data.get("examples")}
     keywords = evaluation.get("keywords", {})
+    manifest = json.loads((bundle / "manifest.json").read_text("utf-8"))
     retrieval = evaluation.get("retrieval") or {}
     report = {
         "bundle": str(bundle),
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
         "retrieval_chance_r1": retrieval.get("chance_r1"),
         "captions": evaluation["captions"],
         "examples": evaluation["examples"][:10],
+        "abstention": manifest.get("abstention"),
         "training": stages,
         "pipeline_seconds": total,
     }

@@ -2,7 +2,8 @@
 # Regenerates the demo bundle (streamcap/data/demo-bundle) from scratch on a CPU:
 # synthetic corpus -> random demo bundle -> retriever (m-LTM, end-to-end on waveforms)
 # -> features (tiny FIXED RANDOM DAC codes + CNext clip embeddings of the trained retriever)
-# -> captioner pretraining (caption + MCM) -> finetuning (caption only) -> held-out eval.
+# -> captioner pretraining (caption + MCM) -> finetuning (caption only)
+# -> abstention rule calibrated on the val split -> held-out eval.
 # Usage: scripts/train_demo_bundle.sh [WORK_DIR] ; env CLIPS, SEED, THREADS override.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,11 @@ stamp "captioner finetune"
 $SC train captioner --model "$WORK/pretrained" --features "$WORK/features" \
     --out "$WORK/finetuned" --stage finetune --captions one --epochs 5 --batch-size 32 \
     --lr 3e-4 --seed "$SEED" --max-minutes 2 --threads "$THREADS" \
-    --decoding-mode beam --model-id streamcap-demo-v1
+    --decoding-mode beam --model-id streamcap-demo-v2
+stamp "abstention (calibrated on the val split)"
+$SC train calibrate --model "$WORK/finetuned" --manifest "$WORK/corpus/manifest.jsonl" \
+    --split val --keep 0.9 --quiet-text "a quiet room" --quiet-text "silence" \
+    --quiet-text "quiet background noise" --threads "$THREADS"
 trained=$(( $(date +%s) - start ))
 stamp "install bundle (corpus + training took $trained s)"
 rm -rf "$BUNDLE"

@@ -268,6 +268,12 @@ class Caption:
     latency_ms: float = 0.0  # inference time for this window
     lag_s: float = 0.0  # publish time - (captured_at + window duration)
     run_id: str = ""  # the window's run_id (Window.run_id)
+    # The retriever's cosine of the model's chosen caption with the window's audio
+    # (None without a retriever): what the abstention rule judged.
+    confidence: float | None = None
+    # True when ``text`` is the bundle's abstention text ("quiet", "an unfamiliar
+    # sound") instead of the model's caption (kept in ``candidates``).
+    abstained: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -19,7 +19,9 @@ from streamcap.models.bundle.manifest import (
     resolve_model,
     save_bundle,
     sha256_file,
+    write_abstention,
 )
+from streamcap.models.decoding.abstain import AbstentionRule
 
 CODEC_CONFIG: dict[str, Any] = {
     "n_codebooks": 4,
@@ -103,6 +105,40 @@ def test_round_trip(tmp_path: Path) -> None:
     }
     for rel, digest in manifest["files"].items():
         assert sha256_file(directory / rel) == digest
+
+
+def test_a_bundle_without_an_abstention_rule_never_abstains(tmp_path: Path) -> None:
+    loaded = load_bundle(_save(tmp_path))
+    assert "abstention" not in loaded.manifest and loaded.abstention is None
+
+
+def test_the_abstention_rule_round_trips_and_can_be_set_after_training(tmp_path: Path) -> None:
+    rule = AbstentionRule(min_confidence=0.31, quiet_texts=("silence",), quiet_margin=0.02,
+                          calibration={"split": "val"})
+    directory = _save(tmp_path, abstention=rule)
+    assert load_bundle(directory).abstention == rule
+    later = AbstentionRule(min_confidence=0.2)
+    write_abstention(directory, later)
+    assert load_bundle(directory).abstention == later  # every hash still verifies
+    write_abstention(directory, None)
+    assert load_bundle(directory).abstention is None
+
+
+@pytest.mark.parametrize(
+    ("abstention", "match"),
+    [
+        ({"quiet_margin": 0.1}, "missing key 'min_confidence'"),
+        ({"min_confidence": 2}, "min_confidence: expected a number from -1 to 1"),
+        ("0.3", "expected an object"),
+    ],
+)
+def test_a_bad_abstention_rule_names_the_manifest_and_the_key(
+        tmp_path: Path, abstention: Any, match: str) -> None:
+    directory = _save(tmp_path)
+    _edit_manifest(directory, lambda m: m.update(abstention=abstention))
+    with pytest.raises(WeightsError, match="manifest.json: key 'abstention'") as info:
+        load_bundle(directory)
+    assert match in str(info.value)
 
 
 def test_tied_weights_stored_once_and_restored_as_one_tensor(tmp_path: Path) -> None:

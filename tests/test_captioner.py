@@ -16,6 +16,7 @@ import torch
 from streamcap.audio.windowing import Windower
 from streamcap.messages import Window, make_block
 from streamcap.models.captioner import Captioner, build_captioner
+from streamcap.models.decoding.abstain import QUIET_TEXT, UNFAMILIAR_TEXT, AbstentionRule
 from streamcap.models.decoding.filters import NoRepeatNgram
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.models.enclap.tokenizer import NO_CAPTION_TEXT
@@ -77,14 +78,67 @@ def test_caption_in_either_mode(captioner: Captioner) -> None:
     assert caption.text in [c.text for c in caption.candidates]
     stages = list(result.stage_seconds)
     if captioner.task.options.mode == "beam":
-        assert stages[-2:] == ["encoder", "beam"]
+        assert stages[-3:] == ["encoder", "beam", "abstention"]
         [only] = caption.candidates
         assert only.score == only.decoder_score and only.encoder_score is None
     else:
-        assert stages[-4:] == ["encoder", "sampling", "text_encoder", "fluency"]
+        assert stages[-5:] == ["encoder", "sampling", "text_encoder", "fluency", "abstention"]
         assert 1 <= len(caption.candidates) <= 3
         assert all(c.encoder_score is not None for c in caption.candidates)
     assert result.embedding is not None and result.embedding.window_id == caption.window_id
+
+
+def with_rule(captioner: Captioner, rule: AbstentionRule | None) -> Captioner:
+    captioner.abstention = rule
+    captioner._quiet_joint = None
+    return captioner
+
+
+def silent_window(captioner: Captioner) -> Window:
+    windower = Windower("quiet", 10.0, 10.0, captioner.sample_rates_hz)
+    block = make_block(source_id="quiet", start_sample=0, sample_rate_hz=RATE,
+                       samples=np.zeros(11 * RATE, dtype=np.float32), captured_at=0.0)
+    [window] = windower.feed(block).windows
+    return window
+
+
+def test_confidence_is_the_retriever_cosine_of_the_chosen_caption(
+        monkeypatch: pytest.MonkeyPatch, captioner: Captioner) -> None:
+    decoding_to(monkeypatch, captioner, lambda ids: f"a dog barks {len(ids)} times")
+    result = with_rule(captioner, None).caption(one_window(captioner))
+    caption = result.caption
+    assert result.embedding is not None and caption.confidence is not None
+    vector = torch.from_numpy(np.array(result.embedding.vector))
+    expected = float(captioner.text_embeddings([caption.text])[0] @ vector)
+    assert caption.confidence == pytest.approx(expected, abs=1e-5)
+    assert not caption.abstained
+
+
+def test_the_bundle_rule_replaces_an_unconfident_caption(
+        monkeypatch: pytest.MonkeyPatch, captioner: Captioner) -> None:
+    decoding_to(monkeypatch, captioner, lambda ids: "a dog barks")
+    try:
+        window = one_window(captioner)
+        kept = with_rule(captioner, AbstentionRule(min_confidence=-1.0)).caption(window).caption
+        assert not kept.abstained and kept.text != UNFAMILIAR_TEXT
+        refused = with_rule(captioner, AbstentionRule(min_confidence=1.0)).caption(window).caption
+        assert refused.abstained and refused.text == UNFAMILIAR_TEXT
+        assert refused.confidence == pytest.approx(kept.confidence, abs=1e-5)
+        assert kept.text in [c.text for c in refused.candidates]  # the model's caption stays
+        quiet_rule = AbstentionRule(min_confidence=-1.0, quiet_texts=("silence", "a quiet room"),
+                                    quiet_margin=2.0)  # quiet always comes within the margin
+        quiet = with_rule(captioner, quiet_rule).caption(window).caption
+        assert quiet.abstained and quiet.text == QUIET_TEXT
+        silent = with_rule(captioner, AbstentionRule(min_confidence=-1.0)).caption(
+            silent_window(captioner)).caption
+        assert silent.abstained and silent.text == QUIET_TEXT
+        placeholder = AbstentionRule(min_confidence=1.0)
+        decoding_to(monkeypatch, captioner, lambda ids: "\ufffd")
+        unreadable = with_rule(captioner, placeholder).caption(window).caption
+        assert unreadable.text == NO_CAPTION_TEXT and unreadable.flagged  # already honest
+        assert unreadable.confidence is None and not unreadable.abstained
+    finally:
+        with_rule(captioner, None)
 
 
 def test_the_configured_ngram_block_reaches_either_decoder(captioner: Captioner) -> None:

@@ -62,6 +62,8 @@ def caption() -> Caption:
         model="enclap-tiny",
         latency_ms=812.5,
         lag_s=1.5,
+        confidence=0.375,
+        abstained=False,
     )
 
 
@@ -136,6 +138,10 @@ def test_every_snapshot_file_is_a_known_frame(validator: jsonschema.Draft202012V
         ("hello", lambda f: f.update(protocol="streamcap.v2")),
         ("error", lambda f: f.pop("code")),
         ("caption", lambda f: f.update(v=2)),
+        ("caption", lambda f: f.pop("confidence")),
+        ("caption", lambda f: f.pop("abstained")),
+        ("caption", lambda f: f.update(abstained="no")),
+        ("caption", lambda f: f.update(confidence="high")),
     ],
 )
 def test_schema_rejects_malformed_frames(
@@ -144,6 +150,22 @@ def test_schema_rejects_malformed_frames(
     frame = FRAMES[name]()
     mutate(frame)
     assert not validator.is_valid(frame)
+
+
+def test_an_abstained_caption_says_so_and_keeps_the_model_caption_among_candidates(
+    validator: jsonschema.Draft202012Validator,
+) -> None:
+    from dataclasses import replace
+
+    frame = to_wire(replace(caption(), text="an unfamiliar sound", abstained=True,
+                            confidence=0.125), node_id="node-a")
+    validator.validate(frame)
+    assert frame["abstained"] is True and frame["confidence"] == 0.125
+    assert frame["text"] == "an unfamiliar sound"
+    assert frame["candidates"][0]["text"] == "a dog barks while a kettle whistles"
+    no_retriever = to_wire(replace(caption(), confidence=None), node_id="node-a")
+    validator.validate(no_retriever)
+    assert no_retriever["confidence"] is None and no_retriever["abstained"] is False
 
 
 def test_kind_of_names_each_message_type() -> None:

@@ -120,6 +120,8 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
             text=msg.text,
             score=_num(msg.score),
             flagged=bool(msg.flagged),
+            confidence=_num(msg.confidence),
+            abstained=bool(msg.abstained),
             model=msg.model,
             latency_ms=_num(msg.latency_ms),
             lag_s=_num(msg.lag_s),

@@ -12,7 +12,12 @@ Per window, on the inference thread:
    ``n_candidates`` nucleus samples in one batched pass; ``beam``: beam search),
    then, for samples, **text encoder** (the retriever's text embedding of each
    distinct candidate), **fluency** (its error probability) and the rerank
-   ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins.
+   ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins;
+5. **abstention** (:mod:`~streamcap.models.decoding.abstain`): the chosen
+   caption's *confidence* is the retriever's cosine of its text with the
+   window's audio (the rerank's encoder score, or computed for beam search's
+   caption); the bundle's rule (if any) replaces the text by "quiet" or "an
+   unfamiliar sound" and marks the caption ``abstained``.
 
 Two compositions exist (the bundle manifest names them: component ``codec`` has
 ``config.kind`` ``"dac"`` (the default when absent) or ``"encodec"``; an optional
@@ -42,10 +47,12 @@ from streamcap.models.bundle.components import Components, open_components
 from streamcap.models.codecs.dac import AudioTokenizer, CodecTokenizer, Precision
 from streamcap.models.codecs.encodec import EncodecTokenizer
 from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
+from streamcap.models.decoding.abstain import AbstentionRule, Verdict, decide
 from streamcap.models.decoding.inference import SharedCrossInference
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.models.decoding.rerank import TextScorer
 from streamcap.models.decoding.task import DecodingTask
+from streamcap.models.enclap.tokenizer import NO_CAPTION_TEXT
 
 TEXT_MAX_LENGTH = 64
 
@@ -95,6 +102,8 @@ class Captioner:
         self._stream = StreamingCodec(c.codec, streaming_options(c.codec))
         self._vocab_limit = len(c.tokenizer)
         self.task = DecodingTask(decoding, c.tokenizer, device=self.device)
+        self.abstention: AbstentionRule | None = c.abstention
+        self._quiet_joint: torch.Tensor | None = None  # text embeddings of the quiet texts
         self._mask_extra_vocab()
 
     def _mask_extra_vocab(self) -> None:
@@ -176,18 +185,50 @@ class Captioner:
                                similarity=self._similarity(audio_joint), fluency=self._fluency(),
                                lap=lap)
         best = ranked.best
+        confidence, verdict = self._judge(best.text, best.encoder_score, audio_joint,
+                                          window.level_dbfs)
+        lap("abstention")
         caption = Caption(
             window_id=window.window_id, source_id=window.source_id, seq=window.seq,
             start_s=window.start_s, end_s=window.end_s, captured_at=window.captured_at,
-            text=best.text, score=float(best.score), flagged=ranked.flagged,
-            candidates=ranked.candidates,
-            model=self.model_id, run_id=window.run_id)
+            text=best.text if verdict.text is None else verdict.text,
+            score=float(best.score), flagged=ranked.flagged and not verdict.abstained,
+            candidates=ranked.candidates, confidence=confidence,
+            abstained=verdict.abstained, model=self.model_id, run_id=window.run_id)
         vector = audio_joint[0].cpu().numpy().astype(np.float32)
         vector.flags.writeable = False
         embedding = Embedding(window_id=window.window_id, source_id=window.source_id,
                               seq=window.seq, start_s=window.start_s, end_s=window.end_s,
                               model=self.model_id, vector=vector, run_id=window.run_id)
         return CaptionResult(caption=caption, embedding=embedding, stage_seconds=seconds)
+
+    def _judge(self, text: str, encoder_score: float | None, audio_joint: torch.Tensor,
+               level_dbfs: float) -> tuple[float | None, Verdict]:
+        """The caption's confidence and the abstention verdict on it."""
+        confidence: float | None = None
+        if self.components.retriever is not None and text != NO_CAPTION_TEXT:
+            confidence = (float(encoder_score) if encoder_score is not None
+                          else float((self.text_embeddings([text]) @ audio_joint[0])[0]))
+        quiet: float | None = None
+        rule = self.abstention
+        if rule is not None and rule.quiet_texts and confidence is not None:
+            if self._quiet_joint is None:
+                self._quiet_joint = self.text_embeddings(rule.quiet_texts)
+            quiet = float((self._quiet_joint @ audio_joint[0]).max())
+        return confidence, decide(rule, level_dbfs=level_dbfs, confidence=confidence,
+                                  quiet_confidence=quiet)
+
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """The retriever's L2-normalised joint text embeddings, float32 (n, d)."""
+        retriever = self.components.retriever
+        if retriever is None:
+            raise ModelError("captioner: text embeddings need a retriever")
+        enc = self.components.text_tokenizer(list(texts), padding=True, truncation=True,
+                                             max_length=TEXT_MAX_LENGTH, return_tensors="pt")
+        with self._autocast():
+            text_joint = retriever.embed_text(enc["input_ids"].to(self.device),
+                                              enc["attention_mask"].to(self.device))
+        return torch.nn.functional.normalize(text_joint.float(), dim=-1)
 
     def _similarity(self, audio_joint: torch.Tensor) -> TextScorer | None:
         """The retriever's cosine of texts with this window's audio, or None without one."""
@@ -196,13 +237,7 @@ class Captioner:
             return None
 
         def cosine(texts: Sequence[str]) -> list[float]:
-            enc = self.components.text_tokenizer(list(texts), padding=True, truncation=True,
-                                                 max_length=TEXT_MAX_LENGTH, return_tensors="pt")
-            with self._autocast():
-                text_joint = retriever.embed_text(enc["input_ids"].to(self.device),
-                                                  enc["attention_mask"].to(self.device))
-            text_joint = torch.nn.functional.normalize(text_joint.float(), dim=-1)
-            scores: list[float] = (text_joint @ audio_joint[0]).tolist()
+            scores: list[float] = (self.text_embeddings(texts) @ audio_joint[0]).tolist()
             return scores
 
         return cosine

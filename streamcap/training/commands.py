@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from streamcap.errors import ConfigError
 
-TRAIN_COMMANDS = ("corpus", "init", "features", "retriever", "captioner", "soup")
+TRAIN_COMMANDS = ("corpus", "init", "features", "retriever", "captioner", "soup",
+                  "calibrate")
 
 
 def add_parsers(sub: Any) -> None:
@@ -92,6 +93,24 @@ def add_parsers(sub: Any) -> None:
     capt.add_argument("--decoding-mode", choices=("sample", "beam"), default=None,
                       help="default decoding stored in the bundle")
 
+    cal = tsub.add_parser("calibrate", help="calibrate a bundle's abstention rule on held-out "
+                          "synthetic scenes and write it into its manifest")
+    cal.add_argument("--model", type=Path, required=True, help="bundle directory (updated)")
+    cal.add_argument("--manifest", type=Path, required=True)
+    cal.add_argument("--split", default="val")
+    cal.add_argument("--scenes", type=Path, default=None,
+                     help="scenes.jsonl of the corpus (default: next to the manifest)")
+    cal.add_argument("--keep", type=float, default=0.9,
+                     help="share of the right held-out captions the rule keeps")
+    cal.add_argument("--quiet-text", action="append", default=[],
+                     help="a text that describes no sound event (repeat); none: no quiet rule")
+    cal.add_argument("--quiet-dbfs", type=float, default=-70.0,
+                     help="windows below this RMS level are captioned quiet")
+    cal.add_argument("--limit", type=int, default=None, help="first N clips only")
+    cal.add_argument("--report", type=Path, default=None,
+                     help="JSON of every judged caption (default: MODEL.calibration.json)")
+    cal.add_argument("--threads", type=int, default=None)
+
     soup = tsub.add_parser("soup", help="average the captioners of several bundles")
     soup.add_argument("bundles", type=Path, nargs="+")
     soup.add_argument("--out", type=Path, required=True)
@@ -123,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return _eval(args)
     handlers = {"corpus": _corpus, "init": _init, "features": _features,
-                "retriever": _retriever, "captioner": _captioner, "soup": _soup}
+                "retriever": _retriever, "captioner": _captioner, "soup": _soup,
+                "calibrate": _calibrate}
     if args.train_command is None:
         raise ConfigError(f"train: a subcommand is needed: {', '.join(TRAIN_COMMANDS)}")
     return handlers[args.train_command](args)
@@ -215,6 +235,7 @@ def _finish(args: argparse.Namespace, components: Any, history: Any, extra: dict
 
     if args.model_id:
         components.model_id = args.model_id
+    components.abstention = None  # calibrated for the old weights; `train calibrate` again
     path = save_components(components, args.out, overwrite=True)
     metrics = {"kind": args.train_command, "stage": args.stage, "bundle": str(path),
                "model_id": components.model_id, **extra, "history": history.to_dict()}
@@ -285,6 +306,45 @@ def _captioner(args: argparse.Namespace) -> int:
     if args.decoding_mode is not None:
         components.decoding = {**dict(components.decoding), "mode": args.decoding_mode}
     return _finish(args, components, history, {"examples": len(examples)})
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    import torch
+
+    from streamcap.models.bundle.manifest import write_abstention
+    from streamcap.models.captioner import build_captioner
+    from streamcap.models.decoding.options import DecodingOptions
+    from streamcap.training.data.corpus import read_scenes
+    from streamcap.training.data.manifest import read_manifest, split_rows
+    from streamcap.training.evaluation.calibrate import judge_clips, rule_from
+    from streamcap.training.trainers.loop import Progress
+
+    if not 0.0 < args.keep <= 1.0:
+        raise ConfigError(f"--keep: expected a share in (0, 1], got {args.keep}")
+    rows = split_rows(read_manifest(args.manifest), args.split)[: args.limit]
+    scenes_path = args.scenes or args.manifest.parent / "scenes.jsonl"
+    if not scenes_path.is_file():
+        raise ConfigError(f"{scenes_path}: calibration needs the scenes of a synthetic corpus")
+    captioner = build_captioner(str(args.model), DecodingOptions(), device=torch.device("cpu"),
+                                dtype=torch.float32)
+    bar = Progress(len(rows), "calibrate")
+    judged = judge_clips(captioner, rows, read_scenes(scenes_path), args.quiet_text,
+                         progress=lambda done, total: bar.update())
+    bar.close()
+    rule, summary = rule_from(judged, keep=args.keep, quiet_texts=args.quiet_text,
+                              quiet_dbfs=args.quiet_dbfs, split=args.split)
+    write_abstention(args.model, rule)
+    report = args.report or args.model.with_name(args.model.name + ".calibration.json")
+    _write_json({"rule": rule.to_json(), "summary": summary,
+                 "captions": [asdict(j) for j in judged]}, report)
+    print(f"calibrate: min_confidence {rule.min_confidence}, quiet_margin {rule.quiet_margin} "
+          f"({summary['right']} of {summary['clips']} {args.split} captions right, "
+          f"{summary['right_kept']:.0%} kept; wrong ones abstained: "
+          f"{summary['wrong_abstained']}); written to {args.model / 'manifest.json'}; "
+          f"report {report}")
+    return 0
 
 
 def _soup(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from streamcap.models.bundle.presets import FluencyConfig, PresetSpec, preset_sp
 from streamcap.models.bundle.weights import check_state
 from streamcap.models.codecs.dac import AudioTokenizer, CodecConfig, CodecTokenizer
 from streamcap.models.codecs.encodec import EncodecCodecConfig, EncodecTokenizer
+from streamcap.models.decoding.abstain import AbstentionRule
 from streamcap.models.decoding.fluency import (
     FenseClassifier,
     FluencyFilter,
@@ -56,6 +57,9 @@ class Components:
     decoding: Mapping[str, Any]
     seq_embedder: ClapEmbedder | None = None  # row 0 when present (else the retriever's clip)
     notes: Mapping[str, str] | None = None  # component -> warning recorded in the manifest
+    # When captions are replaced by "quiet" / "an unfamiliar sound"; None: never. Calibrated
+    # for these weights: training that changes them drops it (streamcap train calibrate).
+    abstention: AbstentionRule | None = None
 
 
 CODEC_KINDS = ("dac", "encodec")
@@ -160,7 +164,8 @@ def save_components(components: Components, directory: Path, *, overwrite: bool 
             parts["fluency"] = (fconf.to_dict(), model.state_dict())
         return save_bundle(directory, components=parts, tokenizers=tok_dirs,
                            preset=components.preset, decoding=dict(components.decoding),
-                           model_id=components.model_id, overwrite=overwrite)
+                           model_id=components.model_id, overwrite=overwrite,
+                           abstention=components.abstention)
 
 
 def _bert_diff(config: Any) -> dict[str, Any]:
@@ -220,7 +225,8 @@ def load_components(bundle: Bundle) -> Components:
                       captioner=captioner.eval(),
                       retriever=None if retriever is None else retriever.eval(),
                       fluency=fluency, tokenizer=tokenizer, text_tokenizer=text_tokenizer,
-                      decoding=dict(bundle.decoding), seq_embedder=seq_embedder)
+                      decoding=dict(bundle.decoding), seq_embedder=seq_embedder,
+                      abstention=bundle.abstention)
 
 
 def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], bundle: Bundle,

@@ -15,7 +15,13 @@ Layout of a bundle directory::
                                "aliases": {"lm_head.weight": "model.shared.weight"}}},
      "tokenizers": {"text": {"files": ["tokenizers/text/tokenizer.json"]}},
      "decoding": {...},
+     "abstention": {"min_confidence": 0.3, ...},   (optional)
      "files": {"weights/enclap.safetensors": "<sha256 hex>", ...}}
+
+``abstention`` (optional) is the bundle's abstention rule
+(:class:`streamcap.models.decoding.abstain.AbstentionRule`): when the captioner
+replaces a caption by "quiet" or "an unfamiliar sound". A bundle without it
+never abstains.
 
 Tied weights: safetensors refuses tensors that share storage. :func:`save_bundle` stores
 a tensor that is an exact alias of another key (same storage, offset, shape and stride,
@@ -51,6 +57,7 @@ from safetensors.torch import save_file
 from streamcap.errors import ModelError, WeightsError
 from streamcap.logs import get_logger
 from streamcap.models.bundle.weights import read_state_dict
+from streamcap.models.decoding.abstain import AbstentionRule
 
 _log = get_logger(__name__)
 
@@ -224,6 +231,7 @@ def save_bundle(
     decoding: Mapping[str, object],
     model_id: str | None = None,
     overwrite: bool = False,
+    abstention: AbstentionRule | None = None,
 ) -> Path:
     """Write a bundle directory.
 
@@ -240,6 +248,7 @@ def save_bundle(
         decoding: Default decoding options, JSON-serialisable.
         model_id: Defaults to ``streamcap-<preset or custom>-<12 hex of the content hash>``.
         overwrite: Replace an existing non-empty directory.
+        abstention: The bundle's abstention rule, or None (the bundle never abstains).
 
     Returns:
         ``directory``.
@@ -272,6 +281,8 @@ def save_bundle(
             "decoding": decoding_json,
             "files": files,
         }
+        if abstention is not None:
+            manifest["abstention"] = _to_json("abstention", abstention.to_json())
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
         (tmp / MANIFEST_NAME).write_text(text, encoding="utf-8")
         _replace_dir(tmp, directory)
@@ -409,6 +420,7 @@ class Bundle:
         component_configs: ``{component: config dict}``, for the component's ``from_dict``.
         tokenizer_dirs: ``{tokenizer: directory}`` inside the bundle.
         decoding: Default decoding options.
+        abstention: The abstention rule, or None when the manifest has none.
         device: Where :meth:`load_weights` puts tensors.
         extra_files: Files found in the bundle but not listed in the manifest.
     """
@@ -420,6 +432,7 @@ class Bundle:
     component_configs: Mapping[str, Mapping[str, Any]]
     tokenizer_dirs: Mapping[str, Path]
     decoding: Mapping[str, Any]
+    abstention: AbstentionRule | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     extra_files: tuple[str, ...] = ()
 
@@ -487,9 +500,37 @@ def load_bundle(
         component_configs={name: e["config"] for name, e in manifest["components"].items()},
         tokenizer_dirs={name: directory / TOKENIZERS_DIR / name for name in manifest["tokenizers"]},
         decoding=manifest["decoding"],
+        abstention=(None if manifest.get("abstention") is None
+                    else AbstentionRule.from_json(manifest["abstention"],
+                                                  f"{directory / MANIFEST_NAME}: key 'abstention'")),
         device=torch.device(device),
         extra_files=extra,
     )
+
+
+def write_abstention(directory: Path, rule: AbstentionRule | None) -> Path:
+    """Set (or, with None, remove) the ``abstention`` object of a bundle's manifest.
+
+    The weights and their hashes are untouched; the manifest is replaced atomically.
+
+    Raises:
+        WeightsError: the directory holds no valid manifest.
+    """
+    directory = Path(directory).expanduser()
+    manifest = _read_manifest(directory)
+    _validate(manifest)
+    if rule is None:
+        manifest.pop("abstention", None)
+    else:
+        manifest["abstention"] = _to_json("abstention", rule.to_json())
+    path = directory / MANIFEST_NAME
+    mode = path.stat().st_mode & 0o777
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{MANIFEST_NAME}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return path
 
 
 # --------------------------------------------------------------------------- --model
