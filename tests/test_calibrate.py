@@ -58,11 +58,12 @@ def test_train_calibrate_writes_the_rule_into_the_bundle(
     assert main(["train", "corpus", str(corpus), "--clips", "30", "--seed", "3", "--clip-s",
                  "4", "--captions-per-clip", "1"]) == 0
     lines = (corpus / "scenes.jsonl").read_text(encoding="utf-8").splitlines()
+    scenes = [json.loads(line) for line in lines]
+    template = next(scene["events"][0] for scene in scenes if scene["events"])
     relabelled = []
-    for number, line in enumerate(lines):
-        scene = json.loads(line)
+    for number, scene in enumerate(scenes):  # quiet scenes (no events) get one too
         kind = "dog" if number % 3 else "rain"  # val clips 8, 18, 28: two with a dog
-        scene["events"] = [{**scene["events"][0], "kind": kind}]
+        scene["events"] = [{**template, "kind": kind}]
         relabelled.append(json.dumps(scene))
     (corpus / "scenes.jsonl").write_text("\n".join(relabelled) + "\n", encoding="utf-8")
     bundle = save_components(build_components(preset_spec("tiny")), tmp_path / "bundle")
