@@ -246,7 +246,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from streamcap.messages import make_block
     from streamcap.models.captioner import build_captioner
     from streamcap.models.decoding.options import DecodingOptions
+    from streamcap.models.runtime import parse_cpu_flags
 
+    flags = parse_cpu_flags(Path("/proc/cpuinfo").read_text(encoding="utf-8"))
+    load_start = os.getloadavg()[0]
     torch.set_num_threads(args.threads)
     captioner = build_captioner(args.model, DecodingOptions(), device=torch.device("cpu"),
                                 dtype=torch.float32)
@@ -289,6 +292,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "abstention": str(getattr(captioner, "abstention", None)),
         "threads": args.threads,
         "seconds": round(time.perf_counter() - started, 1),
+        "machine": {"cpu_flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16",
+                                                 "amx_bf16"}),
+                    "cores": os.cpu_count(),
+                    "loadavg_1m_start_end": [round(load_start, 2),
+                                             round(os.getloadavg()[0], 2)]},
         "scenes": score_scenes(rows),
         "real": {
             "source": f"PyPI {PACKAGE} {', '.join(VERSIONS)} (BigSoundBank clips, CC0 per "
@@ -307,12 +315,21 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.0f} %"
 
 
+def _machine_line(report: Mapping[str, Any]) -> str:
+    machine = report.get("machine")
+    if machine is None:
+        return "Machine: not recorded by this run."
+    return (f"Machine: {machine['cores']} cores, CPU flags {', '.join(machine['cpu_flags'])}; "
+            f"load average (1 min) {machine['loadavg_1m_start_end'][0]} at start, "
+            f"{machine['loadavg_1m_start_end'][1]} at end. Accuracy does not depend on speed.")
+
+
 def markdown(report: Mapping[str, Any], title: str) -> str:
     s = report["scenes"]
     lines = [f"# {title}", "",
              (f"Model `{report['model']}`; abstention: {report['abstention']}; "
              f"{report['threads']} thread(s), {report['seconds']} s. "
-             "Written by `bench/demo_honesty.py`."), "",
+             "Written by `bench/demo_honesty.py`."), "", _machine_line(report), "",
              "## Independent scenes", "",
              f"{s['event_scenes']} event scenes: **{_pct(s['right'])}** name the right sound "
              f"(only it: {_pct(s['right_exact'])}; abstained: {_pct(s['abstained_on_events'])}); "
