@@ -257,6 +257,8 @@ def test_json_lines_per_window(json_run: dict[str, Any]) -> None:
         assert isinstance(row["score"], float)
         assert isinstance(row["seconds"], float) and row["seconds"] >= 0
         assert isinstance(row["flagged"], bool)
+        assert row["abstained"] is False  # a preset has no abstention rule
+        assert row["confidence"] is None or isinstance(row["confidence"], float)
         assert row["model"].startswith("streamcap-tiny-random-")
         assert 1 <= len(row["candidates"]) <= 2
         assert row["text"] in [c["text"] for c in row["candidates"]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 
@@ -79,6 +80,14 @@ def test_caption_state_is_compact_and_capped() -> None:
     assert str(state["text"]).startswith("a dog barks a dog")
     assert state["window_id"] == "kitchen:0:5000" and state["score"] == 0.42
     assert "candidates" not in state and "vector" not in state
+
+
+def test_caption_state_says_whether_the_model_abstained() -> None:
+    """An automation can tell "an unfamiliar sound" from a recognised one."""
+    caption = replace(_caption("an unfamiliar sound"), confidence=0.31, abstained=True)
+    state = ha.caption_state(to_wire(caption, node_id="n"))
+    assert state["abstained"] is True and state["confidence"] == 0.31
+    assert ha.caption_state(to_wire(_caption("a dog barks"), node_id="n"))["abstained"] is False
 
 
 def test_caption_state_never_carries_an_embedding() -> None:

@@ -45,12 +45,12 @@ MODEL: Final = "Audio captioner"
 
 _ID_RE: Final = re.compile(r"[^a-zA-Z0-9_-]+")
 _CAPTION_ATTRIBUTES: Final = (
-    "window_id", "source_id", "seq", "score", "flagged", "start_s", "end_s", "captured_at",
-    "model", "latency_ms", "lag_s",
+    "window_id", "source_id", "seq", "score", "flagged", "confidence", "abstained", "start_s",
+    "end_s", "captured_at", "model", "latency_ms", "lag_s",
 )  # fmt: skip
 _LEAST_IMPORTANT_FIRST: Final = (
     "lag_s", "latency_ms", "model", "captured_at", "end_s", "start_s", "seq", "window_id",
-    "source_id", "flagged", "score",
+    "source_id", "flagged", "score", "confidence", "abstained",
 )  # fmt: skip
 
 
@@ -188,8 +188,8 @@ def caption_state(frame: Mapping[str, object]) -> dict[str, object]:
     Returns:
         ``{"state": <text cut to 255 characters>, "text": <text cut to 4096>,
         ...}`` plus the whitelisted caption fields that are present
-        (window_id, source_id, seq, score, flagged, start_s, end_s,
-        captured_at, model, latency_ms, lag_s). Nothing else of the frame
+        (window_id, source_id, seq, score, flagged, confidence, abstained,
+        start_s, end_s, captured_at, model, latency_ms, lag_s). Nothing else of the frame
         (candidates, any vector) is copied.
     """
     text = frame.get("text")
