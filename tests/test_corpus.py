@@ -11,8 +11,10 @@ import soundfile as sf
 
 from streamcap.errors import ConfigError
 from streamcap.training.data.corpus import (
+    BACKGROUND_PHRASES,
     EVENT_KEYWORDS,
     EVENT_TYPES,
+    QUIET_CAPTIONS,
     WORDS,
     CorpusOptions,
     keyword_accuracy,
@@ -23,6 +25,7 @@ from streamcap.training.data.corpus import (
     sample_scene,
     scene_captions,
 )
+from streamcap.training.data.corpus_sounds import BACKGROUNDS
 from streamcap.training.data.manifest import read_manifest
 
 
@@ -73,7 +76,7 @@ def test_manifest_scenes_and_audio(tmp_path: Path) -> None:
 
 def test_scene_statistics_and_caption_consistency() -> None:
     kinds_seen: set[str] = set()
-    counts = {1: 0, 2: 0, 3: 0}
+    counts = {0: 0, 1: 0, 2: 0, 3: 0}
     layouts = set()
     backgrounds = set()
     for index in range(400):
@@ -86,14 +89,44 @@ def test_scene_statistics_and_caption_consistency() -> None:
         starts = [e.start_s for e in scene.events]
         assert starts == sorted(starts)
         assert all(0 <= e.start_s < e.end_s <= 10.0 for e in scene.events)
-        assert all(-30 <= e.level_db <= -10 for e in scene.events)
+        assert all(-35 <= e.level_db <= -8 for e in scene.events)
+        if scene.events and scene.background != "none":
+            # The bed lies 3-30 dB below the quietest event.
+            assert 3 <= min(e.level_db for e in scene.events) - scene.background_db <= 30.01
+        assert (scene.layout == "quiet") == (not scene.events)
         for caption in scene_captions(rng, scene, 5):
             # Every caption names every event present and no other.
             assert mentioned_events(caption) == frozenset(scene.kinds), (caption, scene.kinds)
     assert kinds_seen == set(EVENT_TYPES) and len(EVENT_TYPES) >= 12
-    assert all(c > 50 for c in counts.values())
-    assert layouts == {"sequence", "overlay"}
-    assert backgrounds == {"none", "room", "street"}
+    assert all(c > 50 for n, c in counts.items() if n > 0) and 20 < counts[0] < 100
+    assert layouts == {"sequence", "overlay", "quiet"}
+    assert backgrounds == set(BACKGROUNDS)
+
+
+def test_quiet_captions_name_no_event_and_say_quiet_or_silence() -> None:
+    assert set(QUIET_CAPTIONS) == set(BACKGROUNDS)
+    for texts in QUIET_CAPTIONS.values():
+        for text in texts:
+            assert mentioned_events(text) == frozenset(), text
+            assert {"quiet", "quietly", "silence", "nothing"} & set(text.replace(",", "").split())
+    for phrases in BACKGROUND_PHRASES.values():
+        for phrase in phrases:
+            assert mentioned_events(phrase) == frozenset(), phrase
+
+
+@pytest.mark.parametrize("kind", EVENT_TYPES)
+def test_every_type_has_several_families(kind: str) -> None:
+    """Draws of one synthesizer differ in more than level: their spectra are not alike."""
+    from streamcap.training.data.corpus_sounds import SYNTHS
+
+    sr = 16000
+    centroids = []
+    for seed in range(12):
+        x = SYNTHS[kind](np.random.default_rng([77, seed]), 3 * sr, sr).astype(np.float64)
+        power = np.abs(np.fft.rfft(x)) ** 2
+        f = np.fft.rfftfreq(len(x), 1 / sr)
+        centroids.append(float((power * f).sum() / max(power.sum(), 1e-12)))
+    assert max(centroids) / max(min(centroids), 1.0) > 1.3, centroids
 
 
 def test_every_phrase_names_its_own_event_only() -> None:

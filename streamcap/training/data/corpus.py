@@ -1,11 +1,16 @@
 """The demo corpus: procedurally synthesized everyday-sound scenes with compositional captions.
 
 Each clip holds one to three events of :data:`EVENT_TYPES` (synthesized by
-:mod:`streamcap.training.data.corpus_sounds`) over a background (``none``,
-``room`` or ``street``) at random levels and timings. Scenes are either a
-*sequence* (events one after another: "a dog barks, then a phone rings") or
-an *overlay* (a long event such as rain under one or two short ones: "a dog
-barks while rain falls"). Every clip gets :attr:`CorpusOptions.captions_per_clip`
+:mod:`streamcap.training.data.corpus_sounds`, each maybe coloured by a random EQ
+and put in a random room) over a background bed
+(:data:`~streamcap.training.data.corpus_sounds.BACKGROUNDS`: none, room tone,
+street, mains hum, distant chatter, hiss) 3 to 30 dB below the loudest event,
+at random levels and timings. Scenes are a *sequence* (events one after
+another, sometimes overlapping: "a dog barks, then a phone rings"), an
+*overlay* (a long event such as rain under one or two short ones: "a dog barks
+while rain falls") or, one clip in eight, *quiet*: a bed alone or silence,
+captioned as such ("a quiet room", "silence", "quiet background chatter").
+Every clip gets :attr:`CorpusOptions.captions_per_clip`
 distinct captions drawn from templates and synonyms; every caption names
 each event with one of its :data:`EVENT_KEYWORDS`, so keyword accuracy per
 event type can be scored with :func:`keyword_accuracy`.
@@ -36,7 +41,14 @@ import numpy.typing as npt
 import soundfile as sf
 
 from streamcap.errors import ConfigError
-from streamcap.training.data.corpus_sounds import SYNTHS, Float32Array, background
+from streamcap.training.data.corpus_sounds import (
+    BACKGROUNDS,
+    SYNTHS,
+    Float32Array,
+    background,
+    colour,
+    reverberate,
+)
 from streamcap.training.data.manifest import ManifestRow, write_manifest
 
 EVENT_TYPES: Final = tuple(SYNTHS)
@@ -129,7 +141,26 @@ BACKGROUND_PHRASES: Final[Mapping[str, tuple[str, ...]]] = {
     "none": (),
     "room": ("in a quiet room", "indoors", "inside a room"),
     "street": ("on a busy street", "with traffic in the background", "outside near a road"),
+    "hum": ("with a hum in the background", "over a low electrical hum"),
+    "chatter": ("with people talking in the background", "over distant chatter"),
+    "hiss": ("over background noise", "with a faint hiss"),
 }
+
+QUIET_CAPTIONS: Final[Mapping[str, tuple[str, ...]]] = {
+    "none": ("silence", "complete silence", "nothing can be heard", "quiet, no sound at all"),
+    "room": ("a quiet room", "quiet room tone", "a quiet room, nothing happens",
+             "silence in a quiet room"),
+    "street": ("a quiet street with distant traffic", "quiet traffic noise in the distance",
+               "a quiet street, nothing else"),
+    "hum": ("a quiet room with a low electrical hum", "a quiet hum", "quiet, only a steady hum"),
+    "chatter": ("quiet background chatter", "quiet distant voices",
+                "people talk quietly far away"),
+    "hiss": ("quiet background noise", "quiet static hiss", "a quiet hiss of noise"),
+}
+"""Captions of quiet scenes (no event) by background; none names an event type."""
+
+QUIET_SHARE: Final = 0.125
+"""Share of clips that are quiet: a background alone, or silence."""
 
 SEQUENCE_TEMPLATES: Final[Mapping[int, tuple[str, ...]]] = {
     1: ("{c0}", "{n0}", "{c0}"),
@@ -201,10 +232,10 @@ class Scene:
 
     clip_id: str
     split: str
-    layout: str  # "sequence" or "overlay"
+    layout: str  # "sequence", "overlay" or "quiet" (no event)
     events: tuple[SceneEvent, ...]  # every event, sorted by start time (the bed included)
     bed: str | None  # kind of the long event under an overlay scene
-    background: str  # none | room | street
+    background: str  # one of corpus_sounds.BACKGROUNDS
     background_db: float
 
     @property
@@ -234,7 +265,12 @@ def _round(x: float) -> float:
 
 def sample_scene(rng: np.random.Generator, index: int, clip_s: float) -> Scene:
     """Draw the content of clip ``index`` (types, layout, timings, levels, background)."""
-    n_events = int(rng.choice([1, 2, 3], p=[0.35, 0.4, 0.25]))
+    if rng.random() < QUIET_SHARE:
+        back = str(rng.choice(BACKGROUNDS))
+        back_db = -90.0 if back == "none" else rng.uniform(-70, -35)
+        return Scene(clip_id=clip_id_of(index), split=split_of(index), layout="quiet",
+                     events=(), bed=None, background=back, background_db=_round(back_db))
+    n_events = int(rng.choice([1, 2, 3], p=[0.38, 0.37, 0.25]))
     kinds = [str(k) for k in rng.choice(EVENT_TYPES, size=n_events, replace=False)]
     bed = next((k for k in kinds if k in CONTINUOUS), None)
     overlay = n_events >= 2 and bed is not None and rng.random() < 0.7
@@ -245,7 +281,7 @@ def sample_scene(rng: np.random.Generator, index: int, clip_s: float) -> Scene:
         start = rng.uniform(0.0, 1.0)
         events.append(SceneEvent(kind=bed, start_s=_round(start),
                                  end_s=_round(rng.uniform(clip_s - 1.0, clip_s)),
-                                 level_db=_round(rng.uniform(-30, -20))))
+                                 level_db=_round(rng.uniform(-35, -18))))
         lo, hi = start + 0.5, clip_s - 0.5
     else:
         bed = None
@@ -255,12 +291,16 @@ def sample_scene(rng: np.random.Generator, index: int, clip_s: float) -> Scene:
         d_lo, d_hi = _DURATION_S[kind]
         duration = min(rng.uniform(d_lo, d_hi), slot * 0.85)
         start = lo + i * slot + rng.uniform(0.0, slot - duration)
+        if i > 0 and rng.random() < 0.3:  # overlap the previous event a little
+            start = max(lo, start - rng.uniform(0.0, 0.3) * slot)
         events.append(SceneEvent(kind=kind, start_s=_round(start),
                                  end_s=_round(start + duration),
-                                 level_db=_round(rng.uniform(-30, -10))))
+                                 level_db=_round(rng.uniform(-35, -8))))
     events.sort(key=lambda e: e.start_s)
-    back = str(rng.choice(["none", "room", "street"], p=[0.3, 0.35, 0.35]))
-    back_db = {"none": -90.0, "room": rng.uniform(-55, -42), "street": rng.uniform(-45, -33)}[back]
+    weights = np.array([0.1] + [0.9 / (len(BACKGROUNDS) - 1)] * (len(BACKGROUNDS) - 1))
+    back = str(rng.choice(BACKGROUNDS, p=weights / weights.sum()))
+    quietest = min(e.level_db for e in events)
+    back_db = -90.0 if back == "none" else quietest - rng.uniform(3.0, 30.0)
     return Scene(clip_id=clip_id_of(index), split=split_of(index),
                  layout="overlay" if overlay else "sequence", events=tuple(events), bed=bed,
                  background=back, background_db=_round(float(back_db)))
@@ -278,6 +318,8 @@ def _clause(rng: np.random.Generator, event: SceneEvent) -> str:
 
 def caption_scene(rng: np.random.Generator, scene: Scene) -> str:
     """One caption of ``scene`` (template, synonyms and modifiers drawn from ``rng``)."""
+    if scene.layout == "quiet":
+        return str(rng.choice(QUIET_CAPTIONS[scene.background]))
     short = [e for e in scene.events if e.kind != scene.bed]
     fill: dict[str, str] = {}
     for i, event in enumerate(short):
@@ -331,6 +373,10 @@ def render_scene(rng: np.random.Generator, scene: Scene, clip_s: float,
     for event in scene.events:
         start, end = int(event.start_s * sr), min(n, int(event.end_s * sr))
         sound = SYNTHS[event.kind](rng, end - start, sr).astype(np.float64)
+        if rng.random() < 0.6:
+            sound = colour(rng, sound, sr)
+        if rng.random() < 0.4:
+            sound = reverberate(rng, sound, sr)
         mix[start:end] += sound * (10 ** (event.level_db / 20) / active_rms(sound, sr))
     if scene.background != "none":
         mix += background(rng, scene.background, n, sr) * 10 ** (scene.background_db / 20)
