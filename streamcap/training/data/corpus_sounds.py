@@ -51,6 +51,8 @@ def _fade(x: FloatArray, sr: int, seconds: float = 0.02) -> FloatArray:
 
 
 def _place(out: FloatArray, sound: FloatArray, start: int) -> None:
+    if start < 0:  # jittered to before the start: keep what falls inside
+        sound, start = sound[-start:], 0
     end = min(len(out), start + len(sound))
     if start < end:
         out[start:end] += sound[: end - start]
@@ -211,7 +213,7 @@ def engine(rng: np.random.Generator, n: int, sr: int) -> Float32Array:
     family = _family(rng, (0.5, 0.25, 0.25))  # idling, revving, diesel
     drift = 1 + rng.uniform(0.01, 0.08) * np.sin(2 * np.pi * rng.uniform(0.03, 0.3) * t)
     if family == 1:
-        drift = drift * (1 + rng.uniform(0.3, 1.2) * np.sin(np.pi * t / t[-1]) ** 2)
+        drift = drift * (1 + rng.uniform(0.3, 1.2) * np.sin(np.pi * t / max(t[-1], 1.0 / sr)) ** 2)
     f0 = rng.uniform(15, 70) * drift
     phase = 2 * np.pi * np.cumsum(f0) / sr
     slope = rng.uniform(0.3, 1.2)
@@ -233,7 +235,7 @@ def rain(rng: np.random.Generator, n: int, sr: int) -> Float32Array:
               np.sin(2 * np.pi * rng.uniform(1500, 6000) * _t(drop_n, sr))
               * _decay(drop_n, sr, 0.002)]
     for k, pos in enumerate(drops):
-        out[pos:pos + drop_n] += clicks[k % 2] * rng.uniform(0.5, 3)
+        _place(out, clicks[k % 2] * rng.uniform(0.5, 3), int(pos))
     return _fade(out, sr, 0.3).astype(np.float32)
 
 
