@@ -4,11 +4,13 @@
 # -> features (tiny FIXED RANDOM DAC codes + CNext clip embeddings of the trained retriever)
 # -> captioner pretraining (caption + MCM) -> finetuning (caption only)
 # -> abstention rule calibrated on the val split -> held-out eval.
+# Every stage is bounded by epochs, never by wall-clock time: the same SEED gives the same
+# bundle however loaded the machine is (only slower).
 # Usage: scripts/train_demo_bundle.sh [WORK_DIR] ; env CLIPS, SEED, THREADS override.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/streamcap-demo}
-CLIPS=${CLIPS:-1200}
+CLIPS=${CLIPS:-2400}
 SEED=${SEED:-0}
 THREADS=${THREADS:-1}
 PY=${PYTHON:-.venv/bin/python}
@@ -26,19 +28,19 @@ $SC train init "$WORK/init" --preset demo --manifest "$WORK/corpus/manifest.json
     --vocab-size 1000 --seed "$SEED" --overwrite
 stamp "retriever"
 $SC train retriever --model "$WORK/init" --manifest "$WORK/corpus/manifest.jsonl" \
-    --out "$WORK/retriever" --audio wave --epochs 40 --batch-size 32 --lr 2e-3 --warmup 30 \
-    --seed "$SEED" --max-minutes 11 --threads "$THREADS"
+    --out "$WORK/retriever" --audio wave --epochs 30 --batch-size 32 --lr 2e-3 --warmup 60 \
+    --seed "$SEED" --threads "$THREADS"
 stamp "features"
 $SC train features --model "$WORK/retriever" --manifest "$WORK/corpus/manifest.jsonl" \
     --out "$WORK/features" --threads "$THREADS" --overwrite
 stamp "captioner pretrain"
 $SC train captioner --model "$WORK/retriever" --features "$WORK/features" \
-    --out "$WORK/pretrained" --stage pretrain --captions one --epochs 14 --batch-size 32 \
-    --lr 1e-3 --warmup 60 --seed "$SEED" --max-minutes 6 --threads "$THREADS"
+    --out "$WORK/pretrained" --stage pretrain --captions one --epochs 10 --batch-size 32 \
+    --lr 1e-3 --warmup 60 --seed "$SEED" --threads "$THREADS"
 stamp "captioner finetune"
 $SC train captioner --model "$WORK/pretrained" --features "$WORK/features" \
-    --out "$WORK/finetuned" --stage finetune --captions one --epochs 5 --batch-size 32 \
-    --lr 3e-4 --seed "$SEED" --max-minutes 2 --threads "$THREADS" \
+    --out "$WORK/finetuned" --stage finetune --captions one --epochs 3 --batch-size 32 \
+    --lr 3e-4 --seed "$SEED" --threads "$THREADS" \
     --decoding-mode beam --model-id streamcap-demo-v2
 stamp "abstention (calibrated on the val split)"
 $SC train calibrate --model "$WORK/finetuned" --manifest "$WORK/corpus/manifest.jsonl" \

@@ -180,7 +180,7 @@ def test_training_on_corpus_scenes_beats_chance_on_held_out_scenes(tmp_path: Pat
     config = RetrieverTrainConfig(
         audio_mode="wave", clip_s=4.0,
         optim=OptimConfig(lr=2e-3, warmup_steps=10, schedule="constant"),
-        loop=LoopConfig(epochs=25, batch_size=16, seed=0, drop_last=True, min_batch=2,
+        loop=LoopConfig(epochs=40, batch_size=16, seed=0, drop_last=True, min_batch=2,
                         progress=False))
     history, _ = train_retriever(model, tok, train, config)
     assert history.epoch_losses[-1] < history.epoch_losses[0]
