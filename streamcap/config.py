@@ -18,7 +18,7 @@ import socket
 import sys
 import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -43,6 +43,7 @@ from streamcap.sources.base import (
     parse_source_options,
     parse_source_uri,
 )
+from streamcap.triggers.spec import TriggerPathConfig, TriggerSpec, read_triggers
 
 MIN_WINDOW_S: Final = 10.0
 MAX_WINDOW_S: Final = 30.0
@@ -187,6 +188,8 @@ class Config:
     sources: Mapping[str, SourceConfig]
     sinks: Mapping[str, SinkConfig]
     http: HttpConfig
+    triggers: Mapping[str, TriggerSpec] = field(default_factory=dict)
+    trigger_path: TriggerPathConfig = field(default_factory=TriggerPathConfig)
     path: Path | None = None
 
 
@@ -199,6 +202,8 @@ class _Document:
     http: HttpConfig = option(default_factory=HttpConfig)
     sources: Mapping[str, object] = option(default_factory=dict)
     sinks: Mapping[str, object] = option(default_factory=dict)
+    triggers: Mapping[str, object] = option(default_factory=dict)
+    trigger_path: TriggerPathConfig = option(default_factory=TriggerPathConfig)
 
 
 def _read_source(name: str, table: Mapping[str, Any], where: str,
@@ -295,8 +300,9 @@ def read_config(data: Mapping[str, Any],
     sinks = _named_tables(top.sinks, "sinks", problems, _read_sink)
     if isinstance(data.get("sources"), Mapping) and not data["sources"]:
         problems.append("sources: at least one [sources.<name>] table is needed")
+    triggers = read_triggers(top.triggers, set(sources), problems)
     config = Config(daemon=top.daemon, model=top.model, sources=sources, sinks=sinks,
-                    http=top.http, path=path)
+                    http=top.http, triggers=triggers, trigger_path=top.trigger_path, path=path)
     return config, problems
 
 

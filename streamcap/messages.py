@@ -290,6 +290,39 @@ class Embedding:
     run_id: str = ""  # the window's run_id (Window.run_id)
 
 
+class TriggerState(StrEnum):
+    """A trigger's state for one source."""
+
+    ON = "on"
+    OFF = "off"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TriggerEvent:
+    """A trigger turned on or off for a source.
+
+    ``event_id`` never repeats, across restarts too (it holds the run id); the
+    ``off`` event of a firing carries the ``event_id`` of its ``on`` event in
+    ``fired_id``. ``start_s``/``end_s`` span the audio (stream clock) of the
+    windows that decided the change; ``captured_at`` is the wall-clock time of
+    the end of that audio.
+    """
+
+    event_id: str
+    trigger: str
+    source_id: str
+    state: TriggerState
+    score: float  # the deciding window's score (on: the best of the hits)
+    threshold: float
+    start_s: float
+    end_s: float
+    captured_at: float
+    model: str = ""
+    run_id: str = ""
+    fired_id: str = ""  # on an "off" event: the event_id of the "on" it ends
+    caption: str | None = None  # the source's latest caption, when there is one
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CaptionResult:
     """What a captioner returns for one window: its caption, embedding and seconds per stage."""
@@ -299,4 +332,4 @@ class CaptionResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-Published = Caption | Embedding | SourceStatus
+Published = Caption | Embedding | SourceStatus | TriggerEvent

@@ -46,7 +46,7 @@ def test_messages_leave_in_offer_order_across_kinds() -> None:
     assert inbox.depth == 5
     assert [id(m) for m in drain(inbox)] == [id(m) for m in msgs]
     assert inbox.depth == 0
-    assert dict(inbox.dropped) == {"caption": 0, "embedding": 0, "status": 0}
+    assert dict(inbox.dropped) == {"caption": 0, "embedding": 0, "status": 0, "trigger": 0}
 
 
 def test_full_inbox_drops_oldest_caption_counts_reports_and_warns() -> None:
@@ -161,7 +161,7 @@ def test_offer_after_close_and_discard_are_counted_drops() -> None:
         inbox.close()
         inbox.offer(cap(2))
     assert inbox.depth == 0
-    assert dict(inbox.dropped) == {"caption": 2, "embedding": 1, "status": 0}
+    assert dict(inbox.dropped) == {"caption": 2, "embedding": 1, "status": 0, "trigger": 0}
     assert dropped == ["caption", "embedding", "caption"]
     assert [e["window_id"] for e in logs if e["log_level"] == "warning"] == ["a:0:1000", "a:0:2000"]
 

@@ -229,7 +229,7 @@ def test_protocol_violations_are_plugin_errors(fake_dist: FakeDist, plugin: str,
     [
         ({"accepts": "caption"}, r"sinks\.x\.accepts: expected an array \(got a string"),
         ({"accepts": ["caption", "source_status"]},
-         r"sinks\.x\.accepts: must be some of caption, embedding, status \(got \['caption', "),
+         r"sinks\.x\.accepts: must be some of caption, embedding, status, trigger \(got \['caption', "),
         ({"accepts": ["embedding"]}, r"cannot take embedding \(it supports caption, status\)"),
         ({"accepts": []}, r"sinks\.x\.accepts: must not be empty \(got \[\]\)"),
         ({"queue_size": 0}, r"sinks\.x\.queue_size: must be between 1 and 100000 \(got 0\)"),

@@ -198,7 +198,7 @@ async def test_hello_then_default_subscription(start_sink: SinkFactory,
         assert caps["history"] == {"store": "memory", "covers": "run", "max_captions": 20,
                                    "scope": "source", "captions": {"kitchen": 0, "garden": 1}}
         assert caps["max_queue"] == 256 and caps["max_queue_bytes"] == 4 * 1024 * 1024
-        assert caps["kinds"] == ["caption", "embedding", "status"]
+        assert caps["kinds"] == ["caption", "embedding", "status", "trigger"]
         assert caps["sources"] == ["kitchen", "garden"]
         assert caps["backfill"] == 20 and caps["backfill_scope"] == "source"
         assert caps["auth_required"] is False and caps["tls"] is False
@@ -221,7 +221,7 @@ async def test_every_kind_arrives_in_order_with_the_schema_fields(
     async with connect(r.url) as ws:
         await greet(ws)
         ack = await subscribe(ws, kinds="*", id="s1")
-        assert ack["kinds"] == ["caption", "embedding", "status"] and ack["id"] == "s1"
+        assert ack["kinds"] == ["caption", "embedding", "status", "trigger"] and ack["id"] == "s1"
         msgs: list[Caption | Embedding | SourceStatus] = [status("kitchen")]
         for seq in range(5):
             msgs += [embedding("kitchen", seq, dim=16), caption("kitchen", seq),

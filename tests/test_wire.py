@@ -172,8 +172,8 @@ def test_kind_of_names_each_message_type() -> None:
     assert kind_of(caption()) == "caption"
     assert kind_of(embedding()) == "embedding"
     assert kind_of(status()) == "status"
-    assert KINDS == {"caption", "embedding", "status"}
-    with pytest.raises(TypeError, match="expected Caption, Embedding or SourceStatus"):
+    assert KINDS == {"caption", "embedding", "status", "trigger"}
+    with pytest.raises(TypeError, match="expected Caption, Embedding, SourceStatus or Trigger"):
         kind_of("not a message")  # type: ignore[arg-type]
 
 

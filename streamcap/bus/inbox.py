@@ -32,7 +32,7 @@ from typing import Final
 from streamcap.bus.wire import KINDS, kind_of
 from streamcap.errors import InboxClosed
 from streamcap.logs import get_logger
-from streamcap.messages import Published, SourceStatus
+from streamcap.messages import Published, SourceStatus, TriggerEvent
 from streamcap.queues import BoundedQueue, DropPolicy, DropReason
 
 _log = get_logger(__name__)
@@ -43,6 +43,7 @@ DEFAULT_POLICIES: Final[Mapping[str, DropPolicy]] = MappingProxyType(
         "caption": DropPolicy.DROP_OLDEST,
         "embedding": DropPolicy.LATEST_PER_SOURCE,
         "status": DropPolicy.LATEST_PER_SOURCE,
+        "trigger": DropPolicy.DROP_OLDEST,
     }
 )
 DEFAULT_MAX_PENDING: Final = 256
@@ -52,7 +53,9 @@ DropHook = Callable[[str, Published], None]
 
 
 def _window_id(msg: Published) -> str | None:
-    return None if isinstance(msg, SourceStatus) else msg.window_id
+    if isinstance(msg, SourceStatus):
+        return None
+    return msg.event_id if isinstance(msg, TriggerEvent) else msg.window_id
 
 
 class Inbox:

@@ -32,14 +32,15 @@ from streamcap.messages import (
     Float32Array,
     Published,
     SourceStatus,
+    TriggerEvent,
 )
 from streamcap.redact import redact
 
 PROTOCOL: Final = "streamcap.v1"
 PROTOCOL_VERSION: Final = 1
 
-Kind = Literal["caption", "embedding", "status"]
-KINDS: Final[frozenset[str]] = frozenset({"caption", "embedding", "status"})
+Kind = Literal["caption", "embedding", "status", "trigger"]
+KINDS: Final[frozenset[str]] = frozenset({"caption", "embedding", "status", "trigger"})
 """The message kinds, as used on the wire and in a sink's ``accepts``."""
 
 EMBEDDING_DIGITS: Final = 6
@@ -58,8 +59,11 @@ def kind_of(msg: Published) -> Kind:
         return "embedding"
     if isinstance(msg, SourceStatus):
         return "status"
+    if isinstance(msg, TriggerEvent):
+        return "trigger"
     raise TypeError(
-        f"cannot publish {type(msg).__name__}: expected Caption, Embedding or SourceStatus"
+        f"cannot publish {type(msg).__name__}: expected Caption, Embedding, SourceStatus "
+        f"or TriggerEvent"
     )
 
 
@@ -134,6 +138,22 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
             model=msg.model,
             dim=len(vector),
             vector=vector,
+        )
+    elif isinstance(msg, TriggerEvent):
+        frame.update(
+            run_id=msg.run_id,
+            event_id=msg.event_id,
+            fired_id=msg.fired_id or None,
+            trigger=msg.trigger,
+            source_id=msg.source_id,
+            state=str(msg.state.value),
+            score=_num(msg.score),
+            threshold=_num(msg.threshold),
+            start_s=_num(msg.start_s),
+            end_s=_num(msg.end_s),
+            captured_at=_num(msg.captured_at),
+            model=msg.model,
+            caption=msg.caption,
         )
     else:
         frame.update(
