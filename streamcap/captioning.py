@@ -265,7 +265,7 @@ def caption_files_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(model.threads)
     captioner: WindowCaptioner = build_captioner(
         args.model or model.bundle, model.decoding, device=device, dtype=dtype,
-        codec_follows_dtype=model.codec_precision == "model")
+        codec_follows_dtype=model.codec_precision == "model", abstention=model.abstention)
     from streamcap.logs import configure_logging
 
     # transformers replaced our log handler when it loaded

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from streamcap.errors import ConfigError
+from streamcap.models.decoding.abstain import AbstentionOptions
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.netpolicy import host_names_problem
 from streamcap.options import (
@@ -116,6 +117,7 @@ class ModelConfig:
                                   help='DAC encoder: fp32 (exact codes) or "model" '
                                        "(follow precision)")
     decoding: DecodingOptions = option(default_factory=DecodingOptions)
+    abstention: AbstentionOptions = option(default_factory=AbstentionOptions)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -496,7 +496,8 @@ def run_daemon(*, config_path: Path | None, model: str | None, source_uri: str |
     def factory() -> WindowCaptioner:
         return build_captioner(model_spec, config.model.decoding, device=runtime.device,
                                dtype=runtime.dtype,
-                               codec_follows_dtype=config.model.codec_precision == "model")
+                               codec_follows_dtype=config.model.codec_precision == "model",
+                               abstention=config.model.abstention)
 
     try:
         daemon = Daemon(config, factory, runtime=runtime)

@@ -13,6 +13,7 @@ from streamcap.errors import WeightsError
 from streamcap.models.decoding.abstain import (
     QUIET_TEXT,
     UNFAMILIAR_TEXT,
+    AbstentionOptions,
     AbstentionRule,
     calibrate,
     decide,
@@ -123,3 +124,29 @@ def test_calibrated_floors_together_keep_the_share_of_right_captions() -> None:
     assert rule.quiet_texts == ("silence",) and rule.calibration["keep"] == 0.8
     no_quiet = calibrate(confidences, None, keep=0.8)
     assert no_quiet.min_confidence == pytest.approx(0.2999) and no_quiet.quiet_texts == ()
+
+
+def test_config_changes_only_the_keys_it_sets() -> None:
+    bundle = AbstentionRule(min_confidence=0.6, quiet_texts=("a quiet room",), quiet_margin=0.03)
+    assert AbstentionOptions().apply(bundle) is bundle
+    changed = AbstentionOptions(min_confidence=0.4).apply(bundle)
+    assert changed is not None
+    assert (changed.min_confidence, changed.quiet_margin, changed.quiet_texts) == (
+        0.4, 0.03, ("a quiet room",))
+    assert changed.calibration["overridden_by_config"] == ["min_confidence"]
+
+
+def test_config_turns_the_rule_off_or_gives_a_bundle_one() -> None:
+    bundle = AbstentionRule(min_confidence=0.6)
+    assert AbstentionOptions(enabled=False).apply(bundle) is None
+    assert AbstentionOptions(quiet_margin=0.1).apply(None) is None
+    given = AbstentionOptions(min_confidence=0.5).apply(None)
+    assert given is not None and given.min_confidence == 0.5 and given.quiet_texts == ()
+
+
+def test_config_values_out_of_range_name_the_dotted_key() -> None:
+    from streamcap.config import parse_config
+    from streamcap.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.abstention\.min_confidence: must be between"):
+        parse_config({"model": {"abstention": {"min_confidence": 1.5}}})

@@ -28,6 +28,7 @@ from streamcap.config import (
     read_toml,
 )
 from streamcap.errors import ConfigError
+from streamcap.models.decoding.abstain import AbstentionOptions
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.options import known_keys
 from streamcap.sources.base import (
@@ -635,7 +636,8 @@ def _fields(cls: type) -> set[str]:
 def test_shipped_config_documents_every_dataclass_field() -> None:
     documented = _documented_keys(SHIPPED.read_text(encoding="utf-8"))
     assert documented["daemon"] == _fields(DaemonConfig)
-    assert documented["model"] == _fields(ModelConfig) - {"decoding"}
+    assert documented["model"] == _fields(ModelConfig) - {"decoding", "abstention"}
+    assert documented["model.abstention"] == _fields(AbstentionOptions)
     assert documented["model.decoding"] == _fields(DecodingOptions) - {"explicit"}
     capture = set().union(*(_fields(cls) for cls in SOURCE_OPTIONS.values()))
     assert documented["sources.default"] == (

@@ -47,7 +47,7 @@ from streamcap.models.bundle.components import Components, open_components
 from streamcap.models.codecs.dac import AudioTokenizer, CodecTokenizer, Precision
 from streamcap.models.codecs.encodec import EncodecTokenizer
 from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
-from streamcap.models.decoding.abstain import AbstentionRule, Verdict, decide
+from streamcap.models.decoding.abstain import AbstentionOptions, AbstentionRule, Verdict, decide
 from streamcap.models.decoding.inference import SharedCrossInference
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.models.decoding.rerank import TextScorer
@@ -269,7 +269,8 @@ def streaming_options(codec: AudioTokenizer) -> StreamingOptions:
 
 
 def build_captioner(spec: str, decoding: DecodingOptions, *, device: torch.device,
-                    dtype: torch.dtype, codec_follows_dtype: bool = False) -> Captioner:
+                    dtype: torch.dtype, codec_follows_dtype: bool = False,
+                    abstention: AbstentionOptions | None = None) -> Captioner:
     """The captioner ``streamcap run`` and ``streamcap caption`` use.
 
     Args:
@@ -280,8 +281,11 @@ def build_captioner(spec: str, decoding: DecodingOptions, *, device: torch.devic
         dtype: compute precision.
         codec_follows_dtype: run the codec encoder in ``dtype`` too (else float32,
             which keeps its codes exact).
+        abstention: the config's changes to the bundle's abstention rule.
     """
     components = open_components(spec)
+    if abstention is not None:
+        components.abstention = abstention.apply(components.abstention)
     decoding = decoding.with_defaults(components.decoding)
     codec_dtype = dtype if codec_follows_dtype else torch.float32
     return Captioner(components, decoding, device=device, dtype=dtype, codec_dtype=codec_dtype)

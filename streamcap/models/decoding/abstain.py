@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal
 
 from streamcap.errors import WeightsError
+from streamcap.options import option
 
 QUIET_TEXT: Final = "quiet"
 UNFAMILIAR_TEXT: Final = "an unfamiliar sound"
@@ -121,6 +122,44 @@ class AbstentionRule:
             return cls(**values)
         except ValueError as exc:
             raise WeightsError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbstentionOptions:
+    """``[model.abstention]``: the user's changes to the bundle's rule (each unset key keeps it).
+
+    ``enabled = false`` turns abstention off (every caption stands); a
+    ``min_confidence`` given for a bundle without a rule gives it one (with the
+    default level rule and no quiet texts).
+    """
+
+    enabled: bool = option(True, help="false: publish every caption as the model wrote it")
+    min_confidence: float | None = option(None, min=-1.0, max=1.0,
+                                          help="floor on the caption's retriever cosine; "
+                                               "unset = the bundle's")
+    quiet_margin: float | None = option(None, min=-2.0, max=2.0,
+                                        help="caption must beat the quiet texts by this; "
+                                             "unset = the bundle's")
+    quiet_dbfs: float | None = option(None, min=-200.0, max=0.0,
+                                      help="windows below this level are quiet; "
+                                           "unset = the bundle's")
+
+    def apply(self, rule: AbstentionRule | None) -> AbstentionRule | None:
+        """The rule the captioner uses: the bundle's ``rule`` with these changes."""
+        if not self.enabled:
+            return None
+        if rule is None:
+            if self.min_confidence is None:
+                return None
+            rule = AbstentionRule(min_confidence=self.min_confidence)
+        changes: dict[str, Any] = {
+            k: v for k, v in (("min_confidence", self.min_confidence),
+                              ("quiet_margin", self.quiet_margin),
+                              ("quiet_dbfs", self.quiet_dbfs)) if v is not None}
+        if not changes:
+            return rule
+        changes["calibration"] = {**rule.calibration, "overridden_by_config": sorted(changes)}
+        return replace(rule, **changes)
 
 
 def _problems(rule: AbstentionRule) -> list[str]:
