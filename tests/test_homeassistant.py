@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from streamcap.bus.wire import encode, to_wire
 from streamcap.messages import Caption, CaptionCandidate, Embedding
@@ -133,3 +134,72 @@ def test_small_captions_are_untouched() -> None:
     state = ha.caption_state(frame)
     assert state["text"] == "a dog barks"
     assert set(state) >= {"state", "text", "window_id", "score", "model", "seq"}
+
+
+# --------------------------------------------------------------------------- triggers
+
+
+def _trigger_configs(source: str = "kitchen", trigger: str = "dog",
+                     phrases: tuple[str, ...] = ()) -> dict[str, ha.DiscoveryMessage]:
+    msgs = ha.trigger_discovery(OPTS, source_id=source, trigger=trigger,
+                                state_topic=f"p/{source}/trigger/{trigger}",
+                                event_topic=f"p/{source}/trigger/{trigger}/event",
+                                phrases=phrases)
+    return {m.topic.split("/")[1]: m for m in msgs}
+
+
+def test_a_trigger_is_a_binary_sensor_and_an_event_on_the_daemons_device() -> None:
+    by = _trigger_configs()
+    assert set(by) == {"binary_sensor", "event"}
+    sensor, event = by["binary_sensor"], by["event"]
+    assert sensor.topic == "homeassistant/binary_sensor/streamcap_node_1/kitchen_trigger_dog/config"
+    assert event.topic == "homeassistant/event/streamcap_node_1/kitchen_trigger_dog_event/config"
+    assert sensor.payload["state_topic"] == "p/kitchen/trigger/dog"
+    assert (sensor.payload["payload_on"], sensor.payload["payload_off"]) == ("ON", "OFF")
+    assert sensor.payload["device_class"] == "sound"
+    assert event.payload["state_topic"] == "p/kitchen/trigger/dog/event"
+    assert event.payload["event_types"] == ["fired"]
+    source_device = ha.source_discovery(OPTS, source_id="kitchen", ha_state_topic="x",
+                                        status_topic="y")[0].payload["device"]
+    for m in (sensor, event):
+        assert m.retain
+        assert m.payload["device"] == source_device
+        assert m.payload["availability_topic"] == "streamcap/node.1/availability"
+
+
+def test_trigger_ids_are_stable_and_distinct() -> None:
+    a = _trigger_configs()
+    assert {k: m.encode() for k, m in a.items()} == {
+        k: m.encode() for k, m in _trigger_configs().items()}  # same after a restart
+    ids = {m.payload["unique_id"] for m in a.values()}
+    ids |= {m.payload["unique_id"] for m in _trigger_configs(trigger="glass").values()}
+    ids |= {m.payload["unique_id"] for m in _trigger_configs(source="garden").values()}
+    ids |= {m.payload["unique_id"] for m in ha.source_discovery(
+        OPTS, source_id="kitchen", ha_state_topic="x", status_topic="y")}
+    assert len(ids) == 9
+    assert a["binary_sensor"].payload["unique_id"] == "streamcap_node_1_kitchen_trigger_dog"
+
+
+@pytest.mark.parametrize(("name", "phrases", "expected"), [
+    ("dog", ("a dog barks",), "sound"),
+    ("smoke_alarm", (), "smoke"),
+    ("kitchen-alert", ("a smoke alarm beeps",), "smoke"),
+    ("co", ("a carbon monoxide alarm",), "carbon_monoxide"),
+    ("window", ("glass shatters",), "safety"),
+    ("alarm", ("smoke detector",), "safety"),  # the name decides before the phrasings
+    ("tap", ("water dripping from a tap",), "moisture"),
+    ("doorbell", ("a doorbell rings",), "sound"),
+    ("Siren", (), "safety"),
+])
+def test_device_class_from_the_triggers_words(name: str, phrases: tuple[str, ...],
+                                              expected: str) -> None:
+    assert ha.trigger_device_class(name, phrases) == expected
+    assert _trigger_configs(trigger=name, phrases=phrases)[
+        "binary_sensor"].payload["device_class"] == expected
+
+
+def test_removal_is_empty_retained_configs_on_the_same_topics() -> None:
+    configs = _trigger_configs(source="living room")
+    removal = ha.trigger_removal(OPTS, source_id="living room", trigger="dog")
+    assert sorted(m.topic for m in removal) == sorted(m.topic for m in configs.values())
+    assert all(m.retain and m.encode() == b"" for m in removal)

@@ -334,7 +334,7 @@ async def test_thirty_clients_that_never_read_stay_within_their_queue_bounds(
         for reader, writer in streams:
             writer.write(masked_text_frame('{"type": "subscribe", "kinds": "*"}'))
             await read_until(reader, b'"subscribed","v":1,"sources":"*",'
-                                     b'"kinds":["caption","embedding","status"]')
+                                     b'"kinds":["caption","embedding","status","trigger"]')
         assert len(r.sink.backlogs()) == 30
         for seq in range(150):  # about 45 kB each: 6.7 MB per client, 200 MB in all
             r.inbox.offer(embedding(seq, 4096))

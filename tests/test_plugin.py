@@ -29,6 +29,7 @@ from streamcap.bus.plugin import (
     load_sinks,
     load_source_factory,
     sink_listens_on,
+    tell_triggers,
 )
 from streamcap.errors import ConfigError, PluginError
 
@@ -338,3 +339,38 @@ def test_a_sink_that_listens_for_nobody_has_no_configured_endpoint() -> None:
     assert sink_listens_on(Quiet()) is None
     assert sink_listens_on(Lying()) is None
     assert sink_listens_on(load_sink("broker", "mqtt", {"host": "127.0.0.1"})) is None
+
+
+def test_the_live_set_of_triggers_reaches_only_sinks_that_follow_triggers() -> None:
+    from streamcap.triggers.spec import read_trigger
+
+    class Follows:
+        accepts = frozenset({"trigger"})
+
+        def __init__(self) -> None:
+            self.told: list[list[str]] = []
+
+        async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+            return None
+
+        def triggers_changed(self, specs: Any) -> None:
+            self.told.append(sorted(specs))
+
+    class Ignores:
+        accepts = frozenset({"caption"})
+
+        async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+            return None
+
+    info = PluginInfo(group=SINKS_GROUP, name="x", value="m:f", distribution="", version="")
+    inner = Follows()
+    loaded = LoadedSink(instance="a", sink=inner, accepts=inner.accepts, queue_size=8,
+                        plugin=info)
+    specs = {"dog": read_trigger("dog", {"text": ["a dog barks"]}, "triggers.dog").value}
+    tell_triggers(loaded, specs)
+    tell_triggers(loaded, {})
+    assert inner.told == [["dog"], []]
+    other = LoadedSink(instance="b", sink=Ignores(), accepts=frozenset({"caption"}),
+                       queue_size=8, plugin=info)
+    tell_triggers(other, specs)  # nothing to tell, nothing raised
+    tell_triggers(object(), specs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Self
 
 import aiomqtt
+import jsonschema
 import numpy as np
 import pytest
 import structlog
@@ -32,10 +34,19 @@ from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext
 from streamcap.errors import ConfigError
 from streamcap.logs import get_logger
-from streamcap.messages import Caption, CaptionCandidate, Embedding, SourceState, SourceStatus
+from streamcap.messages import (
+    Caption,
+    CaptionCandidate,
+    Embedding,
+    SourceState,
+    SourceStatus,
+    TriggerEvent,
+    TriggerState,
+)
 from streamcap.sinks.homeassistant import STATE_MAX_CHARS
 from streamcap.sinks.mqtt import MqttSink, Topics, create_sink
 from streamcap.stats import Metrics
+from streamcap.triggers.spec import TriggerSpec, read_trigger
 
 NODE = "node1"
 PREFIX = f"streamcap/{NODE}"
@@ -454,3 +465,117 @@ async def test_username_and_password_from_the_environment(
     async with Collector(b, ("streamcap/#",), auth=("cap", "s3cret")) as col2, running(fixed):
         await until(lambda: len(col2.on("/caption")) == 1, "the caption of the earlier run")
     assert col2.on("/caption")[0].json()["window_id"] == caption(2).window_id
+
+
+# --------------------------------------------------------------------------- triggers
+
+SCHEMA_PATH = REPO / "docs" / "streamcap.v1.schema.json"
+RUN = "0123456789abcdef"
+
+
+def trigger_event(n: int, state: TriggerState, *, source: str = "kitchen", trigger: str = "dog",
+                  fired_id: str = "") -> TriggerEvent:
+    """Event number ``n`` of a run, named as the engine names it."""
+    return TriggerEvent(event_id=f"{RUN}-{trigger}-{source}-{n}", trigger=trigger,
+                        source_id=source, state=state, score=0.4, threshold=0.3,
+                        start_s=float(n), end_s=n + 5.0, captured_at=1.7e9 + n, model="clap",
+                        run_id=RUN, fired_id=fired_id, caption="a dog barks")
+
+
+def announcement(n: int, *, source: str = "kitchen", trigger: str = "dog") -> TriggerEvent:
+    """The engine's state announcement: off, no firing, numbers NaN."""
+    return TriggerEvent(event_id=f"{RUN}-{trigger}-{source}-{n}", trigger=trigger,
+                        source_id=source, state=TriggerState.OFF, score=math.nan,
+                        threshold=math.nan, start_s=math.nan, end_s=math.nan,
+                        captured_at=1.7e9, model="clap", run_id=RUN)
+
+
+def spec(name: str, *text: str, sources: tuple[str, ...] = ()) -> TriggerSpec:
+    got = read_trigger(name, {"text": list(text), "sources": list(sources)}, f"triggers.{name}")
+    assert not got.problems
+    return got.value
+
+
+async def test_trigger_state_event_discovery_and_removal(broker: Mosquitto,
+                                                         tmp_path: Path) -> None:
+    h = harness(broker, tmp_path / "state")
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    state_topic = f"{PREFIX}/kitchen/trigger/dog"
+    async with (Collector(broker, ("homeassistant/#", f"{PREFIX}/+/trigger/#")) as col,
+                running(h) as inbox):
+        await until(lambda: h.gauge("streamcap_mqtt_connected") == 1, "connected")
+        h.sink.triggers_changed({"dog": spec("dog", "a smoke alarm beeps")})
+        inbox.offer(announcement(1))
+        await until(lambda: len(col.on("/trigger/dog")) == 1, "the announced OFF")
+        assert await retained(broker, state_topic) == "OFF"
+        # the announcement publishes no event, but the entities
+        await until(lambda: len(col.on("/config")) == 5, "discovery of the source and the pair")
+        assert col.on("/event") == []
+        inbox.offer(trigger_event(2, TriggerState.ON))
+        await until(lambda: len(col.on("/trigger/dog")) == 2, "ON")
+        assert await retained(broker, state_topic) == "ON"
+        inbox.offer(trigger_event(3, TriggerState.OFF, fired_id=f"{RUN}-dog-kitchen-2"))
+        await until(lambda: len(col.on("/trigger/dog")) == 3 and len(col.on("/event")) == 2,
+                    "OFF and two events")
+        # a real mosquitto_sub, arriving late, gets the retained state
+        assert await retained(broker, state_topic) == "OFF"
+        configs = {m.topic: m for m in col.on("/config")}
+        sensor_topic = "homeassistant/binary_sensor/streamcap_node1/kitchen_trigger_dog/config"
+        assert json.loads(await retained(broker, sensor_topic) or "{}")["state_topic"] == \
+            state_topic  # retained: Home Assistant finds it when it starts later
+        await asyncio.to_thread(subprocess.run, [
+            "mosquitto_pub", "-h", broker.host, "-p", str(broker.port),
+            "-t", "homeassistant/status", "-m", "online"], check=True, timeout=30)
+        await until(lambda: len(col.on("/config")) == 10, "discovery after the birth message")
+        # the trigger is removed at run time: its entities and its retained state go
+        h.sink.triggers_changed({})
+        await until(lambda: len([m for m in col.on("/config") if m.payload == b""]) == 2,
+                    "empty discovery configs")
+        assert await retained(broker, state_topic) is None
+    states = [(m.payload, m.retain) for m in col.on("/trigger/dog")]
+    assert states[:3] == [(b"OFF", False), (b"ON", False), (b"OFF", False)]
+    assert states[3:] == [(b"", False)]  # the removal clears the retained state
+    events = [m.json() for m in col.on("/event")]
+    for m, frame in zip(col.on("/event"), events, strict=True):
+        assert m.topic == f"{state_topic}/event" and not m.retain
+        validator.validate(frame)
+    assert [(e["state"], e["event_id"], e["fired_id"]) for e in events] == [
+        ("on", f"{RUN}-dog-kitchen-2", None), ("off", f"{RUN}-dog-kitchen-3",
+                                               f"{RUN}-dog-kitchen-2")]
+    sensor = configs[sensor_topic]
+    event = configs["homeassistant/event/streamcap_node1/kitchen_trigger_dog_event/config"]
+    assert sensor.json()["state_topic"] == state_topic
+    assert sensor.json()["device_class"] == "smoke"  # from the phrasing the daemon told
+    assert event.json()["state_topic"] == f"{state_topic}/event"
+    removed = {m.topic for m in col.on("/config") if m.payload == b""}
+    assert removed == {sensor.topic, event.topic}
+    assert h.metrics.counter("streamcap_mqtt_published_total", "", ["sink", "kind"]).value(
+        "mqtt", "trigger") == 2
+
+
+async def test_trigger_events_wait_in_the_outbox_while_the_broker_is_away(
+        broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
+    b = broker_factory(workdir=tmp_path / "broker")
+    topics = (f"{PREFIX}/+/trigger/#",)
+    b.start()
+    await _make_persistent_session(b, "observer", topics)
+    b.stop()
+    h = harness(b, tmp_path / "state", discovery=False)
+    async with running(h) as inbox:  # no broker at all
+        inbox.offer(announcement(1))
+        inbox.offer(announcement(1, source="garden"))
+        for n in range(2, 8, 2):
+            inbox.offer(trigger_event(n, TriggerState.ON))
+            inbox.offer(trigger_event(n + 1, TriggerState.OFF, fired_id=f"{RUN}-dog-kitchen-{n}"))
+        inbox.offer(trigger_event(8, TriggerState.ON, source="garden"))
+        await until(lambda: h.gauge("streamcap_mqtt_outbox_depth") == 9, "9 in the outbox")
+        assert h.gauge("streamcap_mqtt_connected") == 0
+        b.start()
+        await until(lambda: h.gauge("streamcap_mqtt_outbox_depth") == 0, "empty outbox")
+        async with Collector(b, topics, client_id="observer", persistent=True) as col:
+            await until(lambda: len(first_occurrences(
+                [str(m.json()["event_id"]) for m in col.on("/event")])) == 7, "7 events")
+    ids = first_occurrences([str(m.json()["event_id"]) for m in col.on("/event")])
+    assert ids == [f"{RUN}-dog-kitchen-{n}" for n in range(2, 8)] + [f"{RUN}-dog-garden-8"]
+    assert await retained(b, f"{PREFIX}/kitchen/trigger/dog") == "OFF"
+    assert await retained(b, f"{PREFIX}/garden/trigger/dog") == "ON"

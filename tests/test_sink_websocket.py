@@ -36,7 +36,15 @@ from streamcap.bus import wire
 from streamcap.bus.inbox import DropPolicy, Inbox
 from streamcap.bus.plugin import SinkContext, SinkEndpoint
 from streamcap.errors import ConfigError
-from streamcap.messages import Caption, CaptionCandidate, Embedding, SourceState, SourceStatus
+from streamcap.messages import (
+    Caption,
+    CaptionCandidate,
+    Embedding,
+    SourceState,
+    SourceStatus,
+    TriggerEvent,
+    TriggerState,
+)
 from streamcap.sinks.websocket import WebSocketSink, create_sink
 from streamcap.stats import Metrics
 
@@ -80,7 +88,25 @@ def status(source: str, state: SourceState = SourceState.RUNNING) -> SourceStatu
     return SourceStatus(source_id=source, state=state, reason="test", at=1_700_000_000.0)
 
 
-def expected(msg: Caption | Embedding | SourceStatus) -> Json:
+def trigger(n: int, state: TriggerState, *, source: str = "kitchen", name: str = "dog",
+            fired_id: str = "") -> TriggerEvent:
+    """Event number ``n`` of this run, named as the engine names it."""
+    return TriggerEvent(event_id=f"{RUN}-{name}-{source}-{n}", trigger=name, source_id=source,
+                        state=state, score=0.4, threshold=0.3, start_s=float(n), end_s=n + 5.0,
+                        captured_at=1_700_000_000.0 + n, model="tiny-retriever", run_id=RUN,
+                        fired_id=fired_id, caption="a dog barks")
+
+
+def announcement(n: int, *, source: str = "kitchen", name: str = "dog") -> TriggerEvent:
+    """The engine's state announcement at start: off, no firing, NaN numbers."""
+    nan = float("nan")
+    return TriggerEvent(event_id=f"{RUN}-{name}-{source}-{n}", trigger=name, source_id=source,
+                        state=TriggerState.OFF, score=nan, threshold=nan, start_s=nan,
+                        end_s=nan, captured_at=1_700_000_000.0, model="tiny-retriever",
+                        run_id=RUN)
+
+
+def expected(msg: Caption | Embedding | SourceStatus | TriggerEvent) -> Json:
     """What a client must receive for ``msg``: the wire frame, through JSON."""
     out: Json = json.loads(wire.encode(wire.to_wire(msg, node_id="node1")))
     return out
@@ -100,7 +126,7 @@ class Running:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.sink.bound_port}/"
 
-    def offer(self, *msgs: Caption | Embedding | SourceStatus) -> None:
+    def offer(self, *msgs: Caption | Embedding | SourceStatus | TriggerEvent) -> None:
         for m in msgs:
             self.inbox.offer(m)
 
@@ -202,9 +228,10 @@ async def test_hello_then_default_subscription(start_sink: SinkFactory,
         assert caps["sources"] == ["kitchen", "garden"]
         assert caps["backfill"] == 20 and caps["backfill_scope"] == "source"
         assert caps["auth_required"] is False and caps["tls"] is False
-        assert caps["default_subscription"] == {"sources": "*", "kinds": ["caption", "status"]}
+        assert caps["default_subscription"] == {"sources": "*",
+                                                "kinds": ["caption", "status", "trigger"]}
         assert subscribed == {"type": "subscribed", "v": 1, "sources": "*",
-                              "kinds": ["caption", "status"], "backfill": 1}
+                              "kinds": ["caption", "status", "trigger"], "backfill": 1}
         # the replay: current status of each source, then the backfilled captions
         assert await recv(ws) == expected(status("kitchen"))
         assert await recv(ws) == expected(caption("garden", 0))
@@ -235,6 +262,46 @@ async def test_every_kind_arrives_in_order_with_the_schema_fields(
     assert kitchen_seqs == list(range(5))
     emb = next(f for f in got if f["type"] == "embedding")
     assert emb["dim"] == 16 and len(emb["vector"]) == 16
+
+
+async def test_trigger_frames_by_default_and_the_latest_state_backfilled(
+        start_sink: SinkFactory, validator: jsonschema.Draft202012Validator) -> None:
+    """Trigger events reach a client that never subscribed; a client that connects later
+    gets the latest state of every (source, trigger) pair before the captions; one that
+    subscribes to captions only gets none; a trigger removed at run time is not replayed."""
+    r = await start_sink()
+    r.offer(announcement(1), announcement(1, name="glass"), announcement(1, source="garden"))
+    await r.settled()
+    async with connect(r.url) as early, connect(r.url) as captions_only:
+        await greet(early)
+        await greet(captions_only)
+        await subscribe(captions_only, kinds=["caption"])
+        [await recv(early) for _ in range(3)]  # the announcements' backfill
+        live = [trigger(2, TriggerState.ON), caption("kitchen", 0),
+                trigger(3, TriggerState.OFF, fired_id=f"{RUN}-dog-kitchen-2"),
+                trigger(4, TriggerState.ON)]
+        r.offer(*live)
+        got = [await recv(early) for _ in live]
+        assert got == [expected(m) for m in live]
+        for frame in got:
+            validator.validate(frame)
+        assert await recv(captions_only) == expected(caption("kitchen", 0))
+        await captions_only.send(json.dumps({"type": "ping", "id": 1}))
+        assert await recv(captions_only) == {"type": "pong", "v": 1, "id": 1}
+    async with connect(r.url) as late:
+        _, subscribed = await greet(late)
+        assert subscribed["backfill"] == 1  # captions replayed; trigger states come besides
+        replay = [await recv(late) for _ in range(4)]
+        assert replay == [expected(announcement(1, name="glass")),
+                          expected(announcement(1, source="garden")),
+                          expected(trigger(4, TriggerState.ON)),
+                          expected(caption("kitchen", 0))]
+        for frame in replay:
+            validator.validate(frame)
+    r.sink.triggers_changed({})  # every trigger removed
+    async with connect(r.url) as after:
+        _, subscribed = await greet(after)
+        assert await recv(after) == expected(caption("kitchen", 0))
 
 
 async def test_subscription_filters_by_source_and_kind(start_sink: SinkFactory) -> None:

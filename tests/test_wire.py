@@ -24,7 +24,15 @@ from streamcap.bus.wire import (
     kind_of,
     to_wire,
 )
-from streamcap.messages import Caption, CaptionCandidate, Embedding, SourceState, SourceStatus
+from streamcap.messages import (
+    Caption,
+    CaptionCandidate,
+    Embedding,
+    SourceState,
+    SourceStatus,
+    TriggerEvent,
+    TriggerState,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
@@ -80,6 +88,21 @@ def status() -> SourceStatus:
                         retry_in_s=2.0, attempt=2)
 
 
+def trigger(state: TriggerState = TriggerState.ON, fired_id: str = "") -> TriggerEvent:
+    return TriggerEvent(event_id=f"{RUN}-dog-kitchen-2", trigger="dog", source_id="kitchen",
+                        state=state, score=0.3125, threshold=0.25, start_s=41.0, end_s=46.0,
+                        captured_at=1767225646.5, model="clap-tiny", run_id=RUN,
+                        fired_id=fired_id, caption="a dog barks while a kettle whistles")
+
+
+def announcement() -> TriggerEvent:
+    """What the engine publishes at start for every pair it watches: off, no firing."""
+    return TriggerEvent(event_id=f"{RUN}-dog-kitchen-1", trigger="dog", source_id="kitchen",
+                        state=TriggerState.OFF, score=math.nan, threshold=math.nan,
+                        start_s=math.nan, end_s=math.nan, captured_at=1767225600.0,
+                        model="clap-tiny", run_id=RUN)
+
+
 FRAMES: dict[str, Any] = {
     "hello": lambda: hello("node-a", {"kinds": ["caption", "embedding", "status"],
                                       "sources": ["kitchen", "porch"], "backfill": 20,
@@ -92,6 +115,7 @@ FRAMES: dict[str, Any] = {
     "embedding": lambda: to_wire(embedding(), node_id="node-a"),
     "status": lambda: to_wire(status(), node_id="node-a"),
     "error": lambda: error_frame("bad_json", "frame is not valid JSON", offset=7),
+    "trigger": lambda: to_wire(trigger(), node_id="node-a"),
 }
 
 
@@ -142,6 +166,12 @@ def test_every_snapshot_file_is_a_known_frame(validator: jsonschema.Draft202012V
         ("caption", lambda f: f.pop("abstained")),
         ("caption", lambda f: f.update(abstained="no")),
         ("caption", lambda f: f.update(confidence="high")),
+        ("trigger", lambda f: f.update(state="ON")),
+        ("trigger", lambda f: f.update(trigger="dog/bark")),
+        ("trigger", lambda f: f.update(event_id="")),
+        ("trigger", lambda f: f.pop("fired_id")),
+        ("trigger", lambda f: f.pop("run_id")),
+        ("trigger", lambda f: f.update(window_id="x")),
     ],
 )
 def test_schema_rejects_malformed_frames(
@@ -280,3 +310,19 @@ def test_any_embedding_and_status_validate(
                        node_id="node")
     validator.validate(st_frame)
     assert st_frame["state"] == state.value
+
+
+def test_trigger_frames_on_off_and_announcement(validator: jsonschema.Draft202012Validator) -> None:
+    """An on frame has no fired_id; its off carries the on's event_id; an announcement is an
+    off without fired_id whose numbers are null (NaN), and every one is strict JSON."""
+    on = to_wire(trigger(), node_id="node-a")
+    off = to_wire(trigger(TriggerState.OFF, fired_id=str(on["event_id"])), node_id="node-a")
+    told = to_wire(announcement(), node_id="node-a")
+    for frame in (on, off, told):
+        validator.validate(frame)
+        assert json.loads(encode(frame)) == frame
+    assert kind_of(trigger()) == "trigger"
+    assert (on["state"], on["fired_id"]) == ("on", None)
+    assert (off["state"], off["fired_id"]) == ("off", on["event_id"])
+    assert told["state"] == "off" and told["fired_id"] is None
+    assert told["score"] is None and told["threshold"] is None and told["start_s"] is None

@@ -23,7 +23,7 @@ from streamcap.sinks.ws_protocol import (
     parse_client_frame,
 )
 
-ALL = frozenset({"caption", "embedding", "status"})
+ALL = frozenset({"caption", "embedding", "status", "trigger"})
 
 
 def parse(obj: object, *, offered: frozenset[str] = ALL, max_backfill: int = 20) -> object:
@@ -34,10 +34,11 @@ def parse(obj: object, *, offered: frozenset[str] = ALL, max_backfill: int = 20)
 # --------------------------------------------------------------------------- subscriptions
 
 
-def test_default_subscription_is_captions_and_status_of_every_source() -> None:
+def test_default_subscription_is_captions_status_and_triggers_of_every_source() -> None:
     sub = default_subscription(ALL)
-    assert sub.kinds == DEFAULT_KINDS == {"caption", "status"}
+    assert sub.kinds == DEFAULT_KINDS == {"caption", "status", "trigger"}
     assert sub.wants("caption", "anything") and sub.wants("status", "x")
+    assert sub.wants("trigger", "x")
     assert not sub.wants("embedding", "x")
     assert default_subscription(frozenset({"caption"})).kinds == {"caption"}
 
@@ -48,7 +49,8 @@ def test_subscription_filters_by_source_and_kind() -> None:
     assert not sub.wants("embedding", "garden")
     assert not sub.wants("caption", "kitchen")
     assert sub.describe() == {"sources": ["kitchen"], "kinds": ["embedding"]}
-    assert Subscription().describe() == {"sources": "*", "kinds": ["caption", "status"]}
+    assert Subscription().describe() == {"sources": "*",
+                                         "kinds": ["caption", "status", "trigger"]}
 
 
 # --------------------------------------------------------------------------- client frames
@@ -225,6 +227,18 @@ def test_queue_drops_embeddings_first_then_oldest_and_reports_once() -> None:
     assert all(d == {} for d, _ in items[1:])
 
 
+def test_queue_drops_trigger_events_after_captions_and_status() -> None:
+    q = ClientQueue(3)
+    q.push("trigger", "t1")
+    q.push("caption", "c1")
+    q.push("status", "s1")
+    assert q.push("trigger", "t2") == ["caption"]  # c1 goes, though t1 is older
+    assert q.push("embedding", "e1") == ["embedding"]  # the newest goes when it is lowest
+    assert q.push("trigger", "t3") == ["status"]
+    assert q.push(CONTROL, "pong") == ["trigger"]  # only triggers left: the oldest one
+    assert [f for _, f in drain(q)] == ["t2", "t3", "pong"]
+
+
 def test_queue_drops_control_frames_only_when_nothing_else_is_left() -> None:
     q = ClientQueue(2)
     for i in range(5):
@@ -310,6 +324,33 @@ def test_history_replays_only_what_a_new_subscription_adds() -> None:
     assert h.replay(old, Subscription(), 5) == []
     no_captions = Subscription(kinds=frozenset({"status", "embedding"}))
     assert h.replay(no_captions, None, 5) == [("status", "ks"), ("status", "gs")]
+
+
+def test_history_replays_the_latest_trigger_frame_of_each_pair() -> None:
+    h = History(5)
+    h.add("trigger", "k", "k-dog-off", trigger="dog")  # the announcement at start
+    h.add("trigger", "k", "k-glass-off", trigger="glass")
+    h.add("trigger", "g", "g-dog-off", trigger="dog")
+    h.add("caption", "k", "k1")
+    h.add("trigger", "k", "k-dog-on", trigger="dog")  # replaces the announcement
+    h.add("status", "k", "ks")
+    assert h.trigger_pairs() == [("k", "glass"), ("g", "dog"), ("k", "dog")]
+    # status, then trigger states (oldest change first, whatever the caption limit), captions
+    assert h.replay(Subscription(), None, 0) == [
+        ("status", "ks"), ("trigger", "k-glass-off"), ("trigger", "g-dog-off"),
+        ("trigger", "k-dog-on")]
+    only_g = Subscription(sources=frozenset({"g"}))
+    assert h.replay(only_g, None, 5) == [("trigger", "g-dog-off")]
+    no_triggers = Subscription(kinds=frozenset({"caption"}))
+    assert h.replay(no_triggers, None, 5) == [("caption", "k1")]
+    assert h.replay(Subscription(), no_triggers, 0) == [
+        ("status", "ks"), ("trigger", "k-glass-off"), ("trigger", "g-dog-off"),
+        ("trigger", "k-dog-on")]
+    assert h.held() == {"k": 1, "g": 0}  # captions only
+    # a trigger removed at run time is not replayed any more
+    assert h.forget_triggers(lambda pair: pair[1] != "dog") == [("g", "dog"), ("k", "dog")]
+    assert h.replay(Subscription(kinds=frozenset({"trigger"})), None, 5) == [
+        ("trigger", "k-glass-off")]
 
 
 def test_history_with_size_zero_keeps_no_captions() -> None:

@@ -55,6 +55,7 @@ from streamcap.stats import Metrics
 
 if TYPE_CHECKING:
     from streamcap.sources.base import SourceFactory
+    from streamcap.triggers.spec import TriggerSpec
 
 SINKS_GROUP: Final = "streamcap.sinks"
 SOURCES_GROUP: Final = "streamcap.sources"
@@ -168,6 +169,27 @@ def sink_listens_on(sink: object) -> SinkEndpoint | None:
     return found if isinstance(found, SinkEndpoint) else None
 
 
+@runtime_checkable
+class FollowsTriggers(Protocol):
+    """A sink that keeps state per (source, trigger) pair; optional on top of :class:`Sink`.
+
+    The daemon calls ``triggers_changed`` on the event loop with the full live
+    set of triggers, once at start and after every change at run time, so
+    that the sink can drop what it holds for a trigger that is gone (retained
+    topics, Home Assistant entities, replayed frames).
+    """
+
+    def triggers_changed(self, specs: Mapping[str, TriggerSpec]) -> None:
+        """The live set of triggers is now ``specs``."""
+        ...
+
+
+def tell_triggers(sink: object, specs: Mapping[str, TriggerSpec]) -> None:
+    """Pass the live set of triggers to ``sink`` if it follows them; else nothing."""
+    if isinstance(sink, FollowsTriggers):
+        sink.triggers_changed(specs)
+
+
 class SinkFactory(Protocol):
     """The signature of every ``streamcap.sinks`` entry point."""
 
@@ -224,6 +246,10 @@ class LoadedSink:
     def configured_endpoint(self) -> SinkEndpoint | None:
         """Where the plugin's sink will listen (see :class:`Listens`), None if nowhere."""
         return sink_listens_on(self.sink)
+
+    def triggers_changed(self, specs: Mapping[str, TriggerSpec]) -> None:
+        """Passed on to the plugin's sink if it follows triggers (:class:`FollowsTriggers`)."""
+        tell_triggers(self.sink, specs)
 
     def __repr__(self) -> str:
         return (f"LoadedSink({self.instance!r}, plugin={self.plugin.name!r}, "

@@ -18,7 +18,22 @@ built by :func:`caption_state`) rather than the full caption topic, so that
 Home Assistant never receives candidates lists and never anything from an
 embedding: only the whitelisted fields below reach it. Every entity shares
 the daemon's availability topic. Discovery topics follow
-``<discovery_prefix>/sensor/streamcap_<node_id>/<object_id>/config``.
+``<discovery_prefix>/<component>/streamcap_<node_id>/<object_id>/config``.
+
+For every (source, trigger) pair (:func:`trigger_discovery`), two more entities:
+
+* ``binary_sensor`` "<source> <trigger>": ``ON`` while the trigger is on for
+  that source (the retained ``<prefix>/<source>/trigger/<name>`` topic), with
+  a device class chosen from the trigger's name and phrasings
+  (:func:`trigger_device_class`, ``sound`` when nothing more specific fits);
+* ``event`` "<source> <trigger> fired": one ``fired`` event per firing, read
+  from the JSON event topic (``.../trigger/<name>/event``) through a value
+  template that turns an ``on`` frame into ``{"event_type": "fired", ...}``
+  and an ``off`` frame into nothing (Home Assistant ignores an empty result).
+
+Their ids hold only the node id, the source and the trigger name, so they are
+the same after a restart. :func:`trigger_removal` gives the empty retained
+configs that remove both.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ from __future__ import annotations
 import json
 import re
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -100,7 +115,10 @@ class DiscoveryMessage:
     retain: bool = True
 
     def encode(self) -> bytes:
-        """The payload as compact JSON bytes."""
+        """The payload as compact JSON bytes; an empty payload is empty bytes (it removes the
+        entity)."""
+        if not self.payload:
+            return b""
         return json.dumps(self.payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -116,7 +134,7 @@ def device_info(options: DiscoveryOptions) -> dict[str, object]:
 
 
 def _entity(options: DiscoveryOptions, *, source_id: str, suffix: str, name: str,
-            extra: Mapping[str, object]) -> DiscoveryMessage:
+            extra: Mapping[str, object], component: str = "sensor") -> DiscoveryMessage:
     oid = f"{object_id(source_id)}_{suffix}"
     unique_id = f"{options.device_id}_{oid}"
     payload: dict[str, object] = {
@@ -129,8 +147,11 @@ def _entity(options: DiscoveryOptions, *, source_id: str, suffix: str, name: str
         "origin": {"name": "streamcap", "sw_version": options.sw_version},
     }
     payload.update(extra)
-    topic = f"{options.discovery_prefix}/sensor/{options.device_id}/{oid}/config"
-    return DiscoveryMessage(topic=topic, payload=payload)
+    return DiscoveryMessage(topic=_config_topic(options, component, oid), payload=payload)
+
+
+def _config_topic(options: DiscoveryOptions, component: str, oid: str) -> str:
+    return f"{options.discovery_prefix}/{component}/{options.device_id}/{oid}/config"
 
 
 def source_discovery(options: DiscoveryOptions, *, source_id: str, ha_state_topic: str,
@@ -247,3 +268,124 @@ def _fit_text(payload: dict[str, object], text: str, max_bytes: int) -> dict[str
     if fitting <= len(ELLIPSIS):
         return None
     return {**payload, "text": truncate_state(text, fitting)}
+
+
+# --------------------------------------------------------------------------- triggers
+
+STATE_ON: Final = "ON"
+"""The retained state payload of a trigger that is on (the binary sensor's ``payload_on``)."""
+STATE_OFF: Final = "OFF"
+"""... and of one that is off (``payload_off``)."""
+EVENT_TYPE: Final = "fired"
+"""The one event type of a trigger's ``event`` entity."""
+DEFAULT_DEVICE_CLASS: Final = "sound"
+"""A trigger's binary sensor is a sound detector unless its words say more."""
+EVENT_CAPTION_MAX_CHARS: Final = 1024
+"""The caption carried into Home Assistant's event and attributes is cut here."""
+
+# Home Assistant binary_sensor device classes chosen from a trigger's words, first match
+# wins: the more specific hazards before the general "safety" (a smoke alarm is smoke).
+_DEVICE_CLASS_WORDS: Final[tuple[tuple[str, frozenset[str]], ...]] = (
+    ("carbon_monoxide", frozenset({"monoxide"})),
+    ("smoke", frozenset({"smoke", "fire"})),
+    ("gas", frozenset({"gas"})),
+    ("moisture", frozenset({"leak", "leaking", "drip", "dripping", "flood", "flooding"})),
+    ("safety", frozenset({"glass", "shatter", "shattering", "smash", "smashing", "alarm",
+                          "siren", "scream", "screaming", "gunshot", "gunshots", "burglar",
+                          "intruder", "explosion"})),
+)
+_WORD_RE: Final = re.compile(r"[a-z0-9]+")
+
+# A trigger frame's fields that reach Home Assistant (as event data and attributes).
+_EVENT_FIELDS: Final = ("event_id", "trigger", "source_id", "score", "threshold", "start_s",
+                        "end_s", "captured_at", "model")
+
+
+def trigger_device_class(name: str, phrases: Iterable[str] = ()) -> str:
+    """The binary_sensor device class for a trigger, from its name, then its phrasings.
+
+    ``smoke``, ``carbon_monoxide``, ``gas``, ``moisture`` (leaks) or ``safety``
+    (glass breaking, alarms, sirens, screams) when a word says so; else
+    :data:`DEFAULT_DEVICE_CLASS` (``sound``). The name decides before the
+    phrasings: ``smoke_alarm`` is ``smoke`` whatever its text.
+    """
+    for text in (name.replace("_", " ").replace("-", " "), *phrases):
+        words = set(_WORD_RE.findall(text.lower()))
+        for device_class, keys in _DEVICE_CLASS_WORDS:
+            if words & keys:
+                return device_class
+    return DEFAULT_DEVICE_CLASS
+
+
+def _fields_template(extra: str = "") -> str:
+    """Jinja building a dict of the whitelisted frame fields (plus ``extra`` entries)."""
+    items = [f"'{k}': value_json.{k}" for k in _EVENT_FIELDS]
+    items.append(f"'caption': (value_json.caption or '')[:{EVENT_CAPTION_MAX_CHARS}]")
+    return "{" + extra + ", ".join(items) + "}"
+
+
+EVENT_VALUE_TEMPLATE: Final = (
+    "{% if value_json.state == 'on' %}"
+    "{{ " + _fields_template(f"'event_type': '{EVENT_TYPE}', ") + " | tojson }}"
+    "{% endif %}"
+)
+"""An ``on`` frame becomes ``{"event_type": "fired", "event_id": ..., "score": ...}``; an
+``off`` frame renders empty, which Home Assistant ignores."""
+
+ATTRIBUTES_TEMPLATE: Final = (
+    "{{ " + _fields_template("'state': value_json.state, 'fired_id': value_json.fired_id, ")
+    + " | tojson }}"
+)
+"""The binary sensor's attributes: the whitelisted fields of the latest on or off frame."""
+
+
+def _trigger_suffix(trigger: str) -> str:
+    return f"trigger_{object_id(trigger)}"
+
+
+def trigger_discovery(options: DiscoveryOptions, *, source_id: str, trigger: str,
+                      state_topic: str, event_topic: str,
+                      phrases: Iterable[str] = ()) -> list[DiscoveryMessage]:
+    """The discovery configs of one (source, trigger) pair: a binary sensor and an event.
+
+    Args:
+        options: The daemon-wide settings.
+        source_id: The source's name.
+        trigger: The trigger's name (``[triggers.<name>]``).
+        state_topic: The retained ``ON``/``OFF`` topic.
+        event_topic: Where the trigger's JSON frames are published (not retained).
+        phrases: The trigger's phrasings when known, for the device class.
+    """
+    suffix = _trigger_suffix(trigger)
+    sensor = _entity(
+        options, source_id=source_id, suffix=suffix, name=f"{source_id} {trigger}",
+        component="binary_sensor",
+        extra={
+            "state_topic": state_topic,
+            "payload_on": STATE_ON,
+            "payload_off": STATE_OFF,
+            "device_class": trigger_device_class(trigger, phrases),
+            "qos": 1,
+            "json_attributes_topic": event_topic,
+            "json_attributes_template": ATTRIBUTES_TEMPLATE,
+        })
+    event = _entity(
+        options, source_id=source_id, suffix=f"{suffix}_event",
+        name=f"{source_id} {trigger} fired", component="event",
+        extra={
+            "state_topic": event_topic,
+            "event_types": [EVENT_TYPE],
+            "value_template": EVENT_VALUE_TEMPLATE,
+            "qos": 1,
+            "icon": "mdi:bell-ring",
+        })
+    return [sensor, event]
+
+
+def trigger_removal(options: DiscoveryOptions, *, source_id: str,
+                    trigger: str) -> list[DiscoveryMessage]:
+    """Empty retained configs on the topics of :func:`trigger_discovery`: Home Assistant
+    removes both entities."""
+    oid = f"{object_id(source_id)}_{_trigger_suffix(trigger)}"
+    return [DiscoveryMessage(topic=_config_topic(options, "binary_sensor", oid)),
+            DiscoveryMessage(topic=_config_topic(options, "event", f"{oid}_event"))]

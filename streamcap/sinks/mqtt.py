@@ -1,4 +1,4 @@
-"""The MQTT sink: captions, embeddings and source status to an MQTT broker (aiomqtt).
+"""The MQTT sink: captions, embeddings, source status and triggers to an MQTT broker (aiomqtt).
 
 Topics, with ``prefix`` defaulting to ``streamcap/<node_id>`` so that two
 daemons on one broker never collide::
@@ -8,15 +8,28 @@ daemons on one broker never collide::
     <prefix>/<source>/embedding    embedding frames, QoS 0, never retained
     <prefix>/<source>/status       status frames, QoS 1, retained (retain_status)
     <prefix>/<source>/ha_state     compact caption state for Home Assistant, retained
+    <prefix>/<source>/trigger/<name>        "ON" / "OFF", QoS 1, retained
+    <prefix>/<source>/trigger/<name>/event  trigger frames (streamcap.v1 JSON), QoS 1
 
 Delivery of captions is at-least-once: every caption is appended to an
 on-disk :class:`~streamcap.sinks.outbox.Outbox` first and leaves it only when
 the broker acknowledged it (PUBACK), oldest first, so captions produced while
 the broker is down (or while the daemon is restarting) arrive when it comes
 back, in order; a caption re-sent after a lost acknowledgement is a duplicate
-recognisable by its ``window_id``. Embeddings are best-effort (dropped, and
-counted, while disconnected); statuses are republished, retained, on every
-reconnect.
+recognisable by its ``window_id``. Trigger events take the same outbox (a
+duplicate is recognisable by its ``event_id``): each record is one trigger
+frame, published on the event topic and followed by the retained ``ON``/``OFF``
+state; a *state announcement* (an ``off`` frame without ``fired_id``, sent by
+the engine at start and when a trigger changes) publishes only the retained
+``OFF``. Embeddings are best-effort (dropped, and counted, while
+disconnected); statuses, and the trigger states the broker acknowledged, are
+republished, retained, on every reconnect.
+
+Every (source, trigger) pair first seen gets Home Assistant discovery (a
+binary sensor and an event entity, see :mod:`.homeassistant`). When the live
+set of triggers changes, the daemon calls :meth:`MqttSink.triggers_changed`:
+the pairs no longer watched get empty retained discovery configs (Home
+Assistant removes their entities) and their retained state is cleared.
 
 The sink calls ``ctx.ready()`` as soon as its outbox is open: the daemon runs
 with the broker down, and the connection is retried forever with jittered,
@@ -40,7 +53,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import aiomqtt
 
@@ -50,10 +63,14 @@ from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext
 from streamcap.bus.wire import encode, to_wire
 from streamcap.errors import ConfigError
-from streamcap.messages import Caption, Embedding, Published
+from streamcap.messages import Caption, Embedding, Published, TriggerEvent, TriggerState
 from streamcap.sinks import homeassistant as ha
 from streamcap.sinks.mqtt_options import MqttOptions, parse_options, topic_segment
 from streamcap.sinks.outbox import Outbox, OutboxRecord
+from streamcap.sinks.trigger_pairs import Pair, is_announcement, pair_of, watches
+
+if TYPE_CHECKING:
+    from streamcap.triggers.spec import TriggerSpec
 
 __all__ = ["MqttOptions", "MqttSink", "Topics", "create_sink", "parse_options", "topic_segment"]
 
@@ -61,7 +78,10 @@ LIVE_QUEUE_MAX: Final = 1024
 """Embeddings and statuses waiting for the writer while connected."""
 HEALTHY_AFTER_S: Final = 30.0
 """A connection that lasted this long resets the reconnect backoff."""
-
+TRIGGER_QOS: Final = 1
+"""Trigger events and states are always published with QoS 1."""
+_TRIGGER_FRAME: Final = b'{"type":"trigger"'
+"""How an outbox record holding a trigger frame starts (``encode`` puts ``type`` first)."""
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -85,6 +105,14 @@ class Topics:
     def ha_state(self, source_id: str) -> str:
         return f"{self.prefix}/{topic_segment(source_id)}/ha_state"
 
+    def trigger_state(self, source_id: str, trigger: str) -> str:
+        """The retained ``ON``/``OFF`` topic of a trigger for a source."""
+        return f"{self.prefix}/{topic_segment(source_id)}/trigger/{topic_segment(trigger)}"
+
+    def trigger_event(self, source_id: str, trigger: str) -> str:
+        """Where a trigger's frames for a source are published (not retained)."""
+        return f"{self.trigger_state(source_id, trigger)}/event"
+
 
 @dataclass(frozen=True, slots=True)
 class _Live:
@@ -99,7 +127,8 @@ class _Session:
     """One run of the sink: the outbox, the inbox consumer and the connection loop."""
 
     def __init__(self, options: MqttOptions, ctx: SinkContext, outbox: Outbox,
-                 password: str | None) -> None:
+                 password: str | None, specs: Mapping[str, TriggerSpec] | None = None,
+                 pairs: dict[Pair, None] | None = None) -> None:
         self.options = options
         self.ctx = ctx
         self.log = ctx.logger
@@ -114,6 +143,16 @@ class _Session:
         self.statuses: dict[str, bytes] = {}  # newest status frame per source
         self.live: deque[_Live] = deque()
         self.need_discovery: dict[str, None] = {}
+        # triggers: every (source, trigger) pair seen and still watched (kept by the sink
+        # across its restarts), the trigger specs when the daemon told them, the states the
+        # broker acknowledged, and the pairs whose discovery is due or whose entities are
+        # to be removed
+        self.pairs: dict[Pair, None] = {} if pairs is None else pairs
+        self.specs: Mapping[str, TriggerSpec] | None = specs
+        self.trigger_states: dict[Pair, bytes] = {}
+        self.need_pair_discovery: dict[Pair, None] = {}
+        self.need_removal: dict[Pair, None] = {}
+        self.removed: set[Pair] = set()
         self.connected = False
         self.wake = asyncio.Event()  # new work for the writer, or stop
         self.progress = asyncio.Event()  # the writer did something (or the connection dropped)
@@ -128,8 +167,8 @@ class _Session:
                                "Captions in the MQTT outbox awaiting a broker acknowledgement",
                                ["sink"])
         self.m_dropped = m.counter("streamcap_mqtt_outbox_dropped_total",
-                                   "Captions dropped from a full MQTT outbox (oldest first)",
-                                   ["sink"])
+                                   "Captions and trigger events dropped from a full MQTT "
+                                   "outbox (oldest first)", ["sink"])
         self.m_published = m.counter("streamcap_mqtt_published_total",
                                      "Messages the broker accepted, by kind", ["sink", "kind"])
         self.m_discarded = m.counter("streamcap_mqtt_discarded_total",
@@ -156,6 +195,8 @@ class _Session:
                                          payload=payload)
             self._count_drops(dropped)
             self.m_depth.set(self.outbox.depth, *self.labels)
+        elif isinstance(msg, TriggerEvent):
+            self._accept_trigger(msg)
         elif isinstance(msg, Embedding):
             if not self.connected:
                 self.m_discarded.inc(1, *self.labels, "embedding")
@@ -170,6 +211,40 @@ class _Session:
                                       self.options.retain_status, "status"))
         self.wake.set()
 
+    def _accept_trigger(self, msg: TriggerEvent) -> None:
+        pair = pair_of(msg)
+        if pair not in self.pairs:
+            self.pairs[pair] = None
+            self.need_pair_discovery[pair] = None
+        self.removed.discard(pair)
+        self.need_removal.pop(pair, None)
+        payload = encode(to_wire(msg, node_id=self.ctx.node_id)).encode()
+        dropped = self.outbox.append(key=msg.event_id,
+                                     topic=self.topics.trigger_event(msg.source_id, msg.trigger),
+                                     payload=payload)
+        self._count_drops(dropped)
+        self.m_depth.set(self.outbox.depth, *self.labels)
+
+    def set_specs(self, specs: Mapping[str, TriggerSpec]) -> None:
+        """The live set of triggers changed: remove the pairs no longer watched, and
+        republish the discovery of those whose definition changed (the device class)."""
+        old = self.specs
+        self.specs = specs
+        for pair in list(self.pairs):
+            if not watches(specs, pair):
+                del self.pairs[pair]
+                self.need_pair_discovery.pop(pair, None)
+                self.trigger_states.pop(pair, None)
+                self.need_removal[pair] = None
+                self.removed.add(pair)
+            elif old is None or old.get(pair[1]) != specs.get(pair[1]):
+                self.need_pair_discovery[pair] = None
+        if self.need_removal:
+            self.log.info("triggers removed: their retained state and Home Assistant entities "
+                          "are being removed",
+                          pairs=[f"{s}/{t}" for s, t in self.need_removal])
+        self.wake.set()
+
     def _push_live(self, item: _Live) -> None:
         if len(self.live) >= LIVE_QUEUE_MAX:
             old = self.live.popleft()
@@ -180,7 +255,7 @@ class _Session:
         if not dropped:
             return
         self.m_dropped.inc(len(dropped), *self.labels)
-        self.log.warning("mqtt outbox full: oldest captions dropped", dropped=len(dropped),
+        self.log.warning("mqtt outbox full: oldest messages dropped", dropped=len(dropped),
                          first_window_id=dropped[0].key, last_window_id=dropped[-1].key,
                          dropped_total=self.outbox.dropped_total,
                          max_messages=self.outbox.max_messages, max_bytes=self.outbox.max_bytes)
@@ -281,9 +356,13 @@ class _Session:
                 if o.discovery:
                     await client.subscribe(o.resolved_birth_topic, qos=1)
                     self.need_discovery.update(dict.fromkeys(self.sources))
+                    self.need_pair_discovery.update(dict.fromkeys(self.pairs))
                 for source, payload in list(self.statuses.items()):
                     await client.publish(self.topics.status(source), payload, qos=1,
                                          retain=o.retain_status)
+                for (source, trigger), state in list(self.trigger_states.items()):
+                    await client.publish(self.topics.trigger_state(source, trigger), state,
+                                         qos=TRIGGER_QOS, retain=True)
                 async with asyncio.TaskGroup() as tg:
                     reader = tg.create_task(self._reader(client),
                                             name=f"streamcap[sink:{self.ctx.instance}].reader")
@@ -312,6 +391,7 @@ class _Session:
                 if o.birth_delay_s > 0:  # HA's advice: a random delay spreads the load
                     await asyncio.sleep(self.rng.uniform(0, o.birth_delay_s))
                 self.need_discovery.update(dict.fromkeys(self.sources))
+                self.need_pair_discovery.update(dict.fromkeys(self.pairs))
                 self.wake.set()
 
     async def _writer(self, client: aiomqtt.Client) -> None:
@@ -325,6 +405,20 @@ class _Session:
                 for source in sources:
                     await self._publish_discovery(client, source)
                     self.need_discovery.pop(source, None)
+                self.progress.set()
+                continue
+            if self.need_removal:
+                for pair in list(self.need_removal):
+                    await self._publish_removal(client, pair)
+                    self.need_removal.pop(pair, None)
+                self.progress.set()
+                continue
+            if self.need_pair_discovery:
+                if o.discovery:
+                    for pair in list(self.need_pair_discovery):
+                        await self._publish_pair_discovery(client, pair)
+                        self.need_pair_discovery.pop(pair, None)
+                self.need_pair_discovery.clear()
                 self.progress.set()
                 continue
             batch = self.outbox.peek(o.max_inflight)
@@ -351,18 +445,70 @@ class _Session:
                                        status_topic=self.topics.status(source)):
             await client.publish(msg.topic, msg.encode(), qos=1, retain=msg.retain)
 
+    async def _publish_pair_discovery(self, client: aiomqtt.Client, pair: Pair) -> None:
+        source, trigger = pair
+        spec = self.specs.get(trigger) if self.specs is not None else None
+        for msg in ha.trigger_discovery(
+                self.discovery, source_id=source, trigger=trigger,
+                state_topic=self.topics.trigger_state(source, trigger),
+                event_topic=self.topics.trigger_event(source, trigger),
+                phrases=spec.text if spec is not None else ()):
+            await client.publish(msg.topic, msg.encode(), qos=1, retain=msg.retain)
+
+    async def _publish_removal(self, client: aiomqtt.Client, pair: Pair) -> None:
+        """Empty retained payloads: the state is cleared and Home Assistant drops the entities."""
+        source, trigger = pair
+        await client.publish(self.topics.trigger_state(source, trigger), b"", qos=TRIGGER_QOS,
+                             retain=True)
+        if self.options.discovery:
+            for msg in ha.trigger_removal(self.discovery, source_id=source, trigger=trigger):
+                await client.publish(msg.topic, msg.encode(), qos=1, retain=True)
+
+    def _publications(self, record: OutboxRecord) -> list[_Live]:
+        """What one outbox record is published as, in order.
+
+        A caption: itself. A trigger frame: the frame on its event topic (unless it is
+        a state announcement), then the retained state, unless its pair was removed
+        meanwhile.
+        """
+        if not record.payload.startswith(_TRIGGER_FRAME):
+            return [_Live(record.topic, record.payload, self.options.qos_caption, False,
+                          "caption")]
+        frame = _frame_of(record)
+        out: list[_Live] = []
+        if not is_announcement(frame):
+            out.append(_Live(record.topic, record.payload, TRIGGER_QOS, False, "trigger"))
+        pair = (str(frame.get("source_id", "")), str(frame.get("trigger", "")))
+        if pair not in self.removed:
+            state = ha.STATE_ON if frame.get("state") == TriggerState.ON.value else ha.STATE_OFF
+            out.append(_Live(record.topic.removesuffix("/event"), state.encode(), TRIGGER_QOS,
+                             True, "trigger_state"))
+        return out
+
     async def _publish_batch(self, client: aiomqtt.Client, batch: list[OutboxRecord]) -> None:
         o = self.options
+        publications = [(record, self._publications(record)) for record in batch]
         # Tasks start in creation order, so the broker receives the batch in order.
         async with asyncio.TaskGroup() as tg:
-            for record in batch:
-                tg.create_task(client.publish(record.topic, record.payload, qos=o.qos_caption))
+            for _, items in publications:
+                for item in items:
+                    tg.create_task(client.publish(item.topic, item.payload, qos=item.qos,
+                                                  retain=item.retain))
         self.outbox.ack(batch[-1].seq)
         self.m_depth.set(self.outbox.depth, *self.labels)
-        self.m_published.inc(len(batch), *self.labels, "caption")
+        for record, items in publications:
+            for item in items:
+                self.m_published.inc(1, *self.labels, item.kind)
+                if item.kind == "trigger_state":
+                    frame = _frame_of(record)
+                    pair = (str(frame.get("source_id", "")), str(frame.get("trigger", "")))
+                    if pair in self.pairs:
+                        self.trigger_states[pair] = item.payload
         if o.discovery:
             newest: dict[str, Mapping[str, object]] = {}
             for record in batch:
+                if record.payload.startswith(_TRIGGER_FRAME):
+                    continue
                 frame = _frame_of(record)
                 source = frame.get("source_id")
                 if isinstance(source, str):
@@ -397,6 +543,20 @@ class MqttSink:
         self.instance = instance
         self.options = options
         self.accepts: frozenset[str] = options.accepts
+        self._specs: Mapping[str, TriggerSpec] | None = None
+        self._pairs: dict[Pair, None] = {}
+        self._session: _Session | None = None
+
+    def triggers_changed(self, specs: Mapping[str, TriggerSpec]) -> None:
+        """The live set of triggers is now ``specs`` (call on the event loop, any time).
+
+        Pairs whose trigger is gone, or no longer watches their source, get their
+        retained state cleared and empty retained discovery configs (Home Assistant
+        removes their entities); the phrasings refine the binary sensor's device class.
+        """
+        self._specs = dict(specs)
+        if self._session is not None:
+            self._session.set_specs(self._specs)
 
     def _password(self) -> str | None:
         name = self.options.password_env
@@ -414,7 +574,8 @@ class MqttSink:
         password = self._password()
         outbox = Outbox(ctx.state_dir / "outbox", max_messages=o.outbox_max_messages,
                         max_bytes=o.outbox_max_bytes, fsync=o.outbox_fsync)
-        session = _Session(o, ctx, outbox, password)
+        session = _Session(o, ctx, outbox, password, self._specs, self._pairs)
+        self._session = session
         if outbox.depth:
             ctx.logger.info("mqtt outbox holds captions from an earlier run", pending=outbox.depth,
                             outbox=str(outbox.directory))
@@ -431,6 +592,7 @@ class MqttSink:
                 if not done:
                     conn.cancel()
         finally:
+            self._session = None
             session.m_connected.set(0, *session.labels)
             outbox.close()
 

@@ -1,4 +1,4 @@
-"""The WebSocket sink: captions, embeddings and source status for any number of clients.
+"""The WebSocket sink: captions, embeddings, source status and triggers for any number of clients.
 
 ``websockets.asyncio.server.serve`` does the protocol work; this module adds
 the streamcap parts around it:
@@ -16,8 +16,9 @@ the streamcap parts around it:
   to (403, against DNS rebinding), a browser page from another origin (403),
   and the bearer token (``Authorization: Bearer <token>`` or ``?token=`` for
   browsers, compared in constant time; 401);
-- a ``hello`` frame on connect, then the default subscription (captions and
-  status of every source) with its backfill;
+- a ``hello`` frame on connect, then the default subscription (captions,
+  status and trigger events of every source) with its backfill (the latest
+  status and trigger state, then the last captions);
 - per-client subscriptions, parsed and answered by :mod:`streamcap.sinks.ws_protocol`;
   a frame whose handling fails unexpectedly is answered by an ``internal`` error frame
   and logged at most once a minute (the error's type, never a traceback or the frame),
@@ -67,7 +68,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
-from typing import ClassVar, Final, Literal
+from typing import TYPE_CHECKING, ClassVar, Final, Literal
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -80,7 +81,7 @@ from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import SinkContext, SinkEndpoint, read_sink_options
 from streamcap.errors import ConfigError
 from streamcap.logs import Throttle
-from streamcap.messages import Published
+from streamcap.messages import Published, TriggerEvent
 from streamcap.netpolicy import (
     HostPolicy,
     OriginPolicy,
@@ -89,6 +90,7 @@ from streamcap.netpolicy import (
     normalise_origin,
 )
 from streamcap.options import option, regular_file, secret
+from streamcap.sinks.trigger_pairs import watches
 from streamcap.sinks.ws_protocol import (
     CONTROL,
     KINDS,
@@ -105,6 +107,9 @@ from streamcap.sinks.ws_protocol import (
     parse_client_frame,
 )
 from streamcap.stats import Counter, Gauge
+
+if TYPE_CHECKING:
+    from streamcap.triggers.spec import TriggerSpec
 
 FLUSH_TIMEOUT_S: Final = 2.0
 """On shutdown, how long the sink waits for clients to read what is queued for them."""
@@ -390,6 +395,11 @@ class WebSocketSink:
                               replies=c.queue.pending(CONTROL), reading=c.room.is_set())
                 for c in self._clients.values()]
 
+    def triggers_changed(self, specs: Mapping[str, TriggerSpec]) -> None:
+        """The live set of triggers is now ``specs`` (call on the event loop, any time): the
+        latest frames of pairs no longer watched are not replayed to new subscribers."""
+        self._history.forget_triggers(lambda pair: watches(specs, pair))
+
     @property
     def configured_endpoint(self) -> SinkEndpoint:
         """Where it will listen, as configured (port 0: any free one); known before ``run``."""
@@ -473,7 +483,8 @@ class WebSocketSink:
         frame = ""  # an embedding nobody wants is never encoded; History ignores it
         if wanting or kind != "embedding":
             frame = wire.encode(wire.to_wire(msg, node_id=self._node_id))
-        self._history.add(kind, source_id, frame)
+        self._history.add(kind, source_id, frame,
+                          trigger=msg.trigger if isinstance(msg, TriggerEvent) else None)
         size = frame_size(frame)
         for client in wanting:
             self._push(client, kind, frame, size)

@@ -16,8 +16,9 @@ Four pieces, each a plain synchronous class or function:
   dropped (embeddings first), every drop is counted, and the next frame the
   client gets is preceded by the count;
 - :class:`History` remembers the last captions (per source or overall), the
-  latest status of every source and the sources seen so far, and replays what a
-  new subscription adds;
+  latest status of every source, the latest trigger frame of every (source,
+  trigger) pair and the sources seen so far, and replays what a new
+  subscription adds;
 - :class:`ConnectionGate` counts a listener's open connections, handshakes
   included, against ``max_clients``.
 
@@ -31,17 +32,18 @@ import enum
 import itertools
 import json
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from streamcap.bus import wire
 
 KINDS: Final = tuple(sorted(wire.KINDS))
-"""Message kinds a client can subscribe to: caption, embedding, status."""
+"""Message kinds a client can subscribe to: caption, embedding, status, trigger."""
 
-DEFAULT_KINDS: Final = frozenset({"caption", "status"})
-"""What a client receives before it subscribes: embeddings are opt-in."""
+DEFAULT_KINDS: Final = frozenset({"caption", "status", "trigger"})
+"""What a client receives before it subscribes: embeddings are opt-in; triggers, rare and
+meant to be acted on, are in."""
 
 CONTROL: Final = "control"
 """Queue kind of the sink's own frames (hello, subscribed, pong, error)."""
@@ -88,7 +90,7 @@ class Subscription:
 
 
 def default_subscription(offered: frozenset[str]) -> Subscription:
-    """Captions and status of every source, limited to the kinds this sink offers."""
+    """Captions, status and triggers of every source, limited to the kinds this sink offers."""
     return Subscription(sources=None, kinds=DEFAULT_KINDS & offered)
 
 
@@ -280,9 +282,11 @@ def _parse_subscribe(
 # --------------------------------------------------------------------------- per-client queue
 
 # Drop order when a client's queue is full: embeddings first (bulky, and the
-# next window supersedes them), then the oldest caption or status; the sink's
-# own frames only when nothing else is left.
-_TIER: Final[Mapping[str, int]] = {"embedding": 0, "caption": 1, "status": 1, CONTROL: 2}
+# next window supersedes them), then the oldest caption or status, then trigger
+# events (rare, and meant to be acted on); the sink's own frames only when
+# nothing else is left.
+_TIER: Final[Mapping[str, int]] = {"embedding": 0, "caption": 1, "status": 1, "trigger": 2,
+                                   CONTROL: 3}
 
 
 def frame_size(frame: str) -> int:
@@ -295,7 +299,7 @@ class ClientQueue:
 
     :meth:`push` never blocks: past ``max_pending`` frames or ``max_bytes``
     bytes it drops the oldest frame of the lowest tier present (embedding, then
-    caption/status, then the sink's own frames), as often as needed, and counts
+    caption/status, then trigger, then the sink's own frames), as often as needed, and counts
     each drop. The newest frame alone is kept even when it is larger than
     ``max_bytes``. :meth:`pop` returns the oldest remaining frame together with
     the drops since the previous pop, so that the sink can tell the client how
@@ -309,7 +313,8 @@ class ClientQueue:
             raise ValueError(f"max_bytes must be >= 1 (got {max_bytes})")
         self.max_pending = max_pending
         self.max_bytes = max_bytes
-        self._tiers: tuple[deque[tuple[int, str, str, int]], ...] = (deque(), deque(), deque())
+        self._tiers: tuple[deque[tuple[int, str, str, int]], ...] = tuple(
+            deque() for _ in range(max(_TIER.values()) + 1))
         self._order = itertools.count()
         self._bytes = 0
         self._unreported: dict[str, int] = {}
@@ -341,7 +346,7 @@ class ClientQueue:
         """Queue ``frame`` (a message of ``kind``, or :data:`CONTROL`).
 
         Args:
-            kind: ``caption``, ``embedding``, ``status`` or :data:`CONTROL`.
+            kind: ``caption``, ``embedding``, ``status``, ``trigger`` or :data:`CONTROL`.
             frame: the encoded frame.
             size: its UTF-8 size in bytes, when the caller knows it already.
 
@@ -383,8 +388,10 @@ class History:
     """The sink's memory for new subscribers.
 
     Keeps the last ``size`` caption frames per source (``scope="source"``) or
-    overall (``scope="global"``), the latest status frame of every source, and
-    the ids of every source seen so far, in order of first appearance.
+    overall (``scope="global"``), the latest status frame of every source, the
+    latest trigger frame of every (source, trigger) pair (a state announcement
+    included: it says the trigger is off), and the ids of every source seen so
+    far, in order of first appearance.
     """
 
     def __init__(self, size: int, scope: BackfillScope = "source") -> None:
@@ -396,6 +403,7 @@ class History:
         self._global: deque[tuple[int, str, str]] = deque(maxlen=size)
         self._per_source: dict[str, deque[tuple[int, str, str]]] = {}
         self._status: dict[str, str] = {}
+        self._triggers: dict[tuple[str, str], str] = {}  # oldest change first
         self._sources: dict[str, None] = {}
 
     @property
@@ -412,8 +420,9 @@ class History:
             counts[source_id] += 1
         return counts
 
-    def add(self, kind: str, source_id: str, frame: str) -> bool:
-        """Remember ``frame``; returns True if ``source_id`` was not seen before."""
+    def add(self, kind: str, source_id: str, frame: str, trigger: str | None = None) -> bool:
+        """Remember ``frame`` (``trigger``: the trigger's name, for a trigger frame); returns
+        True if ``source_id`` was not seen before."""
         new = source_id not in self._sources
         self._sources[source_id] = None
         if kind == "caption" and self.size > 0:
@@ -424,7 +433,22 @@ class History:
                 self._per_source.setdefault(source_id, deque(maxlen=self.size)).append(entry)
         elif kind == "status":
             self._status[source_id] = frame
+        elif kind == "trigger" and trigger is not None:
+            self._triggers.pop((source_id, trigger), None)
+            self._triggers[(source_id, trigger)] = frame
         return new
+
+    def trigger_pairs(self) -> list[tuple[str, str]]:
+        """The (source, trigger) pairs whose latest frame is held, oldest change first."""
+        return list(self._triggers)
+
+    def forget_triggers(self, keep: Callable[[tuple[str, str]], bool]) -> list[tuple[str, str]]:
+        """Drop the latest frame of every pair ``keep`` refuses (a trigger removed at run
+        time); returns those pairs."""
+        gone = [pair for pair in self._triggers if not keep(pair)]
+        for pair in gone:
+            del self._triggers[pair]
+        return gone
 
     def replay(self, new: Subscription, old: Subscription | None,
                limit: int) -> list[tuple[str, str]]:
@@ -432,8 +456,10 @@ class History:
 
         Only what ``new`` adds is replayed (a source and kind ``old`` already
         delivered is skipped): first the latest status of each newly covered
-        source, then up to ``limit`` captions (per source or overall, as
-        ``scope`` says), oldest first.
+        source, then the latest trigger frame of each of its (source, trigger)
+        pairs (oldest change first; not limited by ``limit``), then up to
+        ``limit`` captions (per source or overall, as ``scope`` says), oldest
+        first.
 
         Returns:
             ``(kind, frame)`` pairs in sending order.
@@ -445,6 +471,8 @@ class History:
         out: list[tuple[str, str]] = [
             ("status", frame) for sid, frame in self._status.items() if added("status", sid)
         ]
+        out.extend(("trigger", frame) for (sid, _), frame in self._triggers.items()
+                   if added("trigger", sid))
         if limit <= 0:
             return out
         if self.scope == "global":
