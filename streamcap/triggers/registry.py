@@ -149,8 +149,14 @@ def decode_saved(text: str, *, where: str, config: Mapping[str, TriggerSpec],
     if shape is not None:
         raise ValueError(shape)
     problems: list[str] = []
-    specs = read_triggers(tables, sources, problems)
-    return (Saved(dict(list(specs.items())[:MAX_TRIGGERS]),
+    specs: dict[str, TriggerSpec] = {}
+    for name, table in list(tables.items())[:MAX_TRIGGERS]:
+        found: list[str] = []  # an entry with any problem is left out whole
+        got = read_triggers({name: table}, sources, found)
+        problems.extend(found)
+        if not found and name in got:
+            specs[name] = got[name]
+    return (Saved(specs,
                   frozenset(n for n in removed if n in config)),
             [f"{where}: {p}" for p in problems])
 
