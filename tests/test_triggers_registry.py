@@ -194,8 +194,8 @@ def test_at_most_max_triggers(tmp_path: Path) -> None:
     registry.put("glass", {"text": ["glass breaks"]})
     with pytest.raises(ConfigError) as caught:
         registry.put("door", {"text": ["a door slams"]})
-    assert caught.value.problems == ["triggers.door: at most 3 triggers (there are 3); "
-                                     "remove one first"]
+    assert caught.value.problems == [
+        "triggers.door: at most 3 triggers (there are 3); remove one first"]
     registry.put("glass", {"text": ["glass shatters"]})  # changing one is fine at the limit
     assert set(registry.specs()) == {"dog", "smoke", "glass"}
 
