@@ -300,12 +300,15 @@ def command_listeners(registry: TriggerRegistry, sinks: Mapping[str, Any], *, no
     Raises:
         ConfigError: A sink's ``password_env`` variable is not set.
     """
+    from streamcap.bus.plugin import LoadedSink
     from streamcap.options import secret
     from streamcap.sinks.mqtt import MqttSink
 
     out: list[TriggerCommands] = []
-    for name, sink in sinks.items():
-        if not isinstance(sink, MqttSink) or "trigger" not in sink.accepts:
+    for name, loaded in sinks.items():
+        # the configured accepts (LoadedSink's) decide; the plugin's sink holds the options
+        sink = loaded.sink if isinstance(loaded, LoadedSink) else loaded
+        if not isinstance(sink, MqttSink) or "trigger" not in getattr(loaded, "accepts", ()):
             continue
         password = secret(sink.options.password_env)
         if sink.options.password_env and password is None:
