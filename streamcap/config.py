@@ -181,6 +181,8 @@ class HttpConfig:
                                   help="open connections at most; more get 503")
     request_timeout_s: float = option(10.0, above=0, max=MAX_TIMEOUT_S,
                                       help="idle, request head and stalled-write limit")
+    token_env: str | None = option(None, secret="the bearer token that changing triggers "
+                                                "over HTTP needs (docs/triggers-api.md)")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

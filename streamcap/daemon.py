@@ -53,6 +53,7 @@ from streamcap.messages import (
     Published,
     SourceState,
     SourceStatus,
+    TriggerEvent,
     Window,
     new_run_id,
 )
@@ -61,6 +62,7 @@ from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
 from streamcap.preflight import check_config_file, prepare
 from streamcap.sources.base import AudioSource
 from streamcap.stats import Metrics
+from streamcap.triggers.registry import TriggerRegistry, TriggerStates
 
 _log = get_logger(__name__)
 
@@ -181,6 +183,13 @@ class Daemon:
                                  on_depth=self._queue_depth.set)
         self.bus = PluginBus(self._sinks, node_id=config.daemon.node_id, run_id=self.run_id,
                              metrics=self.metrics, state_root=state_root(config))
+        # The live set of triggers (the file's, changed at run time over HTTP or MQTT and
+        # saved in <state_dir>/triggers/) and their newest state per source, from the
+        # TriggerEvents published through _publish.
+        self.triggers = TriggerRegistry.open(config.triggers, config.sources,
+                                             state_root(config) / "triggers")
+        self.trigger_states = TriggerStates()
+        self.triggers.subscribe(self.trigger_states.retain)
         self.worker: InferenceWorker | None = None
         self.http: HttpServer | None = None
         self.captioner: WindowCaptioner | None = None
@@ -198,6 +207,8 @@ class Daemon:
                      dropped=self.queue.dropped_by_source.get(window.source_id, 0))
 
     def _publish(self, msg: Published) -> None:
+        if isinstance(msg, TriggerEvent):
+            self.trigger_states.observe(msg)
         self.bus.publish(msg)
 
     def _on_status(self, status: SourceStatus) -> None:
@@ -321,6 +332,11 @@ class Daemon:
                                    allowed_hosts=http.allowed_hosts,
                                    max_connections=http.max_connections,
                                    request_timeout_s=http.request_timeout_s)
+            from streamcap.options import secret
+            from streamcap.triggers.api import TriggerApi
+
+            TriggerApi(self.triggers, self.trigger_states,
+                       token=secret(http.token_env)).install(self.http)
         bus = asyncio.create_task(self.bus.run(), name="streamcap[bus].run")
         await asyncio.sleep(0)  # let the bus start the sinks
         if bus.done():
@@ -340,6 +356,14 @@ class Daemon:
                                     max_gap_s=MAX_GAP_S, run_id=self.run_id)
                 sup = SourceSupervisor(self._factories[name], name, _watchdog_options(src))
                 supervisors.append(sup.start(self._block_handler(windower), self._on_status))
+            if any(sink.plugin == "mqtt" for sink in self.config.sinks.values()):
+                from streamcap.triggers.mqtt_commands import command_listeners
+
+                for commands in command_listeners(self.triggers, self._sinks,
+                                                  metrics=self.metrics,
+                                                  node_id=self.config.daemon.node_id):
+                    helpers.append(asyncio.create_task(
+                        commands.run(), name=f"streamcap[triggers:{commands.instance}].commands"))
             ready = asyncio.create_task(self.bus.wait_ready(), name="streamcap[bus].ready")
             helpers.append(ready)
             # A sink that never gets ready (broker down) delays READY=1, never a stop.

@@ -160,7 +160,7 @@ def test_check_config_reports_every_bad_value_and_exits_2(tmp_path: Path) -> Non
     assert errors(done.stderr) == [
         f"{path}: daemon.log_level: must be one of debug, info, warning, error (got 'loud')",
         f"{path}: http.port: expected an integer (got a string '80')",
-        f"{path}: http.bogus: unknown key (known keys: allowed_hosts, enabled, host, max_connections, port, request_timeout_s)",
+        f"{path}: http.bogus: unknown key (known keys: allowed_hosts, enabled, host, max_connections, port, request_timeout_s, token_env)",
         f"{path}: sources.kitchen.hop_s: must be > 0 and <= window_s (got 12 > 10)",
         (f"{path}: sinks.broker.password: secrets are not read from the config file: put the "
         "value in an environment variable and name it with 'password_env'"),

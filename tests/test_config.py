@@ -382,7 +382,7 @@ def test_unknown_keys_at_every_level(doc: dict[str, Any], key: str) -> None:
 def test_unknown_key_lists_the_known_keys() -> None:
     [problem] = problems_of({"http": {"address": "0.0.0.0"}})
     assert problem == ("http.address: unknown key (known keys: allowed_hosts, enabled, host, "
-                       "max_connections, port, request_timeout_s)")
+                       "max_connections, port, request_timeout_s, token_env)")
 
 
 # --------------------------------------------------------------------------- secrets

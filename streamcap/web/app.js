@@ -22,7 +22,11 @@
     sources: document.getElementById("sources"),
   };
 
-  const cards = new Map();          // source_id -> {root, badge, reason, list, seen: Set}
+  const cards = new Map();          // source_id -> {root, badge, reason, triggers, list, seen: Set}
+  // Trigger definitions from /api/triggers: name -> {sources: [...] (empty: every source)};
+  // states: "trigger\u0000source" -> {state, lastFiredAt}, from the API and then trigger frames.
+  let triggerDefs = new Map();
+  const triggerStates = new Map();
   let socket = null;
   let attempt = 0;
   let reconnectTimer = null;
@@ -61,17 +65,96 @@
     badge.dataset.state = "unknown";
     head.append(title, badge);
     const reason = make("p", "reason");
+    const triggers = make("ul", "triggers");
+    triggers.setAttribute("aria-label", "Triggers on " + sourceId);
     const list = make("ol", "captions");
     list.setAttribute("role", "log");
     list.setAttribute("aria-live", "polite");
     list.setAttribute("aria-relevant", "additions");
     list.setAttribute("aria-label", "Captions from " + sourceId);
-    root.append(head, reason, list);
+    root.append(head, reason, triggers, list);
     ui.sources.append(root);
     ui.empty.hidden = true;
-    entry = { root, badge, reason, list, seen: new Set() };
+    entry = { root, badge, reason, triggers, list, seen: new Set() };
     cards.set(sourceId, entry);
+    renderTriggers(sourceId);
     return entry;
+  }
+
+  // ------------------------------------------------------------------ triggers
+
+  function watches(def, sourceId) {
+    return !def || def.sources.length === 0 || def.sources.includes(sourceId);
+  }
+
+  function clock(seconds) {
+    const date = new Date(seconds * 1000);
+    const node = make("time", "fired", "fired " + date.toLocaleTimeString());
+    node.dateTime = date.toISOString();
+    return node;
+  }
+
+  function renderTriggers(sourceId) {
+    const entry = cards.get(sourceId);
+    if (!entry) return;
+    const names = new Set();
+    for (const [name, def] of triggerDefs) if (watches(def, sourceId)) names.add(name);
+    for (const key of triggerStates.keys()) {
+      const [name, source] = key.split("\u0000");
+      if (source === sourceId && (triggerDefs.size === 0 || triggerDefs.has(name))) names.add(name);
+    }
+    const items = [];
+    for (const name of [...names].sort()) {
+      const st = triggerStates.get(name + "\u0000" + sourceId) || { state: "unknown", lastFiredAt: null };
+      const item = make("li", "trigger");
+      item.dataset.trigger = name;
+      item.dataset.state = st.state;
+      item.append(make("span", "trigger-name", name), make("span", "trigger-state", st.state));
+      if (st.lastFiredAt !== null) item.append(clock(st.lastFiredAt));
+      items.push(item);
+    }
+    entry.triggers.replaceChildren(...items);
+  }
+
+  function setTriggerState(trigger, sourceId, state, lastFiredAt) {
+    const key = trigger + "\u0000" + sourceId;
+    const old = triggerStates.get(key);
+    triggerStates.set(key, { state, lastFiredAt: lastFiredAt ?? (old ? old.lastFiredAt : null) });
+  }
+
+  function onTrigger(frame) {
+    if (typeof frame.source_id !== "string" || typeof frame.trigger !== "string") return;
+    const state = frame.state === "on" ? "on" : "off";
+    const at = number(frame.captured_at);
+    setTriggerState(frame.trigger, frame.source_id, state, state === "on" ? at : null);
+    card(frame.source_id);
+    renderTriggers(frame.source_id);
+  }
+
+  async function loadTriggers() {
+    let body;
+    try {
+      const response = await fetch("api/triggers", { cache: "no-store" });
+      if (!response.ok) return;  // an older daemon, or none configured: frames still count
+      body = await response.json();
+    } catch (err) {
+      return;
+    }
+    if (!body || typeof body.triggers !== "object" || body.triggers === null) return;
+    const defs = new Map();
+    for (const [name, t] of Object.entries(body.triggers)) {
+      const def = t && t.definition && Array.isArray(t.definition.sources) ? t.definition.sources : [];
+      defs.set(name, { sources: def.filter((s) => typeof s === "string") });
+      const states = t && typeof t.states === "object" && t.states !== null ? t.states : {};
+      for (const [source, st] of Object.entries(states)) {
+        if (!st || (st.state !== "on" && st.state !== "off")) continue;
+        const key = name + "\u0000" + source;
+        if (!triggerStates.has(key)) setTriggerState(name, source, st.state, number(st.last_fired_at));
+      }
+    }
+    triggerDefs = defs;
+    if (Array.isArray(body.sources)) for (const id of body.sources) if (typeof id === "string") card(id);
+    for (const id of cards.keys()) renderTriggers(id);
   }
 
   function number(value) {
@@ -152,6 +235,12 @@
     if (caps && Array.isArray(caps.sources)) {
       for (const id of caps.sources) if (typeof id === "string") card(id);
     }
+    // Subscribe once the server said what it offers: trigger frames only where offered.
+    const kinds = ["caption", "status"];
+    if (caps && Array.isArray(caps.kinds) && caps.kinds.includes("trigger")) kinds.push("trigger");
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify({ type: "subscribe", sources: "*", kinds }));
+    }
   }
 
   function onFrame(frame) {
@@ -160,6 +249,7 @@
       case "hello": onHello(frame); break;
       case "caption": addCaption(frame); break;
       case "status": setStatus(frame); break;
+      case "trigger": onTrigger(frame); break;
       case "error":
         showNotice("Feed error " + String(frame.code) + ": " + String(frame.message));
         break;
@@ -205,7 +295,6 @@
     ws.onopen = () => {
       lastFrameAt = Date.now();
       setConn("open", "connected");
-      ws.send(JSON.stringify({ type: "subscribe", sources: "*", kinds: ["caption", "status"] }));
     };
     ws.onmessage = (event) => {
       lastFrameAt = Date.now();
@@ -255,6 +344,7 @@
       showNotice("This feed needs a token: open this page as ?token=YOUR_TOKEN.");
     }
     window.setInterval(keepalive, PING_EVERY_S * 1000);
+    await loadTriggers();
     connect();
   }
 
