@@ -44,7 +44,7 @@ from streamcap import systemd
 from streamcap.audio.watchdog import WatchdogOptions
 from streamcap.audio.windowing import RestartReason, Windower
 from streamcap.bus import PluginBus
-from streamcap.bus.plugin import Sink, sink_endpoint
+from streamcap.bus.plugin import Sink, sink_endpoint, tell_triggers
 from streamcap.config import Config, SourceConfig, default_config, parse_config
 from streamcap.http import HealthReport, HttpServer
 from streamcap.logs import Throttle, configure_logging, get_logger
@@ -63,6 +63,7 @@ from streamcap.preflight import check_config_file, prepare
 from streamcap.sources.base import AudioSource
 from streamcap.stats import Metrics
 from streamcap.triggers.registry import TriggerRegistry, TriggerStates
+from streamcap.triggers.spec import TriggerSpec
 
 _log = get_logger(__name__)
 
@@ -97,9 +98,10 @@ def resolve_config(config_path: Path | None, source_uri: str | None) -> Config:
         if template is not None:
             table.update(window_s=template.window_s, hop_s=template.hop_s)
         replacement = parse_config({"sources": {"cli" if source_uri else "default": table}})
-        config = Config(daemon=config.daemon, model=config.model,
-                        sources=replacement.sources, sinks=config.sinks, http=config.http,
-                        path=config.path)
+        # The one source replaces every source, so each trigger watches it.
+        triggers = {name: dataclasses.replace(spec, sources=())
+                    for name, spec in config.triggers.items()}
+        config = dataclasses.replace(config, sources=replacement.sources, triggers=triggers)
     return config
 
 
@@ -190,6 +192,8 @@ class Daemon:
                                              state_root(config) / "triggers")
         self.trigger_states = TriggerStates()
         self.triggers.subscribe(self.trigger_states.retain)
+        self._tell_sinks(self.triggers.specs())
+        self.triggers.subscribe(self._tell_sinks)
         self.worker: InferenceWorker | None = None
         self.http: HttpServer | None = None
         self.captioner: WindowCaptioner | None = None
@@ -205,6 +209,11 @@ class Daemon:
         _log.warning("inference is behind: dropped this source's oldest waiting window",
                      source=window.source_id, window_id=window.window_id,
                      dropped=self.queue.dropped_by_source.get(window.source_id, 0))
+
+    def _tell_sinks(self, specs: Mapping[str, TriggerSpec]) -> None:
+        """Sinks that follow triggers (Home Assistant entities, retained states) learn the set."""
+        for sink in self._sinks.values():
+            tell_triggers(sink, specs)
 
     def _publish(self, msg: Published) -> None:
         if isinstance(msg, TriggerEvent):
