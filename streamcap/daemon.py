@@ -46,6 +46,7 @@ from streamcap.audio.windowing import RestartReason, Windower
 from streamcap.bus import PluginBus
 from streamcap.bus.plugin import Sink, sink_endpoint
 from streamcap.config import Config, SourceConfig, default_config, parse_config
+from streamcap.errors import ConfigError
 from streamcap.http import HealthReport, HttpServer
 from streamcap.logs import Throttle, configure_logging, get_logger
 from streamcap.messages import (
@@ -61,6 +62,8 @@ from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
 from streamcap.preflight import check_config_file, prepare
 from streamcap.sources.base import AudioSource
 from streamcap.stats import Metrics
+from streamcap.triggers.engine import TriggerEngine
+from streamcap.triggers.spec import TriggerSpec
 
 _log = get_logger(__name__)
 
@@ -95,9 +98,11 @@ def resolve_config(config_path: Path | None, source_uri: str | None) -> Config:
         if template is not None:
             table.update(window_s=template.window_s, hop_s=template.hop_s)
         replacement = parse_config({"sources": {"cli" if source_uri else "default": table}})
+        # triggers that watch every source watch the replacement too
         config = Config(daemon=config.daemon, model=config.model,
                         sources=replacement.sources, sinks=config.sinks, http=config.http,
-                        path=config.path)
+                        triggers={n: t for n, t in config.triggers.items() if not t.sources},
+                        trigger_path=config.trigger_path, path=config.path)
     return config
 
 
@@ -184,6 +189,9 @@ class Daemon:
         self.worker: InferenceWorker | None = None
         self.http: HttpServer | None = None
         self.captioner: WindowCaptioner | None = None
+        self.triggers: TriggerEngine | None = None
+        """The trigger path, once the model is loaded (None: the model has no retriever
+        and no trigger is configured)."""
         self.abandoned: list[str] = []
         """Names of the tasks the shutdown abandoned (they ignored their cancellation)."""
         self.stop_deadline: float | None = None
@@ -198,7 +206,43 @@ class Daemon:
                      dropped=self.queue.dropped_by_source.get(window.source_id, 0))
 
     def _publish(self, msg: Published) -> None:
+        if self.triggers is not None:
+            self.triggers.note(msg)
         self.bus.publish(msg)
+
+    def set_triggers(self, specs: Mapping[str, TriggerSpec]) -> None:
+        """Make ``specs`` the triggers in force (from the event loop, at any time).
+
+        Raises:
+            ConfigError: the model is not loaded yet or cannot score triggers.
+        """
+        if self.triggers is None:
+            raise ConfigError("triggers: the model is loading, or it has no retriever "
+                              "(audio-text embeddings) to score triggers with")
+        self.triggers.set_triggers(specs)
+
+    def _trigger_engine(self) -> TriggerEngine | None:
+        """The trigger path for the loaded model; None when it cannot score and none is set.
+
+        Raises:
+            ConfigError: triggers are configured but the model has no retriever.
+        """
+        from streamcap.models.captioner import Captioner
+        from streamcap.triggers.fastpath import RetrieverTriggerModel
+
+        captioner = self.captioner
+        if not isinstance(captioner, Captioner) or captioner.components.retriever is None:
+            if self.config.triggers:
+                raise ConfigError("triggers: the model has no retriever (audio-text "
+                                  "embeddings) to score them with; use a bundle with one")
+            return None
+        config_dir = self.config.path.parent if self.config.path is not None else None
+        return TriggerEngine(
+            specs=self.config.triggers, path=self.config.trigger_path,
+            sources=list(self.config.sources), model=RetrieverTriggerModel(captioner),
+            run_blocking=self.runtime.run, publish=self._publish, metrics=self.metrics,
+            run_id=self.run_id, state_dir=state_root(self.config) / "triggers",
+            config_dir=config_dir, max_gap_s=MAX_GAP_S)
 
     def _on_status(self, status: SourceStatus) -> None:
         previous = self._statuses.get(status.source_id)
@@ -215,6 +259,8 @@ class Daemon:
                 self._nonfinite.inc(block.nonfinite, block.source_id)
             if block.clipped:
                 self._clipped.inc(block.clipped, block.source_id)
+            if self.triggers is not None:
+                self.triggers.feed(block)
             cut = windower.feed(block)  # a ValueError is a bug: it propagates
             if cut.restart is not None and cut.restart.reason is RestartReason.GAP:
                 _log.warning("audio gap: restarting windows", source=block.source_id,
@@ -312,8 +358,10 @@ class Daemon:
         rates = self.captioner.sample_rates_hz
         _log.info("model ready", model=self.captioner.model_id, rates_hz=list(rates),
                   device=str(self.runtime.device), dtype=str(self.runtime.dtype))
+        self.triggers = self._trigger_engine()
         self.worker = InferenceWorker(self.captioner, self.queue, self._publish,
-                                      self.runtime.run, self.metrics)
+                                      self.runtime.run, self.metrics,
+                                      gate=self.triggers.wait_idle if self.triggers else None)
         if self.config.http.enabled:
             http = self.config.http
             self.http = HttpServer(http.host, http.port, metrics=self.metrics,
@@ -330,6 +378,10 @@ class Daemon:
         worker = asyncio.create_task(self.worker.run(), name="streamcap[inference].worker")
         reason = "error"
         try:
+            if self.triggers is not None:
+                # the state announcements go out once the sinks run; a phrasing the model
+                # cannot represent is a ConfigError here (exit 2)
+                await self.triggers.start()
             if self.http is not None:
                 port = await self.http.start()
                 _log.info("http listening", url=f"http://{self.config.http.host}:{port}/")
@@ -382,6 +434,12 @@ class Daemon:
         assert self.worker is not None
         # 1. Capture and inference, in parallel: no window enters the queue any more, the
         #    sources are cancelled (each publishes "stopped"), the worker drains the queue.
+        #    The trigger path stops first (its waiting windows are dropped, its learned
+        #    history written), so that it holds back no caption of the drain.
+        if self.triggers is not None:
+            await _wait_until([asyncio.create_task(self.triggers.close(),
+                                                   name="streamcap[triggers].close")],
+                              budget.capture_deadline)
         for window in self.queue.close(drop_pending=not self.config.daemon.drain_on_stop):
             self._dropped.inc(1, window.source_id, "shutdown")
         for task in (*supervisors, *helpers):

@@ -281,8 +281,9 @@ def _parse_subscribe(
 
 # Drop order when a client's queue is full: embeddings first (bulky, and the
 # next window supersedes them), then the oldest caption or status; the sink's
-# own frames only when nothing else is left.
-_TIER: Final[Mapping[str, int]] = {"embedding": 0, "caption": 1, "status": 1, CONTROL: 2}
+# own frames only when nothing else is left. Trigger events weigh like captions.
+_TIER: Final[Mapping[str, int]] = {"embedding": 0, "caption": 1, "status": 1, "trigger": 1,
+                                   CONTROL: 2}
 
 
 def frame_size(frame: str) -> int:
