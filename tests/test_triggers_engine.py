@@ -1,190 +1,165 @@
-"""The trigger path end to end: ``streamcap run`` with the demo bundle and two looping sounds.
+"""The engine's logic with a stand-in model: announcements, run-time changes, priority.
 
-One daemon serves the module: a synthesized siren and synthesized rain, each
-a looping file played in real time, the demo bundle (whose retriever was
-trained on such sounds) on one CPU thread, a trigger ``siren`` = "a siren
-wails" with the "auto" threshold watching both, a WebSocket sink and HTTP.
-A real WebSocket client subscribed to kind ``trigger`` sees the siren
-firing on the siren source, never on the rain (the state announcements go
-out at start, before a client can connect: the detector tests check them).
-An unusable example file is refused at start with exit status 2.
-
-Waits are generous upper bounds; nothing asserts how long anything took.
+The model is a fake (a unit test of the engine's bookkeeping); the real model and
+daemon are in test_triggers_daemon.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
-import os
-import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
-import soundfile as sf
-from conftest import free_port
-from daemon_process import WAIT_S, DaemonProcess, http_get, metric_samples, streamcap_command
-from timing import scaled
-from websockets.asyncio.client import connect
 
-from streamcap.training.data.corpus_sounds import rain, siren
+from streamcap.messages import Published, TriggerEvent, TriggerState, Window, make_block
+from streamcap.stats import Metrics
+from streamcap.triggers.engine import TriggerEngine
+from streamcap.triggers.spec import TriggerPathConfig, TriggerSpec
 
-pytestmark = pytest.mark.slow
-
-RATE = 32000
-MODEL = ('[model]\nbundle = "demo"\ndevice = "cpu"\nprecision = "fp32"\nthreads = 1\n\n'
-         '[model.decoding]\nn_candidates = 2\nseed = 0\n')
+RATE = 8000
+DIM = 4
 
 
-def write_sound(path: Path, kind: str) -> Path:
-    make = {"siren": siren, "rain": rain}[kind]
-    sf.write(path, 0.3 * make(np.random.default_rng(3), 12 * RATE, RATE), RATE)
-    return path
+class FakeModel:
+    """Phrases with "siren" embed on axis 0, others on axis 1; windows by their level."""
+
+    model_id = "fake"
+    sample_rate_hz = RATE
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def phrase_problem(self, text: str) -> str | None:
+        return "every word of it is unknown" if text == "zzz" else None
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append("texts")
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        for i, text in enumerate(texts):
+            out[i, 0 if "siren" in text else 1] = 1.0
+        return out
+
+    def embed_windows(self, windows: Sequence[Window]) -> np.ndarray:
+        self.calls.append(f"windows:{len(windows)}")
+        out = np.zeros((len(windows), DIM), dtype=np.float32)
+        for i, w in enumerate(windows):
+            loud = float(np.abs(w.samples(RATE)).mean()) > 0.1
+            out[i, 0 if loud else 2] = 1.0
+        return out
+
+    def embed_example(self, path: Path, where: str, chunk_s: float) -> np.ndarray:
+        raise AssertionError("no examples here")
+
+    def forget(self, source_id: str) -> None:
+        self.calls.append(f"forget:{source_id}")
 
 
-def config_text(tmp: Path, *, ws_port: int, http_port: int, triggers: str) -> str:
-    return f"""
-[daemon]
-node_id = "trig"
-state_dir = "{tmp / 'state'}"
-log_format = "json"
-max_pending_windows = 1
-stop_timeout_s = 20
-
-{MODEL}
-[sources.siren]
-uri = "file:{tmp / 'siren.wav'}?loop=true"
-window_s = 10
-hop_s = 10
-
-[sources.rain]
-uri = "file:{tmp / 'rain.wav'}?loop=true"
-window_s = 10
-hop_s = 10
-
-{triggers}
-
-[sinks.ws]
-plugin = "websocket"
-port = {ws_port}
-
-[http]
-port = {http_port}
-"""
+def spec(name: str, *text: str, **kw: Any) -> TriggerSpec:
+    return TriggerSpec(name=name, text=text, min_hits=1, of_windows=1, **kw)
 
 
-SIREN = """
-[triggers.siren]
-text = ["a siren wails"]
-"""
+async def inline(fn: Callable[..., Any], *args: Any) -> Any:
+    await asyncio.sleep(0)
+    return fn(*args)
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, int]]:
-    tmp = tmp_path_factory.mktemp("triggers")
-    write_sound(tmp / "siren.wav", "siren")
-    write_sound(tmp / "rain.wav", "rain")
-    ws_port, http_port = free_port(), free_port()
-    config = tmp / "streamcap.toml"
-    config.write_text(config_text(tmp, ws_port=ws_port, http_port=http_port, triggers=SIREN),
-                      encoding="utf-8")
-    proc = DaemonProcess.start(config, env={}, log=tmp / "daemon.log",
-                               jsonl=tmp / "archive.jsonl", http_port=http_port)
-    try:
-        yield proc, ws_port
-    finally:
-        proc.kill()
+def engine(tmp: Path, specs: dict[str, TriggerSpec], published: list[Published],
+           metrics: Metrics | None = None) -> tuple[TriggerEngine, FakeModel]:
+    model = FakeModel()
+    return TriggerEngine(specs=specs, path=TriggerPathConfig(window_s=1.0, hop_s=1.0),
+                         sources=["a", "b"], model=model, run_blocking=inline,
+                         publish=published.append, metrics=metrics or Metrics(), run_id="run",
+                         state_dir=tmp / "triggers", config_dir=tmp), model
 
 
-async def collect_triggers(url: str, until: Any, timeout_s: float) -> list[dict[str, Any]]:
-    """Trigger frames of a WebSocket client subscribed to kind "trigger", until ``until(frames)``."""
-    frames: list[dict[str, Any]] = []
-    async with connect(url, open_timeout=scaled(30)) as ws:
-        await ws.send(json.dumps({"type": "subscribe", "kinds": ["trigger"]}))
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while not until(frames):
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                break
-            try:
-                raw = await asyncio.wait_for(ws.recv(), timeout=left)
-            except TimeoutError:
-                break
-            frame = json.loads(raw)
-            if frame.get("type") == "trigger":
-                frames.append(frame)
-    return frames
+def announcements(published: list[Published]) -> set[tuple[str, str]]:
+    return {(m.trigger, m.source_id) for m in published if isinstance(m, TriggerEvent)
+            and m.fired_id == "" and m.state is TriggerState.OFF and math.isnan(m.score)}
 
 
-def wait_http(proc: DaemonProcess) -> None:
-    """Until /metrics answers (the model loads first)."""
-    def probe() -> tuple[None, bool]:
-        try:
-            return None, http_get(proc.http("/metrics"))[0] == 200
-        except OSError:
-            return None, False
-
-    proc.poll(probe, lambda _: f"HTTP never answered:\n{proc.log_tail()}", interval_s=0.5)
+def block(source: str, k: int, level: float) -> Any:
+    return make_block(source_id=source, start_sample=k * RATE, sample_rate_hz=RATE,
+                      samples=np.full(RATE, level, dtype=np.float32), captured_at=100.0 + k)
 
 
-def test_a_siren_fires_on_the_siren_source_and_not_on_the_rain(
-        daemon: tuple[DaemonProcess, int]) -> None:
-    proc, ws_port = daemon
-    wait_http(proc)
-    proc.wait_metric("streamcap_trigger_windows_total", '{source="rain"}', lambda v: v >= 1)
-
-    def fired(frames: list[dict[str, Any]]) -> bool:
-        return any(f["state"] == "on" and f["source_id"] == "siren" for f in frames)
-
-    frames = asyncio.run(collect_triggers(f"ws://127.0.0.1:{ws_port}/", fired, WAIT_S))
-    assert fired(frames), f"no siren firing within {WAIT_S} s: {frames}\n{proc.log_tail()}"
-    on = next(f for f in frames if f["state"] == "on")
-    assert on["trigger"] == "siren" and on["fired_id"] is None
-    run_id = on["run_id"]
-    assert on["event_id"].startswith(f"{run_id}-siren-siren-")
-    assert on["score"] >= on["threshold"] and on["end_s"] > on["start_s"]
-    # and after at least 20 more windows of the rain, it never fired there
-    _, _, text = http_get(proc.http("/metrics"))
-    seen = metric_samples(text, "streamcap_trigger_windows_total")['{source="rain"}']
-    text = proc.wait_metric("streamcap_trigger_windows_total", '{source="rain"}',
-                            lambda v: v >= seen + 20)
-    assert metric_samples(text, "streamcap_trigger_fired_total")[
-        '{source="rain",trigger="siren"}'] == 0
-    assert metric_samples(text, "streamcap_trigger_fired_total")[
-        '{source="siren",trigger="siren"}'] >= 1
-    assert metric_samples(text, "streamcap_trigger_score_count")['{trigger="siren"}'] >= 20
-    assert '{source="rain"}' in metric_samples(text, "streamcap_trigger_windows_dropped_total")
-    assert '{source="rain",trigger="siren"}' in metric_samples(text, "streamcap_trigger_state")
-    rain_frames = [f for f in asyncio.run(collect_triggers(
-        f"ws://127.0.0.1:{ws_port}/", lambda _: False, scaled(3))) if f["source_id"] == "rain"]
-    assert not [f for f in rain_frames if f["state"] == "on"]
+async def settle(eng: TriggerEngine) -> None:
+    for _ in range(50):
+        await asyncio.sleep(0)
+    await eng.wait_idle()
 
 
-def test_stop_keeps_the_learned_history(daemon: tuple[DaemonProcess, int]) -> None:
-    proc, _ = daemon
-    assert proc.stop() == 0
-    saved = json.loads((proc.config.parent / "state" / "triggers" / "auto.json").read_text())
-    rain_history = saved["histories"]["rain"]["siren"]["history"]
-    assert rain_history and all(math.isfinite(v) for v in rain_history)
+def test_start_announces_every_pair_and_changes_announce_only_theirs(tmp_path: Path) -> None:
+    async def main() -> None:
+        published: list[Published] = []
+        eng, model = engine(tmp_path, {"siren": spec("siren", "a siren", sources=("a",))},
+                            published)
+        await eng.start()
+        assert announcements(published) == {("siren", "a")}
+        published.clear()
+        eng.set_triggers({"siren": spec("siren", "a siren"),  # now watches both
+                          "rain": spec("rain", "rain falls", sources=("b",))})
+        await settle(eng)
+        assert announcements(published) == {("siren", "a"), ("siren", "b"), ("rain", "b")}
+        ids = [m.event_id for m in published if isinstance(m, TriggerEvent)]
+        assert len(set(ids)) == len(ids) and "run-siren-a-2" in ids  # ids never repeat
+        published.clear()
+        eng.set_triggers({"siren": spec("siren", "a siren"),
+                          "rain": spec("rain", "rain falls", sources=("b",))})
+        eng.set_triggers({"siren": spec("siren", "a siren")})  # rain removed: nothing said
+        await settle(eng)
+        assert published == [] and set(eng.specs) == {"siren"}
+        eng.set_triggers({"siren": spec("siren", "zzz"), "new": spec("new", "a siren")})
+        await settle(eng)
+        assert eng.specs["siren"].text == ("a siren",)  # refused: the old one stays
+        assert announcements(published) == {("new", "a"), ("new", "b")}
+        await eng.close()
+        assert "texts" in model.calls
+
+    asyncio.run(main())
 
 
-def run_refused(tmp: Path, triggers: str) -> subprocess.CompletedProcess[str]:
-    write_sound(tmp / "siren.wav", "siren")
-    write_sound(tmp / "rain.wav", "rain")
-    config = tmp / "streamcap.toml"
-    config.write_text(config_text(tmp, ws_port=free_port(), http_port=free_port(),
-                                  triggers=triggers), encoding="utf-8")
-    return subprocess.run([*streamcap_command(), "run", "--config", str(config)],
-                          check=False, capture_output=True, text=True, timeout=WAIT_S, cwd=tmp,
-                          env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
+def test_windows_are_scored_first_and_fire_only_where_the_sound_is(tmp_path: Path) -> None:
+    async def main() -> None:
+        published: list[Published] = []
+        eng, model = engine(tmp_path, {"siren": spec("siren", "a siren wails",
+                                                     threshold=0.5)}, published)
+        await eng.start()
+        for k in range(4):
+            eng.feed(block("a", k, 0.5))
+            eng.feed(block("b", k, 0.01))
+        gate = asyncio.create_task(eng.wait_idle())
+        await asyncio.sleep(0)
+        assert not gate.done()  # a caption would wait: trigger windows are waiting
+        await asyncio.wait_for(gate, 10)
+        ons = [m for m in published if isinstance(m, TriggerEvent)
+               and m.state is TriggerState.ON]
+        assert [(m.source_id, m.trigger) for m in ons] == [("a", "siren")]
+        assert ons[0].score == 1.0 and ons[0].threshold == 0.5
+        assert eng.windows_scored >= 6
+        assert any(c.startswith("windows:") for c in model.calls)
+        await eng.close()
+        saved = (tmp_path / "triggers" / "auto.json").read_text()
+        assert '"b"' in saved
+
+    asyncio.run(main())
 
 
-def test_an_example_that_is_not_a_regular_file_is_refused_at_start(tmp_path: Path) -> None:
-    (tmp_path / "clips").mkdir()
-    done = run_refused(tmp_path, '[triggers.odd]\ntext = ["a siren"]\nexamples = ["clips"]\n')
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "triggers.odd.examples[0]" in done.stderr and "directory" in done.stderr
+def test_a_full_queue_drops_the_oldest_and_counts_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        published: list[Published] = []
+        metrics = Metrics()
+        eng, _ = engine(tmp_path, {"siren": spec("siren", "a siren")}, published, metrics)
+        await eng.start()
+        for k in range(20):  # no await in between: the worker cannot run
+            eng.feed(block("a", k, 0.5))
+        await settle(eng)
+        assert eng.windows_scored == 8  # max_pending: the newest 8 were kept
+        assert eng.dropped == 20 - 8
+        assert metrics.counter("streamcap_trigger_windows_dropped_total", "",
+                               ["source"]).value("a") == 12
+        await eng.close()
+
+    asyncio.run(main())
