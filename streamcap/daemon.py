@@ -46,6 +46,7 @@ from streamcap.audio.windowing import RestartReason, Windower
 from streamcap.bus import PluginBus
 from streamcap.bus.plugin import Sink, sink_endpoint, tell_triggers
 from streamcap.config import Config, SourceConfig, default_config, parse_config
+from streamcap.errors import ConfigError
 from streamcap.http import HealthReport, HttpServer
 from streamcap.logs import Throttle, configure_logging, get_logger
 from streamcap.messages import (
@@ -62,6 +63,7 @@ from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
 from streamcap.preflight import check_config_file, prepare
 from streamcap.sources.base import AudioSource
 from streamcap.stats import Metrics
+from streamcap.triggers.engine import TriggerEngine
 from streamcap.triggers.registry import TriggerRegistry, TriggerStates
 from streamcap.triggers.spec import TriggerSpec
 
@@ -197,6 +199,9 @@ class Daemon:
         self.worker: InferenceWorker | None = None
         self.http: HttpServer | None = None
         self.captioner: WindowCaptioner | None = None
+        self.trigger_engine: TriggerEngine | None = None
+        """The trigger path, once the model is loaded (None: the model has no retriever
+        and no trigger is configured)."""
         self.abandoned: list[str] = []
         """Names of the tasks the shutdown abandoned (they ignored their cancellation)."""
         self.stop_deadline: float | None = None
@@ -218,7 +223,32 @@ class Daemon:
     def _publish(self, msg: Published) -> None:
         if isinstance(msg, TriggerEvent):
             self.trigger_states.observe(msg)
+        if self.trigger_engine is not None:
+            self.trigger_engine.note(msg)
         self.bus.publish(msg)
+
+    def _trigger_engine(self) -> TriggerEngine | None:
+        """The trigger path for the loaded model; None when it cannot score and none is set.
+
+        Raises:
+            ConfigError: triggers are configured but the model has no retriever.
+        """
+        from streamcap.models.captioner import Captioner
+        from streamcap.triggers.fastpath import RetrieverTriggerModel
+
+        captioner = self.captioner
+        if not isinstance(captioner, Captioner) or captioner.components.retriever is None:
+            if self.triggers.specs():
+                raise ConfigError("triggers: the model has no retriever (audio-text "
+                                  "embeddings) to score them with; use a bundle with one")
+            return None
+        config_dir = self.config.path.parent if self.config.path is not None else None
+        return TriggerEngine(
+            specs=self.triggers.specs(), path=self.config.trigger_path,
+            sources=list(self.config.sources), model=RetrieverTriggerModel(captioner),
+            run_blocking=self.runtime.run, publish=self._publish, metrics=self.metrics,
+            run_id=self.run_id, state_dir=state_root(self.config) / "triggers",
+            config_dir=config_dir, max_gap_s=MAX_GAP_S)
 
     def _on_status(self, status: SourceStatus) -> None:
         previous = self._statuses.get(status.source_id)
@@ -235,6 +265,8 @@ class Daemon:
                 self._nonfinite.inc(block.nonfinite, block.source_id)
             if block.clipped:
                 self._clipped.inc(block.clipped, block.source_id)
+            if self.trigger_engine is not None:
+                self.trigger_engine.feed(block)
             cut = windower.feed(block)  # a ValueError is a bug: it propagates
             if cut.restart is not None and cut.restart.reason is RestartReason.GAP:
                 _log.warning("audio gap: restarting windows", source=block.source_id,
@@ -332,8 +364,14 @@ class Daemon:
         rates = self.captioner.sample_rates_hz
         _log.info("model ready", model=self.captioner.model_id, rates_hz=list(rates),
                   device=str(self.runtime.device), dtype=str(self.runtime.dtype))
+        engine = self.trigger_engine = self._trigger_engine()
+        if engine is not None:
+            # run-time changes (HTTP, MQTT) reach the engine, checked against the model first
+            self.triggers.check = engine.problems
+            self.triggers.subscribe(engine.set_triggers)
         self.worker = InferenceWorker(self.captioner, self.queue, self._publish,
-                                      self.runtime.run, self.metrics)
+                                      self.runtime.run, self.metrics,
+                                      gate=engine.wait_idle if engine else None)
         if self.config.http.enabled:
             http = self.config.http
             self.http = HttpServer(http.host, http.port, metrics=self.metrics,
@@ -355,6 +393,10 @@ class Daemon:
         worker = asyncio.create_task(self.worker.run(), name="streamcap[inference].worker")
         reason = "error"
         try:
+            if self.trigger_engine is not None:
+                # the state announcements go out once the sinks run; a phrasing the model
+                # cannot represent is a ConfigError here (exit 2)
+                await self.trigger_engine.start()
             if self.http is not None:
                 port = await self.http.start()
                 _log.info("http listening", url=f"http://{self.config.http.host}:{port}/")
@@ -415,6 +457,12 @@ class Daemon:
         assert self.worker is not None
         # 1. Capture and inference, in parallel: no window enters the queue any more, the
         #    sources are cancelled (each publishes "stopped"), the worker drains the queue.
+        #    The trigger path stops first (its waiting windows are dropped, its learned
+        #    history written), so that it holds back no caption of the drain.
+        if self.trigger_engine is not None:
+            await _wait_until([asyncio.create_task(self.trigger_engine.close(),
+                                                   name="streamcap[triggers].close")],
+                              budget.capture_deadline)
         for window in self.queue.close(drop_pending=not self.config.daemon.drain_on_stop):
             self._dropped.inc(1, window.source_id, "shutdown")
         for task in (*supervisors, *helpers):

@@ -137,6 +137,10 @@ class Captioner:
         with torch.autocast(device_type=self.device.type, dtype=self.dtype):
             yield
 
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """The compute precision's autocast (none in float32), for other users of the models."""
+        return self._autocast()
+
     @torch.inference_mode()
     def caption(self, window: Window) -> CaptionResult:
         """Caption one window.

@@ -248,6 +248,9 @@ class TriggerRegistry:
         self._saved = saved or Saved()
         self._specs = merge(self.config, self._saved)
         self._listeners: list[Listener] = []
+        self.check: Callable[[TriggerSpec], list[str]] | None = None
+        """The loaded model's own checks of a definition (phrasings its tokenizer cannot
+        represent, ...), run by :meth:`put` after the config file's."""
 
     @classmethod
     def open(cls, config: Mapping[str, TriggerSpec], sources: Collection[str],
@@ -318,6 +321,8 @@ class TriggerRegistry:
             TriggerStoreError: The change could not be saved; nothing changed.
         """
         spec = validate(name, table, sources=self.sources, config=self.config)
+        if self.check is not None and (problems := self.check(spec)):
+            raise ConfigError(problems)
         old = self._specs.get(name)
         if old is None and len(self._specs) >= self.max_triggers:
             raise ConfigError(f"triggers.{toml_key(name)}: at most {self.max_triggers} triggers "

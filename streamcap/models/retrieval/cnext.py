@@ -339,7 +339,18 @@ class CNext(nn.Module):
             raise ModelError(
                 f"CNext: waveform of {wave.shape[1]} samples is too short; need at least {needed}"
             )
-        x = self.feature_map(self.normalise(self.frontend(wave)))
+        return self.encode_logmel(self.frontend(wave))
+
+    def encode_logmel(self, logmel: Tensor) -> CNextOutput:
+        """Encode log-mel images computed elsewhere (the trigger path caches them).
+
+        Args:
+            logmel: float32 (B, 1, T, n_mels), as :class:`LogMel` makes them.
+
+        Returns:
+            As :meth:`forward`.
+        """
+        x = self.feature_map(self.normalise(logmel))
         frames = x.mean(dim=3)
         clip = self.pool(frames)
         logits = self.head_audioset(clip) if self.head_audioset is not None else None

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from streamcap.errors import ConfigError, ModelError, WeightsError
-from streamcap.models.retrieval.cnext import CNEXT_TINY, CNext, CNextConfig, load_cnext_checkpoint
+from streamcap.models.retrieval.cnext import (
+    CNEXT_TINY,
+    CNext,
+    CNextConfig,
+    CNextOutput,
+    load_cnext_checkpoint,
+)
 
 __all__ = ["AudioTextRetriever", "Projection", "RetrieverConfig"]
 
@@ -214,7 +220,13 @@ class AudioTextRetriever(nn.Module):
             (C = 768 for the published encoder; EnCLAP's first encoder row)
             and float32 (B, joint_dim) L2-normalised joint embedding.
         """
-        out = self.audio_encoder(wave)
+        return self._project(self.audio_encoder(wave))
+
+    def embed_logmel(self, logmel: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`embed_audio` of log-mel images (B, 1, T, n_mels) computed elsewhere."""
+        return self._project(self.audio_encoder.encode_logmel(logmel))
+
+    def _project(self, out: CNextOutput) -> tuple[Tensor, Tensor]:
         if self.config.audio_source == "clip":
             source = out.clip
         else:
