@@ -442,7 +442,8 @@ def markdown(report: Mapping[str, Any], title: str) -> str:
         f"{report['detector']}, trigger defaults {report['trigger_defaults']}; "
         f"{report['window_s']:g} s windows every {report['hop_s']:g} s; "
         f"{report['threads']} thread(s); {report['seconds']} s wall, "
-        f"{report['cpu_seconds']} s CPU (embeddings cached in /tmp reuse). "
+        f"{report['cpu_seconds']} s CPU on the first run (a rerun reuses the embeddings "
+        "cached in /tmp). "
         "Written by `bench/triggers.py`."), "",
         (f"Machine: {m['cores']} cores, CPU flags {', '.join(m['cpu_flags']) or 'none of interest'}"
         f"; load average (1 min) {m['loadavg_1m_start_end'][0]} at start, "
