@@ -100,6 +100,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from streamcap.training.commands import add_parsers as add_training_parsers
 
     add_training_parsers(sub)
+    from streamcap.triggers.calibrate import add_parser as add_triggers_parser
+
+    add_triggers_parser(sub)
     return parser
 
 
@@ -193,6 +196,12 @@ def _cmd_training(args: argparse.Namespace) -> int:
     return commands.run(args)
 
 
+def _cmd_triggers(args: argparse.Namespace) -> int:
+    from streamcap.triggers.calibrate import calibrate_command
+
+    return calibrate_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = _build_parser()
@@ -212,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": _cmd_models,
         "train": _cmd_training,
         "eval": _cmd_training,
+        "triggers": _cmd_triggers,
     }
     try:
         code = handlers[args.command](args)
