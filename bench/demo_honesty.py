@@ -242,7 +242,8 @@ def _caption_fields(result: Any) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from streamcap.captioning import cut_windows, file_windows
+    from streamcap.audio.windowing import Windower
+    from streamcap.captioning import file_windows
     from streamcap.messages import make_block
     from streamcap.models.captioner import build_captioner
     from streamcap.models.decoding.options import DecodingOptions
@@ -263,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         audio = render(scene).astype(np.float32)
         block = make_block(source_id=scene.scene_id, start_sample=0,
                            sample_rate_hz=SAMPLE_RATE_HZ, samples=audio, captured_at=0.0)
-        window = next(iter(cut_windows(Path(scene.scene_id), [block], 10.0, 5.0, rates)))
+        window = Windower(scene.scene_id, 10.0, 5.0, rates).feed(block).windows[0]
         fields = _caption_fields(captioner.caption(window))
         rows.append({**scene.to_json(), **fields,
                      **judge_scene(scene, fields["text"], fields["abstained"])})
