@@ -261,7 +261,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scenes = [s for s in scenes if s.scene_id.endswith("-00")]
     rows: list[dict[str, Any]] = []
     for i, scene in enumerate(scenes, 1):
-        audio = render(scene).astype(np.float32)
+        # a second of silence after the scene lets the windower's resamplers flush its end
+        audio = np.concatenate([render(scene).astype(np.float32),
+                                np.zeros(SAMPLE_RATE_HZ, np.float32)])
         block = make_block(source_id=scene.scene_id, start_sample=0,
                            sample_rate_hz=SAMPLE_RATE_HZ, samples=audio, captured_at=0.0)
         window = Windower(scene.scene_id, 10.0, 5.0, rates).feed(block).windows[0]
