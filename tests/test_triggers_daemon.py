@@ -145,7 +145,7 @@ def test_a_siren_fires_on_the_siren_source_and_not_on_the_rain(
     on = next(f for f in frames if f["state"] == "on")
     assert on["trigger"] == "siren" and on["fired_id"] is None
     run_id = on["run_id"]
-    assert on["event_id"].startswith(f"{run_id}-siren-siren-")
+    assert on["event_id"].startswith(f"{run_id}:siren:siren:")
     assert on["score"] >= on["threshold"] and on["end_s"] > on["start_s"]
     # and after at least 20 more windows of the rain, it never fired there
     _, _, text = http_get(proc.http("/metrics"))

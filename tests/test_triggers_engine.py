@@ -104,7 +104,7 @@ def test_start_announces_every_pair_and_changes_announce_only_theirs(tmp_path: P
         await settle(eng)
         assert announcements(published) == {("siren", "a"), ("siren", "b"), ("rain", "b")}
         ids = [m.event_id for m in published if isinstance(m, TriggerEvent)]
-        assert len(set(ids)) == len(ids) and "run-siren-a-2" in ids  # ids never repeat
+        assert len(set(ids)) == len(ids) and "run:siren:a:2" in ids  # ids never repeat
         published.clear()
         eng.set_triggers({"siren": spec("siren", "a siren"),
                           "rain": spec("rain", "rain falls", sources=("b",))})

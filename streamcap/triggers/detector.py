@@ -5,9 +5,10 @@ windows in order, each already decided hit or not (see
 :mod:`streamcap.triggers.scoring`), and returns the :class:`TriggerEvent` a
 window causes, if any:
 
-* **on** when at least ``min_hits`` of the last ``of_windows`` windows hit,
-  unless the last *on* is less than ``cooldown_s`` of stream time ago;
-  its span is the audio from the first of those hits to the end of the
+* **on** when the current window hits and at least ``min_hits`` of the last
+  ``of_windows`` windows hit, counting only hits since the last *off* (a
+  firing never comes back from the hits that made the last one), unless the
+  last *on* is less than ``cooldown_s`` of stream time ago; its span is the audio from the first of those hits to the end of the
   window that decided it, its score the best of those hits;
 * **off** once ``off_after_s`` of stream time passed without a hit (from
   the end of the last hit window to the end of the current one); it carries
@@ -18,9 +19,10 @@ Stream time runs on across restarts of the source's clock (a new window
 epoch continues where the last one ended); the last ``of_windows`` windows
 are forgotten at a restart, since their audio is not continuous with the new.
 
-Event ids are ``f"{run_id}-{trigger}-{source_id}-{n}"``, ``n`` counting from 1
+Event ids are ``f"{run_id}:{trigger}:{source_id}:{n}"``, ``n`` counting from 1
 per (trigger, source) and run (:class:`EventIds`, kept by the engine across
-changes of the trigger, so that ids never repeat). :func:`announcement` is the
+changes of the trigger, so that ids never repeat; ``:`` is in no run id, trigger
+or source name, so two pairs never share an id). :func:`announcement` is the
 *state announcement* published at start and when a trigger is added or
 changed: an *off* with ``fired_id == ""`` and NaN score and threshold.
 """
@@ -49,7 +51,7 @@ class Verdict:
 
 
 class EventIds:
-    """``f"{run_id}-{trigger}-{source_id}-{n}"``, ``n`` from 1 per (trigger, source)."""
+    """``f"{run_id}:{trigger}:{source_id}:{n}"``, ``n`` from 1 per (trigger, source)."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -58,7 +60,7 @@ class EventIds:
     def next(self, trigger: str, source_id: str) -> str:
         n = self._counts.get((trigger, source_id), 0) + 1
         self._counts[(trigger, source_id)] = n
-        return f"{self.run_id}-{trigger}-{source_id}-{n}"
+        return f"{self.run_id}:{trigger}:{source_id}:{n}"
 
 
 def announcement(trigger: str, source_id: str, ids: EventIds, *, model: str,
@@ -123,7 +125,10 @@ class Detector:
             event = self._event(TriggerState.OFF, verdict, start_s=first.start_s,
                                 score=verdict.score, fired_id=self.on_id, caption=caption)
             self.on_id = ""
+            self._recent.clear()  # the hits of this firing never count for the next one
             return event
+        if not verdict.hit:
+            return None
         hits = [v for v in self._recent if v.hit]
         if len(hits) < self.spec.min_hits or t - self._last_on_t < self.spec.cooldown_s:
             return None
