@@ -29,6 +29,7 @@ changed: an *off* with ``fired_id == ""`` and NaN score and threshold.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class Detector:
         self._last_hit_t = -math.inf
         self._last_on_t = -math.inf
         self._first_miss: Verdict | None = None  # first window without a hit since the last hit
+        self._last: Verdict | None = None  # the last window
         self.on_id = ""
         """The event id of the current firing; "" while off."""
 
@@ -112,6 +114,7 @@ class Detector:
             raise ValueError(f"detector {self.spec.name}/{self.source_id}: window ending at "
                              f"{verdict.end_s} s comes after one ending later")
         self._t = t
+        self._last = verdict
         self._recent.append(verdict)
         if verdict.hit:
             self._last_hit_t = t
@@ -136,6 +139,29 @@ class Detector:
         event = self._event(TriggerState.ON, verdict, start_s=hits[0].start_s,
                             score=max(v.score for v in hits), fired_id="", caption=caption)
         self.on_id = event.event_id
+        return event
+
+    def respec(self, spec: TriggerSpec) -> None:
+        """Follow new hysteresis settings (same trigger, same words), keeping the state."""
+        self.spec = spec
+        self._recent = deque(self._recent, maxlen=spec.of_windows)
+
+    def end(self, at: float, caption: str | None = None) -> TriggerEvent | None:
+        """If on, the *off* that ends the firing now (the trigger changed, the source stopped).
+
+        Its span is the windows without a hit since the last hit (none: the end of the
+        last window), its score and threshold the last window's, ``captured_at`` ``at``.
+        """
+        last = self._last
+        if not self.on or last is None:
+            return None
+        first = self._first_miss
+        event = self._event(TriggerState.OFF, last, start_s=last.end_s if first is None
+                            else first.start_s, score=last.score, fired_id=self.on_id,
+                            caption=caption)
+        event = dataclasses.replace(event, captured_at=at)
+        self.on_id = ""
+        self._recent.clear()
         return event
 
     def _event(self, state: TriggerState, verdict: Verdict, *, start_s: float, score: float,
