@@ -157,7 +157,8 @@ def test_a_siren_fires_on_the_siren_source_and_not_on_the_rain(
     assert metric_samples(text, "streamcap_trigger_fired_total")[
         '{source="siren",trigger="siren"}'] >= 1
     assert metric_samples(text, "streamcap_trigger_score_count")['{trigger="siren"}'] >= 20
-    assert '{source="rain"}' in metric_samples(text, "streamcap_trigger_windows_dropped_total")
+    assert '{reason="behind",source="rain"}' in metric_samples(
+        text, "streamcap_trigger_windows_dropped_total")
     assert '{source="rain",trigger="siren"}' in metric_samples(text, "streamcap_trigger_state")
     rain_frames = [f for f in asyncio.run(collect_triggers(
         f"ws://127.0.0.1:{ws_port}/", lambda _: False, scaled(3))) if f["source_id"] == "rain"]
