@@ -370,9 +370,10 @@ class TriggerEngine:
                     self._arm, todo, calibrated, self._background.size == 0)
                 if background is not None:
                     self._background = background
-            except StreamcapError as exc:
+            except Exception as exc:  # noqa: BLE001 - logged; the previous definitions stay
                 _log.error("triggers refused; their previous definitions (if any) stay",
-                           triggers=[s.name for s in todo], error=str(exc))
+                           triggers=[s.name for s in todo], error=str(exc),
+                           exc_info=None if isinstance(exc, StreamcapError) else exc)
                 armed, refused = [], {}
             for name, problems in refused.items():
                 _log.error("trigger refused; its previous definition (if any) stays",
