@@ -145,7 +145,7 @@ def test_a_siren_fires_on_the_siren_source_and_not_on_the_rain(
     on = next(f for f in frames if f["state"] == "on")
     assert on["trigger"] == "siren" and on["fired_id"] is None
     run_id = on["run_id"]
-    assert on["event_id"].startswith(f"{run_id}-siren-siren-")
+    assert on["event_id"].startswith(f"{run_id}:siren:siren:")
     assert on["score"] >= on["threshold"] and on["end_s"] > on["start_s"]
     # and after at least 20 more windows of the rain, it never fired there
     _, _, text = http_get(proc.http("/metrics"))
@@ -157,7 +157,8 @@ def test_a_siren_fires_on_the_siren_source_and_not_on_the_rain(
     assert metric_samples(text, "streamcap_trigger_fired_total")[
         '{source="siren",trigger="siren"}'] >= 1
     assert metric_samples(text, "streamcap_trigger_score_count")['{trigger="siren"}'] >= 20
-    assert '{source="rain"}' in metric_samples(text, "streamcap_trigger_windows_dropped_total")
+    assert '{reason="behind",source="rain"}' in metric_samples(
+        text, "streamcap_trigger_windows_dropped_total")
     assert '{source="rain",trigger="siren"}' in metric_samples(text, "streamcap_trigger_state")
     rain_frames = [f for f in asyncio.run(collect_triggers(
         f"ws://127.0.0.1:{ws_port}/", lambda _: False, scaled(3))) if f["source_id"] == "rain"]

@@ -44,11 +44,11 @@ def test_on_after_min_hits_of_the_last_windows_then_off_after_off_after_s() -> N
     events = run(det, [False, True, False, True, True, False, False, False, False])
     assert [(k, e.state) for k, e in events] == [(3, TriggerState.ON), (7, TriggerState.OFF)]
     on, off = events[0][1], events[1][1]
-    assert on.event_id == f"{RUN}-siren-street-1" and on.fired_id == ""
+    assert on.event_id == f"{RUN}:siren:street:1" and on.fired_id == ""
     assert (on.start_s, on.end_s) == (1.0, 8.0)  # from the first of the deciding hits
     assert on.captured_at == 1008.0 and on.caption == "caption 3" and on.model == "m"
     assert on.score == 0.8 and on.threshold == 0.5 and on.run_id == RUN
-    assert off.event_id == f"{RUN}-siren-street-2" and off.fired_id == on.event_id
+    assert off.event_id == f"{RUN}:siren:street:2" and off.fired_id == on.event_id
     assert (off.start_s, off.end_s) == (5.0, 12.0)  # the windows without a hit
     assert not det.on
 
@@ -91,11 +91,11 @@ def test_announcement_is_an_off_without_a_firing_and_uses_the_same_counter() -> 
     first = announcement("siren", "s", ids, model="m", at=5.0)
     assert first.state is TriggerState.OFF and first.fired_id == ""
     assert math.isnan(first.score) and math.isnan(first.threshold)
-    assert first.event_id == f"{RUN}-siren-s-1"
+    assert first.event_id == f"{RUN}:siren:s:1"
     det = Detector(spec(min_hits=1, of_windows=1), "s", ids)
     on = det.observe(verdict(0, True))
-    assert on is not None and on.event_id == f"{RUN}-siren-s-2"
-    assert ids.next("siren", "other") == f"{RUN}-siren-other-1"
+    assert on is not None and on.event_id == f"{RUN}:siren:s:2"
+    assert ids.next("siren", "other") == f"{RUN}:siren:other:1"
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -109,33 +109,52 @@ def test_random_sequences_keep_every_rule(seed: int) -> None:
     hits = list(rng.random(400) < rng.uniform(0.1, 0.7))
     events = run(det, hits)
     assert events, "a sequence this long fires at least once"
-    last_on_t = -math.inf
+    last_on_t, last_off = -math.inf, -1
     for i, (k, event) in enumerate(events):
         t = k * HOP_S + WINDOW_S
         expected = TriggerState.ON if i % 2 == 0 else TriggerState.OFF
         assert event.state is expected  # on and off alternate, starting with on
-        assert event.event_id == f"{RUN}-siren-src-{i + 1}"
+        assert event.event_id == f"{RUN}:siren:src:{i + 1}"
         if event.state is TriggerState.ON:
-            assert sum(hits[max(0, k - s.of_windows + 1):k + 1]) >= s.min_hits
+            assert hits[k]  # the window that turns it on is a hit
+            # enough hits since the last off among the last of_windows windows
+            assert sum(hits[max(0, k - s.of_windows + 1, last_off + 1):k + 1]) >= s.min_hits
             assert t - last_on_t >= s.cooldown_s
             last_on_t = t
         else:
+            last_off = k
             assert event.fired_id == events[i - 1][1].event_id
             last_hit = max(j for j in range(k + 1) if hits[j])
             assert not hits[k] and k - last_hit >= s.off_after_s / HOP_S
             assert k - 1 - last_hit < s.off_after_s / HOP_S  # the first window that could
-    # and every time the rule allowed an on while off, it fired (no missed firing)
-    on, last_on_t, last_hit = False, -math.inf, -math.inf
-    fired_at = {k for k, e in events}
+    # the reference model, window by window, fires exactly where the detector did
+    on, last_on_t, last_hit, last_off = False, -math.inf, -math.inf, -1
+    expected_at: list[int] = []
     for k, hit in enumerate(hits):
         t = k * HOP_S + WINDOW_S
         last_hit = t if hit else last_hit
         if on:
             if not hit and t - last_hit >= s.off_after_s:
-                on = False
-                assert k in fired_at
+                on, last_off = False, k
+                expected_at.append(k)
             continue
-        if (sum(hits[max(0, k - s.of_windows + 1):k + 1]) >= s.min_hits
+        if (hit and sum(hits[max(0, k - s.of_windows + 1, last_off + 1):k + 1]) >= s.min_hits
                 and t - last_on_t >= s.cooldown_s):
             on, last_on_t = True, t
-            assert k in fired_at
+            expected_at.append(k)
+    assert [k for k, _ in events] == expected_at
+
+
+@pytest.mark.parametrize(("of_windows", "cooldown_s", "off_after_s"),
+                         [(15, 10.0, 3.0), (3, 0.0, 1.0)])
+def test_one_hit_fires_once_and_its_stale_hit_never_fires_again(
+        of_windows: int, cooldown_s: float, off_after_s: float) -> None:
+    det = Detector(spec(min_hits=1, of_windows=of_windows, cooldown_s=cooldown_s,
+                        off_after_s=off_after_s), "s", EventIds(RUN))
+    events = run(det, [k == 0 for k in range(30)])  # one hit window, then silence
+    assert [e.state for _, e in events] == [TriggerState.ON, TriggerState.OFF]
+
+
+def test_ids_of_two_pairs_never_collide_though_names_hold_dashes() -> None:
+    ids = EventIds(RUN)
+    assert ids.next("a-b", "c") != ids.next("a", "b-c")

@@ -64,6 +64,20 @@ def test_a_new_epoch_or_a_hop_off_the_frame_grid_still_gives_the_front_end_outpu
                                    rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("cfg", [MelConfig(n_mels=64, hop_length=160),
+                                 MelConfig(n_mels=64, n_fft=2048, win_length=2048)],
+                         ids=["hop160", "nfft2048"])
+def test_cached_frames_equal_the_front_end_for_other_mel_settings(cfg: MelConfig) -> None:
+    """More edge frames than two (n_fft // 2 > 2 * hop): each still as the front end makes it."""
+    frontend = LogMel(cfg)
+    cache = MelCache(frontend)
+    cut = windows(1.0, 12)
+    for window in cut:
+        torch.testing.assert_close(cache.logmel(window, torch.device("cpu")), full(frontend, window),
+                                   rtol=0, atol=1e-4)
+    assert cache.computed < len(cut) * cfg.n_frames(5 * RATE) / 2  # still incremental
+
+
 def test_a_phrase_of_unknown_words_only_is_named_as_such() -> None:
     tokenizer = wordpiece_tokenizer()
     assert phrase_problem(tokenizer, "a dog barks") is None

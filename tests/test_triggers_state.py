@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+import streamcap.triggers.state as state_module
 from streamcap.triggers.spec import TriggerSpec
 from streamcap.triggers.state import (
     fingerprint,
@@ -50,3 +55,33 @@ def test_the_fingerprint_follows_the_words_and_the_model_not_the_timing() -> Non
     assert fingerprint(a, "m") != fingerprint(a, "m2")
     assert fingerprint(a, "m") != fingerprint(TriggerSpec(name="siren", text=("a siren",),
                                                           negative=("a horn",)), "m")
+
+
+def test_two_writes_at_once_never_share_a_temporary_file(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tmp_path / "triggers"
+    both_open = threading.Barrier(2, timeout=30)
+    real_dump = json.dump
+
+    def dump(obj: Any, fh: Any, **kw: Any) -> None:
+        both_open.wait()  # each write has opened its temporary file before either writes
+        real_dump(obj, fh, **kw)
+
+    monkeypatch.setattr(state_module.json, "dump", dump)
+    failures: list[BaseException] = []
+
+    def write(fp: str) -> None:
+        try:
+            write_histories(directory, {"s": {"siren": (fp, (0.1,))}})
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=write, args=(fp,)) for fp in ("one", "two")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    monkeypatch.undo()
+    assert failures == []
+    assert read_histories(directory)["s"]["siren"][0] in {"one", "two"}
+    assert sorted(p.name for p in directory.iterdir()) == ["auto.json"]

@@ -5,9 +5,10 @@ windows in order, each already decided hit or not (see
 :mod:`streamcap.triggers.scoring`), and returns the :class:`TriggerEvent` a
 window causes, if any:
 
-* **on** when at least ``min_hits`` of the last ``of_windows`` windows hit,
-  unless the last *on* is less than ``cooldown_s`` of stream time ago;
-  its span is the audio from the first of those hits to the end of the
+* **on** when the current window hits and at least ``min_hits`` of the last
+  ``of_windows`` windows hit, counting only hits since the last *off* (a
+  firing never comes back from the hits that made the last one), unless the
+  last *on* is less than ``cooldown_s`` of stream time ago; its span is the audio from the first of those hits to the end of the
   window that decided it, its score the best of those hits;
 * **off** once ``off_after_s`` of stream time passed without a hit (from
   the end of the last hit window to the end of the current one); it carries
@@ -18,15 +19,17 @@ Stream time runs on across restarts of the source's clock (a new window
 epoch continues where the last one ended); the last ``of_windows`` windows
 are forgotten at a restart, since their audio is not continuous with the new.
 
-Event ids are ``f"{run_id}-{trigger}-{source_id}-{n}"``, ``n`` counting from 1
+Event ids are ``f"{run_id}:{trigger}:{source_id}:{n}"``, ``n`` counting from 1
 per (trigger, source) and run (:class:`EventIds`, kept by the engine across
-changes of the trigger, so that ids never repeat). :func:`announcement` is the
+changes of the trigger, so that ids never repeat; ``:`` is in no run id, trigger
+or source name, so two pairs never share an id). :func:`announcement` is the
 *state announcement* published at start and when a trigger is added or
 changed: an *off* with ``fired_id == ""`` and NaN score and threshold.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -49,7 +52,7 @@ class Verdict:
 
 
 class EventIds:
-    """``f"{run_id}-{trigger}-{source_id}-{n}"``, ``n`` from 1 per (trigger, source)."""
+    """``f"{run_id}:{trigger}:{source_id}:{n}"``, ``n`` from 1 per (trigger, source)."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -58,7 +61,7 @@ class EventIds:
     def next(self, trigger: str, source_id: str) -> str:
         n = self._counts.get((trigger, source_id), 0) + 1
         self._counts[(trigger, source_id)] = n
-        return f"{self.run_id}-{trigger}-{source_id}-{n}"
+        return f"{self.run_id}:{trigger}:{source_id}:{n}"
 
 
 def announcement(trigger: str, source_id: str, ids: EventIds, *, model: str,
@@ -86,6 +89,7 @@ class Detector:
         self._last_hit_t = -math.inf
         self._last_on_t = -math.inf
         self._first_miss: Verdict | None = None  # first window without a hit since the last hit
+        self._last: Verdict | None = None  # the last window
         self.on_id = ""
         """The event id of the current firing; "" while off."""
 
@@ -110,6 +114,7 @@ class Detector:
             raise ValueError(f"detector {self.spec.name}/{self.source_id}: window ending at "
                              f"{verdict.end_s} s comes after one ending later")
         self._t = t
+        self._last = verdict
         self._recent.append(verdict)
         if verdict.hit:
             self._last_hit_t = t
@@ -123,7 +128,10 @@ class Detector:
             event = self._event(TriggerState.OFF, verdict, start_s=first.start_s,
                                 score=verdict.score, fired_id=self.on_id, caption=caption)
             self.on_id = ""
+            self._recent.clear()  # the hits of this firing never count for the next one
             return event
+        if not verdict.hit:
+            return None
         hits = [v for v in self._recent if v.hit]
         if len(hits) < self.spec.min_hits or t - self._last_on_t < self.spec.cooldown_s:
             return None
@@ -131,6 +139,29 @@ class Detector:
         event = self._event(TriggerState.ON, verdict, start_s=hits[0].start_s,
                             score=max(v.score for v in hits), fired_id="", caption=caption)
         self.on_id = event.event_id
+        return event
+
+    def respec(self, spec: TriggerSpec) -> None:
+        """Follow new hysteresis settings (same trigger, same words), keeping the state."""
+        self.spec = spec
+        self._recent = deque(self._recent, maxlen=spec.of_windows)
+
+    def end(self, at: float, caption: str | None = None) -> TriggerEvent | None:
+        """If on, the *off* that ends the firing now (the trigger changed, the source stopped).
+
+        Its span is the windows without a hit since the last hit (none: the end of the
+        last window), its score and threshold the last window's, ``captured_at`` ``at``.
+        """
+        last = self._last
+        if not self.on or last is None:
+            return None
+        first = self._first_miss
+        event = self._event(TriggerState.OFF, last, start_s=last.end_s if first is None
+                            else first.start_s, score=last.score, fired_id=self.on_id,
+                            caption=caption)
+        event = dataclasses.replace(event, captured_at=at)
+        self.on_id = ""
+        self._recent.clear()
         return event
 
     def _event(self, state: TriggerState, verdict: Verdict, *, start_s: float, score: float,

@@ -4,9 +4,14 @@ Per source watched by at least one trigger (``sources`` empty: every
 source), the source's audio blocks also feed a second
 :class:`~streamcap.audio.windowing.Windower` at ``[trigger_path]``
 ``window_s``/``hop_s`` (the retriever's rate only). Its windows wait in a
-bounded FIFO of their own per source (``max_pending``; the oldest is dropped
-and counted in ``streamcap_trigger_windows_dropped_total``). With no trigger
-watching a source, that source gets no trigger windows at all.
+bounded FIFO of their own per source (``max_pending``; the oldest is dropped).
+Every trigger window that is not scored is counted in
+``streamcap_trigger_windows_dropped_total{source,reason}``: ``behind`` (the
+oldest, past ``max_pending``), ``failed`` (its embedding failed),
+``unwatched`` (its source stopped being watched, or was watched anew, while
+it waited), ``closed`` (the daemon stopped), ``dead`` (the trigger worker
+failed). With no trigger watching a source, that source gets no trigger
+windows at all.
 
 **Served first.** One task (``streamcap[triggers].worker``) takes every
 waiting trigger window (of every source, up to :data:`MAX_BATCH` a call) and
@@ -18,7 +23,12 @@ Captions may starve if the trigger path alone needs all of the inference
 thread (then trigger windows are dropped too, and both are counted). A
 second inference thread for triggers was not tried: torch is entered from
 one thread only (:mod:`streamcap.models.runtime`), and on a CPU both paths
-would share the same cores anyway.
+would share the same cores anyway. ``streamcap_inference_seconds{stage="trigger"}``
+is the embedding's compute time, measured on the inference thread (not the
+wait behind a caption). An error while scoring a window is logged (at most
+once a minute per stage) and counted in ``streamcap_trigger_errors_total``,
+and the path goes on; should the worker itself end, the caption gate opens for
+good (captions never wait on a dead trigger path) and it is logged.
 
 **Scored and decided.** The embedding is scored against every trigger that
 watches the source (:mod:`streamcap.triggers.scoring`, on the event loop:
@@ -31,15 +41,26 @@ trigger) turns the hits into ``trigger`` on/off events, published on the bus.
 the event loop at any time: new and changed triggers are embedded on the
 inference thread (never on the event loop) and take over when that is done,
 with a state announcement (an *off* with ``fired_id == ""``) per (source,
-trigger) they watch; a removed trigger stops at once and nothing is
-published for it. A trigger whose phrasings or examples cannot be used is
-refused with an error log, and its previous definition (if any) stays.
+trigger) they watch; a removed trigger stops at once. A firing never stays
+open: a pair that is *on* when its trigger is removed or changed gets the
+*off* carrying the *on*'s id first; when only the hysteresis settings
+(``min_hits``, ``of_windows``, ``cooldown_s``, ``off_after_s``) or the
+sources change, the pairs still watched keep their state (and those on are
+not announced). Each trigger is armed on its own: one whose phrasings or
+examples cannot be used is refused with its own error log, its previous
+definition (if any) stays, and the others of the same change take effect.
+
+**Sources that stop.** When a source reports ``stopped`` or ``failed``
+(:class:`~streamcap.messages.SourceStatus`, seen through :meth:`TriggerEngine.note`),
+its waiting windows are scored, then every trigger on for it gets its *off*.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -53,7 +74,16 @@ from streamcap.audio.windowing import Windower
 from streamcap.clock import Clock, SystemClock
 from streamcap.errors import ConfigError, StreamcapError
 from streamcap.logs import get_logger
-from streamcap.messages import AudioBlock, Caption, Published, TriggerEvent, TriggerState, Window
+from streamcap.messages import (
+    AudioBlock,
+    Caption,
+    Published,
+    SourceState,
+    SourceStatus,
+    TriggerEvent,
+    TriggerState,
+    Window,
+)
 from streamcap.queues import BoundedQueue, DropPolicy
 from streamcap.stats import Metrics
 from streamcap.triggers.detector import Detector, EventIds, Verdict, announcement
@@ -73,6 +103,12 @@ MAX_BATCH: Final = 8
 
 PERSIST_EVERY_S: Final = 60.0
 """How often the learned "auto" history is written to the state directory."""
+
+ERROR_LOG_EVERY_S: Final = 60.0
+"""An error of the same stage is logged at most this often (each one is counted)."""
+
+HYSTERESIS: Final = ("min_hits", "of_windows", "cooldown_s", "off_after_s", "sources")
+"""What may change in a trigger while its pairs keep their on/off state."""
 
 SCORE_BUCKETS: Final = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))
 """Buckets of ``streamcap_trigger_score``: cosines, -1 to 1 by 0.1."""
@@ -166,7 +202,14 @@ class TriggerEngine:
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._updates: asyncio.Task[None] | None = None
+        self._persisting: asyncio.Task[None] | None = None
         self._last_persist = time.monotonic()
+        self._generation: dict[str, int] = {}  # source -> which windower cut its windows
+        self._generations = 0
+        self._inflight: set[str] = set()  # sources of the batch being embedded and scored
+        self._stopped: set[str] = set()  # sources that stopped: their on pairs end when drained
+        self._error_logged: dict[str, float] = {}
+        self._dead = False
         self.windows_scored = 0
         self.dropped = 0
         m = metrics
@@ -180,8 +223,11 @@ class TriggerEngine:
                                     "Scores of trigger windows (best cosine), by trigger",
                                     ["trigger"], buckets=SCORE_BUCKETS)
         self._m_dropped = m.counter("streamcap_trigger_windows_dropped_total",
-                                    "Trigger windows dropped (the oldest, when max_pending "
-                                    "were waiting), by source", ["source"])
+                                    "Trigger windows not scored, by source and reason (behind, "
+                                    "failed, unwatched, closed, dead)", ["source", "reason"])
+        self._m_errors = m.counter("streamcap_trigger_errors_total",
+                                   "Errors on the trigger path, by stage (embed, score, "
+                                   "worker)", ["stage"])
         self._m_windows = m.counter("streamcap_trigger_windows_total",
                                     "Trigger windows scored, by source", ["source"])
         self._m_seconds = m.histogram("streamcap_inference_seconds",
@@ -220,36 +266,44 @@ class TriggerEngine:
         return out
 
     def _arm(self, specs: Sequence[TriggerSpec], calibrated: Mapping[str, float],
-             background: bool) -> tuple[np.ndarray | None, list[Armed]]:
-        """Embed the phrasings and examples of ``specs``; on the inference thread.
+             background: bool) -> tuple[np.ndarray | None, list[Armed], dict[str, list[str]]]:
+        """Embed the phrasings and examples of ``specs``, each on its own; on the inference thread.
 
-        Raises:
-            ConfigError: an example file cannot be used (every such problem).
+        Returns:
+            The background phrases' embeddings (if asked), the triggers armed, and the
+            problems of each trigger that could not be (an example file that cannot be
+            used, a model error), by name.
         """
         model = self.model
         bg = model.embed_texts(BACKGROUND_PHRASES) if background else None
         out: list[Armed] = []
-        problems: list[str] = []
+        refused: dict[str, list[str]] = {}
         for spec in specs:
             where = f"triggers.{spec.name}"
-            vectors = [model.embed_texts(spec.text)]
-            for i, p in enumerate(example_paths(spec, self.config_dir)):
-                try:
-                    vectors.append(model.embed_example(p, f"{where}.examples[{i}]",
-                                                       self.path.window_s)[None])
-                except ConfigError as exc:
-                    problems.extend(exc.problems)
+            problems: list[str] = []
+            try:
+                vectors = [model.embed_texts(spec.text)]
+                for i, p in enumerate(example_paths(spec, self.config_dir)):
+                    try:
+                        vectors.append(model.embed_example(p, f"{where}.examples[{i}]",
+                                                           self.path.window_s)[None])
+                    except ConfigError as exc:
+                        problems.extend(exc.problems)
+                negatives = model.embed_texts(spec.negative)
+            except StreamcapError as exc:
+                problems.append(f"{where}: {exc}")
+            if problems:
+                refused[spec.name] = problems
+                continue
             threshold = spec.threshold
             from_file = threshold is None and spec.name in calibrated
             if from_file:
                 threshold = calibrated[spec.name]
             out.append(Armed(spec=spec, positives=np.concatenate(vectors),
-                             negatives=model.embed_texts(spec.negative), threshold=threshold,
+                             negatives=negatives, threshold=threshold,
                              calibrated=from_file,
                              fingerprint=fingerprint(spec, model.model_id)))
-        if problems:
-            raise ConfigError(problems)
-        return bg, out
+        return bg, out, refused
 
     async def start(self) -> None:
         """Check and embed the triggers of the config, announce them, start the worker.
@@ -265,11 +319,14 @@ class TriggerEngine:
         if specs:  # no trigger, no model call
             calibrated = await asyncio.to_thread(read_calibrated, self.state_dir,
                                                  self.model.model_id)
-            background, armed = await self._run(self._arm, specs, calibrated, True)
+            background, armed, refused = await self._run(self._arm, specs, calibrated, True)
+            if refused:
+                raise ConfigError([p for found in refused.values() for p in found])
             assert background is not None
             self._background = background
             self._install(armed, removed=())
         self._task = asyncio.create_task(self._work(), name="streamcap[triggers].worker")
+        self._task.add_done_callback(self._worker_done)
         _log.info("triggers armed", triggers=sorted(self._armed),
                   sources=sorted(self._windowers), window_s=self.path.window_s,
                   hop_s=self.path.hop_s,
@@ -309,14 +366,18 @@ class TriggerEngine:
             try:
                 calibrated = await asyncio.to_thread(read_calibrated, self.state_dir,
                                                      self.model.model_id)
-                background, armed = await self._run(self._arm, todo, calibrated,
-                                                    self._background.size == 0)
+                background, armed, refused = await self._run(
+                    self._arm, todo, calibrated, self._background.size == 0)
                 if background is not None:
                     self._background = background
-            except StreamcapError as exc:
+            except Exception as exc:  # noqa: BLE001 - logged; the previous definitions stay
                 _log.error("triggers refused; their previous definitions (if any) stay",
-                           triggers=[s.name for s in todo], error=str(exc))
-                armed = []
+                           triggers=[s.name for s in todo], error=str(exc),
+                           exc_info=None if isinstance(exc, StreamcapError) else exc)
+                armed, refused = [], {}
+            for name, problems in refused.items():
+                _log.error("trigger refused; its previous definition (if any) stays",
+                           trigger=name, problems=problems)
         if self._closed:
             return
         self._install(armed, removed=removed)
@@ -324,27 +385,40 @@ class TriggerEngine:
                   removed=removed, triggers=sorted(self._armed))
 
     def _install(self, armed: Sequence[Armed], removed: Collection[str]) -> None:
-        """Put embedded triggers in force, drop removed ones, announce the new pairs."""
+        """Put embedded triggers in force, drop removed ones, announce the new pairs.
+
+        A pair on when its trigger goes or changes gets its *off* first; pairs of a
+        trigger whose hysteresis settings alone changed keep their state.
+        """
+        now = self._clock.wall()
         for name in removed:
             self._armed.pop(name, None)
             for key in [k for k in self._detectors if k[0] == name]:
+                self._end(key, now)
                 del self._detectors[key]
-                self._m_state.set(0, *key)
-        now = self._clock.wall()
         for a in armed:
             name = a.spec.name
             old = self._armed.get(name)
             self._armed[name] = a
+            keep = old is not None and _hysteresis_only(old.spec, a.spec)
+            watched = self.watched(a.spec)
             for key in [k for k in self._detectors if k[0] == name]:
+                if keep and key[1] in watched:
+                    self._detectors[key].respec(a.spec)
+                    continue
+                self._end(key, now)
                 del self._detectors[key]
-                self._m_state.set(0, *key)
-            for source in self.watched(a.spec):
+            for source in watched:
                 key = (name, source)
-                self._detectors[key] = Detector(a.spec, source, self._ids,
-                                                model=self.model.model_id)
                 if old is None or old.fingerprint != a.fingerprint or key not in self._autos:
                     fp, history = self._histories.get(source, {}).get(name, ("", ()))
                     self._autos[key] = AutoThreshold(history if fp == a.fingerprint else ())
+                kept = self._detectors.get(key)
+                if kept is not None and kept.on:
+                    continue  # its state on the bus is "on", and it stays so
+                if kept is None:
+                    self._detectors[key] = Detector(a.spec, source, self._ids,
+                                                    model=self.model.model_id)
                 self._m_state.set(0, name, source)
                 self._m_fired.inc(0, name, source)
                 self._publish(announcement(name, source, self._ids,
@@ -352,6 +426,16 @@ class TriggerEngine:
         for key in [k for k in self._autos if k[0] not in self._armed]:
             del self._autos[key]
         self._rewatch()
+
+    def _end(self, key: tuple[str, str], at: float) -> None:
+        """If the pair is on, publish the *off* that ends its firing now."""
+        detector = self._detectors.get(key)
+        if detector is None:
+            return
+        event = detector.end(at, caption=self._captions.get(key[1]))
+        if event is not None:
+            self._emit(event)
+        self._m_state.set(0, *key)
 
     def _rewatch(self) -> None:
         """A windower and a queue for every watched source, none for the others."""
@@ -362,11 +446,15 @@ class TriggerEngine:
                 max_gap_s=self.max_gap_s, run_id=self.run_id)
             self._queues[source] = BoundedQueue(self.path.max_pending,
                                                 name=f"trigger_windows[{source}]")
-            self._m_dropped.inc(0, source)
+            self._generations += 1
+            self._generation[source] = self._generations
+            for reason in ("behind", "failed", "unwatched", "closed", "dead"):
+                self._m_dropped.inc(0, source, reason)
             self._m_windows.inc(0, source)
         for source in set(self._windowers) - watched:
             del self._windowers[source]
-            del self._queues[source]
+            self._drop(self._queues.pop(source).clear(), "unwatched")
+            self._generation.pop(source, None)
             self._forget(source)
 
     def _forget(self, source: str) -> None:
@@ -383,20 +471,47 @@ class TriggerEngine:
         windower = self._windowers.get(block.source_id)
         if windower is None or self._closed:
             return
+        self._stopped.discard(block.source_id)
+        cut = windower.feed(block).windows
+        if self._dead:
+            self._drop(cut, "dead")
+            return
         queue = self._queues[block.source_id]
-        for window in windower.feed(block).windows:
+        for window in cut:
             for dropped in queue.offer(window, policy=DropPolicy.DROP_OLDEST):
-                self.dropped += 1
-                self._m_dropped.inc(1, block.source_id)
+                self._drop([dropped.item], "behind")
                 _log.debug("trigger path is behind: dropped the oldest trigger window",
                            source=block.source_id, window_id=dropped.item.window_id)
             self._idle.clear()
             self._ready.set()
 
     def note(self, msg: Published) -> None:
-        """See what is published: the latest caption of each source goes into events."""
+        """See what is published: the latest caption of each source goes into events, and a
+        source that stopped or failed has its triggers turned off (once its windows are scored)."""
         if isinstance(msg, Caption):
             self._captions[msg.source_id] = msg.text
+        elif isinstance(msg, SourceStatus):
+            if msg.state in (SourceState.STOPPED, SourceState.FAILED):
+                self._stopped.add(msg.source_id)
+                self._end_stopped()
+            else:
+                self._stopped.discard(msg.source_id)
+
+    def _end_stopped(self) -> None:
+        """End the firings of stopped sources whose windows are all scored."""
+        now = self._clock.wall()
+        for source in list(self._stopped):
+            queue = self._queues.get(source)
+            if source in self._inflight or (queue is not None and len(queue)):
+                continue
+            self._stopped.discard(source)
+            for key in [k for k in self._detectors if k[1] == source]:
+                self._end(key, now)
+
+    def _drop(self, windows: Collection[Window], reason: str) -> None:
+        for window in windows:
+            self.dropped += 1
+            self._m_dropped.inc(1, window.source_id, reason)
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -404,51 +519,113 @@ class TriggerEngine:
         return sum(len(q) for q in self._queues.values())
 
     async def wait_idle(self) -> None:
-        """Return once no trigger window waits or is being embedded (the caption worker's gate)."""
-        while not self._closed and (self._busy or self._pending()):
+        """Return once no trigger window waits or is being embedded (the caption worker's gate).
+
+        Returns at once after :meth:`close` or once the worker has ended: captions never
+        wait on a trigger path that no longer runs.
+        """
+        while not self._closed and not self._dead and (self._busy or self._pending()):
             self._idle.clear()
             await self._idle.wait()
 
-    def _take(self) -> list[Window]:
-        """Up to MAX_BATCH waiting windows, oldest first per source, sources in turn."""
-        batch: list[Window] = []
+    def _take(self) -> list[tuple[int, Window]]:
+        """Up to MAX_BATCH waiting windows, oldest first per source, sources in turn.
+
+        Each with the generation of the windower that cut it.
+        """
+        batch: list[tuple[int, Window]] = []
         while len(batch) < MAX_BATCH:
             took = False
-            for queue in self._queues.values():
+            for source, queue in self._queues.items():
                 if len(batch) >= MAX_BATCH:
                     break
                 window = queue.pop()
                 if window is not None:
-                    batch.append(window)
+                    batch.append((self._generation[source], window))
                     took = True
             if not took:
                 break
-        batch.sort(key=lambda w: (w.source_id, w.epoch, w.start_ms))
+        batch.sort(key=lambda gw: (gw[1].source_id, gw[1].epoch, gw[1].start_ms))
         return batch
 
+    def _embedder(self) -> Callable[[Sequence[Window]], tuple[np.ndarray, float]]:
+        """``model.embed_windows`` that also returns its compute time (on the inference thread)."""
+        embed = self.model.embed_windows
+
+        @functools.wraps(embed)
+        def timed(windows: Sequence[Window]) -> tuple[np.ndarray, float]:
+            started = time.perf_counter()
+            vectors = embed(windows)
+            return vectors, time.perf_counter() - started
+
+        return timed
+
+    def _error(self, stage: str, exc: BaseException, **fields: Any) -> None:
+        """Count an error; log it unless one of the same stage was logged lately."""
+        self._m_errors.inc(1, stage)
+        now = time.monotonic()
+        if now - self._error_logged.get(stage, -math.inf) < ERROR_LOG_EVERY_S:
+            return
+        self._error_logged[stage] = now
+        _log.error("trigger path error; the path goes on (logged at most once a minute per "
+                   "stage, each counted in streamcap_trigger_errors_total)", stage=stage,
+                   error=repr(exc), exc_info=exc, **fields)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        """The worker ended: unless closed, the path is dead; the caption gate opens for good."""
+        if self._closed:
+            return
+        self._dead = True
+        self._busy = False
+        for queue in self._queues.values():
+            self._drop(queue.clear(), "dead")
+        self._idle.set()
+        if task.cancelled():
+            _log.warning("the trigger worker was cancelled: no trigger events until a restart")
+            return
+        exc = task.exception()
+        self._m_errors.inc(1, "worker")
+        _log.error("the trigger worker ended: no trigger events until a restart; captions go "
+                   "on", error=repr(exc), exc_info=exc)
+
     async def _work(self) -> None:
+        embed = self._embedder()
         while not self._closed:
             batch = self._take()
             if not batch:
                 self._busy = False
+                self._end_stopped()
                 self._idle.set()
                 self._ready.clear()
                 await self._ready.wait()
                 continue
             self._busy = True
-            started = time.monotonic()
+            windows = [w for _, w in batch]
+            self._inflight = {w.source_id for w in windows}
             try:
-                vectors = await self._run(self.model.embed_windows, batch)
-            except Exception:  # noqa: BLE001 - logged and counted; the path goes on
-                _log.exception("trigger windows failed", windows=len(batch))
+                vectors, seconds = await self._run(embed, windows)
+            except asyncio.CancelledError:
+                self._drop(windows, "closed")
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged and counted; the path goes on
+                self._drop(windows, "failed")
+                self._error("embed", exc, windows=len(windows))
                 continue
             finally:
                 self._busy = False
-            seconds = time.monotonic() - started
-            for _ in batch:
-                self._m_seconds.observe(seconds / len(batch), "trigger")
-            for window, vector in zip(batch, vectors, strict=True):
-                self._decide(window, vector)
+                self._inflight = set()
+            for _ in windows:
+                self._m_seconds.observe(seconds / len(windows), "trigger")
+            for (generation, window), vector in zip(batch, vectors, strict=True):
+                if self._generation.get(window.source_id) != generation:
+                    self._drop([window], "unwatched")  # cut by a windower since replaced
+                    continue
+                try:
+                    self._decide(window, vector)
+                except Exception as exc:  # noqa: BLE001 - logged and counted; the path goes on
+                    self._error("score", exc, source=window.source_id,
+                                window_id=window.window_id)
+            self._end_stopped()
             if time.monotonic() - self._last_persist > PERSIST_EVERY_S:
                 await self.persist()
 
@@ -460,19 +637,29 @@ class TriggerEngine:
             detector = self._detectors.get((name, source))
             if detector is None:
                 continue
-            score = score_window(vector, armed.positives, armed.negatives, self._background)
-            auto = self._autos[(name, source)]
-            threshold = armed.threshold if armed.threshold is not None else auto.threshold(score)
-            hit = is_hit(score, threshold)
-            auto.observe(score)
-            self._m_score.observe(score.score, name)
-            event = detector.observe(
-                Verdict(epoch=window.epoch, start_s=window.start_s, end_s=window.end_s,
-                        end_at=window.captured_at + window.duration_s, score=score.score,
-                        threshold=threshold, hit=hit),
-                caption=self._captions.get(source))
+            try:
+                event = self._verdict(window, vector, armed, detector)
+            except Exception as exc:  # noqa: BLE001 - logged and counted; other triggers go on
+                self._error("score", exc, trigger=name, source=source,
+                            window_id=window.window_id)
+                continue
             if event is not None:
                 self._emit(event)
+
+    def _verdict(self, window: Window, vector: np.ndarray, armed: Armed,
+                 detector: Detector) -> TriggerEvent | None:
+        name, source = armed.spec.name, window.source_id
+        score = score_window(vector, armed.positives, armed.negatives, self._background)
+        auto = self._autos[(name, source)]
+        threshold = armed.threshold if armed.threshold is not None else auto.threshold(score)
+        hit = is_hit(score, threshold)
+        auto.observe(score)
+        self._m_score.observe(score.score, name)
+        return detector.observe(
+            Verdict(epoch=window.epoch, start_s=window.start_s, end_s=window.end_s,
+                    end_at=window.captured_at + window.duration_s, score=score.score,
+                    threshold=threshold, hit=hit),
+            caption=self._captions.get(source))
 
     def _emit(self, event: TriggerEvent) -> None:
         on = event.state is TriggerState.ON
@@ -493,10 +680,23 @@ class TriggerEngine:
         return out
 
     async def persist(self) -> None:
-        """Write the learned "auto" history to the state directory (off the event loop)."""
+        """Write the learned "auto" history to the state directory (off the event loop).
+
+        One write at a time: a write still going on (its caller may have been cancelled,
+        the thread goes on) is waited for first.
+        """
+        pending = self._persisting
+        if pending is not None and not pending.done():
+            await asyncio.shield(pending)
         self._last_persist = time.monotonic()
         snapshot = self._snapshot()
         self._histories = snapshot
+        task = self._persisting = asyncio.create_task(self._write(snapshot),
+                                                      name="streamcap[triggers].persist")
+        await asyncio.shield(task)
+
+    async def _write(self, snapshot: Mapping[str, Mapping[str, tuple[str, Sequence[float]]]]
+                     ) -> None:
         try:
             await asyncio.to_thread(write_histories, self.state_dir, snapshot)
         except OSError as exc:
@@ -504,7 +704,7 @@ class TriggerEngine:
                          error=str(exc))
 
     async def close(self) -> None:
-        """Stop scoring; write the learned history. Waiting windows are dropped."""
+        """Stop scoring; write the learned history. Waiting windows are dropped (counted)."""
         self._closed = True
         self._idle.set()
         self._ready.set()
@@ -515,8 +715,17 @@ class TriggerEngine:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        for queue in self._queues.values():
+            self._drop(queue.clear(), "closed")
         if self._armed:
             await self.persist()
+        elif self._persisting is not None:
+            await self._persisting
+
+
+def _hysteresis_only(old: TriggerSpec, new: TriggerSpec) -> bool:
+    """Whether ``new`` differs from ``old`` in :data:`HYSTERESIS` settings (or not at all)."""
+    return dataclasses.replace(old, **{f: getattr(new, f) for f in HYSTERESIS}) == new
 
 
 def _round(value: float) -> float | None:

@@ -9,9 +9,10 @@ source's stream: frame ``g`` of an epoch is centred on stream sample ``g *
 hop_length`` (at the retriever's rate) and depends only on the 1024 samples
 around it, so the frames *inside* a window (whose 1024 samples lie within it)
 are the same for every window that holds them and are computed once, from the
-first window that holds them. Only the two frames at each end of a window,
-which the front end builds from reflect-padded audio, are computed per
-window. The result equals the front end run on the whole window (checked in
+first window that holds them. Only the frames at each end of a window
+(``n_fft // 2 / hop_length`` of them, rounded up: two with the default
+settings), which the front end builds from reflect-padded audio, are
+computed per window. The result equals the front end run on the whole window (checked in
 the tests). This needs window starts on the frame grid (``hop_s`` a multiple
 of 10 ms at 32 kHz with a hop of 320); otherwise every window is computed in
 full.
@@ -36,7 +37,6 @@ thread as described in :mod:`streamcap.triggers.engine`.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -73,26 +73,16 @@ class MelCache:
         self.computed = 0
         """Frames computed so far (edge frames included), for tests and stats."""
 
-    def _db(self, power: Tensor) -> Tensor:
-        cfg = self.frontend.config
-        db = 10.0 * torch.log10(torch.clamp(power @ self.frontend.mel_basis, min=cfg.amin))
-        offset = 10.0 * math.log10(max(cfg.amin, cfg.ref))
-        return db - offset if offset != 0.0 else db
-
     def _full(self, wave: Tensor) -> Tensor:
-        out: Tensor = self._db(self.frontend.power_spectrogram(wave[None]))[0]
+        out: Tensor = self.frontend(wave[None])[0, 0]
         self.computed += out.shape[0]
         return out
 
     def _span(self, wave: Tensor, first: int, last: int) -> Tensor:
         """Frames ``first..last`` (window-relative) of the window, all inside it."""
         piece = wave[first * self.hop - self.half:last * self.hop + self.half]
-        spec = torch.stft(piece[None].to(torch.float32), n_fft=self.frontend.config.n_fft,
-                          hop_length=self.hop, win_length=self.frontend.config.n_fft,
-                          window=self.frontend.window, center=False, onesided=True,
-                          return_complex=True)
-        power = (spec.real.square() + spec.imag.square()).transpose(1, 2)
-        out: Tensor = self._db(power)[0]
+        power = self.frontend.power_spectrogram(piece[None], center=False)
+        out: Tensor = self.frontend.power_to_db(power)[0]
         self.computed += out.shape[0]
         return out
 
@@ -126,8 +116,11 @@ class MelCache:
         self._frames, self._base = frames, want_first
         interior = frames[:want_last - want_first + 1]
         head = self._full(wave[:min(n, 2 * self.half + first * self.hop)])[:first]
-        tail_from = (last - 1) * self.hop  # on the frame grid, with room to the left
-        tail = self._full(wave[tail_from:])[last + 1 - (last - 1):count - (last - 1)]
+        # From frame k0 on (on the frame grid), with room to the left for the frames
+        # wanted: frame last + 1 is that cut's frame first + 1, which needs no padding
+        # on its left, so only the right end is padded, as in the whole window.
+        k0 = last - first
+        tail = self._full(wave[k0 * self.hop:])[last + 1 - k0:count - k0]
         return torch.cat((head, interior, tail))
 
 

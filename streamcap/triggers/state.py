@@ -18,10 +18,12 @@ and ignored (the daemon starts cold rather than not at all).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
@@ -85,7 +87,10 @@ def read_histories(directory: Path) -> Histories:
 
 def write_histories(directory: Path, histories: Mapping[str, Mapping[str, tuple[str,
                     Sequence[float]]]]) -> None:
-    """Write ``auto.json`` atomically (a temporary file renamed over it).
+    """Write ``auto.json`` atomically (a temporary file of its own renamed over it).
+
+    Each call writes a temporary file of a unique name, so that two writes at once
+    never share one; the last rename wins.
 
     Raises:
         OSError: the directory cannot be created or written.
@@ -95,12 +100,17 @@ def write_histories(directory: Path, histories: Mapping[str, Mapping[str, tuple[
         source: {trigger: {"fingerprint": fp, "history": [round(v, 6) for v in history]}
                  for trigger, (fp, history) in triggers.items()}
         for source, triggers in histories.items()}}
-    tmp = directory / f"{AUTO_FILE}.tmp"
-    with tmp.open("w", encoding="utf-8") as fh:
-        json.dump(body, fh, separators=(",", ":"))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / AUTO_FILE)
+    fd, tmp = tempfile.mkstemp(prefix=f".{AUTO_FILE}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(body, fh, separators=(",", ":"))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, directory / AUTO_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_calibrated(directory: Path, model_id: str) -> dict[str, float]:

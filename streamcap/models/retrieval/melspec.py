@@ -204,12 +204,15 @@ class LogMel(nn.Module):
         )
         self.register_buffer("mel_basis", torch.from_numpy(basis), persistent=False)
 
-    def power_spectrogram(self, wave: Tensor) -> Tensor:
+    def power_spectrogram(self, wave: Tensor, *, center: bool = True) -> Tensor:
         """Power spectrogram of centred, reflect-padded Hann frames.
 
         Args:
             wave: float32 (B, n) mono waveform at ``config.sample_rate``;
                 ``n`` must exceed ``n_fft // 2`` (reflect padding).
+            center: False: no padding, frame ``t`` starts at sample ``t * hop_length``
+                (``T = (n - n_fft) // hop_length + 1``; ``n >= n_fft``), as the
+                centred frames whose samples all lie inside the waveform.
 
         Returns:
             float32 (B, T, n_fft // 2 + 1), ``T = n // hop_length + 1``.
@@ -219,7 +222,12 @@ class LogMel(nn.Module):
             raise ModelError(
                 f"LogMel: expected a (batch, samples) waveform, got shape {tuple(wave.shape)}"
             )
-        if wave.shape[1] <= cfg.n_fft // 2:
+        if not center and wave.shape[1] < cfg.n_fft:
+            raise ModelError(
+                f"LogMel: waveform of {wave.shape[1]} samples is too short; "
+                f"need at least {cfg.n_fft} without padding"
+            )
+        if center and wave.shape[1] <= cfg.n_fft // 2:
             raise ModelError(
                 f"LogMel: waveform of {wave.shape[1]} samples is too short; "
                 f"need more than {cfg.n_fft // 2} for reflect padding"
@@ -230,7 +238,7 @@ class LogMel(nn.Module):
             hop_length=cfg.hop_length,
             win_length=cfg.n_fft,
             window=self.window,
-            center=True,
+            center=center,
             pad_mode="reflect",
             normalized=False,
             onesided=True,
@@ -248,10 +256,14 @@ class LogMel(nn.Module):
         Returns:
             float32 (B, 1, T, n_mels) with ``T = n // hop_length + 1``.
         """
+        return self.power_to_db(self.power_spectrogram(wave)).unsqueeze(1)
+
+    def power_to_db(self, power: Tensor) -> Tensor:
+        """(B, T, n_fft // 2 + 1) power spectrogram -> (B, T, n_mels) log-mel in dB."""
         cfg = self.config
-        mel = torch.matmul(self.power_spectrogram(wave), self.mel_basis)
+        mel = torch.matmul(power, self.mel_basis)
         db = 10.0 * torch.log10(torch.clamp(mel, min=cfg.amin))
         offset = 10.0 * math.log10(max(cfg.amin, cfg.ref))
         if offset != 0.0:
             db = db - offset
-        return db.unsqueeze(1)
+        return db
