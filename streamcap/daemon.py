@@ -193,6 +193,7 @@ class Daemon:
         self.triggers = TriggerRegistry.open(config.triggers, config.sources,
                                              state_root(config) / "triggers")
         self.trigger_states = TriggerStates()
+        self.trigger_states.retain(self.triggers.specs())
         self.triggers.subscribe(self.trigger_states.retain)
         self._tell_sinks(self.triggers.specs())
         self.triggers.subscribe(self._tell_sinks)
@@ -413,8 +414,10 @@ class Daemon:
                 for commands in command_listeners(self.triggers, self._sinks,
                                                   metrics=self.metrics,
                                                   node_id=self.config.daemon.node_id):
-                    helpers.append(asyncio.create_task(
-                        commands.run(), name=f"streamcap[triggers:{commands.instance}].commands"))
+                    task = asyncio.create_task(
+                        commands.run(), name=f"streamcap[triggers:{commands.instance}].commands")
+                    task.add_done_callback(_log_failed_helper)
+                    helpers.append(task)
             ready = asyncio.create_task(self.bus.wait_ready(), name="streamcap[bus].ready")
             helpers.append(ready)
             # A sink that never gets ready (broker down) delays READY=1, never a stop.
@@ -674,6 +677,16 @@ def _run_loop(daemon: Daemon, leftovers: list[str]) -> int:
             asyncio.set_event_loop(None)
             if not leftovers:
                 loop.close()
+
+
+def _log_failed_helper(task: asyncio.Task[Any]) -> None:
+    """Log a helper task (one the daemon runs beside the pipeline) that ended by an error:
+    the daemon goes on without it, so the log must say it is gone."""
+    if task.cancelled() or task.exception() is None:
+        return
+    error = task.exception()
+    _log.error("helper task failed; the daemon goes on without it", task=task.get_name(),
+               error=f"{type(error).__name__}: {error}", exc_info=error)
 
 
 def _finish_loop(loop: asyncio.AbstractEventLoop, timeout_s: float) -> list[str]:

@@ -180,6 +180,20 @@ def test_trigger_ids_are_stable_and_distinct() -> None:
     assert a["binary_sensor"].payload["unique_id"] == "streamcap_node_1_kitchen_trigger_dog"
 
 
+def test_trigger_names_that_differ_only_by_underscores_are_distinct_entities() -> None:
+    names = ("dog", "_dog", "dog_", "__dog", "d_og")
+    for component in ("binary_sensor", "event"):
+        ids = {_trigger_configs(trigger=n)[component].payload["unique_id"] for n in names}
+        topics = {_trigger_configs(trigger=n)[component].topic for n in names}
+        assert len(ids) == len(topics) == len(names), component
+    # removal goes to the same topics as discovery
+    for n in names:
+        assert ({m.topic for m in ha.trigger_removal(OPTS, source_id="kitchen", trigger=n)}
+                == {m.topic for m in _trigger_configs(trigger=n).values()})
+    assert _trigger_configs(trigger="_dog")["binary_sensor"].payload["unique_id"] == (
+        "streamcap_node_1_kitchen_trigger__dog")
+
+
 @pytest.mark.parametrize(("name", "phrases", "expected"), [
     ("dog", ("a dog barks",), "sound"),
     ("smoke_alarm", (), "smoke"),

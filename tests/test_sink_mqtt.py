@@ -553,6 +553,33 @@ async def test_trigger_state_event_discovery_and_removal(broker: Mosquitto,
         "mqtt", "trigger") == 2
 
 
+async def test_an_event_of_a_removed_trigger_does_not_bring_it_back(broker: Mosquitto,
+                                                                   tmp_path: Path) -> None:
+    """The removal is told directly, events come through the inbox: the off of a firing
+    decided before the removal and handled after it is not published, and brings back
+    neither the retained state nor the Home Assistant entities."""
+    h = harness(broker, tmp_path / "state")
+    dog_state = f"{PREFIX}/kitchen/trigger/dog"
+    async with (Collector(broker, ("homeassistant/#", f"{PREFIX}/+/trigger/#")) as col,
+                running(h) as inbox):
+        await until(lambda: h.gauge("streamcap_mqtt_connected") == 1, "connected")
+        h.sink.triggers_changed({"dog": spec("dog", "a dog barks")})
+        inbox.offer(announcement(1))
+        inbox.offer(trigger_event(2, TriggerState.ON))
+        await until(lambda: len(col.on("/trigger/dog")) == 2, "the pair's OFF and ON")
+        h.sink.triggers_changed({"cat": spec("cat", "a cat meows")})
+        await until(lambda: len([m for m in col.on("/config") if m.payload == b""]) == 2,
+                    "the removal of the pair's entities")
+        inbox.offer(trigger_event(3, TriggerState.OFF, fired_id=f"{RUN}-dog-kitchen-2"))
+        inbox.offer(announcement(1, trigger="cat"))  # after the late event, in order
+        await until(lambda: len(col.on("/trigger/cat")) == 1, "cat's announced OFF")
+        assert await retained(broker, dog_state) is None
+        sensor = "homeassistant/binary_sensor/streamcap_node1/kitchen_trigger_dog/config"
+        assert await retained(broker, sensor) is None
+    assert [m.payload for m in col.on("/trigger/dog")] == [b"OFF", b"ON", b""]
+    assert [m.json()["state"] for m in col.on("/trigger/dog/event")] == ["on"]
+
+
 async def test_trigger_events_wait_in_the_outbox_while_the_broker_is_away(
         broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
     b = broker_factory(workdir=tmp_path / "broker")

@@ -147,6 +147,15 @@ async def test_a_body_that_is_not_a_json_table_is_refused_without_quoting_it(
     assert parse_json_body(raw) == (None, expected)
 
 
+async def test_a_huge_integer_threshold_is_a_400_naming_the_key(make_api: Any) -> None:
+    api: Api = await make_api()
+    raw = b'{"text": ["a cat"], "threshold": ' + str(10 ** 400).encode() + b"}"
+    status, body = await api.call("PUT", "/api/triggers/cat", raw=raw)
+    assert status == 400, body
+    assert body["errors"][0].startswith("triggers.cat.threshold: must be between -1 and 1")
+    assert api.heard == [] and "cat" not in api.registry.specs()
+
+
 async def test_delete_removes_and_unknown_names_are_404(make_api: Any) -> None:
     api: Api = await make_api()
     status, body = await api.call("DELETE", "/api/triggers/dog")

@@ -25,7 +25,18 @@ from daemon_process import DaemonProcess, http_get, tiny_model_toml
 from mosquitto import Mosquitto, mosquitto_path
 from timing import scaled
 
-from streamcap.triggers.mqtt_commands import MAX_COMMAND_BYTES, Command, parse_command
+from streamcap.sinks.mqtt_options import parse_options
+from streamcap.stats import Metrics
+from streamcap.triggers.mqtt_commands import (
+    MAX_COMMAND_BYTES,
+    RETAINED,
+    Command,
+    TriggerCommands,
+    apply_command,
+    parse_command,
+)
+from streamcap.triggers.registry import TriggerRegistry
+from streamcap.triggers.spec import read_trigger
 
 pytestmark = pytest.mark.skipif(mosquitto_path() is None,
                                 reason="mosquitto is not installed")
@@ -143,6 +154,12 @@ async def command(client: aiomqtt.Client, body: dict[str, object]) -> dict[str, 
     return await next_on(client, f"{PREFIX}/triggers/result", where=request_id)
 
 
+async def raw_command(client: aiomqtt.Client, payload: bytes) -> dict[str, Any]:
+    """Publish ``payload`` as it is; the next result."""
+    await client.publish(f"{PREFIX}/triggers/set", payload, qos=1)
+    return await next_on(client, f"{PREFIX}/triggers/result")
+
+
 async def test_a_trigger_added_over_mqtt_is_live_retained_and_survives_a_restart(
         setup: Setup, client: aiomqtt.Client) -> None:
     config = await next_on(client, f"{PREFIX}/triggers/config")  # retained: here at once
@@ -187,8 +204,13 @@ async def test_bad_commands_change_nothing_and_say_why(setup: Setup,
 
 
 @pytest.mark.parametrize(("payload", "error"), [
-    (b"not json", "the command is not a JSON object in UTF-8"),
-    (b"[1]", "the command is not a JSON object in UTF-8"),
+    (b"not json", "the command is not valid JSON"),
+    (b"[1]", "the command must be a JSON object"),
+    (b"\xff", "the command is not UTF-8"),
+    (b'{"name": "dog", "trigger": {"text": ["a"], "threshold": NaN}}',
+     "the command holds NaN is not a JSON number"),
+    (b'{"name":"dog","trigger":{"text":' + b"[" * 31 + b'"a"' + b"]" * 31 + b"}}",
+     "the command nests deeper than 32 levels"),
     (b'{"name": "dog"}', 'expected "trigger": {...} to add or change it, or "remove": true'),
     (b'{"trigger": {}}', "name: expected the trigger's name"),
     (b'{"name": "dog", "remove": false}', "remove: expected true"),
@@ -208,3 +230,77 @@ def test_parse_command_accepts_set_and_remove() -> None:
     assert parse_command(b'{"name": "dog", "trigger": {"text": ["a"]}, "id": "7"}') == (
         Command("dog", {"text": ["a"]}, "7"), {})
     assert parse_command(b'{"name": "dog", "remove": true}') == (Command("dog", None), {})
+
+
+HUGE = 10 ** 400  # a valid JSON integer; float(HUGE) overflows
+
+
+async def test_commands_that_used_to_end_the_listener_are_refused_and_it_goes_on(
+        setup: Setup, client: aiomqtt.Client) -> None:
+    before = setup.triggers()
+    result = await command(client, {"name": "cat", "trigger": {"text": ["a cat"],
+                                                               "threshold": HUGE}})
+    assert result["ok"] is False
+    assert result["errors"][0].startswith("triggers.cat.threshold: must be between -1 and 1")
+    # nested past what the JSON reader takes and past what json.loads takes
+    for depth in (950, 20_000):
+        deep = b'{"name":"cat","trigger":{"text":' + b"[" * depth + b'"a"' + b"]" * depth + b"}}"
+        result = await raw_command(client, deep)
+        assert result == {"name": None, "id": None, "ok": False,
+                          "errors": ["the command nests deeper than 32 levels"]}
+    assert setup.triggers() == before
+    # the listener is still there
+    result = await command(client, {"name": "cow", "trigger": {"text": ["a cow moos"]}})
+    assert result["ok"] is True and "cow" in setup.triggers()
+    assert (await command(client, {"name": "cow", "remove": True}))["ok"] is True
+
+
+def test_a_deeply_nested_definition_is_refused_at_every_depth(tmp_path: Path) -> None:
+    registry = TriggerRegistry.open({}, ("porch",), tmp_path)
+    for depth in range(30, 1000, 7):
+        payload = (b'{"name":"dog","trigger":{"text":' + b"[" * depth + b'"a"' + b"]" * depth
+                   + b"}}")
+        cmd, result = parse_command(payload)
+        if cmd is not None:
+            result = apply_command(registry, cmd)
+        assert result["ok"] is False, depth
+    assert registry.specs() == {}
+
+
+async def test_a_retained_command_is_not_applied_again_on_connect(setup: Setup,
+                                                                  tmp_path: Path) -> None:
+    """A retained command would undo later changes at every reconnect: it is refused."""
+    node = "retain-node"
+    topic = f"streamcap/{node}/triggers"
+    dog = read_trigger("dog", {"text": ["a dog barks"]}, "triggers.dog").result()
+    registry = TriggerRegistry.open({"dog": dog}, ("porch",), tmp_path)
+    options = parse_options("mqtt", {"host": setup.broker.host, "port": setup.broker.port,
+                                     "reconnect_initial_s": 0.05, "reconnect_max_s": 0.5})
+    commands = TriggerCommands(registry, options, instance="mqtt", node_id=node,
+                               metrics=Metrics())
+    async with aiomqtt.Client(setup.broker.host, setup.broker.port,
+                              identifier="test-retainer") as c:
+        await c.publish(f"{topic}/set", b'{"name": "dog", "remove": true}', qos=1, retain=True)
+        await c.subscribe(f"{topic}/result", qos=1)
+        task = asyncio.create_task(commands.run(), name="test-commands")
+        try:
+            result = await next_on(c, f"{topic}/result")
+            assert result == {"name": None, "id": None, "ok": False, "errors": [RETAINED]}
+            assert "dog" in registry.specs()
+            # an ordinary command is still applied
+            await c.publish(f"{topic}/set", b'{"name": "cat", "trigger": {"text": ["a"]}}',
+                            qos=1)
+            assert (await next_on(c, f"{topic}/result"))["ok"] is True
+            assert set(registry.specs()) == {"dog", "cat"}
+        finally:
+            await cancel(task)
+            await c.publish(f"{topic}/set", b"", qos=1, retain=True)  # clear it
+
+
+async def cancel(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` until it ends: on Python 3.11, a cancellation that arrives as one of
+    the client library's publishes is acknowledged can be lost (asyncio.wait_for)."""
+    async with asyncio.timeout(scaled(60)):
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1)

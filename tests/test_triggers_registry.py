@@ -253,3 +253,52 @@ def test_states_follow_events_and_keep_the_last_firing() -> None:
     states.observe(event("glass", "kitchen", TriggerState.ON, n=1))
     states.retain({"glass": spec("glass")})
     assert states.of("dog") == {} and set(states.of("glass")) == {"kitchen"}
+
+
+HUGE = 10 ** 400  # a valid JSON integer whose float() overflows
+
+
+@pytest.mark.parametrize("triggers", [
+    '{"cat": {"text": ["a cat"], "threshold": ' + str(HUGE) + "}}",
+    "[" * 100_000 + "]" * 100_000,  # deeper than json.loads recurses
+    '{"cat": {"text": ' + "[" * 40 + '"a"' + "]" * 40 + "}}",  # loads, deeper than allowed
+])
+def test_open_never_fails_on_the_saved_file(tmp_path: Path, triggers: str) -> None:
+    text = '{"format": "streamcap-triggers", "version": 1, "triggers": ' + triggers + "}"
+    (tmp_path / FILE_NAME).write_text(text, encoding="utf-8")
+    registry = open_registry(tmp_path)
+    assert registry.specs() == config()
+    # a huge threshold is a problem of one entry (ignored); anything nested too deep
+    # sets the whole file aside
+    aside = list(tmp_path.glob(f"{FILE_NAME}.bad-*"))
+    assert len(aside) == (0 if "threshold" in triggers else 1)
+
+
+def test_a_run_with_other_sources_keeps_the_saved_triggers_it_cannot_use(
+        tmp_path: Path) -> None:
+    """`streamcap --source x` opens the same state directory with the one source "cli"."""
+    normal = open_registry(tmp_path)
+    normal.put("glass", {"text": ["glass breaks"], "sources": ["porch"]})
+    cli = TriggerRegistry.open(config(), ("cli",), tmp_path)
+    assert "glass" not in cli.specs()  # ignored in that run
+    cli.put("tmp", {"text": ["a kettle whistles"]})  # a change rewrites the file
+    cli.remove("smoke")
+    again = open_registry(tmp_path)
+    assert again.specs()["glass"] == spec("glass", text=["glass breaks"], sources=["porch"])
+    assert {"tmp", "glass"} <= set(again.specs()) and "smoke" not in again.specs()
+    # a new definition of the same name replaces the kept one
+    cli.put("glass", {"text": ["a window shatters"]})
+    assert open_registry(tmp_path).specs()["glass"].text == ("a window shatters",)
+
+
+def test_states_ignore_events_of_pairs_no_longer_watched() -> None:
+    """An event decided before its trigger was removed, observed after: not brought back."""
+    states = TriggerStates()
+    states.retain({"dog": spec("dog", sources=["porch"]), "cat": spec("cat")})
+    states.observe(event("dog", "porch", TriggerState.ON, n=1))
+    states.observe(event("dog", "kitchen", TriggerState.ON, n=1))  # dog does not watch it
+    states.observe(event("cat", "kitchen", TriggerState.ON, n=1))
+    assert set(states.of("dog")) == {"porch"} and set(states.of("cat")) == {"kitchen"}
+    states.retain({"cat": spec("cat")})
+    states.observe(event("dog", "porch", TriggerState.OFF, n=2, fired_id="run-dog-porch-1"))
+    assert states.of("dog") == {}

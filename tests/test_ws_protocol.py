@@ -353,6 +353,23 @@ def test_history_replays_the_latest_trigger_frame_of_each_pair() -> None:
         ("trigger", "k-glass-off")]
 
 
+def test_history_refuses_late_frames_of_a_forgotten_pair() -> None:
+    """A trigger frame decided before its trigger was removed and sent after it does not
+    bring the pair back into the replay."""
+    h = History(3)
+    h.add("trigger", "kitchen", "dog-on", trigger="dog")
+    h.add("trigger", "kitchen", "cat-on", trigger="cat")
+    assert h.watching(("kitchen", "dog"))  # before any forget: every pair
+    h.forget_triggers(lambda pair: pair[1] == "cat")  # dog removed
+    h.add("trigger", "kitchen", "dog-late-off", trigger="dog")
+    h.add("trigger", "kitchen", "cat-off", trigger="cat")
+    assert h.trigger_pairs() == [("kitchen", "cat")]
+    assert not h.watching(("kitchen", "dog")) and h.watching(("kitchen", "cat"))
+    h.forget_triggers(lambda pair: True)  # dog added again
+    h.add("trigger", "kitchen", "dog-announced", trigger="dog")
+    assert h.trigger_pairs() == [("kitchen", "cat"), ("kitchen", "dog")]
+
+
 def test_history_with_size_zero_keeps_no_captions() -> None:
     h = History(0)
     h.add("caption", "k", "k1")

@@ -38,6 +38,7 @@ configs that remove both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from bisect import bisect_right
@@ -59,6 +60,7 @@ MANUFACTURER: Final = "streamcap"
 MODEL: Final = "Audio captioner"
 
 _ID_RE: Final = re.compile(r"[^a-zA-Z0-9_-]+")
+_ALLOWED_ID_RE: Final = re.compile(r"[a-zA-Z0-9_-]+")
 _CAPTION_ATTRIBUTES: Final = (
     "window_id", "source_id", "seq", "score", "flagged", "confidence", "abstained", "start_s",
     "end_s", "captured_at", "model", "latency_ms", "lag_s",
@@ -340,7 +342,14 @@ ATTRIBUTES_TEMPLATE: Final = (
 
 
 def _trigger_suffix(trigger: str) -> str:
-    return f"trigger_{object_id(trigger)}"
+    """``trigger_<name>``, one per trigger name: a trigger's name is already made of the
+    characters ids allow, so it is kept as it is (:func:`object_id` would strip the
+    ``_`` of ``_dog`` and ``dog_``, and give three triggers one entity); any other name
+    is reduced and told apart by a hash of it."""
+    if _ALLOWED_ID_RE.fullmatch(trigger):
+        return f"trigger_{trigger}"
+    digest = hashlib.sha256(trigger.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"trigger_{object_id(trigger)}_{digest}"
 
 
 def trigger_discovery(options: DiscoveryOptions, *, source_id: str, trigger: str,

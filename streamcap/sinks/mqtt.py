@@ -72,7 +72,7 @@ from streamcap.sinks.trigger_pairs import Pair, is_announcement, pair_of, watche
 if TYPE_CHECKING:
     from streamcap.triggers.spec import TriggerSpec
 
-__all__ = ["MqttOptions", "MqttSink", "Topics", "create_sink", "parse_options", "topic_segment"]
+__all__ = ["MqttOptions", "MqttSink", "Topics", "broker_client", "create_sink", "parse_options", "topic_segment"]
 
 LIVE_QUEUE_MAX: Final = 1024
 """Embeddings and statuses waiting for the writer while connected."""
@@ -82,6 +82,28 @@ TRIGGER_QOS: Final = 1
 """Trigger events and states are always published with QoS 1."""
 _TRIGGER_FRAME: Final = b'{"type":"trigger"'
 """How an outbox record holding a trigger frame starts (``encode`` puts ``type`` first)."""
+
+def broker_client(options: MqttOptions, password: str | None, *, identifier: str,
+                  will: aiomqtt.Will | None = None, max_inflight_messages: int | None = None,
+                  queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
+                  max_queued_incoming_messages: int | None = None) -> aiomqtt.Client:
+    """A client of the sink's broker: host, port, user, TLS and timing from ``options``,
+    a clean session; the sink and the trigger command topic both connect with it."""
+    o = options
+    tls_context: ssl.SSLContext | None = None
+    if o.tls:
+        tls_context = ssl.create_default_context(cafile=o.ca_file)
+        if o.cert_file:
+            tls_context.load_cert_chain(o.cert_file, o.key_file)
+        if o.tls_insecure:
+            tls_context.check_hostname = False  # the chain is still verified
+    return aiomqtt.Client(
+        o.host, o.port, username=o.username, password=password if o.username else None,
+        identifier=identifier, will=will, clean_session=True, keepalive=o.keepalive_s,
+        timeout=o.publish_timeout_s, tls_context=tls_context,
+        max_inflight_messages=max_inflight_messages, queue_type=queue_type,
+        max_queued_incoming_messages=max_queued_incoming_messages)
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -213,6 +235,12 @@ class _Session:
 
     def _accept_trigger(self, msg: TriggerEvent) -> None:
         pair = pair_of(msg)
+        if self.specs is not None and not watches(self.specs, pair):
+            # decided before its trigger was removed, handled after: publishing it would
+            # bring back the retained state and the entities just removed
+            self.log.debug("trigger event of a removed trigger ignored", source=pair[0],
+                           trigger=pair[1], event_id=msg.event_id)
+            return
         if pair not in self.pairs:
             self.pairs[pair] = None
             self.need_pair_discovery[pair] = None
@@ -281,21 +309,10 @@ class _Session:
 
     def _client(self) -> aiomqtt.Client:
         o = self.options
-        tls_context: ssl.SSLContext | None = None
-        if o.tls:
-            tls_context = ssl.create_default_context(cafile=o.ca_file)
-            if o.cert_file:
-                tls_context.load_cert_chain(o.cert_file, o.key_file)
-            if o.tls_insecure:
-                tls_context.check_hostname = False  # the chain is still verified
-        return aiomqtt.Client(
-            o.host, o.port,
-            username=o.username, password=self.password if o.username else None,
-            identifier=o.resolved_client_id(self.ctx.node_id, self.ctx.instance),
+        return broker_client(
+            o, self.password, identifier=o.resolved_client_id(self.ctx.node_id, self.ctx.instance),
             will=aiomqtt.Will(self.topics.availability, b"offline", qos=1, retain=True),
-            clean_session=True, keepalive=o.keepalive_s, timeout=o.publish_timeout_s,
-            tls_context=tls_context, max_inflight_messages=max(20, o.max_inflight + 4),
-        )
+            max_inflight_messages=max(20, o.max_inflight + 4))
 
     async def connection_loop(self) -> None:
         """Connect, serve, and reconnect with backoff until :attr:`stop` is set."""

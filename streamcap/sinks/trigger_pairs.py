@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from streamcap.messages import TriggerEvent, TriggerState
+from streamcap.triggers import spec as _spec
 
 if TYPE_CHECKING:
     from streamcap.triggers.spec import TriggerSpec
@@ -25,9 +26,9 @@ def pair_of(event: TriggerEvent) -> Pair:
 
 
 def watches(specs: Mapping[str, TriggerSpec], pair: Pair) -> bool:
-    """Whether ``pair``'s trigger is in ``specs`` and watches its source (no sources: all)."""
-    spec = specs.get(pair[1])
-    return spec is not None and (not spec.sources or pair[0] in spec.sources)
+    """Whether ``pair``'s trigger is in ``specs`` and watches its source (no sources: all);
+    :func:`streamcap.triggers.spec.watches` for a pair."""
+    return _spec.watches(specs, pair[1], pair[0])
 
 
 def is_announcement(frame: Mapping[str, object]) -> bool:

@@ -90,7 +90,7 @@ from streamcap.netpolicy import (
     normalise_origin,
 )
 from streamcap.options import option, regular_file, secret
-from streamcap.sinks.trigger_pairs import watches
+from streamcap.sinks.trigger_pairs import pair_of, watches
 from streamcap.sinks.ws_protocol import (
     CONTROL,
     KINDS,
@@ -479,6 +479,8 @@ class WebSocketSink:
         """Encode ``msg`` once and queue it for every client that wants it; never awaits."""
         kind = wire.kind_of(msg)
         source_id = msg.source_id
+        if isinstance(msg, TriggerEvent) and not self._history.watching(pair_of(msg)):
+            return  # its trigger was removed after it was decided: not live, not replayed
         wanting = [c for c in self._clients.values() if c.subscription.wants(kind, source_id)]
         frame = ""  # an embedding nobody wants is never encoded; History ignores it
         if wanting or kind != "embedding":

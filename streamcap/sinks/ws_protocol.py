@@ -404,6 +404,7 @@ class History:
         self._per_source: dict[str, deque[tuple[int, str, str]]] = {}
         self._status: dict[str, str] = {}
         self._triggers: dict[tuple[str, str], str] = {}  # oldest change first
+        self._watched: Callable[[tuple[str, str]], bool] | None = None
         self._sources: dict[str, None] = {}
 
     @property
@@ -434,6 +435,8 @@ class History:
         elif kind == "status":
             self._status[source_id] = frame
         elif kind == "trigger" and trigger is not None:
+            if not self.watching((source_id, trigger)):
+                return new
             self._triggers.pop((source_id, trigger), None)
             self._triggers[(source_id, trigger)] = frame
         return new
@@ -442,9 +445,16 @@ class History:
         """The (source, trigger) pairs whose latest frame is held, oldest change first."""
         return list(self._triggers)
 
+    def watching(self, pair: tuple[str, str]) -> bool:
+        """Whether frames of ``pair`` are wanted: the last :meth:`forget_triggers` kept it
+        (every pair before the first call)."""
+        return self._watched is None or self._watched(pair)
+
     def forget_triggers(self, keep: Callable[[tuple[str, str]], bool]) -> list[tuple[str, str]]:
         """Drop the latest frame of every pair ``keep`` refuses (a trigger removed at run
-        time); returns those pairs."""
+        time), and from now on refuse their frames (one decided before the removal and
+        sent after it); returns the pairs dropped."""
+        self._watched = keep
         gone = [pair for pair in self._triggers if not keep(pair)]
         for pair in gone:
             del self._triggers[pair]

@@ -32,7 +32,6 @@ are plain functions; :class:`TriggerApi` wires them to :class:`~streamcap.http.H
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Collection, Mapping
 from typing import Final
 
@@ -41,6 +40,7 @@ from aiohttp import web
 from streamcap.errors import ConfigError
 from streamcap.http import HttpServer, error_payload, json_response
 from streamcap.netpolicy import is_loopback, normalise_origin
+from streamcap.triggers.jsonbody import parse_json_object
 from streamcap.triggers.registry import (
     SourceState,
     TriggerRegistry,
@@ -53,7 +53,6 @@ from streamcap.triggers.spec import TriggerSpec
 __all__ = ["PATH", "TriggerApi", "parse_json_body", "trigger_view", "write_refusal"]
 
 PATH: Final = "/api/triggers"
-MAX_DEPTH: Final = 32
 
 
 # --------------------------------------------------------------------------- pure logic
@@ -77,40 +76,10 @@ def trigger_view(spec: TriggerSpec, *, origin: str, sources: Collection[str],
             "sources": watched, "states": {src: _state(states.get(src)) for src in watched}}
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _depth(value: object, limit: int) -> bool:
-    """Whether ``value`` nests at most ``limit`` arrays and objects deep."""
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth >= limit:
-                return False
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
-                                                   else item))
-    return True
-
-
 def parse_json_body(body: bytes) -> tuple[dict[str, object] | None, str | None]:
     """``(the JSON object, None)`` or ``(None, what is wrong)``, never quoting the body."""
-    try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        return None, "the body is not UTF-8"
-    except RecursionError:
-        return None, f"the body nests deeper than {MAX_DEPTH} levels"
-    except ValueError as exc:
-        if "JSON number" in str(exc):  # NaN, Infinity or -Infinity: nothing else is quoted
-            return None, f"the body holds {exc}"
-        return None, "the body is not valid JSON"
-    if not isinstance(value, dict):
-        return None, "the body must be a JSON object (the trigger's table)"
-    if not _depth(value, MAX_DEPTH):
-        return None, f"the body nests deeper than {MAX_DEPTH} levels"
-    return value, None
+    return parse_json_object(body, what="the body",
+                             expected="a JSON object (the trigger's table)")
 
 
 def write_refusal(*, method: str, origin: str | None, own_origin: str,

@@ -17,6 +17,15 @@ with ``accepts`` without ``"trigger"`` opts out), under the sink's prefix::
                                {"triggers": {"dog": {"origin": "runtime",
                                                      "definition": {...}}}}
 
+Commands must not be retained: the broker would hand a retained one over again
+at every reconnect, undoing later changes. A message the broker hands over as
+retained (on connecting) is refused with ``ok: false``; one published retained
+while the listener is connected reaches it as an ordinary message (MQTT 3.1.1
+clears the flag on delivery to a standing subscription) and applies once. The body is
+read by :func:`~streamcap.triggers.jsonbody.parse_json_object`, as an HTTP body
+is; a command that fails in an unexpected way is answered ``ok: false`` and
+logged (at most once a minute per kind of error), and the listener goes on.
+
 A command goes through the same :class:`~streamcap.triggers.registry.TriggerRegistry`
 as the HTTP API: the same validation and messages, saved before it applies, and a
 bad command changes nothing. Who may publish on ``<prefix>/triggers/set`` is the
@@ -35,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -44,10 +52,12 @@ import aiomqtt
 
 from streamcap.backoff import Backoff
 from streamcap.errors import ConfigError
-from streamcap.logs import get_logger
+from streamcap.logs import Throttle, get_logger
 from streamcap.options import shown, toml_key
+from streamcap.sinks.mqtt import broker_client
 from streamcap.sinks.mqtt_options import MqttOptions
 from streamcap.stats import Metrics
+from streamcap.triggers.jsonbody import parse_json_object
 from streamcap.triggers.registry import TriggerRegistry, TriggerStoreError, spec_table
 from streamcap.triggers.spec import TriggerSpec
 
@@ -60,6 +70,9 @@ MAX_COMMAND_BYTES: Final = 64 * 1024
 MAX_QUEUED: Final = 64
 MAX_ID_CHARS: Final = 64
 HEALTHY_AFTER_S: Final = 30.0
+ERROR_LOG_INTERVAL_S: Final = 60.0
+RETAINED: Final = ("a retained command is refused: publish commands without the retain flag, "
+                   "and clear the retained one (an empty retained message on the topic)")
 _KEYS: Final = frozenset({"name", "trigger", "remove", "id"})
 
 
@@ -94,10 +107,6 @@ class Command:
 # --------------------------------------------------------------------------- pure logic
 
 
-def _reject_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def parse_command(payload: bytes) -> tuple[Command | None, dict[str, object]]:
     """``(command, {})`` or ``(None, the error result)``, never quoting the payload."""
     def error(message: str, name: object = None, request_id: object = None) -> dict[str, object]:
@@ -107,12 +116,9 @@ def parse_command(payload: bytes) -> tuple[Command | None, dict[str, object]]:
 
     if len(payload) > MAX_COMMAND_BYTES:
         return None, error(f"the command is larger than {MAX_COMMAND_BYTES} bytes")
-    try:
-        data = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return None, error("the command is not a JSON object in UTF-8")
-    if not isinstance(data, dict):
-        return None, error("the command is not a JSON object in UTF-8")
+    data, problem = parse_json_object(payload, what="the command")
+    if data is None:
+        return None, error(problem or "the command is not a JSON object")
     name, request_id = data.get("name"), data.get("id")
     if request_id is not None and (not isinstance(request_id, str)
                                    or len(request_id) > MAX_ID_CHARS):
@@ -194,6 +200,7 @@ class TriggerCommands:
             "incoming queue was full)", ("sink", "result"))
         for result in ("ok", "error", "dropped"):
             self.m_commands.inc(0, instance, result)
+        self._errors = Throttle(ERROR_LOG_INTERVAL_S)
         self._unsubscribe = registry.subscribe(lambda _specs: self.changed.set())
 
     def _queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
@@ -211,20 +218,10 @@ class TriggerCommands:
 
     def _client(self) -> aiomqtt.Client:
         o = self.options
-        tls_context: ssl.SSLContext | None = None
-        if o.tls:
-            tls_context = ssl.create_default_context(cafile=o.ca_file)
-            if o.cert_file:
-                tls_context.load_cert_chain(o.cert_file, o.key_file)
-            if o.tls_insecure:
-                tls_context.check_hostname = False  # the chain is still verified
-        client_id = o.resolved_client_id(self.node_id, self.instance) + "-triggers"
-        return aiomqtt.Client(
-            o.host, o.port, username=o.username,
-            password=self.password if o.username else None, identifier=client_id,
-            clean_session=True, keepalive=o.keepalive_s, timeout=o.publish_timeout_s,
-            tls_context=tls_context, queue_type=self._queue_type(),
-            max_queued_incoming_messages=MAX_QUEUED)
+        return broker_client(
+            o, self.password,
+            identifier=o.resolved_client_id(self.node_id, self.instance) + "-triggers",
+            queue_type=self._queue_type(), max_queued_incoming_messages=MAX_QUEUED)
 
     async def run(self) -> None:
         """Connect, serve and reconnect until cancelled."""
@@ -276,15 +273,30 @@ class TriggerCommands:
             self.changed.clear()
             await self._publish_config(client)
 
+    def _handle(self, message: aiomqtt.Message) -> dict[str, object]:
+        """The result of one message on the command topic; never raises."""
+        if message.retain:
+            return {"name": None, "id": None, "ok": False, "errors": [RETAINED]}
+        payload = message.payload
+        data = payload if isinstance(payload, bytes) else str(payload).encode()
+        try:
+            command, result = parse_command(data)
+            if command is not None:
+                result = apply_command(self.registry, command)
+        except Exception as exc:  # noqa: BLE001 - one bad command must not end the listener
+            if (held := self._errors.allow(type(exc).__name__)) is not None:
+                _log.exception("trigger command failed unexpectedly; nothing changed",
+                               sink=self.instance, suppressed=held,
+                               every_s=self._errors.interval_s)
+            return {"name": None, "id": None, "ok": False,
+                    "errors": ["the command could not be handled; nothing changed (see the log)"]}
+        return result
+
     async def _reader(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             if not message.topic.matches(self.topics.set):
                 continue
-            payload = message.payload
-            data = payload if isinstance(payload, bytes) else str(payload).encode()
-            command, result = parse_command(data)
-            if command is not None:
-                result = apply_command(self.registry, command)
+            result = self._handle(message)
             ok = result.get("ok") is True
             self.m_commands.inc(1, self.instance, "ok" if ok else "error")
             _log.info("trigger command", sink=self.instance, trigger=result.get("name"),

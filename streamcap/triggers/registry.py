@@ -32,11 +32,15 @@ The saved file (:data:`FORMAT`, version :data:`VERSION`)::
      "triggers": {"dog": {"text": ["a dog barks"], "threshold": "auto", ...}},
      "removed": ["smoke"]}
 
-A file that cannot be read or parsed, or whose format or version is not this
-one, is renamed ``triggers.json.bad-<UTC time>`` with a warning naming the reason,
-and the daemon starts from the config file alone. A saved trigger that no longer
-validates (its source was removed from the config file, say) is ignored with a
-warning naming ``<file>: triggers.<name>.<key>``, and dropped at the next change.
+A file that cannot be read or decoded (not JSON, nested deeper than 32 levels, ...),
+or whose format or version is not this one, is renamed ``triggers.json.bad-<UTC
+time>`` with a warning naming the reason, and the daemon starts from the config
+file alone. A saved trigger that does not validate in this run (it names a source
+this run does not have: the config file changed, or ``--source`` replaced the
+sources) is ignored with a warning naming ``<file>: triggers.<name>.<key>``, and
+written back as it is at every change, so that a later run with the sources it
+names has it again; adding a trigger of that name (or removing the live one)
+replaces it.
 
 :class:`TriggerStates` keeps the newest state of each (trigger, source) pair from
 the :class:`~streamcap.messages.TriggerEvent` s the engine publishes, for
@@ -60,7 +64,8 @@ from streamcap.errors import ConfigError, StreamcapError
 from streamcap.logs import get_logger
 from streamcap.messages import TriggerEvent, TriggerState
 from streamcap.options import shown, toml_key
-from streamcap.triggers.spec import AUTO, TriggerSpec, read_triggers
+from streamcap.triggers.jsonbody import parse_json_object
+from streamcap.triggers.spec import AUTO, TriggerSpec, read_triggers, watches
 
 __all__ = ["FILE_NAME", "FORMAT", "MAX_TRIGGERS", "VERSION", "Change", "Saved", "SourceState",
            "TriggerRegistry", "TriggerStates", "TriggerStoreError", "decode_saved",
@@ -101,10 +106,16 @@ def spec_table(spec: TriggerSpec) -> dict[str, object]:
 
 @dataclass(frozen=True, slots=True)
 class Saved:
-    """The run-time changes: definitions that override or add to the file's, and removals."""
+    """The run-time changes: definitions that override or add to the file's, and removals.
+
+    ``kept`` holds the saved tables that did not validate when the file was read (a
+    source missing from this run's config, say): ignored, but written back as they
+    are, so that a run with other sources (``--source``) does not lose them.
+    """
 
     triggers: Mapping[str, TriggerSpec] = field(default_factory=dict)
     removed: frozenset[str] = frozenset()
+    kept: Mapping[str, object] = field(default_factory=dict)
 
 
 def merge(config: Mapping[str, TriggerSpec], saved: Saved) -> dict[str, TriggerSpec]:
@@ -116,9 +127,10 @@ def merge(config: Mapping[str, TriggerSpec], saved: Saved) -> dict[str, TriggerS
 
 def encode_saved(saved: Saved) -> str:
     """``triggers.json`` text for ``saved`` (names sorted, so that a diff is readable)."""
+    tables: dict[str, object] = {**saved.kept, **{name: spec_table(spec)
+                                                  for name, spec in saved.triggers.items()}}
     return json.dumps({"format": FORMAT, "version": VERSION,
-                       "triggers": {name: spec_table(saved.triggers[name])
-                                    for name in sorted(saved.triggers)},
+                       "triggers": {name: tables[name] for name in sorted(tables)},
                        "removed": sorted(saved.removed)}, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -134,11 +146,11 @@ def decode_saved(text: str, *, where: str, config: Mapping[str, TriggerSpec],
     Raises:
         ValueError: The text is not this format and version at all (the file is set aside).
     """
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"not JSON ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    data, problem = parse_json_object(text.encode("utf-8"), what="the file",
+                                      expected="a JSON object")
+    if data is None:
+        raise ValueError(problem)
+    if data.get("format") != FORMAT:
         raise ValueError(f'not a triggers file (expected "format": "{FORMAT}")')
     if data.get("version") != VERSION:
         raise ValueError(f"version {shown(data.get('version'))} is not {VERSION}")
@@ -146,18 +158,20 @@ def decode_saved(text: str, *, where: str, config: Mapping[str, TriggerSpec],
     shape = (None if isinstance(tables, dict) else '"triggers" is not an object') or (
         None if isinstance(removed, list) and all(isinstance(n, str) for n in removed)
         else '"removed" is not a list of names')
-    if shape is not None:
+    if shape is not None or not isinstance(tables, dict) or not isinstance(removed, list):
         raise ValueError(shape)
     problems: list[str] = []
     specs: dict[str, TriggerSpec] = {}
+    kept: dict[str, object] = {}
     for name, table in list(tables.items())[:MAX_TRIGGERS]:
         found: list[str] = []  # an entry with any problem is left out whole
         got = read_triggers({name: table}, sources, found)
         problems.extend(found)
         if not found and name in got:
             specs[name] = got[name]
-    return (Saved(specs,
-                  frozenset(n for n in removed if n in config)),
+        else:
+            kept[name] = table
+    return (Saved(specs, frozenset(n for n in removed if n in config), kept),
             [f"{where}: {p}" for p in problems])
 
 
@@ -274,9 +288,12 @@ class TriggerRegistry:
                                                sources=sources)
             except ValueError as exc:
                 _set_aside(path, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a saved file never stops the start
+                _set_aside(path, f"cannot be decoded ({type(exc).__name__})")
             else:
                 for problem in problems:
-                    _log.warning("saved trigger ignored: it no longer validates", problem=problem)
+                    _log.warning("saved trigger ignored: it does not validate in this run; "
+                                 "kept in the file as it is", problem=problem)
                 for name in sorted(set(saved.triggers) & set(config)):
                     if saved.triggers[name] != config[name]:
                         _log.info("trigger defined at run time overrides the config file's",
@@ -332,7 +349,8 @@ class TriggerRegistry:
             triggers.pop(name, None)  # the file's own definition: the file rules it again
         else:
             triggers[name] = spec
-        saved = Saved(triggers, self._saved.removed - {name})
+        kept = {k: v for k, v in self._saved.kept.items() if k != name}
+        saved = Saved(triggers, self._saved.removed - {name}, kept)
         if saved == self._saved:
             return Change(name, "unchanged", spec)
         self._commit(saved)
@@ -348,7 +366,8 @@ class TriggerRegistry:
             return None
         triggers = {k: v for k, v in self._saved.triggers.items() if k != name}
         removed = self._saved.removed | ({name} if name in self.config else set())
-        self._commit(Saved(triggers, frozenset(removed)))
+        kept = {k: v for k, v in self._saved.kept.items() if k != name}
+        self._commit(Saved(triggers, frozenset(removed), kept))
         return Change(name, "removed", None)
 
     def _commit(self, saved: Saved) -> None:
@@ -405,13 +424,21 @@ class TriggerStates:
     """The newest state per (trigger, source), from the engine's TriggerEvents.
 
     The daemon passes every published TriggerEvent to :meth:`observe` (announcements
-    included: they set "off"); :meth:`retain` drops removed triggers' entries.
+    included: they set "off"); :meth:`retain` drops removed triggers' entries, and
+    from then on events of a (source, trigger) pair the set does not watch are
+    ignored (one produced before its trigger was removed and handled after).
     """
 
     def __init__(self) -> None:
         self._states: dict[tuple[str, str], SourceState] = {}
+        self._specs: Mapping[str, TriggerSpec] | None = None
 
     def observe(self, event: TriggerEvent) -> None:
+        """Take ``event`` as its pair's newest state; ``changed_at`` is its ``captured_at``
+        (None when not finite)."""
+        if self._specs is not None and not watches(self._specs, event.trigger,
+                                                   event.source_id):
+            return
         key = (event.trigger, event.source_id)
         old = self._states.get(key)
         at = event.captured_at if math.isfinite(event.captured_at) else None
@@ -424,8 +451,10 @@ class TriggerStates:
                 old.fired_id if old else "", score)
 
     def retain(self, specs: Mapping[str, TriggerSpec]) -> None:
-        """Forget the triggers not in ``specs`` (a registry listener)."""
-        for key in [k for k in self._states if k[0] not in specs]:
+        """Forget the pairs ``specs`` does not watch, and ignore their events from now on
+        (a registry listener)."""
+        self._specs = dict(specs)
+        for key in [k for k in self._states if not watches(specs, k[0], k[1])]:
             del self._states[key]
 
     def of(self, trigger: str) -> dict[str, SourceState]:

@@ -90,9 +90,21 @@ def _threshold(value: object) -> tuple[float | None, str | None]:
         return None, None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None, f'expected "auto" or a number (got {shown(value)})'
-    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+    # an int is compared as it is: float() of a huge one overflows
+    if (isinstance(value, float) and not math.isfinite(value)) or not -1 <= value <= 1:
         return None, f"must be between -1 and 1 (got {shown(value)})"
     return float(value), None
+
+
+def watches(specs: Mapping[str, TriggerSpec], trigger: str, source: str) -> bool:
+    """Whether ``trigger`` is in ``specs`` and watches ``source`` (no sources: every one).
+
+    The one test of whether an event of (``source``, ``trigger``) still belongs to the
+    live set: sinks and the states shown by the API ignore events that do not (one
+    produced before its trigger was removed and handled after).
+    """
+    spec = specs.get(trigger)
+    return spec is not None and (not spec.sources or source in spec.sources)
 
 
 def read_trigger(name: str, table: Mapping[str, object], where: str) -> Read[TriggerSpec]:
