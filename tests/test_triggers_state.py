@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
+from streamcap.errors import ConfigError, StreamcapError
+from streamcap.triggers.scoring import SweepRow
 from streamcap.triggers.spec import TriggerSpec
 from streamcap.triggers.state import (
+    calibrated_path,
+    calibration_entry,
     fingerprint,
+    merged,
     read_calibrated,
+    read_calibrated_records,
     read_histories,
+    write_calibrated,
     write_histories,
 )
 
@@ -50,3 +61,46 @@ def test_the_fingerprint_follows_the_words_and_the_model_not_the_timing() -> Non
     assert fingerprint(a, "m") != fingerprint(a, "m2")
     assert fingerprint(a, "m") != fingerprint(TriggerSpec(name="siren", text=("a siren",),
                                                           negative=("a horn",)), "m")
+
+
+def test_calibrated_json_is_merged_and_written_whole(tmp_path: Path) -> None:
+    path = calibrated_path(tmp_path)
+    assert path == tmp_path / "triggers" / "calibrated.json"
+    assert read_calibrated_records(path) == {}
+    entry = calibration_entry(SweepRow(0.42, tp=3, fp=1, fn=1, tn=5), model="m1",
+                              now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+    assert entry == {"threshold": 0.42, "model": "m1", "f1": 0.75, "positives": 4,
+                     "negatives": 6, "calibrated_at": "2026-01-02T03:04:05+00:00"}
+    write_calibrated(path, merged({"dog": {"threshold": 0.1}}, "siren", entry))
+    write_calibrated(path, merged(read_calibrated_records(path), "siren",
+                                  {**entry, "threshold": 0.5}))
+    data = read_calibrated_records(path)
+    assert data["dog"] == {"threshold": 0.1} and data["siren"]["threshold"] == 0.5
+    assert sorted(p.name for p in path.parent.iterdir()) == ["calibrated.json"]  # no temp left
+    # what the writer wrote is what the daemon's reader takes, for its model only
+    assert read_calibrated(path.parent, "m1") == {"siren": 0.5}
+    assert read_calibrated(path.parent, "m2") == {}
+
+
+def test_a_broken_calibrated_json_is_named_for_the_command_and_ignored_by_the_daemon(
+        tmp_path: Path) -> None:
+    path = tmp_path / "calibrated.json"
+    path.write_text("{not json", "utf-8")
+    with pytest.raises(ConfigError, match=r"calibrated.json: not valid JSON \(line 1"):
+        read_calibrated_records(path)
+    assert read_calibrated(tmp_path, "m1") == {}
+    path.write_text("[1, 2]", "utf-8")
+    with pytest.raises(ConfigError, match="expected a JSON object of triggers, got list"):
+        read_calibrated_records(path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_unwritable_calibrated_json_is_one_error(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(StreamcapError, match="cannot write calibrated thresholds"):
+            write_calibrated(folder / "calibrated.json", {})
+    finally:
+        folder.chmod(0o700)

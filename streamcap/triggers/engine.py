@@ -57,7 +57,7 @@ from streamcap.messages import AudioBlock, Caption, Published, TriggerEvent, Tri
 from streamcap.queues import BoundedQueue, DropPolicy
 from streamcap.stats import Metrics
 from streamcap.triggers.detector import Detector, EventIds, Verdict, announcement
-from streamcap.triggers.scoring import BACKGROUND_PHRASES, AutoThreshold, is_hit, score_window
+from streamcap.triggers.scoring import BACKGROUND_PHRASES, AutoThreshold, decide, score_window
 from streamcap.triggers.spec import TriggerPathConfig, TriggerSpec, example_paths
 from streamcap.triggers.state import (
     fingerprint,
@@ -99,6 +99,32 @@ class TriggerModel(Protocol):
     def embed_example(self, path: Path, where: str, chunk_s: float) -> np.ndarray: ...
 
     def forget(self, source_id: str) -> None: ...
+
+
+def trigger_vectors(model: TriggerModel, spec: TriggerSpec, config_dir: Path | None,
+                    chunk_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """A trigger's embeddings, as the daemon scores with them; on the inference thread.
+
+    Returns:
+        ``(positives, negatives)``: its ``text`` phrasings then one row per ``examples``
+        file (:meth:`TriggerModel.embed_example` with ``chunk_s``, the trigger windows'
+        length), and its ``negative`` phrasings (possibly no row).
+
+    Raises:
+        ConfigError: every example file that cannot be used, named
+            ``triggers.<name>.examples[i]``.
+    """
+    where = f"triggers.{spec.name}"
+    vectors = [model.embed_texts(spec.text)]
+    problems: list[str] = []
+    for i, p in enumerate(example_paths(spec, config_dir)):
+        try:
+            vectors.append(model.embed_example(p, f"{where}.examples[{i}]", chunk_s)[None])
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return np.concatenate(vectors), model.embed_texts(spec.negative)
 
 
 RunBlocking = Callable[..., Awaitable[Any]]
@@ -231,20 +257,18 @@ class TriggerEngine:
         out: list[Armed] = []
         problems: list[str] = []
         for spec in specs:
-            where = f"triggers.{spec.name}"
-            vectors = [model.embed_texts(spec.text)]
-            for i, p in enumerate(example_paths(spec, self.config_dir)):
-                try:
-                    vectors.append(model.embed_example(p, f"{where}.examples[{i}]",
-                                                       self.path.window_s)[None])
-                except ConfigError as exc:
-                    problems.extend(exc.problems)
+            try:
+                positives, negatives = trigger_vectors(model, spec, self.config_dir,
+                                                       self.path.window_s)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+                continue
             threshold = spec.threshold
             from_file = threshold is None and spec.name in calibrated
             if from_file:
                 threshold = calibrated[spec.name]
-            out.append(Armed(spec=spec, positives=np.concatenate(vectors),
-                             negatives=model.embed_texts(spec.negative), threshold=threshold,
+            out.append(Armed(spec=spec, positives=positives,
+                             negatives=negatives, threshold=threshold,
                              calibrated=from_file,
                              fingerprint=fingerprint(spec, model.model_id)))
         if problems:
@@ -462,9 +486,7 @@ class TriggerEngine:
                 continue
             score = score_window(vector, armed.positives, armed.negatives, self._background)
             auto = self._autos[(name, source)]
-            threshold = armed.threshold if armed.threshold is not None else auto.threshold(score)
-            hit = is_hit(score, threshold)
-            auto.observe(score)
+            threshold, hit = decide(score, armed.threshold, auto)
             self._m_score.observe(score.score, name)
             event = detector.observe(
                 Verdict(epoch=window.epoch, start_s=window.start_s, end_s=window.end_s,
