@@ -1,14 +1,20 @@
 """streamcap.triggers.calibrate and ``streamcap triggers calibrate``.
 
-The sweep, the threshold choice and the firing score on made-up scores; the
-calibrated.json merge; bad input as one line and exit 2; and one end-to-end
-run of the command (a subprocess, the demo bundle) on synthesized sirens
-(positive) and rain (negative).
+Windows are scored with the daemon's hit rule and embedded by the daemon's
+fast-path code (the same embedding for the same window, shown on the demo
+bundle); the table; bad input as one line and exit 2; and one end-to-end run
+of the command (a subprocess, the demo bundle) on synthesized sirens
+(positive) and rain (negative) whose threshold the daemon's reader then
+takes. The sweep and the firing score are tested with the rest of
+:mod:`streamcap.triggers.scoring`, the file format with
+:mod:`streamcap.triggers.state`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,26 +23,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 from timing import scaled
 
+from streamcap.audio.windowing import Windower
 from streamcap.cli import main
-from streamcap.errors import ConfigError
+from streamcap.config import load_config
+from streamcap.messages import make_block
+from streamcap.models.captioner import build_captioner
+from streamcap.models.decoding.options import DecodingOptions
 from streamcap.triggers.calibrate import (
-    PhraseEmbeddings,
-    SweepRow,
-    at_threshold,
-    best_row,
-    calibrated_path,
-    calibration_entry,
-    firing_score,
+    file_window_embeddings,
     format_table,
-    merged,
-    plain_score,
-    read_calibrated,
     shown_rows,
-    sweep,
-    write_calibrated,
+    window_hit_scores,
 )
+from streamcap.triggers.fastpath import RetrieverTriggerModel
+from streamcap.triggers.scoring import sweep
+from streamcap.triggers.state import calibrated_path, fingerprint, read_calibrated
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,68 +48,20 @@ ROOT = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def test_the_firing_score_is_the_best_runs_min_hits_th_score() -> None:
-    scores = [0.1, 0.9, 0.2, 0.8, 0.3]
-    # runs of 3: (0.1 0.9 0.2) -> 0.2, (0.9 0.2 0.8) -> 0.8, (0.2 0.8 0.3) -> 0.3
-    assert firing_score(scores, 2, 3) == 0.8
-    assert firing_score(scores, 1, 3) == 0.9
-    assert firing_score(scores, 3, 3) == 0.2
-    assert firing_score([0.4, 0.7], 2, 3) == 0.4  # shorter than a run: one run
-    assert firing_score([0.5], 2, 3) == 0.5  # fewer windows than min_hits: all of them
-    with pytest.raises(ValueError, match="no window scores"):
-        firing_score([], 2, 3)
+def unit(*v: float) -> np.ndarray:
+    a = np.array(v, np.float32)
+    return a / np.linalg.norm(a)
 
 
-def test_the_sweep_counts_exactly_at_every_distinct_score() -> None:
-    rows = sweep([0.9, 0.7, 0.4], [0.8, 0.3])
-    assert [r.threshold for r in rows] == [0.9, 0.8, 0.7, 0.4, 0.3]
-    by_t = {r.threshold: r for r in rows}
-    assert by_t[0.7] == SweepRow(0.7, tp=2, fp=1, fn=1, tn=1)
-    assert by_t[0.7].precision == pytest.approx(2 / 3)
-    assert by_t[0.7].recall == pytest.approx(2 / 3)
-    assert by_t[0.7].f1 == pytest.approx(2 / 3)
-    assert (by_t[0.9].precision, by_t[0.9].recall) == (1.0, pytest.approx(1 / 3))
-    assert by_t[0.9].f1 == pytest.approx(0.5)
-    assert by_t[0.4].f1 == pytest.approx(6 / 7)  # P 3/4, R 1
-    assert by_t[0.3] == SweepRow(0.3, tp=3, fp=2, fn=0, tn=0)
-    assert best_row(rows).threshold == 0.4
-
-
-def test_an_item_at_the_threshold_counts_as_detected() -> None:
-    assert at_threshold([0.5], [0.5], 0.5) == SweepRow(0.5, tp=1, fp=1, fn=0, tn=0)
-    assert at_threshold([0.5], [0.5], 0.50001) == SweepRow(0.50001, tp=0, fp=0, fn=1, tn=1)
-
-
-def test_of_equal_f1_the_higher_threshold_is_chosen_whatever_the_order() -> None:
-    positives, negatives = [0.9, 0.6], [0.8, 0.7]
-    rows = sweep(positives, negatives)
-    # 0.9: tp 1 fn 1 -> F1 2/3; 0.6: tp 2 fp 2 -> F1 4/6: the same F1
-    assert {r.threshold: round(r.f1, 9) for r in rows}[0.6] == round(2 / 3, 9)
-    assert best_row(rows).threshold == 0.9
-    assert best_row(list(reversed(rows))).threshold == 0.9
-    assert best_row(sweep(positives[::-1], negatives[::-1])).threshold == 0.9
-
-
-def test_a_sweep_needs_positives_and_finite_scores() -> None:
-    with pytest.raises(ValueError, match="positive"):
-        sweep([], [0.1])
-    with pytest.raises(ValueError, match="finite"):
-        sweep([0.2, float("nan")], [0.1])
-
-
-def test_the_plain_score_is_the_best_cosine_with_phrasings_and_examples() -> None:
-    def unit(*v: float) -> np.ndarray:
-        a = np.array(v, np.float32)
-        return a / np.linalg.norm(a)
-
-    phrases = PhraseEmbeddings(positive=np.stack([unit(1, 0, 0), unit(0, 1, 0)]),
-                               negative=np.stack([unit(0, 0, 1)]),
-                               examples=np.zeros((0, 3), np.float32))
-    audio = unit(0.2, 0.6, 0.9)
-    assert plain_score(audio, phrases) == pytest.approx(float(audio[1]))  # negative not used
-    with_example = PhraseEmbeddings(phrases.positive, phrases.negative,
-                                    np.stack([unit(0, 0.5, 1)]))
-    assert plain_score(audio, with_example) == pytest.approx(float(audio @ unit(0, 0.5, 1)))
+def test_windows_score_with_the_daemons_hit_rule() -> None:
+    positives = np.stack([unit(1, 0, 0), unit(0, 1, 0)])
+    negatives = np.stack([unit(0, 0, 1)])
+    windows = np.stack([unit(0.2, 0.9, 0.1), unit(0.1, 0.3, 0.9)])
+    got = window_hit_scores(windows, positives, negatives)
+    assert got[0] == pytest.approx(float(windows[0][1]))  # best positive, above the negative
+    assert got[1] == -math.inf  # the negative phrasing explains it better: never a hit
+    assert window_hit_scores(windows, positives, np.zeros((0, 3), np.float32))[1] == \
+        pytest.approx(float(windows[1][1]))
 
 
 def test_the_table_shows_a_bounded_spread_of_rows_with_the_chosen_one() -> None:
@@ -116,33 +72,6 @@ def test_the_table_shows_a_bounded_spread_of_rows_with_the_chosen_one() -> None:
     assert shown == sorted(shown, key=lambda r: -r.threshold)
     text = format_table(rows, chosen)
     assert f"*{chosen.threshold:+9.4f}" in text and "--json lists them all" in text
-
-
-def test_calibrated_json_is_merged_and_written_whole(tmp_path: Path) -> None:
-    path = calibrated_path(tmp_path)
-    assert path == tmp_path / "triggers" / "calibrated.json"
-    assert read_calibrated(path) == {}
-    from datetime import UTC, datetime
-
-    entry = calibration_entry(SweepRow(0.42, tp=3, fp=1, fn=1, tn=5), model="m1",
-                              now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
-    assert entry == {"threshold": 0.42, "model": "m1", "f1": 0.75, "positives": 4,
-                     "negatives": 6, "calibrated_at": "2026-01-02T03:04:05+00:00"}
-    write_calibrated(path, merged({"dog": {"threshold": 0.1}}, "siren", entry))
-    write_calibrated(path, merged(read_calibrated(path), "siren", {**entry, "threshold": 0.5}))
-    data = read_calibrated(path)
-    assert data["dog"] == {"threshold": 0.1} and data["siren"]["threshold"] == 0.5
-    assert sorted(p.name for p in path.parent.iterdir()) == ["calibrated.json"]  # no temp left
-
-
-def test_a_broken_calibrated_json_is_named_not_overwritten(tmp_path: Path) -> None:
-    path = tmp_path / "calibrated.json"
-    path.write_text("{not json", "utf-8")
-    with pytest.raises(ConfigError, match=r"calibrated.json: not valid JSON \(line 1"):
-        read_calibrated(path)
-    path.write_text("[1, 2]", "utf-8")
-    with pytest.raises(ConfigError, match="expected a JSON object of triggers, got list"):
-        read_calibrated(path)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -221,6 +150,15 @@ def test_calibrate_writes_a_threshold_and_prints_the_table(tmp_path: Path) -> No
     assert sum(line.startswith("*") for line in lines) == 1
     assert lines[-1].endswith(f"written to {out}")
     data = json.loads(out.read_text("utf-8"))
+    manifest_id = json.loads((ROOT / "streamcap" / "data" / "demo-bundle" / "manifest.json")
+                             .read_text("utf-8"))["model_id"]
+    # the daemon's reader takes the siren's threshold for the demo model and these words
+    siren = load_config(config).triggers["siren"]
+    words = {"siren": fingerprint(siren, manifest_id)}
+    assert read_calibrated(out.parent, manifest_id, words) == {"siren": data["siren"]["threshold"]}
+    assert read_calibrated(out.parent, "x", words) == {}
+    reworded = {"siren": fingerprint(dataclasses.replace(siren, text=("a horn",)), manifest_id)}
+    assert read_calibrated(out.parent, manifest_id, reworded) == {}
     assert data["dog"] == {"threshold": 0.3, "model": "x"}  # the other trigger is kept
     entry = data["siren"]
     manifest = json.loads((ROOT / "streamcap" / "data" / "demo-bundle" / "manifest.json")
@@ -229,3 +167,29 @@ def test_calibrate_writes_a_threshold_and_prints_the_table(tmp_path: Path) -> No
     assert np.isfinite(entry["threshold"]) and -1.0 <= entry["threshold"] <= 1.0
     assert (entry["positives"], entry["negatives"]) == (2, 2)
     assert 0.0 <= entry["f1"] <= 1.0 and entry["calibrated_at"].endswith("+00:00")
+
+
+def test_calibrate_embeds_a_window_as_the_daemons_fast_path_does(tmp_path: Path) -> None:
+    """A file cut by calibrate and the same audio fed as a live source's blocks to the fast
+    path's windower give the same windows and the same embeddings."""
+    captioner = build_captioner("demo", DecodingOptions(), device=torch.device("cpu"),
+                                dtype=torch.float32)
+    model = RetrieverTriggerModel(captioner)
+    wav = _wav(tmp_path / "siren.wav", "siren", 5, seconds=9.0)
+    audio, rate = sf.read(wav, dtype="float32")
+    assert rate == model.sample_rate_hz
+    calibrated = file_window_embeddings(model, wav, 5.0, 1.0)
+    windower = Windower("live", 5.0, 1.0, (rate,), run_id="run")
+    live = []
+    for start in range(0, audio.size, rate // 4):  # 250 ms blocks, as a source sends them
+        block = make_block(source_id="live", start_sample=start, sample_rate_hz=rate,
+                           samples=audio[start:start + rate // 4], captured_at=0.0)
+        live += windower.feed(block).windows
+    daemon = model.embed_windows(live)
+    assert len(live) == 5 and calibrated.shape[0] >= len(live)  # calibrate pads the tail
+    np.testing.assert_allclose(calibrated[:len(live)], daemon, atol=1e-5)
+    # a second file starts at 0 again: the frames cached for the first are not reused
+    other = _wav(tmp_path / "rain.wav", "rain", 6, seconds=9.0)
+    again = file_window_embeddings(model, other, 5.0, 1.0)
+    fresh = file_window_embeddings(RetrieverTriggerModel(captioner), other, 5.0, 1.0)
+    np.testing.assert_allclose(again, fresh, atol=1e-6)

@@ -63,7 +63,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -87,7 +87,7 @@ from streamcap.messages import (
 from streamcap.queues import BoundedQueue, DropPolicy
 from streamcap.stats import Metrics
 from streamcap.triggers.detector import Detector, EventIds, Verdict, announcement
-from streamcap.triggers.scoring import BACKGROUND_PHRASES, AutoThreshold, is_hit, score_window
+from streamcap.triggers.scoring import BACKGROUND_PHRASES, AutoThreshold, decide, score_window
 from streamcap.triggers.spec import TriggerPathConfig, TriggerSpec, example_paths
 from streamcap.triggers.state import (
     fingerprint,
@@ -135,6 +135,32 @@ class TriggerModel(Protocol):
     def embed_example(self, path: Path, where: str, chunk_s: float) -> np.ndarray: ...
 
     def forget(self, source_id: str) -> None: ...
+
+
+def trigger_vectors(model: TriggerModel, spec: TriggerSpec, config_dir: Path | None,
+                    chunk_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """A trigger's embeddings, as the daemon scores with them; on the inference thread.
+
+    Returns:
+        ``(positives, negatives)``: its ``text`` phrasings then one row per ``examples``
+        file (:meth:`TriggerModel.embed_example` with ``chunk_s``, the trigger windows'
+        length), and its ``negative`` phrasings (possibly no row).
+
+    Raises:
+        ConfigError: every example file that cannot be used, named
+            ``triggers.<name>.examples[i]``.
+    """
+    where = f"triggers.{spec.name}"
+    vectors = [model.embed_texts(spec.text)]
+    problems: list[str] = []
+    for i, p in enumerate(example_paths(spec, config_dir)):
+        try:
+            vectors.append(model.embed_example(p, f"{where}.examples[{i}]", chunk_s)[None])
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return np.concatenate(vectors), model.embed_texts(spec.negative)
 
 
 RunBlocking = Callable[..., Awaitable[Any]]
@@ -265,6 +291,9 @@ class TriggerEngine:
             out.append(f"{where}.sources: no such source {unknown[0]!r}")
         return out
 
+    def _fingerprints(self, specs: Iterable[TriggerSpec]) -> dict[str, str]:
+        return {spec.name: fingerprint(spec, self.model.model_id) for spec in specs}
+
     def _arm(self, specs: Sequence[TriggerSpec], calibrated: Mapping[str, float],
              background: bool) -> tuple[np.ndarray | None, list[Armed], dict[str, list[str]]]:
         """Embed the phrasings and examples of ``specs``, each on its own; on the inference thread.
@@ -280,26 +309,20 @@ class TriggerEngine:
         refused: dict[str, list[str]] = {}
         for spec in specs:
             where = f"triggers.{spec.name}"
-            problems: list[str] = []
             try:
-                vectors = [model.embed_texts(spec.text)]
-                for i, p in enumerate(example_paths(spec, self.config_dir)):
-                    try:
-                        vectors.append(model.embed_example(p, f"{where}.examples[{i}]",
-                                                           self.path.window_s)[None])
-                    except ConfigError as exc:
-                        problems.extend(exc.problems)
-                negatives = model.embed_texts(spec.negative)
+                positives, negatives = trigger_vectors(model, spec, self.config_dir,
+                                                       self.path.window_s)
+            except ConfigError as exc:
+                refused[spec.name] = list(exc.problems)
+                continue
             except StreamcapError as exc:
-                problems.append(f"{where}: {exc}")
-            if problems:
-                refused[spec.name] = problems
+                refused[spec.name] = [f"{where}: {exc}"]
                 continue
             threshold = spec.threshold
             from_file = threshold is None and spec.name in calibrated
             if from_file:
                 threshold = calibrated[spec.name]
-            out.append(Armed(spec=spec, positives=np.concatenate(vectors),
+            out.append(Armed(spec=spec, positives=positives,
                              negatives=negatives, threshold=threshold,
                              calibrated=from_file,
                              fingerprint=fingerprint(spec, model.model_id)))
@@ -318,7 +341,7 @@ class TriggerEngine:
             raise ConfigError(problems)
         if specs:  # no trigger, no model call
             calibrated = await asyncio.to_thread(read_calibrated, self.state_dir,
-                                                 self.model.model_id)
+                                                 self.model.model_id, self._fingerprints(specs))
             background, armed, refused = await self._run(self._arm, specs, calibrated, True)
             if refused:
                 raise ConfigError([p for found in refused.values() for p in found])
@@ -365,7 +388,8 @@ class TriggerEngine:
         if todo:
             try:
                 calibrated = await asyncio.to_thread(read_calibrated, self.state_dir,
-                                                     self.model.model_id)
+                                                     self.model.model_id,
+                                                     self._fingerprints(todo))
                 background, armed, refused = await self._run(
                     self._arm, todo, calibrated, self._background.size == 0)
                 if background is not None:
@@ -651,9 +675,7 @@ class TriggerEngine:
         name, source = armed.spec.name, window.source_id
         score = score_window(vector, armed.positives, armed.negatives, self._background)
         auto = self._autos[(name, source)]
-        threshold = armed.threshold if armed.threshold is not None else auto.threshold(score)
-        hit = is_hit(score, threshold)
-        auto.observe(score)
+        threshold, hit = decide(score, armed.threshold, auto)
         self._m_score.observe(score.score, name)
         return detector.observe(
             Verdict(epoch=window.epoch, start_s=window.start_s, end_s=window.end_s,

@@ -1,6 +1,8 @@
 """The trigger path's use of the retriever: audio embeddings of short windows, phrase embeddings.
 
-Runs on the inference thread only (like every model call).
+Runs on the inference thread only (like every model call). ``streamcap triggers
+calibrate`` and ``bench/triggers.py`` embed windows and examples with this same code,
+so that they score exactly what the daemon scores.
 
 **What is incremental.** Trigger windows overlap (5 s every 1 s by default),
 so most of a window's log-mel frames were already computed for the window

@@ -44,8 +44,13 @@ then the source's usual level; had the background floor decided what is a
 non-hit, such a source would never get a history and would fire forever. The
 other way round, a source whose usual level rises for good (a new fan) is
 not learned upward, since windows above the floor never enter the history:
-its history file can be deleted. :func:`sweep` helps choose a fixed
-threshold instead (the calibrate command).
+its history file can be deleted, or a fixed threshold chosen instead.
+
+**Calibration** (``streamcap triggers calibrate``, the benchmark): a
+labelled file's *firing score* (:func:`firing_score` of its windows'
+:func:`hit_score`) is the highest fixed threshold at which the trigger turns on
+while it plays; :func:`sweep` counts true and false firings at every distinct
+firing score and :func:`best_row` chooses the best F1.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
@@ -186,43 +191,120 @@ class AutoThreshold:
             self._floor = None
 
 
-class SweepPoint(NamedTuple):
-    """Precision, recall and F1 when windows at or above ``threshold`` count as hits.
+def hit_score(score: WindowScore) -> float:
+    """The highest threshold at which the window is a hit: its score, or ``-inf`` when a
+    negative phrasing explains it at least as well.
 
-    A tuple ``(threshold, precision, recall, f1)``.
+    For every finite ``t``: ``is_hit(score, t) == (hit_score(score) >= t)``.
     """
-
-    threshold: float
-    precision: float
-    recall: float
-    f1: float
+    return score.score if score.score > score.negative else -math.inf
 
 
-def sweep(positive_scores: Sequence[float], negative_scores: Sequence[float],
-          ) -> list[SweepPoint]:
-    """Every distinct score as a threshold, ascending, with its precision, recall and F1.
+def decide(score: WindowScore, threshold: float | None, auto: AutoThreshold,
+           ) -> tuple[float, bool]:
+    """The daemon's rule for one window of one (source, trigger): ``(threshold, hit)``.
 
-    ``positive_scores`` are windows that hold the sound, ``negative_scores``
-    windows that do not. Precision is 1.0 where nothing is predicted (no false
-    alarm was raised); F1 is 0 where precision and recall are both 0.
+    ``threshold`` is the trigger's fixed one (its number or a calibrated one), None for
+    "auto": then ``auto`` decides. ``auto`` observes every window either way, so that its
+    history is ready should the fixed threshold go.
+    """
+    used = threshold if threshold is not None else auto.threshold(score)
+    hit = is_hit(score, used)
+    auto.observe(score)
+    return used, hit
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def firing_score(window_scores: Sequence[float], min_hits: int, of_windows: int) -> float:
+    """The highest threshold at which ``min_hits`` of some ``of_windows`` consecutive
+    windows reach it: the max over runs of the run's ``min_hits``-th best score.
+
+    Fed each window's :func:`hit_score`, this is the highest fixed threshold at which
+    the :class:`~streamcap.triggers.detector.Detector` turns on over these windows
+    (``-inf``: at none). A sequence shorter than ``of_windows`` is one run; one shorter
+    than ``min_hits`` needs all its windows (its lowest score).
 
     Raises:
-        ValueError: no positive scores, or a score that is not finite.
+        ValueError: no window scores, or ``min_hits``/``of_windows`` below 1.
     """
-    pos = np.asarray(positive_scores, dtype=np.float64)
-    neg = np.asarray(negative_scores, dtype=np.float64)
-    if pos.size == 0:
-        raise ValueError("sweep: needs at least one positive score")
-    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
-        raise ValueError("sweep: every score must be finite")
-    pos.sort()
-    neg.sort()
-    out: list[SweepPoint] = []
-    for t in np.unique(np.concatenate((pos, neg))):
-        tp = pos.size - int(np.searchsorted(pos, t, side="left"))
-        fp = neg.size - int(np.searchsorted(neg, t, side="left"))
-        precision = tp / (tp + fp) if tp + fp else 1.0
-        recall = tp / pos.size
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out.append(SweepPoint(float(t), precision, recall, f1))
-    return out
+    if not window_scores:
+        raise ValueError("firing_score: no window scores")
+    if min_hits < 1 or of_windows < 1:
+        raise ValueError("firing_score: min_hits and of_windows must be >= 1")
+    scores = [float(s) for s in window_scores]
+    span = min(of_windows, len(scores))
+    k = min(min_hits, span)
+    return max(sorted(scores[i:i + span], reverse=True)[k - 1]
+               for i in range(len(scores) - span + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRow:
+    """Counts at one threshold (an item counts as detected when its score is ``>= threshold``)."""
+
+    threshold: float
+    tp: int
+    fp: int
+    fn: int
+    tn: int
+
+    @property
+    def precision(self) -> float:
+        """tp / (tp + fp); 1.0 when nothing is detected (no false firing was made)."""
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
+
+    @property
+    def recall(self) -> float:
+        """tp / (tp + fn); 0.0 without positives."""
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+
+    @property
+    def f1(self) -> float:
+        """2 tp / (2 tp + fp + fn): the harmonic mean of precision and recall (0 when tp = 0)."""
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp else 0.0
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"threshold": self.threshold, "tp": self.tp, "fp": self.fp, "fn": self.fn,
+                "tn": self.tn, "precision": round(self.precision, 6),
+                "recall": round(self.recall, 6), "f1": round(self.f1, 6)}
+
+
+def at_threshold(positives: Sequence[float], negatives: Sequence[float],
+                 threshold: float) -> SweepRow:
+    """The counts of ``positives`` and ``negatives`` scores at ``threshold``."""
+    tp = sum(1 for s in positives if s >= threshold)
+    fp = sum(1 for s in negatives if s >= threshold)
+    return SweepRow(threshold, tp, fp, len(positives) - tp, len(negatives) - fp)
+
+
+def sweep(positives: Sequence[float], negatives: Sequence[float]) -> tuple[SweepRow, ...]:
+    """One row per distinct finite score (every threshold that changes a count), highest first.
+
+    ``positives`` are the scores of items that hold the sound, ``negatives`` of items
+    that do not; ``-inf`` is an item detected at no threshold (see :func:`hit_score`).
+
+    Raises:
+        ValueError: no positive score, a score that is NaN or ``+inf``, or no finite score.
+    """
+    if not positives:
+        raise ValueError("sweep: at least one positive score is needed")
+    everything = [float(s) for s in (*positives, *negatives)]
+    if any(math.isnan(s) or s == math.inf for s in everything):
+        raise ValueError("sweep: every score must be finite or -inf")
+    finite = {s for s in everything if math.isfinite(s)}
+    if not finite:
+        raise ValueError("sweep: no item reaches any threshold (every score is -inf)")
+    return tuple(at_threshold(positives, negatives, t) for t in sorted(finite, reverse=True))
+
+
+def best_row(rows: Sequence[SweepRow]) -> SweepRow:
+    """The row with the best F1; of equal F1 the one with the higher threshold.
+
+    Raises:
+        ValueError: no rows.
+    """
+    if not rows:
+        raise ValueError("best_row: no rows")
+    return max(rows, key=lambda r: (r.f1, r.threshold))
