@@ -247,7 +247,7 @@ class Daemon:
         return TriggerEngine(
             specs=self.triggers.specs(), path=self.config.trigger_path,
             sources=list(self.config.sources), model=RetrieverTriggerModel(captioner),
-            run_blocking=self.runtime.run, publish=self._publish, metrics=self.metrics,
+            run_blocking=self.runtime.run_side, publish=self._publish, metrics=self.metrics,
             run_id=self.run_id, state_dir=state_root(self.config) / "triggers",
             config_dir=config_dir, max_gap_s=MAX_GAP_S)
 
@@ -371,8 +371,7 @@ class Daemon:
             self.triggers.check = engine.problems
             self.triggers.subscribe(engine.set_triggers)
         self.worker = InferenceWorker(self.captioner, self.queue, self._publish,
-                                      self.runtime.run, self.metrics,
-                                      gate=engine.wait_idle if engine else None)
+                                      self.runtime.run, self.metrics)
         if self.config.http.enabled:
             http = self.config.http
             self.http = HttpServer(http.host, http.port, metrics=self.metrics,

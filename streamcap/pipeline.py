@@ -196,8 +196,6 @@ class InferenceWorker:
             inference thread and awaits its result.
         metrics: where inference time, lag and failures are counted.
         clock: where the wall clock is read, for lag.
-        gate: awaited before each window is started (the trigger path's
-            ``wait_idle``: trigger windows go first).
     """
 
     def __init__(
@@ -209,10 +207,8 @@ class InferenceWorker:
                                Awaitable[CaptionResult]],
         metrics: Metrics,
         clock: Clock | None = None,
-        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._captioner = captioner
-        self._gate = gate
         self._queue = queue
         self._publish = publish
         self._run = run_blocking
@@ -246,9 +242,6 @@ class InferenceWorker:
     async def run(self) -> None:
         """Consume the queue until it is closed and drained, or :meth:`finish_by` says stop."""
         while self._may_start() and (window := await self._queue.get()) is not None:
-            if self._gate is not None:
-                self.in_flight = window  # taken from the queue: lost if cancelled now
-                await self._gate()
             await self.process(window)
 
     async def process(self, window: Window) -> None:

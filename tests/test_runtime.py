@@ -12,6 +12,7 @@ import torch
 from streamcap.errors import ModelError
 from streamcap.models import runtime as runtime_mod
 from streamcap.models.runtime import (
+    THREAD_NAME_PREFIX,
     InferenceRuntime,
     RuntimeOptions,
     choose_device,
@@ -186,3 +187,32 @@ def test_default_threads_use_all_cores() -> None:
         assert rt.num_threads == runtime_mod.available_cores() >= 1
     finally:
         rt.close()
+
+
+async def test_a_side_call_runs_while_the_main_thread_is_busy() -> None:
+    runtime = InferenceRuntime(RuntimeOptions(device="cpu", precision="fp32", num_threads=1))
+    held = threading.Event()
+    release = threading.Event()
+
+    def busy() -> str:
+        held.set()
+        release.wait(30.0)
+        return threading.current_thread().name
+
+    def side() -> tuple[str, bool, int]:
+        return threading.current_thread().name, torch.is_inference_mode_enabled(), \
+            torch.get_num_threads()
+
+    try:
+        main = asyncio.ensure_future(runtime.run(busy))
+        await asyncio.to_thread(held.wait, 30.0)
+        name, inference, threads = await asyncio.wait_for(runtime.run_side(side), 30.0)
+        assert not main.done()  # the side call finished while the main one still ran
+        assert name.startswith(THREAD_NAME_PREFIX + "-side") and inference and threads == 1
+        release.set()
+        assert (await main).startswith(THREAD_NAME_PREFIX)
+    finally:
+        release.set()
+        await runtime.aclose()
+    with pytest.raises(ModelError, match="closed"):
+        await runtime.run_side(side)

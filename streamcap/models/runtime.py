@@ -1,11 +1,15 @@
-"""Device and precision choice, and the one thread that runs every model.
+"""Device and precision choice, and the threads that run the models.
 
-Torch is never entered from two threads and never on the event loop: every model call
-goes through :meth:`InferenceRuntime.run`, which hands it to a single dedicated worker
-thread (``streamcap-infer``) and runs it under ``torch.inference_mode()``. Calls run one
-at a time, in the order they were made.
+Torch is never entered on the event loop: every model call goes through
+:meth:`InferenceRuntime.run`, which hands it to a dedicated worker thread
+(``streamcap-infer``) and runs it under ``torch.inference_mode()``; calls run one at a
+time, in the order they were made. Short calls that must not wait behind a caption (the
+trigger path's few milliseconds per window) go through :meth:`InferenceRuntime.run_side`
+instead: a second thread (``streamcap-infer-side``, one torch thread, started on first
+use) that runs beside the first. Both only read the models' weights (inference mode), so
+the two may run at once; each lane owns whatever caches its callers keep.
 
-The thread count is applied inside the worker thread, because with OpenMP the limit
+The thread count is applied inside each worker thread, because with OpenMP the limit
 is a per-thread setting.
 """
 
@@ -34,6 +38,8 @@ PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
 _DTYPES: Final = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CPU_BF16_FLAGS: Final = frozenset({"avx512_bf16", "amx_bf16"})
 THREAD_NAME_PREFIX: Final = "streamcap-infer"
+SIDE_THREADS: Final = 1
+"""Torch threads of the side lane (:meth:`InferenceRuntime.run_side`)."""
 
 
 def choose_device(requested: str = "auto", *, option: str = "device") -> torch.device:
@@ -191,6 +197,11 @@ class InferenceRuntime:
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=THREAD_NAME_PREFIX, initializer=self._init_thread
         )
+        # threads start on first use: without a side call there is no side thread
+        self._side = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"{THREAD_NAME_PREFIX}-side",
+            initializer=torch.set_num_threads, initargs=(SIDE_THREADS,)
+        )
         _log.info("inference runtime started", device=str(self.device), dtype=str(self.dtype),
                   threads=self.num_threads)
 
@@ -215,15 +226,26 @@ class InferenceRuntime:
         call = functools.partial(_call_in_inference_mode, fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    async def run_side(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """:meth:`run` on the side thread: beside the main one, never behind its calls.
+
+        Raises:
+            ModelError: The runtime is closed.
+        """
+        if self._closed:
+            raise ModelError("inference runtime is closed")
+        call = functools.partial(_call_in_inference_mode, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._side, call)
+
     def close(self) -> None:
-        """Refuse new calls, drop queued ones and wait for the running one to finish."""
+        """Refuse new calls, drop queued ones and wait for the running ones to finish."""
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        for executor in (self._side, self._executor):
+            executor.shutdown(wait=True, cancel_futures=True)
 
     async def aclose(self) -> None:
         """:meth:`close` without blocking the event loop."""
-        self._closed = True
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self.close)
 
     async def __aenter__(self) -> Self:
         return self

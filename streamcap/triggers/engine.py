@@ -13,22 +13,22 @@ it waited), ``closed`` (the daemon stopped), ``dead`` (the trigger worker
 failed). With no trigger watching a source, that source gets no trigger
 windows at all.
 
-**Served first.** One task (``streamcap[triggers].worker``) takes every
-waiting trigger window (of every source, up to :data:`MAX_BATCH` a call) and
-has the retriever embed them in one call on the inference thread; the
-caption worker waits (:meth:`TriggerEngine.wait_idle`) before starting each
-caption while trigger windows wait or are being embedded. So a trigger window
-waits at most for the one caption already running, never for a queued one.
-Captions may starve if the trigger path alone needs all of the inference
-thread (then trigger windows are dropped too, and both are counted). A
-second inference thread for triggers was not tried: torch is entered from
-one thread only (:mod:`streamcap.models.runtime`), and on a CPU both paths
-would share the same cores anyway. ``streamcap_inference_seconds{stage="trigger"}``
-is the embedding's compute time, measured on the inference thread (not the
-wait behind a caption). An error while scoring a window is logged (at most
-once a minute per stage) and counted in ``streamcap_trigger_errors_total``,
-and the path goes on; should the worker itself end, the caption gate opens for
-good (captions never wait on a dead trigger path) and it is logged.
+**Never behind a caption.** One task (``streamcap[triggers].worker``) takes
+every waiting trigger window (of every source, up to :data:`MAX_BATCH` a call)
+and has the retriever embed them in one call on the runtime's *side* thread
+(:meth:`streamcap.models.runtime.InferenceRuntime.run_side`, one torch
+thread), which runs beside the caption thread: a trigger window waits for
+other trigger windows only, never for a caption (measured in
+``bench/results/trigger_latency.md``: with one shared thread and the caption
+worker held back while trigger windows waited, a trigger window still waited
+for the caption in progress, 2.5-5 s of CPU per demo caption on the loaded
+2-core machine). ``streamcap_inference_seconds{stage="trigger"}`` is the
+embedding's compute time, measured on that thread. An error while scoring a
+window is logged (at most once a minute per stage) and counted in
+``streamcap_trigger_errors_total``, and the path goes on; should the worker
+itself end, it is logged and the windows are dropped and counted (``dead``).
+:meth:`TriggerEngine.wait_idle` returns once nothing waits (for tests and
+shutdown).
 
 **Scored and decided.** The embedding is scored against every trigger that
 watches the source (:mod:`streamcap.triggers.scoring`, on the event loop:
@@ -164,7 +164,7 @@ def trigger_vectors(model: TriggerModel, spec: TriggerSpec, config_dir: Path | N
 
 
 RunBlocking = Callable[..., Awaitable[Any]]
-"""``InferenceRuntime.run``: calls a function on the inference thread and awaits it."""
+"""``InferenceRuntime.run_side``: calls a function on the side inference thread, awaits it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -543,7 +543,7 @@ class TriggerEngine:
         return sum(len(q) for q in self._queues.values())
 
     async def wait_idle(self) -> None:
-        """Return once no trigger window waits or is being embedded (the caption worker's gate).
+        """Return once no trigger window waits or is being embedded.
 
         Returns at once after :meth:`close` or once the worker has ended: captions never
         wait on a trigger path that no longer runs.
