@@ -318,10 +318,10 @@ async def test_websocket_client_gets_hello_captions_embeddings_and_status_in_ord
         assert hello["type"] == "hello" and hello["protocol"] == "streamcap.v1"
         assert hello["node_id"] == NODE
         caps = hello["capabilities"]
-        assert set(caps["kinds"]) == {"caption", "embedding", "status"}
+        assert set(caps["kinds"]) == {"caption", "embedding", "status", "trigger"}
         assert caps["auth_required"] is True
         first = await receive(ws)
-        assert first["type"] == "subscribed" and first["kinds"] == ["caption", "status"]
+        assert first["type"] == "subscribed" and first["kinds"] == ["caption", "status", "trigger"]
         await ws.send(json.dumps({"type": "subscribe", "sources": "*", "kinds": "*",
                                   "backfill": 0, "id": "all"}))
 
@@ -335,7 +335,7 @@ async def test_websocket_client_gets_hello_captions_embeddings_and_status_in_ord
         frames = await collect(ws, enough)
     replies = of_type(frames, "subscribed")
     assert replies[0]["id"] == "all"
-    assert set(replies[0]["kinds"]) == {"caption", "embedding", "status"}
+    assert set(replies[0]["kinds"]) == {"caption", "embedding", "status", "trigger"}
     for frame in frames:
         check_frame(frame)  # subscribed frames too: the schema has them
         if frame["type"] != "subscribed":
