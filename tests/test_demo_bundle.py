@@ -18,7 +18,7 @@ def test_the_bundle_is_small_and_verifies() -> None:
     bundle = load_bundle(BUNDLE, verify=True)
     size = sum(p.stat().st_size for p in BUNDLE.rglob("*") if p.is_file())
     assert size <= MAX_BYTES, size
-    assert bundle.model_id == "streamcap-demo-v1"
+    assert bundle.model_id == "streamcap-demo-v2"
 
 
 def test_the_bundle_abstains_by_a_rule_calibrated_on_its_own_val_split() -> None:

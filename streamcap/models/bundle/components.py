@@ -238,7 +238,7 @@ def _load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], bun
 
 DEMO_MODEL = "demo"
 DEMO_WARNING = (
-    "model 'demo' is streamcap's built-in demo bundle: a small model trained in minutes on "
+    "model 'demo' is streamcap's built-in demo bundle: a small model trained on one CPU on "
     "synthesized everyday sounds (sirens, alarms, phones, rain, wind, dogs, engines, ...) "
     "with a codec of fixed random weights. It captions those sounds and little else. For "
     "real captions, train a model on Clotho/AudioCaps/WavCaps with `streamcap train` or "
