@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import streamcap.triggers.state as state_module
+import streamcap.atomic as atomic_module
 from streamcap.errors import ConfigError, StreamcapError
 from streamcap.triggers.scoring import SweepRow
 from streamcap.triggers.spec import TriggerSpec
@@ -82,14 +82,14 @@ def test_the_fingerprint_follows_the_words_and_the_model_not_the_timing() -> Non
 def test_two_writes_at_once_never_share_a_temporary_file(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     directory = tmp_path / "triggers"
-    both_open = threading.Barrier(2, timeout=30)
-    real_dump = json.dump
+    both_written = threading.Barrier(2, timeout=30)
+    real_replace = os.replace
 
-    def dump(obj: Any, fh: Any, **kw: Any) -> None:
-        both_open.wait()  # each write has opened its temporary file before either writes
-        real_dump(obj, fh, **kw)
+    def replace(src: Any, dst: Any) -> None:
+        both_written.wait()  # each write has written its temporary file before either renames
+        real_replace(src, dst)
 
-    monkeypatch.setattr(state_module.json, "dump", dump)
+    monkeypatch.setattr(atomic_module.os, "replace", replace)
     failures: list[BaseException] = []
 
     def write(fp: str) -> None:

@@ -53,13 +53,13 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from streamcap.atomic import replace_text
 from streamcap.errors import ConfigError, StreamcapError
 from streamcap.logs import get_logger
 from streamcap.messages import TriggerEvent, TriggerState
@@ -216,28 +216,6 @@ class Change:
 # --------------------------------------------------------------------------- the registry
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a temporary file, fsynced, renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # the rename itself survives a crash
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 class TriggerRegistry:
     """The live set of triggers (see the module docstring).
 
@@ -372,7 +350,7 @@ class TriggerRegistry:
 
     def _commit(self, saved: Saved) -> None:
         try:
-            _write_atomic(self.path, encode_saved(saved))
+            replace_text(self.path, encode_saved(saved))
         except OSError as exc:
             _log.error("cannot save the run-time triggers; the change is refused",
                        path=str(self.path), error=exc.strerror or str(exc))

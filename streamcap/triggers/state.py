@@ -25,17 +25,15 @@ all). The calibrate command instead refuses a broken ``calibrated.json``
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from streamcap.atomic import replace_text
 from streamcap.errors import ConfigError, StreamcapError
 from streamcap.logs import get_logger
 from streamcap.triggers.spec import TriggerSpec
@@ -114,17 +112,7 @@ def write_histories(directory: Path, histories: Mapping[str, Mapping[str, tuple[
         source: {trigger: {"fingerprint": fp, "history": [round(v, 6) for v in history]}
                  for trigger, (fp, history) in triggers.items()}
         for source, triggers in histories.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{AUTO_FILE}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(body, fh, separators=(",", ":"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, directory / AUTO_FILE)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_text(directory / AUTO_FILE, json.dumps(body, separators=(",", ":")))
 
 
 def calibrated_path(state_dir: Path) -> Path:
@@ -180,18 +168,7 @@ def write_calibrated(path: Path, data: Mapping[str, Any]) -> None:
         StreamcapError: the folder cannot be made or the file cannot be written.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        replace_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     except OSError as exc:
         raise StreamcapError(f"{path}: cannot write calibrated thresholds "
                              f"({exc.strerror or exc})") from None
