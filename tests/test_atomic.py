@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-import streamcap.atomic as atomic
+from streamcap import atomic
 from streamcap.atomic import replace_text
 
 
