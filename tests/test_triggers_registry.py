@@ -302,3 +302,19 @@ def test_states_ignore_events_of_pairs_no_longer_watched() -> None:
     states.retain({"cat": spec("cat")})
     states.observe(event("dog", "porch", TriggerState.OFF, n=2, fired_id="run-dog-porch-1"))
     assert states.of("dog") == {}
+
+
+def test_the_models_own_check_refuses_a_definition_and_changes_nothing(tmp_path: Path) -> None:
+    registry = open_registry(tmp_path)
+    heard = Recorder(registry)
+
+    def check(candidate: TriggerSpec) -> list[str]:
+        return [f"triggers.{candidate.name}.text[0]: the model's tokenizer keeps nothing of it"
+                ] if candidate.text == ("✶✶✶",) else []
+
+    registry.check = check
+    with pytest.raises(ConfigError, match=r"triggers\.cat\.text\[0\]: the model's tokenizer"):
+        registry.put("cat", {"text": ["✶✶✶"]})
+    assert "cat" not in registry.specs() and heard.calls == []
+    assert not (tmp_path / FILE_NAME).exists()
+    assert registry.put("cat", {"text": ["a cat meows"]}).action == "added"
