@@ -606,3 +606,20 @@ async def test_trigger_events_wait_in_the_outbox_while_the_broker_is_away(
     assert ids == [f"{RUN}-dog-kitchen-{n}" for n in range(2, 8)] + [f"{RUN}-dog-garden-8"]
     assert await retained(b, f"{PREFIX}/kitchen/trigger/dog") == "OFF"
     assert await retained(b, f"{PREFIX}/garden/trigger/dog") == "ON"
+
+
+async def test_a_trigger_removed_while_the_broker_is_away_stays_removed_after_a_restart(
+        broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
+    """A firing waits in the outbox, its trigger is removed, the sink restarts: the event
+    may still go out, but no retained state comes back for a pair no longer watched."""
+    b = broker_factory(workdir=tmp_path / "broker")
+    h = harness(b, tmp_path / "state", discovery=False)
+    h.sink.triggers_changed({"dog": spec("dog", "a dog barks")})
+    async with running(h) as inbox:  # no broker yet
+        inbox.offer(trigger_event(2, TriggerState.ON))
+        await until(lambda: h.gauge("streamcap_mqtt_outbox_depth") == 1, "1 in the outbox")
+        h.sink.triggers_changed({"cat": spec("cat", "a cat meows")})
+    b.start()
+    async with running(h):  # the sink again, the record still in its outbox
+        await until(lambda: h.gauge("streamcap_mqtt_outbox_depth") == 0, "empty outbox")
+        assert await retained(b, f"{PREFIX}/kitchen/trigger/dog") is None

@@ -14,7 +14,7 @@ from wordpiece import wordpiece_tokenizer
 from streamcap.audio.windowing import Windower
 from streamcap.errors import ConfigError
 from streamcap.messages import Window, make_block
-from streamcap.models.captioner import build_captioner
+from streamcap.models.captioner import TEXT_MAX_LENGTH, build_captioner
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.models.retrieval.melspec import LogMel, MelConfig
 from streamcap.triggers.fastpath import (
@@ -83,6 +83,20 @@ def test_a_phrase_of_unknown_words_only_is_named_as_such() -> None:
     assert phrase_problem(tokenizer, "a dog barks") is None
     assert "unknown" in (phrase_problem(tokenizer, "ξψζ") or "")
     assert "nothing is left" in (phrase_problem(tokenizer, "\u0301") or "")
+
+
+def test_the_phrase_check_leaves_the_shared_tokenizers_settings_as_the_captioner_set_them(
+        ) -> None:
+    """The event loop checks phrasings while the caption and trigger threads encode texts
+    with the same tokenizer: changing its padding or truncation there would race them."""
+    tokenizer = wordpiece_tokenizer()
+    tokenizer(["a dog barks", "rain"], padding=True, truncation=True,
+              max_length=TEXT_MAX_LENGTH)  # as Captioner.text_embeddings does
+    backend = tokenizer.backend_tokenizer
+    before = (backend.truncation, backend.padding)
+    assert before[0] is not None and before[1] is not None
+    assert phrase_problem(tokenizer, "a dog barks loudly") is None
+    assert (backend.truncation, backend.padding) == before
 
 
 def test_examples_are_read_resampled_and_bad_ones_named(tmp_path: Path) -> None:

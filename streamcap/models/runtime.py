@@ -221,10 +221,7 @@ class InferenceRuntime:
         Raises:
             ModelError: The runtime is closed.
         """
-        if self._closed:
-            raise ModelError("inference runtime is closed")
-        call = functools.partial(_call_in_inference_mode, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return await self._submit(self._executor, functools.partial(fn, *args, **kwargs))
 
     async def run_side(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """:meth:`run` on the side thread: beside the main one, never behind its calls.
@@ -232,10 +229,13 @@ class InferenceRuntime:
         Raises:
             ModelError: The runtime is closed.
         """
+        return await self._submit(self._side, functools.partial(fn, *args, **kwargs))
+
+    async def _submit(self, executor: ThreadPoolExecutor, call: Callable[[], _T]) -> _T:
         if self._closed:
             raise ModelError("inference runtime is closed")
-        call = functools.partial(_call_in_inference_mode, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._side, call)
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, _call_in_inference_mode, call)
 
     def close(self) -> None:
         """Refuse new calls, drop queued ones and wait for the running ones to finish."""

@@ -174,7 +174,6 @@ class _Session:
         self.trigger_states: dict[Pair, bytes] = {}
         self.need_pair_discovery: dict[Pair, None] = {}
         self.need_removal: dict[Pair, None] = {}
-        self.removed: set[Pair] = set()
         self.connected = False
         self.wake = asyncio.Event()  # new work for the writer, or stop
         self.progress = asyncio.Event()  # the writer did something (or the connection dropped)
@@ -244,7 +243,6 @@ class _Session:
         if pair not in self.pairs:
             self.pairs[pair] = None
             self.need_pair_discovery[pair] = None
-        self.removed.discard(pair)
         self.need_removal.pop(pair, None)
         payload = encode(to_wire(msg, node_id=self.ctx.node_id)).encode()
         dropped = self.outbox.append(key=msg.event_id,
@@ -264,7 +262,6 @@ class _Session:
                 self.need_pair_discovery.pop(pair, None)
                 self.trigger_states.pop(pair, None)
                 self.need_removal[pair] = None
-                self.removed.add(pair)
             elif old is None or old.get(pair[1]) != specs.get(pair[1]):
                 self.need_pair_discovery[pair] = None
         if self.need_removal:
@@ -485,8 +482,8 @@ class _Session:
         """What one outbox record is published as, in order.
 
         A caption: itself. A trigger frame: the frame on its event topic (unless it is
-        a state announcement), then the retained state, unless its pair was removed
-        meanwhile.
+        a state announcement), then the retained state, unless the live set of triggers
+        no longer watches its pair (removed meanwhile, before a restart too).
         """
         if not record.payload.startswith(_TRIGGER_FRAME):
             return [_Live(record.topic, record.payload, self.options.qos_caption, False,
@@ -496,7 +493,7 @@ class _Session:
         if not is_announcement(frame):
             out.append(_Live(record.topic, record.payload, TRIGGER_QOS, False, "trigger"))
         pair = (str(frame.get("source_id", "")), str(frame.get("trigger", "")))
-        if pair not in self.removed:
+        if self.specs is None or watches(self.specs, pair):  # else removed meanwhile
             state = ha.STATE_ON if frame.get("state") == TriggerState.ON.value else ha.STATE_OFF
             out.append(_Live(record.topic.removesuffix("/event"), state.encode(), TRIGGER_QOS,
                              True, "trigger_state"))

@@ -88,7 +88,7 @@ from streamcap.queues import BoundedQueue, DropPolicy
 from streamcap.stats import Metrics
 from streamcap.triggers.detector import Detector, EventIds, Verdict, announcement
 from streamcap.triggers.scoring import BACKGROUND_PHRASES, AutoThreshold, decide, score_window
-from streamcap.triggers.spec import TriggerPathConfig, TriggerSpec, example_paths
+from streamcap.triggers.spec import TriggerPathConfig, TriggerSpec, example_paths, watches
 from streamcap.triggers.state import (
     fingerprint,
     read_calibrated,
@@ -268,13 +268,14 @@ class TriggerEngine:
 
     def watched(self, spec: TriggerSpec) -> tuple[str, ...]:
         """The configured sources ``spec`` watches."""
-        return tuple(s for s in self.sources if not spec.sources or s in spec.sources)
+        return tuple(s for s in self.sources if watches({spec.name: spec}, spec.name, s))
 
     def problems(self, spec: TriggerSpec, where: str | None = None) -> list[str]:
         """What keeps ``spec`` from being used with this model (no torch: any thread).
 
         Phrasings the text tokenizer cannot represent, example files that are no
-        files, sources that do not exist; each names ``<where>.<key>[i]``.
+        files; each names ``<where>.<key>[i]`` (sources are checked where the definition
+        is read, :func:`streamcap.triggers.spec.read_triggers`).
         """
         where = where or f"triggers.{spec.name}"
         out: list[str] = []
@@ -286,9 +287,6 @@ class TriggerEngine:
         for i, p in enumerate(example_paths(spec, self.config_dir)):
             if not p.exists():
                 out.append(f"{where}.examples[{i}]: {p}: no such file")
-        unknown = [s for s in spec.sources if s not in self.sources]
-        if unknown:
-            out.append(f"{where}.sources: no such source {unknown[0]!r}")
         return out
 
     def _fingerprints(self, specs: Iterable[TriggerSpec]) -> dict[str, str]:

@@ -38,9 +38,8 @@ thread as described in :mod:`streamcap.triggers.engine`.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +51,7 @@ from torch import Tensor
 from streamcap.audio.resample import resample
 from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import Window
-from streamcap.models.captioner import Captioner
+from streamcap.models.captioner import TEXT_MAX_LENGTH, Captioner
 from streamcap.models.retrieval.melspec import LogMel
 from streamcap.options import open_regular
 
@@ -153,11 +152,6 @@ class RetrieverTriggerModel:
         """Why the text tokenizer cannot represent ``text``, or None (no torch: any thread)."""
         return phrase_problem(self._tokenizer, text)
 
-    @contextlib.contextmanager
-    def _autocast(self) -> Iterator[None]:
-        with self._captioner.autocast():
-            yield
-
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised joint text embeddings, float32 (n, d); (0, d) for none."""
@@ -167,7 +161,7 @@ class RetrieverTriggerModel:
         return out
 
     def _embed_waves(self, logmel: Tensor) -> np.ndarray:
-        with self._autocast():
+        with self._captioner.autocast():
             _, joint = self._retriever.embed_logmel(logmel)
         out: np.ndarray = torch.nn.functional.normalize(joint.float(), dim=-1).cpu().numpy()
         return out.astype(np.float32)
@@ -232,7 +226,10 @@ def phrase_problem(tokenizer: Any, text: str) -> str | None:
     normalise), or nothing but the unknown token. A byte-level tokenizer (the
     demo bundle's) represents every text.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # The captioner's own padding and truncation settings: a fast tokenizer changes its
+    # shared state to other settings, and the caption and trigger threads use it at once.
+    ids = tokenizer(text, add_special_tokens=False, padding=True, truncation=True,
+                    max_length=TEXT_MAX_LENGTH)["input_ids"]
     unknown = tokenizer.unk_token_id
     if not ids:
         return "nothing is left of it after the model's text tokenizer"

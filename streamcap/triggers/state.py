@@ -107,7 +107,6 @@ def write_histories(directory: Path, histories: Mapping[str, Mapping[str, tuple[
     Raises:
         OSError: the directory cannot be created or written.
     """
-    directory.mkdir(parents=True, exist_ok=True)
     body = {"version": VERSION, "histories": {
         source: {trigger: {"fingerprint": fp, "history": [round(v, 6) for v in history]}
                  for trigger, (fp, history) in triggers.items()}
