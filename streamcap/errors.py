@@ -71,5 +71,9 @@ class WeightsError(ModelError):
     """A weight file is missing, malformed, or does not match its recorded hash."""
 
 
+class HistoryError(StreamcapError):
+    """The history store cannot be opened, read or written; the message names its location."""
+
+
 class InboxClosed(StreamcapError):
     """Raised by an inbox's ``get`` once it is closed and empty."""

@@ -274,6 +274,9 @@ class Caption:
     # True when ``text`` is the bundle's abstention text ("quiet", "an unfamiliar
     # sound") instead of the model's caption (kept in ``candidates``).
     abstained: bool = False
+    # The speech guard's verdict on the window ([privacy] speech = "mark"): True when
+    # it holds speech; None when the guard is off.
+    speech: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -321,6 +324,9 @@ class TriggerEvent:
     run_id: str = ""
     fired_id: str = ""  # on an "off" event: the event_id of the "on" it ends
     caption: str | None = None  # the source's latest caption, when there is one
+    # The event clip ([triggers.<name>] clip_s), relative to the state directory's
+    # clips/ ("<event_id>.flac"), on an "on" event when one is being saved; else None.
+    clip: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

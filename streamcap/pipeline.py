@@ -20,7 +20,7 @@ from typing import Protocol
 
 from streamcap.clock import Clock, SystemClock
 from streamcap.logs import get_logger
-from streamcap.messages import CaptionResult, Published, Window
+from streamcap.messages import Caption, CaptionResult, Embedding, Published, Window
 from streamcap.queues import BoundedQueue, DropPolicy
 from streamcap.stats import Metrics
 
@@ -192,6 +192,9 @@ class InferenceWorker:
         captioner: runs on the inference thread through ``run_blocking``.
         queue: where windows wait.
         publish: the bus's non-blocking publish.
+        publish_result: publishes one window's caption and embedding together
+            (the daemon's: history, triggers, then the bus); ``publish`` is then
+            used for nothing else.
         run_blocking: ``InferenceRuntime.run``: calls a function on the single
             inference thread and awaits its result.
         metrics: where inference time, lag and failures are counted.
@@ -207,10 +210,13 @@ class InferenceWorker:
                                Awaitable[CaptionResult]],
         metrics: Metrics,
         clock: Clock | None = None,
+        *,
+        publish_result: Callable[[Caption, Embedding | None], None] | None = None,
     ) -> None:
         self._captioner = captioner
         self._queue = queue
         self._publish = publish
+        self._publish_result = publish_result
         self._run = run_blocking
         self._clock = clock or SystemClock()
         self.processed = 0
@@ -262,12 +268,15 @@ class InferenceWorker:
         lag_s = max(0.0, now - (window.captured_at + window.duration_s))
         caption = dataclasses.replace(
             result.caption, latency_ms=round(latency_s * 1000, 1), lag_s=round(lag_s, 3))
-        self._publish(caption)
+        if self._publish_result is not None:
+            self._publish_result(caption, result.embedding)
+        else:
+            self._publish(caption)
+            if result.embedding is not None:
+                self._publish(result.embedding)
         _log.info("caption", window_id=caption.window_id, source_id=caption.source_id,
                   text=caption.text[:200], score=round(caption.score, 3),
                   latency_ms=caption.latency_ms, lag_s=caption.lag_s)
-        if result.embedding is not None:
-            self._publish(result.embedding)
         self.processed += 1
         self.last_lag_s = lag_s
         self.last_latency_s = latency_s

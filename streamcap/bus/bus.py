@@ -36,7 +36,7 @@ from streamcap.bus.plugin import LoadedSink, Sink, SinkContext
 from streamcap.bus.wire import kind_of
 from streamcap.errors import ConfigError, StreamcapError
 from streamcap.logs import get_logger
-from streamcap.messages import Published, check_run_id, new_run_id
+from streamcap.messages import Caption, Embedding, Published, check_run_id, new_run_id
 from streamcap.queues import DropPolicy
 from streamcap.stats import Metrics
 
@@ -211,6 +211,16 @@ class PluginBus:
         for state in self._states.values():
             if kind in state.sink.accepts:
                 state.inbox.offer(msg)
+
+    def publish_result(self, caption: Caption, embedding: Embedding | None) -> None:
+        """Offer one window's caption, then its embedding (if any); never waits.
+
+        The unit in which a sink's ``publish`` option decides whether a window is
+        published at all; :meth:`publish` of either alone always offers it.
+        """
+        self.publish(caption)
+        if embedding is not None:
+            self.publish(embedding)
 
     # ------------------------------------------------------------------ running
 

@@ -38,7 +38,7 @@ Two options every sink table may carry are handled by the bus:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -49,7 +49,7 @@ import structlog
 from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.wire import KINDS
 from streamcap.errors import ConfigError, PluginError
-from streamcap.messages import new_run_id
+from streamcap.messages import Published, new_run_id
 from streamcap.options import Read, option, read
 from streamcap.stats import Metrics
 
@@ -188,6 +188,32 @@ def tell_triggers(sink: object, specs: Mapping[str, TriggerSpec]) -> None:
     """Pass the live set of triggers to ``sink`` if it follows them; else nothing."""
     if isinstance(sink, FollowsTriggers):
         sink.triggers_changed(specs)
+
+
+RecentHistory = Callable[[int, bool], Sequence[Published]]
+"""``recent(limit, per_source)``: the newest ``limit`` captions from the history store
+(each source's newest ``limit`` when ``per_source``) with the trigger events of the
+same period, oldest first."""
+
+
+@runtime_checkable
+class RecallsHistory(Protocol):
+    """A sink that replays recent messages to new clients; optional on top of :class:`Sink`.
+
+    The daemon calls ``recall`` once, on the event loop, before the sink's first
+    ``run``, when a history store is open, so that what clients get after a
+    restart does not start empty.
+    """
+
+    def recall(self, recent: RecentHistory) -> None:
+        """Seed what the sink replays from ``recent`` (cheap: a few rows, read at once)."""
+        ...
+
+
+def recall_history(sink: object, recent: RecentHistory) -> None:
+    """Let ``sink`` seed its replay from the history if it replays; else nothing."""
+    if isinstance(sink, RecallsHistory):
+        sink.recall(recent)
 
 
 class SinkFactory(Protocol):
