@@ -183,3 +183,73 @@ def screenshot(url: str, path: Path, timeout_s: float = scaled(30.0), *, wait_fo
         data = tools.call("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
     path.write_bytes(base64.b64decode(data))
     return path
+
+
+_KEY_CODES = {"Enter": 13, "Tab": 9, "Escape": 27, "Home": 36, "End": 35, "PageUp": 33,
+              "PageDown": 34, "ArrowLeft": 37, "ArrowUp": 38, "ArrowRight": 39, "ArrowDown": 40}
+
+
+class Tab:
+    """One page open in headless Chromium, for a test that acts on it step by step
+    (see :func:`open_page`). Every call blocks; run it with ``asyncio.to_thread`` when the
+    server under test shares the test's event loop."""
+
+    def __init__(self, tools: _DevTools, session: str) -> None:
+        self._tools = tools
+        self._session = session
+
+    def evaluate(self, expression: str) -> Any:
+        """The JSON value of a JavaScript expression in the page."""
+        return _evaluate(self._tools, self._session, expression)
+
+    def wait_for(self, expression: str, timeout_s: float = scaled(30.0)) -> None:
+        """Wait until ``expression`` is truthy.
+
+        Raises:
+            TimeoutError: It was not within ``timeout_s`` (the message holds the page's text).
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError):  # a navigation may reset the context
+                if self.evaluate(f"Boolean({expression})") is True:
+                    return
+            time.sleep(0.1)
+        text = self.evaluate("document.body ? document.body.innerText : ''")
+        raise TimeoutError(f"not true within {timeout_s} s: {expression}\npage text:\n"
+                           f"{str(text)[-3000:]}")
+
+    def dom(self) -> str:
+        """``document.documentElement.outerHTML``."""
+        return str(self.evaluate("document.documentElement.outerHTML"))
+
+    def press(self, key: str) -> None:
+        """Press and release a key (a name of ``_KEY_CODES``) where the focus is."""
+        code = _KEY_CODES[key]
+        down: dict[str, Any] = {"type": "keyDown", "key": key, "code": key,
+                                "windowsVirtualKeyCode": code, "nativeVirtualKeyCode": code}
+        if key == "Enter":
+            down["text"] = "\r"
+        self._tools.call("Input.dispatchKeyEvent", down, session=self._session)
+        self._tools.call("Input.dispatchKeyEvent",
+                         {"type": "keyUp", "key": key, "code": key,
+                          "windowsVirtualKeyCode": code, "nativeVirtualKeyCode": code},
+                         session=self._session)
+
+    def screenshot(self, path: Path, *, width: int = 1200, height: int = 800) -> Path:
+        """Save a PNG of the page as it is now, in a ``width`` x ``height`` viewport."""
+        self._tools.call("Emulation.setDeviceMetricsOverride",
+                         {"width": width, "height": height, "deviceScaleFactor": 1,
+                          "mobile": False}, session=self._session)
+        data = self._tools.call("Page.captureScreenshot", {"format": "png"},
+                                session=self._session)["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+
+@contextlib.contextmanager
+def open_page(url: str, timeout_s: float = scaled(30.0), *,
+              wait_for: str | None = None) -> Iterator[Tab]:
+    """``url`` open in a fresh headless Chromium (same waiting rules as :func:`dump_dom`),
+    as a :class:`Tab` to act on until the block ends."""
+    with _page(url, timeout_s, wait_for) as (tools, session):
+        yield Tab(tools, session)

@@ -11,6 +11,9 @@
   const SILENCE_LIMIT_S = 65;       // no frame at all for this long: reconnect
   const UNSPECIFIED_HOSTS = new Set(["0.0.0.0", "[::]", "::", ""]);
 
+  // history.js (loaded first): search and the per-source timelines; absent, the page still works.
+  const pageHistory = window.streamcapHistory || null;
+
   const params = new URLSearchParams(window.location.search);
   const token = params.get("token");
 
@@ -77,6 +80,7 @@
     ui.empty.hidden = true;
     entry = { root, badge, reason, triggers, list, seen: new Set() };
     cards.set(sourceId, entry);
+    if (pageHistory) pageHistory.attach(sourceId, root, list);
     renderTriggers(sourceId);
     return entry;
   }
@@ -129,6 +133,7 @@
     setTriggerState(frame.trigger, frame.source_id, state, state === "on" ? at : null);
     card(frame.source_id);
     renderTriggers(frame.source_id);
+    if (pageHistory) pageHistory.frame(frame);
   }
 
   async function loadTriggers() {
@@ -169,6 +174,7 @@
   function addCaption(frame) {
     if (typeof frame.source_id !== "string" || typeof frame.text !== "string") return;
     const entry = card(frame.source_id);
+    if (pageHistory) pageHistory.frame(frame);  // the timeline drops repeats itself
     const key = captionKey(frame);
     if (entry.seen.has(key)) return;  // backfill after a reconnect repeats captions
     entry.seen.add(key);
@@ -348,5 +354,6 @@
     connect();
   }
 
+  if (pageHistory) pageHistory.init((sourceId) => { card(sourceId); });
   start();
 })();
