@@ -7,15 +7,18 @@ import random
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_inbox import cap, emb
 from timing import scaled
 
 from streamcap.bus.bus import PluginBus, task_name
+from streamcap.bus.change import ChangeRule
 from streamcap.bus.inbox import Inbox
 from streamcap.bus.plugin import LoadedSink, PluginInfo, SinkContext
 from streamcap.errors import ConfigError
-from streamcap.messages import Published, SourceState, SourceStatus
+from streamcap.messages import Caption, Embedding, Published, SourceState, SourceStatus
+from streamcap.queues import DropPolicy
 from streamcap.stats import Metrics
 
 WAIT_S = scaled(10.0)  # generous upper bound for awaiting something that must happen
@@ -268,3 +271,97 @@ async def test_unwritable_state_root_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"state directory .*file/r for sink 'r' cannot be created"):
         async with bus:
             pass
+
+
+# --------------------------------------------------------------------------- publish = "change"
+
+
+def window(seq: int, text: str, angle_deg: float, source: str = "a",
+           at: float = 1_700_000_000.0) -> tuple[Caption, Embedding]:
+    """A captioned window: its caption ``text`` and a unit embedding at ``angle_deg``."""
+    wid = f"{source}:run:0:{seq * 5000}"
+    a = np.deg2rad(angle_deg)
+    vector = np.array([np.cos(a), np.sin(a), 0.0], dtype=np.float32)
+    vector.flags.writeable = False
+    return (Caption(window_id=wid, source_id=source, seq=seq, start_s=seq * 5.0,
+                    end_s=seq * 5.0 + 10, captured_at=at + seq * 5.0, text=text, score=0.5),
+            Embedding(window_id=wid, source_id=source, seq=seq, start_s=seq * 5.0,
+                      end_s=seq * 5.0 + 10, model="m", vector=vector))
+
+
+async def test_a_change_sink_gets_the_changes_and_an_every_sink_gets_every_window(
+        tmp_path: Path) -> None:
+    every, change = Recorder(), Recorder()
+    rule = ChangeRule(heartbeat_s=60.0, change_distance=0.3)
+    keep = {"embedding": DropPolicy.DROP_OLDEST}  # no embedding superseded while pending
+    bus = make_bus(tmp_path, {"every": every, "change": change}, changes={"change": rule},
+                   policies={"every": keep, "change": keep})
+    run = [window(0, "a dog barks", 0), window(1, "a dog barks", 5),  # unchanged
+           window(2, "a dog barks", 10), window(3, "rain falls", 10),  # text
+           window(4, "rain falls", 15), window(5, "rain falls", 80),  # distance
+           window(0, "a dog barks", 0, source="b"),  # another source: its first
+           # 5 s after the last published window of a, then 60 s after it: heartbeat
+           window(6, "rain falls", 80), window(17, "rain falls", 80),
+           window(18, "rain falls", 85)]
+    status = SourceStatus(source_id="a", state=SourceState.STALLED)
+    async with bus:
+        await asyncio.wait_for(bus.wait_ready(), WAIT_S)
+        for i, (caption, embedding) in enumerate(run):
+            bus.publish_result(caption, embedding)
+            if i == 2:
+                bus.publish(status)  # status is never subject to the rule
+    assert every.got == [m for pair in run for m in pair][:6] + [status] + [
+        m for pair in run[3:] for m in pair]
+    published = [0, 3, 5, 6, 8]  # first, text, distance, first of b, heartbeat
+    want: list[Published] = []
+    for i in published:
+        want += list(run[i])
+        if i == 0:
+            want.append(status)  # published after window 2, which was suppressed
+    assert change.got == want
+    # the embedding follows its caption: never one without the other
+    assert [m.window_id for m in change.got if isinstance(m, Caption)] == [
+        m.window_id for m in change.got if isinstance(m, Embedding)]
+    suppressed = bus.metrics.counter("streamcap_sink_suppressed_total", "", ["sink", "reason"])
+    assert suppressed.value("change", "unchanged") == len(run) - len(published)
+    text = bus.metrics.render()
+    assert 'streamcap_sink_suppressed_total{reason="unchanged",sink="change"} 5.0' in text
+    assert 'sink="every"' not in "".join(line for line in text.splitlines()
+                                         if line.startswith("streamcap_sink_suppressed_total"))
+
+
+async def test_change_rule_of_a_loaded_sink_and_publish_result_from_another_thread(
+        tmp_path: Path) -> None:
+    """A LoadedSink's configured rule is applied; the inference thread publishes results
+    from its own thread, and the decisions are made in order on the loop."""
+    rec = Recorder(frozenset({"caption"}))
+    info = PluginInfo(group="streamcap.sinks", name="rec", value="x:y", distribution="d",
+                      version="1")
+    loaded = LoadedSink(instance="r", sink=rec, accepts=frozenset({"caption"}), queue_size=256,
+                        plugin=info, change=ChangeRule())
+    bus = make_bus(tmp_path, {"r": loaded})
+    texts = ["a dog barks"] * 20 + ["a siren wails"] * 20 + ["a dog barks"] * 10
+
+    def produce() -> None:
+        for i, text in enumerate(texts):
+            bus.publish_result(*window(i, text, 0))
+
+    async with bus:
+        await asyncio.wait_for(bus.wait_ready(), WAIT_S)
+        thread = threading.Thread(target=produce, name="inference")
+        thread.start()
+        await asyncio.to_thread(thread.join)
+        await asyncio.sleep(0)
+    # embeddings are not among its kinds: captions only, at each change
+    assert [(m.seq, m.text) for m in rec.got] == [  # type: ignore[union-attr]
+        (0, "a dog barks"), (20, "a siren wails"), (40, "a dog barks")]
+    suppressed = bus.metrics.counter("streamcap_sink_suppressed_total", "", ["sink", "reason"])
+    assert suppressed.value("r", "unchanged") == len(texts) - 3
+
+
+def test_publish_result_rejects_non_messages(tmp_path: Path) -> None:
+    bus = make_bus(tmp_path, {"r": Recorder()})
+    with pytest.raises(TypeError, match="publish_result takes a Caption"):
+        bus.publish_result(cap(0), cap(1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown sinks: nope"):
+        make_bus(tmp_path, {"r": Recorder()}, changes={"nope": ChangeRule()})

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from streamcap.bus.change import ChangeRule
 from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.plugin import (
     SINKS_GROUP,
@@ -170,10 +171,23 @@ def test_load_sink_passes_plugin_options_and_applies_bus_options(fake_dist: Fake
     assert fake_dist.broken not in sys.modules
 
 
+def test_publish_options_belong_to_the_bus(fake_dist: FakeDist) -> None:
+    tag = tag_of(fake_dist)
+    sink = load_sink("out", f"fake-{tag}", {"path": "/x", "publish": "change",
+                                            "heartbeat_s": 60, "change_distance": 0.5})
+    assert sink.change == ChangeRule(heartbeat_s=60.0, change_distance=0.5)
+    inner: Any = sink.sink
+    assert inner.options == {"path": "/x"}  # the factory never sees them
+    defaults = load_sink("out", f"fake-{tag}", {"publish": "change"})
+    assert defaults.change == ChangeRule()
+    assert load_sink("out", f"fake-{tag}", {"publish": "every"}).change is None
+
+
 def test_load_sink_defaults_to_everything_the_sink_supports(fake_dist: FakeDist) -> None:
     sink = load_sink("out", f"fake-{tag_of(fake_dist)}", {})
     assert sink.accepts == frozenset({"caption", "status"})
     assert sink.queue_size == DEFAULT_MAX_PENDING
+    assert sink.change is None  # publish = "every"
 
 
 def test_missing_plugin_names_config_entry_and_installed_plugins(fake_dist: FakeDist) -> None:
@@ -236,6 +250,16 @@ def test_protocol_violations_are_plugin_errors(fake_dist: FakeDist, plugin: str,
         ({"queue_size": 0}, r"sinks\.x\.queue_size: must be between 1 and 100000 \(got 0\)"),
         ({"queue_size": True}, r"sinks\.x\.queue_size"),
         ({"queue_size": "8"}, r"sinks\.x\.queue_size"),
+        ({"publish": "sometimes"},
+         r"sinks\.x\.publish: must be one of every, change \(got 'sometimes'\)"),
+        ({"publish": True}, r"sinks\.x\.publish: expected a string"),
+        ({"publish": "change", "heartbeat_s": 0},
+         r"sinks\.x\.heartbeat_s: must be > 0 and <= 604800 \(got 0"),
+        ({"publish": "change", "heartbeat_s": "5m"}, r"sinks\.x\.heartbeat_s: expected a number"),
+        ({"publish": "change", "change_distance": 3},
+         r"sinks\.x\.change_distance: must be between 0 and 2 \(got 3"),
+        ({"heartbeat_s": 60}, r'sinks\.x\.heartbeat_s: only used with publish = "change"'),
+        ({"change_distance": 0.1}, r'sinks\.x\.change_distance: only used with publish = "change"'),
     ],
 )
 def test_bus_options_are_validated(fake_dist: FakeDist, options: dict[str, object],

@@ -34,8 +34,9 @@ from websockets.uri import parse_uri
 
 from streamcap.bus import wire
 from streamcap.bus.inbox import DropPolicy, Inbox
-from streamcap.bus.plugin import SinkContext, SinkEndpoint
-from streamcap.errors import ConfigError
+from streamcap.bus.plugin import RecentHistory, SinkContext, SinkEndpoint, recall_history
+from streamcap.errors import ConfigError, HistoryError
+from streamcap.history.records import WindowRecord
 from streamcap.messages import (
     Caption,
     CaptionCandidate,
@@ -157,8 +158,11 @@ async def start_sink(tmp_path: Path) -> AsyncIterator[SinkFactory]:
     """Start a sink with the given options; every sink is stopped (inbox closed) at teardown."""
     running: list[Running] = []
 
-    async def start(options: Mapping[str, object] | None = None) -> Running:
+    async def start(options: Mapping[str, object] | None = None, *,
+                    recall: RecentHistory | None = None) -> Running:
         sink = create_sink("ws", {"port": 0, **(options or {})})
+        if recall is not None:  # as the daemon does, before the sink's first run
+            sink.recall(recall)
         inbox = Inbox("ws", max_pending=10_000,
                       policies={"embedding": DropPolicy.DROP_OLDEST,
                                 "status": DropPolicy.DROP_OLDEST})
@@ -750,3 +754,132 @@ async def test_endpoint_says_where_clients_connect(start_sink: SinkFactory,
         assert json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))["type"] == "hello"
     plain = await start_sink()
     assert plain.sink.endpoint is not None and plain.sink.endpoint.token_required is False
+
+
+# --------------------------------------------------------------------------- backfill from the history
+
+
+EARLIER = "fedcba9876543210"
+"""The run_id of the daemon run before the restart."""
+
+
+def stored(source: str, seq: int) -> WindowRecord:
+    """A window of the earlier run as the history store gives it back."""
+    return WindowRecord(
+        window_id=f"{source}:{EARLIER}:0:{seq * 5000}", source_id=source, run_id=EARLIER,
+        seq=seq, start_s=seq * 5.0, end_s=seq * 5.0 + 10.0,
+        start_at=1_699_990_000.0 + seq * 5, end_at=1_699_990_010.0 + seq * 5,
+        model="tiny", text=f"stored caption {seq}", score=0.5, confidence=0.25,
+        candidates=(f"stored caption {seq}", "another candidate"))
+
+
+def stored_trigger(n: int, state: TriggerState) -> TriggerEvent:
+    return TriggerEvent(event_id=f"{EARLIER}-dog-kitchen-{n}", trigger="dog",
+                        source_id="kitchen", state=state, score=0.4, threshold=0.3,
+                        start_s=float(n), end_s=n + 5.0, captured_at=1_699_990_000.0 + n,
+                        model="tiny-retriever", run_id=EARLIER,
+                        fired_id="" if state is TriggerState.ON else f"{EARLIER}-dog-kitchen-1")
+
+
+class FakeStore:
+    """``recent(limit, per_source)`` over a fixed history, oldest first, recording its calls."""
+
+    def __init__(self, items: list[Caption | TriggerEvent]) -> None:
+        self.items = items
+        self.calls: list[tuple[int, bool]] = []
+
+    def recent(self, limit: int, per_source: bool) -> list[Caption | TriggerEvent]:
+        self.calls.append((limit, per_source))
+        captions = [m for m in self.items if isinstance(m, Caption)]
+        if per_source:
+            keep = [m for m in captions
+                    if len([c for c in captions[captions.index(m):]
+                            if c.source_id == m.source_id]) <= limit]
+        else:
+            keep = captions[-limit:]
+        return [m for m in self.items if not isinstance(m, Caption) or m in keep]
+
+
+async def test_a_client_after_a_restart_gets_the_captions_recalled_from_the_history(
+        start_sink: SinkFactory, validator: jsonschema.Draft202012Validator) -> None:
+    kitchen = [stored("kitchen", seq).to_caption() for seq in range(5)]
+    garden = [stored("garden", seq).to_caption() for seq in range(2)]
+    on, off = stored_trigger(1, TriggerState.ON), stored_trigger(2, TriggerState.OFF)
+    store = FakeStore([kitchen[0], garden[0], on, kitchen[1], kitchen[2], off, garden[1],
+                       kitchen[3], kitchen[4]])
+    r = await start_sink({"backfill": 3}, recall=store.recent)
+    assert store.calls == [(3, True)]  # read once, at once, per source as backfill_scope says
+    async with connect(r.url) as ws:
+        hello, subscribed = await greet(ws)
+        validator.validate(hello)
+        assert hello["run_id"] == RUN  # this run; the recalled frames keep their own
+        caps = hello["capabilities"]
+        assert caps["recalled"] == {"captions": {"kitchen": 3, "garden": 2}, "triggers": 2}
+        assert caps["history"]["captions"] == {"garden": 2, "kitchen": 3}
+        assert caps["sources"] == ["garden", "kitchen"]
+        assert subscribed["backfill"] == 5
+        replay = [await recv(ws) for _ in range(6)]
+        # the latest trigger state of the pair, then the captions oldest first
+        assert replay == [expected(m) for m in (off, garden[0], kitchen[2], garden[1],
+                                                kitchen[3], kitchen[4])]
+        for frame in replay:
+            validator.validate(frame)
+            assert frame["run_id"] == EARLIER
+        assert replay[1]["candidates"][1]["text"] == "another candidate"
+        # live frames follow the recalled ones
+        r.offer(caption("kitchen", 0))
+        assert await recv(ws) == expected(caption("kitchen", 0))
+    await r.settled()
+    async with connect(r.url) as late:
+        _, subscribed = await greet(late)
+        got = [await recv(late) for _ in range(1 + subscribed["backfill"])]
+        # the live caption pushed the oldest recalled kitchen caption out of the backfill
+        assert [(f["source_id"], f["run_id"], f["seq"]) for f in got[1:]] == [
+            ("garden", EARLIER, 0), ("garden", EARLIER, 1), ("kitchen", EARLIER, 3),
+            ("kitchen", EARLIER, 4), ("kitchen", RUN, 0)]
+
+
+async def test_recall_global_scope_kinds_offered_and_an_unreadable_store(
+        start_sink: SinkFactory) -> None:
+    store = FakeStore([stored("a", 0).to_caption(), stored_trigger(1, TriggerState.ON),
+                       stored("b", 0).to_caption(), stored("a", 1).to_caption()])
+    # global scope; a sink that does not offer triggers recalls none
+    r = await start_sink({"backfill": 2, "backfill_scope": "global",
+                          "accepts": ["caption", "status"]}, recall=store.recent)
+    assert store.calls == [(2, False)]
+    async with connect(r.url) as ws:
+        hello, subscribed = await greet(ws)
+        assert hello["capabilities"]["recalled"] == {"captions": {"b": 1, "a": 1},
+                                                     "triggers": 0}
+        assert subscribed["backfill"] == 2
+        assert [await recv(ws) for _ in range(2)] == [expected(stored("b", 0).to_caption()),
+                                                      expected(stored("a", 1).to_caption())]
+
+    def broken(limit: int, per_source: bool) -> list[Caption | TriggerEvent]:
+        raise HistoryError("history store /var/lib/streamcap/history.db: file is not a database")
+
+    with capture_logs() as logs:
+        r = await start_sink(recall=broken)
+    assert any(e["event"] == "websocket backfill not recalled from the history store"
+               and "history.db" in e["error"] for e in logs)
+    async with connect(r.url) as ws:
+        hello, subscribed = await greet(ws)  # the sink serves; the backfill starts empty
+        assert hello["capabilities"]["recalled"] == {"captions": {}, "triggers": 0}
+        assert subscribed["backfill"] == 0
+    # with backfill = 0 nothing is read; without a store there is nothing recalled
+    nothing = FakeStore([stored("a", 0).to_caption()])
+    r = await start_sink({"backfill": 0}, recall=nothing.recent)
+    assert nothing.calls == []
+    plain = await start_sink()
+    async with connect(plain.url) as ws:
+        hello, _ = await greet(ws)
+        assert "recalled" not in hello["capabilities"]
+
+
+def test_recall_history_reaches_the_websocket_sink_through_the_plugin_loader() -> None:
+    from streamcap.bus.plugin import load_sink
+
+    loaded = load_sink("ws", "websocket", {"port": 0, "backfill": 4})
+    store = FakeStore([stored("a", 0).to_caption()])
+    recall_history(loaded, store.recent)
+    assert store.calls == [(4, True)]

@@ -17,8 +17,16 @@ with that error instead: the daemon stops with exit 2. Shutdown (:meth:`PluginBu
 lets the sinks drain and flush, and cancels those that outlast the timeout;
 what they leave behind is counted as dropped.
 
+A sink configured with ``publish = "change"`` gets a captioned window (its
+caption and embedding, offered together by :meth:`PluginBus.publish_result`)
+only when its :class:`~streamcap.bus.change.ChangeFilter` says it changed;
+every other window is counted in ``streamcap_sink_suppressed_total{sink,reason}``
+(``reason="unchanged"``), never silently lost. The decision is made on the
+event loop as the window arrives, with state per sink per source.
+
 Metrics: ``streamcap_sink_queue_depth{sink}``,
-``streamcap_sink_dropped_total{sink,kind}``, ``streamcap_sink_restarts_total{sink}``.
+``streamcap_sink_dropped_total{sink,kind}``, ``streamcap_sink_restarts_total{sink}``,
+``streamcap_sink_suppressed_total{sink,reason}`` (sinks with ``publish = "change"``).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from types import MappingProxyType, TracebackType
 from typing import Self
 
 from streamcap.backoff import Backoff
+from streamcap.bus.change import ChangeFilter, ChangeRule, Reason
 from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.plugin import LoadedSink, Sink, SinkContext
 from streamcap.bus.wire import kind_of
@@ -49,14 +58,16 @@ def task_name(instance: str) -> str:
 
 
 class _SinkState:
-    __slots__ = ("backoff", "inbox", "ready", "restarts", "sink", "task")
+    __slots__ = ("backoff", "change", "inbox", "ready", "restarts", "sink", "task")
 
-    def __init__(self, sink: Sink, inbox: Inbox, backoff: Backoff) -> None:
+    def __init__(self, sink: Sink, inbox: Inbox, backoff: Backoff,
+                 change: ChangeFilter | None) -> None:
         self.sink = sink
         self.inbox = inbox
         self.ready = asyncio.Event()
         self.restarts = 0
         self.backoff = backoff
+        self.change = change
         self.task: asyncio.Task[None] | None = None
 
 
@@ -74,6 +85,9 @@ class PluginBus:
         queue_sizes: Inbox ``max_pending`` per sink; a sink not named uses its
             configured ``queue_size`` (a :class:`LoadedSink`) or 256.
         policies: Drop-policy overrides per sink, then per kind.
+        changes: Change-only rules per sink (``publish = "change"``); a sink not
+            named uses its configured rule (a :class:`LoadedSink`'s ``change``) or
+            gets every window.
         restart_initial_s: First restart delay cap, seconds.
         restart_max_s: Cap on every restart delay, seconds.
         restart_reset_s: A run lasting this long resets the backoff, seconds.
@@ -93,14 +107,17 @@ class PluginBus:
         state_root: Path,
         queue_sizes: Mapping[str, int] | None = None,
         policies: Mapping[str, Mapping[str, DropPolicy]] | None = None,
+        changes: Mapping[str, ChangeRule] | None = None,
         restart_initial_s: float = 0.5,
         restart_max_s: float = 30.0,
         restart_reset_s: float = 60.0,
         rng: random.Random | None = None,
     ) -> None:
-        unknown = sorted((set(queue_sizes or {}) | set(policies or {})) - set(sinks))
+        unknown = sorted((set(queue_sizes or {}) | set(policies or {}) | set(changes or {}))
+                         - set(sinks))
         if unknown:
-            raise ValueError(f"queue_sizes/policies name unknown sinks: {', '.join(unknown)}")
+            raise ValueError(f"queue_sizes/policies/changes name unknown sinks: "
+                             f"{', '.join(unknown)}")
         if not 0 < restart_initial_s <= restart_max_s or restart_reset_s <= 0:
             raise ValueError("expected 0 < restart_initial_s <= restart_max_s and "
                              "restart_reset_s > 0")
@@ -116,6 +133,10 @@ class PluginBus:
                                         ["sink", "kind"])
         self._restarts = metrics.counter("streamcap_sink_restarts_total",
                                          "Times a failed sink was restarted.", ["sink"])
+        self._suppressed = metrics.counter(
+            "streamcap_sink_suppressed_total",
+            'Captioned windows not offered to a sink with publish = "change", by reason.',
+            ["sink", "reason"])
         self._states: dict[str, _SinkState] = {}
         for name, sink in sinks.items():
             size = (queue_sizes or {}).get(name)
@@ -130,7 +151,13 @@ class PluginBus:
             )
             backoff = Backoff(restart_initial_s, restart_max_s, jitter=1.0,
                               reset_after_s=restart_reset_s, rng=rng)
-            self._states[name] = _SinkState(sink, inbox, backoff)
+            rule = (changes or {}).get(name)
+            if rule is None and isinstance(sink, LoadedSink):
+                rule = sink.change
+            self._states[name] = _SinkState(sink, inbox, backoff,
+                                            None if rule is None else ChangeFilter(rule))
+            if rule is not None:
+                self._suppressed.inc(0.0, name, Reason.UNCHANGED.value)
             self._depth.set(0, name)
             for kind in sorted(sink.accepts):
                 self._dropped.inc(0.0, name, kind)
@@ -196,16 +223,23 @@ class PluginBus:
             TypeError: ``msg`` is not a Caption, Embedding or SourceStatus.
         """
         kind = kind_of(msg)
+        if not self._off_loop(self._offer, kind, msg):
+            self._offer(kind, msg)
+
+    def _off_loop(self, call: Callable[..., None], *args: object) -> bool:
+        """Move ``call(*args)`` onto the running bus's loop if called from another thread;
+        False when the caller should call it itself (on the loop, or before :meth:`run`)."""
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            try:
-                running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not loop:
-                loop.call_soon_threadsafe(self._offer, kind, msg)
-                return
-        self._offer(kind, msg)
+        if loop is None or loop.is_closed():
+            return False
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return False
+        loop.call_soon_threadsafe(call, *args)
+        return True
 
     def _offer(self, kind: str, msg: Published) -> None:
         for state in self._states.values():
@@ -216,11 +250,35 @@ class PluginBus:
         """Offer one window's caption, then its embedding (if any); never waits.
 
         The unit in which a sink's ``publish`` option decides whether a window is
-        published at all; :meth:`publish` of either alone always offers it.
+        published at all: a sink with ``publish = "change"`` gets both or neither
+        (a suppressed window is counted); :meth:`publish` of either alone always
+        offers it. Safe from any thread, like :meth:`publish`.
+
+        Raises:
+            TypeError: ``caption`` is not a Caption or ``embedding`` not an Embedding.
         """
-        self.publish(caption)
-        if embedding is not None:
-            self.publish(embedding)
+        if not isinstance(caption, Caption) or not isinstance(embedding, Embedding | None):
+            raise TypeError(f"publish_result takes a Caption and an Embedding or None, got "
+                            f"{type(caption).__name__} and {type(embedding).__name__}")
+        if not self._off_loop(self._offer_result, caption, embedding):
+            self._offer_result(caption, embedding)
+
+    def _offer_result(self, caption: Caption, embedding: Embedding | None) -> None:
+        for name, state in self._states.items():
+            accepts = state.sink.accepts
+            wants_caption = "caption" in accepts
+            wants_embedding = embedding is not None and "embedding" in accepts
+            if not (wants_caption or wants_embedding):
+                continue
+            if state.change is not None:
+                reason = state.change.admit(caption, embedding)
+                if not reason.published:
+                    self._suppressed.inc(1.0, name, reason.value)
+                    continue
+            if wants_caption:
+                state.inbox.offer(caption)
+            if wants_embedding and embedding is not None:
+                state.inbox.offer(embedding)
 
     # ------------------------------------------------------------------ running
 

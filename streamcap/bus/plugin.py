@@ -33,12 +33,16 @@ Two options every sink table may carry are handled by the bus:
   reject it, and may ignore it.
 * ``queue_size``: its inbox's ``max_pending``. Taken out of the table before
   the factory sees it.
+* ``publish``: ``"every"`` (the default) captioned window, or only the
+  ``"change"``s (:mod:`streamcap.bus.change`), with ``heartbeat_s`` and
+  ``change_distance`` (both only with ``"change"``). Taken out of the table before
+  the factory sees them; status and trigger messages are always delivered.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -46,11 +50,18 @@ from typing import TYPE_CHECKING, Final, Protocol, TypeVar, cast, runtime_checka
 
 import structlog
 
+from streamcap.bus.change import (
+    DEFAULT_CHANGE_DISTANCE,
+    DEFAULT_HEARTBEAT_S,
+    MAX_HEARTBEAT_S,
+    ChangeRule,
+    PublishMode,
+)
 from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.wire import KINDS
 from streamcap.errors import ConfigError, PluginError
 from streamcap.messages import Published, new_run_id
-from streamcap.options import Read, option, read
+from streamcap.options import Read, given_keys, option, read
 from streamcap.stats import Metrics
 
 if TYPE_CHECKING:
@@ -59,9 +70,10 @@ if TYPE_CHECKING:
 
 SINKS_GROUP: Final = "streamcap.sinks"
 SOURCES_GROUP: Final = "streamcap.sources"
-BUS_OPTIONS: Final = frozenset({"accepts", "queue_size"})
+BUS_OPTIONS: Final = frozenset({"accepts", "queue_size", "publish", "heartbeat_s",
+                                "change_distance"})
 """Sink options handled by the bus (every sink table may carry them)."""
-BUS_ONLY_OPTIONS: Final = frozenset({"queue_size"})
+BUS_ONLY_OPTIONS: Final = frozenset({"queue_size", "publish", "heartbeat_s", "change_distance"})
 """Sink options the plugin's factory never sees."""
 MAX_QUEUE_SIZE: Final = 100_000
 
@@ -249,15 +261,17 @@ class LoadedSink:
         accepts: The kinds this instance receives.
         queue_size: Its inbox's ``max_pending``.
         plugin: The entry point it came from.
+        change: Its change-only rule (``publish = "change"``); None publishes every window.
     """
 
     def __init__(self, *, instance: str, sink: Sink, accepts: frozenset[str],
-                 queue_size: int, plugin: PluginInfo) -> None:
+                 queue_size: int, plugin: PluginInfo, change: ChangeRule | None = None) -> None:
         self.instance = instance
         self.sink = sink
         self.accepts = accepts
         self.queue_size = queue_size
         self.plugin = plugin
+        self.change = change
 
     async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
         """Run the plugin's sink."""
@@ -276,6 +290,10 @@ class LoadedSink:
     def triggers_changed(self, specs: Mapping[str, TriggerSpec]) -> None:
         """Passed on to the plugin's sink if it follows triggers (:class:`FollowsTriggers`)."""
         tell_triggers(self.sink, specs)
+
+    def recall(self, recent: RecentHistory) -> None:
+        """Passed on to the plugin's sink if it replays history (:class:`RecallsHistory`)."""
+        recall_history(self.sink, recent)
 
     def __repr__(self) -> str:
         return (f"LoadedSink({self.instance!r}, plugin={self.plugin.name!r}, "
@@ -346,12 +364,37 @@ class BusOptions:
         help="the message kinds this instance receives (default: all the sink supports)")
     queue_size: int = option(DEFAULT_MAX_PENDING, min=1, max=MAX_QUEUE_SIZE,
                              help="its inbox's max_pending, in messages")
+    publish: PublishMode = option(
+        "every", help='"every" captioned window, or only the "change"s (per source)')
+    heartbeat_s: float = option(
+        DEFAULT_HEARTBEAT_S, above=0, max=MAX_HEARTBEAT_S,
+        help='with publish = "change": an unchanged caption is published again after this long')
+    change_distance: float = option(
+        DEFAULT_CHANGE_DISTANCE, min=0, max=2,
+        help='with publish = "change": a cosine distance between embeddings above this is a '
+             'change')
+    given: frozenset[str] = given_keys()
+
+    def related_problems(self, refused: Collection[str]) -> Iterable[tuple[str, str]]:
+        """``heartbeat_s`` and ``change_distance`` mean something only with ``"change"``."""
+        if self.publish == "every" and "publish" not in refused:
+            for name in ("heartbeat_s", "change_distance"):
+                if name in self.given and name not in refused:
+                    yield name, ('only used with publish = "change" (this sink publishes '
+                                 'every window); set publish = "change" or remove it')
+
+    @property
+    def change(self) -> ChangeRule | None:
+        """The change-only rule, None for ``publish = "every"``."""
+        if self.publish == "every":
+            return None
+        return ChangeRule(heartbeat_s=self.heartbeat_s, change_distance=self.change_distance)
 
 
 def read_sink_options(cls: type[T], instance: str, options: Mapping[str, object]) -> Read[T]:
     """Read a sink's options into its options dataclass ``cls``: for every sink factory.
 
-    Messages name ``sinks.<instance>.<key>``; the bus's own keys (``accepts``,
+    Messages name ``sinks.<instance>.<key>``; the bus's own keys (``accepts``, ``publish``,
     ``queue_size``) are known without ``cls`` declaring them. ``.result()``
     gives the options or raises ConfigError with every problem; the README's
     "Writing a plugin" shows a whole factory.
@@ -391,9 +434,10 @@ def load_sink(instance: str, plugin_name: str, options: Mapping[str, object]) ->
     Args:
         instance: The config table name.
         plugin_name: The entry point name (``plugin = "..."``; the table name by default).
-        options: The table without ``plugin``. ``accepts`` and ``queue_size``
-            are read here; everything but ``queue_size`` goes to the plugin's
-            factory.
+        options: The table without ``plugin``. The bus's options (``accepts``,
+            ``queue_size``, ``publish``, ``heartbeat_s``, ``change_distance``) are
+            read here; of those only ``accepts`` goes on to the plugin's factory,
+            with the plugin's own.
 
     Returns:
         The configured sink.
@@ -403,8 +447,7 @@ def load_sink(instance: str, plugin_name: str, options: Mapping[str, object]) ->
             point and its distribution), is installed twice, or does not
             satisfy :class:`Sink`.
         ConfigError: The plugin is not installed (the message lists what is),
-            or the options are invalid (from the factory, or ``accepts`` /
-            ``queue_size``).
+            or the options are invalid (from the factory, or the bus's options).
     """
     key = f"sinks.{instance}.plugin"
     # Every problem at once: the bus's own options, then the plugin's.
@@ -412,6 +455,7 @@ def load_sink(instance: str, plugin_name: str, options: Mapping[str, object]) ->
                f"sinks.{instance}")
     problems = list(bus.problems)
     configured, queue_size = bus.value.accepts, bus.value.queue_size
+    change = bus.value.change
     plugin_options = {k: v for k, v in options.items()
                       if k not in BUS_ONLY_OPTIONS and k not in bus.refused}
     try:
@@ -441,7 +485,7 @@ def load_sink(instance: str, plugin_name: str, options: Mapping[str, object]) ->
     accepts = supported if configured is None else configured
     _check_supported(instance, accepts, supported, plugin_name)
     return LoadedSink(instance=instance, sink=sink, accepts=accepts, queue_size=queue_size,
-                      plugin=info)
+                      plugin=info, change=change)
 
 
 def load_sinks(tables: Iterable[tuple[str, str, Mapping[str, object]]]) -> dict[str, LoadedSink]:

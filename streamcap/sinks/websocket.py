@@ -19,6 +19,11 @@ the streamcap parts around it:
 - a ``hello`` frame on connect, then the default subscription (captions,
   status and trigger events of every source) with its backfill (the latest
   status and trigger state, then the last captions);
+- after a restart, a backfill recalled from the history store
+  (:meth:`WebSocketSink.recall`, called by the daemon before the first ``run``
+  when a store is open): the last ``backfill`` captions (per source or overall)
+  and the trigger events of the same period, as the previous runs published them
+  (their own ``run_id``), counted in the hello's ``capabilities.recalled``;
 - per-client subscriptions, parsed and answered by :mod:`streamcap.sinks.ws_protocol`;
   a frame whose handling fails unexpectedly is answered by an ``internal`` error frame
   and logged at most once a minute (the error's type, never a traceback or the frame),
@@ -78,10 +83,10 @@ from websockets.http11 import Request, Response
 
 from streamcap.bus import wire
 from streamcap.bus.inbox import Inbox
-from streamcap.bus.plugin import SinkContext, SinkEndpoint, read_sink_options
-from streamcap.errors import ConfigError
-from streamcap.logs import Throttle
-from streamcap.messages import Published, TriggerEvent
+from streamcap.bus.plugin import RecentHistory, SinkContext, SinkEndpoint, read_sink_options
+from streamcap.errors import ConfigError, HistoryError
+from streamcap.logs import Throttle, get_logger
+from streamcap.messages import Caption, Published, TriggerEvent
 from streamcap.netpolicy import (
     HostPolicy,
     OriginPolicy,
@@ -110,6 +115,8 @@ from streamcap.stats import Counter, Gauge
 
 if TYPE_CHECKING:
     from streamcap.triggers.spec import TriggerSpec
+
+_log = get_logger(__name__)
 
 FLUSH_TIMEOUT_S: Final = 2.0
 """On shutdown, how long the sink waits for clients to read what is queued for them."""
@@ -369,6 +376,8 @@ class WebSocketSink:
         self._clients: dict[int, _Client] = {}
         self._numbers = itertools.count(1)
         self._history = History(options.backfill, options.backfill_scope)
+        self._recalled: list[Caption | TriggerEvent] | None = None  # None: not recalled
+        self._recalled_counts: dict[str, object] | None = None  # set once seeded
         self._ready_called = False
         self._ctx: SinkContext | None = None
         self._clients_gauge: Gauge | None = None
@@ -400,6 +409,53 @@ class WebSocketSink:
         latest frames of pairs no longer watched are not replayed to new subscribers."""
         self._history.forget_triggers(lambda pair: watches(specs, pair))
 
+    def recall(self, recent: RecentHistory) -> None:
+        """Seed the backfill from the history store (:class:`~streamcap.bus.plugin.RecallsHistory`).
+
+        Reads ``recent(backfill, backfill_scope == "source")`` at once: the newest
+        captions and the trigger events of the same period, oldest first. They
+        are added to the backfill at the start of the first ``run`` (encoded with
+        the node id), before anything live, so a client connecting after a
+        restart gets them as the previous runs published them (their own
+        ``run_id``). Kinds this sink does not offer are left out; nothing is read
+        with ``backfill = 0``. A store that cannot be read costs the recall only:
+        it is logged and the backfill starts empty. Later calls do nothing.
+        """
+        if self._recalled is not None:
+            return
+        items: list[Caption | TriggerEvent] = []
+        if self.options.backfill > 0:
+            try:
+                got = recent(self.options.backfill, self.options.backfill_scope == "source")
+            except HistoryError as exc:
+                _log.warning("websocket backfill not recalled from the history store",
+                             sink=self.instance, error=str(exc))
+                got = ()
+            items = [m for m in got if isinstance(m, Caption | TriggerEvent)
+                     and wire.kind_of(m) in self.accepts]
+        self._recalled = items
+        if self._ctx is not None:  # called late, while running: seed at once
+            self._seed(self._ctx)
+
+    def _seed(self, ctx: SinkContext) -> None:
+        """Add the recalled messages to the backfill, once."""
+        if self._recalled is None or self._recalled_counts is not None:
+            return
+        captions: dict[str, int] = {}
+        triggers = 0
+        for msg in self._recalled:
+            frame = wire.encode(wire.to_wire(msg, node_id=ctx.node_id))
+            if isinstance(msg, TriggerEvent):
+                self._history.add("trigger", msg.source_id, frame, trigger=msg.trigger)
+                triggers += 1
+            else:
+                self._history.add("caption", msg.source_id, frame)
+                captions[msg.source_id] = captions.get(msg.source_id, 0) + 1
+        self._recalled_counts = {"captions": captions, "triggers": triggers}
+        self._recalled = []
+        ctx.logger.info("websocket backfill recalled from the history store",
+                        captions=sum(captions.values()), triggers=triggers)
+
     @property
     def configured_endpoint(self) -> SinkEndpoint:
         """Where it will listen, as configured (port 0: any free one); known before ``run``."""
@@ -412,6 +468,7 @@ class WebSocketSink:
     async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
         """Listen, fan the inbox's messages out to clients until it closes, then flush and stop."""
         self._ctx = ctx
+        self._seed(ctx)
         self._clients_gauge = ctx.metrics.gauge(
             "streamcap_websocket_clients", "Connected WebSocket clients", ("sink",))
         self._dropped = ctx.metrics.counter(
@@ -704,6 +761,8 @@ class WebSocketSink:
             self._push(client, kind, frame)
 
     def _capabilities(self) -> dict[str, object]:
+        recalled = ({} if self._recalled_counts is None
+                    else {"recalled": self._recalled_counts})
         return {
             "kinds": sorted(self.accepts),
             "sources": self._history.sources,
@@ -716,13 +775,16 @@ class WebSocketSink:
             "client_frames": ["subscribe", "ping"],
             "default_subscription": default_subscription(self.accepts).describe(),
             "history": {
-                # Backfill is this run's memory: empty after a restart (a new run_id).
+                # The backfill lives in memory: after a restart it holds only what was
+                # recalled from the history store ("recalled", when the daemon has one).
                 "store": "memory",
                 "covers": "run",
                 "max_captions": self.options.backfill,
                 "scope": self.options.backfill_scope,
                 "captions": self._history.held(),
             },
+            # What the daemon recalled from its history store at start (only when it has one).
+            **recalled,
         }
 
 
