@@ -731,9 +731,18 @@ class SqliteHistory:
                     pass
         return max(0, gone)
 
-    def _reclaim(self) -> None:
-        """Give freed pages back to the file system and shrink the WAL."""
-        self._conn.execute("PRAGMA incremental_vacuum").fetchall()
+    def _count(self) -> int:
+        return int(self._conn.execute(
+            "SELECT (SELECT count(*) FROM windows) + (SELECT count(*) FROM events)"
+        ).fetchone()[0])
+
+    def _reclaim(self, *, fts: bool = False) -> None:
+        """Give freed pages back to the file system and shrink the WAL; with ``fts``,
+        rewrite the text index first (deleted rows stay in it as tombstones until then)."""
+        if fts:
+            self._conn.execute("INSERT INTO windows_fts (windows_fts) VALUES ('optimize')")
+        # executescript steps the pragma to its end (execute stops after one freed page)
+        self._conn.executescript("PRAGMA incremental_vacuum;")
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def enforce_retention(self, now: float) -> int:
@@ -742,19 +751,25 @@ class SqliteHistory:
 
         def run() -> int:
             cutoff = now - self.keep_days * _DAY_S
+            before = self._count()
             gone = self._delete_until(cutoff, inclusive=False)
             for path, st in self._clip_files():  # clips whose event never got stored
                 if st.st_mtime < cutoff:
                     path.unlink(missing_ok=True)
             if gone:
-                self._reclaim()
+                self._reclaim(fts=gone * 10 >= before)
+            optimized = False
+            if self.size_bytes() > self.max_bytes:  # what the WAL holds is counted once
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             for _ in range(32):  # each round deletes a share of the oldest; bounded
                 size = self.size_bytes()
                 if size <= self.max_bytes:
                     break
-                rows = self._conn.execute(
-                    "SELECT (SELECT count(*) FROM windows) + (SELECT count(*) FROM events)"
-                ).fetchone()[0]
+                if gone and not optimized:
+                    optimized = True  # the text index may hold what was deleted: drop it
+                    self._reclaim(fts=True)
+                    continue
+                rows = self._count()
                 if not rows:
                     break
                 share = min(1.0, (size - self.max_bytes) / size + 0.05)
