@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from streamcap.errors import HistoryError
-from streamcap.history.records import Span, WindowRecord
+from streamcap.history.records import HistoryItem, Span, WindowRecord
 from streamcap.history.sqlite import (
     SCHEMA_VERSION,
     SqliteHistory,
@@ -227,8 +227,8 @@ def filled(store: SqliteHistory) -> list[str]:
     return [k[2] for k in ordered]
 
 
-def ids(items: tuple[object, ...]) -> list[str]:
-    return [getattr(i, "window_id", None) or getattr(i, "event_id") for i in items]
+def ids(items: tuple[HistoryItem, ...]) -> list[str]:
+    return [i.window_id if isinstance(i, WindowRecord) else i.event_id for i in items]
 
 
 @pytest.mark.parametrize("newest_first", [False, True])
