@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from streamcap.errors import ConfigError
+from streamcap.history.options import HistoryOptions
 from streamcap.models.decoding.abstain import AbstentionOptions
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.netpolicy import host_names_problem
@@ -194,6 +195,7 @@ class Config:
     http: HttpConfig
     triggers: Mapping[str, TriggerSpec] = field(default_factory=dict)
     trigger_path: TriggerPathConfig = field(default_factory=TriggerPathConfig)
+    history: HistoryOptions = field(default_factory=HistoryOptions)
     path: Path | None = None
 
 
@@ -208,6 +210,7 @@ class _Document:
     sinks: Mapping[str, object] = option(default_factory=dict)
     triggers: Mapping[str, object] = option(default_factory=dict)
     trigger_path: TriggerPathConfig = option(default_factory=TriggerPathConfig)
+    history: HistoryOptions = option(default_factory=HistoryOptions)
 
 
 def _read_source(name: str, table: Mapping[str, Any], where: str,
@@ -306,7 +309,8 @@ def read_config(data: Mapping[str, Any],
         problems.append("sources: at least one [sources.<name>] table is needed")
     triggers = read_triggers(top.triggers, set(sources), problems)
     config = Config(daemon=top.daemon, model=top.model, sources=sources, sinks=sinks,
-                    http=top.http, triggers=triggers, trigger_path=top.trigger_path, path=path)
+                    http=top.http, triggers=triggers, trigger_path=top.trigger_path,
+                    history=top.history, path=path)
     return config, problems
 
 

@@ -8,13 +8,16 @@ Stages and who owns them::
         -> InferenceWorker (task streamcap[inference].worker; the model runs on the
            single inference thread of InferenceRuntime)
         -> PluginBus.publish -> one bounded inbox per sink -> Sink.run tasks
+        -> HistoryRecorder.record (captions with embeddings, trigger events) -> the
+           writer thread streamcap-history -> the history store (docs/history.md)
     HttpServer (/healthz, /metrics, the live page)
 
 Shutdown (SIGTERM/SIGINT), bounded by ``[daemon] stop_timeout_s`` as a whole
 (:class:`StopBudget`): STOPPING=1 to systemd; the window queue closes, the
 sources are cancelled (each publishes "stopped") while the queued windows are
 captioned (``drain_on_stop``) until half the budget, what is left being dropped
-and counted (``reason="shutdown"``); sinks flush and close (the MQTT sink
+and counted (``reason="shutdown"``); the history writes what it holds and closes;
+sinks flush and close (the MQTT sink
 publishes "offline") until 90 % of it; then HTTP. A task that is still running
 at the end (it ignored its cancellation) is abandoned with an error log naming
 it, and so is an inference thread still busy with a model call.
@@ -44,13 +47,17 @@ from streamcap import systemd
 from streamcap.audio.watchdog import WatchdogOptions
 from streamcap.audio.windowing import RestartReason, Windower
 from streamcap.bus import PluginBus
-from streamcap.bus.plugin import Sink, sink_endpoint, tell_triggers
+from streamcap.bus.plugin import Sink, recall_history, sink_endpoint, tell_triggers
 from streamcap.config import Config, SourceConfig, default_config, parse_config
-from streamcap.errors import ConfigError
+from streamcap.errors import ConfigError, HistoryError
+from streamcap.history.records import WindowRecord
+from streamcap.history.writer import HistoryRecorder
 from streamcap.http import HealthReport, HttpServer
 from streamcap.logs import Throttle, configure_logging, get_logger
 from streamcap.messages import (
     AudioBlock,
+    Caption,
+    Embedding,
     Published,
     SourceState,
     SourceStatus,
@@ -203,6 +210,14 @@ class Daemon:
         self.trigger_engine: TriggerEngine | None = None
         """The trigger path, once the model is loaded (None: the model has no retriever
         and no trigger is configured)."""
+        self.history: HistoryRecorder | None = None
+        """The history writer, once the store is open (None: ``[history] enabled = false``
+        or the store is unusable and not ``required``); ``history.reader()`` gives
+        read handles for searches."""
+        self._history_failures = self.metrics.counter(
+            "streamcap_history_open_failures_total",
+            "Times the history store could not be opened (the daemon ran without it)")
+        self._history_failures.inc(0)
         self.abandoned: list[str] = []
         """Names of the tasks the shutdown abandoned (they ignored their cancellation)."""
         self.stop_deadline: float | None = None
@@ -224,9 +239,66 @@ class Daemon:
     def _publish(self, msg: Published) -> None:
         if isinstance(msg, TriggerEvent):
             self.trigger_states.observe(msg)
+            if self.history is not None:
+                self.history.record(msg)
         if self.trigger_engine is not None:
             self.trigger_engine.note(msg)
         self.bus.publish(msg)
+
+    def _publish_result(self, caption: Caption, embedding: Embedding | None) -> None:
+        """One captioned window: into the history, to the trigger path, then to the sinks."""
+        if self.history is not None:
+            self.history.record(WindowRecord.from_caption(caption, embedding))
+        if self.trigger_engine is not None:
+            self.trigger_engine.note(caption)
+            if embedding is not None:
+                self.trigger_engine.note(embedding)
+        self.bus.publish_result(caption, embedding)
+
+    # -- history -------------------------------------------------------------------
+
+    def history_path(self) -> Path:
+        """The history database file: ``[history] path`` or the state directory's."""
+        if self.config.history.path:
+            return Path(self.config.history.path).expanduser()
+        return state_root(self.config) / "history" / "history.sqlite3"
+
+    def _open_history(self) -> HistoryRecorder | None:
+        """Open the store and start its writer (blocking: it checks the file).
+
+        Raises:
+            ConfigError: the store is unusable and ``[history] required = true``
+                (exit status 2; the message names the path).
+        """
+        options = self.config.history
+        if not options.enabled:
+            return None
+        from streamcap.history.sqlite import SqliteHistory
+
+        try:
+            store = SqliteHistory(self.history_path(), keep_days=options.keep_days,
+                                  max_bytes=options.max_bytes,
+                                  clips_dir=state_root(self.config) / "clips")
+        except HistoryError as exc:
+            if options.required:
+                raise ConfigError(f"{exc} ([history] required = true)") from exc
+            self._history_failures.inc()
+            _log.error("history store unusable; captioning goes on without history",
+                       error=str(exc), path=str(self.history_path()))
+            return None
+        recorder = HistoryRecorder(store, metrics=self.metrics, queue_size=options.queue_size,
+                                   retention_interval_s=options.retention_interval_s)
+        recorder.start()
+        _log.info("history store open", path=store.location)
+        return recorder
+
+    def _recent_history(self, limit: int, per_source: bool) -> list[Published]:
+        return [] if self.history is None else self.history.recent(limit, per_source)
+
+    async def _close_history(self, timeout_s: float) -> None:
+        """Write what is queued and close the store, within ``timeout_s``."""
+        if self.history is not None:  # it stays readable (searches open read handles)
+            await asyncio.to_thread(self.history.close, timeout_s)
 
     def _trigger_engine(self) -> TriggerEngine | None:
         """The trigger path for the loaded model; None when it cannot score and none is set.
@@ -341,6 +413,12 @@ class Daemon:
                 loop.add_signal_handler(sig, self.request_stop)
         stop = asyncio.create_task(self._stop.wait(), name="streamcap[daemon].stop")
         try:
+            # The history opens first: a store that must be there and is not stops the
+            # start before the model loads; sinks that replay recall it before they run.
+            self.history = await asyncio.to_thread(self._open_history)
+            if self.history is not None:
+                for sink in self._sinks.values():
+                    recall_history(sink, self._recent_history)
             systemd.status("loading model")
             load = asyncio.create_task(self.runtime.run(self._captioner_factory),
                                        name="streamcap[inference].load")
@@ -357,6 +435,8 @@ class Daemon:
             return await self._run_loaded(stop)
         finally:
             stop.cancel()
+            if self.history is not None:  # the start failed or stopped before the model
+                await self._close_history(self.config.daemon.stop_timeout_s / 2)
 
     async def _run_loaded(self, stop: asyncio.Task[Literal[True]]) -> int:
         assert self.captioner is not None  # run() loaded it
@@ -371,7 +451,8 @@ class Daemon:
             self.triggers.check = engine.problems
             self.triggers.subscribe(engine.set_triggers)
         self.worker = InferenceWorker(self.captioner, self.queue, self._publish,
-                                      self.runtime.run, self.metrics)
+                                      self.runtime.run, self.metrics,
+                                      publish_result=self._publish_result)
         if self.config.http.enabled:
             http = self.config.http
             self.http = HttpServer(http.host, http.port, metrics=self.metrics,
@@ -489,14 +570,17 @@ class Daemon:
                 error = task.exception()
                 _log.error("task failed", task=task.get_name(),
                            error=f"{type(error).__name__}: {error}")
-        # 2. Sinks deliver what they hold (the MQTT sink publishes "offline").
+        # 2. The history writes what the drain captioned, then closes (a share of the
+        #    sinks' time: it writes hundreds of records a second).
+        await self._close_history(max(0.01, budget.remaining(budget.sinks_deadline) / 3))
+        # 3. Sinks deliver what they hold (the MQTT sink publishes "offline").
         closing = asyncio.create_task(
             self.bus.close(timeout_s=max(0.01, budget.remaining(budget.sinks_deadline) / 2)),
             name="streamcap[bus].close")
         await _wait_until([closing, bus], budget.sinks_deadline)
         if bus.done() and not bus.cancelled() and bus.exception() is not None:
             _log.error("sinks failed", error=repr(bus.exception()))
-        # 3. HTTP, then whatever daemon task is left: cancelled, and abandoned if it ignores that.
+        # 4. HTTP, then whatever daemon task is left: cancelled, and abandoned if it ignores that.
         if self.http is not None:
             await _wait_until([asyncio.create_task(self.http.close(), name="streamcap[http].close")],
                               budget.end)

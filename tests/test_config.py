@@ -25,9 +25,11 @@ from streamcap.config import (
     default_config,
     load_config,
     parse_config,
+    read_config,
     read_toml,
 )
 from streamcap.errors import ConfigError
+from streamcap.history.options import HistoryOptions
 from streamcap.models.decoding.abstain import AbstentionOptions
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.options import known_keys
@@ -597,6 +599,7 @@ def test_shipped_config_is_valid_and_equals_the_defaults() -> None:
     assert dataclasses.replace(config.daemon, node_id="x") == DaemonConfig(node_id="x")
     assert config.model == ModelConfig()
     assert config.http == HttpConfig()
+    assert config.history == HistoryOptions()
     src = config.sources["default"]
     assert dataclasses.replace(src, explicit=frozenset()) == SourceConfig(
         name="default", uri="mic:default", capture=MicOptions())
@@ -643,6 +646,7 @@ def test_shipped_config_documents_every_dataclass_field() -> None:
     assert documented["sources.default"] == (
         _fields(SourceConfig) - {"name", "explicit", "capture"} | capture)
     assert documented["http"] == _fields(HttpConfig)
+    assert documented["history"] == _fields(HistoryOptions)
     assert "plugin" in documented["sinks.ws"]
     # Only the keys without a fixed default are left commented out.
     active = tomllib.loads(SHIPPED.read_text(encoding="utf-8"))
@@ -665,3 +669,18 @@ def test_check_config_rejects_what_the_decoding_options_reject() -> None:
         "model.decoding.min_new_tokens: must be between 0 and 512 (got -1)"]
     decoding = parse_config({"model": {"decoding": {"no_repeat_ngram_size": 3}}}).model.decoding
     assert decoding.no_repeat_ngram_size == 3 and decoding.explicit == {"no_repeat_ngram_size"}
+
+
+def test_history_options_are_checked_naming_each_key() -> None:
+    config, problems = read_config({"sources": {"a": {"uri": "mic:default"}}, "history": {
+        "keep_days": 0, "max_bytes": 1000, "queue_size": 0, "required": "yes",
+        "retention_interval_s": -1, "paht": "x"}})
+    text = "\n".join(problems)
+    for key in ("keep_days", "max_bytes", "queue_size", "required", "retention_interval_s",
+                "paht"):
+        assert f"history.{key}:" in text
+    assert config.history == HistoryOptions()
+    ok = parse_config({"sources": {"a": {"uri": "mic:default"}},
+                       "history": {"max_bytes": 1048576, "keep_days": 7, "path": "/x/h.db"}})
+    assert (ok.history.max_bytes, ok.history.keep_days, ok.history.path) == (1048576, 7.0,
+                                                                            "/x/h.db")

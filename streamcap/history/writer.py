@@ -1,0 +1,256 @@
+"""The history writer: records go into a bounded queue and one thread writes them.
+
+:meth:`HistoryRecorder.record` never blocks (the event loop and the inference path
+call it): it appends to a bounded queue, the oldest record being dropped and counted
+when it is full. The thread ``streamcap-history`` owns the store's write handle; it
+writes what is waiting in batches (one transaction each), retries a failed batch once
+and then drops it (counted, logged at most once a minute: no unbounded retry loop),
+and applies the retention limits every ``retention_interval_s``. A write failure never
+reaches the caller and never stops the thread.
+
+Metrics: ``streamcap_history_writes_total`` (records written),
+``streamcap_history_write_failures_total`` (failed transactions),
+``streamcap_history_dropped_total{reason}`` (queue_full, write_failed, shutdown),
+``streamcap_history_queue_depth``, ``streamcap_history_bytes``,
+``streamcap_history_windows``, ``streamcap_history_events`` and
+``streamcap_history_retention_deleted_total``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from streamcap.errors import HistoryError
+from streamcap.history.records import HistoryItem, WindowRecord
+from streamcap.history.store import HistoryStore
+from streamcap.logs import Throttle, get_logger
+from streamcap.messages import Published
+from streamcap.stats import Metrics
+
+_log = get_logger(__name__)
+
+THREAD_NAME: Final = "streamcap-history"
+MAX_BATCH: Final = 256
+"""Records written in one transaction at most."""
+RETRY_PAUSE_S: Final = 0.5
+"""Pause before the one retry of a failed batch."""
+STATS_INTERVAL_S: Final = 5.0
+"""Least time between two refreshes of the size gauges (they count rows)."""
+FAILURE_LOG_INTERVAL_S: Final = 60.0
+DROP_REASONS: Final = ("queue_full", "write_failed", "shutdown")
+
+
+class HistoryRecorder:
+    """Writes history records off the caller's thread, never blocking it.
+
+    Args:
+        store: the write handle; the recorder's thread owns it from :meth:`start`
+            and closes it in :meth:`close`.
+        metrics: where writes, failures, drops and sizes are counted.
+        queue_size: records waiting at most; the oldest is dropped beyond.
+        retention_interval_s: how often ``store.enforce_retention`` runs (first at start).
+        wall: the wall clock retention compares with (UNIX seconds).
+    """
+
+    def __init__(self, store: HistoryStore, *, metrics: Metrics, queue_size: int = 1000,
+                 retention_interval_s: float = 60.0,
+                 wall: Callable[[], float] = time.time) -> None:
+        if queue_size < 1 or not retention_interval_s > 0:
+            raise ValueError(f"HistoryRecorder: queue_size must be >= 1 and "
+                             f"retention_interval_s > 0 (got {queue_size}, "
+                             f"{retention_interval_s})")
+        self.store = store
+        self._queue: deque[HistoryItem] = deque()
+        self._queue_size = queue_size
+        self._retention_interval_s = retention_interval_s
+        self._wall = wall
+        self._cond = threading.Condition()
+        self._closing = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        self._throttle = Throttle(FAILURE_LOG_INTERVAL_S)
+        self.written = 0
+        """Records written so far (committed)."""
+        m = metrics
+        self._writes = m.counter("streamcap_history_writes_total",
+                                 "History records written (committed)")
+        self._failures = m.counter("streamcap_history_write_failures_total",
+                                   "History transactions that failed (writes and retention)")
+        self._dropped = m.counter("streamcap_history_dropped_total",
+                                  "History records never written, by reason", ["reason"])
+        self._depth = m.gauge("streamcap_history_queue_depth",
+                              "History records waiting to be written")
+        self._bytes = m.gauge("streamcap_history_bytes",
+                              "Bytes of the history store on disk (database, WAL, clips)")
+        self._windows = m.gauge("streamcap_history_windows", "Windows in the history store")
+        self._events = m.gauge("streamcap_history_events",
+                               "Trigger events in the history store")
+        self._deleted = m.counter("streamcap_history_retention_deleted_total",
+                                  "History records deleted by the retention limits")
+        for reason in DROP_REASONS:
+            self._dropped.inc(0, reason)
+
+    @property
+    def location(self) -> str:
+        return self.store.location
+
+    # -- the callers' side -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def record(self, item: HistoryItem) -> None:
+        """Queue ``item`` for writing; never blocks. Full: the oldest waiting is dropped."""
+        with self._cond:
+            if self._closing:
+                self._dropped.inc(1, "shutdown")
+                return
+            if len(self._queue) >= self._queue_size:
+                self._queue.popleft()
+                self._dropped.inc(1, "queue_full")
+                if (held := self._throttle.allow("queue_full")) is not None:
+                    _log.warning("history writer is behind: dropped the oldest waiting record",
+                                 queue_size=self._queue_size, suppressed=held)
+            self._queue.append(item)
+            self._depth.set(len(self._queue))
+            self._cond.notify()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def reader(self) -> HistoryStore:
+        """A new read handle on the store, for another thread (the caller closes it)."""
+        return self.store.reader()
+
+    def search_store(self) -> HistoryStore:
+        """A new read handle for searches (same as :meth:`reader`)."""
+        return self.reader()
+
+    def recent(self, limit: int, per_source: bool) -> list[Published]:
+        """A backfill (``streamcap.bus.plugin.RecentHistory``): the newest captions with
+        the events of their period, oldest first; empty when the store cannot be read."""
+        try:
+            handle = self.reader()
+            try:
+                items = handle.recent(limit, per_source=per_source)
+            finally:
+                handle.close()
+        except HistoryError as exc:
+            _log.error("cannot read the history for a backfill", error=str(exc))
+            return []
+        return [i.to_caption() if isinstance(i, WindowRecord) else i for i in items]
+
+    def close(self, timeout_s: float) -> bool:
+        """Write what is queued, then close the store; at most ``timeout_s``.
+
+        Returns False when the thread was still busy at the end (it is a daemon thread:
+        it does not keep the process alive; a transaction cut short is rolled back by
+        SQLite on the next open).
+        """
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if not self._thread.is_alive() and not self._closed:
+            if self._thread.ident is None:  # never started
+                self._close_store()
+            return True
+        self._thread.join(max(0.0, timeout_s))
+        if self._thread.is_alive():
+            with self._cond:
+                left = len(self._queue)
+                self._queue.clear()
+            if left:
+                self._dropped.inc(left, "shutdown")
+            _log.error("history writer did not finish in time; records dropped",
+                       dropped=left, timeout_s=round(timeout_s, 2))
+            return False
+        return True
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def _close_store(self) -> None:
+        self._closed = True
+        try:
+            self.store.close()
+        except Exception as exc:  # noqa: BLE001 - closing must not raise on shutdown
+            _log.error("cannot close the history store", error=str(exc))
+
+    def _run(self) -> None:
+        next_retention = time.monotonic()
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._closing:
+                        wait_s = next_retention - time.monotonic()
+                        if wait_s <= 0:
+                            break
+                        self._cond.wait(wait_s)
+                    batch = [self._queue.popleft()
+                             for _ in range(min(MAX_BATCH, len(self._queue)))]
+                    self._depth.set(len(self._queue))
+                    closing = self._closing
+                if batch:
+                    self._write(batch)
+                if time.monotonic() >= next_retention and not closing:
+                    self._retain()
+                    next_retention = time.monotonic() + self._retention_interval_s
+                if closing and not batch:
+                    return
+        finally:
+            self._close_store()
+
+    def _write(self, batch: Sequence[HistoryItem]) -> None:
+        for attempt in (1, 2):
+            try:
+                self.store.write(batch)
+            except HistoryError as exc:
+                self._failures.inc()
+                if (held := self._throttle.allow("write")) is not None:
+                    _log.error("cannot write history" + ("; retrying once" if attempt == 1
+                                                         else "; records dropped"),
+                               error=str(exc), records=len(batch), suppressed=held)
+                if attempt == 1:
+                    with self._cond:
+                        if not self._closing:
+                            self._cond.wait(RETRY_PAUSE_S)
+                    continue
+                self._dropped.inc(len(batch), "write_failed")
+                return
+            self.written += len(batch)
+            self._writes.inc(len(batch))
+            self._refresh_stats(force=False)
+            return
+
+    _stats_at = -float("inf")
+
+    def _refresh_stats(self, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._stats_at < STATS_INTERVAL_S:
+            return
+        self._stats_at = now
+        try:
+            stats = self.store.stats()
+        except HistoryError:
+            return
+        self._bytes.set(stats.bytes)
+        self._windows.set(stats.windows)
+        self._events.set(stats.events)
+
+    def _retain(self) -> None:
+        try:
+            deleted = self.store.enforce_retention(self._wall())
+        except HistoryError as exc:
+            self._failures.inc()
+            if (held := self._throttle.allow("retention")) is not None:
+                _log.error("cannot apply the history retention limits", error=str(exc),
+                           suppressed=held)
+            return
+        if deleted:
+            self._deleted.inc(deleted)
+            _log.info("history retention deleted old records", deleted=deleted)
+        self._refresh_stats(force=True)
