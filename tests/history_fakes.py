@@ -44,7 +44,7 @@ def window(source: str, start_at: float, text: str, *, length_s: float = 10.0,
     """A window record of ``source`` starting at ``start_at`` (UNIX seconds)."""
     seq = int(start_at) if seq is None else seq
     return WindowRecord(
-        window_id=window_id or f"run1-{source}-{seq}", source_id=source, run_id="run1",
+        window_id=window_id or f"run1:{source}:0:{seq}", source_id=source, run_id="run1",
         seq=seq, start_s=float(seq), end_s=float(seq) + length_s, start_at=start_at,
         end_at=start_at + length_s, model=model, text=text, score=-1.0,
         candidates=tuple(candidates) or (text,),
@@ -54,7 +54,7 @@ def window(source: str, start_at: float, text: str, *, length_s: float = 10.0,
 def event(source: str, at: float, trigger: str = "dog", *, state: str = "on",
           event_id: str | None = None) -> TriggerEvent:
     """A trigger event of ``source`` at ``at`` (UNIX seconds)."""
-    return TriggerEvent(event_id=event_id or f"run1-{trigger}-{source}-{at:g}",
+    return TriggerEvent(event_id=event_id or f"run1:{trigger}:{source}:{at:.3f}",
                         trigger=trigger, source_id=source, state=TriggerState(state),
                         score=0.5, threshold=0.3, start_s=0.0, end_s=5.0, captured_at=at,
                         model=MODEL, run_id="run1")
