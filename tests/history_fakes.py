@@ -231,3 +231,35 @@ def load(path: Path) -> FakeHistory:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HistoryError(f"{path}: cannot read the history: {exc}") from None
     return store
+
+
+# --------------------------------------------------------------------------- CLI shim
+
+
+def main(argv: Sequence[str]) -> int:
+    """``streamcap`` with :func:`streamcap.history.cli.open_history_reader` reading a
+    :func:`save` file at the configured store path, for CLI tests in a subprocess::
+
+        python tests/history_fakes.py search "dog" --config cfg.toml --json
+
+    Once the SQLite store exists, tests write a real store and run ``python -m
+    streamcap search`` instead.
+    """
+    from streamcap import cli
+    from streamcap.config import Config
+    from streamcap.history import cli as history_cli
+
+    def open_reader(config: Config) -> FakeHistory:
+        path = history_cli.history_path(config)
+        if not path.exists():
+            raise HistoryError(f"{path}: no history here yet")
+        return load(path)
+
+    history_cli.open_history_reader = open_reader  # type: ignore[assignment]
+    return cli.main(list(argv))
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))

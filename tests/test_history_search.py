@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta, timezone
 
 import numpy as np
@@ -182,7 +183,7 @@ def test_hits_partition_the_windows_and_never_overlap(
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     for source in "ab":
         spans = sorted((h.start_at, h.end_at) for h in hits if h.source_id == source)
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert start > end + 1.0  # further apart than the tolerance
     for hit in hits:
         assert hit.score == max(i.score for i in items if i.record.window_id in hit.window_ids)
@@ -219,7 +220,7 @@ def test_run_search_blends_groups_and_ranks() -> None:
 
 def test_run_search_respects_the_span_and_limit() -> None:
     store = _history()
-    embed = lambda _q: np.array([0, 0, 1], np.float32)  # noqa: E731
+    embed = lambda _q: np.array([0, 0, 1], np.float32)
     hits = run_search(store, embed, MODEL, "dog", Span(sources=("kitchen",)), 10)
     assert {h.source_id for h in hits} == {"kitchen"}
     hits = run_search(store, embed, MODEL, "dog", Span(since=1500, until=2500), 10)
