@@ -98,23 +98,42 @@ def evaluate(model: str, rows: list[dict[str, Any]], records: list[Any],
 
     targets = [r["target"] for r in rows]
     table: dict[str, Any] = {}
+    per_query: dict[str, list[float]] = {}
+    spreads, matched = [], []
     for weight in WEIGHTS:
         aps, p10s = [], []
         for kind, phrase, vector in queries:
             scored = score_windows(records, query=unit_vector(vector), model=model,
                                    terms=query_terms(phrase), weight=weight)
+            if weight == WEIGHTS[0]:
+                sims = np.array([s.similarity for s in scored], dtype=np.float64)
+                spreads.append(float(np.percentile(sims, 90) - np.percentile(sims, 10)))
+                matched.append(float(np.mean([s.text_match > 0 for s in scored])))
             order = sorted(range(len(scored)), key=lambda i: -scored[i].score)
             relevant = [targets[i] == kind for i in order]
             aps.append(average_precision(relevant))
             p10s.append(sum(relevant[:10]) / 10)
+        per_query[str(weight)] = [round(a, 4) for a in aps]
         table[str(weight)] = {"map": round(float(np.mean(aps)), 4),
                               "p_at_10": round(float(np.mean(p10s)), 4)}
+    # paired bootstrap over queries: how often each W beats W = 0 (similarity alone)
+    rng = np.random.default_rng(0)
+    base = np.array(per_query[str(WEIGHTS[0])])
+    draws = rng.integers(0, len(base), size=(2000, len(base)))
+    for weight in WEIGHTS[1:]:
+        diff = np.array(per_query[str(weight)]) - base
+        means = diff[draws].mean(axis=1)
+        table[str(weight)]["map_gain_ci90"] = [round(float(np.percentile(means, 5)), 4),
+                                               round(float(np.percentile(means, 95)), 4)]
     text_only = []
     for kind, phrase, _vector in queries:
         scored = score_windows(records, query=None, model=model, terms=query_terms(phrase))
         order = sorted(range(len(scored)), key=lambda i: -scored[i].score)
         text_only.append(average_precision([targets[i] == kind for i in order]))
-    return {"weights": table, "text_only_map": round(float(np.mean(text_only)), 4)}
+    return {"weights": table, "text_only_map": round(float(np.mean(text_only)), 4),
+            "per_query_ap": per_query,
+            "similarity_spread_p10_p90": round(float(np.median(spreads)), 4),
+            "share_of_windows_with_a_word_match": round(float(np.median(matched)), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,10 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Search text weight W on {model}", "",
              (f"{len(rows)} windows (one per scene), {len(queries)} queries; mean average "
               "precision (mAP) and precision at 10 of `similarity + W * text_match`."), "",
-             "| W | mAP | P@10 |", "|---|---|---|"]
+             "| W | mAP | P@10 | mAP gain over W=0, 90 % bootstrap interval |",
+             "|---|---|---|---|"]
     for weight, cell in result["weights"].items():
-        lines.append(f"| {weight} | {cell['map']:.4f} | {cell['p_at_10']:.4f} |")
-    lines += ["", f"Text match alone (no similarity): mAP {result['text_only_map']:.4f}.", ""]
+        gain = cell.get("map_gain_ci90")
+        shown = "" if gain is None else f"[{gain[0]:+.4f}, {gain[1]:+.4f}]"
+        lines.append(f"| {weight} | {cell['map']:.4f} | {cell['p_at_10']:.4f} | {shown} |")
+    lines += ["", f"Text match alone (no similarity): mAP {result['text_only_map']:.4f}.",
+              (f"Median over queries of the similarity's spread (90th - 10th percentile over "
+              f"the windows): {result['similarity_spread_p10_p90']:.4f}; median share of "
+              f"windows with a word of the query: "
+              f"{result['share_of_windows_with_a_word_match']:.4f}."), ""]
     (args.out_dir / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
