@@ -117,6 +117,8 @@ def parse_when(text: str, now: float, *, name: str = "since") -> float:
         return now
     if _DURATION.fullmatch(lowered):
         ago = sum(float(n) * _UNITS_S[u] for n, u in _DURATION_PART.findall(lowered))
+        if not math.isfinite(now - ago):
+            return _raise(bad())
         return now - ago
     if _NUMBER.fullmatch(value):
         seconds = float(value)
