@@ -15,7 +15,7 @@ import aiohttp
 import jsonschema
 import numpy as np
 import pytest
-from daemon_process import metric_samples
+from daemon_process import WAIT_S, DaemonProcess, http_get, metric_samples, tiny_model_toml
 from history_fakes import MODEL, FakeHistory, event, window
 from timing import scaled
 
@@ -26,11 +26,12 @@ from streamcap.http import HealthReport, HttpServer
 from streamcap.messages import Float32Array
 from streamcap.stats import Metrics
 
+ROOT = Path(__file__).resolve().parents[1]
 NOW = 1_750_000_000.0
 SOURCES = ("porch", "kitchen")
 TIMEOUT = aiohttp.ClientTimeout(total=scaled(30))
 VECTORS = {"dog": [1.0, 0.0, 0.0], "rain": [0.0, 1.0, 0.0]}
-SCHEMA = json.loads((Path(__file__).parents[1] / "docs" / "streamcap.v1.schema.json").read_text())
+SCHEMA = json.loads((ROOT / "docs" / "streamcap.v1.schema.json").read_text())
 
 
 async def fake_embed(text: str) -> Float32Array:
@@ -291,3 +292,44 @@ async def test_a_cursor_of_the_other_order_is_refused(make_api: Any) -> None:
     status, body = await api.get("/api/history", {"limit": "1", "order": "desc",
                                                   "cursor": body["next"]})
     assert status == 400 and body["message"].startswith("cursor:")
+
+
+# --------------------------------------------------------------------------- in the daemon
+
+
+@pytest.mark.slow
+def test_the_daemon_serves_the_routes_for_its_sources(tmp_path: Path,
+                                                      free_tcp_port: int) -> None:
+    port = free_tcp_port
+    example = ROOT / "streamcap" / "data" / "example.ogg"
+    config = tmp_path / "streamcap.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n\n'
+                      f'{tiny_model_toml(n_candidates=2, max_new_tokens=4)}\n'
+                      f'[sources.porch]\nuri = "file:{example}?loop=true"\n\n'
+                      f'[sinks.archive]\nplugin = "jsonl"\npath = "{tmp_path / "a.jsonl"}"\n\n'
+                      f'[http]\nport = {port}\n')
+    daemon = DaemonProcess.start(config, env={}, log=tmp_path / "daemon.log",
+                                 jsonl=tmp_path / "a.jsonl", http_port=port)
+    try:
+        def routes_up() -> tuple[tuple[int, str, str] | None, bool]:
+            try:
+                answer = http_get(daemon.http("/api/search?q=dog&source=attic"))
+            except OSError:
+                return None, False
+            return answer, answer[0] != 404
+
+        status, _, body = daemon.poll(routes_up, lambda a: f"no /api/search: {a}",
+                                      timeout_s=WAIT_S)
+        assert status == 400
+        assert json.loads(body)["message"] == "source: unknown source 'attic' (known: porch)"
+        status, _, body = http_get(daemon.http("/api/history?since=yesterday"))
+        assert status == 400 and json.loads(body)["message"].startswith("since: expected")
+        status, _, body = http_get(daemon.http("/api/search?q=dog&source=porch"))
+        answer = json.loads(body)
+        if status == 503:  # no store in this daemon (yet)
+            assert answer["message"] == HISTORY_OFF
+        else:
+            assert status == 200 and answer["sources"] == ["porch"]
+            assert answer["model"].startswith("streamcap-tiny-")
+    finally:
+        assert daemon.stop() == 0
