@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 
@@ -149,22 +149,42 @@ class HistoryApi:
         server.add_json_route("GET", HISTORY_PATH, self._history, label="api.history")
 
     @contextlib.contextmanager
-    def _slot(self) -> Iterator[None]:
-        """One of the :attr:`max_concurrent` requests served at once; 503 beyond."""
+    def _slot(self) -> Iterator[list[asyncio.Future[Any]]]:
+        """One of the :attr:`max_concurrent` requests served at once; 503 beyond.
+
+        The slot is held until the request's thread work (:meth:`_offload`) is over too:
+        a client that goes away cancels the handler, not the thread.
+        """
         if self._busy >= self.max_concurrent:
             raise web.HTTPServiceUnavailable(
                 text=f"too many history requests at once (at most {self.max_concurrent}); "
                      "try again shortly")
         self._busy += 1
+        running: list[asyncio.Future[Any]] = []
         try:
-            yield
+            yield running
         finally:
-            self._busy -= 1
+            left = [f for f in running if not f.done()]
+            if left:
+                left[-1].add_done_callback(self._release)
+            else:
+                self._busy -= 1
 
-    async def _with_reader(self, work: Callable[[HistoryStore], T]) -> T:
+    def _release(self, _done: object = None) -> None:
+        self._busy -= 1
+
+    async def _offload(self, running: list[asyncio.Future[Any]], work: Awaitable[T]) -> T:
+        """Await ``work`` (a thread's), noted in the request's slot; cancelling the request
+        leaves it running, and holding the slot, until it ends."""
+        future = asyncio.ensure_future(work)
+        running.append(future)
+        return await asyncio.shield(future)
+
+    async def _with_reader(self, running: list[asyncio.Future[Any]],
+                           work: Callable[[HistoryStore], T]) -> T:
         """``work(reader)`` on a worker thread with a reader of its own; 503 without history."""
         try:
-            return await asyncio.to_thread(self._in_thread, work)
+            return await self._offload(running, asyncio.to_thread(self._in_thread, work))
         except HistoryError as exc:
             if str(exc) == HISTORY_OFF:
                 raise web.HTTPServiceUnavailable(text=HISTORY_OFF) from None
@@ -194,14 +214,15 @@ class HistoryApi:
         except ConfigError as exc:
             raise _bad(exc.problems[0]) from None
         span = self._span(request)
-        with self._slot():
-            return await self._run_search(text, span, limit)
+        with self._slot() as running:
+            return await self._run_search(running, text, span, limit)
 
-    async def _run_search(self, text: str, span: Span, limit: int) -> object:
+    async def _run_search(self, running: list[asyncio.Future[Any]], text: str, span: Span,
+                          limit: int) -> object:
         vector: Float32Array | None = None
         if self.embed_text is not None:
             try:
-                vector = await self.embed_text(text)
+                vector = await self._offload(running, self.embed_text(text))
             except ModelError as exc:
                 raise web.HTTPServiceUnavailable(text=f"the query cannot be embedded: "
                                                       f"{exc}") from None
@@ -211,7 +232,7 @@ class HistoryApi:
             embed = None if embedded is None else (lambda _text: embedded)
             return run_search(store, embed, self.model, text, span, limit)
 
-        hits = await self._with_reader(search)
+        hits = await self._with_reader(running, search)
         return {"query": text, "since": span.since, "until": span.until,
                 "sources": list(span.sources), "hits": [hit_view(h) for h in hits],
                 "model": self.model}
@@ -241,8 +262,8 @@ class HistoryApi:
                     raise
                 return str(exc)  # the store did not make this cursor
 
-        with self._slot():
-            result = await self._with_reader(page)
+        with self._slot() as running:
+            result = await self._with_reader(running, page)
         if isinstance(result, str):
             _log.debug("history page refused: bad cursor", error=result)
             raise _bad("cursor: expected the 'next' of a previous page")
