@@ -103,6 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from streamcap.triggers.calibrate import add_parser as add_triggers_parser
 
     add_triggers_parser(sub)
+    from streamcap.history.cli import add_parser as add_search_parser
+
+    add_search_parser(sub)
     return parser
 
 
@@ -202,6 +205,12 @@ def _cmd_triggers(args: argparse.Namespace) -> int:
     return calibrate_command(args)
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from streamcap.history.cli import search_command
+
+    return search_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = _build_parser()
@@ -222,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _cmd_training,
         "eval": _cmd_training,
         "triggers": _cmd_triggers,
+        "search": _cmd_search,
     }
     try:
         code = handlers[args.command](args)

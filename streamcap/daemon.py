@@ -38,10 +38,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from streamcap import systemd
 from streamcap.audio.watchdog import WatchdogOptions
@@ -51,6 +51,7 @@ from streamcap.bus.plugin import Sink, recall_history, sink_endpoint, tell_trigg
 from streamcap.config import Config, SourceConfig, default_config, parse_config
 from streamcap.errors import ConfigError, HistoryError
 from streamcap.history.records import WindowRecord
+from streamcap.history.store import HistoryStore
 from streamcap.history.writer import HistoryRecorder
 from streamcap.http import HealthReport, HttpServer
 from streamcap.logs import Throttle, configure_logging, get_logger
@@ -58,6 +59,7 @@ from streamcap.messages import (
     AudioBlock,
     Caption,
     Embedding,
+    Float32Array,
     Published,
     SourceState,
     SourceStatus,
@@ -73,6 +75,9 @@ from streamcap.stats import Metrics
 from streamcap.triggers.engine import TriggerEngine
 from streamcap.triggers.registry import TriggerRegistry, TriggerStates
 from streamcap.triggers.spec import TriggerSpec
+
+if TYPE_CHECKING:
+    from streamcap.history.api import HistoryApi
 
 _log = get_logger(__name__)
 
@@ -259,9 +264,9 @@ class Daemon:
 
     def history_path(self) -> Path:
         """The history database file: ``[history] path`` or the state directory's."""
-        if self.config.history.path:
-            return Path(self.config.history.path).expanduser()
-        return state_root(self.config) / "history" / "history.sqlite3"
+        from streamcap.history.cli import history_path
+
+        return history_path(self.config)
 
     def _open_history(self) -> HistoryRecorder | None:
         """Open the store and start its writer (blocking: it checks the file).
@@ -322,6 +327,41 @@ class Daemon:
             run_blocking=self.runtime.run_side, publish=self._publish, metrics=self.metrics,
             run_id=self.run_id, state_dir=state_root(self.config) / "triggers",
             config_dir=config_dir, max_gap_s=MAX_GAP_S)
+
+    def _history_reader(self) -> HistoryStore:
+        """A reader handle on the history store, for one search or page (a worker thread).
+
+        Raises:
+            HistoryError: there is no history (off, or the store could not be opened).
+        """
+        from streamcap.history.api import HISTORY_OFF
+
+        history = self.history
+        if history is None:
+            raise HistoryError(HISTORY_OFF)
+        reader: HistoryStore = history.reader()
+        return reader
+
+    def _history_api(self) -> HistoryApi:
+        """``/api/search`` and ``/api/history``; the query is embedded by the loaded model's
+        retriever on the inference runtime's side thread."""
+        from streamcap.history.api import HistoryApi
+        from streamcap.models.captioner import Captioner
+        from streamcap.triggers.fastpath import RetrieverTriggerModel
+
+        captioner = self.captioner
+        embed: Callable[[str], Awaitable[Float32Array]] | None = None
+        if isinstance(captioner, Captioner) and captioner.components.retriever is not None:
+            retriever = RetrieverTriggerModel(captioner)
+
+            async def embed(text: str) -> Float32Array:
+                vectors = await self.runtime.run_side(retriever.embed_texts, [text])
+                vector: Float32Array = vectors[0]
+                return vector
+
+        model = captioner.model_id if captioner is not None else ""
+        return HistoryApi(self._history_reader, embed, model, sources=list(self.config.sources),
+                          node_id=self.config.daemon.node_id)
 
     def _on_status(self, status: SourceStatus) -> None:
         previous = self._statuses.get(status.source_id)
@@ -465,6 +505,7 @@ class Daemon:
 
             TriggerApi(self.triggers, self.trigger_states,
                        token=secret(http.token_env)).install(self.http)
+            self._history_api().install(self.http)
         bus = asyncio.create_task(self.bus.run(), name="streamcap[bus].run")
         await asyncio.sleep(0)  # let the bus start the sinks
         if bus.done():

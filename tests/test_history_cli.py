@@ -1,0 +1,152 @@
+"""``streamcap search``: through a subprocess against a store file, and its table in-process.
+
+Until the SQLite store exists, the store file is the fake store's JSON
+(``history_fakes.save``) and the subprocess is ``tests/history_fakes.py`` (the CLI
+with ``open_history_reader`` reading that file). The errors that come before a store
+is read run the real ``python -m streamcap search``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from history_fakes import FakeHistory, save, window
+from timing import scaled
+
+from streamcap.history import cli as history_cli
+from streamcap.history.cli import DEFAULT_FILE, print_table, search_command, text_embedder
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+QUERY = "a dog is barking"
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[str, np.ndarray, np.ndarray]:
+    """The demo bundle's model id and the text embeddings of QUERY and of another text."""
+    model, embed = text_embedder("demo")
+    assert embed is not None
+    return model, embed(QUERY), embed("rain falls on the roof")
+
+
+def setup_store(tmp: Path, demo: tuple[str, np.ndarray, np.ndarray]) -> tuple[Path, FakeHistory]:
+    model, dog, rain = demo
+    state = tmp / "state"
+    config = tmp / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{state}"\n\n[model]\nbundle = "demo"\n\n'
+                      '[sources.porch]\nuri = "file:/dev/null"\n\n'
+                      '[sources.kitchen]\nuri = "file:/dev/null"\n')
+    now = time.time()
+    store = FakeHistory()
+    store.write([
+        window("porch", now - 3600, "rain", vector=rain, model=model),
+        window("porch", now - 1200, "a dog barks", vector=dog, model=model),
+        window("porch", now - 1190, "a dog barks twice", vector=dog * 0.9 + rain * 0.1,
+               model=model),
+        window("kitchen", now - 600, "a kettle whistles", vector=rain, model=model),
+        window("kitchen", now - 4 * 86400, "a dog barks", vector=dog, model=model),
+        window("porch", now - 300, "a dog barks", vector=[1.0, 0.0], model="old-model"),
+    ])
+    path = state / DEFAULT_FILE
+    path.parent.mkdir(parents=True)
+    save(store, path)
+    return config, store
+
+
+def run_cli(*args: str, fake: bool = True, cwd: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    command = ([sys.executable, str(TESTS / "history_fakes.py")] if fake
+               else [sys.executable, "-m", "streamcap"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*command, "search", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=scaled(180), check=False)
+
+
+def test_search_prints_hits_as_json_lines(tmp_path: Path,
+                                          demo: tuple[str, np.ndarray, np.ndarray]) -> None:
+    config, _ = setup_store(tmp_path, demo)
+    done = run_cli(QUERY, "--config", str(config), "--json", "--since", "2d",
+                   "--source", "porch")
+    assert done.returncode == 0, done.stderr
+    hits = [json.loads(line) for line in done.stdout.splitlines()]
+    first = hits[0]
+    assert first["captions"] == ["a dog barks", "a dog barks twice"]
+    assert first["similarity"] == pytest.approx(1.0, abs=1e-5)  # the same retriever
+    assert first["model"] == demo[0] and first["end_at"] - first["start_at"] == 20
+    assert {h["source_id"] for h in hits} == {"porch"}
+    old = next(h for h in hits if h["model"] == "old-model")  # no comparable embedding
+    assert old["similarity"] is None and old["text_match"] > 0
+    assert "Traceback" not in done.stderr
+
+
+def test_search_prints_a_table_with_local_times(tmp_path: Path,
+                                                demo: tuple[str, np.ndarray, np.ndarray],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    config, store = setup_store(tmp_path, demo)
+    args = argparse.Namespace(query=QUERY, config=config, source=[], since=None, until=None,
+                              limit=2, json=False, model=None)
+    assert search_command(args, open_reader=lambda _config: store.reader()) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    assert " porch " in lines[0] and lines[0].endswith("a dog barks | a dog barks twice")
+    day = time.strftime("%Y-%m-%d", time.localtime(time.time() - 4 * 86400))
+    assert lines[1].startswith(day) and " kitchen " in lines[1]
+    assert store.readers[-1].closed
+    out = io.StringIO()
+    print_table([], out)
+    assert out.getvalue() == "no matches\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--since", "yesterday"], "--since: expected a time ago"),
+    (["--until", "2024-05-01T10:00"], "--until: has no time zone"),
+    (["--since", "1h", "--until", "2h"], "--until: must be later than --since"),
+    (["--limit", "0"], "--limit: expected an integer from 1 to 100"),
+    (["--limit", "101"], "--limit: expected an integer from 1 to 100"),
+    (["--source", "attic"], "--source: unknown source 'attic' (known: kitchen, porch)"),
+])
+def test_bad_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
+                                              message: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n\n'
+                      '[sources.porch]\nuri = "file:/dev/null"\n\n'
+                      '[sources.kitchen]\nuri = "file:/dev/null"\n')
+    done = run_cli("dog", "--config", str(config), *args, fake=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"streamcap: error: {message}"), lines
+    assert done.stdout == ""
+
+
+def test_no_store_yet_names_the_path_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    done = run_cli("dog", "--config", str(config), fake=False)
+    assert done.returncode == 2
+    path = tmp_path / "state" / DEFAULT_FILE
+    assert done.stderr.splitlines() == [
+        (f"streamcap: error: {path}: no history here yet (the daemon writes it while it runs "
+        "with [history] enabled; see --config)")]
+
+
+def test_an_empty_query_is_refused(tmp_path: Path) -> None:
+    done = run_cli("  ", cwd=tmp_path, fake=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "streamcap: error: QUERY: expected the words to search for (got nothing)"]
+
+
+def test_the_store_path_follows_the_state_directory(tmp_path: Path) -> None:
+    from streamcap.config import parse_config
+
+    config = parse_config({"daemon": {"state_dir": str(tmp_path)}})
+    assert history_cli.history_path(config) == tmp_path / "history" / "history.sqlite3"
