@@ -37,6 +37,7 @@ from streamcap.options import (
     toml_key,
     type_name,
 )
+from streamcap.privacy.options import PrivacyConfig
 from streamcap.redact import is_secret_key
 from streamcap.sources.base import (
     SOURCE_OPTIONS,
@@ -194,6 +195,7 @@ class Config:
     http: HttpConfig
     triggers: Mapping[str, TriggerSpec] = field(default_factory=dict)
     trigger_path: TriggerPathConfig = field(default_factory=TriggerPathConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     path: Path | None = None
 
 
@@ -208,6 +210,7 @@ class _Document:
     sinks: Mapping[str, object] = option(default_factory=dict)
     triggers: Mapping[str, object] = option(default_factory=dict)
     trigger_path: TriggerPathConfig = option(default_factory=TriggerPathConfig)
+    privacy: PrivacyConfig = option(default_factory=PrivacyConfig)
 
 
 def _read_source(name: str, table: Mapping[str, Any], where: str,
@@ -306,7 +309,8 @@ def read_config(data: Mapping[str, Any],
         problems.append("sources: at least one [sources.<name>] table is needed")
     triggers = read_triggers(top.triggers, set(sources), problems)
     config = Config(daemon=top.daemon, model=top.model, sources=sources, sinks=sinks,
-                    http=top.http, triggers=triggers, trigger_path=top.trigger_path, path=path)
+                    http=top.http, triggers=triggers, trigger_path=top.trigger_path,
+                    privacy=top.privacy, path=path)
     return config, problems
 
 
