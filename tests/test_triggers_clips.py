@@ -9,10 +9,13 @@ fixed threshold. Waits are generous upper bounds; nothing asserts how long anyth
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import stat
 import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,17 +28,18 @@ import soundfile as sf
 from conftest import free_port
 from daemon_process import WAIT_S, DaemonProcess, http_get, metric_samples
 from timing import scaled
+from websockets.asyncio.client import connect
 
 from streamcap.config import parse_config
 from streamcap.errors import ConfigError
 from streamcap.http import HealthReport, HttpServer
 from streamcap.messages import AudioBlock, TriggerEvent, TriggerState, make_block
 from streamcap.stats import Metrics
+from streamcap.training.data.corpus_sounds import siren
 from streamcap.triggers.clips import ClipRecorder, clip_name, clip_path, clip_plan
 from streamcap.triggers.clips_api import ClipsApi
 from streamcap.triggers.registry import TriggerRegistry, spec_table
 from streamcap.triggers.spec import TriggerSpec, read_trigger
-from streamcap.training.data.corpus_sounds import siren
 
 RATE = 8000
 RUN = "3f2a9c51d07e4b88"
@@ -350,7 +354,7 @@ MODEL = ('[model]\nbundle = "demo"\ndevice = "cpu"\nprecision = "fp32"\nthreads 
          '[model.decoding]\nn_candidates = 2\nseed = 0\n')
 
 
-def daemon_config(tmp: Path, *, http_port: int) -> str:
+def daemon_config(tmp: Path, *, http_port: int, ws_port: int) -> str:
     # The fixed threshold of tests/test_triggers_daemon.py (measured there on these sounds).
     return f"""
 [daemon]
@@ -377,6 +381,11 @@ clip_s = [2, 2]
 [sinks.archive]
 plugin = "jsonl"
 path = "{tmp / 'archive.jsonl'}"
+accepts = ["caption"]
+
+[sinks.ws]
+plugin = "websocket"
+port = {ws_port}
 
 [http]
 port = {http_port}
@@ -384,46 +393,79 @@ port = {http_port}
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, int]]:
     tmp = tmp_path_factory.mktemp("clips")
     sf.write(tmp / "siren.wav", 0.3 * siren(np.random.default_rng(3), 12 * 32000, 32000), 32000)
-    http_port = free_port()
+    http_port, ws_port = free_port(), free_port()
     config = tmp / "streamcap.toml"
-    config.write_text(daemon_config(tmp, http_port=http_port), encoding="utf-8")
+    config.write_text(daemon_config(tmp, http_port=http_port, ws_port=ws_port),
+                      encoding="utf-8")
     proc = DaemonProcess.start(config, env={}, log=tmp / "daemon.log",
                                jsonl=tmp / "archive.jsonl", http_port=http_port)
     try:
-        yield proc
+        yield proc, ws_port
     finally:
         proc.kill()
 
 
-@pytest.mark.slow
-def test_a_firing_saves_its_clip_and_the_api_serves_it(daemon: DaemonProcess) -> None:
-    def clip_written() -> tuple[tuple[dict[str, Any] | None, int], bool]:
-        on = next((f for f in daemon.frames()
-                   if f["type"] == "trigger" and f["state"] == "on"), None)
-        if on is None or on["clip"] is None:
-            return (on, 0), False
-        try:
-            status, content_type, _ = http_get(daemon.http(f"/api/clips/{on['clip']}"))
-        except OSError:
-            return (on, 0), False
-        return (on, status), status == 200 and content_type == "audio/flac"
+async def first_on_with_clip(url: str, timeout_s: float) -> dict[str, Any] | None:
+    """The first "on" trigger frame a WebSocket client subscribed to triggers receives."""
+    async with connect(url, open_timeout=scaled(30)) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "kinds": ["trigger"]}))
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), timeout=left))
+            except TimeoutError:
+                return None
+            if frame.get("type") == "trigger" and frame.get("state") == "on":
+                return dict(frame)
+    return None
 
-    on, _ = daemon.poll(clip_written, lambda got: f"no clip served within {WAIT_S} s: "
-                        f"{got}\n{daemon.log_tail()}", timeout_s=WAIT_S, interval_s=0.5)
-    assert on is not None and on["clip"] == f"{on['event_id']}.flac"
-    path = daemon.config.parent / "state" / "clips" / on["clip"]
-    data, rate = sf.read(path, dtype="float32")
+
+def wait_http(proc: DaemonProcess) -> None:
+    """Until /metrics answers (the model loads first)."""
+    def probe() -> tuple[None, bool]:
+        try:
+            return None, http_get(proc.http("/metrics"))[0] == 200
+        except OSError:
+            return None, False
+
+    proc.poll(probe, lambda _: f"HTTP never answered:\n{proc.log_tail()}", interval_s=0.5)
+
+
+@pytest.mark.slow
+def test_a_firing_saves_its_clip_and_the_api_serves_it(
+        daemon: tuple[DaemonProcess, int]) -> None:
+    proc, ws_port = daemon
+    wait_http(proc)
+    on = asyncio.run(first_on_with_clip(f"ws://127.0.0.1:{ws_port}/", WAIT_S))
+    assert on is not None, f"no firing within {WAIT_S} s\n{proc.log_tail()}"
+    assert on["trigger"] == "siren" and on["clip"] == f"{on['event_id']}.flac"
+    url = proc.http(f"/api/clips/{on['clip']}")
+
+    def served() -> tuple[tuple[int, str, bytes], bool]:
+        try:
+            with urllib.request.urlopen(url, timeout=scaled(30)) as response:
+                got = response.status, response.headers.get("Content-Type", ""), response.read()
+        except urllib.error.HTTPError as exc:  # 404 until the clip is written
+            return (exc.code, "", b""), False
+        return got, got[0] == 200
+
+    _, content_type, body = proc.poll(
+        served, lambda got: f"{url} answered {got[:2]}\n{proc.log_tail()}", interval_s=0.5)
+    assert content_type == "audio/flac"
+    path = proc.config.parent / "state" / "clips" / on["clip"]
+    assert body == path.read_bytes()
+    data, rate = sf.read(io.BytesIO(body), dtype="float32")
     assert rate == 32000 and 0 < data.size <= 4 * 32000
     assert float(np.abs(data).max()) > 0.05  # the siren, not silence
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     # the speech guard ran ("mark"): a siren is no speech
-    captions = daemon.wait_captions(1)
-    assert all(c["speech"] is False for c in captions), captions
-    status, _, _ = http_get(daemon.http("/api/clips/nothing.flac"))
+    captions = proc.wait_captions(1)
+    assert captions and all(c["speech"] is False for c in captions), captions
+    status, _, _ = http_get(proc.http("/api/clips/nothing.flac"))
     assert status == 404
-    _, _, text = http_get(daemon.http("/metrics"))
+    _, _, text = http_get(proc.http("/metrics"))
     assert metric_samples(text, "streamcap_clips_total")['{result="written"}'] >= 1
-    assert daemon.stop() == 0
+    assert proc.stop() == 0

@@ -332,6 +332,8 @@ def test_speech_and_clip_are_on_the_wire_and_in_the_schema(
         validator: jsonschema.Draft202012Validator) -> None:
     """The speech guard's verdict (null when off) and an event clip's name are carried and
     validate; a clip name that is not "<event_id>.flac" does not."""
+    from dataclasses import replace
+
     for speech in (True, False, None):
         frame = to_wire(replace(caption(), speech=speech), node_id="node-a")
         assert frame["speech"] is speech
