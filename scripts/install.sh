@@ -2,7 +2,7 @@
 # Install streamcap into ./.venv on a fresh Debian/Ubuntu machine.
 #   bash scripts/install.sh            system audio libraries + the package
 #   bash scripts/install.sh --test     also the tools the test suite drives for real
-#                                      (PulseAudio, ffmpeg, mosquitto, Chromium) and the test extras
+#                                      (PulseAudio, ffmpeg, mosquitto, Chromium, espeak-ng) and the test extras
 #   bash scripts/install.sh --newest   Python packages at the newest versions pyproject.toml
 #                                      allows instead of the tested ones in requirements.lock
 # Flags combine. Python packages come from requirements.lock (exact versions CI tested)
@@ -22,7 +22,7 @@ done
 
 apt_packages=(libportaudio2 libsndfile1 ffmpeg)
 if (( with_tests )); then
-  apt_packages+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto mosquitto-clients chromium systemd openssl)
+  apt_packages+=(pulseaudio pulseaudio-utils libasound2-plugins mosquitto mosquitto-clients chromium systemd openssl espeak-ng)
 fi
 
 # METEOR (evaluation) runs on Java; any Java 11+ will do.

@@ -42,7 +42,7 @@ from streamcap.config import ModelConfig, SourceConfig, load_config, parse_confi
 from streamcap.errors import ConfigError, SourceError, StreamcapError
 from streamcap.messages import CaptionResult, Window, make_block
 from streamcap.options import irregular_file
-from streamcap.pipeline import WindowCaptioner
+from streamcap.pipeline import SkippedWindow, WindowCaptioner
 from streamcap.sources.base import FileOptions
 from streamcap.sources.file import FileSource
 
@@ -283,8 +283,10 @@ def caption_files_command(args: argparse.Namespace) -> int:
                     continue
                 progress.update(f"{path.name}: window {item.seq + 1} at {item.start_s:.0f} s")
                 started = time.perf_counter()
-                result: CaptionResult = captioner.caption(item)
+                result = captioner.caption(item)
                 elapsed = time.perf_counter() - started
+                if isinstance(result, SkippedWindow):  # a guarded captioner's; none is here
+                    continue
                 progress.clear()
                 _print(path, item, result, elapsed, as_json=args.json)
         except StreamcapError as exc:  # a source's or the model's

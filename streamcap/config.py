@@ -38,6 +38,7 @@ from streamcap.options import (
     toml_key,
     type_name,
 )
+from streamcap.privacy.options import PrivacyConfig
 from streamcap.redact import is_secret_key
 from streamcap.sources.base import (
     SOURCE_OPTIONS,
@@ -196,6 +197,7 @@ class Config:
     triggers: Mapping[str, TriggerSpec] = field(default_factory=dict)
     trigger_path: TriggerPathConfig = field(default_factory=TriggerPathConfig)
     history: HistoryOptions = field(default_factory=HistoryOptions)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     path: Path | None = None
 
 
@@ -211,6 +213,7 @@ class _Document:
     triggers: Mapping[str, object] = option(default_factory=dict)
     trigger_path: TriggerPathConfig = option(default_factory=TriggerPathConfig)
     history: HistoryOptions = option(default_factory=HistoryOptions)
+    privacy: PrivacyConfig = option(default_factory=PrivacyConfig)
 
 
 def _read_source(name: str, table: Mapping[str, Any], where: str,
@@ -310,7 +313,7 @@ def read_config(data: Mapping[str, Any],
     triggers = read_triggers(top.triggers, set(sources), problems)
     config = Config(daemon=top.daemon, model=top.model, sources=sources, sinks=sinks,
                     http=top.http, triggers=triggers, trigger_path=top.trigger_path,
-                    history=top.history, path=path)
+                    history=top.history, privacy=top.privacy, path=path)
     return config, problems
 
 

@@ -72,6 +72,7 @@ from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
 from streamcap.preflight import check_config_file, prepare
 from streamcap.sources.base import AudioSource
 from streamcap.stats import Metrics
+from streamcap.triggers.clips import CLIPS_DIR, ClipRecorder
 from streamcap.triggers.engine import TriggerEngine
 from streamcap.triggers.registry import TriggerRegistry, TriggerStates
 from streamcap.triggers.spec import TriggerSpec
@@ -209,6 +210,11 @@ class Daemon:
         self.triggers.subscribe(self.trigger_states.retain)
         self._tell_sinks(self.triggers.specs())
         self.triggers.subscribe(self._tell_sinks)
+        # Trigger event clips ([triggers.<name>] clip_s): audio is kept only for the
+        # sources such triggers watch; [privacy] speech = "skip" keeps speech out of them.
+        self.clips = self._clip_recorder()
+        self.clips.set_triggers(self.triggers.specs())
+        self.triggers.subscribe(self.clips.set_triggers)
         self.worker: InferenceWorker | None = None
         self.http: HttpServer | None = None
         self.captioner: WindowCaptioner | None = None
@@ -241,8 +247,20 @@ class Daemon:
         for sink in self._sinks.values():
             tell_triggers(sink, specs)
 
+    def _clip_recorder(self) -> ClipRecorder:
+        privacy = self.config.privacy
+        guard = None
+        if privacy.speech == "skip":
+            from streamcap.privacy.speech import SpeechGuard
+
+            guard = SpeechGuard(privacy)  # its own model, loaded on the clip writer's thread
+        return ClipRecorder(state_root(self.config) / CLIPS_DIR, sources=self.config.sources,
+                            metrics=self.metrics, max_active=privacy.clip_max_active,
+                            max_bytes=privacy.clip_max_bytes, speech_guard=guard)
+
     def _publish(self, msg: Published) -> None:
         if isinstance(msg, TriggerEvent):
+            msg = self.clips.start(msg)  # names its clip when one is being saved
             self.trigger_states.observe(msg)
             if self.history is not None:
                 self.history.record(msg)
@@ -304,6 +322,17 @@ class Daemon:
         """Write what is queued and close the store, within ``timeout_s``."""
         if self.history is not None:  # it stays readable (searches open read handles)
             await asyncio.to_thread(self.history.close, timeout_s)
+
+    async def _guarded(self, captioner: WindowCaptioner) -> WindowCaptioner:
+        """``captioner`` behind the speech guard when ``[privacy] speech`` asks for one
+        (the VAD model is loaded on the inference thread, where it runs)."""
+        privacy = self.config.privacy
+        if not privacy.guarded:
+            return captioner
+        from streamcap.privacy.speech import GuardedCaptioner, SpeechGuard
+
+        guard = await self.runtime.run(SpeechGuard.load, privacy)
+        return GuardedCaptioner(captioner, guard)
 
     def _trigger_engine(self) -> TriggerEngine | None:
         """The trigger path for the loaded model; None when it cannot score and none is set.
@@ -369,6 +398,8 @@ class Daemon:
         self._source_up.set(1 if status.state is SourceState.RUNNING else 0, status.source_id)
         if status.state is SourceState.RETRYING:
             self._restarts.inc(1, status.source_id)
+        if status.state not in (SourceState.STARTING, SourceState.RUNNING):
+            self.clips.source_ended(status.source_id)
         if previous is None or previous.state != status.state or previous.reason != status.reason:
             self._publish(status)
 
@@ -380,6 +411,7 @@ class Daemon:
                 self._clipped.inc(block.clipped, block.source_id)
             if self.trigger_engine is not None:
                 self.trigger_engine.feed(block)
+            self.clips.feed(block)
             cut = windower.feed(block)  # a ValueError is a bug: it propagates
             if cut.restart is not None and cut.restart.reason is RestartReason.GAP:
                 _log.warning("audio gap: restarting windows", source=block.source_id,
@@ -482,15 +514,17 @@ class Daemon:
         assert self.captioner is not None  # run() loaded it
         # transformers installs its own log handler on import: route it through ours again.
         configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
-        rates = self.captioner.sample_rates_hz
+        captioner = await self._guarded(self.captioner)
+        rates = captioner.sample_rates_hz
         _log.info("model ready", model=self.captioner.model_id, rates_hz=list(rates),
-                  device=str(self.runtime.device), dtype=str(self.runtime.dtype))
+                  device=str(self.runtime.device), dtype=str(self.runtime.dtype),
+                  speech_guard=self.config.privacy.speech)
         engine = self.trigger_engine = self._trigger_engine()
         if engine is not None:
             # run-time changes (HTTP, MQTT) reach the engine, checked against the model first
             self.triggers.check = engine.problems
             self.triggers.subscribe(engine.set_triggers)
-        self.worker = InferenceWorker(self.captioner, self.queue, self._publish,
+        self.worker = InferenceWorker(captioner, self.queue, self._publish,
                                       self.runtime.run, self.metrics,
                                       publish_result=self._publish_result)
         if self.config.http.enabled:
@@ -502,10 +536,12 @@ class Daemon:
                                    request_timeout_s=http.request_timeout_s)
             from streamcap.options import secret
             from streamcap.triggers.api import TriggerApi
+            from streamcap.triggers.clips_api import ClipsApi
 
             TriggerApi(self.triggers, self.trigger_states,
                        token=secret(http.token_env)).install(self.http)
             self._history_api().install(self.http)
+            ClipsApi(self.clips.clips_dir).install(self.http)
         bus = asyncio.create_task(self.bus.run(), name="streamcap[bus].run")
         await asyncio.sleep(0)  # let the bus start the sinks
         if bus.done():
@@ -611,8 +647,11 @@ class Daemon:
                 error = task.exception()
                 _log.error("task failed", task=task.get_name(),
                            error=f"{type(error).__name__}: {error}")
-        # 2. The history writes what the drain captioned, then closes (a share of the
-        #    sinks' time: it writes hundreds of records a second).
+        # 2. Clips being collected end with what they have; their writes get until the
+        #    sinks' deadline (they run on a thread of their own). The history writes what
+        #    the drain captioned, then closes (a share of the sinks' time: it writes
+        #    hundreds of records a second).
+        await self.clips.close(budget.remaining(budget.sinks_deadline) / 2)
         await self._close_history(max(0.01, budget.remaining(budget.sinks_deadline) / 3))
         # 3. Sinks deliver what they hold (the MQTT sink publishes "offline").
         closing = asyncio.create_task(

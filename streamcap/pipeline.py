@@ -27,6 +27,18 @@ from streamcap.stats import Metrics
 _log = get_logger(__name__)
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SkippedWindow:
+    """A captioner's answer for a window it chose not to caption (the speech guard's
+    ``[privacy] speech = "skip"``): nothing is published, stored or clipped for it; the
+    worker counts it in ``streamcap_windows_skipped_total{source, reason}``."""
+
+    window_id: str
+    source_id: str
+    reason: str  # a metric label: "speech"
+    detail: str = ""  # for the debug log
+
+
 class WindowCaptioner(Protocol):
     """Anything that turns a window into a caption; runs on the inference thread."""
 
@@ -36,7 +48,7 @@ class WindowCaptioner(Protocol):
     @property
     def sample_rates_hz(self) -> tuple[int, ...]: ...
 
-    def caption(self, window: Window) -> CaptionResult: ...
+    def caption(self, window: Window) -> CaptionResult | SkippedWindow: ...
 
 
 class RoundRobinWindows:
@@ -206,8 +218,8 @@ class InferenceWorker:
         captioner: WindowCaptioner,
         queue: WindowQueue,
         publish: Callable[[Published], None],
-        run_blocking: Callable[[Callable[[Window], CaptionResult], Window],
-                               Awaitable[CaptionResult]],
+        run_blocking: Callable[[Callable[[Window], CaptionResult | SkippedWindow], Window],
+                               Awaitable[CaptionResult | SkippedWindow]],
         metrics: Metrics,
         clock: Clock | None = None,
         *,
@@ -237,6 +249,11 @@ class InferenceWorker:
             "streamcap_captions_total", "Captions published, by source", ["source"])
         self._failures = metrics.counter(
             "streamcap_inference_failures_total", "Windows whose captioning raised", ["source"])
+        self._skipped = metrics.counter(
+            "streamcap_windows_skipped_total",
+            "Windows the captioner chose not to caption, by source and reason",
+            ["source", "reason"])
+        self.skipped = 0
 
     def finish_by(self, deadline: float) -> None:
         """Start no window that is not expected to finish by ``deadline`` (``time.monotonic``)."""
@@ -264,6 +281,12 @@ class InferenceWorker:
             return
         self.in_flight = None
         latency_s = time.monotonic() - started
+        if isinstance(result, SkippedWindow):
+            self.skipped += 1
+            self._skipped.inc(1, result.source_id, result.reason)
+            _log.debug("window not captioned", window_id=result.window_id,
+                       source_id=result.source_id, reason=result.reason, detail=result.detail)
+            return
         now = self._clock.wall()
         lag_s = max(0.0, now - (window.captured_at + window.duration_s))
         caption = dataclasses.replace(

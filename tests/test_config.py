@@ -33,6 +33,7 @@ from streamcap.history.options import HistoryOptions
 from streamcap.models.decoding.abstain import AbstentionOptions
 from streamcap.models.decoding.options import DecodingOptions
 from streamcap.options import known_keys
+from streamcap.privacy.options import PrivacyConfig
 from streamcap.sources.base import (
     SOURCE_OPTIONS,
     FileOptions,
@@ -647,6 +648,7 @@ def test_shipped_config_documents_every_dataclass_field() -> None:
         _fields(SourceConfig) - {"name", "explicit", "capture"} | capture)
     assert documented["http"] == _fields(HttpConfig)
     assert documented["history"] == _fields(HistoryOptions)
+    assert documented["privacy"] == _fields(PrivacyConfig)
     assert "plugin" in documented["sinks.ws"]
     # Only the keys without a fixed default are left commented out.
     active = tomllib.loads(SHIPPED.read_text(encoding="utf-8"))

@@ -326,3 +326,23 @@ def test_trigger_frames_on_off_and_announcement(validator: jsonschema.Draft20201
     assert (off["state"], off["fired_id"]) == ("off", on["event_id"])
     assert told["state"] == "off" and told["fired_id"] is None
     assert told["score"] is None and told["threshold"] is None and told["start_s"] is None
+
+
+def test_speech_and_clip_are_on_the_wire_and_in_the_schema(
+        validator: jsonschema.Draft202012Validator) -> None:
+    """The speech guard's verdict (null when off) and an event clip's name are carried and
+    validate; a clip name that is not "<event_id>.flac" does not."""
+    from dataclasses import replace
+
+    for speech in (True, False, None):
+        frame = to_wire(replace(caption(), speech=speech), node_id="node-a")
+        assert frame["speech"] is speech
+        validator.validate(frame)
+    event_id = f"{RUN}:dog:kitchen:2"
+    on = to_wire(replace(trigger(), event_id=event_id, clip=f"{event_id}.flac"), node_id="n")
+    assert on["clip"] == f"{event_id}.flac"
+    validator.validate(on)
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({**on, "clip": "../../etc/passwd"})
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({**to_wire(caption(), node_id="n"), "speech": "yes"})

@@ -126,6 +126,7 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
             flagged=bool(msg.flagged),
             confidence=_num(msg.confidence),
             abstained=bool(msg.abstained),
+            speech=msg.speech,
             model=msg.model,
             latency_ms=_num(msg.latency_ms),
             lag_s=_num(msg.lag_s),
@@ -154,6 +155,7 @@ def to_wire(msg: Published, *, node_id: str) -> dict[str, object]:
             captured_at=_num(msg.captured_at),
             model=msg.model,
             caption=msg.caption,
+            clip=msg.clip,
         )
     else:
         frame.update(

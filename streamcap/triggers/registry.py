@@ -101,6 +101,8 @@ def spec_table(spec: TriggerSpec) -> dict[str, object]:
         "of_windows": spec.of_windows,
         "cooldown_s": spec.cooldown_s,
         "off_after_s": spec.off_after_s,
+        # only when set: a table without it reads as before
+        **({"clip_s": list(spec.clip_s)} if spec.clip_s is not None else {}),
     }
 
 

@@ -26,6 +26,8 @@ MAX_PHRASES: Final = 32
 MAX_PHRASE_CHARS: Final = 200
 MAX_EXAMPLES: Final = 64
 MAX_HOLD_S: Final = 86400.0
+MAX_CLIP_PRE_S: Final = 30.0
+MAX_CLIP_POST_S: Final = 60.0
 AUTO: Final = "auto"
 
 
@@ -70,6 +72,9 @@ class TriggerSpec:
     sources: tuple[str, ...] = option((), check=_source_names,
                                       help="the sources it watches; empty = all")
     threshold: float | None = fixed(None)
+    # [pre, post] seconds of audio saved around each "on" event (streamcap.triggers.clips);
+    # None: no clip, no audio kept.
+    clip_s: tuple[float, float] | None = fixed(None)
     min_hits: int = option(2, min=1, max=100, help="hits among the last of_windows to turn on")
     of_windows: int = option(3, min=1, max=100)
     cooldown_s: float = option(10.0, min=0, max=MAX_HOLD_S,
@@ -96,6 +101,28 @@ def _threshold(value: object) -> tuple[float | None, str | None]:
     return float(value), None
 
 
+def _clip_s(value: object) -> tuple[tuple[float, float] | None, str | None]:
+    """``[pre, post]`` seconds -> the pair; null (JSON) -> None; else a problem."""
+    if value is None:
+        return None, None
+    expected = (f"expected [pre, post]: two numbers of seconds, 0 <= pre <= "
+                f"{MAX_CLIP_PRE_S:g} and 0 <= post <= {MAX_CLIP_POST_S:g}")
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None, f"{expected} (got {shown(value)})"
+    pair: list[float] = []
+    for what, item, most in (("pre", value[0], MAX_CLIP_PRE_S),
+                             ("post", value[1], MAX_CLIP_POST_S)):
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            return None, f"{what}: {expected} (got {shown(value)})"
+        # an int is compared as it is: float() of a huge one overflows
+        if (isinstance(item, float) and not math.isfinite(item)) or not 0 <= item <= most:
+            return None, f"{what} must be between 0 and {most:g} seconds (got {shown(value)})"
+        pair.append(float(item))
+    if pair[0] + pair[1] <= 0:
+        return None, f"pre + post must be > 0 (got {shown(value)})"
+    return (pair[0], pair[1]), None
+
+
 def watches(specs: Mapping[str, TriggerSpec], trigger: str, source: str) -> bool:
     """Whether ``trigger`` is in ``specs`` and watches ``source`` (no sources: every one).
 
@@ -117,7 +144,8 @@ def read_trigger(name: str, table: Mapping[str, object], where: str) -> Read[Tri
     problems: list[str] = []
     if not NAME_RE.match(name):
         problems.append(f"{where}: a trigger name must be 1-64 letters, digits, '-' or '_'")
-    got = read(TriggerSpec, table, where, also={"threshold"}, fixed_values={"name": name})
+    got = read(TriggerSpec, table, where, also={"threshold", "clip_s"},
+               fixed_values={"name": name})
     problems.extend(got.problems)
     spec = got.value
     if "threshold" in table:
@@ -125,6 +153,11 @@ def read_trigger(name: str, table: Mapping[str, object], where: str) -> Read[Tri
         if problem:
             problems.append(f"{where}.threshold: {problem}")
         spec = replace(spec, threshold=threshold)
+    if "clip_s" in table:
+        clip_s, problem = _clip_s(table["clip_s"])
+        if problem:
+            problems.append(f"{where}.clip_s: {problem}")
+        spec = replace(spec, clip_s=clip_s)
     return Read(spec, tuple(problems), got.given, got.refused)
 
 
