@@ -3,18 +3,28 @@
 Every wait here is ``scaled()`` by the test time factor (``STREAMCAP_TEST_TIME_FACTOR``,
 see ``timing.py``); test modules import ``scaled`` from ``timing`` for theirs.
 
-Sections: child processes (no test module may leave one running); loopback
-ports; ffmpeg (tone files, loopback senders); PulseAudio null sink (a real
-PortAudio device without a sound card).
+Sections: parallel workers (pytest-xdist); child processes (no test module may
+leave one running); loopback ports; ffmpeg (tone files, loopback senders);
+PulseAudio null sink (a real PortAudio device without a sound card); the example
+jsonl plugin.
+
+The suite runs in parallel (``-n auto --dist loadfile`` in pyproject.toml's addopts):
+one worker per core, each test file whole on one worker, so that a module-scoped
+fixture (one daemon subprocess per module) is set up once. A session fixture runs
+once per worker; one that changes something the workers share must go through
+``run_once.once_per_run``. ``-n 0`` runs everything in this process (as does a run of
+one test file, or ``--pdb``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,7 +34,68 @@ from typing import Any
 
 import pytest
 from processes import become_subreaper, keep_for_session, leaked_since, live_children, stop_leaked
+from run_once import once_per_run
 from timing import TIME_FACTOR, scaled
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --------------------------------------------------------------------------- parallel workers
+
+MAX_AUTO_WORKERS = 8
+"""Most workers ``-n auto`` starts: each imports torch and builds its own models."""
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+"""What sizes the math libraries' thread pools in this process and in the children it starts."""
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _test_files(config: pytest.Config) -> set[Path] | None:
+    """The test files the command line names, or None when it names a directory (or nothing
+    that exists, which pytest will report)."""
+    files: set[Path] = set()
+    for arg in config.args:
+        path = Path(config.invocation_params.dir, arg.split("::", 1)[0])
+        if not path.is_file():
+            return None
+        files.add(path.resolve())
+    return files
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto``: one worker per core (at most :data:`MAX_AUTO_WORKERS`); none (the tests
+    run in this process) for one test file, which a worker would only collect twice.
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    files = _test_files(config)
+    if files is not None and len(files) <= 1:
+        return 0
+    workers = min(cores(), MAX_AUTO_WORKERS)
+    return workers if workers > 1 else 0
+
+
+def worker_threads() -> int | None:
+    """Torch threads for each xdist worker: the cores shared out among the workers (so 1
+    with 2 workers on 2 cores); None outside xdist (threads stay as the tests set them)."""
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not count:
+        return None
+    return max(1, cores() // max(1, int(count)))
+
+
+@pytest.fixture(autouse=True)
+def _worker_torch_threads() -> None:
+    """Under xdist, each test starts with the worker's share of torch threads, whatever an
+    earlier test or a test module's import (``torch.set_num_threads(2)``) left."""
+    threads = worker_threads()
+    torch = sys.modules.get("torch")
+    if threads is not None and torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 # --------------------------------------------------------------------------- child processes
 
@@ -32,6 +103,10 @@ from timing import TIME_FACTOR, scaled
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     become_subreaper()
+    threads = worker_threads()
+    if threads is not None:  # before torch is imported, and for the processes tests start
+        for name in THREAD_ENV:
+            os.environ.setdefault(name, str(threads))
     # pytest-timeout's per-test limit from pyproject.toml is a wait too: scale it
     # (before pytest-timeout reads it), unless --timeout or PYTEST_TIMEOUT set one.
     ini = config.getini("timeout") if hasattr(config.option, "timeout") else None
@@ -325,3 +400,34 @@ def _refresh_portaudio() -> None:
     except ImportError:
         return
     refresh_portaudio()
+
+
+# --------------------------------------------------------------------------- the jsonl plugin
+
+JSONL_PLUGIN_DIR = ROOT / "plugins" / "streamcap-jsonl"
+
+
+def _pip_install_jsonl_plugin() -> None:
+    shutil.rmtree(JSONL_PLUGIN_DIR / "build", ignore_errors=True)  # no stale files in the wheel
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-deps", "--no-build-isolation", "--force-reinstall", str(JSONL_PLUGIN_DIR)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pip could not install {JSONL_PLUGIN_DIR}:\n{done.stdout}\n"
+                           f"{done.stderr}")
+
+
+@pytest.fixture(scope="session")
+def jsonl_installed(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """plugins/streamcap-jsonl pip-installed into this interpreter's environment
+    (``--no-deps --no-build-isolation``), found through its entry point as a third-party
+    plugin is. Every test whose daemon has a ``jsonl`` sink requests it.
+
+    Once per run, not once per xdist worker: a reinstall would pull the plugin from under
+    a daemon that another worker runs with it.
+    """
+    once_per_run(tmp_path_factory, "pip-install-streamcap-jsonl", _pip_install_jsonl_plugin)
+    importlib.invalidate_caches()
+    sys.modules.pop("streamcap_jsonl", None)

@@ -326,7 +326,8 @@ def test_run_refuses_a_bad_source_uri_before_starting(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def daemon(jsonl_installed: None,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One daemon with a good source, a FIFO, a link to it, a 1 Hz file, a 1e30 file and a
     looped 1-sample file, all as file sources."""
     tmp = tmp_path_factory.mktemp("hostile-daemon")

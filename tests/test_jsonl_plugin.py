@@ -1,21 +1,18 @@
 """The separately installable example plugin plugins/streamcap-jsonl, installed and run for real.
 
-The session fixture pip-installs the plugin into the running interpreter's
-environment (``--no-deps --no-build-isolation``; reinstalling is harmless), so
-that it is found through its entry point exactly as a third-party plugin is.
+The session fixture ``jsonl_installed`` (tests/conftest.py) pip-installs the plugin
+into the running interpreter's environment, so that it is found through its entry
+point exactly as a third-party plugin is.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import jsonl_installed
 
 from streamcap.bus.bus import PluginBus
 from streamcap.bus.plugin import SINKS_GROUP, list_plugins, load_sink, load_sinks
@@ -31,21 +28,7 @@ from streamcap.messages import (
 )
 from streamcap.stats import Metrics
 
-PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "streamcap-jsonl"
-
-
-@pytest.fixture(scope="session")
-def jsonl_installed() -> None:
-    shutil.rmtree(PLUGIN_DIR / "build", ignore_errors=True)  # no stale files in the wheel
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--no-deps", "--no-build-isolation", "--force-reinstall", str(PLUGIN_DIR)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"pip could not install {PLUGIN_DIR}:\n{done.stdout}\n{done.stderr}")
-    importlib.invalidate_caches()
-    sys.modules.pop("streamcap_jsonl", None)
+__all__ = ["jsonl_installed"]  # importable from here too, as other test modules do
 
 
 def messages() -> list[Published]:
