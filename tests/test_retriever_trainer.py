@@ -154,6 +154,7 @@ def test_short_training_beats_chance_on_held_out_clips() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hang guard: minutes of one CPU thread under a parallel run
 def test_training_on_corpus_scenes_beats_chance_on_held_out_scenes(tmp_path: Path) -> None:
     """End to end on synthetic-corpus waveforms (CNext trained too), about a minute of CPU.
 
