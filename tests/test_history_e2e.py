@@ -9,7 +9,7 @@ each: ``every`` (``publish = "every"``) and ``change`` (``publish = "change"``).
 daemon of the second run serves every test:
 
 (a) the ``every`` client gets the first run's stored captions (their run_id) before any
-    new one;
+    new one; the ``change`` client only those of them the change rule admits;
 (b) over the same period the ``change`` client gets fewer captions than the ``every``
     client, ``streamcap_sink_suppressed_total`` counts the difference, and the history
     holds every window;
@@ -41,10 +41,12 @@ from timing import scaled
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from streamcap.bus.change import ChangeRule, recalled_changes
 from streamcap.errors import HistoryError
 from streamcap.history.records import Span, WindowRecord
 from streamcap.history.search import query_terms
 from streamcap.history.sqlite import SqliteHistory
+from streamcap.messages import Caption
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +55,7 @@ NODE = "mem"
 SOURCE = "loop"
 FIRST_RUN_WINDOWS = 3
 SUPPRESSED = "streamcap_sink_suppressed_total"
+HEARTBEAT_S = 3600.0
 Frame = dict[str, Any]
 
 
@@ -108,7 +111,7 @@ plugin = "websocket"
 port = {ports.change}
 backfill = 1000
 publish = "change"
-heartbeat_s = 3600
+heartbeat_s = {HEARTBEAT_S}
 
 [http]
 port = {ports.http}
@@ -252,6 +255,24 @@ def test_a_restarted_daemon_replays_the_stored_captions_before_any_new_one(
     # ... and only then the new run's
     assert captions[recalled:] and all(c["run_id"] == hello["run_id"]
                                        for c in captions[recalled:])
+
+
+def test_a_restarted_change_sink_replays_only_the_stored_changes(memory: Memory) -> None:
+    # what the change rule admits of the first run's captions, from a fresh start
+    changes = [m.window_id for m in recalled_changes(
+        ChangeRule(heartbeat_s=HEARTBEAT_S), [w.to_caption() for w in memory.first_run])
+        if isinstance(m, Caption)]
+    assert 0 < len(changes) < len(memory.first_run)  # a steady tone: the same caption
+
+    def probe() -> tuple[list[Frame], bool]:
+        frames = memory.change.frames()
+        return frames, bool(memory.new([f for f in frames if f["type"] == "caption"]))
+
+    frames = memory.wait("a caption of the second run on the change sink", probe)
+    assert frames[0]["capabilities"]["recalled"] == {
+        "captions": {SOURCE: len(changes)}, "triggers": 0}
+    captions = [f["window_id"] for f in frames if f["type"] == "caption"]
+    assert captions[:len(changes)] == changes
 
 
 def test_b_a_change_sink_gets_fewer_captions_and_the_history_every_window(
