@@ -146,6 +146,21 @@ def test_no_store_yet_names_the_path_and_exits_2(tmp_path: Path) -> None:
         "with [history] enabled; see --config)")]
 
 
+@pytest.mark.parametrize("content", [b"not a database at all",
+                                     b"SQLite format 3\x00" + bytes(range(256)) * 64])
+def test_an_unreadable_store_names_the_path_and_exits_2(tmp_path: Path, content: bytes) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    path = tmp_path / "state" / DEFAULT_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    done = run_cli("dog", "--config", str(config))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamcap: error: history store ")
+    assert str(path) in lines[0] and "Traceback" not in done.stderr
+
+
 def test_an_empty_query_is_refused(tmp_path: Path) -> None:
     done = run_cli("  ", cwd=tmp_path)
     assert done.returncode == 2

@@ -64,7 +64,9 @@ def open_history_reader(config: Config) -> HistoryStore:
                            "with [history] enabled; see --config)")
     from streamcap.history.sqlite import SqliteHistory
 
-    return SqliteHistory(path, read_only=True)
+    # Without quick_check, as the daemon's readers: it reads the whole file (the daemon
+    # checks the store when it opens it); a damaged page is still an error when read.
+    return SqliteHistory(path, read_only=True, check=False)
 
 
 def _load_config(path: Path | None) -> tuple[Config, bool]:
