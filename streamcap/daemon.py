@@ -282,7 +282,7 @@ class Daemon:
 
     def history_path(self) -> Path:
         """The history database file: ``[history] path`` or the state directory's."""
-        from streamcap.history.cli import history_path
+        from streamcap.history.options import history_path
 
         return history_path(self.config)
 

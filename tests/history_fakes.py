@@ -4,8 +4,8 @@
 (``since`` inclusive, ``until`` exclusive, on a window's ``start_at`` and an event's
 ``captured_at``), text matches as whole words (never as query syntax), exact cosine
 over one model's windows, time-ordered pages with opaque cursors in both orders, and
-HistoryError for a cursor it did not make. It may be saved to a JSON file and opened
-from one (:func:`save`, :func:`load`), so that a CLI subprocess reads what a test wrote.
+HistoryError for a cursor it did not make. Tests of a user-facing path (the CLI, the
+live page, the daemon) use the real SQLite store instead.
 
 Use it as ``from history_fakes import FakeHistory, window, event`` (pytest puts
 ``tests/`` on ``sys.path``).
@@ -18,8 +18,7 @@ import binascii
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 
@@ -38,7 +37,7 @@ MODEL = "streamcap-test-model"
 
 
 def window(source: str, start_at: float, text: str, *, length_s: float = 10.0,
-           vector: Sequence[float] | None = None, model: str = MODEL,
+           vector: Sequence[float] | np.ndarray | None = None, model: str = MODEL,
            candidates: Sequence[str] = (), seq: int | None = None,
            window_id: str | None = None) -> WindowRecord:
     """A window record of ``source`` starting at ``start_at`` (UNIX seconds)."""
@@ -195,71 +194,3 @@ class FakeHistory:
 
     def close(self) -> None:
         self.closed = True
-
-
-# --------------------------------------------------------------------------- files
-
-
-def save(store: FakeHistory, path: Path) -> None:
-    """Write ``store`` to a JSON file (:func:`load` reads it back)."""
-    windows = []
-    for w in store.windows_by_id.values():
-        row = asdict(w)
-        row["embedding"] = None if w.embedding is None else [float(x) for x in w.embedding]
-        row["candidates"] = list(w.candidates)
-        windows.append(row)
-    events = [{**asdict(e), "state": e.state.value} for e in store.events_by_id.values()]
-    path.write_text(json.dumps({"windows": windows, "events": events}))
-
-
-def load(path: Path) -> FakeHistory:
-    """The store a JSON file of :func:`save` holds.
-
-    Raises:
-        HistoryError: naming ``path``: missing or not such a file.
-    """
-    try:
-        data = json.loads(path.read_text())
-        store = FakeHistory(str(path))
-        for row in data["windows"]:
-            vector = row.pop("embedding")
-            row["candidates"] = tuple(row["candidates"])
-            store.write([WindowRecord(**row, embedding=None if vector is None
-                                      else unit_vector(np.asarray(vector, np.float32)))])
-        for row in data["events"]:
-            store.write([TriggerEvent(**{**row, "state": TriggerState(row["state"])})])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise HistoryError(f"{path}: cannot read the history: {exc}") from None
-    return store
-
-
-# --------------------------------------------------------------------------- CLI shim
-
-
-def main(argv: Sequence[str]) -> int:
-    """``streamcap`` with :func:`streamcap.history.cli.open_history_reader` reading a
-    :func:`save` file at the configured store path, for CLI tests in a subprocess::
-
-        python tests/history_fakes.py search "dog" --config cfg.toml --json
-
-    Once the SQLite store exists, tests write a real store and run ``python -m
-    streamcap search`` instead.
-    """
-    from streamcap import cli
-    from streamcap.config import Config
-    from streamcap.history import cli as history_cli
-
-    def open_reader(config: Config) -> FakeHistory:
-        path = history_cli.history_path(config)
-        if not path.exists():
-            raise HistoryError(f"{path}: no history here yet")
-        return load(path)
-
-    history_cli.open_history_reader = open_reader  # type: ignore[assignment]
-    return cli.main(list(argv))
-
-
-if __name__ == "__main__":
-    import sys
-
-    raise SystemExit(main(sys.argv[1:]))

@@ -12,8 +12,16 @@ from streamcap.bus.change import (
     ChangeRule,
     Reason,
     cosine_distance,
+    recalled_changes,
 )
-from streamcap.messages import Caption, Embedding, Float32Array
+from streamcap.messages import (
+    Caption,
+    Embedding,
+    Float32Array,
+    Published,
+    TriggerEvent,
+    TriggerState,
+)
 
 T0 = 1_700_000_000.0
 
@@ -141,3 +149,19 @@ def test_rule_defaults_and_bounds() -> None:
                 {"change_distance": -0.1}, {"change_distance": 2.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ChangeRule(**bad)
+
+
+def test_a_recalled_backfill_keeps_what_the_rule_admits() -> None:
+    """After a restart a change-only sink replays the changes, not every stored window."""
+    rain, rain_again = window(0, "rain", T0)[0], window(1, "rain", T0 + 5)[0]
+    porch = window(0, "rain", T0 + 1, source="porch")[0]
+    dog = window(2, "a dog barks", T0 + 10)[0]
+    dog_again = window(3, "a dog barks", T0 + 15)[0]
+    dog_later = window(4, "a dog barks", T0 + 75)[0]
+    event = TriggerEvent(event_id="e1", trigger="dog", source_id="kitchen",
+                         state=TriggerState.ON, score=0.6, threshold=0.4, start_s=10.0,
+                         end_s=15.0, captured_at=T0 + 12, model="m", run_id="run")
+    recalled: list[Published] = [rain, porch, rain_again, dog, event, dog_again, dog_later]
+    got = recalled_changes(ChangeRule(heartbeat_s=60.0), recalled)
+    assert got == [rain, porch, dog, event, dog_later]  # first, per source; text; heartbeat
+    assert recalled_changes(ChangeRule(heartbeat_s=60.0), []) == []

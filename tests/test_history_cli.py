@@ -1,9 +1,6 @@
-"""``streamcap search``: through a subprocess against a store file, and its table in-process.
-
-Until the SQLite store exists, the store file is the fake store's JSON
-(``history_fakes.save``) and the subprocess is ``tests/history_fakes.py`` (the CLI
-with ``open_history_reader`` reading that file). The errors that come before a store
-is read run the real ``python -m streamcap search``.
+"""``streamcap search``: the real ``python -m streamcap search`` in a subprocess against a
+real store (``SqliteHistory`` at ``<state>/history/history.sqlite3``), and its table
+in-process on the same store.
 """
 
 from __future__ import annotations
@@ -19,11 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from history_fakes import FakeHistory, save, window
+from history_fakes import window
 from timing import scaled
 
+from streamcap.config import Config
+from streamcap.errors import HistoryError
 from streamcap.history import cli as history_cli
 from streamcap.history.cli import DEFAULT_FILE, print_table, search_command, text_embedder
+from streamcap.history.sqlite import SqliteHistory
+from streamcap.history.store import HistoryStore
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -38,7 +39,8 @@ def demo() -> tuple[str, np.ndarray, np.ndarray]:
     return model, embed(QUERY), embed("rain falls on the roof")
 
 
-def setup_store(tmp: Path, demo: tuple[str, np.ndarray, np.ndarray]) -> tuple[Path, FakeHistory]:
+def setup_store(tmp: Path, demo: tuple[str, np.ndarray, np.ndarray]) -> tuple[Path, Path]:
+    """A config naming the state directory, and the store the daemon would have written there."""
     model, dog, rain = demo
     state = tmp / "state"
     config = tmp / "config.toml"
@@ -46,7 +48,8 @@ def setup_store(tmp: Path, demo: tuple[str, np.ndarray, np.ndarray]) -> tuple[Pa
                       '[sources.porch]\nuri = "file:/dev/null"\n\n'
                       '[sources.kitchen]\nuri = "file:/dev/null"\n')
     now = time.time()
-    store = FakeHistory()
+    path = state / DEFAULT_FILE
+    store = SqliteHistory(path)
     store.write([
         window("porch", now - 3600, "rain", vector=rain, model=model),
         window("porch", now - 1200, "a dog barks", vector=dog, model=model),
@@ -56,19 +59,15 @@ def setup_store(tmp: Path, demo: tuple[str, np.ndarray, np.ndarray]) -> tuple[Pa
         window("kitchen", now - 4 * 86400, "a dog barks", vector=dog, model=model),
         window("porch", now - 300, "a dog barks", vector=[1.0, 0.0], model="old-model"),
     ])
-    path = state / DEFAULT_FILE
-    path.parent.mkdir(parents=True)
-    save(store, path)
-    return config, store
+    store.close()
+    return config, path
 
 
-def run_cli(*args: str, fake: bool = True, cwd: Path | None = None
-            ) -> subprocess.CompletedProcess[str]:
-    command = ([sys.executable, str(TESTS / "history_fakes.py")] if fake
-               else [sys.executable, "-m", "streamcap"])
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*command, "search", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=scaled(180), check=False)
+    return subprocess.run([sys.executable, "-m", "streamcap", "search", *args],
+                          capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=scaled(180), check=False)
 
 
 def test_search_prints_hits_as_json_lines(tmp_path: Path,
@@ -80,7 +79,8 @@ def test_search_prints_hits_as_json_lines(tmp_path: Path,
     hits = [json.loads(line) for line in done.stdout.splitlines()]
     first = hits[0]
     assert first["captions"] == ["a dog barks", "a dog barks twice"]
-    assert first["similarity"] == pytest.approx(1.0, abs=1e-5)  # the same retriever
+    # the same retriever; the store keeps the embedding as int8 (a cosine within 1e-3)
+    assert first["similarity"] == pytest.approx(1.0, abs=1e-3)
     assert first["model"] == demo[0] and first["end_at"] - first["start_at"] == 20
     assert {h["source_id"] for h in hits} == {"porch"}
     old = next(h for h in hits if h["model"] == "old-model")  # no comparable embedding
@@ -91,16 +91,24 @@ def test_search_prints_hits_as_json_lines(tmp_path: Path,
 def test_search_prints_a_table_with_local_times(tmp_path: Path,
                                                 demo: tuple[str, np.ndarray, np.ndarray],
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    config, store = setup_store(tmp_path, demo)
+    config, path = setup_store(tmp_path, demo)
     args = argparse.Namespace(query=QUERY, config=config, source=[], since=None, until=None,
                               limit=2, json=False, model=None)
-    assert search_command(args, open_reader=lambda _config: store.reader()) == 0
+    readers: list[HistoryStore] = []
+
+    def open_reader(config: Config) -> HistoryStore:
+        readers.append(history_cli.open_history_reader(config))
+        assert readers[-1].location == str(path)
+        return readers[-1]
+
+    assert search_command(args, open_reader=open_reader) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert " porch " in lines[0] and lines[0].endswith("a dog barks | a dog barks twice")
     day = time.strftime("%Y-%m-%d", time.localtime(time.time() - 4 * 86400))
     assert lines[1].startswith(day) and " kitchen " in lines[1]
-    assert store.readers[-1].closed
+    with pytest.raises(HistoryError, match="closed"):  # the command closed its reader
+        readers[-1].stats()
     out = io.StringIO()
     print_table([], out)
     assert out.getvalue() == "no matches\n"
@@ -120,7 +128,7 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n\n'
                       '[sources.porch]\nuri = "file:/dev/null"\n\n'
                       '[sources.kitchen]\nuri = "file:/dev/null"\n')
-    done = run_cli("dog", "--config", str(config), *args, fake=False)
+    done = run_cli("dog", "--config", str(config), *args)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"streamcap: error: {message}"), lines
@@ -130,7 +138,7 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path: Path, args: list[str],
 def test_no_store_yet_names_the_path_and_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
-    done = run_cli("dog", "--config", str(config), fake=False)
+    done = run_cli("dog", "--config", str(config))
     assert done.returncode == 2
     path = tmp_path / "state" / DEFAULT_FILE
     assert done.stderr.splitlines() == [
@@ -138,8 +146,23 @@ def test_no_store_yet_names_the_path_and_exits_2(tmp_path: Path) -> None:
         "with [history] enabled; see --config)")]
 
 
+@pytest.mark.parametrize("content", [b"not a database at all",
+                                     b"SQLite format 3\x00" + bytes(range(256)) * 64])
+def test_an_unreadable_store_names_the_path_and_exits_2(tmp_path: Path, content: bytes) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    path = tmp_path / "state" / DEFAULT_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    done = run_cli("dog", "--config", str(config))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamcap: error: history store ")
+    assert str(path) in lines[0] and "Traceback" not in done.stderr
+
+
 def test_an_empty_query_is_refused(tmp_path: Path) -> None:
-    done = run_cli("  ", cwd=tmp_path, fake=False)
+    done = run_cli("  ", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         "streamcap: error: QUERY: expected the words to search for (got nothing)"]

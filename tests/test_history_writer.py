@@ -201,7 +201,7 @@ def test_recent_gives_captions_for_a_backfill(path: Path) -> None:
         got = recorder.recent(2, False)
         assert [type(m).__name__ for m in got] == ["Caption", "TriggerEvent", "Caption"]
         assert isinstance(got[0], Caption) and got[0].window_id == "kitchen-3"
-        handle = recorder.search_store()
+        handle = recorder.reader()
         try:
             assert handle.stats().windows == 5
         finally:

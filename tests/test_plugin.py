@@ -29,10 +29,12 @@ from streamcap.bus.plugin import (
     load_sink,
     load_sinks,
     load_source_factory,
+    recall_history,
     sink_listens_on,
     tell_triggers,
 )
 from streamcap.errors import ConfigError, PluginError
+from streamcap.messages import Caption
 
 SINK_MODULE = '''
 from streamcap.errors import ConfigError
@@ -398,3 +400,38 @@ def test_the_live_set_of_triggers_reaches_only_sinks_that_follow_triggers() -> N
                        queue_size=8, plugin=info)
     tell_triggers(other, specs)  # nothing to tell, nothing raised
     tell_triggers(object(), specs)
+
+
+def test_a_change_only_sink_recalls_the_changes_and_an_every_sink_everything() -> None:
+    class Replays:
+        accepts = frozenset({"caption"})
+
+        def __init__(self) -> None:
+            self.recalled: list[Any] = []
+
+        async def run(self, inbox: Inbox, ctx: SinkContext) -> None:
+            return None
+
+        def recall(self, recent: Any) -> None:
+            self.recalled = list(recent(10, True))
+
+    def caption(seq: int, text: str) -> Caption:
+        return Caption(window_id=f"w{seq}", source_id="a", seq=seq, start_s=5.0 * seq,
+                       end_s=5.0 * seq + 10, captured_at=1000.0 + 5 * seq, text=text, score=0.5)
+
+    stored = [caption(0, "hum"), caption(1, "hum"), caption(2, "a dog barks"), caption(3, "hum")]
+    asked: list[tuple[int, bool]] = []
+
+    def recent(limit: int, per_source: bool) -> list[Caption]:
+        asked.append((limit, per_source))
+        return stored
+
+    info = PluginInfo(group=SINKS_GROUP, name="x", value="m:f", distribution="", version="")
+    every, change = Replays(), Replays()
+    recall_history(LoadedSink(instance="every", sink=every, accepts=every.accepts,
+                              queue_size=8, plugin=info), recent)
+    recall_history(LoadedSink(instance="change", sink=change, accepts=change.accepts,
+                              queue_size=8, plugin=info, change=ChangeRule()), recent)
+    assert every.recalled == stored
+    assert [c.window_id for c in change.recalled] == ["w0", "w2", "w3"]
+    assert asked == [(10, True), (10, True)]

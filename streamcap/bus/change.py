@@ -18,7 +18,9 @@ window is published when
 
 Otherwise it is suppressed (``unchanged``): neither its caption nor its
 embedding reaches the sink (a window's embedding follows its caption's
-verdict), and the bus counts it. The comparison is always with the last
+verdict), and the bus counts it. A backfill recalled from the history store
+after a restart passes the same rule (:func:`recalled_changes`), so that a
+change-only sink replays changes, not every stored window. The comparison is always with the last
 *published* window, so a slow drift adds up until it crosses
 ``change_distance``. The decision is made as the window arrives: nothing is
 ever held back waiting for a later window. Status messages and trigger events
@@ -35,13 +37,14 @@ too, which rule 2 catches; the distance is the net for changes the text misses.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, Literal
 
 import numpy as np
 
-from streamcap.messages import Caption, Embedding, Float32Array
+from streamcap.messages import Caption, Embedding, Float32Array, Published
 
 PublishMode = Literal["every", "change"]
 """A sink's ``publish`` option: every captioned window, or only the changes."""
@@ -157,3 +160,13 @@ class ChangeFilter:
     def last(self, source_id: str) -> LastPublished | None:
         """The last window of ``source_id`` published to the sink, None before the first."""
         return self._last.get(source_id)
+
+
+def recalled_changes(rule: ChangeRule, messages: Iterable[Published]) -> list[Published]:
+    """Of a backfill recalled from the history store (oldest first), what a sink with
+    ``rule`` would have published: the captions the rule admits one after the other,
+    from a fresh start, by text and heartbeat (recalled captions come without their
+    embeddings), and every other message."""
+    gate = ChangeFilter(rule)
+    return [m for m in messages
+            if not isinstance(m, Caption) or gate.admit(m, None).published]

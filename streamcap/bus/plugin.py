@@ -56,6 +56,7 @@ from streamcap.bus.change import (
     MAX_HEARTBEAT_S,
     ChangeRule,
     PublishMode,
+    recalled_changes,
 )
 from streamcap.bus.inbox import DEFAULT_MAX_PENDING, Inbox
 from streamcap.bus.wire import KINDS
@@ -292,8 +293,17 @@ class LoadedSink:
         tell_triggers(self.sink, specs)
 
     def recall(self, recent: RecentHistory) -> None:
-        """Passed on to the plugin's sink if it replays history (:class:`RecallsHistory`)."""
-        recall_history(self.sink, recent)
+        """Passed on to the plugin's sink if it replays history (:class:`RecallsHistory`);
+        with ``publish = "change"``, only the recalled captions the change rule admits."""
+        rule = self.change
+        if rule is None:
+            recall_history(self.sink, recent)
+            return
+
+        def changes(limit: int, per_source: bool) -> Sequence[Published]:
+            return recalled_changes(rule, recent(limit, per_source))
+
+        recall_history(self.sink, changes)
 
     def __repr__(self) -> str:
         return (f"LoadedSink({self.instance!r}, plugin={self.plugin.name!r}, "

@@ -33,7 +33,7 @@ from aiohttp import web
 
 from streamcap.bus.wire import to_wire
 from streamcap.errors import ConfigError, HistoryError, ModelError
-from streamcap.history.records import HistoryPage, SearchHit, Span, WindowRecord
+from streamcap.history.records import HistoryPage, SearchHit, Span, to_message
 from streamcap.history.search import (
     check_limit,
     check_query,
@@ -104,8 +104,7 @@ def hit_view(hit: SearchHit) -> dict[str, object]:
 
 def page_view(page: HistoryPage, *, node_id: str) -> dict[str, object]:
     """A page of history as ``/api/history`` shows it: ``streamcap.v1`` frames."""
-    items = [to_wire(item.to_caption() if isinstance(item, WindowRecord) else item,
-                     node_id=node_id) for item in page.items]
+    items = [to_wire(to_message(item), node_id=node_id) for item in page.items]
     return {"items": items, "next": page.next_cursor}
 
 

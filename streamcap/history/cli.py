@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
 from streamcap.config import Config
 from streamcap.errors import ConfigError, HistoryError
+from streamcap.history.options import DEFAULT_FILE, history_path
 from streamcap.history.records import SearchHit, Span
 from streamcap.history.search import DEFAULT_LIMIT, MAX_LIMIT, check_query, parse_when
 from streamcap.history.store import HistoryStore
@@ -29,9 +30,6 @@ from streamcap.messages import Float32Array
 
 __all__ = ["DEFAULT_FILE", "add_parser", "history_path", "open_history_reader",
            "search_command", "text_embedder"]
-
-DEFAULT_FILE: Final = Path("history") / "history.sqlite3"
-"""Where the store is, under the state directory, when ``[history] path`` is empty."""
 
 TextEmbedder = Callable[[str], Float32Array]
 
@@ -54,15 +52,6 @@ def add_parser(sub: Any) -> None:
                         "embeds the query (default: [model] bundle)")
 
 
-def history_path(config: Config) -> Path:
-    """The store's file: ``[history] path``, else :data:`DEFAULT_FILE` in the state directory."""
-    from streamcap.daemon import state_root
-
-    if config.history.path:
-        return Path(config.history.path).expanduser()
-    return state_root(config) / DEFAULT_FILE
-
-
 def open_history_reader(config: Config) -> HistoryStore:
     """The configured store, opened read-only.
 
@@ -75,7 +64,9 @@ def open_history_reader(config: Config) -> HistoryStore:
                            "with [history] enabled; see --config)")
     from streamcap.history.sqlite import SqliteHistory
 
-    return SqliteHistory(path, read_only=True)
+    # Without quick_check, as the daemon's readers: it reads the whole file (the daemon
+    # checks the store when it opens it); a damaged page is still an error when read.
+    return SqliteHistory(path, read_only=True, check=False)
 
 
 def _load_config(path: Path | None) -> tuple[Config, bool]:
@@ -158,13 +149,6 @@ def _local(at: float) -> str:
     return datetime.fromtimestamp(at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def hit_line(hit: SearchHit) -> dict[str, object]:
-    """One hit as ``--json`` prints it (the fields of ``/api/search``)."""
-    from streamcap.history.api import hit_view
-
-    return hit_view(hit)
-
-
 def print_table(hits: list[SearchHit], out: TextIO) -> None:
     """The hits as a table: local time range, source, score, captions."""
     if not hits:
@@ -212,9 +196,11 @@ def search_command(args: argparse.Namespace,
             store.close()
     except HistoryError as exc:  # no store, or one that cannot be read: exit 2, one line
         raise ConfigError(str(exc)) from None
-    if args.json:
+    if args.json:  # the fields of /api/search's hits
+        from streamcap.history.api import hit_view
+
         for hit in hits:
-            print(json.dumps(hit_line(hit), ensure_ascii=False))
+            print(json.dumps(hit_view(hit), ensure_ascii=False))
     else:
         print_table(hits, sys.stdout)
     return 0

@@ -4,14 +4,20 @@ when it cannot be used (docs/history.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 from streamcap.options import option
+
+if TYPE_CHECKING:
+    from streamcap.config import Config
 
 MIB: Final = 1024 * 1024
 DEFAULT_MAX_BYTES: Final = 2 * 1024 * MIB
 MAX_KEEP_DAYS: Final = 36500.0
 MAX_BYTES_LIMIT: Final = 2 ** 50  # 1 PiB
+DEFAULT_FILE: Final = Path("history") / "history.sqlite3"
+"""Where the store is, under the state directory, when ``[history] path`` is empty."""
 
 
 def _path(v: str) -> str | None:
@@ -35,3 +41,13 @@ class HistoryOptions:
                                   "beyond")
     retention_interval_s: float = option(60.0, above=0, max=86400.0,
                                          help="how often the retention limits are applied")
+
+
+def history_path(config: Config) -> Path:
+    """The store's file: ``[history] path``, else :data:`DEFAULT_FILE` in the state
+    directory (the daemon writes it there; ``streamcap search`` reads it there)."""
+    from streamcap.daemon import state_root
+
+    if config.history.path:
+        return Path(config.history.path).expanduser()
+    return state_root(config) / DEFAULT_FILE

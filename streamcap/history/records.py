@@ -74,6 +74,12 @@ HistoryItem = WindowRecord | TriggerEvent
 """What the history holds, in time order: captioned windows and trigger events."""
 
 
+def to_message(item: HistoryItem) -> Caption | TriggerEvent:
+    """The published message of a history item: a window's caption (``to_caption``), or
+    the trigger event itself (for a backfill, or a frame of ``/api/history``)."""
+    return item.to_caption() if isinstance(item, WindowRecord) else item
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Span:
     """Which part of the history: some sources (empty = all) between two wall-clock times.

@@ -51,7 +51,6 @@ from streamcap.messages import Float32Array, TriggerEvent, TriggerState
 SCHEMA_VERSION: Final = 1
 """The ``user_version`` this code writes and reads; a newer one is refused."""
 
-FILE_NAME: Final = "history.sqlite3"
 BUSY_TIMEOUT_S: Final = 5.0
 """How long a statement waits for another connection's lock before failing."""
 VECTOR_CHUNK: Final = 4096

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from streamcap.errors import HistoryError
-from streamcap.history.records import HistoryItem, WindowRecord
+from streamcap.history.records import HistoryItem, to_message
 from streamcap.history.store import HistoryStore
 from streamcap.logs import Throttle, get_logger
 from streamcap.messages import Published
@@ -127,10 +127,6 @@ class HistoryRecorder:
         """A new read handle on the store, for another thread (the caller closes it)."""
         return self.store.reader()
 
-    def search_store(self) -> HistoryStore:
-        """A new read handle for searches (same as :meth:`reader`)."""
-        return self.reader()
-
     def recent(self, limit: int, per_source: bool) -> list[Published]:
         """A backfill (``streamcap.bus.plugin.RecentHistory``): the newest captions with
         the events of their period, oldest first; empty when the store cannot be read."""
@@ -143,7 +139,7 @@ class HistoryRecorder:
         except HistoryError as exc:
             _log.error("cannot read the history for a backfill", error=str(exc))
             return []
-        return [i.to_caption() if isinstance(i, WindowRecord) else i for i in items]
+        return [to_message(i) for i in items]
 
     def close(self, timeout_s: float) -> bool:
         """Write what is queued, then close the store; at most ``timeout_s``.
