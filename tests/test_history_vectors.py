@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,13 @@ from numpy.typing import NDArray
 
 from streamcap.errors import HistoryError
 from streamcap.history.records import Span
-from streamcap.history.vectors import VectorIndex, exact_search, quantise
+from streamcap.history.vectors import (
+    HistoryVectorIndex,
+    IndexBatch,
+    VectorIndex,
+    exact_search,
+    quantise,
+)
 
 DIM = 32
 SOURCES = ("kitchen", "garden", "street")
@@ -216,3 +224,94 @@ def test_bad_shapes_are_refused(tmp_path: Path) -> None:
         index.add([1, 1], np.ones((2, DIM), np.float32), ["a", "a"], [0.0, 1.0])
     with pytest.raises(ValueError, match="16-d query"):
         index.search(np.ones(16, np.float32), 3)
+
+
+class Rows:
+    """A store's two queries for the index, over a real SQLite table."""
+
+    def __init__(self) -> None:
+        self.db = sqlite3.connect(":memory:")
+        self.db.execute("CREATE TABLE windows (id INTEGER PRIMARY KEY, window_id TEXT UNIQUE, "
+                        "source TEXT, start_at REAL, model TEXT, dim INTEGER, embedding BLOB)")
+
+    def insert(self, vectors: NDArray[np.float32], model: str = "base-v1") -> list[int]:
+        keys = []
+        for v in vectors:
+            n = self.db.execute("SELECT count(*) FROM windows").fetchone()[0]
+            cur = self.db.execute(
+                "INSERT INTO windows (window_id, source, start_at, model, dim, embedding) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (f"w{n}-{model}", SOURCES[n % 3], 1e9 + 5 * n, model, len(v),
+                 quantise(v.reshape(1, -1)).tobytes()))
+            keys.append(int(cur.lastrowid or 0))
+        return keys
+
+    def index_rows(self, *, model: str, dim: int, after: int, limit: int) -> IndexBatch:
+        rows = self.db.execute(
+            "SELECT id, source, start_at, embedding FROM windows WHERE id > ? AND model = ? "
+            "AND dim = ? AND embedding IS NOT NULL ORDER BY id LIMIT ?",
+            (after, model, dim, limit)).fetchall()
+        return IndexBatch(
+            keys=np.array([r[0] for r in rows], dtype=np.int64),
+            codes=np.frombuffer(b"".join(r[3] for r in rows), dtype=np.int8).reshape(-1, dim),
+            sources=tuple(r[1] for r in rows),
+            starts_at=np.array([r[2] for r in rows], dtype=np.float64))
+
+    def window_ids(self, keys: Sequence[int]) -> dict[int, str]:
+        marks = ",".join("?" * len(keys))
+        return dict(self.db.execute(
+            f"SELECT id, window_id FROM windows WHERE id IN ({marks})", list(keys)).fetchall())
+
+    def exact(self, q: NDArray[np.float32], k: int) -> list[str]:
+        rows = self.db.execute("SELECT window_id, embedding FROM windows "
+                               "WHERE model = 'base-v1'").fetchall()
+        codes = np.frombuffer(b"".join(r[1] for r in rows), np.int8).reshape(-1, DIM)
+        return [rows[r][0] for r, _ in exact_search(codes, q, k)]
+
+
+def test_the_store_seam_catches_up_answers_and_forgets_deleted_rows(tmp_path: Path) -> None:
+    rows = Rows()
+    rows.insert(clustered(500, 80))
+    rows.insert(clustered(50, 81)[:, :16], model="tiny")  # another model: never indexed
+    seam = HistoryVectorIndex(tmp_path / "v.idx", DIM, "base-v1", search_catch_up=10_000)
+    q = query(82)
+    assert seam.nearest(rows, q, model="tiny", span=Span(), limit=5) is None
+    got = seam.nearest(rows, q, model="base-v1", span=Span(), limit=10)
+    assert got is not None and [w for w, _ in got] == rows.exact(q, 10)
+    assert len(seam.index) == 500
+    # Retention deletes rows from the store: a search never names them again.
+    best = got[0][0]
+    rows.db.execute("DELETE FROM windows WHERE window_id = ?", (best,))
+    again = seam.nearest(rows, q, model="base-v1", span=Span(), limit=10)
+    assert again is not None and best not in [w for w, _ in again]
+    assert [w for w, _ in again] == rows.exact(q, 10)
+    assert len(seam.index) == 499
+
+
+def test_the_store_seam_rebuilds_in_steps_and_resumes_from_its_watermark(
+        tmp_path: Path) -> None:
+    rows = Rows()
+    rows.insert(clustered(1200, 90))
+    path = tmp_path / "v.idx"
+    seam = HistoryVectorIndex(path, DIM, "base-v1", search_catch_up=100, step_rows=300,
+                              graph_rows=400, save_every=600, exact_max_bytes=DIM * 500)
+    assert seam.reset_reason is not None  # no file yet: built from the store
+    q = query(91)
+    assert seam.nearest(rows, q, model="base-v1", span=Span(), limit=5) is None  # behind
+    steps = 0
+    while seam.step(rows):
+        steps += 1
+    assert steps >= 3 and seam.index.stats().graph_rows == 1200
+    assert path.exists()  # saved on the way (every 600 rows changed)
+    got = seam.nearest(rows, q, model="base-v1", span=Span(sources=("garden",)), limit=5)
+    assert got is not None and len(got) == 5
+    seam.close()
+    # More windows, then a crash before any save: a new process resumes from the file.
+    rows.insert(clustered(40, 92))
+    resumed = HistoryVectorIndex(path, DIM, "base-v1", search_catch_up=100,
+                                 exact_max_bytes=DIM * 500)
+    assert resumed.reset_reason is None and resumed.index.watermark == 1200
+    near = rows.insert(q.reshape(1, -1))[0]
+    got = resumed.nearest(rows, q, model="base-v1", span=Span(), limit=3)
+    assert got is not None and got[0][0] == rows.window_ids([near])[near]
+    assert len(resumed.index) == 1241

@@ -22,6 +22,10 @@ highest key added); :meth:`VectorIndex.open` gives an empty index (watermark 0) 
 reason when the file is missing, unreadable, corrupt, or of another model or dimension,
 and the store re-adds the rows after the watermark.
 
+A store plugs it in through :class:`HistoryVectorIndex`, which answers the store's
+vector-search seam (``nearest``) and needs from the store only :class:`IndexRows` (the
+rows after a key; the window ids of keys).
+
 Thread safety: one lock guards every method, so the writer and searching readers may
 share one instance.
 """
@@ -39,7 +43,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -473,6 +477,108 @@ class VectorIndex:
             code = self._source_code[source] = len(self._sources)
             self._sources.append(source)
         return code
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IndexBatch:
+    """Stored rows for the index, in key order: keys (rowids), int8 codes (n, dim), source
+    ids and ``start_at`` times."""
+
+    keys: Int64Array
+    codes: NDArray[np.int8]
+    sources: tuple[str, ...]
+    starts_at: NDArray[np.float64]
+
+
+class IndexRows(Protocol):
+    """What a store gives :class:`HistoryVectorIndex` (SQLite: two small queries)."""
+
+    def index_rows(self, *, model: str, dim: int, after: int, limit: int) -> IndexBatch:
+        """At most ``limit`` rows of ``model`` with ``dim``-wide embeddings and a key above
+        ``after``, in key order (none: the index has them all)."""
+        ...
+
+    def window_ids(self, keys: Sequence[int]) -> dict[int, str]:
+        """The window id of each of ``keys`` still stored (deleted ones are left out)."""
+        ...
+
+
+class HistoryVectorIndex:
+    """A :class:`VectorIndex` kept in step with a store: the store's vector-search seam.
+
+    The store asks :meth:`nearest` first and scans exactly when it answers None (another
+    model, or the index still catching up). The store's writer calls :meth:`step` when
+    idle (catch-up after the watermark, the graph grown, a save now and then) and
+    :meth:`close` at the end. Rows deleted from the store (retention, a replaced window)
+    are dropped from the index when a search meets them.
+    """
+
+    def __init__(self, path: Path, dim: int, model: str, *, search_catch_up: int = 4096,
+                 step_rows: int = 4096, graph_rows: int = 512, save_every: int = 20_000,
+                 **index_options: Any) -> None:
+        self.index = VectorIndex.open(path, dim, model, **index_options)
+        self.search_catch_up = search_catch_up
+        self.step_rows = step_rows
+        self.graph_rows = graph_rows
+        self.save_every = save_every
+        self._catching = threading.Lock()
+
+    @property
+    def reset_reason(self) -> str | None:
+        """Why the saved index was not used (to log once), None when it was."""
+        return self.index.reset_reason
+
+    def catch_up(self, store: IndexRows, budget: int) -> bool:
+        """Add at most ``budget`` of the store's rows after the watermark; True while more
+        remain."""
+        with self._catching:
+            added = 0
+            while added < budget:
+                batch = store.index_rows(model=self.index.model, dim=self.index.dim,
+                                         after=self.index.watermark,
+                                         limit=min(4096, budget - added))
+                if len(batch.keys) == 0:
+                    return False
+                self.index.add(batch.keys, batch.codes, batch.sources, batch.starts_at)
+                added += len(batch.keys)
+            return True
+
+    def nearest(self, store: IndexRows, vector: NDArray[Any], *, model: str, span: Span,
+                limit: int) -> list[tuple[str, float]] | None:
+        """``(window_id, cosine)`` best first, or None: let the exact scan answer."""
+        if model != self.index.model or np.asarray(vector).size != self.index.dim:
+            return None
+        if self.catch_up(store, self.search_catch_up):
+            return None  # far behind (a rebuild): exact until the writer's steps catch up
+        for _ in range(3):
+            hits = self.index.search(vector, limit, span)
+            ids = store.window_ids([k for k, _ in hits])
+            gone = [k for k, _ in hits if k not in ids]
+            if not gone:
+                break
+            self.index.remove(gone)  # deleted from the store since: search again
+        return [(ids[k], c) for k, c in hits if k in ids]
+
+    def step(self, store: IndexRows) -> bool:
+        """The writer's idle work; True while there is more (call again soon).
+
+        Raises:
+            HistoryError: a save failed (the index goes on in memory).
+        """
+        more = self.catch_up(store, self.step_rows)
+        more = self.index.maintain(self.graph_rows) or more
+        if self.index.unsaved >= self.save_every:
+            self.index.save()
+        return more
+
+    def close(self) -> None:
+        """Save what is unsaved.
+
+        Raises:
+            HistoryError: the save failed.
+        """
+        if self.index.unsaved:
+            self.index.save()
 
 
 class _Unusable(Exception):
