@@ -286,6 +286,15 @@ def test_the_store_seam_catches_up_answers_and_forgets_deleted_rows(tmp_path: Pa
     assert again is not None and best not in [w for w, _ in again]
     assert [w for w, _ in again] == rows.exact(q, 10)
     assert len(seam.index) == 499
+    # Retention by age: the writer tells the index the oldest start_at kept.
+    oldest = 1e9 + 5 * 300
+    old = rows.db.execute("DELETE FROM windows WHERE start_at < ? AND model = 'base-v1'",
+                          (oldest,)).rowcount
+    assert seam.forget_before(oldest) == old
+    assert len(seam.index) == 499 - old == 200
+    kept = seam.nearest(rows, q, model="base-v1", span=Span(), limit=10)
+    assert kept is not None and [w for w, _ in kept] == rows.exact(q, 10)
+    assert seam.forget_before(None) == 200 and len(seam.index) == 0
 
 
 def test_the_store_seam_rebuilds_in_steps_and_resumes_from_its_watermark(

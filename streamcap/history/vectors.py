@@ -314,6 +314,15 @@ class VectorIndex:
             self._unsaved += gone
             return gone
 
+    def remove_before(self, at: float) -> int:
+        """Remove the rows whose ``start_at`` is before ``at`` (what retention deleted)."""
+        with self._lock:
+            n = self._n
+            old = self._keys[:n][self._alive[:n] & (self._at[:n] < at)]
+            gone = self._remove_locked(old)
+            self._unsaved += gone
+            return gone
+
     def maintain(self, budget: int = 4096) -> bool:
         """Move the HNSW graph forward by at most ``budget`` rows; True while there is more.
 
@@ -509,8 +518,8 @@ class HistoryVectorIndex:
     The store asks :meth:`nearest` first and scans exactly when it answers None (another
     model, or the index still catching up). The store's writer calls :meth:`step` when
     idle (catch-up after the watermark, the graph grown, a save now and then) and
-    :meth:`close` at the end. Rows deleted from the store (retention, a replaced window)
-    are dropped from the index when a search meets them.
+    :meth:`close` at the end, and :meth:`forget_before` after retention. Rows deleted
+    from the store otherwise (a replaced window) are dropped when a search meets them.
     """
 
     def __init__(self, path: Path, dim: int, model: str, *, search_catch_up: int = 4096,
@@ -558,6 +567,11 @@ class HistoryVectorIndex:
                 break
             self.index.remove(gone)  # deleted from the store since: search again
         return [(ids[k], c) for k, c in hits if k in ids]
+
+    def forget_before(self, at: float | None) -> int:
+        """After retention: drop the rows older than the oldest the store kept (``at``;
+        None: the store is empty, drop all)."""
+        return self.index.remove_before(math.inf if at is None else at)
 
     def step(self, store: IndexRows) -> bool:
         """The writer's idle work; True while there is more (call again soon).
