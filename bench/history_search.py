@@ -220,7 +220,7 @@ def run_layout(layout: str, args: argparse.Namespace, workdir: Path) -> dict[str
 
     seam = HistoryVectorIndex(workdir / f"{layout}.vectors", args.dim, MODEL,
                               search_catch_up=0,
-                              **({} if args.graph else {"exact_max_bytes": 1 << 62}))
+                              **({} if args.graph else {"exact_max_rows": 1 << 62}))
     rows = rows_of(path)
     t = time.perf_counter()
     while seam.catch_up(rows, 1 << 20):

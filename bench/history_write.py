@@ -128,7 +128,7 @@ def caption_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stop.set()
     if stress is not None:
         stress.join()
-    recorder.close()
+    recorder.close(timeout_s=120.0)
     summary: dict[str, Any] = {"windows": len(windows), "stress": args.stress,
                                "threads": args.threads, "written": recorder.written}
     for arm, values in times.items():

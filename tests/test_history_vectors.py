@@ -90,7 +90,7 @@ def test_exact_index_matches_brute_force_within_spans(tmp_path: Path) -> None:
 
 
 def test_graph_search_agrees_with_exact_and_respects_filters(tmp_path: Path) -> None:
-    index, vectors, keys, sources, at = make(tmp_path, n=3000, exact_max_bytes=0)
+    index, vectors, keys, sources, at = make(tmp_path, n=3000, exact_max_rows=0)
     while index.maintain(budget=700):
         pass
     assert index.stats().graph_rows == 3000
@@ -121,7 +121,7 @@ def test_graph_search_agrees_with_exact_and_respects_filters(tmp_path: Path) -> 
 
 
 def test_rows_the_graph_does_not_hold_yet_are_found(tmp_path: Path) -> None:
-    index, _vectors, _keys, _sources, at = make(tmp_path, n=2000, exact_max_bytes=0)
+    index, _vectors, _keys, _sources, at = make(tmp_path, n=2000, exact_max_rows=0)
     while index.maintain():
         pass
     q = query(50)
@@ -134,7 +134,7 @@ def test_rows_the_graph_does_not_hold_yet_are_found(tmp_path: Path) -> None:
 @pytest.mark.parametrize("graph", [False, True])
 def test_remove_and_replace(tmp_path: Path, graph: bool) -> None:
     index, _vectors, keys, _sources, at = make(tmp_path, n=2000,
-                                             exact_max_bytes=0 if graph else 2**30)
+                                             exact_max_rows=0 if graph else 10**9)
     while index.maintain():
         pass
     q = query(60)
@@ -153,7 +153,7 @@ def test_remove_and_replace(tmp_path: Path, graph: bool) -> None:
 
 
 def test_save_open_round_trip_and_catch_up_after_a_crash(tmp_path: Path) -> None:
-    index, vectors, keys, _sources, at = make(tmp_path, n=1800, exact_max_bytes=8 * DIM * 100)
+    index, vectors, keys, _sources, at = make(tmp_path, n=1800, exact_max_rows=800)
     while index.maintain():
         pass
     index.remove(keys[:50])
@@ -163,11 +163,12 @@ def test_save_open_round_trip_and_catch_up_after_a_crash(tmp_path: Path) -> None
     index.add(keys[-1:] + 3, vectors[:1], ["street"], at[-1:] + 5)  # then a crash: lost
     q = query(70)
     again = VectorIndex.open(tmp_path / "vectors.idx", DIM, "base-v1",
-                             exact_max_bytes=8 * DIM * 100)
+                             exact_max_rows=800)
     assert again.reset_reason is None
     assert again.watermark == saved_mark == int(keys[-1])
     assert again.stats().graph_rows == 1750
     assert len(again) == 1750
+    assert again._graph is not None and again._graph.expansion_search == 512
     # The store re-adds what is after the watermark; then it answers as the original.
     again.add(keys[-1:] + 3, vectors[:1], ["street"], at[-1:] + 5)
     garden = Span(sources=("garden",))  # small enough to be scanned exactly
@@ -303,7 +304,7 @@ def test_the_store_seam_rebuilds_in_steps_and_resumes_from_its_watermark(
     rows.insert(clustered(1200, 90))
     path = tmp_path / "v.idx"
     seam = HistoryVectorIndex(path, DIM, "base-v1", search_catch_up=100, step_rows=300,
-                              graph_rows=400, save_every=600, exact_max_bytes=DIM * 500)
+                              graph_rows=400, save_every=600, exact_max_rows=500)
     assert seam.reset_reason is not None  # no file yet: built from the store
     q = query(91)
     assert seam.nearest(rows, q, model="base-v1", span=Span(), limit=5) is None  # behind
@@ -318,7 +319,7 @@ def test_the_store_seam_rebuilds_in_steps_and_resumes_from_its_watermark(
     # More windows, then a crash before any save: a new process resumes from the file.
     rows.insert(clustered(40, 92))
     resumed = HistoryVectorIndex(path, DIM, "base-v1", search_catch_up=100,
-                                 exact_max_bytes=DIM * 500)
+                                 exact_max_rows=500)
     assert resumed.reset_reason is None and resumed.index.watermark == 1200
     near = rows.insert(q.reshape(1, -1))[0]
     got = resumed.nearest(rows, q, model="base-v1", span=Span(), limit=3)

@@ -7,9 +7,9 @@ key (the store's rowid), source and ``start_at``, so that a search filters by
 :class:`~streamcap.history.records.Span` without asking the store. How it searches
 was chosen by measurement (``bench/history_vectors.py``, docs/history-vectors.md):
 
-- a span of at most ``exact_max_bytes`` of codes is scanned exactly (usearch's SIMD
-  int8 cosine over just the span's rows): exact, and fast enough for weeks of one
-  source at 1024 dimensions and for everything at the demo's 64;
+- a span of at most ``exact_max_rows`` rows is scanned exactly (usearch's SIMD
+  int8 cosine over just the span's rows): exact, and fast enough for two weeks of one
+  source or a week of ten sources' one source;
 - a wider span goes to an HNSW graph (usearch, int8) over the older rows, asking for
   ``k`` times an over-fetch factor that grows as the span's share of the rows shrinks,
   keeping the span's rows, plus an exact scan of the newest rows the graph does not hold
@@ -56,11 +56,13 @@ from streamcap.history.records import Span
 
 MAGIC = b"SCVEC\x00\x01\n"
 FORMAT = 1
-EXACT_MAX_BYTES = 128 * 2**20
-"""Spans with at most this many bytes of int8 codes are scanned exactly (see the bench)."""
+EXACT_MAX_ROWS = 300_000
+"""Spans of at most this many rows are scanned exactly (see the bench: about 80 ms p50 and
+120 ms p95 for 259,200 rows of 1024 dimensions on 2 busy cores; the cost per row hardly
+depends on the dimension)."""
 HNSW_CONNECTIVITY = 16
 HNSW_EXPANSION_ADD = 40
-HNSW_EXPANSION_SEARCH = 128
+HNSW_EXPANSION_SEARCH = 512
 OVERFETCH_MARGIN = 2.0
 """Ask the graph for ``k * margin / share`` rows, where share is the span's share of them."""
 MAX_OVERFETCH = 16
@@ -132,13 +134,13 @@ class VectorIndex:
     """
 
     def __init__(self, path: Path, dim: int, model: str, *,
-                 exact_max_bytes: int = EXACT_MAX_BYTES, threads: int = 0) -> None:
+                 exact_max_rows: int = EXACT_MAX_ROWS, threads: int = 0) -> None:
         if dim <= 0:
             raise ValueError(f"vector index dimension must be positive, not {dim}")
         self.path = Path(path)
         self.dim = dim
         self.model = model
-        self.exact_max_bytes = exact_max_bytes
+        self.exact_max_rows = exact_max_rows
         self.threads = threads
         self.reset_reason: str | None = None
         """Why :meth:`open` started empty (None: it loaded the file)."""
@@ -219,6 +221,8 @@ class VectorIndex:
         self._source_code = {s: i for i, s in enumerate(self._sources)}
         self._sorted = bool(n < 2 or np.all(np.diff(self._keys) > 0))
         self._watermark = int(head["watermark"])
+        if graph is not None:  # a search setting: not kept in the file
+            graph.expansion_search = HNSW_EXPANSION_SEARCH
         self._graph = graph
         self._graph_upto = int(head["graph_upto"]) if graph is not None else 0
 
@@ -326,12 +330,12 @@ class VectorIndex:
     def maintain(self, budget: int = 4096) -> bool:
         """Move the HNSW graph forward by at most ``budget`` rows; True while there is more.
 
-        The graph exists only once the rows hold more than ``exact_max_bytes`` of codes
+        The graph exists only once there are more than ``exact_max_rows`` rows
         (below that every search is exact). The store's writer calls this when idle.
         """
         with self._lock:
             if self._graph is None:
-                if self._n * self.dim <= self.exact_max_bytes:
+                if self._n <= self.exact_max_rows:
                     return False
                 self._graph = Index(ndim=self.dim, metric=MetricKind.Cos, dtype="i8",
                                     connectivity=HNSW_CONNECTIVITY,
@@ -367,7 +371,7 @@ class VectorIndex:
             share = len(rows) / max(1, int(self._alive[:self._n].sum()))
             factor = OVERFETCH_MARGIN / share
             graph_rows = rows[rows < self._graph_upto]
-            if (self._graph is None or len(rows) * self.dim <= self.exact_max_bytes
+            if (self._graph is None or len(rows) <= self.exact_max_rows
                     or factor > MAX_OVERFETCH or len(graph_rows) < k):
                 self._counts["exact"] += 1
                 return self._exact(rows, q, k)
