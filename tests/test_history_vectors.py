@@ -274,7 +274,11 @@ def test_the_store_seam_catches_up_answers_and_forgets_deleted_rows(tmp_path: Pa
     rows = Rows()
     rows.insert(clustered(500, 80))
     rows.insert(clustered(50, 81)[:, :16], model="tiny")  # another model: never indexed
-    seam = HistoryVectorIndex(tmp_path / "v.idx", DIM, "base-v1", search_catch_up=10_000)
+    exact_only = HistoryVectorIndex(tmp_path / "w.idx", DIM, "base-v1", search_catch_up=0)
+    assert exact_only.nearest(rows, query(82), model="base-v1", span=Span(), limit=5) is None
+    assert not exact_only.catch_up(rows, 600)  # caught up in one go: nothing remains
+    assert exact_only.nearest(rows, query(82), model="base-v1", span=Span(), limit=5)
+    seam = HistoryVectorIndex(tmp_path / "v.idx", DIM, "base-v1", search_catch_up=500)
     q = query(82)
     assert seam.nearest(rows, q, model="tiny", span=Span(), limit=5) is None
     got = seam.nearest(rows, q, model="base-v1", span=Span(), limit=10)

@@ -222,7 +222,7 @@ class VectorIndex:
         self._sorted = bool(n < 2 or np.all(np.diff(self._keys) > 0))
         self._watermark = int(head["watermark"])
         if graph is not None:  # a search setting: not kept in the file
-            graph.expansion_search = HNSW_EXPANSION_SEARCH
+            graph.expansion_search = HNSW_EXPANSION_SEARCH  # type: ignore[misc]
         self._graph = graph
         self._graph_upto = int(head["graph_upto"]) if graph is not None else 0
 
@@ -554,7 +554,8 @@ class HistoryVectorIndex:
                     return False
                 self.index.add(batch.keys, batch.codes, batch.sources, batch.starts_at)
                 added += len(batch.keys)
-            return True
+            return len(store.index_rows(model=self.index.model, dim=self.index.dim,
+                                        after=self.index.watermark, limit=1).keys) > 0
 
     def nearest(self, store: IndexRows, vector: NDArray[Any], *, model: str, span: Span,
                 limit: int) -> list[tuple[str, float]] | None:
