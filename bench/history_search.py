@@ -266,14 +266,17 @@ def markdown(data: dict[str, Any]) -> str:
              ("| layout | windows | store MB | write ms/window (p50) | span | search exact "
               "p50/p95 ms | search index p50/p95 ms | vector exact p50/p95 ms | vector index "
               "p50/p95 ms |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    none = {"p50_ms": "-", "p95_ms": "-"}
     for r in data["layouts"]:
-        for span, ex in r["exact"].items():
-            ix = r["index"][span]
-            vx, vi = r["exact_vector_only"][span], r["index_vector_only"][span]
+        for span in r["index"]:
+            ex, ix = r.get("exact", {}).get(span, none), r["index"][span]
+            vx = r.get("exact_vector_only", {}).get(span, none)
+            vi = r["index_vector_only"][span]
             lines.append(f"| {r['layout']} | {r['windows']:,} | {r['store_bytes'] / 2**20:.0f} | "
-                         f"{r['per_window_ms_p50']} | {span} | {ex['p50_ms']}/{ex['p95_ms']} | "
+                         f"{r.get('per_window_ms_p50', '-')} | {span} | {ex['p50_ms']}/{ex['p95_ms']} | "
                          f"{ix['p50_ms']}/{ix['p95_ms']} | {vx['p50_ms']}/{vx['p95_ms']} | "
                          f"{vi['p50_ms']}/{vi['p95_ms']} |")
+    lines += ["", *[f"- {n}" for n in data.get("notes", [])]]
     return "\n".join(lines) + "\n"
 
 
