@@ -61,7 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -171,7 +171,7 @@ def render_segment(segment: Segment, sr: int = SAMPLE_RATE_HZ
     from the segment's ends.
     """
     rng = np.random.default_rng(segment.seed)
-    n = int(round(segment.length_s * sr)) + int(FADE_S * sr)
+    n = round(segment.length_s * sr) + int(FADE_S * sr)
     bed = BEDS[segment.bed](rng, n, sr) * 10 ** (segment.bed_db / 20)
     if segment.target is None or segment.snr_db is None:
         return bed, None
@@ -383,8 +383,12 @@ def search_hits(store: Any, vector: Any, model: str, terms: Sequence[str], limit
                 weight: float) -> list[Any]:
     """:func:`streamcap.history.search.run_search`'s loop with the text weight ``weight``."""
     from streamcap.history.records import Span
-    from streamcap.history.search import MAX_CANDIDATES, candidate_count, group_hits, \
-        score_windows
+    from streamcap.history.search import (
+        MAX_CANDIDATES,
+        candidate_count,
+        group_hits,
+        score_windows,
+    )
 
     span = Span()
     count = candidate_count(limit)
@@ -424,6 +428,15 @@ def window_rankings(store: Any, vector: Any, model: str, terms: Sequence[str],
             "blend": ranked(near, vector, TEXT_WEIGHT)}
 
 
+def constant(vector: Any) -> Callable[[str], Any]:
+    """A text embedder that gives ``vector`` (the query's, computed once)."""
+
+    def embed(_text: str) -> Any:
+        return vector
+
+    return embed
+
+
 def evaluate(store: Any, captioner: Any, types: Sequence[str], events: Sequence[Event],
              spans: Sequence[WindowSpan]) -> dict[str, Any]:
     import torch
@@ -446,7 +459,7 @@ def evaluate(store: Any, captioner: Any, types: Sequence[str], events: Sequence[
             hits = {
                 "similarity": search_hits(store, vector, model, terms, K, 0.0),
                 "text": run_search(store, None, model, phrase, Span(), K),
-                "blend": run_search(store, lambda _q, v=vector: v, model, phrase, Span(), K),
+                "blend": run_search(store, constant(vector), model, phrase, Span(), K),
             }
             if search_hits(store, vector, model, terms, K, TEXT_WEIGHT) != hits["blend"]:
                 mismatches += 1
