@@ -642,10 +642,43 @@ def markdown(report: Mapping[str, Any]) -> str:
                      f"{_f(cell['recall_ceiling'])} | {_f(cell.get('caption_names_type'))} | "
                      f"{three('recall_at_10')} | {three('events_at_10')} | "
                      f"{three('hit_precision_at_10')} | {three('ap')} |")
+    snr = report.get("events_at_10_by_snr") or by_snr(report)
+    lines += ["", "## By SNR", "",
+              ("events@10 over every type's events at that SNR (and both phrasings): the "
+               "share found among the 10 best ranked windows."), "",
+              "| SNR | " + " | ".join(RANKINGS) + " |", "|---" * (len(RANKINGS) + 1) + "|"]
+    for level, cells in snr.items():
+        lines.append(f"| {level} dB | " + " | ".join(_f(cells[name]) for name in RANKINGS)
+                     + " |")
+    differs = report["blend_loop_differs_from_run_search"]
     lines += ["", (f"The blend's hits were also computed by the bench's own copy of the "
-                   f"search loop: it differed from `run_search` on "
-                   f"{report['blend_loop_differs_from_run_search']} queries."), ""]
+                   f"search loop (the one that gives the similarity alone its hits): it "
+                   f"differed from `run_search` on {differs} queries"
+                   + (f" ({', '.join(report['blend_loop_differs_on'])})."
+                      if differs and report.get("blend_loop_differs_on") else ".")), ""]
     return "\n".join(lines)
+
+
+def by_snr(report: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:
+    """events@10 per SNR and ranking, over every (query, event of the query's type) pair,
+    from the report's events, windows and each query's 10 best windows."""
+    spans = [WindowSpan(window_id=w["window_id"], source_id=w["source_id"],
+                        start_at=w["start_at"], end_at=w["start_at"] + WINDOW_S)
+             for w in report["window_list"]]
+    events = [Event(event_id=e["event_id"], source_id=e["source_id"], target=e["type"],
+                    snr_db=e["snr_db"], start_at=e["start_at"], end_at=e["end_at"])
+              for e in report["event_list"]]
+    found_by = event_windows(spans, events, report["settings"]["min_overlap_s"])
+    out: dict[str, dict[str, float | None]] = {}
+    for level in report["settings"]["snrs_db"]:
+        cells: dict[str, float | None] = {}
+        for name in RANKINGS:
+            found = [bool(found_by[e.event_id] & set(q[name]["top_10"]))
+                     for q in report["queries"] for e in events
+                     if e.target == q["type"] and e.snr_db == level]
+            cells[name] = round(sum(found) / len(found), 4) if found else None
+        out[f"{level:g}"] = cells
+    return out
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -665,6 +698,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--store", type=Path, default=None,
                    help="keep the store here (default: a temporary one)")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="write the tables again from this run's JSON (no capture)")
     p.add_argument("--name", default="history_quality")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = p.parse_args(argv)
@@ -680,7 +715,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    report = run(args)
+    if args.from_json is not None:  # the tables again from a run's JSON, nothing rerun
+        report = json.loads(args.from_json.read_text(encoding="utf-8"))
+    else:
+        report = run(args)
+    report["events_at_10_by_snr"] = by_snr(report)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n",
                                                     encoding="utf-8")

@@ -126,6 +126,7 @@ def test_a_smoke_run_writes_the_results(tmp_path: Path) -> None:
     assert report["windows"] == report["stored_windows"] == len(report["window_list"]) > 0
     assert report["events"] == len(report["event_list"]) == 3
     assert report["blend_loop_differs_from_run_search"] == 0
+    assert report["blend_loop_differs_on"] == []
     assert [q["phrase"] for q in report["queries"]] == ["a dog barks", "a dog is barking"]
     windows = [WindowSpan(window_id=w["window_id"], source_id=w["source_id"],
                           start_at=w["start_at"], end_at=w["start_at"] + 10.0)
@@ -142,4 +143,12 @@ def test_a_smoke_run_writes_the_results(tmp_path: Path) -> None:
     for query in report["queries"]:
         assert query["similarity"]["returned_windows"] == report["windows"]
         assert set(query["blend"]["top_10"]) <= {w.window_id for w in windows}
-    assert "| dog | 3 |" in (tmp_path / "q.md").read_text(encoding="utf-8")
+    text = (tmp_path / "q.md").read_text(encoding="utf-8")
+    assert "| dog | 3 |" in text
+    assert set(report["events_at_10_by_snr"]) == {"20", "10", "5"}
+    for cells in report["events_at_10_by_snr"].values():
+        assert all(0.0 <= cells[name] <= 1.0 for name in ("similarity", "text", "blend"))
+    # the tables again from the JSON alone, without a capture
+    assert main(["--from-json", str(tmp_path / "q.json"), "--out-dir", str(tmp_path),
+                 "--name", "again"]) == 0
+    assert (tmp_path / "again.md").read_text(encoding="utf-8") == text
