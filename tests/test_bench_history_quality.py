@@ -119,7 +119,7 @@ def test_the_ranking_metrics() -> None:
 
 
 def test_a_smoke_run_writes_the_results(tmp_path: Path) -> None:
-    assert main(["--sources", "1", "--types", "dog", "--quiet-segments", "0",
+    assert main(["--sources", "1", "--types", "dog", "--per-snr", "1", "--quiet-segments", "0",
                  "--segment-s", "12", "14", "--out-dir", str(tmp_path), "--name", "q",
                  "--store", str(tmp_path / "h.sqlite3")]) == 0
     report = json.loads((tmp_path / "q.json").read_text(encoding="utf-8"))
