@@ -18,6 +18,7 @@ What is downloaded, from where, how big and under which licence is in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -111,9 +112,17 @@ def _hub_error(artefact: Artefact, name: str, exc: BaseException) -> ModelError:
     return _unreachable(url, name, exc)
 
 
+def _quiet_http_logs() -> None:
+    """The HTTP client logs every request at INFO; the progress bars say enough."""
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _hub_download(artefact: Artefact, directory: Path, name: str) -> tuple[Path, str | None]:
     """Download one hub file into ``directory`` (resumable); returns (path, LFS etag)."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    _quiet_http_logs()
 
     if constants.HF_HUB_OFFLINE:
         raise ModelError("models fetch: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set; unset "
@@ -139,6 +148,7 @@ def _url_download(artefact: Artefact, directory: Path, name: str) -> Path:
     from huggingface_hub.errors import HfHubHTTPError
     from huggingface_hub.file_download import http_get
 
+    _quiet_http_logs()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / artefact.local_name
     if path.is_file():
