@@ -650,7 +650,7 @@ def resolve_model(spec: str) -> ModelSpec:
         return ModelSpec(kind="preset", preset=spec, random_weights=True)
     searched = ", ".join(str(d) for d in bundle_search_path())
     raise ModelError(
-        f"--model {spec!r}: not a bundle in {searched} and not a preset ({', '.join(names)}); "
+        f"--model {spec!r}: not a preset ({', '.join(names)}) and not a bundle in {searched}; "
         "give a path to a bundle directory (e.g. ./my-model) or fetch one with "
         "`streamcap models fetch NAME` (streamcap models list)"
     )
