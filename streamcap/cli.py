@@ -96,6 +96,20 @@ def _build_parser() -> argparse.ArgumentParser:
     enclap.add_argument("--clap-preset", choices=("clap-htsat-fused", "clap-tiny"),
                         help="size of the random CLAP used without --clap")
     enclap.add_argument("--overwrite", action="store_true")
+    fetch = msub.add_parser("fetch", help="download published weights and build a named bundle "
+                                          "(needs internet; see docs/models-fetch.md)")
+    fetch.add_argument("name", metavar="NAME", help="what to fetch (streamcap models list)")
+    fetch.add_argument("--dir", type=Path, metavar="DIR",
+                       help="bundle directory to write NAME into (default: "
+                            "$XDG_CACHE_HOME/streamcap/bundles or ~/.cache/streamcap/bundles)")
+    fetch.add_argument("--accept-licences", action="store_true",
+                       help="accept the printed licences without asking (for scripts)")
+    fetch.add_argument("--overwrite", action="store_true", help="fetch an existing bundle again")
+    fetch.add_argument("--keep-downloads", action="store_true",
+                       help="keep the downloaded files (DIR/.downloads/NAME) after the build")
+    listing = msub.add_parser("list", help="what `models fetch` can download, and the bundles "
+                                           "found by name")
+    listing.add_argument("--json", action="store_true", help="print JSON")
 
     from streamcap.training.commands import add_parsers as add_training_parsers
 
@@ -189,7 +203,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     if args.models_command is None:
         raise ConfigError("models: a subcommand is needed: presets, build, verify, convert-dac, "
-                          "import-enclap")
+                          "import-enclap, fetch, list")
     return commands.run(args)
 
 

@@ -111,7 +111,8 @@ class DaemonConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelConfig:
     bundle: str = option("demo", check=_bundle,
-                         help='a bundle directory, "demo" (built in) or a preset name')
+                         help='a bundle directory, "demo" (built in), a fetched bundle\'s '
+                              'name (docs/models-fetch.md) or a preset name')
     device: str = option("auto", choices=DEVICES)
     precision: str = option("auto", choices=PRECISIONS)
     threads: int = option(0, min=0, max=1024, help="torch intra-op threads; 0 = all cores")

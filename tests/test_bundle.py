@@ -356,7 +356,7 @@ def test_resolve_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_model(str(tmp_path / "tok_src"))
     with pytest.raises(ModelError, match="is not a directory"):
         resolve_model(str(directory / MANIFEST_NAME))
-    with pytest.raises(ModelError, match=r"not a preset \(tiny, base, large.*path to an existing"):
+    with pytest.raises(ModelError, match=r"not a preset \(tiny, base, large.*path to a bundle directory"):
         resolve_model("hugeee")
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model("./tiny")  # path-like: never a preset
@@ -365,3 +365,23 @@ def test_resolve_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_model("bundle").kind == "bundle"  # bare name of a bundle directory
     (tmp_path / "tiny").mkdir()
     assert resolve_model("tiny").kind == "preset"  # a plain directory does not shadow a preset
+
+
+def test_named_bundles_are_found_along_the_search_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamcap.models.bundle import manifest
+
+    user, system = tmp_path / "cache", tmp_path / "system"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(user))
+    monkeypatch.setattr(manifest, "SYSTEM_BUNDLE_DIR", system)
+    monkeypatch.chdir(tmp_path)
+    assert manifest.bundle_search_path() == (user / "streamcap" / "bundles", system)
+    assert resolve_model("base").kind == "preset"
+    for root in (system, user / "streamcap" / "bundles"):  # the user's comes first
+        (root / "base").mkdir(parents=True)
+        (root / "base" / MANIFEST_NAME).write_text("{}")
+        assert resolve_model("base").bundle_path == root / "base"  # shadows the preset
+    with pytest.raises(ModelError, match="streamcap models fetch"):
+        resolve_model("nothing-here")
+    assert manifest.user_bundle_dir({"XDG_CACHE_HOME": "relative", "HOME": "/h"}) == \
+        Path("/h/.cache/streamcap/bundles")

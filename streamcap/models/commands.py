@@ -81,9 +81,43 @@ def _import_enclap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    from streamcap.models.artefacts import recipe
+    from streamcap.models.fetch import fetch_bundle
+
+    fetch_bundle(recipe(args.name), directory=args.dir, accept_licences=args.accept_licences,
+                 overwrite=args.overwrite, keep_downloads=args.keep_downloads)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from streamcap.models.artefacts import RECIPES, licences
+    from streamcap.models.bundle.manifest import bundle_search_path, find_named_bundle
+
+    rows = []
+    for item in RECIPES.values():
+        found = find_named_bundle(item.name)
+        rows.append({"name": item.name, "description": item.description,
+                     "download_bytes": item.download_size, "bundle_bytes": item.bundle_size,
+                     "installed": None if found is None else str(found),
+                     "licences": [{"source": s, "licence": n, "url": u}
+                                  for s, n, u in licences(item)]})
+    search = [str(d) for d in bundle_search_path()]
+    if args.json:
+        print(json.dumps({"fetchable": rows, "search_path": search}, indent=2))
+        return 0
+    for row in rows:
+        where = row["installed"] or "not fetched"
+        print(f"{row['name']:12s} {int(str(row['download_bytes'])) / 1e9:5.2f} GB download  "
+              f"[{where}]  {row['description']}")
+    print(f"bundles are looked up by name in: {', '.join(search)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     handlers = {"presets": _presets, "build": _build, "verify": _verify,
-                "convert-dac": _convert_dac, "import-enclap": _import_enclap}
+                "convert-dac": _convert_dac, "import-enclap": _import_enclap,
+                "fetch": _fetch, "list": _list}
     handler = handlers.get(args.models_command)
     if handler is None:
         raise ModelError(f"models: unknown subcommand {args.models_command!r}")

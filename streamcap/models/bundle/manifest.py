@@ -567,12 +567,54 @@ def _looks_like_path(spec: str) -> bool:
     return "/" in spec or os.sep in spec or spec.startswith((".", "~"))
 
 
+SYSTEM_BUNDLE_DIR = Path("/var/lib/streamcap/bundles")
+"""The system-wide bundle directory, searched after the user's (e.g. for the service)."""
+
+
+def user_bundle_dir(env: Mapping[str, str] | None = None) -> Path | None:
+    """``$XDG_CACHE_HOME/streamcap/bundles``, else ``~/.cache/streamcap/bundles``.
+
+    None when neither is known (no absolute ``XDG_CACHE_HOME`` and no home directory,
+    as under a systemd ``DynamicUser``).
+    """
+    env = os.environ if env is None else env
+    cache = env.get("XDG_CACHE_HOME", "")
+    if cache and os.path.isabs(cache):
+        return Path(cache) / "streamcap" / "bundles"
+    home = env.get("HOME", "")
+    if not home:
+        try:
+            home = str(Path.home())
+        except RuntimeError:
+            return None
+    return Path(home) / ".cache" / "streamcap" / "bundles"
+
+
+def bundle_search_path(env: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """Where a bare ``--model NAME`` is looked up, in order: the user's bundle
+    directory (:func:`user_bundle_dir`), then :data:`SYSTEM_BUNDLE_DIR`."""
+    user = user_bundle_dir(env)
+    return (SYSTEM_BUNDLE_DIR,) if user is None else (user, SYSTEM_BUNDLE_DIR)
+
+
+def find_named_bundle(name: str, env: Mapping[str, str] | None = None) -> Path | None:
+    """The first ``DIR/name`` holding a manifest along :func:`bundle_search_path`."""
+    if not name or _looks_like_path(name):
+        return None
+    for directory in bundle_search_path(env):
+        if (directory / name / MANIFEST_NAME).is_file():
+            return directory / name
+    return None
+
+
 def resolve_model(spec: str) -> ModelSpec:
     """Interpret a ``--model`` value as a bundle path or a preset name.
 
     A value that looks like a path (contains ``/``, starts with ``.`` or ``~``) must be
     a bundle directory. A bare name is a bundle if it is a directory holding
-    ``manifest.json``, else a preset if it is one, else an error. The presets are
+    ``manifest.json``, else a bundle of that name along :func:`bundle_search_path`
+    (where ``streamcap models fetch`` writes), else a preset if it is one, else an
+    error. A fetched bundle thus shadows the preset of the same name. The presets are
     exactly those of :func:`streamcap.models.bundle.presets.preset_names` (what
     ``streamcap models presets`` lists).
 
@@ -601,9 +643,14 @@ def resolve_model(spec: str) -> ModelSpec:
                 f"--model {spec!r}: {path} has no {MANIFEST_NAME}; not a streamcap bundle"
             )
         return ModelSpec(kind="bundle", bundle_path=path)
+    named = find_named_bundle(spec)
+    if named is not None:
+        return ModelSpec(kind="bundle", bundle_path=named)
     if spec in names:
         return ModelSpec(kind="preset", preset=spec, random_weights=True)
+    searched = ", ".join(str(d) for d in bundle_search_path())
     raise ModelError(
-        f"--model {spec!r}: not a preset ({', '.join(names)}); "
-        "to load a bundle, give a path to an existing bundle directory (e.g. ./my-model)"
+        f"--model {spec!r}: not a preset ({', '.join(names)}) and not a bundle in {searched}; "
+        "give a path to a bundle directory (e.g. ./my-model) or fetch one with "
+        "`streamcap models fetch NAME` (streamcap models list)"
     )

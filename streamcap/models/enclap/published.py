@@ -79,7 +79,8 @@ class ImportOptions:
         clap: ``630k-audioset-fusion-best.pt`` or a ``laion/clap-htsat-fused`` directory.
         tokenizer: a directory with ``vocab.json`` + ``merges.txt`` (default: the checkpoint's).
         codec_preset / clap_preset: sizes of random codec/CLAP when no weights are given
-            (defaults ``encodec24k`` / ``clap-htsat-fused``; tiny ones are for tests).
+            (defaults ``encodec24k`` / ``clap-htsat-fused``; tiny ones are for tests);
+            ``clap_preset`` also gives the shapes of a LAION ``.pt`` checkpoint.
         decoding_mode: the bundle's default decoding, ``beam`` (the reference) or ``sample``.
     """
 
@@ -237,15 +238,16 @@ def load_encodec(path: Path) -> EncodecTokenizer:
     return tokenizer
 
 
-def load_clap(path: Path) -> ClapEmbedder:
-    """The CLAP audio embedder from ``630k-audioset-fusion-best.pt`` or an HF ``ClapModel`` dir."""
+def load_clap(path: Path, laion_preset: str = "clap-htsat-fused") -> ClapEmbedder:
+    """The CLAP audio embedder from ``630k-audioset-fusion-best.pt`` (shapes of
+    ``laion_preset``) or an HF ``ClapModel`` dir (shapes from its config.json)."""
     if path.is_dir():
         config = ClapEmbedderConfig.from_hf_config(_read_config(path),
                                                    str(path / "config.json"))
         weights = _weights_file(path)
         state = audio_state_from_clap_model(read_state_dict(weights))
     else:
-        config = clap_preset("clap-htsat-fused")
+        config = clap_preset(laion_preset)
         weights = path
         state = convert_laion_state_dict(read_state_dict(path))
     embedder = ClapEmbedder(config)
@@ -297,7 +299,7 @@ def import_enclap(directory: Path, output: Path, options: ImportOptions = Import
                          f"{codec.config.codebook_size}; the checkpoint expects num_rvq="
                          f"{config.n_codebooks} of {config.codebook_size}")
     if options.clap is not None:
-        clap = load_clap(options.clap)
+        clap = load_clap(options.clap, options.clap_preset or "clap-htsat-fused")
     else:
         clap = ClapEmbedder(clap_preset(options.clap_preset or "clap-htsat-fused"))
         notes["seq_embedder"] = RANDOM_CLAP_NOTE
