@@ -64,6 +64,7 @@ from streamcap.messages import (
     SourceState,
     SourceStatus,
     TriggerEvent,
+    TriggerState,
     Window,
     new_run_id,
 )
@@ -262,7 +263,9 @@ class Daemon:
         if isinstance(msg, TriggerEvent):
             msg = self.clips.start(msg)  # names its clip when one is being saved
             self.trigger_states.observe(msg)
-            if self.history is not None:
+            # A state announcement (off, no fired_id, NaN score: sent at start and when a
+            # trigger changes) is not a firing: the history keeps firings and their ends.
+            if self.history is not None and (msg.fired_id or msg.state is TriggerState.ON):
                 self.history.record(msg)
         if self.trigger_engine is not None:
             self.trigger_engine.note(msg)

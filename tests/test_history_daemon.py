@@ -32,14 +32,20 @@ from daemon_process import (
     streamcap_command,
     tiny_model_toml,
 )
-from test_history_sqlite import window
+from test_history_sqlite import event, window
+from test_pipeline import runtime
 from timing import scaled
 
+from streamcap.config import parse_config
+from streamcap.daemon import Daemon
 from streamcap.errors import HistoryError
 from streamcap.history.records import Span
 from streamcap.history.sqlite import SqliteHistory
+from streamcap.messages import TriggerEvent, TriggerState
+from streamcap.models.runtime import InferenceRuntime
 
 pytestmark = pytest.mark.slow
+__all__ = ["runtime"]  # the fixture: one inference thread on the CPU
 
 RATE = 16000
 MAX_BYTES = 1024 * 1024
@@ -213,3 +219,45 @@ def test_a_corrupt_required_store_exits_2_naming_the_path(tmp_path: Path) -> Non
     assert done.returncode == 2, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("streamcap: error:")]
     assert lines and str(path) in lines[0] and "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def no_captioner() -> Any:
+    raise AssertionError("no model is loaded here")
+
+
+def in_process(tmp: Path, runtime: InferenceRuntime, history: dict[str, object]) -> Daemon:
+    config = parse_config({
+        "daemon": {"node_id": "n1", "state_dir": str(tmp / "state")},
+        "sources": {"s": {"uri": "file:/dev/null", "window_s": 10, "hop_s": 5}},
+        "http": {"enabled": False},
+        "history": history,
+    })
+    return Daemon(config, no_captioner, runtime=runtime)
+
+
+async def test_trigger_announcements_stay_out_of_the_history_firings_go_in(
+        tmp_path: Path, runtime: InferenceRuntime) -> None:
+    from dataclasses import replace
+    from math import nan
+
+    daemon = in_process(tmp_path, runtime, {})
+    daemon.history = daemon._open_history()
+    assert daemon.history is not None
+    announcement = replace(event(0, at=1e9, source="s"), event_id="a", score=nan,
+                           threshold=nan, fired_id="", state=TriggerState.OFF)
+    fired = replace(event(0, at=1e9 + 1, source="s"), event_id="on", fired_id="",
+                    state=TriggerState.ON)
+    ended = replace(event(1, at=1e9 + 2, source="s"), event_id="off", fired_id="on",
+                    state=TriggerState.OFF)
+    for msg in (announcement, fired, ended):
+        daemon._publish(msg)
+    assert daemon.history.close(scaled(30))
+    store = SqliteHistory(daemon.history_path(), read_only=True)
+    try:
+        items = store.page(Span(), cursor=None, limit=10).items
+    finally:
+        store.close()
+    assert [i.event_id for i in items if isinstance(i, TriggerEvent)] == ["on", "off"]

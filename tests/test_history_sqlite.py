@@ -4,6 +4,7 @@ and every way a store file can be unusable (each a HistoryError naming the path)
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sqlite3
 from pathlib import Path
@@ -92,6 +93,26 @@ def test_windows_and_events_round_trip(store: SqliteHistory) -> None:
     stats = store.stats()
     assert (stats.windows, stats.events, stats.oldest_at) == (4, 1, T0)
     assert stats.bytes > 0
+
+
+def test_non_finite_scores_are_stored_as_null_and_read_back_as_nan(
+        store: SqliteHistory) -> None:
+    # a trigger-state announcement: NaN score and threshold, no firing
+    announcement = dataclasses.replace(event(0, at=T0 + 1), score=math.nan,
+                                       threshold=math.nan, fired_id="",
+                                       state=TriggerState.OFF)
+    odd = dataclasses.replace(window(1), score=-math.inf, confidence=math.nan)
+    store.write([window(0), announcement, odd])  # one transaction: none of it refused
+    items = store.page(Span(), cursor=None, limit=10).items
+    assert [type(i).__name__ for i in items] == ["WindowRecord", "TriggerEvent",
+                                                 "WindowRecord"]
+    got_event = items[1]
+    assert isinstance(got_event, TriggerEvent)
+    assert math.isnan(got_event.score) and math.isnan(got_event.threshold)
+    got_odd = items[2]
+    assert isinstance(got_odd, WindowRecord)
+    assert math.isnan(got_odd.score) and got_odd.confidence is None
+    assert store.windows(["kitchen-0"])["kitchen-0"].score == -1.5
 
 
 def test_a_record_written_again_is_replaced_and_searchable_by_its_new_text(

@@ -76,7 +76,7 @@ CREATE TABLE windows (
     end_at REAL NOT NULL,
     model TEXT NOT NULL,
     text TEXT NOT NULL,
-    score REAL NOT NULL,
+    score REAL,
     confidence REAL,
     abstained INTEGER NOT NULL,
     flagged INTEGER NOT NULL,
@@ -94,8 +94,8 @@ CREATE TABLE events (
     trigger TEXT NOT NULL,
     source TEXT NOT NULL,
     state TEXT NOT NULL,
-    score REAL NOT NULL,
-    threshold REAL NOT NULL,
+    score REAL,
+    threshold REAL,
     start_s REAL NOT NULL,
     end_s REAL NOT NULL,
     captured_at REAL NOT NULL,
@@ -176,6 +176,17 @@ def decode_embedding(blob: bytes, scale: float, dim: int) -> Float32Array:
     v = q.astype(np.float32) * np.float32(scale / 127.0)
     v.flags.writeable = False
     return v
+
+
+def _real(value: float | None) -> float | None:
+    """A float column's value: a non-finite float (a state announcement's NaN score) is
+    NULL, since SQLite stores NaN as NULL and a NOT NULL column would refuse it."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _float(value: object) -> float:
+    """A nullable float column read back: NULL is NaN (see :func:`_real`)."""
+    return math.nan if value is None else float(value)  # type: ignore[arg-type]
 
 
 def _word_char(ch: str) -> bool:
@@ -437,13 +448,14 @@ class SqliteHistory:
         if r.embedding is not None:
             blob, scale, dim = encode_embedding(r.embedding)
         return (r.window_id, r.source_id, r.run_id, r.seq, r.start_s, r.end_s, r.start_at,
-                r.end_at, r.model, r.text, r.score, r.confidence, int(r.abstained),
+                r.end_at, r.model, r.text, _real(r.score), _real(r.confidence), int(r.abstained),
                 int(r.flagged), None if r.speech is None else int(r.speech),
                 json.dumps(list(r.candidates), ensure_ascii=False), blob, scale, dim)
 
     @staticmethod
     def _event_row(e: TriggerEvent) -> tuple[Any, ...]:
-        return (e.event_id, e.trigger, e.source_id, e.state.value, e.score, e.threshold,
+        return (e.event_id, e.trigger, e.source_id, e.state.value, _real(e.score),
+                _real(e.threshold),
                 e.start_s, e.end_s, e.captured_at, e.model, e.run_id, e.fired_id, e.caption,
                 e.clip)
 
@@ -465,7 +477,7 @@ class SqliteHistory:
         return WindowRecord(
             window_id=row[1], source_id=row[2], run_id=row[3], seq=int(row[4]),
             start_s=float(row[5]), end_s=float(row[6]), start_at=float(row[7]),
-            end_at=float(row[8]), model=row[9], text=row[10], score=float(row[11]),
+            end_at=float(row[8]), model=row[9], text=row[10], score=_float(row[11]),
             confidence=None if row[12] is None else float(row[12]),
             abstained=bool(row[13]), flagged=bool(row[14]),
             speech=None if row[15] is None else bool(row[15]), candidates=candidates,
@@ -479,7 +491,7 @@ class SqliteHistory:
     def _event(row: Sequence[Any]) -> TriggerEvent:
         return TriggerEvent(
             event_id=row[1], trigger=row[2], source_id=row[3], state=TriggerState(row[4]),
-            score=float(row[5]), threshold=float(row[6]), start_s=float(row[7]),
+            score=_float(row[5]), threshold=_float(row[6]), start_s=float(row[7]),
             end_s=float(row[8]), captured_at=float(row[9]), model=row[10], run_id=row[11],
             fired_id=row[12], caption=row[13], clip=row[14])
 

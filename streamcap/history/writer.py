@@ -3,8 +3,9 @@
 :meth:`HistoryRecorder.record` never blocks (the event loop and the inference path
 call it): it appends to a bounded queue, the oldest record being dropped and counted
 when it is full. The thread ``streamcap-history`` owns the store's write handle; it
-writes what is waiting in batches (one transaction each), retries a failed batch once
-and then drops it (counted, logged at most once a minute: no unbounded retry loop),
+writes what is waiting in batches (one transaction each), retries a failed batch once,
+then writes its records one at a time, dropping (counted, logged at most once a minute:
+no unbounded retry loop) only those that fail alone,
 and applies the retention limits every ``retention_interval_s``. A write failure never
 reaches the caller and never stops the thread.
 
@@ -28,7 +29,7 @@ from streamcap.errors import HistoryError
 from streamcap.history.records import HistoryItem, to_message
 from streamcap.history.store import HistoryStore
 from streamcap.logs import Throttle, get_logger
-from streamcap.messages import Published
+from streamcap.messages import Published, TriggerEvent
 from streamcap.stats import Metrics
 
 _log = get_logger(__name__)
@@ -41,6 +42,10 @@ RETRY_PAUSE_S: Final = 0.5
 STATS_INTERVAL_S: Final = 5.0
 """Least time between two refreshes of the size gauges (they count rows)."""
 FAILURE_LOG_INTERVAL_S: Final = 60.0
+MAX_FAILED_IN_A_ROW: Final = 4
+"""Records of a failed batch written alone that fail one after the other before the rest
+of the batch is dropped (the store fails, not a record: a locked store would cost up to
+the busy timeout per record)."""
 DROP_REASONS: Final = ("queue_full", "write_failed", "shutdown")
 
 
@@ -215,12 +220,40 @@ class HistoryRecorder:
                         if not self._closing:
                             self._cond.wait(RETRY_PAUSE_S)
                     continue
-                self._dropped.inc(len(batch), "write_failed")
+                if len(batch) > 1:
+                    self._write_one_by_one(batch)
+                else:
+                    self._dropped.inc(len(batch), "write_failed")
                 return
             self.written += len(batch)
             self._writes.inc(len(batch))
             self._refresh_stats(force=False)
             return
+
+    def _write_one_by_one(self, batch: Sequence[HistoryItem]) -> None:
+        """A batch failed twice: its records one transaction each, so that one bad record
+        cannot take the others with it (each that fails is dropped and counted)."""
+        written = failed_in_a_row = 0
+        for n, item in enumerate(batch):
+            if failed_in_a_row >= MAX_FAILED_IN_A_ROW:  # the store fails, not a record
+                self._dropped.inc(len(batch) - n, "write_failed")
+                break
+            try:
+                self.store.write([item])
+            except HistoryError as exc:
+                failed_in_a_row += 1
+                self._failures.inc()
+                self._dropped.inc(1, "write_failed")
+                if (held := self._throttle.allow("write_one")) is not None:
+                    _log.error("cannot write a history record; dropped", error=str(exc),
+                               record=_describe(item), suppressed=held)
+                continue
+            failed_in_a_row = 0
+            written += 1
+        if written:
+            self.written += written
+            self._writes.inc(written)
+            self._refresh_stats(force=False)
 
     _stats_at = -float("inf")
 
@@ -250,3 +283,8 @@ class HistoryRecorder:
             self._deleted.inc(deleted)
             _log.info("history retention deleted old records", deleted=deleted)
         self._refresh_stats(force=True)
+
+
+def _describe(item: HistoryItem) -> str:
+    """A record's id, for a log line."""
+    return item.event_id if isinstance(item, TriggerEvent) else item.window_id
