@@ -362,6 +362,34 @@ def test_retention_by_size_deletes_the_oldest_until_under_the_limit(tmp_path: Pa
         s.close()
 
 
+def test_size_retention_deletes_about_the_excess_while_a_reader_holds_a_snapshot(
+        tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    s = SqliteHistory(path, max_bytes=2 ** 40)
+    try:
+        big = "y " * 1000
+        for start in range(0, 400, 100):
+            s.write([window(i, text=f"window {i} {big}", embedding=unit(i, 256), at=T0 + i)
+                     for i in range(start, start + 100)])
+        size = s.size_bytes()
+        s.max_bytes = int(size * 0.8)  # a fifth too much: about 80 records
+        reader = sqlite3.connect(path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM windows").fetchone()[0] == 400
+            deleted = s.enforce_retention(T0 + 500)
+            assert reader.execute("SELECT count(*) FROM windows").fetchone()[0] == 400
+        finally:
+            reader.close()
+        assert 0 < deleted <= 400 * 0.2 * 1.25 + 2  # about the excess, never most of it
+        assert s.stats().windows == 400 - deleted
+        s.enforce_retention(T0 + 500)  # the reader is gone: the next run finishes the job
+        assert s.size_bytes() <= s.max_bytes
+        assert s.stats().windows >= 400 * 0.6
+    finally:
+        s.close()
+
+
 # --------------------------------------------------------------------------- unusable stores
 
 

@@ -61,6 +61,11 @@ MAX_TERM_CHARS: Final = 200
 _IN_CHUNK: Final = 500  # ids per "IN (...)" query
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 _DAY_S: Final = 86400.0
+SIZE_MARGIN: Final = 1.25
+"""One retention run deletes for size at most the excess's worth of average records
+times this (and one more)."""
+SIZE_ROUNDS: Final = 4
+"""Rounds of deletion for size in one run at most (the estimate is refined in each)."""
 _WINDOW, _EVENT = 0, 1  # kinds in the time order: a window before an event at the same time
 
 _SCHEMA: Final = """
@@ -266,7 +271,8 @@ class SqliteHistory:
         path: the database file (created with its directory when missing, unless
             ``read_only``).
         keep_days: records older than this go (:meth:`enforce_retention`).
-        max_bytes: then the oldest go until database + WAL + clips are under this.
+        max_bytes: then the oldest go until the database's pages in use + clips are
+            under this (:meth:`size_bytes`; about the excess per run at most).
         clips_dir: where event clips are (``TriggerEvent.clip`` is relative to it);
             they go with their events, and a clip file older than ``keep_days`` goes.
         read_only: open for reading only (:meth:`reader`); nothing is created.
@@ -687,15 +693,22 @@ class SqliteHistory:
                 out.append((Path(entry.path), st))
         return out
 
+    def database_bytes(self) -> int:
+        """The database's logical size: its pages in use, ``(page_count - freelist_count)
+        * page_size``, as this handle sees them (what the WAL holds included, pages freed
+        by deletes excluded). Unlike the files' sizes it shrinks at once when rows are
+        deleted, even while a reader's snapshot keeps the WAL from being checkpointed."""
+        conn = self._conn
+        pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        return max(0, pages - free) * page_size
+
     def size_bytes(self) -> int:
-        """Bytes on disk: the database, its WAL and the clips."""
-        total = 0
-        for suffix in ("", "-wal"):
-            try:
-                total += os.stat(f"{self.path}{suffix}").st_size
-            except OSError:
-                pass
-        return total + sum(st.st_size for _, st in self._clip_files())
+        """What ``max_bytes`` limits: the database's logical size (:meth:`database_bytes`)
+        and the clips. The WAL is not counted: it is checkpointed and truncated after
+        every retention run that deletes (and bounded by ``journal_size_limit``)."""
+        return self.database_bytes() + sum(st.st_size for _, st in self._clip_files())
 
     def stats(self) -> StoreStats:
         def read() -> StoreStats:
@@ -747,14 +760,39 @@ class SqliteHistory:
             "SELECT (SELECT count(*) FROM windows) + (SELECT count(*) FROM events)"
         ).fetchone()[0])
 
-    def _reclaim(self, *, fts: bool = False) -> None:
+    def _reclaim(self, *, fts: bool = False) -> bool:
         """Give freed pages back to the file system and shrink the WAL; with ``fts``,
-        rewrite the text index first (deleted rows stay in it as tombstones until then)."""
+        rewrite the text index first (deleted rows stay in it as tombstones until then).
+
+        Returns False when the checkpoint was busy (a reader holds a snapshot): the
+        files keep their size until a later run; nobody waits for the reader.
+        """
         if fts:
             self._conn.execute("INSERT INTO windows_fts (windows_fts) VALUES ('optimize')")
         # executescript steps the pragma to its end (execute stops after one freed page)
         self._conn.executescript("PRAGMA incremental_vacuum;")
-        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return self._checkpoint()
+
+    def _checkpoint(self) -> bool:
+        """Checkpoint the WAL and truncate it, without waiting for readers; True if done."""
+        busy, log, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy or log != done:  # a reader's snapshot holds frames back
+            return False
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return not busy
+
+    def _size_budget(self, size: int) -> int:
+        """How many of the oldest records one retention run may delete for size: the
+        excess over ``max_bytes`` in records of the average size, plus a margin."""
+        rows = self._count()
+        if not rows or size <= self.max_bytes:
+            return 0
+        per_row = size / rows
+        return min(rows, math.ceil((size - self.max_bytes) / per_row * SIZE_MARGIN) + 1)
 
     def enforce_retention(self, now: float) -> int:
         if self.read_only:
@@ -767,32 +805,32 @@ class SqliteHistory:
             for path, st in self._clip_files():  # clips whose event never got stored
                 if st.st_mtime < cutoff:
                     path.unlink(missing_ok=True)
-            if gone:
-                self._reclaim(fts=gone * 10 >= before)
-            optimized = False
-            if self.size_bytes() > self.max_bytes:  # what the WAL holds is counted once
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            for _ in range(32):  # each round deletes a share of the oldest; bounded
+            if gone and not self._reclaim(fts=gone * 10 >= before):
+                return gone  # a reader holds the WAL: the size waits for the next run
+            # Size: the oldest go, at most about the excess (counted once, from the
+            # average record) in a few rounds; the logical size shrinks at once, so a
+            # reader's snapshot cannot make a round miss what the last one freed.
+            budget = self._size_budget(self.size_bytes())
+            for _ in range(SIZE_ROUNDS):
                 size = self.size_bytes()
-                if size <= self.max_bytes:
+                if size <= self.max_bytes or budget <= 0:
                     break
-                if gone and not optimized:
-                    optimized = True  # the text index may hold what was deleted: drop it
-                    self._reclaim(fts=True)
-                    continue
                 rows = self._count()
                 if not rows:
                     break
-                share = min(1.0, (size - self.max_bytes) / size + 0.05)
-                n = max(1, math.ceil(rows * share))
+                n = min(budget, math.ceil((size - self.max_bytes) * rows / size * 1.05) + 1)
                 at = self._conn.execute(
                     "SELECT at FROM (SELECT start_at AS at FROM windows UNION ALL "
                     "SELECT captured_at FROM events) ORDER BY at LIMIT 1 OFFSET ?",
                     [n - 1]).fetchone()
                 if at is None:
                     break
-                gone += self._delete_until(float(at[0]), inclusive=True)
-                self._reclaim()
+                deleted = self._delete_until(float(at[0]), inclusive=True)
+                gone += deleted
+                budget -= deleted
+                # the text index keeps deleted rows as tombstones until it is rewritten
+                if not self._reclaim(fts=deleted * 10 >= rows):
+                    break  # a reader holds the WAL: go on at the next run
             return gone
 
         try:

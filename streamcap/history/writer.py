@@ -90,7 +90,8 @@ class HistoryRecorder:
         self._depth = m.gauge("streamcap_history_queue_depth",
                               "History records waiting to be written")
         self._bytes = m.gauge("streamcap_history_bytes",
-                              "Bytes of the history store on disk (database, WAL, clips)")
+                              "Bytes of the history store that max_bytes limits "
+                              "(database pages in use, clips)")
         self._windows = m.gauge("streamcap_history_windows", "Windows in the history store")
         self._events = m.gauge("streamcap_history_events",
                                "Trigger events in the history store")
