@@ -73,7 +73,7 @@ from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
 from streamcap.preflight import check_config_file, prepare
 from streamcap.sources.base import AudioSource
 from streamcap.stats import Metrics
-from streamcap.triggers.clips import CLIPS_DIR, ClipRecorder
+from streamcap.triggers.clips import CLIPS_DIR, ClipRecorder, prune_clips
 from streamcap.triggers.engine import TriggerEngine
 from streamcap.triggers.registry import TriggerRegistry, TriggerStates
 from streamcap.triggers.spec import TriggerSpec
@@ -320,6 +320,28 @@ class Daemon:
 
     def _recent_history(self, limit: int, per_source: bool) -> list[Published]:
         return [] if self.history is None else self.history.recent(limit, per_source)
+
+    async def _prune_clips(self) -> None:
+        """Without a history store (off, or unusable), bound the clips folder by
+        ``[history] keep_days`` and ``max_bytes`` alone, every ``retention_interval_s``."""
+        options = self.config.history
+        pruned = self.metrics.counter(
+            "streamcap_clips_pruned_total",
+            "Event clip files deleted by the clips' own retention (no history store)")
+        pruned.inc(0)
+        while True:
+            try:
+                deleted = await asyncio.to_thread(
+                    prune_clips, self.clips.clips_dir, keep_s=options.keep_days * 86400.0,
+                    max_bytes=options.max_bytes, now=time.time())
+            except OSError as exc:
+                _log.error("cannot delete old event clips", error=str(exc),
+                           path=str(self.clips.clips_dir))
+            else:
+                if deleted:
+                    pruned.inc(deleted)
+                    _log.info("old event clips deleted", deleted=deleted)
+            await asyncio.sleep(options.retention_interval_s)
 
     async def _close_history(self, timeout_s: float) -> None:
         """Write what is queued and close the store, within ``timeout_s``."""
@@ -578,6 +600,10 @@ class Daemon:
                         commands.run(), name=f"streamcap[triggers:{commands.instance}].commands")
                     task.add_done_callback(_log_failed_helper)
                     helpers.append(task)
+            if self.history is None:  # no store's retention deletes clips: their own does
+                prune = asyncio.create_task(self._prune_clips(), name="streamcap[clips].prune")
+                prune.add_done_callback(_log_failed_helper)
+                helpers.append(prune)
             ready = asyncio.create_task(self.bus.wait_ready(), name="streamcap[bus].ready")
             helpers.append(ready)
             # A sink that never gets ready (broker down) delays READY=1, never a stop.

@@ -261,3 +261,30 @@ async def test_trigger_announcements_stay_out_of_the_history_firings_go_in(
     finally:
         store.close()
     assert [i.event_id for i in items if isinstance(i, TriggerEvent)] == ["on", "off"]
+
+
+async def test_without_history_the_clips_folder_has_its_own_retention(
+        tmp_path: Path, runtime: InferenceRuntime) -> None:
+    import asyncio
+    import os
+    import time
+
+    daemon = in_process(tmp_path, runtime, {"enabled": False, "keep_days": 1,
+                                            "retention_interval_s": 0.05})
+    assert daemon._open_history() is None
+    clips = daemon.clips.clips_dir
+    clips.mkdir(parents=True)
+    old, new = clips / "r:dog:s:1.flac", clips / "r:dog:s:2.flac"
+    for path in (old, new):
+        path.write_bytes(b"flac")
+    gone = time.time() - 2 * 86400
+    os.utime(old, (gone, gone))
+    prune = asyncio.create_task(daemon._prune_clips(), name="streamcap[clips].prune")
+    try:
+        deadline = time.monotonic() + scaled(30)
+        while old.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        prune.cancel()
+    assert not old.exists() and new.exists()
+    assert daemon.metrics.counter("streamcap_clips_pruned_total", "").value() == 1

@@ -390,6 +390,32 @@ def test_size_retention_deletes_about_the_excess_while_a_reader_holds_a_snapshot
         s.close()
 
 
+def test_size_retention_deletes_orphan_clips_and_stale_temp_files_before_any_record(
+        tmp_path: Path) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    s = SqliteHistory(tmp_path / "h.sqlite3", max_bytes=2 ** 40, clips_dir=clips)
+    try:
+        now = T0 + 86400
+        s.write([window(i, at=now - 600 + i) for i in range(50)]
+                + [event(0, at=now - 500, clip="run1:siren:kitchen:0.flac")])
+        old = now - 7200
+        for name, size in (("run1:siren:kitchen:0.flac", 1000),  # its event is stored
+                           ("run1:siren:kitchen:9.flac", 300_000),  # its event never was
+                           (".run1:siren:kitchen:8.flac.abc.tmp", 300_000),  # a kill -9
+                           ("run1:siren:kitchen:7.flac", 300_000)):  # a new orphan: queued
+            (clips / name).write_bytes(os.urandom(size))
+            at = now - 60 if name.endswith("7.flac") else old
+            os.utime(clips / name, (at, at))
+        s.max_bytes = s.size_bytes() - 500_000  # the two old orphans free 600 000
+        assert s.enforce_retention(now) == 0  # no record went
+        assert sorted(p.name for p in clips.iterdir()) == [
+            "run1:siren:kitchen:0.flac", "run1:siren:kitchen:7.flac"]
+        assert s.stats().windows == 50
+    finally:
+        s.close()
+
+
 # --------------------------------------------------------------------------- unusable stores
 
 

@@ -64,6 +64,9 @@ _DAY_S: Final = 86400.0
 SIZE_MARGIN: Final = 1.25
 """One retention run deletes for size at most the excess's worth of average records
 times this (and one more)."""
+ORPHAN_GRACE_S: Final = 3600.0
+"""A file in the clips folder no event names is garbage once older than this (a clip is
+written seconds after its event is queued; a temporary file within seconds)."""
 SIZE_ROUNDS: Final = 4
 """Rounds of deletion for size in one run at most (the estimate is refined in each)."""
 _WINDOW, _EVENT = 0, 1  # kinds in the time order: a window before an event at the same time
@@ -785,6 +788,21 @@ class SqliteHistory:
             self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         return not busy
 
+    def _prune_unreferenced(self, now: float) -> None:
+        """Delete clip files no stored event names (their event was never stored) and
+        temporary files left by a killed writer, oldest first, until the store fits;
+        a file younger than :data:`ORPHAN_GRACE_S` is left (its event may be queued)."""
+        referenced = {str(r[0]) for r in self._conn.execute(
+            "SELECT clip FROM events WHERE clip IS NOT NULL")}
+        excess = self.size_bytes() - self.max_bytes
+        for path, st in sorted(self._clip_files(), key=lambda f: f[1].st_mtime):
+            if excess <= 0:
+                break
+            if path.name in referenced or now - st.st_mtime < ORPHAN_GRACE_S:
+                continue
+            path.unlink(missing_ok=True)
+            excess -= st.st_size
+
     def _size_budget(self, size: int) -> int:
         """How many of the oldest records one retention run may delete for size: the
         excess over ``max_bytes`` in records of the average size, plus a margin."""
@@ -807,6 +825,8 @@ class SqliteHistory:
                     path.unlink(missing_ok=True)
             if gone and not self._reclaim(fts=gone * 10 >= before):
                 return gone  # a reader holds the WAL: the size waits for the next run
+            if self.size_bytes() > self.max_bytes:  # garbage goes before any record
+                self._prune_unreferenced(now)
             # Size: the oldest go, at most about the excess (counted once, from the
             # average record) in a few rounds; the logical size shrinks at once, so a
             # reader's snapshot cannot make a round miss what the last one freed.
