@@ -256,6 +256,76 @@ def test_close_is_bounded_when_the_store_hangs(path: Path) -> None:
     gate.open.set()
 
 
+def test_a_second_close_after_a_timeout_returns_at_once(path: Path) -> None:
+    gate = Gate(SqliteHistory(path))
+    recorder = HistoryRecorder(gate, metrics=Metrics())  # type: ignore[arg-type]
+    recorder.start()
+    recorder.record(window(0))
+    assert gate.entered.wait(scaled(30))
+    assert recorder.close(0.1) is False
+    opener = threading.Timer(0.5, gate.open.set)  # the thread could finish meanwhile
+    opener.start()
+    try:
+        assert recorder.close(scaled(30)) is False  # it does not wait a second time
+    finally:
+        opener.join()
+
+
+class SlowRetention:
+    """A real store whose retention runs until it is interrupted."""
+
+    def __init__(self, store: SqliteHistory) -> None:
+        self.inner = store
+        self.entered = threading.Event()
+        self.stop = threading.Event()
+
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
+    def enforce_retention(self, now: float) -> int:
+        self.entered.set()
+        if not self.stop.wait(scaled(120)):
+            return 0
+        raise HistoryError(f"history store {self.location}: cannot enforce retention "
+                           "(interrupted)")
+
+    def interrupt(self) -> None:
+        self.stop.set()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_close_interrupts_a_retention_run_and_writes_what_is_queued(path: Path) -> None:
+    metrics = Metrics()
+    store = SlowRetention(SqliteHistory(path))
+    recorder = HistoryRecorder(store, metrics=metrics)  # type: ignore[arg-type]
+    recorder.start()
+    assert store.entered.wait(scaled(30))
+    recorder.record(window(0))
+    assert recorder.close(scaled(60)) is True
+    assert store.stop.is_set()
+    assert metrics.counter("streamcap_history_write_failures_total", "").value() == 0
+    reader = SqliteHistory(path, read_only=True)
+    try:
+        assert list(reader.windows(["kitchen-0"])) == ["kitchen-0"]
+    finally:
+        reader.close()
+
+
+def test_interrupt_stops_a_size_retention_between_rounds(path: Path) -> None:
+    store = SqliteHistory(path, max_bytes=2 ** 40)
+    try:
+        store.write([window(i, text="z " * 500, at=T0 + i) for i in range(100)])
+        store.max_bytes = store.size_bytes() // 2
+        store.interrupt()  # no statement running: only the rounds see it
+        assert store.enforce_retention(T0 + 200) == 0
+        assert store.stats().windows == 100
+    finally:
+        store.close()
+
+
 def test_recent_gives_captions_for_a_backfill(path: Path) -> None:
     store = SqliteHistory(path)
     store.write([window(i, at=T0 + i) for i in range(5)] + [event(0, at=T0 + 3.5)])

@@ -298,6 +298,7 @@ class SqliteHistory:
         self.clips_dir = None if clips_dir is None else Path(clips_dir)
         self.read_only = read_only
         self.vector_index = vector_index
+        self._interrupted = False  # set by interrupt(): retention stops between rounds
         self._conn = self._connect(check)
 
     # -- opening ----------------------------------------------------------------------
@@ -418,6 +419,12 @@ class SqliteHistory:
 
     def close(self) -> None:
         self._conn.close()
+
+    def interrupt(self) -> None:
+        """Cut a retention run short (from any thread, on shutdown): the statement running
+        is aborted and no further round starts; what was committed stays."""
+        self._interrupted = True
+        self._conn.interrupt()
 
     def _run(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -833,7 +840,7 @@ class SqliteHistory:
             budget = self._size_budget(self.size_bytes())
             for _ in range(SIZE_ROUNDS):
                 size = self.size_bytes()
-                if size <= self.max_bytes or budget <= 0:
+                if size <= self.max_bytes or budget <= 0 or self._interrupted:
                     break
                 rows = self._count()
                 if not rows:

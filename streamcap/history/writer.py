@@ -76,6 +76,8 @@ class HistoryRecorder:
         self._cond = threading.Condition()
         self._closing = False
         self._closed = False
+        self._gave_up = False  # a close timed out
+        self._retaining = False  # a retention run is in progress (guarded by _cond)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._throttle = Throttle(FAILURE_LOG_INTERVAL_S)
         self.written = 0
@@ -157,6 +159,13 @@ class HistoryRecorder:
         with self._cond:
             self._closing = True
             self._cond.notify()
+            retaining = self._retaining
+        if self._gave_up:  # a close timed out already: the thread is on its own
+            return False
+        if retaining:  # a retention run may take long: cut it short (it goes on next start)
+            interrupt = getattr(self.store, "interrupt", None)
+            if callable(interrupt):
+                interrupt()
         if not self._thread.is_alive() and not self._closed:
             if self._thread.ident is None:  # never started
                 self._close_store()
@@ -168,6 +177,7 @@ class HistoryRecorder:
                 self._queue.clear()
             if left:
                 self._dropped.inc(left, "shutdown")
+            self._gave_up = True
             _log.error("history writer did not finish in time; records dropped",
                        dropped=left, timeout_s=round(timeout_s, 2))
             return False
@@ -272,14 +282,26 @@ class HistoryRecorder:
         self._events.set(stats.events)
 
     def _retain(self) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            self._retaining = True
         try:
             deleted = self.store.enforce_retention(self._wall())
         except HistoryError as exc:
+            with self._cond:
+                closing = self._closing
+            if closing:  # interrupted by close(): what it deleted so far is committed
+                _log.info("history retention cut short by shutdown", error=str(exc))
+                return
             self._failures.inc()
             if (held := self._throttle.allow("retention")) is not None:
                 _log.error("cannot apply the history retention limits", error=str(exc),
                            suppressed=held)
             return
+        finally:
+            with self._cond:
+                self._retaining = False
         if deleted:
             self._deleted.inc(deleted)
             _log.info("history retention deleted old records", deleted=deleted)
