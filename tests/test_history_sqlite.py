@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamcap.errors import HistoryError
+from streamcap.errors import HistoryCursorError, HistoryError
 from streamcap.history.records import HistoryItem, Span, WindowRecord
 from streamcap.history.sqlite import (
     SCHEMA_VERSION,
@@ -281,10 +281,12 @@ def test_page_filters_by_span(store: SqliteHistory) -> None:
 
 
 @pytest.mark.parametrize("cursor", ["", "garbage!", "e30", "WzEsMiwzLCJhIl0",
-                                    "W251bGwsMCwxLCJhIl0"])
+                                    "W251bGwsMCwxLCJhIl0",
+                                    # forged: a row beyond int64, a bool or float kind, ...
+                                    *['WzEuMCwgMCwgMTAwMDAwMDAwMDAwMDAwMDAwMDAwLCAiYSJd', 'WzEuMCwgdHJ1ZSwgMSwgImEiXQ', 'WzEuMCwgMS4wLCAxLCAiYSJd', 'WzEuMCwgMCwgLTkyMjMzNzIwMzY4NTQ3NzU4MDksICJhIl0', 'W3RydWUsIDAsIDEsICJhIl0']])
 def test_a_bad_cursor_is_a_history_error(store: SqliteHistory, cursor: str) -> None:
     filled(store)
-    with pytest.raises(HistoryError, match="cursor") as err:
+    with pytest.raises(HistoryCursorError, match="cursor") as err:
         store.page(Span(), cursor=cursor, limit=3)
     assert str(store.path) in str(err.value)
 

@@ -37,7 +37,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from streamcap.errors import HistoryError
+from streamcap.errors import HistoryCursorError, HistoryError
 from streamcap.history.records import (
     HistoryItem,
     HistoryPage,
@@ -60,6 +60,7 @@ MAX_TERMS: Final = 64
 MAX_TERM_CHARS: Final = 200
 _IN_CHUNK: Final = 500  # ids per "IN (...)" query
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # what a rowid can be
 _DAY_S: Final = 86400.0
 SIZE_MARGIN: Final = 1.25
 """One retention run deletes for size at most the excess's worth of average records
@@ -256,8 +257,8 @@ def decode_cursor(cursor: str, newest_first: bool) -> tuple[float, int, int]:
     except (binascii.Error, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise ValueError("not a history cursor") from exc
     if (not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at)
-            or kind not in (_WINDOW, _EVENT) or not isinstance(row, int)
-            or isinstance(row, bool)):
+            or type(kind) is not int or kind not in (_WINDOW, _EVENT)
+            or type(row) is not int or not _INT64_MIN <= row <= _INT64_MAX):
         raise ValueError("not a history cursor")
     if order != ("d" if newest_first else "a"):
         raise ValueError("a cursor of the other order")
@@ -595,8 +596,9 @@ class SqliteHistory:
             try:
                 after = decode_cursor(cursor, newest_first)
             except ValueError as exc:
-                raise self._fail(f"cannot page: {exc} (got {cursor[:40]!r}); start again "
-                                 "without a cursor") from None
+                raise HistoryCursorError(
+                    f"history store {self.path}: cannot page: {exc} (got {cursor[:40]!r}); "
+                    "start again without a cursor") from None
         if limit <= 0:
             return HistoryPage(items=(), next_cursor=None)
         op, order = ("<", "DESC") if newest_first else (">", "ASC")
