@@ -302,15 +302,19 @@ class Daemon:
         from streamcap.history.sqlite import SqliteHistory
 
         try:
-            store = SqliteHistory(self.history_path(), keep_days=options.keep_days,
-                                  max_bytes=options.max_bytes,
-                                  clips_dir=state_root(self.config) / "clips")
+            try:
+                store = SqliteHistory(self.history_path(), keep_days=options.keep_days,
+                                      max_bytes=options.max_bytes,
+                                      clips_dir=state_root(self.config) / "clips")
+            except (OSError, RuntimeError, ValueError) as exc:  # the path itself is unusable
+                where = options.path or str(state_root(self.config) / "history")
+                raise HistoryError(f"history store {where}: cannot open ({exc})") from exc
         except HistoryError as exc:
             if options.required:
                 raise ConfigError(f"{exc} ([history] required = true)") from exc
             self._history_failures.inc()
             _log.error("history store unusable; captioning goes on without history",
-                       error=str(exc), path=str(self.history_path()))
+                       error=str(exc))
             return None
         recorder = HistoryRecorder(store, metrics=self.metrics, queue_size=options.queue_size,
                                    retention_interval_s=options.retention_interval_s)

@@ -288,3 +288,18 @@ async def test_without_history_the_clips_folder_has_its_own_retention(
         prune.cancel()
     assert not old.exists() and new.exists()
     assert daemon.metrics.counter("streamcap_clips_pruned_total", "").value() == 1
+
+
+@pytest.mark.parametrize("required", [False, True])
+async def test_a_path_that_cannot_be_resolved_is_a_history_error_naming_it(
+        tmp_path: Path, runtime: InferenceRuntime, required: bool) -> None:
+    from streamcap.errors import ConfigError
+
+    path = "~streamcap-no-such-user/history.sqlite3"  # expanduser raises RuntimeError
+    daemon = in_process(tmp_path, runtime, {"path": path, "required": required})
+    if required:
+        with pytest.raises(ConfigError, match="streamcap-no-such-user"):
+            daemon._open_history()
+        return
+    assert daemon._open_history() is None  # captioning goes on without history
+    assert daemon.metrics.counter("streamcap_history_open_failures_total", "").value() == 1

@@ -487,6 +487,37 @@ def many_rows(path: Path) -> None:
     conn.close()
 
 
+def test_quick_check_runs_only_when_the_last_close_was_not_clean(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[bool] = []
+    connect = SqliteHistory._connect
+
+    def spy(self: SqliteHistory, check: bool) -> sqlite3.Connection:
+        checks.append(check)
+        return connect(self, check)
+
+    monkeypatch.setattr(SqliteHistory, "_connect", spy)
+    path = tmp_path / "h.sqlite3"
+    first = SqliteHistory(path)
+    first.write([window(0)])
+    first.close()  # clean: the next open trusts the file
+    second = SqliteHistory(path)
+    assert checks[-1] is False
+    second.write([window(1)])  # ... and is killed: never closed
+    third = SqliteHistory(path)
+    assert checks[-1] is True
+    third.close()
+    second._conn.close()  # (the "killed" handle, closed behind the store's back)
+    os.utime(path, ns=(0, 0))  # changed since its clean close: checked again
+    SqliteHistory(path).close()
+    assert checks[-1] is True
+    last = SqliteHistory(path)
+    try:
+        assert checks[-1] is False and last.stats().windows == 2
+    finally:
+        last.close()
+
+
 def test_a_truncated_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite3"
     many_rows(path)

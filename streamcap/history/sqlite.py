@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import heapq
 import json
 import math
@@ -68,6 +69,10 @@ times this (and one more)."""
 ORPHAN_GRACE_S: Final = 3600.0
 """A file in the clips folder no event names is garbage once older than this (a clip is
 written seconds after its event is queued; a temporary file within seconds)."""
+CLEAN_MARK_SUFFIX: Final = ".clean"
+"""``<file>.clean``: written at a clean close (the file's size and mtime), removed at
+open; ``PRAGMA quick_check`` runs at open only without it (a kill, a crash, a file
+changed since)."""
 SIZE_ROUNDS: Final = 4
 """Rounds of deletion for size in one run at most (the estimate is refined in each)."""
 _WINDOW, _EVENT = 0, 1  # kinds in the time order: a window before an event at the same time
@@ -280,7 +285,9 @@ class SqliteHistory:
         clips_dir: where event clips are (``TriggerEvent.clip`` is relative to it);
             they go with their events, and a clip file older than ``keep_days`` goes.
         read_only: open for reading only (:meth:`reader`); nothing is created.
-        check: run ``PRAGMA quick_check`` at open (a reader skips it).
+        check: run ``PRAGMA quick_check`` at open unless the last write handle closed
+            cleanly and the file is unchanged since (:data:`CLEAN_MARK_SUFFIX`); a
+            reader never checks.
         vector_index: answers large vector searches approximately; the exact scan
             answers whatever it declines (None: always exact).
 
@@ -300,7 +307,12 @@ class SqliteHistory:
         self.read_only = read_only
         self.vector_index = vector_index
         self._interrupted = False  # set by interrupt(): retention stops between rounds
+        if check and not read_only and self._closed_cleanly():
+            check = False  # the file is as the last clean close left it
         self._conn = self._connect(check)
+        if not read_only:  # from now on it is open: a kill leaves no mark, the next open checks
+            with contextlib.suppress(OSError):
+                self._clean_mark().unlink(missing_ok=True)
 
     # -- opening ----------------------------------------------------------------------
 
@@ -420,6 +432,30 @@ class SqliteHistory:
 
     def close(self) -> None:
         self._conn.close()
+        if not self.read_only:
+            self._mark_clean()
+
+    def _clean_mark(self) -> Path:
+        return self.path.with_name(self.path.name + CLEAN_MARK_SUFFIX)
+
+    def _mark_clean(self) -> None:
+        """Note that the store was closed cleanly, with the file's size and mtime."""
+        try:
+            st = self.path.stat()
+            self._clean_mark().write_text(json.dumps(
+                {"size": st.st_size, "mtime_ns": st.st_mtime_ns}), encoding="utf-8")
+        except OSError:
+            pass  # no mark: the next open checks the file
+
+    def _closed_cleanly(self) -> bool:
+        """Whether the last write handle closed cleanly and the file is unchanged since."""
+        try:
+            mark = json.loads(self._clean_mark().read_text(encoding="utf-8"))
+            st = self.path.stat()
+        except (OSError, ValueError):
+            return False
+        return (isinstance(mark, dict) and mark.get("size") == st.st_size
+                and mark.get("mtime_ns") == st.st_mtime_ns)
 
     def interrupt(self) -> None:
         """Cut a retention run short (from any thread, on shutdown): the statement running
