@@ -325,6 +325,20 @@ class Daemon:
     def _recent_history(self, limit: int, per_source: bool) -> list[Published]:
         return [] if self.history is None else self.history.recent(limit, per_source)
 
+    def _recall_history(self) -> None:
+        """Let every sink that replays seed its backfill (blocking: on a worker thread
+        while the loop waits, before the bus runs any sink). Sinks asking for the same
+        rows share one read."""
+        read: dict[tuple[int, bool], list[Published]] = {}
+
+        def recent(limit: int, per_source: bool) -> list[Published]:
+            if (limit, per_source) not in read:
+                read[(limit, per_source)] = self._recent_history(limit, per_source)
+            return read[(limit, per_source)]
+
+        for sink in self._sinks.values():
+            recall_history(sink, recent)
+
     async def _prune_clips(self) -> None:
         """Without a history store (off, or unusable), bound the clips folder by
         ``[history] keep_days`` and ``max_bytes`` alone, every ``retention_interval_s``."""
@@ -517,9 +531,8 @@ class Daemon:
             # The history opens first: a store that must be there and is not stops the
             # start before the model loads; sinks that replay recall it before they run.
             self.history = await asyncio.to_thread(self._open_history)
-            if self.history is not None:
-                for sink in self._sinks.values():
-                    recall_history(sink, self._recent_history)
+            if self.history is not None:  # the store is read off the loop
+                await asyncio.to_thread(self._recall_history)
             systemd.status("loading model")
             load = asyncio.create_task(self.runtime.run(self._captioner_factory),
                                        name="streamcap[inference].load")

@@ -303,3 +303,49 @@ async def test_a_path_that_cannot_be_resolved_is_a_history_error_naming_it(
         return
     assert daemon._open_history() is None  # captioning goes on without history
     assert daemon.metrics.counter("streamcap_history_open_failures_total", "").value() == 1
+
+
+class Replays:
+    """A sink that replays history: notes where ``recall`` ran and what it got."""
+
+    accepts = frozenset({"caption"})
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+        self.got: list[object] = []
+
+    def recall(self, recent: Any) -> None:
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        self.got = list(recent(5, True))
+
+    async def run(self, inbox: Any, ctx: Any) -> None:
+        async for _ in inbox:
+            pass
+
+
+async def test_the_backfill_is_read_off_the_event_loop_before_the_sinks_run(
+        tmp_path: Path, runtime: InferenceRuntime) -> None:
+    import threading
+
+    path = tmp_path / "state" / "history" / "history.sqlite3"
+    store = SqliteHistory(path)
+    import time
+
+    store.write([window(i, source="s", at=time.time() - 100 + i) for i in range(8)])
+    store.close()
+    config = parse_config({
+        "daemon": {"node_id": "n1", "state_dir": str(tmp_path / "state")},
+        "sources": {"s": {"uri": "file:/dev/null", "window_s": 10, "hop_s": 5}},
+        "http": {"enabled": False},
+    })
+    one, two = Replays(), Replays()
+    daemon = Daemon(config, no_captioner, runtime=runtime,
+                    extra_sinks={"one": one, "two": two})  # type: ignore[dict-item]
+    with pytest.raises(Exception):  # noqa: B017 - no model here: the start fails after the recall
+        await daemon.run()
+    loop_thread = threading.current_thread().name
+    for sink in (one, two):
+        assert sink.threads and sink.threads[0] != loop_thread
+        assert [m.window_id for m in sink.got] == [f"s-{i}" for i in range(3, 8)]

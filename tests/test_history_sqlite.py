@@ -311,6 +311,26 @@ def test_recent_gives_the_newest_with_their_events_oldest_first(store: SqliteHis
     assert per_source == ["garden-60", "kitchen-6"]
 
 
+def test_recent_per_source_seeks_each_source_on_its_index(store: SqliteHistory) -> None:
+    store.write([window(i, source=src, at=T0 + i) for src in ("a", "b", "c") for i in range(20)]
+                + [event(i, at=T0 + i + 0.5, source=src) for src in ("a", "c")
+                   for i in range(0, 20, 4)])
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        items = store.recent(2, per_source=True)
+    finally:
+        store._conn.set_trace_callback(None)
+    assert ids(tuple(items)) == ["a-18", "b-18", "c-18", "a-19", "b-19", "c-19"]
+    scans = []
+    for sql in statements:
+        if sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            plan = store._conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+            scans += [row[3] for row in plan
+                      if str(row[3]).startswith(("SCAN windows", "SCAN events"))]
+    assert scans == []  # never a pass over a whole table or index
+
+
 # --------------------------------------------------------------------------- retention
 
 

@@ -688,20 +688,16 @@ class SqliteHistory:
             return []
 
         def read() -> list[HistoryItem]:
-            if per_source:
-                win_sql = ("SELECT start_at, id, source FROM (SELECT start_at, id, source, "
-                           "ROW_NUMBER() OVER (PARTITION BY source ORDER BY start_at DESC, "
-                           "id DESC) AS n FROM windows) WHERE n <= ?")
-                ev_sql = ("SELECT captured_at, id, source FROM (SELECT captured_at, id, "
-                          "source, ROW_NUMBER() OVER (PARTITION BY source ORDER BY "
-                          "captured_at DESC, id DESC) AS n FROM events) WHERE n <= ?")
+            if per_source:  # each source's newest on its (source, time) index
+                wins = self._newest_per_source("windows", "start_at", limit)
+                evs = self._newest_per_source("events", "captured_at", limit)
             else:
-                win_sql = ("SELECT start_at, id, source FROM windows "
-                           "ORDER BY start_at DESC, id DESC LIMIT ?")
-                ev_sql = ("SELECT captured_at, id, source FROM events "
-                          "ORDER BY captured_at DESC, id DESC LIMIT ?")
-            wins = self._conn.execute(win_sql, [limit]).fetchall()
-            evs = self._conn.execute(ev_sql, [limit]).fetchall()
+                wins = self._conn.execute(
+                    "SELECT start_at, id, source FROM windows "
+                    "ORDER BY start_at DESC, id DESC LIMIT ?", [limit]).fetchall()
+                evs = self._conn.execute(
+                    "SELECT captured_at, id, source FROM events "
+                    "ORDER BY captured_at DESC, id DESC LIMIT ?", [limit]).fetchall()
             # The events of the period the windows cover (per source: of that source's).
             oldest: dict[str | None, float] = {}
             for at, _, source in wins:
@@ -721,6 +717,21 @@ class SqliteHistory:
 
         items: list[HistoryItem] = self._run("read recent history", read)
         return items
+
+    def _newest_per_source(self, table: str, column: str, limit: int) -> list[Any]:
+        """``(time, rowid, source)`` of each source's newest ``limit`` rows of ``table``:
+        the sources by a skip scan of the ``(source, time)`` index (one seek per source),
+        then one ``ORDER BY time DESC LIMIT`` seek each; never a scan of the table."""
+        sources = [str(r[0]) for r in self._conn.execute(
+            f"WITH RECURSIVE s(x) AS (SELECT min(source) FROM {table} UNION ALL "
+            f"SELECT (SELECT min(source) FROM {table} WHERE source > x) FROM s "
+            "WHERE x IS NOT NULL) SELECT x FROM s WHERE x IS NOT NULL")]
+        rows: list[Any] = []
+        for source in sources:
+            rows += self._conn.execute(
+                f"SELECT {column}, id, source FROM {table} WHERE source = ? "
+                f"ORDER BY {column} DESC, id DESC LIMIT ?", [source, limit]).fetchall()
+        return rows
 
     # -- size and retention -------------------------------------------------------------
 
