@@ -64,6 +64,7 @@ from streamcap.messages import (
     SourceState,
     SourceStatus,
     TriggerEvent,
+    TriggerState,
     Window,
     new_run_id,
 )
@@ -72,7 +73,7 @@ from streamcap.pipeline import InferenceWorker, WindowCaptioner, WindowQueue
 from streamcap.preflight import check_config_file, prepare
 from streamcap.sources.base import AudioSource
 from streamcap.stats import Metrics
-from streamcap.triggers.clips import CLIPS_DIR, ClipRecorder
+from streamcap.triggers.clips import CLIPS_DIR, ClipRecorder, prune_clips
 from streamcap.triggers.engine import TriggerEngine
 from streamcap.triggers.registry import TriggerRegistry, TriggerStates
 from streamcap.triggers.spec import TriggerSpec
@@ -262,7 +263,9 @@ class Daemon:
         if isinstance(msg, TriggerEvent):
             msg = self.clips.start(msg)  # names its clip when one is being saved
             self.trigger_states.observe(msg)
-            if self.history is not None:
+            # A state announcement (off, no fired_id, NaN score: sent at start and when a
+            # trigger changes) is not a firing: the history keeps firings and their ends.
+            if self.history is not None and (msg.fired_id or msg.state is TriggerState.ON):
                 self.history.record(msg)
         if self.trigger_engine is not None:
             self.trigger_engine.note(msg)
@@ -299,15 +302,19 @@ class Daemon:
         from streamcap.history.sqlite import SqliteHistory
 
         try:
-            store = SqliteHistory(self.history_path(), keep_days=options.keep_days,
-                                  max_bytes=options.max_bytes,
-                                  clips_dir=state_root(self.config) / "clips")
+            try:
+                store = SqliteHistory(self.history_path(), keep_days=options.keep_days,
+                                      max_bytes=options.max_bytes,
+                                      clips_dir=state_root(self.config) / "clips")
+            except (OSError, RuntimeError, ValueError) as exc:  # the path itself is unusable
+                where = options.path or str(state_root(self.config) / "history")
+                raise HistoryError(f"history store {where}: cannot open ({exc})") from exc
         except HistoryError as exc:
             if options.required:
                 raise ConfigError(f"{exc} ([history] required = true)") from exc
             self._history_failures.inc()
             _log.error("history store unusable; captioning goes on without history",
-                       error=str(exc), path=str(self.history_path()))
+                       error=str(exc))
             return None
         recorder = HistoryRecorder(store, metrics=self.metrics, queue_size=options.queue_size,
                                    retention_interval_s=options.retention_interval_s)
@@ -317,6 +324,42 @@ class Daemon:
 
     def _recent_history(self, limit: int, per_source: bool) -> list[Published]:
         return [] if self.history is None else self.history.recent(limit, per_source)
+
+    def _recall_history(self) -> None:
+        """Let every sink that replays seed its backfill (blocking: on a worker thread
+        while the loop waits, before the bus runs any sink). Sinks asking for the same
+        rows share one read."""
+        read: dict[tuple[int, bool], list[Published]] = {}
+
+        def recent(limit: int, per_source: bool) -> list[Published]:
+            if (limit, per_source) not in read:
+                read[(limit, per_source)] = self._recent_history(limit, per_source)
+            return read[(limit, per_source)]
+
+        for sink in self._sinks.values():
+            recall_history(sink, recent)
+
+    async def _prune_clips(self) -> None:
+        """Without a history store (off, or unusable), bound the clips folder by
+        ``[history] keep_days`` and ``max_bytes`` alone, every ``retention_interval_s``."""
+        options = self.config.history
+        pruned = self.metrics.counter(
+            "streamcap_clips_pruned_total",
+            "Event clip files deleted by the clips' own retention (no history store)")
+        pruned.inc(0)
+        while True:
+            try:
+                deleted = await asyncio.to_thread(
+                    prune_clips, self.clips.clips_dir, keep_s=options.keep_days * 86400.0,
+                    max_bytes=options.max_bytes, now=time.time())
+            except OSError as exc:
+                _log.error("cannot delete old event clips", error=str(exc),
+                           path=str(self.clips.clips_dir))
+            else:
+                if deleted:
+                    pruned.inc(deleted)
+                    _log.info("old event clips deleted", deleted=deleted)
+            await asyncio.sleep(options.retention_interval_s)
 
     async def _close_history(self, timeout_s: float) -> None:
         """Write what is queued and close the store, within ``timeout_s``."""
@@ -488,9 +531,8 @@ class Daemon:
             # The history opens first: a store that must be there and is not stops the
             # start before the model loads; sinks that replay recall it before they run.
             self.history = await asyncio.to_thread(self._open_history)
-            if self.history is not None:
-                for sink in self._sinks.values():
-                    recall_history(sink, self._recent_history)
+            if self.history is not None:  # the store is read off the loop
+                await asyncio.to_thread(self._recall_history)
             systemd.status("loading model")
             load = asyncio.create_task(self.runtime.run(self._captioner_factory),
                                        name="streamcap[inference].load")
@@ -575,6 +617,10 @@ class Daemon:
                         commands.run(), name=f"streamcap[triggers:{commands.instance}].commands")
                     task.add_done_callback(_log_failed_helper)
                     helpers.append(task)
+            if self.history is None:  # no store's retention deletes clips: their own does
+                prune = asyncio.create_task(self._prune_clips(), name="streamcap[clips].prune")
+                prune.add_done_callback(_log_failed_helper)
+                helpers.append(prune)
             ready = asyncio.create_task(self.bus.wait_ready(), name="streamcap[bus].ready")
             helpers.append(ready)
             # A sink that never gets ready (broker down) delays READY=1, never a stop.

@@ -75,5 +75,10 @@ class HistoryError(StreamcapError):
     """The history store cannot be opened, read or written; the message names its location."""
 
 
+class HistoryCursorError(HistoryError):
+    """A history page's cursor is not one the store made (a client's mistake, not the
+    store's: the HTTP API answers 400)."""
+
+
 class InboxClosed(StreamcapError):
     """Raised by an inbox's ``get`` once it is closed and empty."""

@@ -4,7 +4,7 @@
 (``since`` inclusive, ``until`` exclusive, on a window's ``start_at`` and an event's
 ``captured_at``), text matches as whole words (never as query syntax), exact cosine
 over one model's windows, time-ordered pages with opaque cursors in both orders, and
-HistoryError for a cursor it did not make. Tests of a user-facing path (the CLI, the
+HistoryCursorError for a cursor it did not make. Tests of a user-facing path (the CLI, the
 live page, the daemon) use the real SQLite store instead.
 
 Use it as ``from history_fakes import FakeHistory, window, event`` (pytest puts
@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from streamcap.errors import HistoryError
+from streamcap.errors import HistoryCursorError
 from streamcap.history.records import (
     HistoryItem,
     HistoryPage,
@@ -158,7 +158,7 @@ class FakeHistory:
                 raise ValueError("another order")
             return (float(at), int(kind), str(ident))
         except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
-            raise HistoryError(f"{self.location}: not a cursor of this store: "
+            raise HistoryCursorError(f"{self.location}: not a cursor of this store: "
                                f"{cursor[:40]!r}") from None
 
     def recent(self, limit: int, *, per_source: bool) -> list[HistoryItem]:

@@ -359,6 +359,26 @@ async def test_change_rule_of_a_loaded_sink_and_publish_result_from_another_thre
     assert suppressed.value("r", "unchanged") == len(texts) - 3
 
 
+def test_a_change_reference_the_inbox_drops_is_forgotten(tmp_path: Path) -> None:
+    sink = Recorder(frozenset({"caption", "status"}))
+    bus = make_bus(tmp_path, {"change": sink}, changes={"change": ChangeRule()},
+                   queue_sizes={"change": 1})
+    inbox = bus.inboxes["change"]
+    first, _ = window(0, "a dog barks", 0)
+    bus.publish_result(first, None)  # the reference of source a
+    status = SourceStatus(source_id="a", state=SourceState.STALLED)
+    bus.publish(status)  # the inbox is full: the reference is dropped undelivered
+    assert inbox.dropped["caption"] == 1
+    again, _ = window(1, "a dog barks", 0)  # unchanged from a caption the sink never got
+    bus.publish_result(again, None)
+    assert inbox.get_nowait() == again  # published (first), not suppressed
+    suppressed = bus.metrics.counter("streamcap_sink_suppressed_total", "", ["sink", "reason"])
+    assert suppressed.value("change", "unchanged") == 0
+    third, _ = window(2, "a dog barks", 0)
+    bus.publish_result(third, None)  # delivered reference: unchanged is suppressed again
+    assert suppressed.value("change", "unchanged") == 1
+
+
 def test_publish_result_rejects_non_messages(tmp_path: Path) -> None:
     bus = make_bus(tmp_path, {"r": Recorder()})
     with pytest.raises(TypeError, match="publish_result takes a Caption"):

@@ -151,6 +151,20 @@ def test_rule_defaults_and_bounds() -> None:
             ChangeRule(**bad)
 
 
+def test_forgetting_the_reference_publishes_the_next_window_as_first() -> None:
+    f = ChangeFilter(ChangeRule())
+    c0, e0 = window(0, "a dog barks", T0, vector=unit_at(0))
+    c1, e1 = window(1, "a dog barks", T0 + 5, vector=unit_at(1))
+    assert f.admit(c0, e0) is Reason.FIRST
+    assert f.forget(c1) is False  # not the reference: nothing changes
+    assert f.admit(c1, e1) is Reason.UNCHANGED
+    assert f.forget(c0) is True  # the reference never reached the sink
+    assert f.last("kitchen") is None
+    assert f.admit(c1, e1) is Reason.FIRST
+    other, _ = window(0, "a dog barks", T0, source="porch")
+    assert f.forget(other) is False
+
+
 def test_a_recalled_backfill_keeps_what_the_rule_admits() -> None:
     """After a restart a change-only sink replays the changes, not every stored window."""
     rain, rain_again = window(0, "rain", T0)[0], window(1, "rain", T0 + 5)[0]

@@ -4,6 +4,7 @@ the fake store of history_fakes and a fake text embedder (a fixed table of vecto
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -308,6 +309,40 @@ async def test_a_cursor_of_the_other_order_is_refused(make_api: Any) -> None:
     status, body = await api.get("/api/history", {"limit": "1", "order": "desc",
                                                   "cursor": body["next"]})
     assert status == 400 and body["message"].startswith("cursor:")
+
+
+async def test_a_forged_cursor_is_a_400_from_the_sqlite_store(make_api: Any,
+                                                               tmp_path: Path) -> None:
+    from streamcap.history.sqlite import SqliteHistory
+
+    path = tmp_path / "h.sqlite3"
+    SqliteHistory(path).close()
+    api = await make_api(reader=lambda: SqliteHistory(path, read_only=True))
+    raw = json.dumps([1.0, 0, 10 ** 20, "a"]).encode()  # a row beyond any rowid
+    forged = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    status, body = await api.get("/api/history", {"cursor": forged})
+    assert status == 400 and body["message"].startswith("cursor:"), body
+
+
+class Unreadable:
+    """A reader whose pages fail as a store that cannot be read does."""
+
+    location = "memory:unreadable"
+
+    def page(self, *args: object, **kwargs: object) -> object:
+        raise HistoryError(f"history store {self.location}: cannot read history (disk I/O)")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_store_error_on_a_request_with_a_cursor_is_not_a_bad_cursor(
+        make_api: Any) -> None:
+    api = await make_api()
+    _, body = await api.get("/api/history", {"limit": "1"})
+    failing = await make_api(reader=Unreadable)
+    status, text = await failing.get("/api/history", {"limit": "1", "cursor": body["next"]})
+    assert status == 503 and "cursor" not in str(text), text
 
 
 # --------------------------------------------------------------------------- in the daemon

@@ -32,14 +32,20 @@ from daemon_process import (
     streamcap_command,
     tiny_model_toml,
 )
-from test_history_sqlite import window
+from test_history_sqlite import event, window
+from test_pipeline import runtime
 from timing import scaled
 
+from streamcap.config import parse_config
+from streamcap.daemon import Daemon
 from streamcap.errors import HistoryError
 from streamcap.history.records import Span
 from streamcap.history.sqlite import SqliteHistory
+from streamcap.messages import TriggerEvent, TriggerState
+from streamcap.models.runtime import InferenceRuntime
 
 pytestmark = pytest.mark.slow
+__all__ = ["runtime"]  # the fixture: one inference thread on the CPU
 
 RATE = 16000
 MAX_BYTES = 1024 * 1024
@@ -213,3 +219,133 @@ def test_a_corrupt_required_store_exits_2_naming_the_path(tmp_path: Path) -> Non
     assert done.returncode == 2, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("streamcap: error:")]
     assert lines and str(path) in lines[0] and "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- in process
+
+
+def no_captioner() -> Any:
+    raise AssertionError("no model is loaded here")
+
+
+def in_process(tmp: Path, runtime: InferenceRuntime, history: dict[str, object]) -> Daemon:
+    config = parse_config({
+        "daemon": {"node_id": "n1", "state_dir": str(tmp / "state")},
+        "sources": {"s": {"uri": "file:/dev/null", "window_s": 10, "hop_s": 5}},
+        "http": {"enabled": False},
+        "history": history,
+    })
+    return Daemon(config, no_captioner, runtime=runtime)
+
+
+async def test_trigger_announcements_stay_out_of_the_history_firings_go_in(
+        tmp_path: Path, runtime: InferenceRuntime) -> None:
+    from dataclasses import replace
+    from math import nan
+
+    daemon = in_process(tmp_path, runtime, {})
+    daemon.history = daemon._open_history()
+    assert daemon.history is not None
+    announcement = replace(event(0, at=1e9, source="s"), event_id="a", score=nan,
+                           threshold=nan, fired_id="", state=TriggerState.OFF)
+    fired = replace(event(0, at=1e9 + 1, source="s"), event_id="on", fired_id="",
+                    state=TriggerState.ON)
+    ended = replace(event(1, at=1e9 + 2, source="s"), event_id="off", fired_id="on",
+                    state=TriggerState.OFF)
+    for msg in (announcement, fired, ended):
+        daemon._publish(msg)
+    assert daemon.history.close(scaled(30))
+    store = SqliteHistory(daemon.history_path(), read_only=True)
+    try:
+        items = store.page(Span(), cursor=None, limit=10).items
+    finally:
+        store.close()
+    assert [i.event_id for i in items if isinstance(i, TriggerEvent)] == ["on", "off"]
+
+
+async def test_without_history_the_clips_folder_has_its_own_retention(
+        tmp_path: Path, runtime: InferenceRuntime) -> None:
+    import asyncio
+    import os
+    import time
+
+    daemon = in_process(tmp_path, runtime, {"enabled": False, "keep_days": 1,
+                                            "retention_interval_s": 0.05})
+    assert daemon._open_history() is None
+    clips = daemon.clips.clips_dir
+    clips.mkdir(parents=True)
+    old, new = clips / "r:dog:s:1.flac", clips / "r:dog:s:2.flac"
+    for path in (old, new):
+        path.write_bytes(b"flac")
+    gone = time.time() - 2 * 86400
+    os.utime(old, (gone, gone))
+    prune = asyncio.create_task(daemon._prune_clips(), name="streamcap[clips].prune")
+    try:
+        deadline = time.monotonic() + scaled(30)
+        while old.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        prune.cancel()
+    assert not old.exists() and new.exists()
+    assert daemon.metrics.counter("streamcap_clips_pruned_total", "").value() == 1
+
+
+@pytest.mark.parametrize("required", [False, True])
+async def test_a_path_that_cannot_be_resolved_is_a_history_error_naming_it(
+        tmp_path: Path, runtime: InferenceRuntime, required: bool) -> None:
+    from streamcap.errors import ConfigError
+
+    path = "~streamcap-no-such-user/history.sqlite3"  # expanduser raises RuntimeError
+    daemon = in_process(tmp_path, runtime, {"path": path, "required": required})
+    if required:
+        with pytest.raises(ConfigError, match="streamcap-no-such-user"):
+            daemon._open_history()
+        return
+    assert daemon._open_history() is None  # captioning goes on without history
+    assert daemon.metrics.counter("streamcap_history_open_failures_total", "").value() == 1
+
+
+class Replays:
+    """A sink that replays history: notes where ``recall`` ran and what it got."""
+
+    accepts = frozenset({"caption"})
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+        self.got: list[object] = []
+
+    def recall(self, recent: Any) -> None:
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        self.got = list(recent(5, True))
+
+    async def run(self, inbox: Any, ctx: Any) -> None:
+        async for _ in inbox:
+            pass
+
+
+async def test_the_backfill_is_read_off_the_event_loop_before_the_sinks_run(
+        tmp_path: Path, runtime: InferenceRuntime) -> None:
+    import threading
+
+    path = tmp_path / "state" / "history" / "history.sqlite3"
+    store = SqliteHistory(path)
+    import time
+
+    store.write([window(i, source="s", at=time.time() - 100 + i) for i in range(8)])
+    store.close()
+    config = parse_config({
+        "daemon": {"node_id": "n1", "state_dir": str(tmp_path / "state")},
+        "sources": {"s": {"uri": "file:/dev/null", "window_s": 10, "hop_s": 5}},
+        "http": {"enabled": False},
+    })
+    one, two = Replays(), Replays()
+    daemon = Daemon(config, no_captioner, runtime=runtime,
+                    extra_sinks={"one": one, "two": two})  # type: ignore[dict-item]
+    with pytest.raises(Exception):  # noqa: B017 - no model here: the start fails after the recall
+        await daemon.run()
+    loop_thread = threading.current_thread().name
+    for sink in (one, two):
+        assert sink.threads and sink.threads[0] != loop_thread
+        assert [m.window_id for m in sink.got] == [f"s-{i}" for i in range(3, 8)]

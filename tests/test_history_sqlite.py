@@ -4,6 +4,7 @@ and every way a store file can be unusable (each a HistoryError naming the path)
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sqlite3
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamcap.errors import HistoryError
+from streamcap.errors import HistoryCursorError, HistoryError
 from streamcap.history.records import HistoryItem, Span, WindowRecord
 from streamcap.history.sqlite import (
     SCHEMA_VERSION,
@@ -92,6 +93,26 @@ def test_windows_and_events_round_trip(store: SqliteHistory) -> None:
     stats = store.stats()
     assert (stats.windows, stats.events, stats.oldest_at) == (4, 1, T0)
     assert stats.bytes > 0
+
+
+def test_non_finite_scores_are_stored_as_null_and_read_back_as_nan(
+        store: SqliteHistory) -> None:
+    # a trigger-state announcement: NaN score and threshold, no firing
+    announcement = dataclasses.replace(event(0, at=T0 + 1), score=math.nan,
+                                       threshold=math.nan, fired_id="",
+                                       state=TriggerState.OFF)
+    odd = dataclasses.replace(window(1), score=-math.inf, confidence=math.nan)
+    store.write([window(0), announcement, odd])  # one transaction: none of it refused
+    items = store.page(Span(), cursor=None, limit=10).items
+    assert [type(i).__name__ for i in items] == ["WindowRecord", "TriggerEvent",
+                                                 "WindowRecord"]
+    got_event = items[1]
+    assert isinstance(got_event, TriggerEvent)
+    assert math.isnan(got_event.score) and math.isnan(got_event.threshold)
+    got_odd = items[2]
+    assert isinstance(got_odd, WindowRecord)
+    assert math.isnan(got_odd.score) and got_odd.confidence is None
+    assert store.windows(["kitchen-0"])["kitchen-0"].score == -1.5
 
 
 def test_a_record_written_again_is_replaced_and_searchable_by_its_new_text(
@@ -260,10 +281,12 @@ def test_page_filters_by_span(store: SqliteHistory) -> None:
 
 
 @pytest.mark.parametrize("cursor", ["", "garbage!", "e30", "WzEsMiwzLCJhIl0",
-                                    "W251bGwsMCwxLCJhIl0"])
+                                    "W251bGwsMCwxLCJhIl0",
+                                    # forged: a row beyond int64, a bool or float kind, ...
+                                    *['WzEuMCwgMCwgMTAwMDAwMDAwMDAwMDAwMDAwMDAwLCAiYSJd', 'WzEuMCwgdHJ1ZSwgMSwgImEiXQ', 'WzEuMCwgMS4wLCAxLCAiYSJd', 'WzEuMCwgMCwgLTkyMjMzNzIwMzY4NTQ3NzU4MDksICJhIl0', 'W3RydWUsIDAsIDEsICJhIl0']])
 def test_a_bad_cursor_is_a_history_error(store: SqliteHistory, cursor: str) -> None:
     filled(store)
-    with pytest.raises(HistoryError, match="cursor") as err:
+    with pytest.raises(HistoryCursorError, match="cursor") as err:
         store.page(Span(), cursor=cursor, limit=3)
     assert str(store.path) in str(err.value)
 
@@ -286,6 +309,26 @@ def test_recent_gives_the_newest_with_their_events_oldest_first(store: SqliteHis
                                                               "kitchen-6")]
     per_source = ids(tuple(store.recent(1, per_source=True)))
     assert per_source == ["garden-60", "kitchen-6"]
+
+
+def test_recent_per_source_seeks_each_source_on_its_index(store: SqliteHistory) -> None:
+    store.write([window(i, source=src, at=T0 + i) for src in ("a", "b", "c") for i in range(20)]
+                + [event(i, at=T0 + i + 0.5, source=src) for src in ("a", "c")
+                   for i in range(0, 20, 4)])
+    statements: list[str] = []
+    store._conn.set_trace_callback(statements.append)
+    try:
+        items = store.recent(2, per_source=True)
+    finally:
+        store._conn.set_trace_callback(None)
+    assert ids(tuple(items)) == ["a-18", "b-18", "c-18", "a-19", "b-19", "c-19"]
+    scans = []
+    for sql in statements:
+        if sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            plan = store._conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+            scans += [row[3] for row in plan
+                      if str(row[3]).startswith(("SCAN windows", "SCAN events"))]
+    assert scans == []  # never a pass over a whole table or index
 
 
 # --------------------------------------------------------------------------- retention
@@ -337,6 +380,60 @@ def test_retention_by_size_deletes_the_oldest_until_under_the_limit(tmp_path: Pa
         # the oldest went first: what is left is the newest, without a gap
         assert ids(left) == [f"kitchen-{i}" for i in range(600 - len(left), 600)]
         assert not (clips / "ev-0.flac").exists()
+    finally:
+        s.close()
+
+
+def test_size_retention_deletes_about_the_excess_while_a_reader_holds_a_snapshot(
+        tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    s = SqliteHistory(path, max_bytes=2 ** 40)
+    try:
+        big = "y " * 1000
+        for start in range(0, 400, 100):
+            s.write([window(i, text=f"window {i} {big}", embedding=unit(i, 256), at=T0 + i)
+                     for i in range(start, start + 100)])
+        size = s.size_bytes()
+        s.max_bytes = int(size * 0.8)  # a fifth too much: about 80 records
+        reader = sqlite3.connect(path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM windows").fetchone()[0] == 400
+            deleted = s.enforce_retention(T0 + 500)
+            assert reader.execute("SELECT count(*) FROM windows").fetchone()[0] == 400
+        finally:
+            reader.close()
+        assert 0 < deleted <= 400 * 0.2 * 1.25 + 2  # about the excess, never most of it
+        assert s.stats().windows == 400 - deleted
+        s.enforce_retention(T0 + 500)  # the reader is gone: the next run finishes the job
+        assert s.size_bytes() <= s.max_bytes
+        assert s.stats().windows >= 400 * 0.6
+    finally:
+        s.close()
+
+
+def test_size_retention_deletes_orphan_clips_and_stale_temp_files_before_any_record(
+        tmp_path: Path) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    s = SqliteHistory(tmp_path / "h.sqlite3", max_bytes=2 ** 40, clips_dir=clips)
+    try:
+        now = T0 + 86400
+        s.write([window(i, at=now - 600 + i) for i in range(50)]
+                + [event(0, at=now - 500, clip="run1:siren:kitchen:0.flac")])
+        old = now - 7200
+        for name, size in (("run1:siren:kitchen:0.flac", 1000),  # its event is stored
+                           ("run1:siren:kitchen:9.flac", 300_000),  # its event never was
+                           (".run1:siren:kitchen:8.flac.abc.tmp", 300_000),  # a kill -9
+                           ("run1:siren:kitchen:7.flac", 300_000)):  # a new orphan: queued
+            (clips / name).write_bytes(os.urandom(size))
+            at = now - 60 if name.endswith("7.flac") else old
+            os.utime(clips / name, (at, at))
+        s.max_bytes = s.size_bytes() - 500_000  # the two old orphans free 600 000
+        assert s.enforce_retention(now) == 0  # no record went
+        assert sorted(p.name for p in clips.iterdir()) == [
+            "run1:siren:kitchen:0.flac", "run1:siren:kitchen:7.flac"]
+        assert s.stats().windows == 50
     finally:
         s.close()
 
@@ -408,6 +505,37 @@ def many_rows(path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
+
+
+def test_quick_check_runs_only_when_the_last_close_was_not_clean(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    checks: list[bool] = []
+    connect = SqliteHistory._connect
+
+    def spy(self: SqliteHistory, check: bool) -> sqlite3.Connection:
+        checks.append(check)
+        return connect(self, check)
+
+    monkeypatch.setattr(SqliteHistory, "_connect", spy)
+    path = tmp_path / "h.sqlite3"
+    first = SqliteHistory(path)
+    first.write([window(0)])
+    first.close()  # clean: the next open trusts the file
+    second = SqliteHistory(path)
+    assert checks[-1] is False
+    second.write([window(1)])  # ... and is killed: never closed
+    third = SqliteHistory(path)
+    assert checks[-1] is True
+    third.close()
+    second._conn.close()  # (the "killed" handle, closed behind the store's back)
+    os.utime(path, ns=(0, 0))  # changed since its clean close: checked again
+    SqliteHistory(path).close()
+    assert checks[-1] is True
+    last = SqliteHistory(path)
+    try:
+        assert checks[-1] is False and last.stats().windows == 2
+    finally:
+        last.close()
 
 
 def test_a_truncated_database_is_refused(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ def test_a_failed_batch_is_retried_once_then_dropped_and_the_writer_goes_on(
     recorder.record(window(0))
     wait_until(lambda: recorder.written == 1)
     assert (failures.value(), dropped.value("write_failed")) == (1, 0)
-    gate.failing = 2  # the batch and its retry fail: dropped
+    gate.failing = 2  # the batch (of one: nothing to split) and its retry fail: dropped
     recorder.record(window(1))
     wait_until(lambda: dropped.value("write_failed") == 1)
     assert failures.value() == 3
@@ -136,6 +136,70 @@ def test_a_failed_batch_is_retried_once_then_dropped_and_the_writer_goes_on(
             "kitchen-0", "kitchen-2"]
     finally:
         reader.close()
+
+
+class Poisoned:
+    """A real store that refuses every write holding one of the ``poison`` records."""
+
+    def __init__(self, store: SqliteHistory, poison: set[str]) -> None:
+        self.inner = store
+        self.poison = poison
+        self.open = threading.Event()
+        self.calls: list[int] = []
+
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
+    def write(self, items: Sequence[HistoryItem]) -> None:
+        self.open.wait(scaled(60))
+        self.calls.append(len(items))
+        if any(isinstance(i, WindowRecord) and i.window_id in self.poison for i in items):
+            raise HistoryError(f"history store {self.location}: cannot write (constraint)")
+        self.inner.write(items)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_one_bad_record_costs_only_itself_not_its_batch(path: Path) -> None:
+    metrics = Metrics()
+    store = Poisoned(SqliteHistory(path), {"kitchen-2"})
+    recorder = HistoryRecorder(store, metrics=metrics)  # type: ignore[arg-type]
+    recorder.start()
+    for i in range(5):  # queued while the store waits: one batch of five
+        recorder.record(window(i))
+    store.open.set()
+    dropped = metrics.counter("streamcap_history_dropped_total", "", ["reason"])
+    wait_until(lambda: recorder.written == 4)
+    assert dropped.value("write_failed") == 1
+    assert store.calls[:2] == [5, 5]  # the batch and its retry, then one at a time
+    assert recorder.close(scaled(30))
+    reader = SqliteHistory(path, read_only=True)
+    try:
+        assert sorted(reader.windows([f"kitchen-{i}" for i in range(5)])) == [
+            "kitchen-0", "kitchen-1", "kitchen-3", "kitchen-4"]
+    finally:
+        reader.close()
+
+
+def test_a_trigger_announcement_does_not_fail_its_batch(path: Path) -> None:
+    from dataclasses import replace
+    from math import nan
+
+    from streamcap.messages import TriggerState
+
+    metrics = Metrics()
+    recorder = HistoryRecorder(SqliteHistory(path), metrics=metrics)
+    recorder.start()
+    announcement = replace(event(0, at=T0), score=nan, threshold=nan, fired_id="",
+                           state=TriggerState.OFF)
+    recorder.record(window(0))
+    recorder.record(announcement)
+    recorder.record(window(1))
+    wait_until(lambda: recorder.written == 3)
+    assert metrics.counter("streamcap_history_write_failures_total", "").value() == 0
+    assert recorder.close(scaled(30))
 
 
 def test_a_store_that_cannot_be_written_is_counted_never_raised(path: Path) -> None:
@@ -190,6 +254,76 @@ def test_close_is_bounded_when_the_store_hangs(path: Path) -> None:
     assert metrics.counter("streamcap_history_dropped_total", "",
                            ["reason"]).value("shutdown") == 1
     gate.open.set()
+
+
+def test_a_second_close_after_a_timeout_returns_at_once(path: Path) -> None:
+    gate = Gate(SqliteHistory(path))
+    recorder = HistoryRecorder(gate, metrics=Metrics())  # type: ignore[arg-type]
+    recorder.start()
+    recorder.record(window(0))
+    assert gate.entered.wait(scaled(30))
+    assert recorder.close(0.1) is False
+    opener = threading.Timer(0.5, gate.open.set)  # the thread could finish meanwhile
+    opener.start()
+    try:
+        assert recorder.close(scaled(30)) is False  # it does not wait a second time
+    finally:
+        opener.join()
+
+
+class SlowRetention:
+    """A real store whose retention runs until it is interrupted."""
+
+    def __init__(self, store: SqliteHistory) -> None:
+        self.inner = store
+        self.entered = threading.Event()
+        self.stop = threading.Event()
+
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
+    def enforce_retention(self, now: float) -> int:
+        self.entered.set()
+        if not self.stop.wait(scaled(120)):
+            return 0
+        raise HistoryError(f"history store {self.location}: cannot enforce retention "
+                           "(interrupted)")
+
+    def interrupt(self) -> None:
+        self.stop.set()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_close_interrupts_a_retention_run_and_writes_what_is_queued(path: Path) -> None:
+    metrics = Metrics()
+    store = SlowRetention(SqliteHistory(path))
+    recorder = HistoryRecorder(store, metrics=metrics)  # type: ignore[arg-type]
+    recorder.start()
+    assert store.entered.wait(scaled(30))
+    recorder.record(window(0))
+    assert recorder.close(scaled(60)) is True
+    assert store.stop.is_set()
+    assert metrics.counter("streamcap_history_write_failures_total", "").value() == 0
+    reader = SqliteHistory(path, read_only=True)
+    try:
+        assert list(reader.windows(["kitchen-0"])) == ["kitchen-0"]
+    finally:
+        reader.close()
+
+
+def test_interrupt_stops_a_size_retention_between_rounds(path: Path) -> None:
+    store = SqliteHistory(path, max_bytes=2 ** 40)
+    try:
+        store.write([window(i, text="z " * 500, at=T0 + i) for i in range(100)])
+        store.max_bytes = store.size_bytes() // 2
+        store.interrupt()  # no statement running: only the rounds see it
+        assert store.enforce_retention(T0 + 200) == 0
+        assert store.stats().windows == 100
+    finally:
+        store.close()
 
 
 def test_recent_gives_captions_for_a_backfill(path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import stat
 import tomllib
 import urllib.error
@@ -469,3 +470,25 @@ def test_a_firing_saves_its_clip_and_the_api_serves_it(
     _, _, text = http_get(proc.http("/metrics"))
     assert metric_samples(text, "streamcap_clips_total")['{result="written"}'] >= 1
     assert proc.stop() == 0
+
+
+def test_prune_clips_bounds_the_folder_by_age_then_size(tmp_path: Path) -> None:
+    from streamcap.triggers.clips import prune_clips
+
+    now = 1_700_000_000.0
+    files = {  # name: (bytes, age in s)
+        "r:dog:porch:1.flac": (100, 3 * 86400),  # older than keep_s
+        "r:dog:porch:2.flac": (400, 7200),  # the oldest kept: goes for size
+        "r:dog:porch:3.flac": (400, 3600),
+        "r:dog:porch:4.flac": (400, 60),
+        ".r:dog:porch:5.flac.x1.tmp": (50, 7200),  # left by a kill -9
+        ".r:dog:porch:6.flac.x2.tmp": (50, 10),  # being written now
+        "notes.txt": (5000, 5 * 86400),  # not a clip: never touched
+    }
+    for name, (size, age) in files.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+        os.utime(tmp_path / name, (now - age, now - age))
+    assert prune_clips(tmp_path, keep_s=86400, max_bytes=900, now=now) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".r:dog:porch:6.flac.x2.tmp", "notes.txt", "r:dog:porch:3.flac", "r:dog:porch:4.flac"]
+    assert prune_clips(tmp_path / "missing", keep_s=1, max_bytes=1, now=now) == 0

@@ -170,8 +170,11 @@ class PluginBus:
     # ------------------------------------------------------------------ metrics hooks
 
     def _drop_counter(self, name: str) -> Callable[[str, Published], None]:
-        def count(kind: str, _msg: Published) -> None:
+        def count(kind: str, msg: Published) -> None:
             self._dropped.inc(1.0, name, kind)
+            state = self._states.get(name)
+            if state is not None and state.change is not None and isinstance(msg, Caption):
+                state.change.forget(msg)  # a change-only reference the sink never got
 
         return count
 

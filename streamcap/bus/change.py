@@ -16,6 +16,10 @@ window is published when
    clock went back since then (``clock``: after a clock step the elapsed time
    would say nothing).
 
+A published caption that the sink's inbox then drops (the sink fell behind) is
+forgotten as the reference (:meth:`ChangeFilter.forget`): the next window of that
+source is published as ``first``, so a change is never lost to a drop.
+
 Otherwise it is suppressed (``unchanged``): neither its caption nor its
 embedding reaches the sink (a window's embedding follows its caption's
 verdict), and the bus counts it. A backfill recalled from the history store
@@ -101,6 +105,8 @@ class LastPublished:
     text: str
     captured_at: float
     vector: Float32Array | None
+    window_id: str = ""
+    """The window it was (to forget it if the sink's inbox drops it undelivered)."""
 
 
 def cosine_distance(a: Float32Array, b: Float32Array) -> float | None:
@@ -154,8 +160,20 @@ class ChangeFilter:
         if reason.published:
             self._last[caption.source_id] = LastPublished(
                 text=caption.text, captured_at=caption.captured_at,
-                vector=None if embedding is None else embedding.vector)
+                vector=None if embedding is None else embedding.vector,
+                window_id=caption.window_id)
         return reason
+
+    def forget(self, caption: Caption) -> bool:
+        """``caption`` never reached the sink (its inbox dropped it): if it is its source's
+        reference, forget it, so that the next window of that source is published
+        (``first``) instead of being suppressed as unchanged from a caption the sink
+        never got. Returns whether it was the reference."""
+        last = self._last.get(caption.source_id)
+        if last is None or not last.window_id or last.window_id != caption.window_id:
+            return False
+        del self._last[caption.source_id]
+        return True
 
     def last(self, source_id: str) -> LastPublished | None:
         """The last window of ``source_id`` published to the sink, None before the first."""

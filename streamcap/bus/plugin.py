@@ -213,9 +213,10 @@ same period, oldest first."""
 class RecallsHistory(Protocol):
     """A sink that replays recent messages to new clients; optional on top of :class:`Sink`.
 
-    The daemon calls ``recall`` once, on the event loop, before the sink's first
-    ``run``, when a history store is open, so that what clients get after a
-    restart does not start empty.
+    The daemon calls ``recall`` once, before the sink's first ``run``, when a history
+    store is open, so that what clients get after a restart does not start empty. It
+    calls it on a worker thread (``recent`` reads the store) while the event loop
+    waits for it and before any sink runs: ``recall`` only stores what it is given.
     """
 
     def recall(self, recent: RecentHistory) -> None:

@@ -32,7 +32,7 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 
 from streamcap.bus.wire import to_wire
-from streamcap.errors import ConfigError, HistoryError, ModelError
+from streamcap.errors import ConfigError, HistoryCursorError, HistoryError, ModelError
 from streamcap.history.records import HistoryPage, SearchHit, Span, to_message
 from streamcap.history.search import (
     check_limit,
@@ -256,9 +256,7 @@ class HistoryApi:
             try:
                 return store.page(span, cursor=cursor, limit=limit,
                                   newest_first=order == "desc")
-            except HistoryError as exc:
-                if cursor is None:
-                    raise
+            except HistoryCursorError as exc:
                 return str(exc)  # the store did not make this cursor
 
         with self._slot() as running:

@@ -33,7 +33,8 @@ class HistoryOptions:
     keep_days: float = option(30.0, above=0, max=MAX_KEEP_DAYS,
                               help="records older than this many days are deleted")
     max_bytes: int = option(DEFAULT_MAX_BYTES, min=MIB, max=MAX_BYTES_LIMIT,
-                            help="then the oldest go until database + WAL + clips fit")
+                            help="then the oldest go until the database's pages in use + "
+                                 "clips fit")
     required: bool = option(False, help="true: exit (status 2) when the store cannot be "
                                         "opened; false: log it and caption without history")
     queue_size: int = option(1000, min=1, max=1_000_000,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import heapq
 import json
 import math
@@ -37,7 +38,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from streamcap.errors import HistoryError
+from streamcap.errors import HistoryCursorError, HistoryError
 from streamcap.history.records import (
     HistoryItem,
     HistoryPage,
@@ -60,7 +61,20 @@ MAX_TERMS: Final = 64
 MAX_TERM_CHARS: Final = 200
 _IN_CHUNK: Final = 500  # ids per "IN (...)" query
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # what a rowid can be
 _DAY_S: Final = 86400.0
+SIZE_MARGIN: Final = 1.25
+"""One retention run deletes for size at most the excess's worth of average records
+times this (and one more)."""
+ORPHAN_GRACE_S: Final = 3600.0
+"""A file in the clips folder no event names is garbage once older than this (a clip is
+written seconds after its event is queued; a temporary file within seconds)."""
+CLEAN_MARK_SUFFIX: Final = ".clean"
+"""``<file>.clean``: written at a clean close (the file's size and mtime), removed at
+open; ``PRAGMA quick_check`` runs at open only without it (a kill, a crash, a file
+changed since)."""
+SIZE_ROUNDS: Final = 4
+"""Rounds of deletion for size in one run at most (the estimate is refined in each)."""
 _WINDOW, _EVENT = 0, 1  # kinds in the time order: a window before an event at the same time
 
 _SCHEMA: Final = """
@@ -76,7 +90,7 @@ CREATE TABLE windows (
     end_at REAL NOT NULL,
     model TEXT NOT NULL,
     text TEXT NOT NULL,
-    score REAL NOT NULL,
+    score REAL,
     confidence REAL,
     abstained INTEGER NOT NULL,
     flagged INTEGER NOT NULL,
@@ -94,8 +108,8 @@ CREATE TABLE events (
     trigger TEXT NOT NULL,
     source TEXT NOT NULL,
     state TEXT NOT NULL,
-    score REAL NOT NULL,
-    threshold REAL NOT NULL,
+    score REAL,
+    threshold REAL,
     start_s REAL NOT NULL,
     end_s REAL NOT NULL,
     captured_at REAL NOT NULL,
@@ -178,6 +192,17 @@ def decode_embedding(blob: bytes, scale: float, dim: int) -> Float32Array:
     return v
 
 
+def _real(value: float | None) -> float | None:
+    """A float column's value: a non-finite float (a state announcement's NaN score) is
+    NULL, since SQLite stores NaN as NULL and a NOT NULL column would refuse it."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _float(value: object) -> float:
+    """A nullable float column read back: NULL is NaN (see :func:`_real`)."""
+    return math.nan if value is None else float(value)  # type: ignore[arg-type]
+
+
 def _word_char(ch: str) -> bool:
     # The unicode61 tokenizer's token characters: letters, numbers, private use.
     cat = unicodedata.category(ch)
@@ -237,8 +262,8 @@ def decode_cursor(cursor: str, newest_first: bool) -> tuple[float, int, int]:
     except (binascii.Error, UnicodeDecodeError, ValueError, TypeError) as exc:
         raise ValueError("not a history cursor") from exc
     if (not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at)
-            or kind not in (_WINDOW, _EVENT) or not isinstance(row, int)
-            or isinstance(row, bool)):
+            or type(kind) is not int or kind not in (_WINDOW, _EVENT)
+            or type(row) is not int or not _INT64_MIN <= row <= _INT64_MAX):
         raise ValueError("not a history cursor")
     if order != ("d" if newest_first else "a"):
         raise ValueError("a cursor of the other order")
@@ -255,11 +280,14 @@ class SqliteHistory:
         path: the database file (created with its directory when missing, unless
             ``read_only``).
         keep_days: records older than this go (:meth:`enforce_retention`).
-        max_bytes: then the oldest go until database + WAL + clips are under this.
+        max_bytes: then the oldest go until the database's pages in use + clips are
+            under this (:meth:`size_bytes`; about the excess per run at most).
         clips_dir: where event clips are (``TriggerEvent.clip`` is relative to it);
             they go with their events, and a clip file older than ``keep_days`` goes.
         read_only: open for reading only (:meth:`reader`); nothing is created.
-        check: run ``PRAGMA quick_check`` at open (a reader skips it).
+        check: run ``PRAGMA quick_check`` at open unless the last write handle closed
+            cleanly and the file is unchanged since (:data:`CLEAN_MARK_SUFFIX`); a
+            reader never checks.
         vector_index: answers large vector searches approximately; the exact scan
             answers whatever it declines (None: always exact).
 
@@ -278,7 +306,13 @@ class SqliteHistory:
         self.clips_dir = None if clips_dir is None else Path(clips_dir)
         self.read_only = read_only
         self.vector_index = vector_index
+        self._interrupted = False  # set by interrupt(): retention stops between rounds
+        if check and not read_only and self._closed_cleanly():
+            check = False  # the file is as the last clean close left it
         self._conn = self._connect(check)
+        if not read_only:  # from now on it is open: a kill leaves no mark, the next open checks
+            with contextlib.suppress(OSError):
+                self._clean_mark().unlink(missing_ok=True)
 
     # -- opening ----------------------------------------------------------------------
 
@@ -398,6 +432,36 @@ class SqliteHistory:
 
     def close(self) -> None:
         self._conn.close()
+        if not self.read_only:
+            self._mark_clean()
+
+    def _clean_mark(self) -> Path:
+        return self.path.with_name(self.path.name + CLEAN_MARK_SUFFIX)
+
+    def _mark_clean(self) -> None:
+        """Note that the store was closed cleanly, with the file's size and mtime."""
+        try:
+            st = self.path.stat()
+            self._clean_mark().write_text(json.dumps(
+                {"size": st.st_size, "mtime_ns": st.st_mtime_ns}), encoding="utf-8")
+        except OSError:
+            pass  # no mark: the next open checks the file
+
+    def _closed_cleanly(self) -> bool:
+        """Whether the last write handle closed cleanly and the file is unchanged since."""
+        try:
+            mark = json.loads(self._clean_mark().read_text(encoding="utf-8"))
+            st = self.path.stat()
+        except (OSError, ValueError):
+            return False
+        return (isinstance(mark, dict) and mark.get("size") == st.st_size
+                and mark.get("mtime_ns") == st.st_mtime_ns)
+
+    def interrupt(self) -> None:
+        """Cut a retention run short (from any thread, on shutdown): the statement running
+        is aborted and no further round starts; what was committed stays."""
+        self._interrupted = True
+        self._conn.interrupt()
 
     def _run(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -437,13 +501,14 @@ class SqliteHistory:
         if r.embedding is not None:
             blob, scale, dim = encode_embedding(r.embedding)
         return (r.window_id, r.source_id, r.run_id, r.seq, r.start_s, r.end_s, r.start_at,
-                r.end_at, r.model, r.text, r.score, r.confidence, int(r.abstained),
+                r.end_at, r.model, r.text, _real(r.score), _real(r.confidence), int(r.abstained),
                 int(r.flagged), None if r.speech is None else int(r.speech),
                 json.dumps(list(r.candidates), ensure_ascii=False), blob, scale, dim)
 
     @staticmethod
     def _event_row(e: TriggerEvent) -> tuple[Any, ...]:
-        return (e.event_id, e.trigger, e.source_id, e.state.value, e.score, e.threshold,
+        return (e.event_id, e.trigger, e.source_id, e.state.value, _real(e.score),
+                _real(e.threshold),
                 e.start_s, e.end_s, e.captured_at, e.model, e.run_id, e.fired_id, e.caption,
                 e.clip)
 
@@ -465,7 +530,7 @@ class SqliteHistory:
         return WindowRecord(
             window_id=row[1], source_id=row[2], run_id=row[3], seq=int(row[4]),
             start_s=float(row[5]), end_s=float(row[6]), start_at=float(row[7]),
-            end_at=float(row[8]), model=row[9], text=row[10], score=float(row[11]),
+            end_at=float(row[8]), model=row[9], text=row[10], score=_float(row[11]),
             confidence=None if row[12] is None else float(row[12]),
             abstained=bool(row[13]), flagged=bool(row[14]),
             speech=None if row[15] is None else bool(row[15]), candidates=candidates,
@@ -479,7 +544,7 @@ class SqliteHistory:
     def _event(row: Sequence[Any]) -> TriggerEvent:
         return TriggerEvent(
             event_id=row[1], trigger=row[2], source_id=row[3], state=TriggerState(row[4]),
-            score=float(row[5]), threshold=float(row[6]), start_s=float(row[7]),
+            score=_float(row[5]), threshold=_float(row[6]), start_s=float(row[7]),
             end_s=float(row[8]), captured_at=float(row[9]), model=row[10], run_id=row[11],
             fired_id=row[12], caption=row[13], clip=row[14])
 
@@ -567,8 +632,9 @@ class SqliteHistory:
             try:
                 after = decode_cursor(cursor, newest_first)
             except ValueError as exc:
-                raise self._fail(f"cannot page: {exc} (got {cursor[:40]!r}); start again "
-                                 "without a cursor") from None
+                raise HistoryCursorError(
+                    f"history store {self.path}: cannot page: {exc} (got {cursor[:40]!r}); "
+                    "start again without a cursor") from None
         if limit <= 0:
             return HistoryPage(items=(), next_cursor=None)
         op, order = ("<", "DESC") if newest_first else (">", "ASC")
@@ -622,20 +688,16 @@ class SqliteHistory:
             return []
 
         def read() -> list[HistoryItem]:
-            if per_source:
-                win_sql = ("SELECT start_at, id, source FROM (SELECT start_at, id, source, "
-                           "ROW_NUMBER() OVER (PARTITION BY source ORDER BY start_at DESC, "
-                           "id DESC) AS n FROM windows) WHERE n <= ?")
-                ev_sql = ("SELECT captured_at, id, source FROM (SELECT captured_at, id, "
-                          "source, ROW_NUMBER() OVER (PARTITION BY source ORDER BY "
-                          "captured_at DESC, id DESC) AS n FROM events) WHERE n <= ?")
+            if per_source:  # each source's newest on its (source, time) index
+                wins = self._newest_per_source("windows", "start_at", limit)
+                evs = self._newest_per_source("events", "captured_at", limit)
             else:
-                win_sql = ("SELECT start_at, id, source FROM windows "
-                           "ORDER BY start_at DESC, id DESC LIMIT ?")
-                ev_sql = ("SELECT captured_at, id, source FROM events "
-                          "ORDER BY captured_at DESC, id DESC LIMIT ?")
-            wins = self._conn.execute(win_sql, [limit]).fetchall()
-            evs = self._conn.execute(ev_sql, [limit]).fetchall()
+                wins = self._conn.execute(
+                    "SELECT start_at, id, source FROM windows "
+                    "ORDER BY start_at DESC, id DESC LIMIT ?", [limit]).fetchall()
+                evs = self._conn.execute(
+                    "SELECT captured_at, id, source FROM events "
+                    "ORDER BY captured_at DESC, id DESC LIMIT ?", [limit]).fetchall()
             # The events of the period the windows cover (per source: of that source's).
             oldest: dict[str | None, float] = {}
             for at, _, source in wins:
@@ -656,6 +718,21 @@ class SqliteHistory:
         items: list[HistoryItem] = self._run("read recent history", read)
         return items
 
+    def _newest_per_source(self, table: str, column: str, limit: int) -> list[Any]:
+        """``(time, rowid, source)`` of each source's newest ``limit`` rows of ``table``:
+        the sources by a skip scan of the ``(source, time)`` index (one seek per source),
+        then one ``ORDER BY time DESC LIMIT`` seek each; never a scan of the table."""
+        sources = [str(r[0]) for r in self._conn.execute(
+            f"WITH RECURSIVE s(x) AS (SELECT min(source) FROM {table} UNION ALL "
+            f"SELECT (SELECT min(source) FROM {table} WHERE source > x) FROM s "
+            "WHERE x IS NOT NULL) SELECT x FROM s WHERE x IS NOT NULL")]
+        rows: list[Any] = []
+        for source in sources:
+            rows += self._conn.execute(
+                f"SELECT {column}, id, source FROM {table} WHERE source = ? "
+                f"ORDER BY {column} DESC, id DESC LIMIT ?", [source, limit]).fetchall()
+        return rows
+
     # -- size and retention -------------------------------------------------------------
 
     def _clip_files(self) -> list[tuple[Path, os.stat_result]]:
@@ -675,15 +752,22 @@ class SqliteHistory:
                 out.append((Path(entry.path), st))
         return out
 
+    def database_bytes(self) -> int:
+        """The database's logical size: its pages in use, ``(page_count - freelist_count)
+        * page_size``, as this handle sees them (what the WAL holds included, pages freed
+        by deletes excluded). Unlike the files' sizes it shrinks at once when rows are
+        deleted, even while a reader's snapshot keeps the WAL from being checkpointed."""
+        conn = self._conn
+        pages = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        return max(0, pages - free) * page_size
+
     def size_bytes(self) -> int:
-        """Bytes on disk: the database, its WAL and the clips."""
-        total = 0
-        for suffix in ("", "-wal"):
-            try:
-                total += os.stat(f"{self.path}{suffix}").st_size
-            except OSError:
-                pass
-        return total + sum(st.st_size for _, st in self._clip_files())
+        """What ``max_bytes`` limits: the database's logical size (:meth:`database_bytes`)
+        and the clips. The WAL is not counted: it is checkpointed and truncated after
+        every retention run that deletes (and bounded by ``journal_size_limit``)."""
+        return self.database_bytes() + sum(st.st_size for _, st in self._clip_files())
 
     def stats(self) -> StoreStats:
         def read() -> StoreStats:
@@ -735,14 +819,54 @@ class SqliteHistory:
             "SELECT (SELECT count(*) FROM windows) + (SELECT count(*) FROM events)"
         ).fetchone()[0])
 
-    def _reclaim(self, *, fts: bool = False) -> None:
+    def _reclaim(self, *, fts: bool = False) -> bool:
         """Give freed pages back to the file system and shrink the WAL; with ``fts``,
-        rewrite the text index first (deleted rows stay in it as tombstones until then)."""
+        rewrite the text index first (deleted rows stay in it as tombstones until then).
+
+        Returns False when the checkpoint was busy (a reader holds a snapshot): the
+        files keep their size until a later run; nobody waits for the reader.
+        """
         if fts:
             self._conn.execute("INSERT INTO windows_fts (windows_fts) VALUES ('optimize')")
         # executescript steps the pragma to its end (execute stops after one freed page)
         self._conn.executescript("PRAGMA incremental_vacuum;")
-        self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return self._checkpoint()
+
+    def _checkpoint(self) -> bool:
+        """Checkpoint the WAL and truncate it, without waiting for readers; True if done."""
+        busy, log, done = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if busy or log != done:  # a reader's snapshot holds frames back
+            return False
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return not busy
+
+    def _prune_unreferenced(self, now: float) -> None:
+        """Delete clip files no stored event names (their event was never stored) and
+        temporary files left by a killed writer, oldest first, until the store fits;
+        a file younger than :data:`ORPHAN_GRACE_S` is left (its event may be queued)."""
+        referenced = {str(r[0]) for r in self._conn.execute(
+            "SELECT clip FROM events WHERE clip IS NOT NULL")}
+        excess = self.size_bytes() - self.max_bytes
+        for path, st in sorted(self._clip_files(), key=lambda f: f[1].st_mtime):
+            if excess <= 0:
+                break
+            if path.name in referenced or now - st.st_mtime < ORPHAN_GRACE_S:
+                continue
+            path.unlink(missing_ok=True)
+            excess -= st.st_size
+
+    def _size_budget(self, size: int) -> int:
+        """How many of the oldest records one retention run may delete for size: the
+        excess over ``max_bytes`` in records of the average size, plus a margin."""
+        rows = self._count()
+        if not rows or size <= self.max_bytes:
+            return 0
+        per_row = size / rows
+        return min(rows, math.ceil((size - self.max_bytes) / per_row * SIZE_MARGIN) + 1)
 
     def enforce_retention(self, now: float) -> int:
         if self.read_only:
@@ -755,32 +879,34 @@ class SqliteHistory:
             for path, st in self._clip_files():  # clips whose event never got stored
                 if st.st_mtime < cutoff:
                     path.unlink(missing_ok=True)
-            if gone:
-                self._reclaim(fts=gone * 10 >= before)
-            optimized = False
-            if self.size_bytes() > self.max_bytes:  # what the WAL holds is counted once
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            for _ in range(32):  # each round deletes a share of the oldest; bounded
+            if gone and not self._reclaim(fts=gone * 10 >= before):
+                return gone  # a reader holds the WAL: the size waits for the next run
+            if self.size_bytes() > self.max_bytes:  # garbage goes before any record
+                self._prune_unreferenced(now)
+            # Size: the oldest go, at most about the excess (counted once, from the
+            # average record) in a few rounds; the logical size shrinks at once, so a
+            # reader's snapshot cannot make a round miss what the last one freed.
+            budget = self._size_budget(self.size_bytes())
+            for _ in range(SIZE_ROUNDS):
                 size = self.size_bytes()
-                if size <= self.max_bytes:
+                if size <= self.max_bytes or budget <= 0 or self._interrupted:
                     break
-                if gone and not optimized:
-                    optimized = True  # the text index may hold what was deleted: drop it
-                    self._reclaim(fts=True)
-                    continue
                 rows = self._count()
                 if not rows:
                     break
-                share = min(1.0, (size - self.max_bytes) / size + 0.05)
-                n = max(1, math.ceil(rows * share))
+                n = min(budget, math.ceil((size - self.max_bytes) * rows / size * 1.05) + 1)
                 at = self._conn.execute(
                     "SELECT at FROM (SELECT start_at AS at FROM windows UNION ALL "
                     "SELECT captured_at FROM events) ORDER BY at LIMIT 1 OFFSET ?",
                     [n - 1]).fetchone()
                 if at is None:
                     break
-                gone += self._delete_until(float(at[0]), inclusive=True)
-                self._reclaim()
+                deleted = self._delete_until(float(at[0]), inclusive=True)
+                gone += deleted
+                budget -= deleted
+                # the text index keeps deleted rows as tombstones until it is rewritten
+                if not self._reclaim(fts=deleted * 10 >= rows):
+                    break  # a reader holds the WAL: go on at the next run
             return gone
 
         try:

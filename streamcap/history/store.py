@@ -56,7 +56,8 @@ class HistoryStore(Protocol):
         ``cursor`` (a :attr:`HistoryPage.next_cursor`; None: the start).
 
         Raises:
-            HistoryError: ``cursor`` is not one this store made.
+            HistoryCursorError: ``cursor`` is not one this store made.
+            HistoryError: the store cannot be read.
         """
         ...
 

@@ -3,8 +3,9 @@
 :meth:`HistoryRecorder.record` never blocks (the event loop and the inference path
 call it): it appends to a bounded queue, the oldest record being dropped and counted
 when it is full. The thread ``streamcap-history`` owns the store's write handle; it
-writes what is waiting in batches (one transaction each), retries a failed batch once
-and then drops it (counted, logged at most once a minute: no unbounded retry loop),
+writes what is waiting in batches (one transaction each), retries a failed batch once,
+then writes its records one at a time, dropping (counted, logged at most once a minute:
+no unbounded retry loop) only those that fail alone,
 and applies the retention limits every ``retention_interval_s``. A write failure never
 reaches the caller and never stops the thread.
 
@@ -28,7 +29,7 @@ from streamcap.errors import HistoryError
 from streamcap.history.records import HistoryItem, to_message
 from streamcap.history.store import HistoryStore
 from streamcap.logs import Throttle, get_logger
-from streamcap.messages import Published
+from streamcap.messages import Published, TriggerEvent
 from streamcap.stats import Metrics
 
 _log = get_logger(__name__)
@@ -41,6 +42,10 @@ RETRY_PAUSE_S: Final = 0.5
 STATS_INTERVAL_S: Final = 5.0
 """Least time between two refreshes of the size gauges (they count rows)."""
 FAILURE_LOG_INTERVAL_S: Final = 60.0
+MAX_FAILED_IN_A_ROW: Final = 4
+"""Records of a failed batch written alone that fail one after the other before the rest
+of the batch is dropped (the store fails, not a record: a locked store would cost up to
+the busy timeout per record)."""
 DROP_REASONS: Final = ("queue_full", "write_failed", "shutdown")
 
 
@@ -71,6 +76,8 @@ class HistoryRecorder:
         self._cond = threading.Condition()
         self._closing = False
         self._closed = False
+        self._gave_up = False  # a close timed out
+        self._retaining = False  # a retention run is in progress (guarded by _cond)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._throttle = Throttle(FAILURE_LOG_INTERVAL_S)
         self.written = 0
@@ -85,7 +92,8 @@ class HistoryRecorder:
         self._depth = m.gauge("streamcap_history_queue_depth",
                               "History records waiting to be written")
         self._bytes = m.gauge("streamcap_history_bytes",
-                              "Bytes of the history store on disk (database, WAL, clips)")
+                              "Bytes of the history store that max_bytes limits "
+                              "(database pages in use, clips)")
         self._windows = m.gauge("streamcap_history_windows", "Windows in the history store")
         self._events = m.gauge("streamcap_history_events",
                                "Trigger events in the history store")
@@ -151,6 +159,13 @@ class HistoryRecorder:
         with self._cond:
             self._closing = True
             self._cond.notify()
+            retaining = self._retaining
+        if self._gave_up:  # a close timed out already: the thread is on its own
+            return False
+        if retaining:  # a retention run may take long: cut it short (it goes on next start)
+            interrupt = getattr(self.store, "interrupt", None)
+            if callable(interrupt):
+                interrupt()
         if not self._thread.is_alive() and not self._closed:
             if self._thread.ident is None:  # never started
                 self._close_store()
@@ -162,6 +177,7 @@ class HistoryRecorder:
                 self._queue.clear()
             if left:
                 self._dropped.inc(left, "shutdown")
+            self._gave_up = True
             _log.error("history writer did not finish in time; records dropped",
                        dropped=left, timeout_s=round(timeout_s, 2))
             return False
@@ -215,12 +231,40 @@ class HistoryRecorder:
                         if not self._closing:
                             self._cond.wait(RETRY_PAUSE_S)
                     continue
-                self._dropped.inc(len(batch), "write_failed")
+                if len(batch) > 1:
+                    self._write_one_by_one(batch)
+                else:
+                    self._dropped.inc(len(batch), "write_failed")
                 return
             self.written += len(batch)
             self._writes.inc(len(batch))
             self._refresh_stats(force=False)
             return
+
+    def _write_one_by_one(self, batch: Sequence[HistoryItem]) -> None:
+        """A batch failed twice: its records one transaction each, so that one bad record
+        cannot take the others with it (each that fails is dropped and counted)."""
+        written = failed_in_a_row = 0
+        for n, item in enumerate(batch):
+            if failed_in_a_row >= MAX_FAILED_IN_A_ROW:  # the store fails, not a record
+                self._dropped.inc(len(batch) - n, "write_failed")
+                break
+            try:
+                self.store.write([item])
+            except HistoryError as exc:
+                failed_in_a_row += 1
+                self._failures.inc()
+                self._dropped.inc(1, "write_failed")
+                if (held := self._throttle.allow("write_one")) is not None:
+                    _log.error("cannot write a history record; dropped", error=str(exc),
+                               record=_describe(item), suppressed=held)
+                continue
+            failed_in_a_row = 0
+            written += 1
+        if written:
+            self.written += written
+            self._writes.inc(written)
+            self._refresh_stats(force=False)
 
     _stats_at = -float("inf")
 
@@ -238,15 +282,32 @@ class HistoryRecorder:
         self._events.set(stats.events)
 
     def _retain(self) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            self._retaining = True
         try:
             deleted = self.store.enforce_retention(self._wall())
         except HistoryError as exc:
+            with self._cond:
+                closing = self._closing
+            if closing:  # interrupted by close(): what it deleted so far is committed
+                _log.info("history retention cut short by shutdown", error=str(exc))
+                return
             self._failures.inc()
             if (held := self._throttle.allow("retention")) is not None:
                 _log.error("cannot apply the history retention limits", error=str(exc),
                            suppressed=held)
             return
+        finally:
+            with self._cond:
+                self._retaining = False
         if deleted:
             self._deleted.inc(deleted)
             _log.info("history retention deleted old records", deleted=deleted)
         self._refresh_stats(force=True)
+
+
+def _describe(item: HistoryItem) -> str:
+    """A record's id, for a log line."""
+    return item.event_id if isinstance(item, TriggerEvent) else item.window_id

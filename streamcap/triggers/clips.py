@@ -18,7 +18,8 @@ source that stops, restarts or changes rate mid-clip ends the clip with what it
 has. With ``[privacy] speech = "skip"`` a clip whose audio holds speech in any
 10 s span (the speech guard's rule) is not written (``result="speech"``).
 Every outcome is counted in ``streamcap_clips_total{result}``; failures are
-logged. The history store's retention deletes clips with their events.
+logged. The history store's retention deletes clips with their events; without a store,
+:func:`prune_clips` (run by the daemon) bounds the folder by age and size.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import stat
 import tempfile
 import threading
 from collections.abc import Collection, Mapping
@@ -349,3 +351,54 @@ def write_clip(path: Path, samples: Float32Array, rate_hz: int,
             os.unlink(tmp)
         raise
     return "written"
+
+
+STALE_TMP_S: Final = 3600.0
+"""A clip's temporary file older than this was left by a process that died mid-write."""
+
+
+def prune_clips(clips_dir: Path, *, keep_s: float, max_bytes: int, now: float) -> int:
+    """The clips folder's own retention, for a daemon without a history store (whose
+    retention deletes clips with their events otherwise); blocking, off the loop.
+
+    Deletes temporary files older than :data:`STALE_TMP_S`, clips older than
+    ``keep_s``, then the oldest clips until the folder holds at most ``max_bytes``.
+    Only plain files named like a clip (or its temporary file) are touched.
+
+    Returns:
+        How many files were deleted.
+    """
+    files: list[tuple[float, int, Path]] = []
+    try:
+        entries = list(os.scandir(clips_dir))
+    except OSError:
+        return 0
+    deleted = 0
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        name = entry.name
+        stale = (name.startswith(".") and name.endswith(".tmp")
+                 and now - st.st_mtime > STALE_TMP_S)
+        if stale or (clip_path(clips_dir, name) is not None and now - st.st_mtime > keep_s):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                deleted += 1
+            continue
+        if clip_path(clips_dir, name) is not None or name.endswith(".tmp"):
+            files.append((st.st_mtime, st.st_size, Path(entry.path)))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        if path.name.endswith(".tmp"):
+            continue  # being written now
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            deleted += 1
+        total -= size
+    return deleted
