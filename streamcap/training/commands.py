@@ -36,14 +36,29 @@ def add_parsers(sub: Any) -> None:
     corpus.add_argument("--captions-per-clip", type=int, default=5)
     corpus.add_argument("--clip-s", type=float, default=10.0)
 
-    init = tsub.add_parser("init", help="write a randomly initialised bundle to train")
+    init = tsub.add_parser("init", help="write a randomly initialised bundle to train, or "
+                           "one built from fetched components (--from-fetched)")
     init.add_argument("out", type=Path)
     init.add_argument("--preset", default="demo", help="demo, tiny, base or large")
-    init.add_argument("--manifest", type=Path, required=True,
-                      help="the tokenizer is trained on its train-split captions")
+    init.add_argument("--manifest", type=Path,
+                      help="the tokenizer is trained on its train-split captions (not with "
+                           "--from-fetched, which uses BART's tokenizer)")
     init.add_argument("--vocab-size", type=int, default=1000)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--overwrite", action="store_true")
+    init.add_argument("--from-fetched", action="store_true",
+                      help="build from `streamcap models fetch` components (DAC, BART, CNext, "
+                           "a text encoder; docs/models-fetch.md)")
+    init.add_argument("--components-dir", type=Path, action="append", default=[],
+                      metavar="DIR", help="where the components were fetched (repeat; "
+                                          "default: the user's, then the system's)")
+    init.add_argument("--bart", default="bart-base", help="bart-base or bart-large")
+    init.add_argument("--text-encoder", default="roberta-base",
+                      help="roberta-base or roberta-large")
+    init.add_argument("--cnext", default="cnext-audioset-bl",
+                      help="cnext-audioset-bl or cnext-audioset")
+    init.add_argument("--max-window-s", type=float, default=30.0,
+                      help="longest window the captioner takes (default 30)")
 
     feats = tsub.add_parser("features", help="precompute DAC codes and clip embeddings")
     feats.add_argument("--model", type=Path, required=True, help="bundle directory")
@@ -170,11 +185,33 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_from_fetched(args: argparse.Namespace) -> int:
+    from streamcap.models.bundle.components import save_components
+    from streamcap.models.fetch import component_search_path
+    from streamcap.training.fetched import FetchedChoice, init_from_fetched
+
+    choice = FetchedChoice(bart=args.bart, text_encoder=args.text_encoder, cnext=args.cnext,
+                           max_window_s=args.max_window_s, seed=args.seed)
+    built = init_from_fetched(choice, args.components_dir or component_search_path())
+    path = save_components(built.components, args.out, overwrite=args.overwrite)
+    print(f"wrote bundle {built.components.model_id} to {path} from fetched components")
+    for line in built.used:
+        print(f"  used: {line}")
+    for line in built.not_used:
+        print(f"  not used: {line}")
+    return 0
+
+
 def _init(args: argparse.Namespace) -> int:
     from streamcap.models.bundle.components import save_components
     from streamcap.training.data.manifest import read_manifest
     from streamcap.training.demo import init_components
 
+    if args.from_fetched:
+        return _init_from_fetched(args)
+    if args.manifest is None:
+        raise ConfigError("train init: --manifest is needed (its captions train the "
+                          "tokenizer), or --from-fetched")
     rows = read_manifest(args.manifest)
     captions = [c for r in rows if r.split == "train" for c in r.captions]
     if not captions:
