@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from streamcap.errors import ModelError
+from streamcap.errors import ConfigError, ModelError
 
 SourceKind = Literal["hub", "url"]
 RepoType = Literal["model", "space", "dataset"]
@@ -103,13 +103,19 @@ class BundleRecipe:
     name: str
     description: str
     parts: Mapping[str, tuple[Artefact, ...]]
-    builder: Literal["enclap", "files", "dac"]
+    builder: Literal["enclap", "files", "dac", "dataset"]
     bundle_size: int
 
     @property
     def is_component(self) -> bool:
-        """A training component (``DIR/NAME`` with ``component.json``), not a bundle."""
+        """Not a bundle: a training component or a data set (``DIR/NAME`` holding
+        ``component.json``)."""
         return self.builder != "enclap"
+
+    @property
+    def is_dataset(self) -> bool:
+        """A data set (``streamcap data fetch``)."""
+        return self.builder == "dataset"
 
     @property
     def artefacts(self) -> tuple[Artefact, ...]:
@@ -264,6 +270,73 @@ COMPONENTS: tuple[BundleRecipe, ...] = (
 
 RECIPES: Mapping[str, BundleRecipe] = {r.name: r for r in (ENCLAP_BASE, *COMPONENTS)}
 
+# --------------------------------------------------------------------------- data sets
+# Clotho v2.1 (Zenodo record 4783391). The md5 sums are those Zenodo lists for the
+# record; the sizes of the development and validation files are Zenodo's listing, those
+# of the evaluation files estimates (size_verified=False).
+
+_CLOTHO_URL = "https://zenodo.org/records/4783391/files/"
+_CLOTHO_LICENCE = ("unverified (Clotho's terms on its Zenodo record; each clip's Freesound "
+                   "licence is in clotho_metadata_*.csv)")
+
+
+def _clotho(filename: str, size: int, md5: str, *, verified: bool = True) -> Artefact:
+    return Artefact(name=f"clotho/{filename}", kind="url", repo=_CLOTHO_URL + filename,
+                    filename=filename, size=size, size_verified=verified, sha256=None,
+                    md5=md5, licence=_CLOTHO_LICENCE,
+                    licence_url="https://zenodo.org/records/4783391")
+
+
+CLOTHO = BundleRecipe(
+    name="clotho",
+    description="Clotho v2.1 audio captioning data set (Zenodo 4783391): 6,974 clips of "
+                "15-30 s, five captions each",
+    parts={
+        "audio": (
+            _clotho("clotho_audio_development.7z", 4_541_582_263,
+                    "c8b05bc7acdb13895bb3c6a29608667e"),
+            _clotho("clotho_audio_validation.7z", 1_260_701_425,
+                    "7dba730be08bada48bd15dc4e668df59"),
+            _clotho("clotho_audio_evaluation.7z", 1_270_000_000,
+                    "4569624ccadf96223f19cb59fe4f849f", verified=False)),
+        "captions": (
+            _clotho("clotho_captions_development.csv", 1_336_762,
+                    "d4090b39ce9f2491908eebf4d5b09bae"),
+            _clotho("clotho_captions_validation.csv", 367_649,
+                    "5879e023032b22a2c930aaa0528bead4"),
+            _clotho("clotho_captions_evaluation.csv", 370_000,
+                    "1b16b9e57cf7bdb7f13a13802aeb57e2", verified=False)),
+        "metadata": (
+            _clotho("clotho_metadata_development.csv", 830_797,
+                    "170d20935ecfdf161ce1bb154118cda5"),
+            _clotho("clotho_metadata_validation.csv", 224_803,
+                    "2e010427c56b1ce6008b0f03f41048ce"),
+            _clotho("clotho_metadata_evaluation.csv", 225_000,
+                    "13946f054d4e1bf48079813aac61bf77", verified=False)),
+    },
+    builder="dataset",
+    # the extracted WAV files (44.1 kHz, 16 bit), estimated; the archives are deleted
+    bundle_size=11_500 * MB,
+)
+
+DATASETS: Mapping[str, BundleRecipe] = {CLOTHO.name: CLOTHO}
+"""What ``streamcap data fetch`` downloads."""
+
+
+def dataset(name: str) -> BundleRecipe:
+    """The data set called ``name``.
+
+    Raises:
+        ConfigError: no such data set (the message lists them and the manual ones).
+    """
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(f"data fetch: unknown data set {name!r}; expected one of "
+                          f"{', '.join(DATASETS)} (AudioCaps and WavCaps are prepared by "
+                          "hand: docs/data-fetch.md)") from None
+
+
 GROUPS: Mapping[str, tuple[str, ...]] = {
     "dcase2024-components": tuple(c.name for c in COMPONENTS)}
 """Names that fetch several components, one after another."""
@@ -303,12 +376,15 @@ def licences(item: BundleRecipe) -> tuple[tuple[str, str, str], ...]:
 
 
 __all__ = [
+    "CLOTHO",
     "COMPONENTS",
+    "DATASETS",
     "ENCLAP_BASE",
     "GROUPS",
     "RECIPES",
     "Artefact",
     "BundleRecipe",
+    "dataset",
     "licences",
     "recipe",
     "recipe_names",

@@ -51,6 +51,12 @@ def user_component_dir() -> Path | None:
     return None if bundles is None else bundles.parent / "components"
 
 
+def user_data_dir() -> Path | None:
+    """Where data sets are fetched by default: ``.../streamcap/data``."""
+    bundles = user_bundle_dir()
+    return None if bundles is None else bundles.parent / "data"
+
+
 def component_search_path() -> tuple[Path, ...]:
     """Where fetched components are looked up: the user's directory, then the system's."""
     user = user_component_dir()
@@ -67,6 +73,15 @@ def find_component(name: str, directories: tuple[Path, ...] | None = None) -> Pa
 
 def manual_route(name: str) -> str:
     """The advice printed when a host cannot be reached."""
+    from streamcap.models.artefacts import DATASETS, RECIPES
+
+    if name in DATASETS:
+        return (f"download it on a machine with internet (`streamcap data fetch {name} --dir "
+                f"DIR`, then copy DIR/{name} here; docs/data-fetch.md)")
+    item = RECIPES.get(name)
+    if item is not None and item.is_component:
+        return (f"download it on a machine with internet (`streamcap models fetch {name} --dir "
+                f"DIR`, then copy DIR/{name} here; docs/models-fetch.md)")
     return (f"download it on a machine with internet (`streamcap models fetch {name} --dir DIR`, "
             f"then copy DIR/{name} here) or fetch the files by hand and run "
             "`streamcap models import-enclap` (docs/models-fetch.md)")
@@ -279,7 +294,8 @@ def fetch_bundle(item: BundleRecipe, *, directory: Path | None = None,
                  keep_downloads: bool = False,
                  confirm: Callable[[str], bool] = confirm_on_terminal,
                  say: Callable[[str], None] = print,
-                 import_options: Mapping[str, Any] | None = None) -> FetchResult:
+                 import_options: Mapping[str, Any] | None = None,
+                 finish: Callable[[Path], Mapping[str, Any]] | None = None) -> FetchResult:
     """Download ``item``'s artefacts and build its bundle at ``directory/item.name``.
 
     Args:
@@ -292,13 +308,18 @@ def fetch_bundle(item: BundleRecipe, *, directory: Path | None = None,
         say: prints a line.
         import_options: extra :class:`~streamcap.models.enclap.published.ImportOptions`
             fields (tests use tiny random-codec presets).
+        finish: for components and data sets: called on the staged directory (the
+            verified files in it) before it is renamed into place; what it returns is
+            added to ``component.json`` (``streamcap data fetch`` extracts and writes
+            the manifest here).
 
     Raises:
         ModelError: licences refused, not enough space, a host unreachable or a file
             missing (one line naming the URL), a bundle already there.
         WeightsError: a checksum mismatch (both hashes named).
     """
-    default = user_component_dir() if item.is_component else user_bundle_dir()
+    default = (user_data_dir() if item.is_dataset else
+               user_component_dir() if item.is_component else user_bundle_dir())
     root = directory if directory is not None else default
     if root is None:
         raise ModelError("models fetch: no home directory or XDG_CACHE_HOME to put bundles "
@@ -341,7 +362,7 @@ def fetch_bundle(item: BundleRecipe, *, directory: Path | None = None,
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{item.name}.partial-") as tmp:
         staged = Path(tmp) / item.name
         if item.is_component:
-            model_id = _build_component(item, paths, staged, hashes)
+            model_id = _build_component(item, paths, staged, hashes, finish)
         else:
             model_id = _build(item, paths, staged, dict(import_options or {}), say)
             _record_sources(staged, item, hashes)
@@ -355,7 +376,9 @@ def fetch_bundle(item: BundleRecipe, *, directory: Path | None = None,
             (root / DOWNLOADS_DIR).rmdir()
         except OSError:
             pass
-    if item.is_component:
+    if item.is_dataset:
+        say(f"fetched {item.name} to {final}")
+    elif item.is_component:
         say(f"fetched {item.name} to {final}; `streamcap train init --from-fetched` reads it")
     else:
         say(f"wrote bundle {model_id} to {final}; run it with: "
@@ -382,7 +405,8 @@ def _sources(item: BundleRecipe, hashes: Mapping[str, str]) -> list[dict[str, An
 
 
 def _build_component(item: BundleRecipe, paths: Mapping[str, list[Path]], output: Path,
-                     hashes: Mapping[str, str]) -> str:
+                     hashes: Mapping[str, str],
+                     finish: Callable[[Path], Mapping[str, Any]] | None) -> str:
     """Move the verified files into ``output`` (flat, under their published names), convert
     a descript DAC checkpoint (builder ``dac``) and write ``component.json``."""
     output.mkdir(parents=True)
@@ -398,6 +422,8 @@ def _build_component(item: BundleRecipe, paths: Mapping[str, list[Path]], output
         config = convert_descript_file(output / item.artefacts[0].local_name,
                                        output / DAC_CONVERTED)
         record["converted"] = {"file": DAC_CONVERTED, "codec_id": config.codec_id}
+    if finish is not None:
+        record.update(finish(output))
     (output / COMPONENT_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n",
                                          encoding="utf-8")
     return item.name
@@ -417,4 +443,4 @@ def _record_sources(bundle: Path, item: BundleRecipe, hashes: Mapping[str, str])
 __all__ = ["COMPONENT_NAME", "DAC_CONVERTED", "FetchResult", "SpaceNeed",
            "component_search_path", "confirm_on_terminal", "expected_sha256", "fetch_bundle",
            "find_component", "licence_text", "manual_route", "space_needed",
-           "user_component_dir"]
+           "user_component_dir", "user_data_dir"]

@@ -132,6 +132,22 @@ def add_parsers(sub: Any) -> None:
     soup.add_argument("--retriever", action="store_true", help="average the retrievers too")
     soup.add_argument("--overwrite", action="store_true")
 
+    data = sub.add_parser("data", help="download training data sets (needs internet; "
+                                       "docs/data-fetch.md)")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    dfetch = dsub.add_parser("fetch", help="download, check and extract a data set and write "
+                                           "its manifest")
+    dfetch.add_argument("name", metavar="NAME", help="clotho (AudioCaps and WavCaps: see "
+                                                     "docs/data-fetch.md)")
+    dfetch.add_argument("--dir", type=Path, metavar="DIR",
+                        help="directory to write NAME into (default: "
+                             "$XDG_CACHE_HOME/streamcap/data or ~/.cache/streamcap/data)")
+    dfetch.add_argument("--accept-licences", action="store_true",
+                        help="accept the printed licences without asking (for scripts)")
+    dfetch.add_argument("--overwrite", action="store_true", help="fetch it again")
+    dfetch.add_argument("--keep-archives", action="store_true",
+                        help="keep the .7z archives after extracting them")
+
     ev = sub.add_parser("eval", help="caption a manifest split and write metrics")
     ev.add_argument("--model", type=Path, action="append", required=True,
                     help="bundle directory; repeat for an output ensemble")
@@ -156,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(args.threads))
     if args.command == "eval":
         return _eval(args)
+    if args.command == "data":
+        return _data(args)
     handlers = {"corpus": _corpus, "init": _init, "features": _features,
                 "retriever": _retriever, "captioner": _captioner, "soup": _soup,
                 "calibrate": _calibrate}
@@ -169,6 +187,23 @@ def _write_json(data: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", "utf-8")
     os.replace(tmp, path)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from streamcap.models.artefacts import dataset
+    from streamcap.training.data.fetch import fetch_dataset
+
+    if args.data_command is None:
+        raise ConfigError("data: a subcommand is needed: fetch")
+    summary = fetch_dataset(dataset(args.name), directory=args.dir,
+                            accept_licences=args.accept_licences, overwrite=args.overwrite,
+                            keep_archives=args.keep_archives)
+    counts = ", ".join(f"{split} {n}" for split, n in sorted(summary.per_split.items()))
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.skipped.items()))
+    print(f"manifest {summary.manifest}: {counts} clips"
+          + (f" (left out: {skipped})" if skipped else "")
+          + f"; next: streamcap train init BUNDLE --manifest {summary.manifest}")
+    return 0
 
 
 def _corpus(args: argparse.Namespace) -> int:
