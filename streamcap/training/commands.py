@@ -147,6 +147,19 @@ def add_parsers(sub: Any) -> None:
     dfetch.add_argument("--overwrite", action="store_true", help="fetch it again")
     dfetch.add_argument("--keep-archives", action="store_true",
                         help="keep the .7z archives after extracting them")
+    dman = dsub.add_parser("manifest", help="write a manifest from a data set prepared by hand "
+                                            "(clotho, audiocaps, wavcaps)")
+    dman.add_argument("kind", choices=("clotho", "audiocaps", "wavcaps"))
+    dman.add_argument("--out", type=Path, required=True, help="manifest.jsonl to write")
+    dman.add_argument("--root", type=Path, help="clotho: directory of clotho_captions_*.csv")
+    dman.add_argument("--csv-dir", type=Path, help="audiocaps: directory of train/val/test.csv")
+    dman.add_argument("--json", type=Path, help="wavcaps: one source's JSON metadata")
+    dman.add_argument("--source", help="wavcaps: freesound, bbc, soundbible or audioset")
+    dman.add_argument("--split", default="train", help="wavcaps: the rows' split")
+    dman.add_argument("--audio-dir", type=Path,
+                      help="the audio (audiocaps, wavcaps; clotho: default --root)")
+    dman.add_argument("--exclude-ids", type=Path,
+                      help="Freesound ids to leave out, one per line (clotho, wavcaps)")
 
     ev = sub.add_parser("eval", help="caption a manifest split and write metrics")
     ev.add_argument("--model", type=Path, action="append", required=True,
@@ -194,7 +207,9 @@ def _data(args: argparse.Namespace) -> int:
     from streamcap.training.data.fetch import fetch_dataset
 
     if args.data_command is None:
-        raise ConfigError("data: a subcommand is needed: fetch")
+        raise ConfigError("data: a subcommand is needed: fetch, manifest")
+    if args.data_command == "manifest":
+        return _data_manifest(args)
     summary = fetch_dataset(dataset(args.name), directory=args.dir,
                             accept_licences=args.accept_licences, overwrite=args.overwrite,
                             keep_archives=args.keep_archives)
@@ -203,6 +218,35 @@ def _data(args: argparse.Namespace) -> int:
     print(f"manifest {summary.manifest}: {counts} clips"
           + (f" (left out: {skipped})" if skipped else "")
           + f"; next: streamcap train init BUNDLE --manifest {summary.manifest}")
+    return 0
+
+
+def _data_manifest(args: argparse.Namespace) -> int:
+    from streamcap.training.data.datasets import (
+        from_audiocaps,
+        from_clotho,
+        from_wavcaps,
+        read_id_list,
+    )
+    from streamcap.training.data.manifest import write_manifest
+
+    needed = {"clotho": ("root",), "audiocaps": ("csv_dir", "audio_dir"),
+              "wavcaps": ("json", "audio_dir", "source")}[args.kind]
+    missing = [f"--{n.replace('_', '-')}" for n in needed if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"data manifest {args.kind}: needs {', '.join(missing)}")
+    exclude = read_id_list(args.exclude_ids) if args.exclude_ids else frozenset()
+    if args.kind == "clotho":
+        conversion = from_clotho(args.root, audio_root=args.audio_dir, exclude_ids=exclude)
+    elif args.kind == "audiocaps":
+        conversion = from_audiocaps(args.csv_dir, args.audio_dir)
+    else:
+        conversion = from_wavcaps(args.json, args.audio_dir, source=args.source,
+                                  split=args.split, exclude_ids=exclude)
+    path = write_manifest(conversion.rows, args.out)
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(conversion.skipped.items()))
+    print(f"wrote {len(conversion.rows)} clips to {path}"
+          + (f" (left out: {skipped})" if skipped else ""))
     return 0
 
 
