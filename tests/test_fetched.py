@@ -123,6 +123,8 @@ def test_fetch_components_then_init_a_bundle_from_them(
     assert main(["train", "init", str(out), "--from-fetched", "--max-window-s", "2"]) == 0
     printed = capsys.readouterr().out
     assert "used: captioner: bart-base" in printed and "not used: fluency" in printed
+    assert ("random: bart.model.encoder.embed_encodec, bart.model.encoder.clap_projection, "
+            "mcm_heads\n") in printed  # what BART lacks, and nothing else
     loaded = load_components(load_bundle(out, verify=True))
     # the codec is descript's checkpoint, converted
     _, dac = read_descript_checkpoint(components / "dac-24khz" / "weights_24khz.pth")

@@ -13,6 +13,11 @@ What is downloaded, from where, how big and under which licence is in
   deletes the file and names both hashes;
 - the bundle is built in a temporary directory beside its destination and renamed into
   place at the end, so an interrupted fetch leaves no half-written bundle.
+
+Training components (``dac-24khz``, ``bart-base``, ...) and data sets (``clotho``) go
+the same way but are not bundles: their verified files are moved into ``DIR/NAME``
+(the DAC checkpoint also converted), with ``component.json`` recording the sources.
+Published md5 sums (Zenodo's) are checked as well as the sha256.
 """
 
 from __future__ import annotations

@@ -246,7 +246,9 @@ def init_from_fetched(choice: FetchedChoice, directories: Sequence[Path]) -> Fet
         model_id=f"streamcap-fetched-{choice.bart}-{digest}", preset=None, codec=codec,
         captioner=captioner.eval(), retriever=retriever.eval(), fluency=None,
         tokenizer=tokenizer, text_tokenizer=text_tokenizer, decoding={})
-    new_parts = sorted({k.split(".")[0] if not k.startswith("bart.") else k for k in missing})
+    # the modules BART does not provide, without parameter names and layer indices
+    new_parts = list(dict.fromkeys(
+        ".".join(p for p in k.split(".")[:-1] if not p.isdigit()) for k in missing))
     used = (
         (f"codec: {CODEC_NAME} ({codec.config.n_codebooks} codebooks, "
          f"{codec.config.frame_rate_hz:g} frames/s), {codec_dir}"),
