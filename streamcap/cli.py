@@ -244,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": _cmd_models,
         "train": _cmd_training,
         "eval": _cmd_training,
+        "data": _cmd_training,
         "triggers": _cmd_triggers,
         "search": _cmd_search,
     }

@@ -80,7 +80,8 @@ def test_models_without_subcommand_is_a_usage_error() -> None:
     done = run_cli("models")
     assert done.returncode == 2
     assert errors(done.stderr) == [
-        "models: a subcommand is needed: presets, build, verify, convert-dac, import-enclap"]
+        ("models: a subcommand is needed: presets, build, verify, convert-dac, import-enclap, "
+         "fetch, list")]
 
 
 def test_a_closed_stdout_is_no_traceback(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ are tiny random models in the published layouts. Nothing here touches the intern
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -196,8 +197,9 @@ def _handler(host: Host) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+@contextlib.contextmanager
+def serving(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    """A stand-in host on a free local port, with ``HF_ENDPOINT`` pointing at it."""
     state = Host()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -210,6 +212,12 @@ def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
+    with serving(monkeypatch) as state:
+        yield state
 
 
 def _serve_recipe(host: Host, recipe: BundleRecipe, contents: dict[str, bytes]) -> None:

@@ -94,3 +94,47 @@ def test_retriever_mode_needs_its_inputs(tmp_path: Path,
                  "--audio", "embedding"])
     assert code == 2
     assert "--features" in capsys.readouterr().err
+
+
+def _wav(path: Path, seconds: float) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.zeros(int(16000 * seconds), dtype=np.float32), 16000)
+
+
+def test_data_manifest_from_audiocaps_and_wavcaps_prepared_by_hand(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamcap.training.data.manifest import read_manifest
+
+    (tmp_path / "ac").mkdir()
+    (tmp_path / "ac" / "train.csv").write_text(
+        "audiocap_id,youtube_id,start_time,caption\n"
+        "1,abc,30,a dog barks\n2,abc,30,a dog is barking\n3,missing,0,rain falls\n")
+    _wav(tmp_path / "ac_audio" / "abc.wav", 1.0)
+    out = tmp_path / "audiocaps.jsonl"
+    assert main(["data", "manifest", "audiocaps", "--csv-dir", str(tmp_path / "ac"),
+                 "--audio-dir", str(tmp_path / "ac_audio"), "--out", str(out)]) == 0
+    assert "wrote 1 clips" in capsys.readouterr().out
+    (row,) = read_manifest(out)
+    assert row.captions == ("a dog barks", "a dog is barking") and row.split == "train"
+
+    (tmp_path / "wc.json").write_text(json.dumps({"data": [
+        {"id": "7", "caption": "birds sing", "duration": 2.0},
+        {"id": "8", "caption": "too short", "duration": 0.5}]}))
+    _wav(tmp_path / "wc_audio" / "7.flac", 2.0)
+    _wav(tmp_path / "wc_audio" / "8.flac", 0.5)
+    out = tmp_path / "wavcaps.jsonl"
+    assert main(["data", "manifest", "wavcaps", "--json", str(tmp_path / "wc.json"),
+                 "--audio-dir", str(tmp_path / "wc_audio"), "--source", "soundbible",
+                 "--out", str(out)]) == 0
+    assert [r.captions for r in read_manifest(out)] == [("birds sing",)]
+    assert read_manifest(out)[0].source == "wavcaps-soundbible"
+
+
+def test_data_manifest_names_missing_options_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "manifest", "wavcaps", "--out", str(tmp_path / "m.jsonl")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--json, --audio-dir, --source" in err[0]

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from streamcap.errors import ModelError
+from streamcap.errors import ConfigError, ModelError
 
 SourceKind = Literal["hub", "url"]
 RepoType = Literal["model", "space", "dataset"]
@@ -45,6 +45,7 @@ class Artefact:
         repo_type: for hub files: ``model``, ``space`` or ``dataset``.
         revision: for hub files: a commit sha, or ``main`` (see the module doc).
         size_verified: False where ``size`` is an estimate, not a listed size.
+        md5: the md5 the publisher lists (Zenodo lists md5 only), checked as well.
     """
 
     name: str
@@ -58,8 +59,12 @@ class Artefact:
     repo_type: RepoType = "model"
     revision: str = "main"
     size_verified: bool = True
+    md5: str | None = None
 
     def __post_init__(self) -> None:
+        if self.md5 is not None and (len(self.md5) != 32 or any(
+                c not in "0123456789abcdef" for c in self.md5)):
+            raise ModelError(f"artefact {self.name}: md5 must be 32 lowercase hex digits")
         if self.sha256 is not None and (len(self.sha256) != 64 or any(
                 c not in "0123456789abcdef" for c in self.sha256)):
             raise ModelError(f"artefact {self.name}: sha256 must be 64 lowercase hex digits")
@@ -89,15 +94,28 @@ class BundleRecipe:
         parts: role -> artefacts; the roles are what the builder expects (for
             ``enclap``: ``checkpoint``, ``encodec``, ``clap``, ``tokenizer``).
         builder: how the downloads become a bundle (``enclap``: the
-            ``models import-enclap`` importer).
+            ``models import-enclap`` importer) or a training component (``files``: the
+            verified files as published; ``dac``: those plus the descript checkpoint
+            converted to ``codec.safetensors`` as ``models convert-dac`` does).
         bundle_size: bytes of the finished bundle (for the free-space check).
     """
 
     name: str
     description: str
     parts: Mapping[str, tuple[Artefact, ...]]
-    builder: Literal["enclap"]
+    builder: Literal["enclap", "files", "dac", "dataset"]
     bundle_size: int
+
+    @property
+    def is_component(self) -> bool:
+        """Not a bundle: a training component or a data set (``DIR/NAME`` holding
+        ``component.json``)."""
+        return self.builder != "enclap"
+
+    @property
+    def is_dataset(self) -> bool:
+        """A data set (``streamcap data fetch``)."""
+        return self.builder == "dataset"
 
     @property
     def artefacts(self) -> tuple[Artefact, ...]:
@@ -162,12 +180,178 @@ ENCLAP_BASE = BundleRecipe(
     bundle_size=850 * MB,
 )
 
-RECIPES: Mapping[str, BundleRecipe] = {r.name: r for r in (ENCLAP_BASE,)}
+# --------------------------------------------------------------------------- training components
+# The parts of the DCASE2024 recipe that ``streamcap train init --from-fetched`` reads.
+# Sizes marked size_verified=False are the publishers' listings as remembered, not read
+# while this was written; the free-space check uses them, the hashes protect the files.
+
+_DAC_LICENCE_URL = "https://github.com/descriptinc/descript-audio-codec/blob/main/LICENSE"
+DAC_24K_WEIGHTS = Artefact(
+    name="dac-24khz/weights", kind="url",
+    repo="https://github.com/descriptinc/descript-audio-codec/releases/download/0.0.4/"
+         "weights_24khz.pth",
+    filename="weights_24khz.pth", size=300 * MB, size_verified=False, sha256=None,
+    licence="MIT (descript-audio-codec's licence, code and weights)",
+    licence_url=_DAC_LICENCE_URL)
+
+_CNEXT_LICENCE = "unverified (the Zenodo records' licence was not read; CC-BY-4.0 expected)"
+CNEXT_AUDIOSET = Artefact(
+    name="cnext-audioset/checkpoint", kind="url",
+    repo="https://zenodo.org/records/8020843/files/convnext_tiny_471mAP.pth",
+    filename="convnext_tiny_471mAP.pth", size=115 * MB, size_verified=False, sha256=None,
+    md5="e069ecd1c7b880268331119521c549f2", licence=_CNEXT_LICENCE,
+    licence_url="https://zenodo.org/records/8020843")
+CNEXT_AUDIOSET_BL = Artefact(
+    name="cnext-audioset-bl/checkpoint", kind="url",
+    repo="https://zenodo.org/records/10987498/files/convnext_tiny_465mAP_BL_AC_75kit.pth",
+    filename="convnext_tiny_465mAP_BL_AC_75kit.pth", size=115 * MB, size_verified=False,
+    sha256=None, md5="f6f57c87b7eb664a23ae8cad26eccaa0", licence=_CNEXT_LICENCE,
+    licence_url="https://zenodo.org/records/10987498")
+
+FENSE_ECHECKER = Artefact(
+    name="fense-echecker/checkpoint", kind="url",
+    repo="https://github.com/blmoistawinde/fense/releases/download/V0.1/"
+         "echecker_clotho_audiocaps_base.ckpt",
+    filename="echecker_clotho_audiocaps_base.ckpt", size=440 * MB, size_verified=False,
+    sha256="1a719f090af70614bbdb9f9437530b7e133c48cfa4a58d964de0d47fc974a2fa",
+    licence="unverified (the FENSE repository's licence was not read)",
+    licence_url="https://github.com/blmoistawinde/fense")
+
+
+def _hub_files(name: str, repo: str, files: Mapping[str, int], licence: str
+               ) -> tuple[Artefact, ...]:
+    return tuple(Artefact(name=f"{name}/{filename}", kind="hub", repo=repo, filename=filename,
+                          size=size, size_verified=False, sha256=None, licence=licence,
+                          licence_url=f"https://huggingface.co/{repo}")
+                 for filename, size in files.items())
+
+
+def _component(name: str, description: str, parts: Mapping[str, tuple[Artefact, ...]],
+               builder: Literal["files", "dac"] = "files") -> BundleRecipe:
+    size = sum(a.size for group in parts.values() for a in group)
+    # files are moved, not copied; the DAC conversion writes the encoder+quantizer again
+    return BundleRecipe(name=name, description=description, parts=parts, builder=builder,
+                        bundle_size=size if builder == "dac" else 1 * MB)
+
+
+_BPE = {"vocab.json": 899_000, "merges.txt": 456_000}
+_WORDPIECE = {"vocab.txt": 232_000, "tokenizer.json": 700_000}
+
+COMPONENTS: tuple[BundleRecipe, ...] = (
+    _component("dac-24khz", "DAC 24 kHz codec (descript release 0.0.4), converted for "
+               "streamcap", {"weights": (DAC_24K_WEIGHTS,)}, builder="dac"),
+    _component("cnext-audioset-bl", "CNext (ConvNeXt-Tiny) AudioSet tagger without the "
+               "AudioCaps/Clotho overlap, Zenodo 10987498", {"checkpoint": (CNEXT_AUDIOSET_BL,)}),
+    _component("cnext-audioset", "CNext (ConvNeXt-Tiny) AudioSet tagger, 47.1 mAP, Zenodo "
+               "8020843", {"checkpoint": (CNEXT_AUDIOSET,)}),
+    _component("fense-echecker", "FENSE error detector (BERT-base), for fluency checks",
+               {"checkpoint": (FENSE_ECHECKER,)}),
+    _component("bart-base", "BART base: captioner initialisation and caption tokenizer",
+               {"model": _hub_files("bart-base", "facebook/bart-base",
+                                    {"config.json": 1_720, "model.safetensors": 558 * MB,
+                                     **_BPE}, "Apache-2.0")}),
+    _component("bart-large", "BART large: captioner initialisation and caption tokenizer",
+               {"model": _hub_files("bart-large", "facebook/bart-large",
+                                    {"config.json": 1_630, "model.safetensors": 1_020 * MB,
+                                     **_BPE}, "Apache-2.0")}),
+    *(_component(name, f"retriever text encoder {repo}",
+                 {"model": _hub_files(name, repo, {"config.json": 800, "model.safetensors": size,
+                                                   **tok}, licence)})
+      for name, repo, size, tok, licence in (
+          ("bge-base-en-v1.5", "BAAI/bge-base-en-v1.5", 438 * MB, _WORDPIECE, "MIT"),
+          ("bge-large-en-v1.5", "BAAI/bge-large-en-v1.5", 1_340 * MB, _WORDPIECE, "MIT"),
+          ("bert-base-uncased", "google-bert/bert-base-uncased", 440 * MB, _WORDPIECE,
+           "Apache-2.0"),
+          ("bert-large-uncased", "google-bert/bert-large-uncased", 1_340 * MB, _WORDPIECE,
+           "Apache-2.0"),
+          ("roberta-base", "FacebookAI/roberta-base", 499 * MB, _BPE, "MIT"),
+          ("roberta-large", "FacebookAI/roberta-large", 1_420 * MB, _BPE, "MIT"))),
+)
+
+RECIPES: Mapping[str, BundleRecipe] = {r.name: r for r in (ENCLAP_BASE, *COMPONENTS)}
+
+# --------------------------------------------------------------------------- data sets
+# Clotho v2.1 (Zenodo record 4783391). The md5 sums are those Zenodo lists for the
+# record; the sizes of the development and validation files are Zenodo's listing, those
+# of the evaluation files estimates (size_verified=False).
+
+_CLOTHO_URL = "https://zenodo.org/records/4783391/files/"
+_CLOTHO_LICENCE = ("unverified (Clotho's terms on its Zenodo record; each clip's Freesound "
+                   "licence is in clotho_metadata_*.csv)")
+
+
+def _clotho(filename: str, size: int, md5: str, *, verified: bool = True) -> Artefact:
+    return Artefact(name=f"clotho/{filename}", kind="url", repo=_CLOTHO_URL + filename,
+                    filename=filename, size=size, size_verified=verified, sha256=None,
+                    md5=md5, licence=_CLOTHO_LICENCE,
+                    licence_url="https://zenodo.org/records/4783391")
+
+
+CLOTHO = BundleRecipe(
+    name="clotho",
+    description="Clotho v2.1 audio captioning data set (Zenodo 4783391): 6,974 clips of "
+                "15-30 s, five captions each",
+    parts={
+        "audio": (
+            _clotho("clotho_audio_development.7z", 4_541_582_263,
+                    "c8b05bc7acdb13895bb3c6a29608667e"),
+            _clotho("clotho_audio_validation.7z", 1_260_701_425,
+                    "7dba730be08bada48bd15dc4e668df59"),
+            _clotho("clotho_audio_evaluation.7z", 1_270_000_000,
+                    "4569624ccadf96223f19cb59fe4f849f", verified=False)),
+        "captions": (
+            _clotho("clotho_captions_development.csv", 1_336_762,
+                    "d4090b39ce9f2491908eebf4d5b09bae"),
+            _clotho("clotho_captions_validation.csv", 367_649,
+                    "5879e023032b22a2c930aaa0528bead4"),
+            _clotho("clotho_captions_evaluation.csv", 370_000,
+                    "1b16b9e57cf7bdb7f13a13802aeb57e2", verified=False)),
+        "metadata": (
+            _clotho("clotho_metadata_development.csv", 830_797,
+                    "170d20935ecfdf161ce1bb154118cda5"),
+            _clotho("clotho_metadata_validation.csv", 224_803,
+                    "2e010427c56b1ce6008b0f03f41048ce"),
+            _clotho("clotho_metadata_evaluation.csv", 225_000,
+                    "13946f054d4e1bf48079813aac61bf77", verified=False)),
+    },
+    builder="dataset",
+    # the extracted WAV files (44.1 kHz, 16 bit), estimated; the archives are deleted
+    bundle_size=11_500 * MB,
+)
+
+DATASETS: Mapping[str, BundleRecipe] = {CLOTHO.name: CLOTHO}
+"""What ``streamcap data fetch`` downloads."""
+
+
+def dataset(name: str) -> BundleRecipe:
+    """The data set called ``name``.
+
+    Raises:
+        ConfigError: no such data set (the message lists them and the manual ones).
+    """
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(f"data fetch: unknown data set {name!r}; expected one of "
+                          f"{', '.join(DATASETS)} (AudioCaps and WavCaps are prepared by "
+                          "hand: docs/data-fetch.md)") from None
+
+
+GROUPS: Mapping[str, tuple[str, ...]] = {
+    "dcase2024-components": tuple(c.name for c in COMPONENTS)}
+"""Names that fetch several components, one after another."""
 
 
 def recipe_names() -> tuple[str, ...]:
     """The names ``streamcap models fetch`` accepts."""
-    return tuple(RECIPES)
+    return (*RECIPES, *GROUPS)
+
+
+def recipes_for(name: str) -> tuple[BundleRecipe, ...]:
+    """The recipes a fetch of ``name`` runs (a group's members, or the one recipe)."""
+    if name in GROUPS:
+        return tuple(RECIPES[n] for n in GROUPS[name])
+    return (recipe(name),)
 
 
 def recipe(name: str) -> BundleRecipe:
@@ -180,7 +364,7 @@ def recipe(name: str) -> BundleRecipe:
         return RECIPES[name]
     except KeyError:
         raise ModelError(f"models fetch: unknown model {name!r}; expected one of "
-                         f"{', '.join(RECIPES)} (streamcap models list)") from None
+                         f"{', '.join(recipe_names())} (streamcap models list)") from None
 
 
 def licences(item: BundleRecipe) -> tuple[tuple[str, str, str], ...]:
@@ -192,11 +376,17 @@ def licences(item: BundleRecipe) -> tuple[tuple[str, str, str], ...]:
 
 
 __all__ = [
+    "CLOTHO",
+    "COMPONENTS",
+    "DATASETS",
     "ENCLAP_BASE",
+    "GROUPS",
     "RECIPES",
     "Artefact",
     "BundleRecipe",
+    "dataset",
     "licences",
     "recipe",
     "recipe_names",
+    "recipes_for",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
 from streamcap.errors import ModelError
 
@@ -53,15 +55,14 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _convert_dac(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    from safetensors import safe_open
 
-    from streamcap.models.codecs.descript import read_descript_checkpoint
+    from streamcap.models.codecs.descript import convert_descript_file
 
-    config, state = read_descript_checkpoint(args.pth)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(args.output),
-              metadata={"codec_config": json.dumps(config.to_dict())})
-    print(f"wrote {len(state)} tensors to {args.output}; codec config {config.codec_id}")
+    config = convert_descript_file(args.pth, args.output)
+    with safe_open(str(args.output), framework="pt") as handle:
+        count = len(list(handle.keys()))
+    print(f"wrote {count} tensors to {args.output}; codec config {config.codec_id}")
     return 0
 
 
@@ -82,35 +83,63 @@ def _import_enclap(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from streamcap.models.artefacts import recipe
-    from streamcap.models.fetch import fetch_bundle
+    from streamcap.models.artefacts import recipes_for
+    from streamcap.models.fetch import COMPONENT_NAME, fetch_bundle, user_component_dir
 
-    fetch_bundle(recipe(args.name), directory=args.dir, accept_licences=args.accept_licences,
-                 overwrite=args.overwrite, keep_downloads=args.keep_downloads)
+    items = recipes_for(args.name)
+    root = args.dir if args.dir is not None else user_component_dir()
+    for item in items:
+        if len(items) > 1 and root is not None and not args.overwrite and \
+                (root / item.name / COMPONENT_NAME).is_file():
+            print(f"{item.name}: already fetched to {root / item.name}")
+            continue
+        fetch_bundle(item, directory=args.dir, accept_licences=args.accept_licences,
+                     overwrite=args.overwrite, keep_downloads=args.keep_downloads)
     return 0
 
 
-def _list(args: argparse.Namespace) -> int:
-    from streamcap.models.artefacts import RECIPES, licences
-    from streamcap.models.bundle.manifest import bundle_search_path, find_named_bundle
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 100_000_000 else f"{n / 1e6:.1f} MB"
 
-    rows = []
+
+def _du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _list(args: argparse.Namespace) -> int:
+    from streamcap.models.artefacts import GROUPS, RECIPES, licences
+    from streamcap.models.bundle.manifest import bundle_search_path, find_named_bundle
+    from streamcap.models.fetch import component_search_path, find_component
+
+    rows: list[dict[str, Any]] = []
     for item in RECIPES.values():
-        found = find_named_bundle(item.name)
-        rows.append({"name": item.name, "description": item.description,
+        found = find_component(item.name) if item.is_component else find_named_bundle(item.name)
+        rows.append({"name": item.name, "kind": "component" if item.is_component else "bundle",
+                     "description": item.description,
                      "download_bytes": item.download_size, "bundle_bytes": item.bundle_size,
                      "installed": None if found is None else str(found),
+                     "installed_bytes": None if found is None else _du(found),
+                     "sources": [s for s, _, _ in licences(item)],
                      "licences": [{"source": s, "licence": n, "url": u}
                                   for s, n, u in licences(item)]})
     search = [str(d) for d in bundle_search_path()]
+    components = [str(d) for d in component_search_path()]
     if args.json:
-        print(json.dumps({"fetchable": rows, "search_path": search}, indent=2))
+        print(json.dumps({"fetchable": rows, "groups": {k: list(v) for k, v in GROUPS.items()},
+                          "search_path": search, "component_path": components}, indent=2))
         return 0
     for row in rows:
-        where = row["installed"] or "not fetched"
-        print(f"{row['name']:12s} {int(str(row['download_bytes'])) / 1e9:5.2f} GB download  "
+        installed = row["installed_bytes"]
+        where = (f"fetched, {_size(installed)} at {row['installed']}"
+                 if installed is not None else "not fetched")
+        print(f"{row['name']:18s} {row['download_bytes'] / 1e9:5.2f} GB download  "
               f"[{where}]  {row['description']}")
+        for source in row["sources"]:
+            print(f"{'':18s} from {source}")
+    for name, members in GROUPS.items():
+        print(f"{name:18s} fetches: {', '.join(members)}")
     print(f"bundles are looked up by name in: {', '.join(search)}")
+    print(f"training components in: {', '.join(components)}")
     return 0
 
 

@@ -13,10 +13,16 @@ What is downloaded, from where, how big and under which licence is in
   deletes the file and names both hashes;
 - the bundle is built in a temporary directory beside its destination and renamed into
   place at the end, so an interrupted fetch leaves no half-written bundle.
+
+Training components (``dac-24khz``, ``bart-base``, ...) and data sets (``clotho``) go
+the same way but are not bundles: their verified files are moved into ``DIR/NAME``
+(the DAC checkpoint also converted), with ``component.json`` recording the sources.
+Published md5 sums (Zenodo's) are checked as well as the sha256.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +40,8 @@ from streamcap.models.bundle.manifest import MANIFEST_NAME, sha256_file, user_bu
 
 DOWNLOADS_DIR = ".downloads"
 VERIFIED_NAME = "verified.json"
+COMPONENT_NAME = "component.json"
+SYSTEM_COMPONENT_DIR = Path("/var/lib/streamcap/components")
 _SHA_HEX = frozenset("0123456789abcdef")
 
 
@@ -41,8 +49,44 @@ def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
+def user_component_dir() -> Path | None:
+    """Where training components are fetched by default: beside the user bundle
+    directory, ``.../streamcap/components``."""
+    bundles = user_bundle_dir()
+    return None if bundles is None else bundles.parent / "components"
+
+
+def user_data_dir() -> Path | None:
+    """Where data sets are fetched by default: ``.../streamcap/data``."""
+    bundles = user_bundle_dir()
+    return None if bundles is None else bundles.parent / "data"
+
+
+def component_search_path() -> tuple[Path, ...]:
+    """Where fetched components are looked up: the user's directory, then the system's."""
+    user = user_component_dir()
+    return (SYSTEM_COMPONENT_DIR,) if user is None else (user, SYSTEM_COMPONENT_DIR)
+
+
+def find_component(name: str, directories: tuple[Path, ...] | None = None) -> Path | None:
+    """The first ``DIR/name`` holding a fetched component (``component.json``)."""
+    for directory in directories if directories is not None else component_search_path():
+        if (directory / name / COMPONENT_NAME).is_file():
+            return directory / name
+    return None
+
+
 def manual_route(name: str) -> str:
     """The advice printed when a host cannot be reached."""
+    from streamcap.models.artefacts import DATASETS, RECIPES
+
+    if name in DATASETS:
+        return (f"download it on a machine with internet (`streamcap data fetch {name} --dir "
+                f"DIR`, then copy DIR/{name} here; docs/data-fetch.md)")
+    item = RECIPES.get(name)
+    if item is not None and item.is_component:
+        return (f"download it on a machine with internet (`streamcap models fetch {name} --dir "
+                f"DIR`, then copy DIR/{name} here; docs/models-fetch.md)")
     return (f"download it on a machine with internet (`streamcap models fetch {name} --dir DIR`, "
             f"then copy DIR/{name} here) or fetch the files by hand and run "
             "`streamcap models import-enclap` (docs/models-fetch.md)")
@@ -168,12 +212,27 @@ def _url_download(artefact: Artefact, directory: Path, name: str) -> Path:
     return path
 
 
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _verify(path: Path, artefact: Artefact, expected: str | None, url: str) -> str:
     actual = sha256_file(path)
     if expected is not None and actual != expected:
         path.unlink(missing_ok=True)
         raise WeightsError(f"{url}: checksum mismatch: expected sha256 {expected}, got {actual}; "
                            f"the download was deleted, run the fetch again")
+    if artefact.md5 is not None:
+        md5 = _md5_file(path)
+        if md5 != artefact.md5:
+            path.unlink(missing_ok=True)
+            raise WeightsError(f"{url}: checksum mismatch: expected md5 {artefact.md5} (as "
+                               f"published), got {md5}; the download was deleted, run the "
+                               "fetch again")
     return actual
 
 
@@ -198,7 +257,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _recorded(final: Path, downloads: Path) -> dict[str, str]:
     """Hashes recorded by earlier verified downloads of this bundle."""
     recorded: dict[str, str] = {}
-    sources = _read_json(final / MANIFEST_NAME).get("sources", [])
+    sources = (_read_json(final / MANIFEST_NAME).get("sources", [])
+               or _read_json(final / COMPONENT_NAME).get("sources", []))
     for row in sources if isinstance(sources, list) else []:
         if isinstance(row, dict) and isinstance(row.get("name"), str) and \
                 isinstance(row.get("sha256"), str):
@@ -239,7 +299,8 @@ def fetch_bundle(item: BundleRecipe, *, directory: Path | None = None,
                  keep_downloads: bool = False,
                  confirm: Callable[[str], bool] = confirm_on_terminal,
                  say: Callable[[str], None] = print,
-                 import_options: Mapping[str, Any] | None = None) -> FetchResult:
+                 import_options: Mapping[str, Any] | None = None,
+                 finish: Callable[[Path], Mapping[str, Any]] | None = None) -> FetchResult:
     """Download ``item``'s artefacts and build its bundle at ``directory/item.name``.
 
     Args:
@@ -252,21 +313,31 @@ def fetch_bundle(item: BundleRecipe, *, directory: Path | None = None,
         say: prints a line.
         import_options: extra :class:`~streamcap.models.enclap.published.ImportOptions`
             fields (tests use tiny random-codec presets).
+        finish: for components and data sets: called on the staged directory (the
+            verified files in it) before it is renamed into place; what it returns is
+            added to ``component.json`` (``streamcap data fetch`` extracts and writes
+            the manifest here).
 
     Raises:
         ModelError: licences refused, not enough space, a host unreachable or a file
             missing (one line naming the URL), a bundle already there.
         WeightsError: a checksum mismatch (both hashes named).
     """
-    root = directory if directory is not None else user_bundle_dir()
+    default = (user_data_dir() if item.is_dataset else
+               user_component_dir() if item.is_component else user_bundle_dir())
+    root = directory if directory is not None else default
     if root is None:
         raise ModelError("models fetch: no home directory or XDG_CACHE_HOME to put bundles "
                          "in; pass --dir DIR")
     root = Path(root).expanduser()
     final = root / item.name
-    if (final / MANIFEST_NAME).is_file() and not overwrite:
-        raise ModelError(f"models fetch: {final} already holds a bundle; use it with "
-                         f"--model {item.name}, or pass --overwrite to fetch it again")
+    marker = COMPONENT_NAME if item.is_component else MANIFEST_NAME
+    if (final / marker).is_file() and not overwrite:
+        use = ("train init --from-fetched reads it" if item.is_component
+               else f"use it with --model {item.name}")
+        kind = "the fetched component" if item.is_component else "a bundle"
+        raise ModelError(f"models fetch: {final} already holds {kind}; {use}, or pass "
+                         "--overwrite to fetch it again")
     downloads = root / DOWNLOADS_DIR / item.name
     say(licence_text(item))
     if not accept_licences and not confirm("Accept these licences and download?"):
@@ -295,8 +366,11 @@ def fetch_bundle(item: BundleRecipe, *, directory: Path | None = None,
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{item.name}.partial-") as tmp:
         staged = Path(tmp) / item.name
-        model_id = _build(item, paths, staged, dict(import_options or {}), say)
-        _record_sources(staged, item, hashes)
+        if item.is_component:
+            model_id = _build_component(item, paths, staged, hashes, finish)
+        else:
+            model_id = _build(item, paths, staged, dict(import_options or {}), say)
+            _record_sources(staged, item, hashes)
         if final.exists():
             old = Path(tmp) / "replaced"
             os.replace(final, old)
@@ -307,7 +381,13 @@ def fetch_bundle(item: BundleRecipe, *, directory: Path | None = None,
             (root / DOWNLOADS_DIR).rmdir()
         except OSError:
             pass
-    say(f"wrote bundle {model_id} to {final}; run it with: streamcap run --model {item.name}")
+    if item.is_dataset:
+        say(f"fetched {item.name} to {final}")
+    elif item.is_component:
+        say(f"fetched {item.name} to {final}; `streamcap train init --from-fetched` reads it")
+    else:
+        say(f"wrote bundle {model_id} to {final}; run it with: "
+            f"streamcap run --model {item.name}")
     return FetchResult(path=final, model_id=model_id, hashes=hashes)
 
 
@@ -323,16 +403,49 @@ def _build(item: BundleRecipe, paths: Mapping[str, list[Path]], output: Path,
     return report.model_id
 
 
+def _sources(item: BundleRecipe, hashes: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [{"name": a.name, "url": a.url(), "revision": a.revision if a.kind == "hub" else None,
+             "sha256": hashes[a.name], "md5": a.md5, "licence": a.licence,
+             "licence_url": a.licence_url} for a in item.artefacts]
+
+
+def _build_component(item: BundleRecipe, paths: Mapping[str, list[Path]], output: Path,
+                     hashes: Mapping[str, str],
+                     finish: Callable[[Path], Mapping[str, Any]] | None) -> str:
+    """Move the verified files into ``output`` (flat, under their published names), convert
+    a descript DAC checkpoint (builder ``dac``) and write ``component.json``."""
+    output.mkdir(parents=True)
+    files: dict[str, str] = {}
+    for a, path in zip(item.artefacts, (p for g in paths.values() for p in g), strict=True):
+        shutil.move(str(path), output / a.local_name)
+        files[a.name] = a.local_name
+    record: dict[str, Any] = {"name": item.name, "builder": item.builder, "files": files,
+                              "sources": _sources(item, hashes)}
+    if item.builder == "dac":
+        from streamcap.models.codecs.descript import convert_descript_file
+
+        config = convert_descript_file(output / item.artefacts[0].local_name,
+                                       output / DAC_CONVERTED)
+        record["converted"] = {"file": DAC_CONVERTED, "codec_id": config.codec_id}
+    if finish is not None:
+        record.update(finish(output))
+    (output / COMPONENT_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
+    return item.name
+
+
+DAC_CONVERTED = "codec.safetensors"
+
+
 def _record_sources(bundle: Path, item: BundleRecipe, hashes: Mapping[str, str]) -> None:
     path = bundle / MANIFEST_NAME
     manifest = json.loads(path.read_text(encoding="utf-8"))
-    manifest["sources"] = [
-        {"name": a.name, "url": a.url(), "revision": a.revision if a.kind == "hub" else None,
-         "sha256": hashes[a.name], "licence": a.licence, "licence_url": a.licence_url}
-        for a in item.artefacts]
+    manifest["sources"] = _sources(item, hashes)
     manifest["fetched_as"] = item.name
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-__all__ = ["FetchResult", "SpaceNeed", "confirm_on_terminal", "expected_sha256",
-           "fetch_bundle", "licence_text", "manual_route", "space_needed"]
+__all__ = ["COMPONENT_NAME", "DAC_CONVERTED", "FetchResult", "SpaceNeed",
+           "component_search_path", "confirm_on_terminal", "expected_sha256", "fetch_bundle",
+           "find_component", "licence_text", "manual_route", "space_needed",
+           "user_component_dir", "user_data_dir"]

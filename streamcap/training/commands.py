@@ -36,14 +36,29 @@ def add_parsers(sub: Any) -> None:
     corpus.add_argument("--captions-per-clip", type=int, default=5)
     corpus.add_argument("--clip-s", type=float, default=10.0)
 
-    init = tsub.add_parser("init", help="write a randomly initialised bundle to train")
+    init = tsub.add_parser("init", help="write a randomly initialised bundle to train, or "
+                           "one built from fetched components (--from-fetched)")
     init.add_argument("out", type=Path)
     init.add_argument("--preset", default="demo", help="demo, tiny, base or large")
-    init.add_argument("--manifest", type=Path, required=True,
-                      help="the tokenizer is trained on its train-split captions")
+    init.add_argument("--manifest", type=Path,
+                      help="the tokenizer is trained on its train-split captions (not with "
+                           "--from-fetched, which uses BART's tokenizer)")
     init.add_argument("--vocab-size", type=int, default=1000)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--overwrite", action="store_true")
+    init.add_argument("--from-fetched", action="store_true",
+                      help="build from `streamcap models fetch` components (DAC, BART, CNext, "
+                           "a text encoder; docs/models-fetch.md)")
+    init.add_argument("--components-dir", type=Path, action="append", default=[],
+                      metavar="DIR", help="where the components were fetched (repeat; "
+                                          "default: the user's, then the system's)")
+    init.add_argument("--bart", default="bart-base", help="bart-base or bart-large")
+    init.add_argument("--text-encoder", default="roberta-base",
+                      help="roberta-base or roberta-large")
+    init.add_argument("--cnext", default="cnext-audioset-bl",
+                      help="cnext-audioset-bl or cnext-audioset")
+    init.add_argument("--max-window-s", type=float, default=30.0,
+                      help="longest window the captioner takes (default 30)")
 
     feats = tsub.add_parser("features", help="precompute DAC codes and clip embeddings")
     feats.add_argument("--model", type=Path, required=True, help="bundle directory")
@@ -117,6 +132,35 @@ def add_parsers(sub: Any) -> None:
     soup.add_argument("--retriever", action="store_true", help="average the retrievers too")
     soup.add_argument("--overwrite", action="store_true")
 
+    data = sub.add_parser("data", help="download training data sets (needs internet; "
+                                       "docs/data-fetch.md)")
+    dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    dfetch = dsub.add_parser("fetch", help="download, check and extract a data set and write "
+                                           "its manifest")
+    dfetch.add_argument("name", metavar="NAME", help="clotho (AudioCaps and WavCaps: see "
+                                                     "docs/data-fetch.md)")
+    dfetch.add_argument("--dir", type=Path, metavar="DIR",
+                        help="directory to write NAME into (default: "
+                             "$XDG_CACHE_HOME/streamcap/data or ~/.cache/streamcap/data)")
+    dfetch.add_argument("--accept-licences", action="store_true",
+                        help="accept the printed licences without asking (for scripts)")
+    dfetch.add_argument("--overwrite", action="store_true", help="fetch it again")
+    dfetch.add_argument("--keep-archives", action="store_true",
+                        help="keep the .7z archives after extracting them")
+    dman = dsub.add_parser("manifest", help="write a manifest from a data set prepared by hand "
+                                            "(clotho, audiocaps, wavcaps)")
+    dman.add_argument("kind", choices=("clotho", "audiocaps", "wavcaps"))
+    dman.add_argument("--out", type=Path, required=True, help="manifest.jsonl to write")
+    dman.add_argument("--root", type=Path, help="clotho: directory of clotho_captions_*.csv")
+    dman.add_argument("--csv-dir", type=Path, help="audiocaps: directory of train/val/test.csv")
+    dman.add_argument("--json", type=Path, help="wavcaps: one source's JSON metadata")
+    dman.add_argument("--source", help="wavcaps: freesound, bbc, soundbible or audioset")
+    dman.add_argument("--split", default="train", help="wavcaps: the rows' split")
+    dman.add_argument("--audio-dir", type=Path,
+                      help="the audio (audiocaps, wavcaps; clotho: default --root)")
+    dman.add_argument("--exclude-ids", type=Path,
+                      help="Freesound ids to leave out, one per line (clotho, wavcaps)")
+
     ev = sub.add_parser("eval", help="caption a manifest split and write metrics")
     ev.add_argument("--model", type=Path, action="append", required=True,
                     help="bundle directory; repeat for an output ensemble")
@@ -141,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(args.threads))
     if args.command == "eval":
         return _eval(args)
+    if args.command == "data":
+        return _data(args)
     handlers = {"corpus": _corpus, "init": _init, "features": _features,
                 "retriever": _retriever, "captioner": _captioner, "soup": _soup,
                 "calibrate": _calibrate}
@@ -154,6 +200,54 @@ def _write_json(data: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", "utf-8")
     os.replace(tmp, path)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from streamcap.models.artefacts import dataset
+    from streamcap.training.data.fetch import fetch_dataset
+
+    if args.data_command is None:
+        raise ConfigError("data: a subcommand is needed: fetch, manifest")
+    if args.data_command == "manifest":
+        return _data_manifest(args)
+    summary = fetch_dataset(dataset(args.name), directory=args.dir,
+                            accept_licences=args.accept_licences, overwrite=args.overwrite,
+                            keep_archives=args.keep_archives)
+    counts = ", ".join(f"{split} {n}" for split, n in sorted(summary.per_split.items()))
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(summary.skipped.items()))
+    print(f"manifest {summary.manifest}: {counts} clips"
+          + (f" (left out: {skipped})" if skipped else "")
+          + f"; next: streamcap train init BUNDLE --manifest {summary.manifest}")
+    return 0
+
+
+def _data_manifest(args: argparse.Namespace) -> int:
+    from streamcap.training.data.datasets import (
+        from_audiocaps,
+        from_clotho,
+        from_wavcaps,
+        read_id_list,
+    )
+    from streamcap.training.data.manifest import write_manifest
+
+    needed = {"clotho": ("root",), "audiocaps": ("csv_dir", "audio_dir"),
+              "wavcaps": ("json", "audio_dir", "source")}[args.kind]
+    missing = [f"--{n.replace('_', '-')}" for n in needed if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"data manifest {args.kind}: needs {', '.join(missing)}")
+    exclude = read_id_list(args.exclude_ids) if args.exclude_ids else frozenset()
+    if args.kind == "clotho":
+        conversion = from_clotho(args.root, audio_root=args.audio_dir, exclude_ids=exclude)
+    elif args.kind == "audiocaps":
+        conversion = from_audiocaps(args.csv_dir, args.audio_dir)
+    else:
+        conversion = from_wavcaps(args.json, args.audio_dir, source=args.source,
+                                  split=args.split, exclude_ids=exclude)
+    path = write_manifest(conversion.rows, args.out)
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(conversion.skipped.items()))
+    print(f"wrote {len(conversion.rows)} clips to {path}"
+          + (f" (left out: {skipped})" if skipped else ""))
+    return 0
 
 
 def _corpus(args: argparse.Namespace) -> int:
@@ -170,11 +264,33 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_from_fetched(args: argparse.Namespace) -> int:
+    from streamcap.models.bundle.components import save_components
+    from streamcap.models.fetch import component_search_path
+    from streamcap.training.fetched import FetchedChoice, init_from_fetched
+
+    choice = FetchedChoice(bart=args.bart, text_encoder=args.text_encoder, cnext=args.cnext,
+                           max_window_s=args.max_window_s, seed=args.seed)
+    built = init_from_fetched(choice, args.components_dir or component_search_path())
+    path = save_components(built.components, args.out, overwrite=args.overwrite)
+    print(f"wrote bundle {built.components.model_id} to {path} from fetched components")
+    for line in built.used:
+        print(f"  used: {line}")
+    for line in built.not_used:
+        print(f"  not used: {line}")
+    return 0
+
+
 def _init(args: argparse.Namespace) -> int:
     from streamcap.models.bundle.components import save_components
     from streamcap.training.data.manifest import read_manifest
     from streamcap.training.demo import init_components
 
+    if args.from_fetched:
+        return _init_from_fetched(args)
+    if args.manifest is None:
+        raise ConfigError("train init: --manifest is needed (its captions train the "
+                          "tokenizer), or --from-fetched")
     rows = read_manifest(args.manifest)
     captions = [c for r in rows if r.split == "train" for c in r.captions]
     if not captions:

@@ -282,3 +282,22 @@ def read_descript_checkpoint(
         if not isinstance(checkpoint, Mapping):
             raise WeightsError(_LAYOUT)
         return convert_descript_checkpoint(checkpoint, n_codebooks=n_codebooks)
+
+
+def convert_descript_file(pth: str | Path, output: str | Path) -> CodecConfig:
+    """Convert ``weights_24khz.pth`` into a ``.safetensors`` codec state dict whose
+    metadata holds the codec config (``streamcap models convert-dac``); returns the config.
+
+    Raises:
+        WeightsError: as :func:`read_descript_checkpoint`.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    config, state = read_descript_checkpoint(pth)
+    target = Path(output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target),
+              metadata={"codec_config": json.dumps(config.to_dict())})
+    return config
