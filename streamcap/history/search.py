@@ -32,6 +32,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Final
 
 import numpy as np
@@ -208,10 +209,16 @@ def text_match(terms: Sequence[str], text: str, candidates: Sequence[str] = ()) 
     of ``candidates`` (:data:`CANDIDATE_WEIGHT` each); 0 for no terms."""
     if not terms:
         return 0.0
-    own = set(words(text))
-    others = {w for c in candidates for w in words(c)}
+    own = _word_set(text)
+    others = frozenset().union(*(_word_set(c) for c in candidates))
     found = sum(1.0 if t in own else CANDIDATE_WEIGHT if t in others else 0.0 for t in terms)
     return found / len(terms)
+
+
+@lru_cache(maxsize=4096)
+def _word_set(text: str) -> frozenset[str]:
+    """:func:`words` as a set, remembered: captions repeat, and a search scores hundreds."""
+    return frozenset(words(text))
 
 
 def blend(similarity: float | None, match: float, *, weight: float = TEXT_WEIGHT) -> float:

@@ -61,6 +61,10 @@ VECTOR_CHUNK: Final = 4096
 MAX_TERMS: Final = 64
 """Text search terms used at most (the rest are ignored)."""
 MAX_TERM_CHARS: Final = 200
+TEXT_SCAN_MIN: Final = 2000
+TEXT_SCAN_PER_RESULT: Final = 8
+"""The text search ranks the newest ``max(MIN, PER_RESULT * limit)`` matches of a span
+(:func:`text_scan`)."""
 _IN_CHUNK: Final = 500  # ids per "IN (...)" query
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 _DAY_S: Final = 86400.0
@@ -225,6 +229,11 @@ def _index_batch(rows: Sequence[Any], dim: int) -> IndexBatch:
         codes=np.frombuffer(b"".join(r[3] for r in rows), dtype=np.int8).reshape(len(rows), dim),
         sources=tuple(str(r[1]) for r in rows),
         starts_at=np.fromiter((r[2] for r in rows), dtype=np.float64, count=len(rows)))
+
+
+def text_scan(limit: int) -> int:
+    """How many of a span's newest text matches :meth:`SqliteHistory.text_search` ranks."""
+    return max(TEXT_SCAN_MIN, TEXT_SCAN_PER_RESULT * limit)
 
 
 def _span_sql(span: Span, time_column: str) -> tuple[str, list[Any]]:
@@ -586,17 +595,52 @@ class SqliteHistory:
         return found
 
     def text_search(self, terms: Sequence[str], *, span: Span, limit: int) -> list[str]:
+        """Window ids in ``span`` matching any of ``terms``: the best ``limit`` by bm25
+        (ties: the newer first) among the newest :func:`text_scan` matches of the span
+        (newest by rowid, the write order). With no more matches than that in the span
+        (any store of modest size) this is the best ``limit`` of all matches; on a long
+        history it bounds the work (bm25 costs a lookup per row: all the matches of a
+        common word over 30 days took ~200 ms) and keeps the recent matches."""
         query = fts_query(terms)
         if query is None or limit <= 0:
             return []
         where, args = _span_sql(span, "w.start_at")
         where = where.replace("source IN", "w.source IN")
-        sql = ("SELECT w.window_id FROM windows_fts JOIN windows AS w ON w.id = windows_fts.rowid "
-               f"WHERE windows_fts MATCH ?{where} "
-               "ORDER BY bm25(windows_fts), w.start_at DESC LIMIT ?")
-        rows = self._run("search caption text",
-                         lambda: self._conn.execute(sql, [query, *args, limit]).fetchall())
+
+        def run() -> list[Any]:
+            rowids, rowid_args = self._span_rowids(span)
+            sql = ("WITH recent AS (SELECT windows_fts.rowid AS id, bm25(windows_fts) AS r "
+                   "FROM windows_fts JOIN windows AS w ON w.id = windows_fts.rowid "
+                   f"WHERE windows_fts MATCH ?{rowids}{where} "
+                   "ORDER BY windows_fts.rowid DESC LIMIT ?) "
+                   "SELECT w.window_id FROM recent JOIN windows AS w ON w.id = recent.id "
+                   "ORDER BY recent.r, w.start_at DESC LIMIT ?")
+            return self._conn.execute(
+                sql, [query, *rowid_args, *args, text_scan(limit), limit]).fetchall()
+
+        rows = self._run("search caption text", run)
         return [str(r[0]) for r in rows]
+
+    def _span_rowids(self, span: Span) -> tuple[str, list[Any]]:
+        """``AND windows_fts.rowid BETWEEN lo AND hi`` for the rowids of ``span``'s windows
+        when its times cover under half of the store's (a scan of the time index that
+        spares the text search every older or newer match), else nothing."""
+        if span.since is None and span.until is None:
+            return "", []
+        first, last = self._conn.execute(
+            "SELECT min(start_at), max(start_at) FROM windows").fetchone()
+        if first is None:
+            return "", []
+        since = first if span.since is None else max(first, span.since)
+        until = last if span.until is None else min(last, span.until)
+        if until - since >= 0.5 * (last - first):
+            return "", []
+        where, args = _span_sql(span, "start_at")
+        lo, hi = self._conn.execute(f"SELECT min(id), max(id) FROM windows WHERE 1{where}",
+                                    args).fetchone()
+        if lo is None:
+            return " AND 0", []
+        return " AND windows_fts.rowid BETWEEN ? AND ?", [int(lo), int(hi)]
 
     def vector_rows(self, *, model: str, dim: int, span: Span,
                     chunk: int = VECTOR_CHUNK) -> Iterator[tuple[list[str], npt.NDArray[np.int8]]]:
