@@ -627,8 +627,9 @@ class SqliteHistory:
         spares the text search every older or newer match), else nothing."""
         if span.since is None and span.until is None:
             return "", []
-        first, last = self._conn.execute(
-            "SELECT min(start_at), max(start_at) FROM windows").fetchone()
+        # two queries: SQLite reads one end of the time index for a lone min() or max()
+        first = self._conn.execute("SELECT min(start_at) FROM windows").fetchone()[0]
+        last = self._conn.execute("SELECT max(start_at) FROM windows").fetchone()[0]
         if first is None:
             return "", []
         since = first if span.since is None else max(first, span.since)
