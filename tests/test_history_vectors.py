@@ -341,3 +341,14 @@ def test_an_emptied_store_starts_the_watermark_again(tmp_path: Path) -> None:
     vectors = clustered(3, 9)
     index.add([1, 2, 3], vectors, ["kitchen"] * 3, [1.0, 2.0, 3.0])
     assert [k for k, _ in index.search(vectors[1], 1)] == [2]
+
+
+def test_a_save_cut_short_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
+    path = tmp_path / "history.vectors"
+    stale = tmp_path / ".history.vectors.abc123.tmp"  # a process killed mid-save
+    stale.write_bytes(b"\0" * 1000)
+    other = tmp_path / ".other.vectors.abc123.tmp"
+    other.write_bytes(b"\0")
+    seam = HistoryVectorIndex(path, DIM, "base-v1")
+    assert not stale.exists() and other.exists()
+    assert seam.reset_reason is not None

@@ -553,6 +553,7 @@ class HistoryVectorIndex:
     def __init__(self, path: Path, dim: int, model: str, *, search_catch_up: int = 4096,
                  step_rows: int = 4096, graph_rows: int = 512, save_every: int = 20_000,
                  **index_options: Any) -> None:
+        _remove_stale_temp_files(Path(path))
         self.index = VectorIndex.open(path, dim, model, **index_options)
         self.search_catch_up = search_catch_up
         self.step_rows = step_rows
@@ -642,6 +643,15 @@ class HistoryVectorIndex:
 
 class _Unusable(Exception):
     """The saved index cannot be used; the message says why and names the file."""
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Remove what a save cut short left (a process killed mid-save: the temporary file of
+    :func:`_replace_bytes`, as large as the index)."""
+    with contextlib.suppress(OSError):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _replace_bytes(path: Path, pieces: Sequence[bytes | memoryview]) -> None:
