@@ -318,15 +318,21 @@ def run_search(store: HistoryStore, embed_text: Callable[[str], Float32Array] | 
     if vector is None and not terms:
         return []
     count = candidate_count(limit)
+    records: dict[str, WindowRecord] = {}  # read once, kept while the candidates widen
+    scored: dict[str, ScoredWindow] = {}
     while True:
         near = ([] if vector is None
                 else store.vector_search(vector, model=model, span=span, limit=count))
         matched = [] if not terms else store.text_search(terms, span=span, limit=count)
         ids = list(dict.fromkeys([window_id for window_id, _ in near] + matched))
-        records = store.windows(ids, vectors=vector is not None)
+        records.update(store.windows([i for i in ids if i not in records],
+                                     vectors=vector is not None))
         kept = [records[i] for i in ids if i in records and span.holds(
             records[i].source_id, records[i].start_at)]
-        hits = group_hits(score_windows(kept, query=vector, model=model, terms=terms))
+        fresh = [r for r in kept if r.window_id not in scored]
+        scored.update((s.record.window_id, s) for s in
+                      score_windows(fresh, query=vector, model=model, terms=terms))
+        hits = group_hits(scored[r.window_id] for r in kept)
         more = len(near) >= count or len(matched) >= count
         if len(hits) >= limit or not more or count >= MAX_CANDIDATES:
             return hits[:limit]
