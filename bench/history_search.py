@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streamcap.history.records import Span, WindowRecord
-from streamcap.history.vectors import HistoryVectorIndex, IndexBatch
+from streamcap.history.search import query_terms
+from streamcap.history.vectors import HistoryVectorIndex
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = {"30d": (1, 30 * 24 * 720), "10x7d": (10, 7 * 24 * 720)}
@@ -55,48 +56,6 @@ VOCABULARY = (
 )
 QUERIES = ("dog barking", "siren", "rain on the roof", "a baby crying", "train",
            "people talking", "thunder", "door")
-
-
-def rows_of(path: Path) -> Any:
-    """The two queries the vector index needs of the store (IndexRows), over its file."""
-
-    class Rows:
-        def __init__(self) -> None:
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
-                                      check_same_thread=False)
-
-        def index_rows(self, *, model: str, dim: int, after: int, limit: int) -> IndexBatch:
-            rows = self.db.execute(
-                "SELECT id, source, start_at, embedding FROM windows WHERE id > ? AND "
-                "model = ? AND dim = ? AND embedding IS NOT NULL ORDER BY id LIMIT ?",
-                (after, model, dim, limit)).fetchall()
-            return IndexBatch(
-                keys=np.array([r[0] for r in rows], dtype=np.int64),
-                codes=np.frombuffer(b"".join(r[3] for r in rows), np.int8).reshape(-1, dim),
-                sources=tuple(r[1] for r in rows),
-                starts_at=np.array([r[2] for r in rows], dtype=np.float64))
-
-        def window_ids(self, keys: Sequence[int]) -> dict[int, str]:
-            out: dict[int, str] = {}
-            for lo in range(0, len(keys), 500):
-                part = list(keys[lo:lo + 500])
-                out.update(self.db.execute(
-                    f"SELECT id, window_id FROM windows WHERE id IN ({','.join('?' * len(part))})",
-                    part).fetchall())
-            return out
-
-    return Rows()
-
-
-class Seam:
-    """The store's vector-index seam, answered by HistoryVectorIndex over Rows."""
-
-    def __init__(self, seam: HistoryVectorIndex, rows: Any) -> None:
-        self.seam, self.rows = seam, rows
-
-    def nearest(self, store: Any, vector: NDArray[np.float32], *, model: str, span: Span,
-                limit: int) -> list[tuple[str, float]] | None:
-        return self.seam.nearest(self.rows, vector, model=model, span=span, limit=limit)
 
 
 def write_history(store: Any, sources: int, per_source: int, dim: int, now: float,
@@ -227,9 +186,12 @@ def run_layout(layout: str, args: argparse.Namespace, workdir: Path) -> dict[str
     seam = HistoryVectorIndex(workdir / f"{layout}.vectors", args.dim, MODEL,
                               search_catch_up=0,
                               **({} if args.graph else {"exact_max_rows": 1 << 62}))
-    rows = rows_of(path)
+    result["index_reset_reason"] = seam.reset_reason
+    # the store answers the index's questions itself (IndexRows), as in the daemon
+    indexed = sqlite.SqliteHistory(path, keep_days=3650, max_bytes=1 << 50, read_only=True,
+                                   check=False, vector_index=seam)
     t = time.perf_counter()
-    while seam.catch_up(rows, 1 << 20):
+    while seam.catch_up(indexed, 1 << 20):
         pass
     result["index_catch_up_s"] = round(time.perf_counter() - t, 1)
     if args.graph:
@@ -242,10 +204,13 @@ def run_layout(layout: str, args: argparse.Namespace, workdir: Path) -> dict[str
     result["index_save_s"] = round(time.perf_counter() - t, 1)
     result["index_file_bytes"] = seam.index.path.stat().st_size
     result["index_memory_bytes"] = seam.index.stats().memory_bytes
-    indexed = sqlite.SqliteHistory(path, keep_days=3650, max_bytes=1 << 50, read_only=True,
-                            check=False, vector_index=Seam(seam, rows))
+    result["index_graph_rows"] = seam.index.stats().graph_rows
     result["index"] = time_queries(searcher(indexed), spans, args.queries)
     result["index_vector_only"] = time_queries(vectors_only(indexed), spans, args.queries)
+    result["index_text_only"] = time_queries(
+        lambda q, span: indexed.text_search(query_terms(q), span=span, limit=50), spans,
+        args.queries)
+    result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = seam.index.stats()
     result["index_searches"] = {"exact": stats.exact_searches, "graph": stats.graph_searches,
                                 "fallbacks": stats.graph_fallbacks}
@@ -259,23 +224,36 @@ def markdown(data: dict[str, Any]) -> str:
     lines = ["# History search latency through the store", "",
              (f"CPU: {data['cpu']}; load average before {data['load_before']}, after "
              f"{data['load_after']}. Command: `{data['command']}`. "
-             "Text query embedding not included: "
+             "Text query embedding, not included below: "
              f"{data.get('demo_text_embedding') or 'not measured'} (demo bundle)."), "",
-             ("Search: the whole run_search (text and vector candidates, rank, group); "
-              "vector: the store's vector_search alone (top 50)."), "",
-             ("| layout | windows | store MB | write ms/window (p50) | span | search exact "
-              "p50/p95 ms | search index p50/p95 ms | vector exact p50/p95 ms | vector index "
-              "p50/p95 ms |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             ("Search: the whole run_search (text and vector candidates, rank, group) with the "
+              "vector index plugged into the store; vector: the store's vector_search alone "
+              "(top 50); text: the store's text_search alone (top 50); exact: the store "
+              "without an index (exact scan of the SQLite rows)."), "",
+             ("| layout | windows | span | search p50/p95 ms | vector p50/p95 ms | "
+              "text p50/p95 ms | search exact p50/p95 ms |"),
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     none = {"p50_ms": "-", "p95_ms": "-"}
+
+    def pair(d: dict[str, Any]) -> str:
+        return f"{d['p50_ms']}/{d['p95_ms']}"
+
     for r in data["layouts"]:
         for span in r["index"]:
-            ex, ix = r.get("exact", {}).get(span, none), r["index"][span]
-            vx = r.get("exact_vector_only", {}).get(span, none)
-            vi = r["index_vector_only"][span]
-            lines.append(f"| {r['layout']} | {r['windows']:,} | {r['store_bytes'] / 2**20:.0f} | "
-                         f"{r.get('per_window_ms_p50', '-')} | {span} | {ex['p50_ms']}/{ex['p95_ms']} | "
-                         f"{ix['p50_ms']}/{ix['p95_ms']} | {vx['p50_ms']}/{vx['p95_ms']} | "
-                         f"{vi['p50_ms']}/{vi['p95_ms']} |")
+            lines.append(
+                f"| {r['layout']} | {r['windows']:,} | {span} | {pair(r['index'][span])} | "
+                f"{pair(r['index_vector_only'][span])} | "
+                f"{pair(r.get('index_text_only', {}).get(span, none))} | "
+                f"{pair(r.get('exact', {}).get(span, none))} |")
+    lines += ["", ("| layout | store on disk MB | index file MB | index memory MB | graph rows | "
+                   "process max RSS MB | write ms/window p50 |"),
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["layouts"]:
+        lines.append(f"| {r['layout']} | {r['store_bytes'] / 2**20:.0f} | "
+                     f"{r['index_file_bytes'] / 2**20:.0f} | "
+                     f"{r['index_memory_bytes'] / 2**20:.0f} | {r.get('index_graph_rows', 0):,} | "
+                     f"{r.get('max_rss_bytes', 0) / 2**20:.0f} | "
+                     f"{r.get('per_window_ms_p50', '-')} |")
     lines += ["", *[f"- {n}" for n in data.get("notes", [])]]
     return "\n".join(lines) + "\n"
 

@@ -97,11 +97,21 @@ def caption_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     captioner = build_captioner("demo", DecodingOptions(), device=torch.device("cpu"),
                                 dtype=torch.float32)
     windows = make_windows("bench", args.stream_s, captioner.sample_rates_hz, seed=1)
+    windows = [windows[i % len(windows)] for i in range(2 * args.per_arm)]  # alternating arms
     for w in make_windows("warmup", 15.0, captioner.sample_rates_hz, seed=2):
         captioner.caption(w)
-    store = sqlite.SqliteHistory(workdir / "caption.sqlite3", keep_days=3650, max_bytes=1 << 50)
+    # the windows are timed from 1970 (the synthetic stream): keep them all
+    store = sqlite.SqliteHistory(workdir / "caption.sqlite3", keep_days=1e6, max_bytes=1 << 50)
     recorder = writer.HistoryRecorder(store, metrics=Metrics(), queue_size=10_000)
     recorder.start()
+    retriever = captioner.components.retriever
+    if retriever is not None:  # as the daemon: the vector index kept up by the writer
+        from streamcap.history.vectors import HistoryVectorIndex
+
+        index = HistoryVectorIndex(workdir / "caption.vectors", int(retriever.config.joint_dim),
+                                   captioner.model_id)
+        store.vector_index = index
+        recorder.attach_index(index)
     stop = threading.Event()
     stress = None
     if args.stress:
@@ -130,13 +140,28 @@ def caption_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stress.join()
     recorder.close(timeout_s=120.0)
     summary: dict[str, Any] = {"windows": len(windows), "stress": args.stress,
-                               "threads": args.threads, "written": recorder.written}
+                               "threads": args.threads, "written": recorder.written,
+                               "vector_index": retriever is not None}
     for arm, values in times.items():
         a = np.asarray(values) * 1e3
-        summary[arm] = {"p50_ms": round(float(np.percentile(a, 50)), 1),
-                        "p95_ms": round(float(np.percentile(a, 95)), 1), "n": len(values)}
+        summary[arm] = {f"p{q}_ms": round(float(np.percentile(a, q)), 1)
+                        for q in (5, 25, 50, 75, 95)} | {"n": len(values)}
+    # each "on" window against the "off" window captioned just before it (load drift cancels)
+    pairs = np.asarray(times["on"][:len(times["off"])]) - np.asarray(times["off"][:len(times["on"])])
+    d = pairs * 1e3
+    summary["on_minus_off_ms"] = {f"p{q}": round(float(np.percentile(d, q)), 1)
+                                  for q in (5, 25, 50, 75, 95)} | {"pairs": len(d)}
     print(json.dumps(summary), flush=True)
     return summary
+
+
+def arm(a: dict[str, Any]) -> str:
+    return "/".join(str(a.get(f"p{q}_ms", "-")) for q in (25, 50, 75, 95))
+
+
+def diff(c: dict[str, Any]) -> str:
+    d = c.get("on_minus_off_ms", {})
+    return "/".join(str(d.get(f"p{q}", "-")) for q in (25, 50, 75))
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -151,9 +176,10 @@ def markdown(data: dict[str, Any]) -> str:
     for c in data["caption"]:
         lines += ["", (f"Captioning latency, demo bundle, {c['windows']} windows alternating, "
                        f"{c['threads']} torch threads{', writer flooded' if c['stress'] else ''}"
-                       f": history off p50 {c['off']['p50_ms']} ms / p95 {c['off']['p95_ms']} "
-                       f"ms; on p50 {c['on']['p50_ms']} ms / p95 {c['on']['p95_ms']} ms "
-                       f"({c['written']} records written).")]
+                       f": history off p25/p50/p75/p95 {arm(c['off'])} ms; on "
+                       f"{arm(c['on'])} ms; on minus the off window just before, per pair, "
+                       f"p25/p50/p75 {diff(c)} ms ({c['written']} records written"
+                       f"{', vector index attached' if c.get('vector_index') else ''}).")]
     return "\n".join(lines) + "\n"
 
 
@@ -166,13 +192,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="windows written per batch size")
     p.add_argument("--prefill", type=int, default=200_000)
     p.add_argument("--stream-s", type=float, default=120.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--per-arm", type=int, default=40, help="captioned windows per arm")
     p.add_argument("--stress", action="store_true", help="only the flooded-writer run")
+    p.add_argument("--no-stress", action="store_true", help="no flooded-writer run")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.write_windows, args.prefill, args.stream_s = 128, 2000, 30.0
+        args.write_windows, args.prefill, args.stream_s, args.per_arm = 128, 2000, 30.0, 3
     cpu = cpu_facts()
     data: dict[str, Any] = {
         "command": "python bench/history_write.py " + " ".join(argv or sys.argv[1:]),
@@ -185,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         data["write"] = write_cost(args, workdir)
         stress = args.stress
         data["caption"] = []
-        for flooded in ([True] if stress else [False, True]):
+        for flooded in ([True] if stress else [False] if args.no_stress else [False, True]):
             args.stress = flooded
             data["caption"].append(caption_latency(args, workdir))
         data["load_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -322,6 +322,34 @@ class Daemon:
         _log.info("history store open", path=store.location)
         return recorder
 
+    def _attach_vector_index(self) -> None:
+        """Open the history's vector index for the loaded model and hand it to the store
+        (searches) and its writer (upkeep); blocking: it reads the index file.
+
+        The index (``<history file>.vectors``) is a cache of the store: when it is
+        missing, corrupt or of another model it starts empty (the reason is logged once)
+        and the writer thread rebuilds it in bounded steps; searches scan exactly meanwhile.
+        """
+        from streamcap.history.sqlite import SqliteHistory
+        from streamcap.history.vectors import HistoryVectorIndex
+        from streamcap.models.captioner import Captioner
+
+        recorder, captioner = self.history, self.captioner
+        if recorder is None or not isinstance(recorder.store, SqliteHistory):
+            return
+        if not isinstance(captioner, Captioner) or captioner.components.retriever is None:
+            return
+        dim = int(captioner.components.retriever.config.joint_dim)
+        path = self.history_path().with_suffix(".vectors")
+        index = HistoryVectorIndex(path, dim, captioner.model_id)
+        if index.reset_reason is not None:
+            _log.info("history vector index starts empty; it is rebuilt from the store",
+                      reason=index.reset_reason)
+        recorder.store.vector_index = index
+        recorder.attach_index(index)
+        _log.info("history vector index open", path=str(path), rows=len(index.index),
+                  dim=dim, model=captioner.model_id)
+
     def _recent_history(self, limit: int, per_source: bool) -> list[Published]:
         return [] if self.history is None else self.history.recent(limit, per_source)
 
@@ -557,6 +585,8 @@ class Daemon:
         # transformers installs its own log handler on import: route it through ours again.
         configure_logging(self.config.daemon.log_format, self.config.daemon.log_level)
         captioner = await self._guarded(self.captioner)
+        if self.history is not None:
+            await asyncio.to_thread(self._attach_vector_index)
         rates = captioner.sample_rates_hz
         _log.info("model ready", model=self.captioner.model_id, rates_hz=list(rates),
                   device=str(self.runtime.device), dtype=str(self.runtime.dtype),

@@ -41,6 +41,7 @@ from streamcap.daemon import Daemon
 from streamcap.errors import HistoryError
 from streamcap.history.records import Span
 from streamcap.history.sqlite import SqliteHistory
+from streamcap.history.vectors import VectorIndex
 from streamcap.messages import TriggerEvent, TriggerState
 from streamcap.models.runtime import InferenceRuntime
 
@@ -180,8 +181,17 @@ def killed_and_restarted(proc: DaemonProcess, tmp: Path, http_port: int, path: P
         assert not [e for e in again.log_events() if e.get("level") == "error"]
         opened = events(again, "history store open")
         assert opened and opened[0]["path"] == str(path)
+        # the vector index: attached once the model is loaded; the first daemon was killed
+        # before it ever saved one, so it starts empty (said once) and is rebuilt
+        vectors = path.with_suffix(".vectors")
+        indexed = events(again, "history vector index open")
+        assert indexed and indexed[0]["path"] == str(vectors) and indexed[0]["dim"] > 0
+        empty = events(again, "history vector index starts empty; it is rebuilt from the store")
+        assert len(empty) == 1 and str(vectors) in empty[0]["reason"]
         wait_metric(again, "streamcap_history_bytes", "", lambda v: 0 < v <= MAX_BYTES)
         assert again.stop() == 0
+        saved = VectorIndex.open(vectors, indexed[0]["dim"], indexed[0]["model"])
+        assert saved.reset_reason is None and len(saved) >= len(before)  # saved at stop
     finally:
         again.kill()
 

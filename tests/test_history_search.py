@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,3 +251,48 @@ def test_run_search_asks_for_more_candidates_while_grouping_leaves_too_few_hits(
     assert len(hits[0].window_ids) == 300
     asked = [int(c.split(":")[1]) for c in store.calls if c.startswith("vector_search")]
     assert asked[0] < asked[-1] <= MAX_CANDIDATES
+
+
+def test_run_search_through_the_vector_index_gives_the_exact_scans_hits(tmp_path: Path) -> None:
+    """The store with the daemon's vector index plugged in ranks and groups as the store's
+    own exact scan does (a small store: every row in the index's exact range)."""
+    from streamcap.history.records import WindowRecord
+    from streamcap.history.sqlite import SqliteHistory
+    from streamcap.history.vectors import HistoryVectorIndex
+
+    dim, t0 = 48, 1_700_000_000.0
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((6, dim)).astype(np.float32)
+    texts = ("a dog barks", "a siren wails", "rain falls", "a car passes", "wind blows",
+             "a bell rings")
+    items = []
+    for i in range(600):
+        c = (i // 4) % 6  # runs of four touching windows of one sound
+        items.append(WindowRecord(
+            window_id=f"w{i}", source_id=("kitchen", "street")[i % 2], run_id="r", seq=i,
+            start_s=5.0 * i, end_s=5.0 * i + 10, start_at=t0 + 5.0 * (i // 2),
+            end_at=t0 + 5.0 * (i // 2) + 10, model=MODEL, text=texts[c], score=-1.0,
+            candidates=(texts[c], texts[(c + 1) % 6]),
+            embedding=centres[c] + rng.standard_normal(dim).astype(np.float32)))
+    exact = SqliteHistory(tmp_path / "h.sqlite3")
+    exact.write(items)
+    indexed = SqliteHistory(tmp_path / "h.sqlite3", read_only=True, check=False,
+                            vector_index=HistoryVectorIndex(tmp_path / "h.vectors", dim, MODEL))
+
+    def embed(text: str) -> np.ndarray:
+        nouns = ("dog", "siren", "rain", "car", "wind", "bell")
+        return centres[nouns.index(text.split()[0])] + np.float32(0.05)
+
+    try:
+        for query in ("dog barking", "siren", "rain"):
+            for span in (Span(), Span(sources=("street",)), Span(since=t0 + 400),
+                         Span(since=t0 + 100, until=t0 + 700)):
+                for limit in (1, 5, 20):
+                    a = run_search(exact, embed, MODEL, query, span, limit)
+                    b = run_search(indexed, embed, MODEL, query, span, limit)
+                    assert [h.window_ids for h in a] == [h.window_ids for h in b]
+                    assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-5)
+                    assert a, (query, span, limit)
+    finally:
+        indexed.close()
+        exact.close()

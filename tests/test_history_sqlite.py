@@ -561,3 +561,105 @@ def test_a_database_with_garbage_pages_is_refused(tmp_path: Path) -> None:
     with pytest.raises(HistoryError, match="corrupt") as err:
         SqliteHistory(path)
     assert str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------- vector index seam
+
+
+def test_index_rows_page_by_rowid_and_window_ids_skip_deleted(store: SqliteHistory) -> None:
+    store.write([window(i, embedding=unit(i), source="kitchen" if i % 2 else "garden")
+                 for i in range(7)] + [window(7, model="m2", embedding=unit(7, 32)),
+                                       window(8)])  # another model; no embedding
+    first = store.index_rows(model="m1", dim=DIM, after=0, limit=4)
+    assert len(first.keys) == 4 and list(first.keys) == sorted(first.keys)
+    rest = store.index_rows(model="m1", dim=DIM, after=int(first.keys[-1]), limit=100)
+    keys = [*first.keys, *rest.keys]
+    assert len(keys) == 7 and first.codes.shape == (4, DIM)
+    assert store.index_rows(model="m1", dim=DIM, after=int(keys[-1]), limit=100).keys.size == 0
+    ids = store.window_ids(keys)
+    assert sorted(ids.values()) == sorted(w.window_id for w in
+                                          [window(i, source="kitchen" if i % 2 else "garden")
+                                           for i in range(7)])
+    row = keys[2]
+    codes = rest.codes if row in rest.keys else first.codes
+    at = list(first.keys).index(row) if row in first.keys else list(rest.keys).index(row)
+    stored = encode_embedding(unit(2))[0]
+    assert bytes(codes[at].tobytes()) == stored
+    assert first.sources[2] == "garden" and first.starts_at[2] == T0 + 10
+    store._conn.execute("DELETE FROM windows WHERE id = ?", [int(keys[0])])
+    assert int(keys[0]) not in store.window_ids(keys)
+    picked = store.index_rows_at([int(keys[3]), int(keys[0]), 10_000], model="m1", dim=DIM)
+    assert list(picked.keys) == [keys[3]]
+
+
+def test_a_window_written_again_replaces_its_embedding_in_the_index(tmp_path: Path) -> None:
+    from streamcap.history.vectors import HistoryVectorIndex
+
+    index = HistoryVectorIndex(tmp_path / "h.vectors", DIM, "m1")
+    s = SqliteHistory(tmp_path / "h.sqlite3", vector_index=index)
+    try:
+        s.write([window(i, embedding=unit(i)) for i in range(20)])
+        assert s.vector_search(unit(5), model="m1", span=Span(), limit=1)[0][0] == "kitchen-5"
+        index.step(s)
+        assert index.index.watermark > 0 and len(index.index) == 20
+        s.write([window(5, embedding=unit(100))])  # the same window, a new embedding
+        assert len(index.index) == 20
+        best, cos = s.vector_search(unit(100), model="m1", span=Span(), limit=1)[0]
+        assert best == "kitchen-5" and cos > 0.99
+        old = dict(s.vector_search(unit(5), model="m1", span=Span(), limit=20))
+        assert old["kitchen-5"] < 0.5  # the old embedding is gone from the index
+        assert old == dict(s.exact_vector_search(unit(5), model="m1", span=Span(), limit=20))
+    finally:
+        s.close()
+
+
+# --------------------------------------------------------------------------- text search bound
+
+
+def straightforward_text_search(store: SqliteHistory, terms: list[str], span: Span,
+                                limit: int) -> list[str]:
+    """Every match ranked by bm25, the newer first on ties (the text search's definition
+    when a span has no more matches than it scans)."""
+    sql = ("SELECT w.window_id FROM windows_fts JOIN windows AS w ON w.id = windows_fts.rowid "
+           "WHERE windows_fts MATCH ?")
+    args: list[object] = [fts_query(terms)]
+    if span.sources:
+        sql += f" AND w.source IN ({', '.join('?' * len(span.sources))})"
+        args += list(span.sources)
+    if span.since is not None:
+        sql += " AND w.start_at >= ?"
+        args.append(span.since)
+    if span.until is not None:
+        sql += " AND w.start_at < ?"
+        args.append(span.until)
+    sql += " ORDER BY bm25(windows_fts), w.start_at DESC LIMIT ?"
+    return [r[0] for r in store._conn.execute(sql, [*args, limit])]
+
+
+def test_text_search_equals_ranking_every_match_on_a_small_store(store: SqliteHistory) -> None:
+    texts = ("a dog barks", "a dog barks loudly at a dog", "rain falls", "a car passes")
+    store.write([window(i, source=("kitchen", "garden")[i % 2], text=texts[i % 4],
+                        at=T0 + 5 * ((i * 7) % 300), candidates=(texts[(i + 1) % 4],))
+                 for i in range(300)])  # rowids not in time order
+    spans = [Span(), Span(since=T0 + 1000), Span(since=T0 + 200, until=T0 + 400),
+             Span(sources=("garden",)), Span(sources=("kitchen",), since=T0 + 1400),
+             Span(since=T0 + 10_000)]
+    for terms in (["dog"], ["dog", "rain"], ["car", "loudly"]):
+        for span in spans:
+            for limit in (1, 10, 50, 400):
+                assert store.text_search(terms, span=span, limit=limit) == \
+                    straightforward_text_search(store, terms, span, limit), (terms, span, limit)
+
+
+def test_text_search_ranks_the_newest_matches_of_a_long_history(
+        store: SqliteHistory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamcap.history import sqlite
+
+    monkeypatch.setattr(sqlite, "TEXT_SCAN_MIN", 20)
+    monkeypatch.setattr(sqlite, "TEXT_SCAN_PER_RESULT", 2)
+    store.write([window(i, text="a dog barks at a dog" if i < 10 else "a dog barks")
+                 for i in range(100)])
+    found = store.text_search(["dog"], span=Span(), limit=5)
+    # the best bm25 (two dogs) are among the oldest, beyond the 20 newest matches scanned
+    assert found == [f"kitchen-{i}" for i in range(99, 94, -1)]
+    assert straightforward_text_search(store, ["dog"], Span(), 5)[0] == "kitchen-9"

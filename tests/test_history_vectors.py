@@ -329,3 +329,26 @@ def test_the_store_seam_rebuilds_in_steps_and_resumes_from_its_watermark(
     got = resumed.nearest(rows, q, model="base-v1", span=Span(), limit=3)
     assert got is not None and got[0][0] == rows.window_ids([near])[near]
     assert len(resumed.index) == 1241
+
+
+def test_an_emptied_store_starts_the_watermark_again(tmp_path: Path) -> None:
+    index, *_ = make(tmp_path, n=50)
+    seam = HistoryVectorIndex(tmp_path / "other.idx", DIM, "base-v1")
+    seam.index = index
+    assert index.watermark == 150
+    assert seam.forget_before(None) == 50
+    assert len(index) == 0 and index.watermark == 0  # the store's next rowids start at 1
+    vectors = clustered(3, 9)
+    index.add([1, 2, 3], vectors, ["kitchen"] * 3, [1.0, 2.0, 3.0])
+    assert [k for k, _ in index.search(vectors[1], 1)] == [2]
+
+
+def test_a_save_cut_short_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
+    path = tmp_path / "history.vectors"
+    stale = tmp_path / ".history.vectors.abc123.tmp"  # a process killed mid-save
+    stale.write_bytes(b"\0" * 1000)
+    other = tmp_path / ".other.vectors.abc123.tmp"
+    other.write_bytes(b"\0")
+    seam = HistoryVectorIndex(path, DIM, "base-v1")
+    assert not stale.exists() and other.exists()
+    assert seam.reset_reason is not None

@@ -342,3 +342,51 @@ def test_recent_gives_captions_for_a_backfill(path: Path) -> None:
             handle.close()
     finally:
         assert recorder.close(scaled(30))
+
+
+def test_the_writer_keeps_an_attached_vector_index_up(path: Path) -> None:
+    from test_history_sqlite import DIM, unit
+
+    from streamcap.history.vectors import HistoryVectorIndex, VectorIndex
+
+    metrics = Metrics()
+    store = SqliteHistory(path, keep_days=1)
+    store.write([window(i, at=T0 - 3 * 86400 + i, embedding=unit(i)) for i in range(5)])
+    index = HistoryVectorIndex(path.with_suffix(".vectors"), DIM, "m1")
+    assert index.reset_reason is not None and "does not exist" in index.reset_reason
+    recorder = HistoryRecorder(store, metrics=metrics, retention_interval_s=3600,
+                               wall=lambda: T0 + 60)
+    recorder.start()  # retention runs first: the five old windows go
+    wait_until(lambda: metrics.counter("streamcap_history_retention_deleted_total",
+                                       "").value() == 5)
+    store.vector_index = index
+    recorder.attach_index(index)
+    for i in range(5, 45):
+        recorder.record(window(i, embedding=unit(i)))
+    wait_until(lambda: len(index.index) == 40)  # caught up on the writer thread, when idle
+    assert index.index.watermark > 5
+    assert recorder.close(scaled(30))
+    saved = VectorIndex.open(path.with_suffix(".vectors"), DIM, "m1")  # saved at close
+    assert saved.reset_reason is None and len(saved) == 40
+    assert saved.watermark == index.index.watermark
+
+
+def test_retention_drops_deleted_rows_from_the_vector_index(path: Path) -> None:
+    from test_history_sqlite import DIM, unit
+
+    from streamcap.history.vectors import HistoryVectorIndex
+
+    metrics = Metrics()
+    store = SqliteHistory(path, keep_days=1)
+    store.write([window(i, at=T0 - (3 * 86400 if i < 4 else 0) + i, embedding=unit(i))
+                 for i in range(10)])
+    index = HistoryVectorIndex(path.with_suffix(".vectors"), DIM, "m1")
+    index.step(store)
+    assert len(index.index) == 10
+    store.vector_index = index
+    recorder = HistoryRecorder(store, metrics=metrics, retention_interval_s=3600,
+                               wall=lambda: T0 + 60)
+    recorder.attach_index(index)
+    recorder.start()
+    wait_until(lambda: len(index.index) == 6)
+    assert recorder.close(scaled(30))

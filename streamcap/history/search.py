@@ -32,6 +32,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Final
 
 import numpy as np
@@ -208,10 +209,16 @@ def text_match(terms: Sequence[str], text: str, candidates: Sequence[str] = ()) 
     of ``candidates`` (:data:`CANDIDATE_WEIGHT` each); 0 for no terms."""
     if not terms:
         return 0.0
-    own = set(words(text))
-    others = {w for c in candidates for w in words(c)}
+    own = _word_set(text)
+    others = frozenset().union(*(_word_set(c) for c in candidates))
     found = sum(1.0 if t in own else CANDIDATE_WEIGHT if t in others else 0.0 for t in terms)
     return found / len(terms)
+
+
+@lru_cache(maxsize=4096)
+def _word_set(text: str) -> frozenset[str]:
+    """:func:`words` as a set, remembered: captions repeat, and a search scores hundreds."""
+    return frozenset(words(text))
 
 
 def blend(similarity: float | None, match: float, *, weight: float = TEXT_WEIGHT) -> float:
@@ -311,15 +318,21 @@ def run_search(store: HistoryStore, embed_text: Callable[[str], Float32Array] | 
     if vector is None and not terms:
         return []
     count = candidate_count(limit)
+    records: dict[str, WindowRecord] = {}  # read once, kept while the candidates widen
+    scored: dict[str, ScoredWindow] = {}
     while True:
         near = ([] if vector is None
                 else store.vector_search(vector, model=model, span=span, limit=count))
         matched = [] if not terms else store.text_search(terms, span=span, limit=count)
         ids = list(dict.fromkeys([window_id for window_id, _ in near] + matched))
-        records = store.windows(ids, vectors=vector is not None)
+        records.update(store.windows([i for i in ids if i not in records],
+                                     vectors=vector is not None))
         kept = [records[i] for i in ids if i in records and span.holds(
             records[i].source_id, records[i].start_at)]
-        hits = group_hits(score_windows(kept, query=vector, model=model, terms=terms))
+        fresh = [r for r in kept if r.window_id not in scored]
+        scored.update((s.record.window_id, s) for s in
+                      score_windows(fresh, query=vector, model=model, terms=terms))
+        hits = group_hits(scored[r.window_id] for r in kept)
         more = len(near) >= count or len(matched) >= count
         if len(hits) >= limit or not more or count >= MAX_CANDIDATES:
             return hits[:limit]

@@ -33,7 +33,7 @@ import stat
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,9 @@ from streamcap.history.records import (
 )
 from streamcap.messages import Float32Array, TriggerEvent, TriggerState
 
+if TYPE_CHECKING:
+    from streamcap.history.vectors import IndexBatch
+
 SCHEMA_VERSION: Final = 1
 """The ``user_version`` this code writes and reads; a newer one is refused."""
 
@@ -59,6 +62,10 @@ VECTOR_CHUNK: Final = 4096
 MAX_TERMS: Final = 64
 """Text search terms used at most (the rest are ignored)."""
 MAX_TERM_CHARS: Final = 200
+TEXT_SCAN_MIN: Final = 2000
+TEXT_SCAN_PER_RESULT: Final = 8
+"""The text search ranks the newest ``max(MIN, PER_RESULT * limit)`` matches of a span
+(:func:`text_scan`)."""
 _IN_CHUNK: Final = 500  # ids per "IN (...)" query
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # what a rowid can be
@@ -161,11 +168,20 @@ _INSERT_EVENT: Final = _upsert("events", _EVENT_COLUMNS, "event_id")
 
 class VectorIndex(Protocol):
     """An approximate nearest-neighbour index that may answer a vector search instead of
-    the exact scan (for large spans); see :class:`SqliteHistory`."""
+    the exact scan (for large spans); see :class:`SqliteHistory`.
+
+    It reads the store's rows through :meth:`SqliteHistory.index_rows` (the rows after a
+    key), :meth:`SqliteHistory.index_rows_at` and :meth:`SqliteHistory.window_ids`.
+    """
 
     def nearest(self, store: SqliteHistory, vector: Float32Array, *, model: str, span: Span,
                 limit: int) -> list[tuple[str, float]] | None:
         """``(window_id, cosine)`` best first, or None to let the exact scan answer."""
+        ...
+
+    def replaced(self, store: SqliteHistory, keys: Sequence[int]) -> None:
+        """The rows of ``keys`` (rowids) were written again (a window stored twice): their
+        old embeddings must go. Called by :meth:`SqliteHistory.write` after the commit."""
         ...
 
 
@@ -227,6 +243,22 @@ def fts_query(terms: Sequence[str]) -> str | None:
         if phrase not in parts:
             parts.append(phrase)
     return " OR ".join(parts) if parts else None
+
+
+def _index_batch(rows: Sequence[Any], dim: int) -> IndexBatch:
+    """``(id, source, start_at, embedding)`` rows as a vector index batch."""
+    from streamcap.history.vectors import IndexBatch
+
+    return IndexBatch(
+        keys=np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
+        codes=np.frombuffer(b"".join(r[3] for r in rows), dtype=np.int8).reshape(len(rows), dim),
+        sources=tuple(str(r[1]) for r in rows),
+        starts_at=np.fromiter((r[2] for r in rows), dtype=np.float64, count=len(rows)))
+
+
+def text_scan(limit: int) -> int:
+    """How many of a span's newest text matches :meth:`SqliteHistory.text_search` ranks."""
+    return max(TEXT_SCAN_MIN, TEXT_SCAN_PER_RESULT * limit)
 
 
 def _span_sql(span: Span, time_column: str) -> tuple[str, list[Any]]:
@@ -476,11 +508,15 @@ class SqliteHistory:
             return
         windows = [self._window_row(i) for i in items if isinstance(i, WindowRecord)]
         events = [self._event_row(i) for i in items if isinstance(i, TriggerEvent)]
+        index = self.vector_index
 
-        def transaction() -> None:
+        def transaction() -> list[int]:
             conn = self._conn
             conn.execute("BEGIN IMMEDIATE")
             try:
+                # Windows stored before keep their rowid: the vector index must hear of them.
+                again = [] if index is None or not windows else self._ids_of(
+                    [row[0] for row in windows])
                 if windows:
                     conn.executemany(_INSERT_WINDOW, windows)
                 if events:
@@ -490,8 +526,21 @@ class SqliteHistory:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            return again
 
-        self._run("write", transaction)
+        again: list[int] = self._run("write", transaction)
+        if again and index is not None:
+            index.replaced(self, again)
+
+    def _ids_of(self, window_ids: Sequence[str]) -> list[int]:
+        """The rowids of those of ``window_ids`` that are stored."""
+        out: list[int] = []
+        for i in range(0, len(window_ids), _IN_CHUNK):
+            chunk = window_ids[i:i + _IN_CHUNK]
+            out.extend(int(r[0]) for r in self._conn.execute(
+                f"SELECT id FROM windows WHERE window_id IN ({', '.join('?' * len(chunk))})",
+                chunk))
+        return out
 
     @staticmethod
     def _window_row(r: WindowRecord) -> tuple[Any, ...]:
@@ -566,18 +615,98 @@ class SqliteHistory:
         found: dict[str, WindowRecord] = self._run("read windows", read)
         return found
 
+    # -- what a vector index reads (streamcap.history.vectors.IndexRows) ---------------
+
+    def index_rows(self, *, model: str, dim: int, after: int, limit: int) -> IndexBatch:
+        """At most ``limit`` windows of ``model`` with ``dim``-wide embeddings and a rowid
+        above ``after``, in rowid order (a range scan of the primary key)."""
+        sql = ("SELECT id, source, start_at, embedding FROM windows WHERE id > ? AND "
+               "model = ? AND dim = ? AND embedding IS NOT NULL ORDER BY id LIMIT ?")
+        rows = self._run("read embeddings for the vector index", lambda: self._conn.execute(
+            sql, [int(after), model, int(dim), int(limit)]).fetchall())
+        return _index_batch(rows, dim)
+
+    def index_rows_at(self, keys: Sequence[int], *, model: str, dim: int) -> IndexBatch:
+        """The windows of those rowids in ``keys`` still stored with an embedding of
+        ``model`` ``dim`` wide, in rowid order."""
+        wanted = sorted({int(k) for k in keys})
+
+        def read() -> list[Any]:
+            rows: list[Any] = []
+            for i in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[i:i + _IN_CHUNK]
+                rows.extend(self._conn.execute(
+                    "SELECT id, source, start_at, embedding FROM windows WHERE id IN "
+                    f"({', '.join('?' * len(chunk))}) AND model = ? AND dim = ? AND "
+                    "embedding IS NOT NULL ORDER BY id", [*chunk, model, int(dim)]))
+            return rows
+
+        return _index_batch(self._run("read embeddings for the vector index", read), dim)
+
+    def window_ids(self, keys: Sequence[int]) -> dict[int, str]:
+        """The window id of each rowid of ``keys`` still stored."""
+        wanted = [int(k) for k in keys]
+
+        def read() -> dict[int, str]:
+            out: dict[int, str] = {}
+            for i in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[i:i + _IN_CHUNK]
+                out.update((int(r[0]), str(r[1])) for r in self._conn.execute(
+                    f"SELECT id, window_id FROM windows WHERE id IN "
+                    f"({', '.join('?' * len(chunk))})", chunk))
+            return out
+
+        found: dict[int, str] = self._run("read window ids", read)
+        return found
+
     def text_search(self, terms: Sequence[str], *, span: Span, limit: int) -> list[str]:
+        """Window ids in ``span`` matching any of ``terms``: the best ``limit`` by bm25
+        (ties: the newer first) among the newest :func:`text_scan` matches of the span
+        (newest by rowid, the write order). With no more matches than that in the span
+        (any store of modest size) this is the best ``limit`` of all matches; on a long
+        history it bounds the work (bm25 costs a lookup per row: all the matches of a
+        common word over 30 days took ~200 ms) and keeps the recent matches."""
         query = fts_query(terms)
         if query is None or limit <= 0:
             return []
         where, args = _span_sql(span, "w.start_at")
         where = where.replace("source IN", "w.source IN")
-        sql = ("SELECT w.window_id FROM windows_fts JOIN windows AS w ON w.id = windows_fts.rowid "
-               f"WHERE windows_fts MATCH ?{where} "
-               "ORDER BY bm25(windows_fts), w.start_at DESC LIMIT ?")
-        rows = self._run("search caption text",
-                         lambda: self._conn.execute(sql, [query, *args, limit]).fetchall())
+
+        def run() -> list[Any]:
+            rowids, rowid_args = self._span_rowids(span)
+            sql = ("WITH recent AS (SELECT windows_fts.rowid AS id, bm25(windows_fts) AS r "
+                   "FROM windows_fts JOIN windows AS w ON w.id = windows_fts.rowid "
+                   f"WHERE windows_fts MATCH ?{rowids}{where} "
+                   "ORDER BY windows_fts.rowid DESC LIMIT ?) "
+                   "SELECT w.window_id FROM recent JOIN windows AS w ON w.id = recent.id "
+                   "ORDER BY recent.r, w.start_at DESC LIMIT ?")
+            return self._conn.execute(
+                sql, [query, *rowid_args, *args, text_scan(limit), limit]).fetchall()
+
+        rows = self._run("search caption text", run)
         return [str(r[0]) for r in rows]
+
+    def _span_rowids(self, span: Span) -> tuple[str, list[Any]]:
+        """``AND windows_fts.rowid BETWEEN lo AND hi`` for the rowids of ``span``'s windows
+        when its times cover under half of the store's (a scan of the time index that
+        spares the text search every older or newer match), else nothing."""
+        if span.since is None and span.until is None:
+            return "", []
+        # two queries: SQLite reads one end of the time index for a lone min() or max()
+        first = self._conn.execute("SELECT min(start_at) FROM windows").fetchone()[0]
+        last = self._conn.execute("SELECT max(start_at) FROM windows").fetchone()[0]
+        if first is None:
+            return "", []
+        since = first if span.since is None else max(first, span.since)
+        until = last if span.until is None else min(last, span.until)
+        if until - since >= 0.5 * (last - first):
+            return "", []
+        where, args = _span_sql(span, "start_at")
+        lo, hi = self._conn.execute(f"SELECT min(id), max(id) FROM windows WHERE 1{where}",
+                                    args).fetchone()
+        if lo is None:
+            return " AND 0", []
+        return " AND windows_fts.rowid BETWEEN ? AND ?", [int(lo), int(hi)]
 
     def vector_rows(self, *, model: str, dim: int, span: Span,
                     chunk: int = VECTOR_CHUNK) -> Iterator[tuple[list[str], npt.NDArray[np.int8]]]:

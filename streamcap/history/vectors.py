@@ -154,6 +154,7 @@ class VectorIndex:
         self._sources: list[str] = []
         self._source_code: dict[str, int] = {}
         self._sorted = True  # keys increase with position
+        self._order: Int64Array | None = None  # the key order when not sorted (cached)
         self._watermark = 0
         self._graph: Index | None = None
         self._graph_upto = 0  # rows [0, upto) were offered to the graph
@@ -220,6 +221,7 @@ class VectorIndex:
         self._sources = [str(s) for s in head["sources"]]
         self._source_code = {s: i for i, s in enumerate(self._sources)}
         self._sorted = bool(n < 2 or np.all(np.diff(self._keys) > 0))
+        self._order = None
         self._watermark = int(head["watermark"])
         if graph is not None:  # a search setting: not kept in the file
             graph.expansion_search = HNSW_EXPANSION_SEARCH  # type: ignore[misc]
@@ -302,6 +304,7 @@ class VectorIndex:
             self._reserve(n + len(k))
             if n and k[0] <= self._keys[n - 1]:
                 self._sorted = False
+            self._order = None
             self._codes[n:n + len(k)] = codes
             self._keys[n:n + len(k)] = k
             self._source[n:n + len(k)] = src
@@ -326,6 +329,19 @@ class VectorIndex:
             gone = self._remove_locked(old)
             self._unsaved += gone
             return gone
+
+    def clear(self) -> None:
+        """Remove every row and forget the watermark (the store was emptied: its next
+        rowids start again from 1)."""
+        with self._lock:
+            gone = int(self._alive[:self._n].sum())
+            self._n = 0
+            self._alive[:] = False
+            self._graph = None
+            self._graph_upto = 0
+            self._sorted, self._order = True, None
+            self._watermark = 0
+            self._unsaved += max(1, gone)
 
     def maintain(self, budget: int = 4096) -> bool:
         """Move the HNSW graph forward by at most ``budget`` rows; True while there is more.
@@ -437,7 +453,9 @@ class VectorIndex:
         if self._sorted:
             pos = np.minimum(np.searchsorted(self._keys[:n], keys), n - 1)
         else:
-            order = np.argsort(self._keys[:n], kind="stable")
+            if self._order is None:  # a replaced row went to the end: sort once per change
+                self._order = np.argsort(self._keys[:n], kind="stable").astype(np.int64)
+            order = self._order
             i = np.minimum(np.searchsorted(self._keys[:n], keys, sorter=order), n - 1)
             pos = order[i]
         pos = pos.astype(np.int64)
@@ -472,6 +490,7 @@ class VectorIndex:
         self._at = self._at[live]
         self._alive = np.ones(len(live), dtype=bool)
         self._n = len(live)
+        self._order = None
 
     def _reserve(self, rows: int) -> None:
         if rows <= len(self._keys):
@@ -511,6 +530,11 @@ class IndexRows(Protocol):
         ``after``, in key order (none: the index has them all)."""
         ...
 
+    def index_rows_at(self, keys: Sequence[int], *, model: str, dim: int) -> IndexBatch:
+        """The rows of those of ``keys`` still stored (with a ``dim``-wide embedding of
+        ``model``), in key order."""
+        ...
+
     def window_ids(self, keys: Sequence[int]) -> dict[int, str]:
         """The window id of each of ``keys`` still stored (deleted ones are left out)."""
         ...
@@ -529,6 +553,7 @@ class HistoryVectorIndex:
     def __init__(self, path: Path, dim: int, model: str, *, search_catch_up: int = 4096,
                  step_rows: int = 4096, graph_rows: int = 512, save_every: int = 20_000,
                  **index_options: Any) -> None:
+        _remove_stale_temp_files(Path(path))
         self.index = VectorIndex.open(path, dim, model, **index_options)
         self.search_catch_up = search_catch_up
         self.step_rows = step_rows
@@ -573,10 +598,26 @@ class HistoryVectorIndex:
             self.index.remove(gone)  # deleted from the store since: search again
         return [(ids[k], c) for k, c in hits if k in ids]
 
+    def replaced(self, store: IndexRows, keys: Sequence[int]) -> None:
+        """The store wrote the rows of ``keys`` again (same keys, new contents): their old
+        embeddings go now and the new ones come in (those after the watermark come with
+        the next catch-up)."""
+        with self._catching:
+            self.index.remove(keys)
+            old = [int(k) for k in keys if int(k) <= self.index.watermark]
+            if old:
+                batch = store.index_rows_at(old, model=self.index.model, dim=self.index.dim)
+                self.index.add(batch.keys, batch.codes, batch.sources, batch.starts_at)
+
     def forget_before(self, at: float | None) -> int:
         """After retention: drop the rows older than the oldest the store kept (``at``;
-        None: the store is empty, drop all)."""
-        return self.index.remove_before(math.inf if at is None else at)
+        None: the store is empty, drop all and start the watermark again)."""
+        if at is None:
+            with self._catching:
+                gone = len(self.index)
+                self.index.clear()
+                return gone
+        return self.index.remove_before(at)
 
     def step(self, store: IndexRows) -> bool:
         """The writer's idle work; True while there is more (call again soon).
@@ -602,6 +643,15 @@ class HistoryVectorIndex:
 
 class _Unusable(Exception):
     """The saved index cannot be used; the message says why and names the file."""
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Remove what a save cut short left (a process killed mid-save: the temporary file of
+    :func:`_replace_bytes`, as large as the index)."""
+    with contextlib.suppress(OSError):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
 
 def _replace_bytes(path: Path, pieces: Sequence[bytes | memoryview]) -> None:

@@ -9,6 +9,12 @@ no unbounded retry loop) only those that fail alone,
 and applies the retention limits every ``retention_interval_s``. A write failure never
 reaches the caller and never stops the thread.
 
+A vector index attached with :meth:`HistoryRecorder.attach_index` is kept up by the same
+thread: one bounded :meth:`IndexUpkeep.step` whenever no record waits (catch-up with the
+store, the graph grown, a save now and then), :meth:`IndexUpkeep.forget_before` after
+retention deleted records, and :meth:`IndexUpkeep.close` (a save) before the store closes.
+An index failure is logged and counted like a write failure; writing goes on.
+
 Metrics: ``streamcap_history_writes_total`` (records written),
 ``streamcap_history_write_failures_total`` (failed transactions),
 ``streamcap_history_dropped_total{reason}`` (queue_full, write_failed, shutdown),
@@ -23,7 +29,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Final
+from functools import partial
+from typing import Any, Final, Protocol
 
 from streamcap.errors import HistoryError
 from streamcap.history.records import HistoryItem, to_message
@@ -47,6 +54,23 @@ MAX_FAILED_IN_A_ROW: Final = 4
 of the batch is dropped (the store fails, not a record: a locked store would cost up to
 the busy timeout per record)."""
 DROP_REASONS: Final = ("queue_full", "write_failed", "shutdown")
+
+
+class IndexUpkeep(Protocol):
+    """What the writer thread does for a vector index
+    (:class:`streamcap.history.vectors.HistoryVectorIndex`)."""
+
+    def step(self, store: Any) -> bool:
+        """Bounded idle work against the store; True while there is more."""
+        ...
+
+    def forget_before(self, at: float | None) -> int:
+        """Retention kept nothing older than ``at`` (None: nothing at all)."""
+        ...
+
+    def close(self) -> None:
+        """Save what is unsaved."""
+        ...
 
 
 class HistoryRecorder:
@@ -79,6 +103,8 @@ class HistoryRecorder:
         self._gave_up = False  # a close timed out
         self._retaining = False  # a retention run is in progress (guarded by _cond)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+        self._index: IndexUpkeep | None = None
+        self._index_more = False  # the index may have work (set by writes and attach)
         self._throttle = Throttle(FAILURE_LOG_INTERVAL_S)
         self.written = 0
         """Records written so far (committed)."""
@@ -125,6 +151,13 @@ class HistoryRecorder:
                                  queue_size=self._queue_size, suppressed=held)
             self._queue.append(item)
             self._depth.set(len(self._queue))
+            self._cond.notify()
+
+    def attach_index(self, index: IndexUpkeep) -> None:
+        """Keep ``index`` up from now on, on the writer thread (see the module docstring)."""
+        with self._cond:
+            self._index = index
+            self._index_more = True
             self._cond.notify()
 
     def pending(self) -> int:
@@ -187,6 +220,10 @@ class HistoryRecorder:
 
     def _close_store(self) -> None:
         self._closed = True
+        with self._cond:
+            index, self._index = self._index, None
+        if index is not None:
+            self._index_call("save the vector index", index.close)
         try:
             self.store.close()
         except Exception as exc:  # noqa: BLE001 - closing must not raise on shutdown
@@ -199,15 +236,21 @@ class HistoryRecorder:
                 with self._cond:
                     while not self._queue and not self._closing:
                         wait_s = next_retention - time.monotonic()
-                        if wait_s <= 0:
+                        if wait_s <= 0 or (self._index is not None and self._index_more):
                             break
                         self._cond.wait(wait_s)
                     batch = [self._queue.popleft()
                              for _ in range(min(MAX_BATCH, len(self._queue)))]
                     self._depth.set(len(self._queue))
                     closing = self._closing
+                    index = self._index
                 if batch:
                     self._write(batch)
+                    self._index_more = True
+                elif index is not None and self._index_more and not closing:
+                    # idle: one bounded step (a record arriving waits for one step at most)
+                    self._index_more = bool(self._index_call(
+                        "update the vector index", partial(index.step, self.store)))
                 if time.monotonic() >= next_retention and not closing:
                     self._retain()
                     next_retention = time.monotonic() + self._retention_interval_s
@@ -306,6 +349,24 @@ class HistoryRecorder:
             self._deleted.inc(deleted)
             _log.info("history retention deleted old records", deleted=deleted)
         self._refresh_stats(force=True)
+        index = self._index
+        if deleted and index is not None:
+            try:
+                oldest = self.store.stats().oldest_at
+            except HistoryError:
+                return
+            self._index_call("drop deleted rows from the vector index",
+                             lambda: index.forget_before(oldest))
+
+    def _index_call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``; a failure is counted and logged (throttled), never raised."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - the index is a cache: writing goes on
+            self._failures.inc()
+            if (held := self._throttle.allow("index")) is not None:
+                _log.error(f"cannot {what}", error=str(exc), suppressed=held)
+            return None
 
 
 def _describe(item: HistoryItem) -> str:
