@@ -72,7 +72,8 @@ def test_load_sink_finds_and_checks_the_plugin(jsonl_installed: None, tmp_path: 
         ({"path": " "}, ["sinks.archive.path: must not be empty (got ' ')"]),
         ({"path": 3}, ["sinks.archive.path: expected a string (got an integer 3)"]),
         ({"path": "a", "fsync": True, "colour": "red"},
-         [f"sinks.archive.{key}: unknown key (known keys: accepts, path, queue_size)"
+         [f"sinks.archive.{key}: unknown key (known keys: accepts, change_distance, "
+          f"heartbeat_s, path, publish, queue_size)"
           for key in ("fsync", "colour")]),
     ],
 )
