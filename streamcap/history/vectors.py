@@ -35,9 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import struct
-import tempfile
 import threading
 import zlib
 from collections.abc import Sequence
@@ -51,6 +49,7 @@ from usearch.compiled import MetricKind
 from usearch.index import Index
 from usearch.index import search as usearch_search
 
+from streamcap.atomic import replacing
 from streamcap.errors import HistoryError
 from streamcap.history.records import Span
 
@@ -656,25 +655,9 @@ def _remove_stale_temp_files(path: Path) -> None:
 
 def _replace_bytes(path: Path, pieces: Sequence[bytes | memoryview]) -> None:
     """Write ``pieces`` and their CRC-32 to ``path`` atomically (temp file, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        crc = 0
-        with os.fdopen(fd, "wb") as fh:
-            for piece in pieces:
-                crc = zlib.crc32(piece, crc)
-                fh.write(piece)
-            fh.write(struct.pack("<I", crc))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    crc = 0
+    with replacing(path) as fh:
+        for piece in pieces:
+            crc = zlib.crc32(piece, crc)
+            fh.write(piece)
+        fh.write(struct.pack("<I", crc))

@@ -32,7 +32,6 @@ import dataclasses
 import os
 import re
 import stat
-import tempfile
 import threading
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -41,6 +40,7 @@ from typing import Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from streamcap.atomic import replacing
 from streamcap.logs import get_logger
 from streamcap.messages import AudioBlock, TriggerEvent, TriggerState
 from streamcap.stats import Metrics
@@ -337,19 +337,8 @@ def write_clip(path: Path, samples: Float32Array, rate_hz: int,
 
     if guard is not None and guard.holds_speech(samples, rate_hz):
         return "speech"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            sf.write(fh, np.clip(samples, -1.0, 1.0), rate_hz, format="FLAC", subtype="PCM_16")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with replacing(path, mode=0o600, folder_mode=0o700) as fh:
+        sf.write(fh, np.clip(samples, -1.0, 1.0), rate_hz, format="FLAC", subtype="PCM_16")
     return "written"
 
 
