@@ -313,8 +313,13 @@ def test_check_config_reports_value_and_plugin_problems_at_once(
                     "sinks.live.port", "sinks.broker.host", "sinks.out.plugin"]
 
 
-def test_run_refuses_a_bad_config_with_the_check_config_lines(tmp_path: Path) -> None:
-    """The real `streamcap run`: exit 2 before anything starts, the same lines, no traceback."""
+def test_run_refuses_a_bad_config_with_the_check_config_lines(tmp_path: Path,
+                                                              jsonl_installed: None) -> None:
+    """The real `streamcap run`: exit 2 before anything starts, the same lines, no traceback.
+
+    The unknown-plugin line lists the installed sink plugins: ``jsonl_installed`` makes
+    that list the same for both commands (no other worker installs it in between).
+    """
     path = tmp_path / "bad.toml"
     path.write_text('[model.decoding]\nno_repeat_ngram_size = 9223372036854775808\n'
                     '[sources.kitchen]\nuri = "file:/x.wav?block_s=nan"\n'
