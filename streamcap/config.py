@@ -119,6 +119,11 @@ class ModelConfig:
     codec_precision: str = option("fp32", choices=CODEC_PRECISIONS,
                                   help='DAC encoder: fp32 (exact codes) or "model" '
                                        "(follow precision)")
+    batch_max: int = option(8, min=1, max=256,
+                            help="windows of distinct sources captioned together; 1 = one at a time")
+    batch_wait_ms: int = option(20, min=0, max=1000,
+                                help="after a window is taken, how long to wait for windows of "
+                                     "other sources to join its batch")
     decoding: DecodingOptions = option(default_factory=DecodingOptions)
     abstention: AbstentionOptions = option(default_factory=AbstentionOptions)
 

@@ -331,11 +331,16 @@ class TriggerEvent:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CaptionResult:
-    """What a captioner returns for one window: its caption, embedding and seconds per stage."""
+    """What a captioner returns for one window: its caption, embedding and seconds per stage.
+
+    ``batch_size`` windows (of distinct sources) were captioned together with this one
+    (1: alone); ``stage_seconds`` are then the whole batch's.
+    """
 
     caption: Caption
     embedding: Embedding | None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
 
 
 Published = Caption | Embedding | SourceStatus | TriggerEvent

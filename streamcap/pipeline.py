@@ -15,7 +15,7 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from streamcap.clock import Clock, SystemClock
@@ -49,6 +49,17 @@ class WindowCaptioner(Protocol):
     def sample_rates_hz(self) -> tuple[int, ...]: ...
 
     def caption(self, window: Window) -> CaptionResult | SkippedWindow: ...
+
+    def caption_batch(self, windows: Sequence[Window]
+                      ) -> Sequence[CaptionResult | SkippedWindow]:
+        """Caption windows of distinct sources together; one result per window, in order.
+
+        Each result is what :meth:`caption` gives for that window alone (with a fixed
+        decoding seed: the same texts, scores equal to float rounding). A batch holding two
+        windows of one source is a ``ValueError``. Every result carries ``batch_size`` and
+        the whole batch's ``stage_seconds``.
+        """
+        ...
 
 
 class RoundRobinWindows:

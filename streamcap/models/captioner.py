@@ -206,6 +206,12 @@ class Captioner:
                               model=self.model_id, vector=vector, run_id=window.run_id)
         return CaptionResult(caption=caption, embedding=embedding, stage_seconds=seconds)
 
+    def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
+        """Caption windows of distinct sources (see :class:`~streamcap.pipeline.WindowCaptioner`)."""
+        if len({w.source_id for w in windows}) < len(windows):
+            raise ValueError("caption_batch: two windows of one source in one batch")
+        return [self.caption(w) for w in windows]
+
     def _judge(self, text: str, encoder_score: float | None, audio_joint: torch.Tensor,
                level_dbfs: float) -> tuple[float | None, Verdict]:
         """The caption's confidence and the abstention verdict on it."""

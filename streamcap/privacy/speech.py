@@ -20,6 +20,7 @@ import dataclasses
 import math
 import threading
 import time
+from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
@@ -110,6 +111,9 @@ class GuardedCaptioner:
         """The captioner's rates, and 16 kHz for the VAD (last: levels stay measured
         at the captioner's first rate)."""
         return self._rates
+
+    def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult | SkippedWindow]:
+        return [self.caption(w) for w in windows]
 
     def caption(self, window: Window) -> CaptionResult | SkippedWindow:
         audio = window.audio.get(RATE_HZ)
