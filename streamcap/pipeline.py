@@ -403,7 +403,7 @@ class InferenceWorker:
         self._observe(latency_s, len(windows), results)
         for n, (window, result) in enumerate(zip(windows, results, strict=True)):
             self.in_flight = windows[n + 1:]
-            self._deliver(window, result, latency_s)
+            self._deliver(window, result, latency_s, len(windows))
 
     async def _one_at_a_time(self, windows: tuple[Window, ...], started: float) -> None:
         """After a failed batch call: each window alone; a window that fails again is counted."""
@@ -419,7 +419,7 @@ class InferenceWorker:
                 continue
             self.in_flight = windows[n + 1:]
             self._observe(time.monotonic() - call_started, 1, results)
-            self._deliver(window, results[0], time.monotonic() - started)
+            self._deliver(window, results[0], time.monotonic() - started, 1)
 
     def _count_failure(self, window: Window) -> None:
         self.failed += 1
@@ -440,9 +440,10 @@ class InferenceWorker:
                 self._seconds.observe(stage_seconds, stage)
 
     def _deliver(self, window: Window, result: CaptionResult | SkippedWindow,
-                 latency_s: float) -> None:
+                 latency_s: float, batch_size: int) -> None:
         """Publish one window's result (or count its skip); ``latency_s``: the wall time
-        from the start of its batch to its result."""
+        from the start of its batch to its result; ``batch_size``: the windows of the
+        captioner call that gave it (logged)."""
         if isinstance(result, SkippedWindow):
             self.skipped += 1
             self._skipped.inc(1, result.source_id, result.reason)
@@ -461,8 +462,7 @@ class InferenceWorker:
                 self._publish(result.embedding)
         _log.info("caption", window_id=caption.window_id, source_id=caption.source_id,
                   text=caption.text[:200], score=round(caption.score, 3),
-                  latency_ms=caption.latency_ms, lag_s=caption.lag_s,
-                  batch_size=result.batch_size)
+                  latency_ms=caption.latency_ms, lag_s=caption.lag_s, batch_size=batch_size)
         self.processed += 1
         self.last_lag_s = lag_s
         self._lag.set(lag_s, window.source_id)

@@ -70,7 +70,7 @@ def window_of(audio_16k: npt.NDArray[np.float32], seq: int = 0, source: str = "p
 
 class FakeCaptioner:
     model_id = "fake"
-    sample_rates_hz = (MODEL_RATE,)
+    sample_rates_hz: tuple[int, ...] = (MODEL_RATE,)
 
     def __init__(self) -> None:
         self.seen: list[str] = []
