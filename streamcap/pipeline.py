@@ -9,7 +9,7 @@ then up to ``[model] batch_max`` windows in all of *other* sources that wait (at
 most ``batch_wait_ms`` for more to arrive; never two windows of one source). It
 hands the batch to the captioner on the inference thread (never on the event
 loop) in one call, then publishes each window's caption and the retriever's
-audio embedding, in batch order (docs/performance.md).
+audio embedding, in batch order (docs/batching.md).
 """
 
 from __future__ import annotations
