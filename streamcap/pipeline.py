@@ -232,7 +232,9 @@ class WindowQueue:
 
     async def wait_for_offer(self, timeout_s: float) -> bool:
         """Wait until the next :meth:`offer` or :meth:`close`, at most ``timeout_s``;
-        False when the time ran out first."""
+        False when the time ran out first (True at once when the queue is closed)."""
+        if self._closed:
+            return True
         self._ready.clear()
         try:
             await asyncio.wait_for(self._ready.wait(), max(0.0, timeout_s))
@@ -384,6 +386,8 @@ class InferenceWorker:
     async def process_batch(self, batch: Sequence[Window]) -> None:
         """Caption ``batch`` (windows of distinct sources) in one call and publish each result."""
         windows = tuple(batch)
+        if not windows:
+            return
         started = time.monotonic()
         self.in_flight = windows  # stays set if this task is cancelled: those are lost
         try:

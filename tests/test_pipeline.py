@@ -262,7 +262,8 @@ async def test_wait_for_offer_wakes_on_an_offer_or_a_close() -> None:
     await asyncio.sleep(0)
     q.close()
     assert await asyncio.wait_for(waiter, WAIT_S) is True
-    assert await q.wait_for_offer(0) is False or q.closed
+    assert await asyncio.wait_for(q.wait_for_offer(10 * WAIT_S), WAIT_S) is True  # closed
+    assert await WindowQueue(1).wait_for_offer(0.01) is False  # nothing came
 
 
 
