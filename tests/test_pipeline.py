@@ -686,6 +686,30 @@ async def test_a_captioner_answering_out_of_order_is_retried_window_by_window(
 
 
 
+async def test_finish_by_starts_no_batch_expected_to_end_after_the_deadline(
+        runtime: InferenceRuntime) -> None:
+    """The shutdown drain: a batch is started only if the last batch's time still fits."""
+    captioner = HeldCaptioner()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=8)
+    for source in ("a", "b"):
+        q.offer(window(0, source))
+    captioner.permits.release()
+    await asyncio.wait_for(worker.process_batch([w for w in (q.take(), q.take()) if w]), WAIT_S)
+    assert worker.processed == 2 and worker.last_latency_s > 0
+    for source in ("a", "b"):
+        q.offer(window(1, source))
+    q.close()
+    worker.finish_by(time.monotonic() + worker.last_latency_s / 2)  # no time for a batch
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert len(captioner.calls) == 1 and len(q) == 2 and worker.in_flight == ()
+    worker.finish_by(time.monotonic() + 10 * WAIT_S)
+    captioner.permits.release()
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls[1] == [("a", 1), ("b", 1)] and len(q) == 0
+
+
 # --------------------------------------------------------------------------- through the Daemon
 
 
