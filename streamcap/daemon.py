@@ -5,7 +5,8 @@ Stages and who owns them::
     SourceSupervisor (one per source, task streamcap[source:<id>].supervisor)
         -> Windower.feed (pure, on the event loop)
         -> WindowQueue (a bounded FIFO per source, drop oldest; served round-robin)
-        -> InferenceWorker (task streamcap[inference].worker; the model runs on the
+        -> InferenceWorker (task streamcap[inference].worker; batches of windows of
+           distinct sources, [model] batch_max / batch_wait_ms; the model runs on the
            single inference thread of InferenceRuntime)
         -> PluginBus.publish -> one bounded inbox per sink -> Sink.run tasks
         -> HistoryRecorder.record (captions with embeddings, trigger events) -> the
@@ -236,6 +237,12 @@ class Daemon:
         """When the shutdown must be over (``time.monotonic``), once it began."""
 
     # -- callbacks -----------------------------------------------------------------
+
+    def batch_max(self) -> int:
+        """Windows per captioner call at most: ``[model] batch_max``, and no more than there
+        are sources (a batch holds one window per source: with one source the worker never
+        waits ``batch_wait_ms`` for a window that cannot join)."""
+        return max(1, min(self.config.model.batch_max, len(self.config.sources)))
 
     def _on_window_drop(self, window: Window) -> None:
         self._dropped.inc(1, window.source_id, "queue_full")
@@ -513,11 +520,12 @@ class Daemon:
             reasons.append("model is loading")
         if self.worker is not None:
             inference.update(processed=self.worker.processed,
+                             batch_max=self.worker.batch_max,
                              last_latency_s=round(self.worker.last_latency_s, 3),
                              last_lag_s=round(self.worker.last_lag_s, 3))
             if self.worker.processed and self.worker.last_latency_s > min_hop > 0:
                 reasons.append(f"inference is not keeping up: {self.worker.last_latency_s:.2f} s "
-                               f"per window > hop {min_hop:g} s")
+                               f"per batch > hop {min_hop:g} s")
         if not self.bus.ready:
             reasons.append("sinks not ready: " + ", ".join(self.bus.not_ready()))
         return HealthReport(live=True, ready=not reasons, reasons=tuple(reasons),
@@ -598,7 +606,9 @@ class Daemon:
             self.triggers.subscribe(engine.set_triggers)
         self.worker = InferenceWorker(captioner, self.queue, self._publish,
                                       self.runtime.run, self.metrics,
-                                      publish_result=self._publish_result)
+                                      publish_result=self._publish_result,
+                                      batch_max=self.batch_max(),
+                                      batch_wait_s=self.config.model.batch_wait_ms / 1000)
         if self.config.http.enabled:
             http = self.config.http
             self.http = HttpServer(http.host, http.port, metrics=self.metrics,
@@ -706,11 +716,11 @@ class Daemon:
         self.worker.finish_by(budget.capture_deadline)
         await _wait_until([*supervisors, *helpers, worker], budget.capture_deadline)
         if not worker.done():
-            in_flight = self.worker.in_flight
+            in_flight = self.worker.in_flight  # the batch whose results are not published yet
             worker.cancel()  # the model call goes on in the inference thread; its result is lost
             await _wait_until([worker], budget.sinks_deadline)
-            if in_flight is not None:
-                self._dropped.inc(1, in_flight.source_id, "shutdown")
+            for window in in_flight:
+                self._dropped.inc(1, window.source_id, "shutdown")
         left = self.queue.close(drop_pending=True)
         for window in left:
             self._dropped.inc(1, window.source_id, "shutdown")

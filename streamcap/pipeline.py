@@ -4,9 +4,12 @@ Capture never waits for inference. Windows wait in a :class:`WindowQueue`: a
 small FIFO per source (bounded; when inference falls behind, that source's
 *oldest* window is dropped and counted, so its captions stay current), served
 round-robin across the sources that have windows waiting, so that no source
-can starve another. A single worker hands each window to the captioner on the
-inference thread (never on the event loop), then publishes the caption and the
-retriever's audio embedding.
+can starve another. A single worker takes a *batch*: the window whose turn it is,
+then up to ``[model] batch_max`` windows in all of *other* sources that wait (at
+most ``batch_wait_ms`` for more to arrive; never two windows of one source). It
+hands the batch to the captioner on the inference thread (never on the event
+loop) in one call, then publishes each window's caption and the retriever's
+audio embedding, in batch order (docs/batching.md).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import asyncio
 import collections
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Final, Protocol, TypeVar
 
 from streamcap.clock import Clock, SystemClock
 from streamcap.logs import get_logger
@@ -25,6 +28,12 @@ from streamcap.queues import BoundedQueue, DropPolicy
 from streamcap.stats import Metrics
 
 _log = get_logger(__name__)
+
+_A = TypeVar("_A")
+_T = TypeVar("_T")
+
+BATCH_SIZE_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+"""Buckets of ``streamcap_inference_batch_size`` (``[model] batch_max`` is at most 256)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,11 +112,19 @@ class RoundRobinWindows:
             return None
         return dropped[0].item
 
-    def pop(self) -> Window | None:
-        """The oldest window of the source whose turn it is, or None when none waits."""
-        if not self._turns:
+    def pop(self, exclude: Collection[str] = ()) -> Window | None:
+        """The oldest window of the source whose turn it is, or None when none waits.
+
+        Sources in ``exclude`` (those already in the batch being gathered) are passed
+        over and keep their place in line: the first source in line that is not
+        excluded is served (and goes to the end of the line if it has more waiting).
+        """
+        for position, source_id in enumerate(self._turns):
+            if source_id not in exclude:
+                del self._turns[position]
+                break
+        else:
             return None
-        source_id = self._turns.popleft()
         waiting = self._waiting[source_id]
         window = waiting.pop()
         assert window is not None  # a source is in line only while it has windows waiting
@@ -203,13 +220,53 @@ class WindowQueue:
         self._depth_changed()
         return window
 
+    def take(self, exclude: Collection[str] = ()) -> Window | None:
+        """The next window of a source not in ``exclude``, if one waits now (never waits).
+
+        Served as :meth:`RoundRobinWindows.pop` serves; a batch gathers its windows with it.
+        """
+        window = self._windows.pop(exclude)
+        if window is not None:
+            self._depth_changed()
+        return window
+
+    async def wait_for_offer(self, timeout_s: float) -> bool:
+        """Wait until the next :meth:`offer` or :meth:`close`, at most ``timeout_s``;
+        False when the time ran out first (True at once when the queue is closed)."""
+        if self._closed:
+            return True
+        self._ready.clear()
+        try:
+            await asyncio.wait_for(self._ready.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
+
+
+class RunBlocking(Protocol):
+    """``InferenceRuntime.run``: calls ``fn(arg)`` on the inference thread, awaits its result."""
+
+    def __call__(self, fn: Callable[[_A], _T], arg: _A, /) -> Awaitable[_T]: ...
+
 
 class InferenceWorker:
-    """Caption windows one at a time, as the queue serves them, and publish the results.
+    """Caption windows in batches across sources, as the queue serves them, and publish them.
 
-    On shutdown, :meth:`finish_by` bounds the drain: the worker starts no
-    window it does not expect to finish by the deadline (expected: as long as
-    the last one took), and returns, leaving the rest in the queue.
+    A batch is the window whose turn it is (round robin, :class:`RoundRobinWindows`),
+    then windows of *other* sources that wait, taken in their turn, up to
+    ``batch_max`` windows in all; when fewer wait, the worker waits at most
+    ``batch_wait_s`` for more to arrive (0: only what waits already). A batch never
+    holds two windows of one source, so a chatty source gets one window per batch like
+    any other. The batch goes to ``captioner.caption_batch`` in one call on the
+    inference thread. Should that call raise, each of its windows is captioned alone,
+    so that one bad window does not lose the others; each window that still fails is
+    counted in ``streamcap_inference_failures_total``. Results are published per
+    window, in batch order, each with the batch's wall time as ``latency_ms`` and its
+    own ``lag_s``.
+
+    On shutdown, :meth:`finish_by` bounds the drain: the worker starts no batch it
+    does not expect to finish by the deadline (expected: as long as the last one
+    took), and returns, leaving the rest in the queue.
 
     Args:
         captioner: runs on the inference thread through ``run_blocking``.
@@ -220,8 +277,15 @@ class InferenceWorker:
             used for nothing else.
         run_blocking: ``InferenceRuntime.run``: calls a function on the single
             inference thread and awaits its result.
-        metrics: where inference time, lag and failures are counted.
+        metrics: where inference time, batch sizes, lag and failures are counted.
         clock: where the wall clock is read, for lag.
+        batch_max: windows (of distinct sources) captioned together at most; 1 = one
+            at a time (``[model] batch_max``).
+        batch_wait_s: how long a batch that is not full waits for windows of other
+            sources to join (``[model] batch_wait_ms`` / 1000).
+
+    Raises:
+        ValueError: ``batch_max`` below 1 or ``batch_wait_s`` below 0.
     """
 
     def __init__(
@@ -229,28 +293,43 @@ class InferenceWorker:
         captioner: WindowCaptioner,
         queue: WindowQueue,
         publish: Callable[[Published], None],
-        run_blocking: Callable[[Callable[[Window], CaptionResult | SkippedWindow], Window],
-                               Awaitable[CaptionResult | SkippedWindow]],
+        run_blocking: RunBlocking,
         metrics: Metrics,
         clock: Clock | None = None,
         *,
         publish_result: Callable[[Caption, Embedding | None], None] | None = None,
+        batch_max: int = 1,
+        batch_wait_s: float = 0.0,
     ) -> None:
+        if batch_max < 1:
+            raise ValueError(f"batch_max must be >= 1 (got {batch_max})")
+        if not batch_wait_s >= 0:
+            raise ValueError(f"batch_wait_s must be >= 0 (got {batch_wait_s})")
         self._captioner = captioner
         self._queue = queue
         self._publish = publish
         self._publish_result = publish_result
         self._run = run_blocking
         self._clock = clock or SystemClock()
+        self.batch_max = batch_max
+        self.batch_wait_s = batch_wait_s
         self.processed = 0
         self.failed = 0
+        self.batches = 0
         self.last_lag_s = 0.0
         self.last_latency_s = 0.0
-        self.in_flight: Window | None = None
-        """The window being captioned now (its result is lost if the worker is cancelled)."""
+        """Wall time of the last captioner call (a whole batch)."""
+        self.in_flight: tuple[Window, ...] = ()
+        """The windows taken from the queue whose results are not published yet: the batch
+        being gathered or captioned (lost if the worker is cancelled)."""
         self._deadline: float | None = None
         self._seconds = metrics.histogram(
-            "streamcap_inference_seconds", "Compute time per window, by stage", ["stage"],
+            "streamcap_inference_seconds",
+            "Compute time per captioner call (one batch of windows), by stage", ["stage"],
+        )
+        self._batch_size = metrics.histogram(
+            "streamcap_inference_batch_size",
+            "Windows (of distinct sources) per captioner call", buckets=BATCH_SIZE_BUCKETS,
         )
         self._lag = metrics.gauge(
             "streamcap_lag_seconds",
@@ -267,7 +346,7 @@ class InferenceWorker:
         self.skipped = 0
 
     def finish_by(self, deadline: float) -> None:
-        """Start no window that is not expected to finish by ``deadline`` (``time.monotonic``)."""
+        """Start no batch that is not expected to finish by ``deadline`` (``time.monotonic``)."""
         self._deadline = deadline
 
     def _may_start(self) -> bool:
@@ -275,23 +354,100 @@ class InferenceWorker:
 
     async def run(self) -> None:
         """Consume the queue until it is closed and drained, or :meth:`finish_by` says stop."""
-        while self._may_start() and (window := await self._queue.get()) is not None:
-            await self.process(window)
+        while self._may_start() and (batch := await self.gather()):
+            await self.process_batch(batch)
+
+    async def gather(self) -> tuple[Window, ...]:
+        """The next batch (see the class); empty once the queue is closed and drained.
+
+        The windows taken are :attr:`in_flight` from the moment they leave the queue.
+        """
+        first = await self._queue.get()
+        if first is None:
+            return ()
+        batch: tuple[Window, ...] = (first,)
+        self.in_flight = batch
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(batch) < self.batch_max:
+            more = self._queue.take(exclude={w.source_id for w in batch})
+            if more is not None:
+                batch = self.in_flight = (*batch, more)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._queue.closed:
+                break
+            await self._queue.wait_for_offer(remaining)
+        return batch
 
     async def process(self, window: Window) -> None:
-        started = time.monotonic()
-        self.in_flight = window
-        try:
-            result = await self._run(self._captioner.caption, window)
-        except Exception:  # noqa: BLE001 - logged with its traceback and counted; the worker goes on
-            self.in_flight = None
-            self.failed += 1
-            self._failures.inc(1, window.source_id)
-            _log.exception("captioning failed", window_id=window.window_id,
-                           source_id=window.source_id)
+        """Caption one window alone and publish it (a batch of one)."""
+        await self.process_batch((window,))
+
+    async def process_batch(self, batch: Sequence[Window]) -> None:
+        """Caption ``batch`` (windows of distinct sources) in one call and publish each result."""
+        windows = tuple(batch)
+        if not windows:
             return
-        self.in_flight = None
+        started = time.monotonic()
+        self.in_flight = windows  # stays set if this task is cancelled: those are lost
+        try:
+            results = await self._run(self._captioner.caption_batch, windows)
+            _check_results(windows, results)
+        except Exception as exc:  # noqa: BLE001 - each window is retried or counted
+            if len(windows) == 1:
+                self.in_flight = ()
+                self._count_failure(windows[0])
+                return
+            _log.warning("batch captioning failed; captioning its windows one at a time",
+                         windows=[w.window_id for w in windows],
+                         error=f"{type(exc).__name__}: {exc}")
+            await self._one_at_a_time(windows, started)
+            return
         latency_s = time.monotonic() - started
+        self._observe(latency_s, len(windows), results)
+        for n, (window, result) in enumerate(zip(windows, results, strict=True)):
+            self.in_flight = windows[n + 1:]
+            self._deliver(window, result, latency_s, len(windows))
+
+    async def _one_at_a_time(self, windows: tuple[Window, ...], started: float) -> None:
+        """After a failed batch call: each window alone; a window that fails again is counted."""
+        for n, window in enumerate(windows):
+            self.in_flight = windows[n:]
+            call_started = time.monotonic()
+            try:
+                results = await self._run(self._captioner.caption_batch, (window,))
+                _check_results((window,), results)
+            except Exception:  # noqa: BLE001 - logged with its traceback and counted; the rest go on
+                self.in_flight = windows[n + 1:]
+                self._count_failure(window)
+                continue
+            self.in_flight = windows[n + 1:]
+            self._observe(time.monotonic() - call_started, 1, results)
+            self._deliver(window, results[0], time.monotonic() - started, 1)
+
+    def _count_failure(self, window: Window) -> None:
+        self.failed += 1
+        self._failures.inc(1, window.source_id)
+        _log.exception("captioning failed", window_id=window.window_id,
+                       source_id=window.source_id)
+
+    def _observe(self, seconds: float, size: int,
+                 results: Sequence[CaptionResult | SkippedWindow]) -> None:
+        """One captioner call: its wall time, its size and its stages (the whole batch's)."""
+        self.batches += 1
+        self.last_latency_s = seconds
+        self._seconds.observe(seconds, "total")
+        self._batch_size.observe(size)
+        captioned = next((r for r in results if isinstance(r, CaptionResult)), None)
+        if captioned is not None:
+            for stage, stage_seconds in captioned.stage_seconds.items():
+                self._seconds.observe(stage_seconds, stage)
+
+    def _deliver(self, window: Window, result: CaptionResult | SkippedWindow,
+                 latency_s: float, batch_size: int) -> None:
+        """Publish one window's result (or count its skip); ``latency_s``: the wall time
+        from the start of its batch to its result; ``batch_size``: the windows of the
+        captioner call that gave it (logged)."""
         if isinstance(result, SkippedWindow):
             self.skipped += 1
             self._skipped.inc(1, result.source_id, result.reason)
@@ -310,12 +466,24 @@ class InferenceWorker:
                 self._publish(result.embedding)
         _log.info("caption", window_id=caption.window_id, source_id=caption.source_id,
                   text=caption.text[:200], score=round(caption.score, 3),
-                  latency_ms=caption.latency_ms, lag_s=caption.lag_s)
+                  latency_ms=caption.latency_ms, lag_s=caption.lag_s, batch_size=batch_size)
         self.processed += 1
         self.last_lag_s = lag_s
-        self.last_latency_s = latency_s
-        self._seconds.observe(latency_s, "total")
-        for stage, seconds in result.stage_seconds.items():
-            self._seconds.observe(seconds, stage)
         self._lag.set(lag_s, window.source_id)
         self._captions.inc(1, window.source_id)
+
+
+def _check_results(windows: Sequence[Window],
+                   results: Sequence[CaptionResult | SkippedWindow]) -> None:
+    """A captioner's answer must be one result per window, in order.
+
+    Raises:
+        RuntimeError: it is not (a captioner bug; the batch is then retried window by window).
+    """
+    if len(results) != len(windows):
+        raise RuntimeError(f"caption_batch returned {len(results)} results for "
+                           f"{len(windows)} windows")
+    for window, result in zip(windows, results, strict=True):
+        got = result.window_id if isinstance(result, SkippedWindow) else result.caption.window_id
+        if got != window.window_id:
+            raise RuntimeError(f"caption_batch answered {got} in the place of {window.window_id}")

@@ -3,8 +3,10 @@ endpoints) and a shutdown bounded by stop_timeout_s, whatever a stage does.
 
 In-process tests run :class:`Daemon` with a real file source, the real inference thread
 and fakes for what must misbehave (a source that ignores its cancellation, a model call
-that does not return); one runs :func:`serve` in a real subprocess to see it exit. The
-whole daemon runs in test_pipeline.py (in-process) and test_daemon_e2e.py (subprocess).
+that does not return); one runs :func:`serve` in a real subprocess to see it exit, and
+one runs ``streamcap run`` with the tiny preset and two file sources captioned in
+batches. The whole daemon runs in test_pipeline.py (in-process) and test_daemon_e2e.py
+(subprocess).
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from daemon_process import WAIT_S as DAEMON_WAIT_S
+from daemon_process import DaemonProcess, tiny_model_toml
 from test_pipeline import (
     RATE,
     WAIT_S,
@@ -87,11 +91,14 @@ class StuckCaptioner:
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def caption(self, win: Window) -> CaptionResult:
+    def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
         if self.stuck.is_set():
             self.entered.set()
             self.release.wait(timeout=4 * WAIT_S)
-        return result_for(win)
+        return [result_for(win) for win in windows]
+
+    def caption(self, win: Window) -> CaptionResult:
+        return self.caption_batch([win])[0]
 
 
 
@@ -152,12 +159,17 @@ async def test_a_source_that_ignores_cancellation_cannot_keep_the_daemon_alive(
                             if t.get_name().startswith("streamcap[")], timeout=WAIT_S)
 
 
+@pytest.mark.parametrize("sources", [("tone",), ("tone", "other")])
 async def test_a_model_call_that_does_not_return_does_not_hold_up_the_stop(
-        tmp_path: Path, runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, runtime: InferenceRuntime, monkeypatch: pytest.MonkeyPatch,
+        sources: tuple[str, ...]) -> None:
+    """The batch in flight when the stop cuts the drain short is counted as dropped
+    (``reason="shutdown"``), window by window: every window of every source is a caption
+    or a counted drop."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     captioner = StuckCaptioner()
-    daemon, recorder = make_daemon(tmp_path, runtime, captioner)
+    daemon, recorder = make_daemon(tmp_path, runtime, captioner, sources)
     run = asyncio.create_task(daemon.run())
     try:
         await wait_until(lambda: run.done() or len(captions_of(recorder.got)) >= 2, "captions")
@@ -168,13 +180,17 @@ async def test_a_model_call_that_does_not_return_does_not_hold_up_the_stop(
         assert done, "the drain waited for a model call that does not return"
         assert run.result() == 0  # the worker task stopped; run_daemon deals with the thread
         text = daemon.metrics.render()
-        windows = sample_value(text, "streamcap_windows_total", source="tone")
-        full = sample_value(text, "streamcap_windows_dropped_total", source="tone",
-                            reason="queue_full")
-        shutdown = sample_value(text, "streamcap_windows_dropped_total", source="tone",
-                                reason="shutdown")
-        assert shutdown >= 1  # the window in flight at least
-        assert windows == len(captions_of(recorder.got)) + full + shutdown
+        lost = 0.0
+        for source in sources:
+            windows = sample_value(text, "streamcap_windows_total", source=source)
+            full = sample_value(text, "streamcap_windows_dropped_total", source=source,
+                                reason="queue_full")
+            shutdown = sample_value(text, "streamcap_windows_dropped_total", 0.0,
+                                    source=source, reason="shutdown")
+            captioned = sum(c.source_id == source for c in captions_of(recorder.got))
+            assert windows == captioned + full + shutdown, source
+            lost += shutdown
+        assert lost >= 1  # the window in flight at least
         assert sample_value(text, "streamcap_window_queue_depth") == 0
         assert [m.state.value for m in recorder.got
                 if isinstance(m, SourceStatus)][-1] == "stopped"
@@ -383,3 +399,86 @@ async def test_an_extra_sink_cannot_take_a_configured_name(tmp_path: Path,
     with pytest.raises(ValueError, match=r"\[sinks.ws\] is configured already"):
         Daemon(cfg, no_captioner, runtime=runtime,
                extra_sinks={"ws": Served(None)})
+
+
+def test_batch_max_is_capped_by_the_number_of_sources(tmp_path: Path,
+                                                      runtime: InferenceRuntime) -> None:
+    """A batch holds one window per source: more room is never used, and with one source
+    a taken window would only wait batch_wait_ms for nothing."""
+    def batch_max(n_sources: int, configured: int) -> int:
+        cfg = parse_config({
+            "daemon": {"node_id": "n1", "state_dir": str(tmp_path)},
+            "sources": {f"s{i}": {"uri": "file:/dev/null", "window_s": 10, "hop_s": 5}
+                        for i in range(n_sources)},
+            "model": {"batch_max": configured},
+            "http": {"enabled": False},
+        })
+        return Daemon(cfg, no_captioner, runtime=runtime).batch_max()
+
+    assert batch_max(1, 8) == 1
+    assert batch_max(3, 8) == 3
+    assert batch_max(3, 2) == 2
+    assert batch_max(12, 8) == 8
+
+
+# --------------------------------------------------------------------------- batches, subprocess
+
+BATCH_FILE_S = 32.0
+"""Each file source's length: windows of 10 s every 5 s start at 0, 5, 10, 15 and 20 s."""
+
+
+def test_the_daemon_captions_every_window_of_two_sources_in_batches(tmp_path: Path) -> None:
+    """``streamcap run`` with the tiny preset, batch_max 4 and two file sources read
+    faster than real time: every window of both sources gets its caption (none dropped,
+    none failed), windows of the two sources are captioned together, and the daemon stops
+    by itself once both files have ended and the queue is drained."""
+    model = tiny_model_toml(n_candidates=2, max_new_tokens=4).replace(
+        "threads = 1\n", "threads = 1\nbatch_max = 4\nbatch_wait_ms = 200\n")
+    sources = "".join(f"""
+[sources.{name}]
+uri = "file:{write_tone(tmp_path / f'{name}.wav', hz, BATCH_FILE_S)}"
+window_s = 10
+hop_s = 5
+realtime = false
+""" for name, hz in (("left", 330.0), ("right", 880.0)))
+    config = tmp_path / "streamcap.toml"
+    config.write_text(f"""
+[daemon]
+node_id = "batches"
+state_dir = "{tmp_path / 'state'}"
+log_format = "json"
+max_pending_windows = 16
+stop_timeout_s = {round(4 * DAEMON_WAIT_S)}
+
+{model}{sources}
+[http]
+enabled = false
+
+[history]
+enabled = false
+""", encoding="utf-8")
+    daemon = DaemonProcess.start(config, env={"PYTHONUNBUFFERED": "1"}, log=tmp_path / "log",
+                                 jsonl=tmp_path / "none.jsonl", http_port=0)
+    try:
+        try:
+            code = daemon.proc.wait(timeout=2 * DAEMON_WAIT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the daemon did not stop after its sources ended:\n"
+                                 f"{daemon.log_tail()}") from None
+        assert code == 0, daemon.log_tail()
+        events = daemon.log_events()
+        captions = [e for e in events if e.get("event") == "caption"]
+        starts = {name: sorted(int(c["window_id"].rsplit(":", 1)[1]) for c in captions
+                               if c["source_id"] == name) for name in ("left", "right")}
+        every = [0, 5000, 10000, 15000, 20000]
+        assert starts == {"left": every, "right": every}, daemon.log_tail()
+        assert not [e for e in events if e.get("event") == "captioning failed"]
+        stopped = [e for e in events if e.get("event") == "stopped" and "captions" in e]
+        assert stopped and stopped[0]["captions"] == 10 and stopped[0]["windows_dropped"] == 0
+        sizes = [c["batch_size"] for c in captions]
+        assert all(1 <= size <= 2 for size in sizes), sizes
+        # both files are read long before the first batch is captioned: the two sources'
+        # windows wait together and go through the model together
+        assert 2 in sizes, sizes
+    finally:
+        daemon.kill()

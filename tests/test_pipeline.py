@@ -2,19 +2,21 @@
 
 The worker tests use the real :class:`InferenceRuntime` (its single inference
 thread) with fake captioners: one held back by the test, so that an overloaded
-worker is simulated exactly (every window "takes" two hops), and one that
+worker is simulated exactly (every window "takes" two hops) and so that the
+batches the worker forms across sources are seen call by call, and one that
 sleeps, run through the whole :class:`Daemon` with a real file source.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import queue
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from streamcap.config import parse_config
 from streamcap.daemon import Daemon
 from streamcap.messages import Caption, CaptionResult, Embedding, Published, Window, make_window
 from streamcap.models.runtime import THREAD_NAME_PREFIX, InferenceRuntime, RuntimeOptions
-from streamcap.pipeline import InferenceWorker, RoundRobinWindows, WindowQueue
+from streamcap.pipeline import InferenceWorker, RoundRobinWindows, SkippedWindow, WindowQueue
 from streamcap.stats import Metrics
 
 WAIT_S = scaled(30.0)  # upper bound for something that must happen; never a timing assertion
@@ -223,35 +225,96 @@ async def test_close_wakes_a_waiting_get() -> None:
     assert await asyncio.wait_for(waiter, WAIT_S) is None
 
 
+def test_pop_passes_over_excluded_sources_and_they_keep_their_place() -> None:
+    rr = RoundRobinWindows(4)
+    for source in ("a", "b", "c"):
+        for seq in range(2):
+            rr.offer(window(seq, source))
+    got = rr.pop(exclude={"a"})
+    assert got is not None and (got.source_id, got.seq) == ("b", 0)
+    assert rr.pop(exclude={"a", "b", "c"}) is None
+    assert len(rr) == 5
+    # "a" was passed over, not sent to the end of the line; "b" went there
+    assert [(w.source_id, w.seq) for w in rr.clear()] == [("a", 0), ("c", 0), ("b", 1),
+                                                          ("a", 1), ("c", 1)]
+
+
+async def test_take_never_waits_and_reports_the_depth() -> None:
+    depths: list[int] = []
+    q = WindowQueue(2, on_depth=depths.append)
+    assert q.take() is None
+    q.offer(window(0, "a"))
+    q.offer(window(0, "b"))
+    assert q.take(exclude={"a", "b"}) is None
+    got = q.take(exclude={"a"})
+    assert got is not None and got.source_id == "b"
+    assert depths == [1, 2, 1]
+
+
+async def test_wait_for_offer_wakes_on_an_offer_or_a_close() -> None:
+    q = WindowQueue(2)
+    waiter = asyncio.create_task(q.wait_for_offer(10 * WAIT_S))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    q.offer(window(0))
+    assert await asyncio.wait_for(waiter, WAIT_S) is True
+    waiter = asyncio.create_task(q.wait_for_offer(10 * WAIT_S))
+    await asyncio.sleep(0)
+    q.close()
+    assert await asyncio.wait_for(waiter, WAIT_S) is True
+    assert await asyncio.wait_for(q.wait_for_offer(10 * WAIT_S), WAIT_S) is True  # closed
+    assert await WindowQueue(1).wait_for_offer(0.01) is False  # nothing came
+
+
+
 # --------------------------------------------------------------------------- InferenceWorker
 
 
 class HeldCaptioner:
-    """A captioner that takes as long as the test says: each call waits for a permit.
+    """A captioner that takes as long as the test says: each call (a batch) waits for a permit.
 
-    It reports every window it starts on ``started`` and the thread it ran on.
+    It reports every window it starts on ``started``, every call's windows as
+    ``(source, seq)`` pairs in ``calls``, and the thread it ran on. A call holding a
+    window whose seq is in ``fail_seqs`` (or whose ``(source, seq)`` is in
+    ``fail_windows``) raises, as a batch that a bad window breaks would.
     """
 
     model_id = "fake-captioner"
     sample_rates_hz = (RATE,)
 
-    def __init__(self, fail_seqs: frozenset[int] = frozenset()) -> None:
+    def __init__(self, fail_seqs: frozenset[int] = frozenset(),
+                 fail_windows: frozenset[tuple[str, int]] = frozenset()) -> None:
         self.started: queue.Queue[int] = queue.Queue()
+        self.called: queue.Queue[list[tuple[str, int]]] = queue.Queue()
+        self.calls: list[list[tuple[str, int]]] = []
         self.permits = threading.Semaphore(0)
         self.threads: set[str] = set()
         self.fail_seqs = fail_seqs
+        self.fail_windows = fail_windows
+
+    def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
+        self.threads.add(threading.current_thread().name)
+        keys = [(w.source_id, w.seq) for w in windows]
+        assert len({source for source, _ in keys}) == len(keys), f"one source twice: {keys}"
+        self.calls.append(keys)
+        self.called.put(keys)
+        for win in windows:
+            self.started.put(win.seq)
+        if not self.permits.acquire(timeout=WAIT_S):
+            raise TimeoutError("the test never let this batch finish")
+        for win in windows:
+            if win.seq in self.fail_seqs or (win.source_id, win.seq) in self.fail_windows:
+                raise RuntimeError(f"model failed on window {win.source_id} {win.seq}")
+        return [dataclasses.replace(result_for(w), batch_size=len(windows)) for w in windows]
 
     def caption(self, win: Window) -> CaptionResult:
-        self.threads.add(threading.current_thread().name)
-        self.started.put(win.seq)
-        if not self.permits.acquire(timeout=WAIT_S):
-            raise TimeoutError("the test never let this window finish")
-        if win.seq in self.fail_seqs:
-            raise RuntimeError(f"model failed on window {win.seq}")
-        return result_for(win)
+        return self.caption_batch([win])[0]
 
     async def next_started(self) -> int:
         return await asyncio.to_thread(self.started.get, True, WAIT_S)
+
+    async def next_call(self) -> list[tuple[str, int]]:
+        return await asyncio.to_thread(self.called.get, True, WAIT_S)
 
 
 @pytest.fixture
@@ -355,6 +418,298 @@ async def test_a_failing_window_is_counted_and_the_worker_goes_on(
     assert sample_value(metrics.render(), "streamcap_inference_failures_total", source="s") == 1
 
 
+def batch_worker(captioner: HeldCaptioner, q: WindowQueue, runtime: InferenceRuntime,
+                 published: list[Published], metrics: Metrics, *, batch_max: int,
+                 batch_wait_s: float = 0.0) -> InferenceWorker:
+    return InferenceWorker(captioner, q, published.append, runtime.run, metrics,
+                           clock=FakeClock(arrival(10)), batch_max=batch_max,
+                           batch_wait_s=batch_wait_s)
+
+
+def test_the_worker_refuses_a_batch_max_below_one(runtime: InferenceRuntime) -> None:
+    with pytest.raises(ValueError, match="batch_max must be >= 1"):
+        InferenceWorker(HeldCaptioner(), WindowQueue(1), print, runtime.run, Metrics(),
+                        batch_max=0)
+    with pytest.raises(ValueError, match="batch_wait_s must be >= 0"):
+        InferenceWorker(HeldCaptioner(), WindowQueue(1), print, runtime.run, Metrics(),
+                        batch_wait_s=-1.0)
+
+
+async def test_windows_of_three_sources_waiting_go_in_one_batch(
+        runtime: InferenceRuntime) -> None:
+    captioner = HeldCaptioner()
+    metrics = Metrics()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, metrics, batch_max=8)
+    for source in ("a", "b", "c"):
+        q.offer(window(0, source))
+    q.close()
+    captioner.permits.release(1)
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls == [[("a", 0), ("b", 0), ("c", 0)]]
+    captions = captions_of(published)
+    assert [c.source_id for c in captions] == ["a", "b", "c"]  # in batch order
+    # each window: the batch's wall time, its own lag (all three ended at the same time)
+    assert len({c.latency_ms for c in captions}) == 1
+    assert [c.lag_s for c in captions] == [HOP_S * 10] * 3
+    kinds = [(type(m).__name__, m.source_id) for m in published
+             if isinstance(m, Caption | Embedding)]
+    assert kinds == [(k, s) for s in "abc" for k in ("Caption", "Embedding")]
+    assert (worker.processed, worker.batches, worker.in_flight) == (3, 1, ())
+    text = metrics.render()
+    # stage seconds once per batch, not once per window
+    assert sample_value(text, "streamcap_inference_seconds_count", stage="total") == 1
+    assert sample_value(text, "streamcap_inference_seconds_count", stage="fake") == 1
+    assert sample_value(text, "streamcap_inference_batch_size_count") == 1
+    assert sample_value(text, "streamcap_inference_batch_size_sum") == 3
+    for source in "abc":
+        assert sample_value(text, "streamcap_captions_total", source=source) == 1
+
+
+async def test_batch_max_splits_the_waiting_windows(runtime: InferenceRuntime) -> None:
+    captioner = HeldCaptioner()
+    metrics = Metrics()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, metrics, batch_max=2)
+    for source in ("a", "b", "c"):
+        q.offer(window(0, source))
+    q.close()
+    captioner.permits.release(2)
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls == [[("a", 0), ("b", 0)], [("c", 0)]]
+    assert [c.source_id for c in captions_of(published)] == ["a", "b", "c"]
+    text = metrics.render()
+    assert sample_value(text, "streamcap_inference_batch_size_count") == 2
+    assert sample_value(text, "streamcap_inference_batch_size_sum") == 3
+    assert sample_value(text, "streamcap_inference_seconds_count", stage="total") == 2
+
+
+async def test_a_chatty_source_gets_one_window_per_batch_and_starves_no_one(
+        runtime: InferenceRuntime) -> None:
+    """"a" has four windows waiting, "b" and "c" one each: a batch never holds two windows
+    of one source, and the quiet sources are served in their turn, not after a's backlog."""
+    captioner = HeldCaptioner()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=2)
+    for seq in range(4):
+        q.offer(window(seq, "a"))
+    q.offer(window(0, "b"))
+    q.offer(window(0, "c"))
+    q.close()
+    captioner.permits.release(4)
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls == [[("a", 0), ("b", 0)], [("c", 0), ("a", 1)], [("a", 2)],
+                               [("a", 3)]]
+    assert worker.processed == 6
+
+
+async def test_a_chatty_source_never_fills_a_batch_with_itself(
+        runtime: InferenceRuntime) -> None:
+    """Three sources, one of them with three windows per batch, over many batches: each
+    batch holds each source at most once, the quiet sources lose nothing, and the chatty
+    one's excess is dropped from its own queue only."""
+    captioner = HeldCaptioner()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=8)
+    task = asyncio.create_task(worker.run())
+    offered = {"chatty": 0, "b": 0, "c": 0}
+
+    def offer(source: str) -> None:
+        q.offer(window(offered[source], source))
+        offered[source] += 1
+
+    for rounds in range(6):
+        for _ in range(3):
+            offer("chatty")
+        if rounds % 2 == 0:
+            offer("b")
+        if rounds % 3 == 0:
+            offer("c")
+        captioner.permits.release()
+        await captioner.next_call()
+    q.close()
+    captioner.permits.release(100)
+    await asyncio.wait_for(task, WAIT_S)
+    for call in captioner.calls:
+        sources = [source for source, _ in call]
+        assert len(sources) == len(set(sources)), call
+    assert worker.failed == 0
+    # the quiet sources lose nothing to the chatty one: all their windows are captioned
+    for source in ("b", "c"):
+        seqs = [c.seq for c in captions_of(published) if c.source_id == source]
+        assert seqs == list(range(offered[source])), source
+    # the chatty one outruns one window per batch: its own oldest windows are dropped
+    chatty = [c.seq for c in captions_of(published) if c.source_id == "chatty"]
+    assert chatty == sorted(set(chatty))
+    assert len(chatty) + q.dropped_by_source.get("chatty", 0) == offered["chatty"]
+    assert q.dropped == q.dropped_by_source.get("chatty", 0)
+
+
+async def test_a_window_arriving_during_batch_wait_joins_the_batch(
+        runtime: InferenceRuntime) -> None:
+    """The worker took a's window and waits (far longer than this test lasts) for other
+    sources: a window of a's own does not join, b's does and fills the batch."""
+    captioner = HeldCaptioner()
+    depths: list[int] = []
+    published: list[Published] = []
+    q = WindowQueue(4, on_depth=depths.append)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=2,
+                          batch_wait_s=10 * WAIT_S)
+    task = asyncio.create_task(worker.run())
+    q.offer(window(0, "a"))
+    await wait_until(lambda: depths[-1] == 0, "the worker taking a's window")
+    assert [(w.source_id, w.seq) for w in worker.in_flight] == [("a", 0)]
+    q.offer(window(1, "a"))  # the same source: it waits for the next batch
+    await asyncio.sleep(0)
+    q.offer(window(0, "b"))
+    assert await captioner.next_call() == [("a", 0), ("b", 0)]
+    captioner.permits.release()
+    await wait_until(count_is(published, 2), "the batch's captions")
+    q.close()  # the next batch (a's second window alone) is not kept waiting by the wait
+    assert await captioner.next_call() == [("a", 1)]
+    captioner.permits.release()
+    await asyncio.wait_for(task, WAIT_S)
+    assert [(c.source_id, c.seq) for c in captions_of(published)] == [("a", 0), ("b", 0),
+                                                                       ("a", 1)]
+
+
+async def test_without_batch_wait_a_late_window_goes_in_the_next_batch(
+        runtime: InferenceRuntime) -> None:
+    captioner = HeldCaptioner()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=2)
+    task = asyncio.create_task(worker.run())
+    q.offer(window(0, "a"))
+    assert await captioner.next_call() == [("a", 0)]  # only what waited already
+    q.offer(window(0, "b"))
+    captioner.permits.release(2)
+    assert await captioner.next_call() == [("b", 0)]
+    q.close()
+    await asyncio.wait_for(task, WAIT_S)
+    assert worker.processed == 2
+
+
+async def test_a_raising_batch_is_retried_window_by_window(runtime: InferenceRuntime) -> None:
+    """b's window breaks the batch: a's and c's are captioned alone and published; only
+    b's is lost, and it is counted once."""
+    captioner = HeldCaptioner(fail_windows=frozenset({("b", 0)}))
+    metrics = Metrics()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, metrics, batch_max=8)
+    for source in ("a", "b", "c"):
+        q.offer(window(0, source))
+    q.close()
+    captioner.permits.release(4)
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls == [[("a", 0), ("b", 0), ("c", 0)], [("a", 0)], [("b", 0)],
+                               [("c", 0)]]
+    assert [c.source_id for c in captions_of(published)] == ["a", "c"]
+    assert (worker.processed, worker.failed) == (2, 1)
+    text = metrics.render()
+    assert sample_value(text, "streamcap_inference_failures_total", source="b") == 1
+    assert sample_value(text, "streamcap_inference_failures_total", 0.0, source="a") == 0
+    assert sample_value(text, "streamcap_inference_failures_total", 0.0, source="c") == 0
+    # the failed batch call is not observed; the two retries that succeeded are
+    assert sample_value(text, "streamcap_inference_batch_size_count") == 2
+
+
+async def test_the_batch_in_flight_is_every_window_not_yet_published(
+        runtime: InferenceRuntime) -> None:
+    """What the daemon counts as lost when it cancels the worker on shutdown."""
+    captioner = HeldCaptioner()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=8)
+    task = asyncio.create_task(worker.run())
+    q.offer(window(0, "a"))
+    q.offer(window(0, "b"))
+    assert await captioner.next_call() == [("a", 0), ("b", 0)]
+    assert [(w.source_id, w.seq) for w in worker.in_flight] == [("a", 0), ("b", 0)]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(worker.in_flight) == 2  # left for the daemon's accounting
+    captioner.permits.release()
+    assert captions_of(published) == []
+
+
+async def test_skipped_windows_of_a_batch_are_counted_and_the_rest_published(
+        runtime: InferenceRuntime) -> None:
+    class SkipsB(HeldCaptioner):
+        def caption_batch(  # type: ignore[override]
+                self, windows: Sequence[Window]) -> list[CaptionResult | SkippedWindow]:
+            return [SkippedWindow(window_id=w.window_id, source_id=w.source_id, reason="speech")
+                    if w.source_id == "b" else r
+                    for w, r in zip(windows, super().caption_batch(windows), strict=True)]
+
+    captioner = SkipsB()
+    metrics = Metrics()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, metrics, batch_max=8)
+    for source in ("a", "b", "c"):
+        q.offer(window(0, source))
+    q.close()
+    captioner.permits.release()
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert [c.source_id for c in captions_of(published)] == ["a", "c"]
+    assert (worker.processed, worker.skipped, worker.failed) == (2, 1, 0)
+    assert sample_value(metrics.render(), "streamcap_windows_skipped_total", source="b",
+                        reason="speech") == 1
+
+
+async def test_a_captioner_answering_out_of_order_is_retried_window_by_window(
+        runtime: InferenceRuntime) -> None:
+    class Reversed(HeldCaptioner):
+        def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
+            return list(reversed(super().caption_batch(windows)))
+
+    captioner = Reversed()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=8)
+    windows = [window(0, "a"), window(0, "b")]
+    for win in windows:
+        q.offer(win)
+    q.close()
+    captioner.permits.release(3)
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls == [[("a", 0), ("b", 0)], [("a", 0)], [("b", 0)]]
+    assert [c.window_id for c in captions_of(published)] == [w.window_id for w in windows]
+    assert worker.failed == 0
+
+
+
+async def test_finish_by_starts_no_batch_expected_to_end_after_the_deadline(
+        runtime: InferenceRuntime) -> None:
+    """The shutdown drain: a batch is started only if the last batch's time still fits."""
+    captioner = HeldCaptioner()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=8)
+    for source in ("a", "b"):
+        q.offer(window(0, source))
+    captioner.permits.release()
+    await asyncio.wait_for(worker.process_batch([w for w in (q.take(), q.take()) if w]), WAIT_S)
+    assert worker.processed == 2 and worker.last_latency_s > 0
+    for source in ("a", "b"):
+        q.offer(window(1, source))
+    q.close()
+    worker.finish_by(time.monotonic() + worker.last_latency_s / 2)  # no time for a batch
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert len(captioner.calls) == 1 and len(q) == 2 and worker.in_flight == ()
+    worker.finish_by(time.monotonic() + 10 * WAIT_S)
+    captioner.permits.release()
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls[1] == [("a", 1), ("b", 1)] and len(q) == 0
+
+
 # --------------------------------------------------------------------------- through the Daemon
 
 
@@ -367,9 +722,12 @@ class SleepyCaptioner:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
+    def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
+        time.sleep(self.seconds * len(windows))
+        return [result_for(w) for w in windows]
+
     def caption(self, win: Window) -> CaptionResult:
-        time.sleep(self.seconds)
-        return result_for(win)
+        return self.caption_batch([win])[0]
 
 
 class Recorder:

@@ -1,6 +1,7 @@
 """The speech guard on the inference path: the real Silero VAD marks a window of
 espeak-ng speech and not a synthesized siren; "skip" keeps the captioner from seeing a
-speech window, and the worker publishes nothing for it and counts it.
+speech window, and the worker publishes nothing for it and counts it. A batch of windows
+is judged window by window and the windows kept reach the captioner in one call.
 
 The speech is synthesized by the ``espeak-ng`` binary (scripts/install.sh --test
 installs it); without it the tests that need it are skipped, saying why.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,9 @@ def in_window(sound: npt.NDArray[np.float32], rate: int, *, at_s: float = 2.0,
     return out
 
 
-def window_of(audio_16k: npt.NDArray[np.float32], seq: int = 0) -> Window:
+def window_of(audio_16k: npt.NDArray[np.float32], seq: int = 0, source: str = "porch") -> Window:
     """A window carrying the model's rate and 16 kHz, as the windower cuts them."""
-    return make_window(source_id="porch", seq=seq, epoch=0, start_ms=seq * 10_000,
+    return make_window(source_id=source, seq=seq, epoch=0, start_ms=seq * 10_000,
                        end_ms=seq * 10_000 + 10_000, captured_at=1_700_000_000.0 + seq * 10,
                        level_dbfs=-20.0, run_id=RUN,
                        audio={MODEL_RATE: resample(audio_16k, RATE_HZ, MODEL_RATE),
@@ -69,20 +70,26 @@ def window_of(audio_16k: npt.NDArray[np.float32], seq: int = 0) -> Window:
 
 class FakeCaptioner:
     model_id = "fake"
-    sample_rates_hz = (MODEL_RATE,)
+    sample_rates_hz: tuple[int, ...] = (MODEL_RATE,)
 
     def __init__(self) -> None:
         self.seen: list[str] = []
+        self.batches: list[list[str]] = []
         self.lock = threading.Lock()
 
-    def caption(self, window: Window) -> CaptionResult:
+    def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
         with self.lock:
-            self.seen.append(window.window_id)
-        return CaptionResult(caption=Caption(
+            self.seen.extend(w.window_id for w in windows)
+            self.batches.append([w.window_id for w in windows])
+        return [CaptionResult(caption=Caption(
             window_id=window.window_id, source_id=window.source_id, seq=window.seq,
             start_s=window.start_ms / 1000, end_s=window.end_ms / 1000,
             captured_at=window.captured_at, text="a sound", score=0.5, model=self.model_id,
-            run_id=window.run_id), embedding=None)
+            run_id=window.run_id), embedding=None, stage_seconds={"model": 0.25},
+            batch_size=len(windows)) for window in windows]
+
+    def caption(self, window: Window) -> CaptionResult:
+        return self.caption_batch([window])[0]
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +181,61 @@ async def test_skip_never_captions_a_speech_window_and_counts_it(
     assert worker.skipped == 1 and worker.processed == 1
     samples = metric_samples(metrics.render(), "streamcap_windows_skipped_total")
     assert samples['{reason="speech",source="porch"}'] == 1
+
+
+@needs_espeak
+def test_mark_judges_each_window_of_a_batch_and_captions_them_in_one_call(
+        guard_mark: SpeechGuard, sounds: Mapping[str, npt.NDArray[np.float32]]) -> None:
+    inner = FakeCaptioner()
+    guarded = GuardedCaptioner(inner, guard_mark)
+    windows = [window_of(sounds["siren"], 0, "yard"), window_of(sounds["speech"], 0, "porch"),
+               window_of(sounds["siren"], 0, "gate")]
+    results = guarded.caption_batch(windows)
+    assert inner.batches == [[w.window_id for w in windows]]  # one inner call, in order
+    assert all(isinstance(r, CaptionResult) for r in results)
+    captions = [r.caption for r in results if isinstance(r, CaptionResult)]
+    assert [c.window_id for c in captions] == [w.window_id for w in windows]
+    assert [c.speech for c in captions] == [False, True, False]
+    # the batch's stage times: the model's, and one VAD time for the whole batch
+    stages = [r.stage_seconds for r in results if isinstance(r, CaptionResult)]
+    assert all(st["model"] == 0.25 and st["vad"] > 0 for st in stages)
+    assert len({st["vad"] for st in stages}) == 1
+    assert all(r.batch_size == 3 for r in results if isinstance(r, CaptionResult))
+
+
+@needs_espeak
+def test_skip_keeps_speech_windows_of_a_batch_from_the_captioner(
+        guard_mark: SpeechGuard, sounds: Mapping[str, npt.NDArray[np.float32]]) -> None:
+    inner = FakeCaptioner()
+    guarded = GuardedCaptioner(inner, SpeechGuard(PrivacyConfig(speech="skip"),
+                                                  guard_mark._model()))
+    windows = [window_of(sounds["speech"], 0, "porch"), window_of(sounds["siren"], 0, "yard"),
+               window_of(sounds["speech"], 0, "hall"), window_of(sounds["siren"], 0, "gate")]
+    results = guarded.caption_batch(windows)
+    # the two siren windows went to the captioner together; the speech never did
+    assert inner.batches == [[windows[1].window_id, windows[3].window_id]]
+    assert [type(r).__name__ for r in results] == ["SkippedWindow", "CaptionResult",
+                                                   "SkippedWindow", "CaptionResult"]
+    assert [r.window_id if isinstance(r, SkippedWindow) else r.caption.window_id
+            for r in results] == [w.window_id for w in windows]
+    assert all(r.reason == "speech" for r in results if isinstance(r, SkippedWindow))
+    assert all(r.caption.speech is False and "vad" in r.stage_seconds
+               for r in results if isinstance(r, CaptionResult))
+    # a batch of speech only: the captioner is not called at all
+    inner.batches.clear()
+    only_speech = guarded.caption_batch([windows[0], windows[2]])
+    assert inner.batches == [] and all(isinstance(r, SkippedWindow) for r in only_speech)
+
+
+def test_a_guarded_batch_refuses_two_windows_of_one_source_and_missing_16k() -> None:
+    inner = FakeCaptioner()
+    guarded = GuardedCaptioner(inner, SpeechGuard(PrivacyConfig(speech="mark")))
+    quiet = np.zeros(WINDOW_S * RATE_HZ, dtype=np.float32)
+    with pytest.raises(ValueError, match="two windows of one source"):
+        guarded.caption_batch([window_of(quiet, 0), window_of(quiet, 1)])
+    at_32k_only = make_window(source_id="yard", seq=0, epoch=0, start_ms=0, end_ms=10_000,
+                              captured_at=1_700_000_000.0, level_dbfs=-20.0, run_id=RUN,
+                              audio={MODEL_RATE: np.zeros(WINDOW_S * MODEL_RATE, np.float32)})
+    with pytest.raises(ValueError, match="has no 16000 Hz audio"):
+        guarded.caption_batch([window_of(quiet, 0), at_32k_only])
+    assert inner.batches == []

@@ -10,6 +10,9 @@ captioner runs, and then:
   :class:`~streamcap.pipeline.SkippedWindow` (the worker counts it and publishes
   nothing); a window without speech is captioned with ``speech=False``.
 
+A batch (:meth:`GuardedCaptioner.caption_batch`) is judged window by window; the
+windows that are to be captioned go to the captioner together, in one call.
+
 :class:`SpeechGuard` is also what a trigger event clip is checked with
 (:meth:`SpeechGuard.holds_speech`).
 """
@@ -113,22 +116,52 @@ class GuardedCaptioner:
         return self._rates
 
     def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult | SkippedWindow]:
-        return [self.caption(w) for w in windows]
+        """VAD on each window, then the windows not skipped in ONE call of the captioner's
+        ``caption_batch``; one result per window, in input order.
+
+        A skipped window (``"skip"`` and speech) never reaches the captioner. Each caption
+        gets its window's ``speech`` verdict, and ``stage_seconds["vad"]`` is the VAD time
+        of the whole batch (``stage_seconds`` are the batch's).
+
+        Raises:
+            ValueError: Two windows of one source, or a window without 16 kHz audio.
+        """
+        if len({w.source_id for w in windows}) < len(windows):
+            raise ValueError("caption_batch: two windows of one source in one batch")
+        started = time.perf_counter()
+        verdicts = [self.guard.judge(_audio_16k(window)) for window in windows]
+        vad_s = time.perf_counter() - started
+        skip = self.guard.options.speech == "skip"
+        out: list[CaptionResult | SkippedWindow | None] = [None] * len(windows)
+        captioned: list[int] = []
+        for n, (window, verdict) in enumerate(zip(windows, verdicts, strict=True)):
+            if verdict.speech and skip:
+                out[n] = SkippedWindow(window_id=window.window_id, source_id=window.source_id,
+                                       reason="speech", detail=f"fraction={verdict.fraction:.3f}")
+            else:
+                captioned.append(n)
+        if captioned:
+            results = self.inner.caption_batch([windows[n] for n in captioned])
+            if len(results) != len(captioned):
+                raise RuntimeError(f"{self.inner.model_id}: caption_batch returned "
+                                   f"{len(results)} results for {len(captioned)} windows")
+            for n, result in zip(captioned, results, strict=True):
+                if isinstance(result, CaptionResult):
+                    caption = dataclasses.replace(result.caption, speech=verdicts[n].speech)
+                    result = dataclasses.replace(
+                        result, caption=caption, stage_seconds={**result.stage_seconds,
+                                                                "vad": vad_s})
+                out[n] = result
+        return [r for r in out if r is not None]
 
     def caption(self, window: Window) -> CaptionResult | SkippedWindow:
-        audio = window.audio.get(RATE_HZ)
-        if audio is None:
-            raise ValueError(f"window {window.window_id} has no {RATE_HZ} Hz audio for the "
-                             f"speech guard (it has {sorted(window.audio)})")
-        started = time.perf_counter()
-        verdict = self.guard.judge(audio)
-        vad_s = time.perf_counter() - started
-        if verdict.speech and self.guard.options.speech == "skip":
-            return SkippedWindow(window_id=window.window_id, source_id=window.source_id,
-                                 reason="speech", detail=f"fraction={verdict.fraction:.3f}")
-        result = self.inner.caption(window)
-        if isinstance(result, SkippedWindow):
-            return result
-        caption = dataclasses.replace(result.caption, speech=verdict.speech)
-        return dataclasses.replace(result, caption=caption,
-                                   stage_seconds={**result.stage_seconds, "vad": vad_s})
+        """One window: :meth:`caption_batch` of one."""
+        return self.caption_batch([window])[0]
+
+
+def _audio_16k(window: Window) -> npt.NDArray[np.float32]:
+    audio = window.audio.get(RATE_HZ)
+    if audio is None:
+        raise ValueError(f"window {window.window_id} has no {RATE_HZ} Hz audio for the "
+                         f"speech guard (it has {sorted(window.audio)})")
+    return audio
