@@ -10,6 +10,7 @@ from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import make_window
 from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer, CodecTokens, codec_preset
 from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
+from streamcap.models.codecs.streaming import _Fed as _fed
 
 torch.set_num_threads(1)
 SR = 24000
@@ -148,6 +149,9 @@ class _MetaTokenizer:
                            codec_id=self.codec_id, frame_rate_hz=self.frame_rate_hz,
                            start_frame=start_frame)
 
+    def codes_batch(self, clips: list[np.ndarray]) -> list[torch.Tensor]:
+        return [self.tokens(clip).codes for clip in clips]
+
     def encode(self, audio: np.ndarray) -> np.ndarray:
         raise AssertionError("the streaming cache must not ask for host codes")
 
@@ -166,3 +170,42 @@ def test_bad_options_and_input(tok: CodecTokenizer) -> None:
         StreamingOptions(context_frames_left=-1)
     with pytest.raises(ModelError, match="mono"):
         StreamingCodec(tok).feed(source_id="s", epoch=0, start_sample=0, audio=np.zeros((2, 320), np.float32))
+
+
+def test_a_batch_of_sources_gets_each_sources_own_codes(
+        tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
+    """Three sources fed as batches (equal chunks encoded together) get the codes each
+    gets alone, window after window, and the encoder is called once per chunk length."""
+    rng = np.random.default_rng(3)
+    streams = {f"s{k}": (stream_audio * (0.5 + k) + 0.02 * rng.standard_normal(stream_audio.size)
+                         ).astype(np.float32) for k in range(3)}
+    batched, alone = StreamingCodec(tok), StreamingCodec(tok)
+    calls: list[int] = []
+    encode_clips = tok._encode_clips
+
+    def counting(samples: np.ndarray, n_frames: int) -> torch.Tensor:
+        calls.append(samples.shape[0])
+        return encode_clips(samples, n_frames)
+
+    tok._encode_clips = counting  # type: ignore[method-assign]
+    try:
+        for start in range(0, len(stream_audio) - WIN + 1, HOP):
+            fed = [{"source_id": s, "epoch": 0, "start_sample": start,
+                    "audio": x[start : start + WIN]} for s, x in streams.items()]
+            calls.clear()
+            together = batched.feed_batch([_fed(**f) for f in fed])
+            if start > 0:  # steady state: one call for the fresh chunks, one for the edges
+                assert calls == [3, 3]
+            for f, got in zip(fed, together, strict=True):
+                own = alone.feed(**f)
+                assert got.start_frame == own.start_frame
+                assert torch.equal(got.codes, own.codes)
+    finally:
+        del tok._encode_clips
+    with pytest.raises(ValueError, match="two windows of one source"):
+        StreamingCodec(tok).codes_for_batch([
+            make_window(source_id="a", seq=seq, epoch=0, start_ms=seq * HOP // 24,
+                        end_ms=seq * HOP // 24 + WIN // 24, captured_at=0.0, level_dbfs=-20.0,
+                        audio={SR: stream_audio[seq * HOP : seq * HOP + WIN]})
+            for seq in (0, 1)
+        ])

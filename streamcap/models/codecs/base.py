@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
@@ -115,12 +115,17 @@ ConfigT = TypeVar("ConfigT", bound=AudioTokenizerConfig)
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
+MAX_CODEC_BATCH = 32
+"""Clips per encoder call in :meth:`EncoderQuantizerTokenizer.codes_batch` (bounds the memory
+of the encoder's widest activations: 64 channels at the full sample rate per clip)."""
+
+
 class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
     """Base of the codec tokenizers: mono audio -> int16 codes (n_codebooks, n_frames).
 
     A subclass sets ``_expected`` (key -> shape of its module), builds or adopts
     the module and hands it to :meth:`_set_module`, and implements
-    :meth:`encode_tensor` and :meth:`_encode_clip`.
+    :meth:`encode_tensor` and :meth:`_encode_clips`.
 
     Args:
         config: the codec dimensions.
@@ -200,19 +205,47 @@ class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
         Raises:
             ModelError: ``audio`` is not 1-D or holds NaN/inf.
         """
-        samples = np.asarray(audio, dtype=self._input_dtype)
-        if samples.ndim != 1:
-            raise ModelError(f"codec input: expected mono audio of shape (n,), got {samples.shape}")
-        n_frames = self.config.n_frames(samples.shape[0])
-        if n_frames == 0:
-            codes = torch.zeros((self.config.n_codebooks, 0), dtype=torch.int64,
-                                device=self.device)
-        elif not np.all(np.isfinite(samples)):
-            raise ModelError("codec input: audio holds NaN or inf samples")
-        else:
-            codes = self._encode_clip(samples, n_frames)
+        (codes,) = self.codes_batch([audio])
         return CodecTokens(codes=codes, codec_id=self.codec_id,
                            frame_rate_hz=self.frame_rate_hz, start_frame=start_frame)
+
+    def codes_batch(self, clips: Sequence[Float32Array]) -> list[torch.Tensor]:
+        """The codes of each mono clip; clips of equal length are encoded as one batch.
+
+        Each clip's codes are :meth:`tokens`'s of that clip alone (a convolution's
+        result does not depend on the other rows of its batch, up to float rounding).
+        At most :data:`MAX_CODEC_BATCH` clips go through the encoder at once.
+
+        Returns:
+            int64 (n_codebooks, ceil(n / hop_length)) codes per clip, in input order.
+
+        Raises:
+            ModelError: a clip is not 1-D or holds NaN/inf.
+        """
+        arrays = [np.asarray(clip, dtype=self._input_dtype) for clip in clips]
+        by_length: dict[int, list[int]] = {}
+        for i, samples in enumerate(arrays):
+            if samples.ndim != 1:
+                raise ModelError(
+                    f"codec input: expected mono audio of shape (n,), got {samples.shape}")
+            if not np.all(np.isfinite(samples)):
+                raise ModelError("codec input: audio holds NaN or inf samples")
+            by_length.setdefault(samples.shape[0], []).append(i)
+        out: list[torch.Tensor] = [self._no_codes] * len(arrays)
+        for length, rows in by_length.items():
+            n_frames = self.config.n_frames(length)
+            if n_frames == 0:
+                continue
+            for first in range(0, len(rows), MAX_CODEC_BATCH):
+                part = rows[first : first + MAX_CODEC_BATCH]
+                codes = self._encode_clips(np.stack([arrays[i] for i in part]), n_frames)
+                for j, i in enumerate(part):
+                    out[i] = codes[j]
+        return out
+
+    @property
+    def _no_codes(self) -> torch.Tensor:
+        return torch.zeros((self.config.n_codebooks, 0), dtype=torch.int64, device=self.device)
 
     def encode(self, audio: Float32Array) -> CodesArray:
         """:meth:`tokens` of one mono clip in the storage form: int16 (n_codebooks, n_frames).
@@ -223,8 +256,8 @@ class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
         return self.tokens(audio).to_numpy()
 
     @abstractmethod
-    def _encode_clip(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
-        """int64 (n_codebooks, n_frames) codes of a finite, non-empty 1-D clip."""
+    def _encode_clips(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
+        """int64 (b, n_codebooks, n_frames) codes of finite, non-empty clips, (b, n) samples."""
 
     @abstractmethod
     def encode_tensor(self, audio: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ No I/O happens here; weights come in as state dicts.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
@@ -191,6 +191,8 @@ class AudioTokenizer(Protocol):
 
     def tokens(self, audio: Float32Array, *, start_frame: int | None = 0) -> CodecTokens: ...
 
+    def codes_batch(self, clips: Sequence[Float32Array]) -> list[torch.Tensor]: ...
+
     def encode(self, audio: Float32Array) -> CodesArray: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
@@ -341,12 +343,11 @@ class CodecTokenizer(EncoderQuantizerTokenizer[CodecConfig, DacEncoderQuantizer]
             kept[key] = value
         self._load_checked(kept, f"codec state dict does not match {self.config.codec_id}")
 
-    def _encode_clip(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
-        padded = np.zeros(n_frames * self.config.hop_length, dtype=np.float32)
-        padded[: samples.shape[0]] = samples
-        x = torch.from_numpy(padded).to(self.device).view(1, 1, -1)
-        codes: torch.Tensor = self.encode_tensor(x)[0]
-        return codes
+    def _encode_clips(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
+        padded = np.zeros((samples.shape[0], n_frames * self.config.hop_length), dtype=np.float32)
+        padded[:, : samples.shape[1]] = samples
+        x = torch.from_numpy(padded).to(self.device)[:, None, :]
+        return self.encode_tensor(x)
 
     @torch.inference_mode()
     def encode_tensor(self, audio: torch.Tensor) -> torch.Tensor:

@@ -317,9 +317,9 @@ class EncodecTokenizer(EncoderQuantizerTokenizer[EncodecCodecConfig, EncodecEnco
             kept[key] = value
         self._load_checked(kept, f"EnCodec weights do not match {self.config.codec_id}")
 
-    def _encode_clip(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(samples)).to(self.device).view(1, 1, -1)
-        codes = self.encode_tensor(x)[0]
+    def _encode_clips(self, samples: npt.NDArray[Any], n_frames: int) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(samples)).to(self.device)[:, None, :]
+        codes = self.encode_tensor(x)
         if codes.shape[-1] != n_frames:  # the encoder's own padding always gives ceil(n / hop)
             raise ModelError(f"codec: encoder returned {codes.shape[-1]} frames for "
                              f"{samples.shape[0]} samples, expected {n_frames}")

@@ -39,7 +39,9 @@ and back. The window's start comes from its exact integer timebase
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
@@ -94,6 +96,41 @@ class _SourceCache:
         return self.first_frame + int(self.codes.shape[1])
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Fed:
+    """One window's audio handed to :meth:`StreamingCodec.feed_batch`."""
+
+    source_id: str
+    epoch: int
+    start_sample: int
+    audio: Float32Array
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Plan:
+    """What one window needs encoded: the whole window, or the uncached tail
+    (window frames ``[s0, n_frames)``) and, for exact edges, its first frames again."""
+
+    cache: _SourceCache
+    samples: Float32Array
+    n_frames: int
+    hop: int
+    whole: bool
+    start_frame: int | None
+    u: int = 0  # first window frame not taken from the cache
+    s0: int = 0  # first window frame of the fresh chunk (u minus the left context)
+    edge_frames: int = 0  # frames of the edge chunk from the window start (0: none)
+
+    def chunks(self) -> list[Float32Array]:
+        """The audio to encode, in the order :meth:`StreamingCodec._finish` takes codes."""
+        if self.whole:
+            return [self.samples]
+        fresh = self.samples[self.s0 * self.hop : self.n_frames * self.hop]
+        if not self.edge_frames:
+            return [fresh]
+        return [fresh, self.samples[: self.edge_frames * self.hop]]
+
+
 @dataclass(slots=True)
 class StreamingCodec:
     """Per-source incremental encoder of overlapping windows (sans-I/O, not thread-safe).
@@ -114,13 +151,24 @@ class StreamingCodec:
         Returns:
             int64 (n_codebooks, ceil(n / hop_length)) codes, as :meth:`AudioTokenizer.tokens`.
         """
+        (tokens,) = self.codes_for_batch([window])
+        return tokens
+
+    def codes_for_batch(self, windows: Sequence[Window]) -> list[CodecTokens]:
+        """:meth:`codes_for` of windows of distinct sources, their encodes batched.
+
+        In a steady stream every source's new chunk (and re-encoded edge) has the same
+        length, so W windows cost two encoder calls instead of 2W.
+
+        Raises:
+            ValueError: two windows of one source.
+        """
+        if len({w.source_id for w in windows}) < len(windows):
+            raise ValueError("codes_for_batch: two windows of one source")
         rate = self.tokenizer.config.sample_rate_hz
-        return self.feed(
-            source_id=window.source_id,
-            epoch=window.epoch,
-            start_sample=window.start_sample(rate),
-            audio=window.samples(rate),
-        )
+        return self.feed_batch([
+            _Fed(source_id=w.source_id, epoch=w.epoch, start_sample=w.start_sample(rate),
+                 audio=w.samples(rate)) for w in windows])
 
     def feed(
         self, *, source_id: str, epoch: int, start_sample: int, audio: Float32Array
@@ -140,7 +188,20 @@ class StreamingCodec:
         Raises:
             ModelError: ``audio`` is not 1-D or is not finite.
         """
-        samples = np.asarray(audio, dtype=np.float32)
+        (tokens,) = self.feed_batch([_Fed(source_id=source_id, epoch=epoch,
+                                          start_sample=start_sample, audio=audio)])
+        return tokens
+
+    def feed_batch(self, fed: Sequence[_Fed]) -> list[CodecTokens]:
+        """:meth:`feed` of several windows (distinct sources): plan each, encode every
+        chunk in one :meth:`AudioTokenizer.codes_batch` call, then assemble each."""
+        plans = [self._plan(f) for f in fed]
+        chunks = [chunk for plan in plans for chunk in plan.chunks()]
+        codes = iter(self.tokenizer.codes_batch(chunks))
+        return [self._finish(plan, codes) for plan in plans]
+
+    def _plan(self, fed: _Fed) -> _Plan:
+        samples = np.asarray(fed.audio, dtype=np.float32)
         if samples.ndim != 1:
             raise ModelError(f"codec input: expected mono audio of shape (n,), got {samples.shape}")
         config = self.tokenizer.config
@@ -148,29 +209,67 @@ class StreamingCodec:
         n_frames = config.n_frames(samples.shape[0])
         self.stats.windows += 1
         self.stats.frames_out += n_frames
-        cache = self._caches.get(source_id)
-        if cache is None or cache.epoch != epoch:
+        cache = self._caches.get(fed.source_id)
+        if cache is None or cache.epoch != fed.epoch:
             if cache is not None:
                 self.stats.resets += 1
-            cache = _SourceCache(epoch=epoch, first_frame=0, codes=self._empty())
-            self._caches[source_id] = cache
-        on_grid = start_sample % hop == 0
+            cache = _SourceCache(epoch=fed.epoch, first_frame=0, codes=self._empty())
+            self._caches[fed.source_id] = cache
+        on_grid = fed.start_sample % hop == 0
         if not on_grid or n_frames == 0:
             if cache.seen:
                 self.stats.whole_encodes += 1
             cache.seen = True
             cache.codes = self._empty()
             self.stats.frames_encoded += n_frames
-            return self.tokenizer.tokens(samples,
-                                         start_frame=start_sample // hop if on_grid else None)
-        w0 = start_sample // hop
+            return _Plan(cache=cache, samples=samples, n_frames=n_frames, hop=hop, whole=True,
+                         start_frame=fed.start_sample // hop if on_grid else None)
+        w0 = fed.start_sample // hop
         self._evict(cache, w0)
         if cache.seen and cache.codes.shape[1] == 0:
             self.stats.whole_encodes += 1
         cache.seen = True
-        codes = self._assemble(cache, samples, w0, n_frames)
-        return CodecTokens(codes=codes, codec_id=self.tokenizer.codec_id,
-                           frame_rate_hz=self.tokenizer.frame_rate_hz, start_frame=w0)
+        left = self.options.context_frames_left
+        right = self.options.context_frames_right
+        u = min(cache.codes.shape[1], max(n_frames - right, 0))  # first frame to compute now
+        s0 = max(0, u - left)  # the chunk starts `left` frames earlier, or at the window start
+        plan = _Plan(cache=cache, samples=samples, n_frames=n_frames, hop=hop, whole=False,
+                     start_frame=w0, u=u, s0=s0,
+                     edge_frames=min(n_frames, left + right)
+                     if self.options.exact_edges and s0 > 0 and left > 0 else 0)
+        self.stats.frames_encoded += (n_frames - s0) + plan.edge_frames
+        return plan
+
+    def _finish(self, plan: _Plan, codes: Iterator[torch.Tensor]) -> CodecTokens:
+        """The window's codes from the cache and its freshly encoded chunks (frames
+        relative to the window start); the cache keeps the frames that became final."""
+        if plan.whole:
+            return CodecTokens(codes=next(codes), codec_id=self.tokenizer.codec_id,
+                               frame_rate_hz=self.tokenizer.frame_rate_hz,
+                               start_frame=plan.start_frame)
+        cache, u, s0, n_frames = plan.cache, plan.u, plan.s0, plan.n_frames
+        left = self.options.context_frames_left
+        right = self.options.context_frames_right
+        cached = cache.codes.shape[1]
+        fresh = next(codes)
+        out = torch.cat((cache.codes[:, :u], fresh[:, u - s0 :]), dim=1)  # a new tensor
+        # Frames with `left` real frames before them and `right` after them become final.
+        lo = max(u, left)
+        hi = n_frames - right
+        if hi > lo:
+            new = fresh[:, lo - s0 : hi - s0]
+            if cached > 0 and lo == cached:
+                cache.codes = torch.cat((cache.codes, new), dim=1)
+            else:
+                cache.codes = new
+                cache.first_frame = cast(int, plan.start_frame) + lo
+        if plan.edge_frames:
+            # The window's first frames as a whole-window encode sees them: zeros before w0.
+            n_edge = min(left, n_frames)
+            out[:, :n_edge] = next(codes)[:, :n_edge]
+        return CodecTokens(codes=out, codec_id=self.tokenizer.codec_id,
+                           frame_rate_hz=self.tokenizer.frame_rate_hz,
+                           start_frame=plan.start_frame)
 
     def reset(self, source_id: str | None = None) -> None:
         """Drop one source's cache, or every cache when ``source_id`` is None."""
@@ -199,38 +298,3 @@ class StreamingCodec:
         else:
             cache.codes = self._empty()  # first window, gap, jump back, or hop < context
         cache.first_frame = w0
-
-    def _encode_frames(self, samples: Float32Array, first: int, end: int) -> torch.Tensor:
-        """Codes of window-relative frames [first, end), encoded as one chunk (zero-padded edges)."""
-        hop = self.tokenizer.config.hop_length
-        chunk = samples[first * hop : end * hop]
-        self.stats.frames_encoded += end - first
-        return self.tokenizer.tokens(chunk).codes
-
-    def _assemble(
-        self, cache: _SourceCache, samples: Float32Array, w0: int, n_frames: int
-    ) -> torch.Tensor:
-        """Window codes from the cache plus one encode of the uncached tail (frames relative to w0)."""
-        left = self.options.context_frames_left
-        right = self.options.context_frames_right
-        cached = cache.codes.shape[1]  # the cache covers window frames [0, cached)
-        u = min(cached, max(n_frames - right, 0))  # first frame to compute now
-        s0 = max(0, u - left)  # the chunk starts `left` frames earlier, or at the window start
-        fresh = self._encode_frames(samples, s0, n_frames)
-        out = torch.cat((cache.codes[:, :u], fresh[:, u - s0 :]), dim=1)  # a new tensor
-        # Frames with `left` real frames before them and `right` after them become final.
-        lo = max(u, left)
-        hi = n_frames - right
-        if hi > lo:
-            new = fresh[:, lo - s0 : hi - s0]
-            if cached > 0 and lo == cached:
-                cache.codes = torch.cat((cache.codes, new), dim=1)
-            else:
-                cache.codes = new
-                cache.first_frame = w0 + lo
-        if self.options.exact_edges and s0 > 0 and left > 0:
-            # The window's first frames as a whole-window encode sees them: zeros before w0.
-            n_edge = min(left, n_frames)
-            edge = self._encode_frames(samples, 0, min(n_frames, left + right))
-            out[:, :n_edge] = edge[:, :n_edge]
-        return out
