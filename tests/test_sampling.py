@@ -114,7 +114,7 @@ def _plain_sampler(
                 attention_mask=mask.repeat(k, 1),
                 decoder_input_ids=history,
             )
-        tokens, logp = sampler.choose(out.logits[:, -1], history, generator)
+        tokens, logp = sampler.choose(out.logits[:, -1], history, [generator], [k])
         for r, t, lp in zip(rows, tokens.tolist(), logp.tolist(), strict=True):
             seqs[r].append(t)
             logps[r].append(lp)
@@ -239,8 +239,10 @@ def test_bf16_model_runs(encoder_out: tuple[torch.Tensor, torch.Tensor]) -> None
 
 def test_bad_inputs(flat_bart: BartForConditionalGeneration) -> None:
     opts = sampling_options(n_candidates=2, max_new_tokens=4, min_new_tokens=0)
-    with pytest.raises(ValueError, match=r"\(1, L, d_model\)"):
+    with pytest.raises(ValueError, match=r"\(1, L, d_model\).*decode_batch"):
         sample_candidates(flat_bart, torch.zeros(2, 5, D_MODEL), None, opts)
+    with pytest.raises(ValueError, match=r"\(W, L, d_model\)"):
+        sample_candidates(flat_bart, torch.zeros(5, D_MODEL), None, opts)
     with pytest.raises(ValueError, match="d_model is 32"):
         sample_candidates(flat_bart, torch.zeros(1, 5, 16), None, opts)
     with pytest.raises(ValueError, match="masks out every"):
