@@ -1,23 +1,35 @@
 """The captioner: every model component composed into Window -> Caption.
 
-Per window, on the inference thread:
+:meth:`Captioner.caption_batch` captions W windows of distinct sources together
+(:meth:`Captioner.caption` is a batch of one: one code path), on the inference thread:
 
-1. **codec**: DAC codes of the window at 24 kHz, from the per-source
-   streaming cache (each hop of new audio is encoded once);
+1. **codec**: DAC codes of each window at 24 kHz, from its source's streaming
+   cache (each hop of new audio is encoded once); one window after another
+   (the chunks are long convolutions: batching them gains little on a CPU);
 2. **retriever audio**: CNext clip embedding (EnCLAP's row 0) and the joint
-   audio embedding (published as the window's ``Embedding``), at 32 kHz;
-3. **encoder**: EnCLAP's BART encoder over ``[clip, BOS, codes, EOS]``, once;
+   audio embedding (published as the window's ``Embedding``), at 32 kHz, one
+   CNext batch per window length (padding would change an embedding);
+3. **encoder**: EnCLAP's BART encoder over ``[clip, BOS, codes, EOS]`` of all W
+   windows at once, padded to the longest with a frame mask;
 4. **decoding** (:class:`~streamcap.models.decoding.task.DecodingTask`): the
-   options' token decoder over that one encoder output (``sampling``:
-   ``n_candidates`` nucleus samples in one batched pass; ``beam``: beam search),
-   then, for samples, **text encoder** (the retriever's text embedding of each
-   distinct candidate), **fluency** (its error probability) and the rerank
-   ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins;
+   options' token decoder over those encoder outputs (``sampling``:
+   ``n_candidates`` nucleus samples per window, all ``W x n_candidates`` rows in
+   one batched pass, each window's rows attending only to its own encoder output;
+   ``beam``: beam search, window by window), then, for samples, **text encoder**
+   (the retriever's text embedding of each distinct candidate of all windows, once)
+   and **fluency** (its error probability, once over the same texts), and per window
+   the rerank ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins;
 5. **abstention** (:mod:`~streamcap.models.decoding.abstain`): the chosen
    caption's *confidence* is the retriever's cosine of its text with the
    window's audio (the rerank's encoder score, or computed for beam search's
    caption); the bundle's rule (if any) replaces the text by "quiet" or "an
    unfamiliar sound" and marks the caption ``abstained``.
+
+Each window samples from its own random stream
+(:meth:`~streamcap.models.decoding.task.DecodingTask.stream_for`): with a decoding seed,
+seeded from ``(seed, source_id, seq)``, so a window's caption is the same alone or in
+any batch, in any order, whatever was captioned before (scores up to float rounding).
+A batch's results carry ``batch_size`` and the whole batch's seconds per stage.
 
 Two compositions exist (the bundle manifest names them: component ``codec`` has
 ``config.kind`` ``"dac"`` (the default when absent) or ``"encodec"``; an optional
