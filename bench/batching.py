@@ -120,7 +120,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"random weights (every candidate runs to {setup['max_new_tokens']} tokens), "
         f"{setup['n_candidates']} candidates per window, {WINDOW_S:g} s windows every "
         f"{HOP_S:g} s. Seconds for the {w} windows of one round (median of "
-        f"{setup['rounds']} rounds): one at a time = the sum of {w} `caption` calls, batched = "
+        f"{len(report['records']) // 2} rounds{'' if report['complete'] else ', run cut short'}): one at a time = the sum of {w} `caption` calls, batched = "
         f"one `caption_batch`. Load average (1 min) {report['loadavg_start']:.2f} at start, "
         f"{report['loadavg_end']:.2f} at end (a shared machine: timings are noisy)."),
         "",
@@ -198,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     captioner.caption_batch(by_seq[0])  # warm-up: every source's first window (whole encodes)
     run_solo(captioner, by_seq[1])  # warm-up of the one-window shapes, in the steady state
     records: list[dict[str, Any]] = []
+
+    def write_report(records: Sequence[dict[str, Any]], *, done: bool) -> dict[str, Any]:
+        return _report(args, preset, decoding, records, load_start, wall0, done)
+
     for r in range(args.rounds):
         first, second = by_seq[2 + 2 * r], by_seq[3 + 2 * r]
         if r % 2 == 0:
@@ -208,6 +212,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             stages = " ".join(f"{s}={v:.2f}" for s, v in rec["stage_seconds"].items())
             print(f"round {r} {rec['mode']:13s} total={rec['total_s']:.2f} s  {stages}  "
                   f"load={rec['loadavg_before']:.2f}", flush=True)
+        write_report(records, done=False)
+    return write_report(records, done=True)
+
+
+def _report(args: argparse.Namespace, preset: str, decoding: DecodingOptions,
+            records: Sequence[dict[str, Any]], load_start: float, wall0: float,
+            done: bool) -> dict[str, Any]:
+    """Write the JSON and the table (after every round, so that a cut run keeps its data)."""
     cpuinfo = Path("/proc/cpuinfo")
     flags = parse_cpu_flags(cpuinfo.read_text(encoding="utf-8")) if cpuinfo.exists() else set()
     out_path = Path(args.out)
@@ -226,12 +238,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "loadavg_start": load_start,
         "loadavg_end": os.getloadavg()[0],
         "wall_s": round(time.perf_counter() - wall0, 1),
+        "complete": done,
         "json_path": str(out_path),
     }
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     out_path.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
-    print(markdown(report))
+    if done:
+        print(markdown(report))
     return report
 
 
