@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -114,7 +115,7 @@ def _plain_sampler(
                 attention_mask=mask.repeat(k, 1),
                 decoder_input_ids=history,
             )
-        tokens, logp = sampler.choose(out.logits[:, -1], history, generator)
+        tokens, logp = sampler.choose(out.logits[:, -1], history, [generator], [k])
         for r, t, lp in zip(rows, tokens.tolist(), logp.tolist(), strict=True):
             seqs[r].append(t)
             logps[r].append(lp)
@@ -239,8 +240,10 @@ def test_bf16_model_runs(encoder_out: tuple[torch.Tensor, torch.Tensor]) -> None
 
 def test_bad_inputs(flat_bart: BartForConditionalGeneration) -> None:
     opts = sampling_options(n_candidates=2, max_new_tokens=4, min_new_tokens=0)
-    with pytest.raises(ValueError, match=r"\(1, L, d_model\)"):
+    with pytest.raises(ValueError, match=r"\(1, L, d_model\).*decode_batch"):
         sample_candidates(flat_bart, torch.zeros(2, 5, D_MODEL), None, opts)
+    with pytest.raises(ValueError, match=r"\(W, L, d_model\)"):
+        sample_candidates(flat_bart, torch.zeros(5, D_MODEL), None, opts)
     with pytest.raises(ValueError, match="d_model is 32"):
         sample_candidates(flat_bart, torch.zeros(1, 5, 16), None, opts)
     with pytest.raises(ValueError, match="masks out every"):
@@ -316,3 +319,78 @@ def test_attach_texts() -> None:
     )
     (out,) = attach_texts([c], _FakeTokenizer())
     assert out.text == "w7 w9" and out.token_ids == c.token_ids
+
+
+def _windows_of(lengths: list[int], seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder outputs of len(lengths) windows, padded to the longest, and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    states = torch.randn(len(lengths), longest, D_MODEL, generator=g)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return states, mask
+
+
+@pytest.mark.parametrize("model", ["flat_bart", "peaked_bart"])
+def test_a_batch_of_windows_samples_each_as_alone(
+    model: str, request: pytest.FixtureRequest
+) -> None:
+    bart = request.getfixturevalue(model)
+    states, mask = _windows_of([7, 12, 4, 12])
+    opts = sampling_options(n_candidates=6, max_new_tokens=14, temperature=0.8)
+    sampler = NucleusSampler(opts)
+    alone = [sampler.decode(SharedCrossInference(bart, states[i:i + 1, :n], None),
+                            torch.Generator().manual_seed(100 + i))
+             for i, n in enumerate([7, 12, 4, 12])]
+    batch = sampler.decode_batch(SharedCrossInference(bart, states, mask),
+                                 [torch.Generator().manual_seed(100 + i) for i in range(4)])
+    assert [[c.token_ids for c in w] for w in batch] == [[c.token_ids for c in w] for w in alone]
+    for got, want in zip(batch, alone, strict=True):
+        assert [c.decoder_score for c in got] == pytest.approx(
+            [c.decoder_score for c in want], abs=1e-5)
+        assert [c.ended_by_model for c in got] == [c.ended_by_model for c in want]
+    lengths = {len(c.token_ids) for w in batch for c in w}
+    assert len(lengths) > 1  # rows left the batch at different steps
+
+
+def test_window_streams_are_stable_and_distinct() -> None:
+    task = DecodingTask(sampling_options(seed=7), _FakeTokenizer())
+    draws = {key: torch.rand(4, generator=task.stream_for(*key)).tolist()
+             for key in [("a", 0), ("a", 1), ("b", 0)]}
+    assert draws[("a", 0)] == torch.rand(4, generator=task.stream_for("a", 0)).tolist()
+    assert len({tuple(v) for v in draws.values()}) == 3
+    other_seed = DecodingTask(sampling_options(seed=8), _FakeTokenizer())
+    assert torch.rand(4, generator=other_seed.stream_for("a", 0)).tolist() != draws[("a", 0)]
+    unseeded = DecodingTask(sampling_options(), _FakeTokenizer())
+    assert (torch.rand(4, generator=unseeded.stream_for("a", 0)).tolist()
+            != torch.rand(4, generator=unseeded.stream_for("a", 0)).tolist())
+
+
+def test_a_batch_needs_one_stream_per_window_and_rows_in_window_order(
+    flat_bart: BartForConditionalGeneration
+) -> None:
+    states, mask = _windows_of([5, 9])
+    sampler = NucleusSampler(sampling_options(n_candidates=2, max_new_tokens=4))
+    with pytest.raises(ValueError, match="1 random streams for 2 windows"):
+        sampler.decode_batch(SharedCrossInference(flat_bart, states, mask), [None])
+    inference = SharedCrossInference(flat_bart, states, mask)
+    inference.start(4)
+    with pytest.raises(ValueError, match="grouped by window"):
+        inference.keep(torch.tensor([1, 0]))
+
+
+def test_window_seeds_do_not_depend_on_the_process() -> None:
+    import subprocess
+    import sys
+
+    from streamcap.models.decoding.task import window_seed
+
+    code = ("from streamcap.models.decoding.task import window_seed; "
+            "print(window_seed(7, 'kitchen', 12))")
+    seeds = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": salt}).stdout.strip()
+             for salt in ("1", "2")}
+    assert seeds == {str(window_seed(7, "kitchen", 12))}
+    assert 0 <= window_seed(7, "kitchen", 12) < 2**63
+    assert window_seed(7, "kitchen", 12) != window_seed(7, "kitchen", 13)

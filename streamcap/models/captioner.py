@@ -1,23 +1,35 @@
 """The captioner: every model component composed into Window -> Caption.
 
-Per window, on the inference thread:
+:meth:`Captioner.caption_batch` captions W windows of distinct sources together
+(:meth:`Captioner.caption` is a batch of one: one code path), on the inference thread:
 
-1. **codec**: DAC codes of the window at 24 kHz, from the per-source
-   streaming cache (each hop of new audio is encoded once);
+1. **codec**: DAC codes of each window at 24 kHz, from its source's streaming
+   cache (each hop of new audio is encoded once); one window after another
+   (the chunks are long convolutions: batching them gains little on a CPU);
 2. **retriever audio**: CNext clip embedding (EnCLAP's row 0) and the joint
-   audio embedding (published as the window's ``Embedding``), at 32 kHz;
-3. **encoder**: EnCLAP's BART encoder over ``[clip, BOS, codes, EOS]``, once;
+   audio embedding (published as the window's ``Embedding``), at 32 kHz, one
+   CNext batch per window length (padding would change an embedding);
+3. **encoder**: EnCLAP's BART encoder over ``[clip, BOS, codes, EOS]`` of all W
+   windows at once, padded to the longest with a frame mask;
 4. **decoding** (:class:`~streamcap.models.decoding.task.DecodingTask`): the
-   options' token decoder over that one encoder output (``sampling``:
-   ``n_candidates`` nucleus samples in one batched pass; ``beam``: beam search),
-   then, for samples, **text encoder** (the retriever's text embedding of each
-   distinct candidate), **fluency** (its error probability) and the rerank
-   ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins;
+   options' token decoder over those encoder outputs (``sampling``:
+   ``n_candidates`` nucleus samples per window, all ``W x n_candidates`` rows in
+   one batched pass, each window's rows attending only to its own encoder output;
+   ``beam``: beam search, window by window), then, for samples, **text encoder**
+   (the retriever's text embedding of each distinct candidate of all windows, once)
+   and **fluency** (its error probability, once over the same texts), and per window
+   the rerank ``0.7 * cosine + 0.3 * log-probability``, best unflagged wins;
 5. **abstention** (:mod:`~streamcap.models.decoding.abstain`): the chosen
    caption's *confidence* is the retriever's cosine of its text with the
    window's audio (the rerank's encoder score, or computed for beam search's
    caption); the bundle's rule (if any) replaces the text by "quiet" or "an
    unfamiliar sound" and marks the caption ``abstained``.
+
+Each window samples from its own random stream
+(:meth:`~streamcap.models.decoding.task.DecodingTask.stream_for`): with a decoding seed,
+seeded from ``(seed, source_id, seq)``, so a window's caption is the same alone or in
+any batch, in any order, whatever was captioned before (scores up to float rounding).
+A batch's results carry ``batch_size`` and the whole batch's seconds per stage.
 
 Two compositions exist (the bundle manifest names them: component ``codec`` has
 ``config.kind`` ``"dac"`` (the default when absent) or ``"encodec"``; an optional
@@ -44,17 +56,36 @@ import torch
 from streamcap.errors import ModelError
 from streamcap.messages import Caption, CaptionResult, Embedding, Window
 from streamcap.models.bundle.components import Components, open_components
+from streamcap.models.codecs.base import CodecTokens
 from streamcap.models.codecs.dac import AudioTokenizer, CodecTokenizer, Precision
 from streamcap.models.codecs.encodec import EncodecTokenizer
 from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
 from streamcap.models.decoding.abstain import AbstentionOptions, AbstentionRule, Verdict, decide
 from streamcap.models.decoding.inference import SharedCrossInference
 from streamcap.models.decoding.options import DecodingOptions
-from streamcap.models.decoding.rerank import TextScorer
+from streamcap.models.decoding.rerank import BatchTextScorer, RerankResult, TextScorer
 from streamcap.models.decoding.task import DecodingTask
 from streamcap.models.enclap.tokenizer import NO_CAPTION_TEXT
 
 TEXT_MAX_LENGTH = 64
+TEXT_BATCH = 256
+"""Most texts the text encoder embeds in one pass (a batch of windows may hold thousands)."""
+
+
+def pad_codes(tokens: Sequence[CodecTokens], *, pad_id: int
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Windows' codes as one batch: int64 (W, K, T_max) padded with ``pad_id``, and the
+    frame mask (W, T_max) (True = real frame), or None when every window has T_max frames."""
+    longest = max(t.n_frames for t in tokens)
+    if all(t.n_frames == longest for t in tokens):
+        return torch.stack([t.codes for t in tokens]), None
+    first = tokens[0].codes
+    codes = first.new_full((len(tokens), first.shape[0], longest), pad_id)
+    mask = torch.zeros((len(tokens), longest), dtype=torch.bool, device=first.device)
+    for i, t in enumerate(tokens):
+        codes[i, :, : t.n_frames] = t.codes
+        mask[i, : t.n_frames] = True
+    return codes, mask
 
 
 class Captioner:
@@ -141,14 +172,31 @@ class Captioner:
         """The compute precision's autocast (none in float32), for other users of the models."""
         return self._autocast()
 
-    @torch.inference_mode()
     def caption(self, window: Window) -> CaptionResult:
-        """Caption one window.
+        """Caption one window: :meth:`caption_batch` of it alone.
 
         Returns:
             The caption (``latency_ms``/``lag_s`` are the caller's) and the
             retriever's L2-normalised audio embedding, with seconds per stage.
         """
+        return self.caption_batch([window])[0]
+
+    @torch.inference_mode()
+    def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
+        """Caption windows of distinct sources together (see the module docstring).
+
+        Each result equals :meth:`caption` of its window alone (with a decoding seed:
+        the same tokens and texts; scores equal up to float rounding), carries
+        ``batch_size = len(windows)`` and the whole batch's seconds per stage.
+
+        Raises:
+            ValueError: two windows of one source.
+            ModelError: a window longer than the model's ``max_frames``.
+        """
+        if len({w.source_id for w in windows}) < len(windows):
+            raise ValueError("caption_batch: two windows of one source in one batch")
+        if not windows:
+            return []
         c = self.components
         seconds: dict[str, float] = {}
         t = time.perf_counter()
@@ -161,96 +209,144 @@ class Captioner:
             seconds[stage] = now - t
             t = now
 
-        tokens = self._stream.codes_for(window)
+        tokens = [self._stream.codes_for(w) for w in windows]
         lap("codec")
+        max_frames = c.captioner.config.max_frames
+        for window, codes in zip(windows, tokens, strict=True):
+            if codes.n_frames > max_frames:
+                raise ModelError(f"window {window.window_id}: {codes.n_frames} codec frames > "
+                                 f"the model's max_frames {max_frames}; shorten window_s")
         audio_joint: torch.Tensor | None = None
         clip: torch.Tensor | None = None
         if c.retriever is not None:
-            rate = c.retriever.config.audio.mel.sample_rate
-            wave = torch.tensor(window.samples(rate)).to(self.device)[None, :]
-            with self._autocast():
-                clip, audio_joint = c.retriever.embed_audio(wave)
-            audio_joint = torch.nn.functional.normalize(audio_joint.float(), dim=-1)
+            clip, audio_joint = self._retriever_audio(windows)
             lap("retriever_audio")
         if c.seq_embedder is not None:
-            clip = c.seq_embedder.embed_tensor(window.samples(c.seq_embedder.sample_rate_hz))
+            embedder = c.seq_embedder
+            clip = torch.cat([embedder.embed_tensor(w.samples(embedder.sample_rate_hz))
+                              for w in windows])
             lap("clap")
             if audio_joint is None:
                 audio_joint = clip.float()
         if clip is None or audio_joint is None:
             raise ModelError("captioner: neither a retriever nor a sequence embedder")
-        max_frames = c.captioner.config.max_frames
-        if tokens.n_frames > max_frames:
-            raise ModelError(f"window {window.window_id}: {tokens.n_frames} codec frames > "
-                             f"the model's max_frames {max_frames}; shorten window_s")
-        hidden, mask = c.captioner.encode(tokens.batched(), clip.to(self.dtype))
+        batch, frame_mask = pad_codes(tokens, pad_id=c.captioner.config.codec_pad_id)
+        hidden, mask = c.captioner.encode(batch, clip.to(self.dtype), frame_mask)
         lap("encoder")
-        ranked = self.task.run(SharedCrossInference(c.captioner.bart, hidden, mask),
-                               similarity=self._similarity(audio_joint), fluency=self._fluency(),
-                               lap=lap)
-        best = ranked.best
-        confidence, verdict = self._judge(best.text, best.encoder_score, audio_joint,
-                                          window.level_dbfs)
+        streams = [self.task.stream_for(w.source_id, w.seq) for w in windows]
+        ranked = self.task.run_batch(SharedCrossInference(c.captioner.bart, hidden, mask),
+                                     streams, similarity=self._similarity(audio_joint),
+                                     fluency=self._fluency(), lap=lap)
+        judged = self._judge(ranked, audio_joint, [w.level_dbfs for w in windows])
         lap("abstention")
-        caption = Caption(
-            window_id=window.window_id, source_id=window.source_id, seq=window.seq,
-            start_s=window.start_s, end_s=window.end_s, captured_at=window.captured_at,
-            text=best.text if verdict.text is None else verdict.text,
-            score=float(best.score), flagged=ranked.flagged and not verdict.abstained,
-            candidates=ranked.candidates, confidence=confidence,
-            abstained=verdict.abstained, model=self.model_id, run_id=window.run_id)
-        vector = audio_joint[0].cpu().numpy().astype(np.float32)
-        vector.flags.writeable = False
-        embedding = Embedding(window_id=window.window_id, source_id=window.source_id,
-                              seq=window.seq, start_s=window.start_s, end_s=window.end_s,
-                              model=self.model_id, vector=vector, run_id=window.run_id)
-        return CaptionResult(caption=caption, embedding=embedding, stage_seconds=seconds)
+        results = []
+        for w, (window, rank, (confidence, verdict)) in enumerate(
+                zip(windows, ranked, judged, strict=True)):
+            best = rank.best
+            caption = Caption(
+                window_id=window.window_id, source_id=window.source_id, seq=window.seq,
+                start_s=window.start_s, end_s=window.end_s, captured_at=window.captured_at,
+                text=best.text if verdict.text is None else verdict.text,
+                score=float(best.score), flagged=rank.flagged and not verdict.abstained,
+                candidates=rank.candidates, confidence=confidence,
+                abstained=verdict.abstained, model=self.model_id, run_id=window.run_id)
+            vector = audio_joint[w].cpu().numpy().astype(np.float32)
+            vector.flags.writeable = False
+            embedding = Embedding(window_id=window.window_id, source_id=window.source_id,
+                                  seq=window.seq, start_s=window.start_s, end_s=window.end_s,
+                                  model=self.model_id, vector=vector, run_id=window.run_id)
+            results.append(CaptionResult(caption=caption, embedding=embedding,
+                                         stage_seconds=dict(seconds), batch_size=len(windows)))
+        return results
 
-    def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
-        """Caption windows of distinct sources (see :class:`~streamcap.pipeline.WindowCaptioner`)."""
-        if len({w.source_id for w in windows}) < len(windows):
-            raise ValueError("caption_batch: two windows of one source in one batch")
-        return [self.caption(w) for w in windows]
+    def _retriever_audio(self, windows: Sequence[Window]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CNext clip embeddings (W, C) and L2-normalised joint embeddings (W, d), float32.
 
-    def _judge(self, text: str, encoder_score: float | None, audio_joint: torch.Tensor,
-               level_dbfs: float) -> tuple[float | None, Verdict]:
-        """The caption's confidence and the abstention verdict on it."""
-        confidence: float | None = None
-        if self.components.retriever is not None and text != NO_CAPTION_TEXT:
-            confidence = (float(encoder_score) if encoder_score is not None
-                          else float((self.text_embeddings([text]) @ audio_joint[0])[0]))
-        quiet: float | None = None
+        Windows of equal length run as one batch; windows of different lengths in
+        separate batches (padding would change a clip's embedding).
+        """
+        retriever = self.components.retriever
+        assert retriever is not None
+        rate = retriever.config.audio.mel.sample_rate
+        waves = [w.samples(rate) for w in windows]
+        groups: dict[int, list[int]] = {}
+        for i, wave in enumerate(waves):
+            groups.setdefault(len(wave), []).append(i)
+        clips: list[torch.Tensor] = [torch.empty(0)] * len(windows)
+        joints: list[torch.Tensor] = [torch.empty(0)] * len(windows)
+        for members in groups.values():
+            batch = torch.from_numpy(np.stack([waves[i] for i in members])).to(self.device)
+            with self._autocast():
+                clip, joint = retriever.embed_audio(batch)
+            joint = torch.nn.functional.normalize(joint.float(), dim=-1)
+            for row, i in enumerate(members):
+                clips[i], joints[i] = clip[row], joint[row]
+        return torch.stack(clips), torch.stack(joints)
+
+    def _judge(self, ranked: Sequence[RerankResult], audio_joint: torch.Tensor,
+               levels_dbfs: Sequence[float]) -> list[tuple[float | None, Verdict]]:
+        """Each window's confidence in its chosen caption and the abstention verdict on it.
+
+        The confidence is the rerank's encoder score, or (beam search) the retriever's
+        cosine of the caption, computed for every window needing it in one batch.
+        """
+        confidences: list[float | None] = [None] * len(ranked)
+        if self.components.retriever is not None:
+            missing = []
+            for w, rank in enumerate(ranked):
+                if rank.best.text == NO_CAPTION_TEXT:
+                    continue
+                if rank.best.encoder_score is not None:
+                    confidences[w] = float(rank.best.encoder_score)
+                else:
+                    missing.append(w)
+            if missing:
+                embedded = self.text_embeddings([ranked[w].best.text for w in missing])
+                cosines = (embedded * audio_joint[missing]).sum(dim=-1).tolist()
+                for w, cosine in zip(missing, cosines, strict=True):
+                    confidences[w] = float(cosine)
         rule = self.abstention
-        if rule is not None and rule.quiet_texts and confidence is not None:
+        quiet: list[float | None] = [None] * len(ranked)
+        if rule is not None and rule.quiet_texts and any(x is not None for x in confidences):
             if self._quiet_joint is None:
                 self._quiet_joint = self.text_embeddings(rule.quiet_texts)
-            quiet = float((self._quiet_joint @ audio_joint[0]).max())
-        return confidence, decide(rule, level_dbfs=level_dbfs, confidence=confidence,
-                                  quiet_confidence=quiet)
+            best_quiet = (audio_joint @ self._quiet_joint.T).max(dim=1).values.tolist()
+            quiet = [None if confidence is None else float(q)
+                     for confidence, q in zip(confidences, best_quiet, strict=True)]
+        return [(confidence, decide(rule, level_dbfs=level, confidence=confidence,
+                                    quiet_confidence=q))
+                for confidence, q, level in zip(confidences, quiet, levels_dbfs, strict=True)]
 
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
-        """The retriever's L2-normalised joint text embeddings, float32 (n, d)."""
+        """The retriever's L2-normalised joint text embeddings, float32 (n, d).
+
+        At most :data:`TEXT_BATCH` texts go through the text encoder at once.
+        """
         retriever = self.components.retriever
         if retriever is None:
             raise ModelError("captioner: text embeddings need a retriever")
-        enc = self.components.text_tokenizer(list(texts), padding=True, truncation=True,
-                                             max_length=TEXT_MAX_LENGTH, return_tensors="pt")
-        with self._autocast():
-            text_joint = retriever.embed_text(enc["input_ids"].to(self.device),
-                                              enc["attention_mask"].to(self.device))
-        return torch.nn.functional.normalize(text_joint.float(), dim=-1)
+        texts = list(texts)
+        parts = [torch.zeros((0, retriever.config.joint_dim), device=self.device)]
+        for start in range(0, len(texts), TEXT_BATCH):
+            enc = self.components.text_tokenizer(
+                texts[start:start + TEXT_BATCH], padding=True, truncation=True,
+                max_length=TEXT_MAX_LENGTH, return_tensors="pt")
+            with self._autocast():
+                text_joint = retriever.embed_text(enc["input_ids"].to(self.device),
+                                                  enc["attention_mask"].to(self.device))
+            parts.append(torch.nn.functional.normalize(text_joint.float(), dim=-1))
+        return torch.cat(parts)
 
-    def _similarity(self, audio_joint: torch.Tensor) -> TextScorer | None:
-        """The retriever's cosine of texts with this window's audio, or None without one."""
-        retriever = self.components.retriever
-        if retriever is None:
+    def _similarity(self, audio_joint: torch.Tensor) -> BatchTextScorer | None:
+        """The retriever's cosine of texts with each window's audio (W, d), or None without one."""
+        if self.components.retriever is None:
             return None
 
-        def cosine(texts: Sequence[str]) -> list[float]:
-            scores: list[float] = (self.text_embeddings(texts) @ audio_joint[0]).tolist()
+        def cosines(texts: Sequence[str]) -> list[list[float]]:
+            scores: list[list[float]] = (audio_joint @ self.text_embeddings(texts).T).tolist()
             return scores
 
-        return cosine
+        return cosines
 
     def _fluency(self) -> TextScorer | None:
         """The fluency filter's error probability of texts, or None without one."""

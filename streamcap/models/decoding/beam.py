@@ -18,7 +18,7 @@ import torch
 
 from streamcap.models.decoding.candidates import DecodedCaption
 from streamcap.models.decoding.filters import ForcedTokens, LogitFilter, NoRepeatNgram
-from streamcap.models.decoding.inference import Inference
+from streamcap.models.decoding.inference import Inference, require_one_window
 from streamcap.models.decoding.options import ENCLAP_TOKENS, DecodingOptions, SpecialTokens
 
 LENGTH_PENALTY: Final = 1.0
@@ -41,7 +41,8 @@ class BeamSearch:
     @torch.inference_mode()
     def decode(self, inference: Inference, generator: torch.Generator | None
                ) -> list[DecodedCaption]:
-        """The best finished beam (the random stream is not used)."""
+        """The best finished beam (the random stream is not used), of one input."""
+        require_one_window(inference, "BeamSearch.decode")
         k, eos, device = self.options.num_beams, self.tokens.eos, inference.device
         inference.start(self.max_new)
         beams: list[tuple[list[int], float, float]] = [([self.tokens.decoder_start], 0.0, 0.0)]

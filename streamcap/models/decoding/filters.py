@@ -97,8 +97,14 @@ class TopP:
 
     def draw(self, z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """int64 (b,) tokens drawn from the nucleus of float32 (b, V) ``z`` (-inf = banned)."""
+        return self.pick(z, torch.rand(z.shape[0], generator=generator, device=z.device))
+
+    def pick(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """:meth:`draw` with the rows' uniforms given: float32 (b,) in [0, 1).
+
+        Each row's token depends only on its own logits and uniform.
+        """
         rows, vocab = z.shape
-        u = torch.rand(rows, generator=generator, device=z.device)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         k = min(_FAST_NUCLEUS_K, vocab)
         vals, idx = z.topk(k, dim=-1)

@@ -78,7 +78,9 @@ class DecodingOptions:
     beam_max_length: int = _field(50, "beam_max_length")
     seed: int | None = option(None, null=-1, null_means="a fresh random stream",
                               check=lambda v: _problem("seed", v),
-                              help="-1 (or unset): a fresh random stream")
+                              help="each window samples from its own stream, seeded from "
+                                   "(seed, source id, window seq); -1 (or unset): a fresh "
+                                   "random stream per window")
     # The fields the user set; a bundle's own decoding defaults fill the others.
     explicit: frozenset[str] = given_keys()
 

@@ -34,6 +34,10 @@ from streamcap.models.enclap.tokenizer import NO_CAPTION_TEXT
 TextScorer = Callable[[Sequence[str]], Sequence[float]]
 """Scores of texts, one float per text: retriever cosine, or fluency-error probability."""
 
+BatchTextScorer = Callable[[Sequence[str]], Sequence[Sequence[float]]]
+"""Scores of texts for each of several windows: one row per window, one float per text
+(the retriever cosine of each text with each window's audio)."""
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RerankResult:
@@ -151,16 +155,47 @@ class Ranker:
             fluency: the fluency-error probability of each text, or None.
             lap: called with ``"text_encoder"`` and ``"fluency"`` after those stages.
         """
-        unique = dedupe(decoded)  # also drops captions whose text is empty once cleaned
-        if not unique:
-            return no_caption(max(d.decoder_score for d in decoded))
-        texts = [d.text for d in unique]
-        encoder_scores = error_probs = None
-        if self.blend:
+        rows = None if similarity is None else _one_row(similarity)
+        return self.rank_batch([decoded], similarity=rows, fluency=fluency, lap=lap)[0]
+
+    def rank_batch(self, decoded: Sequence[Sequence[DecodedCaption]], *,
+                   similarity: BatchTextScorer | None, fluency: TextScorer | None,
+                   lap: Callable[[str], None]) -> list[RerankResult]:
+        """:meth:`rank` of several windows' captions; each scorer runs once, over the
+        distinct texts of all windows (``similarity`` gives one row per window)."""
+        uniques = [dedupe(d) for d in decoded]  # also drops captions whose text is empty
+        texts = list(dict.fromkeys(c.text for unique in uniques for c in unique))
+        cosines: list[list[float]] | None = None
+        errors: list[float] | None = None
+        if self.blend and texts:
             if similarity is not None:
-                encoder_scores = similarity(texts)
+                cosines = [_floats("encoder_scores", row, len(texts))
+                           for row in similarity(texts)]
+                if len(cosines) != len(decoded):
+                    raise ValueError(f"rerank: similarity gave {len(cosines)} rows for "
+                                     f"{len(decoded)} windows")
                 lap("text_encoder")
-            error_probs = None if fluency is None else fluency(texts)
+            errors = None if fluency is None else _floats("error_probs", fluency(texts),
+                                                          len(texts))
             lap("fluency")
-        return rerank(texts, [d.decoder_score for d in unique], encoder_scores, error_probs,
-                      self.options)
+        at = {text: i for i, text in enumerate(texts)}
+        results = []
+        for w, (captions, unique) in enumerate(zip(decoded, uniques, strict=True)):
+            if not unique:
+                results.append(no_caption(max(d.decoder_score for d in captions)))
+                continue
+            index = [at[c.text] for c in unique]
+            results.append(rerank(
+                [c.text for c in unique], [c.decoder_score for c in unique],
+                None if cosines is None else [cosines[w][i] for i in index],
+                None if errors is None else [errors[i] for i in index], self.options))
+        return results
+
+
+def _one_row(similarity: TextScorer) -> BatchTextScorer:
+    """A one-window scorer as a batch scorer of one row."""
+
+    def rows(texts: Sequence[str]) -> list[Sequence[float]]:
+        return [similarity(texts)]
+
+    return rows
