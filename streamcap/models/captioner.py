@@ -209,7 +209,7 @@ class Captioner:
             seconds[stage] = now - t
             t = now
 
-        tokens = [self._stream.codes_for(w) for w in windows]
+        tokens = self._stream.codes_for_batch(windows)
         lap("codec")
         max_frames = c.captioner.config.max_frames
         for window, codes in zip(windows, tokens, strict=True):
