@@ -20,19 +20,22 @@ embeddings / hidden states, next-token agreement of the decoder under teacher fo
 
 Part 2, **agreement on trained weights**: the demo bundle captions held-out scenes
 (``bench/scenes``: synthesised independently of the training data, as in
-``bench/demo_honesty.py``): every event scene at one scene per type and SNR plus every
-fourth silence/background scene. Each variant (one component int8, all of
+``bench/demo_honesty.py``): one event scene per sound type at 20 and at 5 dB SNR, plus
+every sixth silence/background scene (32 windows). Each variant (one component int8, all of
 ``precision = "int8"``'s components, ONNX Runtime DAC) is compared with float32 window
-by window with the same random stream (the decoding generator is reseeded per window):
-identical chosen caption, identical abstention, cosine of the retriever's audio
+by window with the same random stream (the decoding generator is reseeded per window),
+and float32 with another random stream gives the noise floor of sampling itself:
+identical chosen caption, identical abstention, the share of windows whose caption names
+the right sound (or quiet; judged as in ``bench/demo_honesty.py``), cosine of the retriever's audio
 embedding, cosine of the text embeddings of float32's candidates, fluency error
 probability of those candidates, codec codes per codebook.
 
 Records the CPU flags that matter (avx2, avx512f, avx512_bf16, amx...), torch version,
 thread count and load average. Writes ``bench/results/cpu_precision.json`` and ``.md``.
 
-Run (about 5-10 min on a 2-core machine):
+Run (about 10 min on an idle 2-core machine; the parts can be run one at a time):
     PYTHONPATH=. .venv/bin/python bench/cpu_precision.py
+    PYTHONPATH=. .venv/bin/python bench/cpu_precision.py --only agreement --threads 1
     PYTHONPATH=. .venv/bin/python bench/cpu_precision.py --quick      # tiny preset, smoke
 """
 
@@ -60,7 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.scenes.generate import SAMPLE_RATE_HZ, render, scene_list
+from bench.demo_honesty import judge_scene
+from bench.scenes.generate import SAMPLE_RATE_HZ, EvalScene, render, scene_list
 from streamcap.audio.windowing import Windower
 from streamcap.messages import Window, make_block
 from streamcap.models.bundle.components import build_components
@@ -270,32 +274,34 @@ def decoder_agreement(outs: dict[str, torch.Tensor]) -> dict[str, float]:
 # --------------------------------------------------------------------------- part 2: agreement
 
 
-def scene_windows(rates: tuple[int, ...]) -> list[tuple[str, Window]]:
+def scene_windows(rates: tuple[int, ...]) -> list[tuple[EvalScene, Window]]:
     scenes = scene_list(per_cell=1)
     others = [s for s in scenes if s.kind != "event"]
-    chosen = [s for s in scenes if s.kind == "event"] + others[::4]
+    chosen = [s for s in scenes if s.kind == "event" and s.snr_db != 10.0] + others[::6]
     out = []
     for scene in chosen:
         audio = np.concatenate([render(scene).astype(np.float32),
                                 np.zeros(SAMPLE_RATE_HZ, np.float32)])
         block = make_block(source_id=scene.scene_id, start_sample=0,
                            sample_rate_hz=SAMPLE_RATE_HZ, samples=audio, captured_at=0.0)
-        out.append((scene.scene_id, Windower(scene.scene_id, 10.0, 5.0, rates).feed(
+        out.append((scene, Windower(scene.scene_id, 10.0, 5.0, rates).feed(
             block).windows[0]))
     return out
 
 
-def caption_all(cap: Captioner, windows: Sequence[tuple[str, Window]]) -> list[dict[str, Any]]:
+def caption_all(cap: Captioner, windows: Sequence[tuple[EvalScene, Window]], seed: int = 1000
+                ) -> list[dict[str, Any]]:
     rows = []
-    for i, (_, window) in enumerate(windows):
-        cap.task.generator.manual_seed(1000 + i)
+    for i, (scene, window) in enumerate(windows):
+        cap.task.generator.manual_seed(seed + i)
         t = time.perf_counter()
         result = cap.caption(window)
         c = result.caption
         rows.append({"text": c.text, "abstained": c.abstained, "score": float(c.score),
                      "candidates": [x.text for x in c.candidates],
                      "embedding": torch.from_numpy(np.array(result.embedding.vector)),
-                     "seconds": time.perf_counter() - t})
+                     "seconds": time.perf_counter() - t,
+                     "right": judge_scene(scene, c.text, c.abstained)["right"]})
     return rows
 
 
@@ -307,7 +313,10 @@ def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[st
         windows = windows[:4]
     print(f"agreement: {len(windows)} held-out scene windows", flush=True)
     ref_rows = caption_all(ref, windows)
-    variants: dict[str, Captioner] = {}
+    variants: dict[str, Captioner] = {
+        # the noise floor: the same fp32 model with another random stream
+        "fp32, another seed": build_captioner(model, decoding, device=torch.device("cpu"),
+                                              dtype=torch.float32)}
     for name in ("decoder", "text_encoder", "fluency", "encoder", "audio"):
         variants[f"int8:{name}"] = build_captioner(model, decoding, device=torch.device("cpu"),
                                                    dtype=torch.float32, int8=[name])
@@ -325,10 +334,11 @@ def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[st
         cap._stream = StreamingCodec(ort_codec, streaming_options(ort_codec))
         variants["onnxruntime:codec"] = cap
     report: dict[str, Any] = {"model": model, "windows": len(windows),
+                              "fp32_right": round(float(np.mean([r["right"] for r in ref_rows])), 4),
                               "fp32_seconds_per_window": round(statistics.median(
                                   r["seconds"] for r in ref_rows), 4), "variants": {}}
     for name, cap in variants.items():
-        rows = caption_all(cap, windows)
+        rows = caption_all(cap, windows, 5000 if name.startswith("fp32") else 1000)
         same_text = [a["text"] == b["text"] for a, b in zip(ref_rows, rows, strict=True)]
         same_abst = [a["abstained"] == b["abstained"] for a, b in zip(ref_rows, rows, strict=True)]
         emb = torch.stack([cosines(a["embedding"][None], b["embedding"][None])[0]
@@ -355,6 +365,7 @@ def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[st
             "seconds_per_window": round(statistics.median(r["seconds"] for r in rows), 4),
             "same_caption": round(float(np.mean(same_text)), 4),
             "same_abstention": round(float(np.mean(same_abst)), 4),
+            "right": round(float(np.mean([r["right"] for r in rows])), 4),
             "audio_embedding_cosine_min": round(float(emb.min()), 5),
             "text_embedding_cosine_min": round(min(text_cos), 5),
             "fluency_error_prob_max_abs_diff": round(max(fl_diff), 5) if fl_diff else None,
@@ -363,8 +374,8 @@ def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[st
                                        for k in range(len(codes[0]))],
             "codes_per_codebook_mean": [round(float(np.mean([c[k] for c in codes])), 4)
                                         for k in range(len(codes[0]))],
-            "differing_captions": [{"scene": sid, "fp32": a["text"], "variant": b["text"]}
-                                   for (sid, _), a, b in zip(windows, ref_rows, rows, strict=True)
+            "differing_captions": [{"scene": sc.scene_id, "fp32": a["text"], "variant": b["text"]}
+                                   for (sc, _), a, b in zip(windows, ref_rows, rows, strict=True)
                                    if a["text"] != b["text"]][:8],
         }
         print(f"{name}: same caption {np.mean(same_text):.3f}", flush=True)
@@ -409,25 +420,31 @@ def markdown(report: dict[str, Any]) -> str:
               f"{m['threads']} torch threads. Load average (1 min) "
               f"{report['load_start'][0]:.2f} at start, {report['load_end'][0]:.2f} at end: "
               "the machine is shared, timings are noisy."), "",
-             f"## Speed: `{report['speed']['preset']}` preset, random weights", "",
-             "Seconds per call, median (min) of interleaved runs; speed-up over fp32 in bold.",
+             f"## Speed: `{report.get('speed', {}).get('preset')}` preset, random weights", "",
+             ("Seconds per call, median (min) of interleaved runs; speed-up over fp32 (of the "
+              "medians) in bold. Load average (1 min) when this part started: "
+              f"{report.get('speed', {}).get('load_start', report['load_start'])[0]:.2f}."),
              "", "| component | what | times | agreement with fp32 (random weights) |",
              "|---|---|---|---|"]
-    for name, row in report["speed"]["components"].items():
+    for name, row in report.get("speed", {}).get("components", {}).items():
         agree = "; ".join(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items())
                           for k, v in row["agreement"].items())
         lines.append(f"| {name} | {row['what']} | {fmt_times(row['times'])} | {agree} |")
-    a = report["agreement"]
+    a = report.get("agreement", {"model": None, "windows": 0, "fp32_seconds_per_window": 0.0,
+                                 "variants": {}})
     lines += ["", (f"## Agreement: `{a['model']}` (trained), {a['windows']} held-out scene "
                    "windows, sampling with the same seed per window"), "",
-              f"fp32 median {a['fp32_seconds_per_window']:.3f} s per window.", "",
-              ("| variant | s/window | same caption | same abstention | audio emb cos min | "
+              (f"fp32 median {a['fp32_seconds_per_window']:.3f} s per window; fp32 names the "
+               f"right sound (or quiet) in {a.get('fp32_right', 0):.3f} of the windows "
+               "(`right`, judged as in `bench/demo_honesty.py`)."), "",
+              ("| variant | s/window | same caption | same abstention | right | audio emb cos min | "
                "text emb cos min | fluency p diff max | fluency flags same | "
                "codes/codebook min |"),
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in a["variants"].items():
         lines.append(f"| {name} | {v['seconds_per_window']:.3f} | {v['same_caption']:.3f} | "
-                     f"{v['same_abstention']:.3f} | {v['audio_embedding_cosine_min']:.5f} | "
+                     f"{v['same_abstention']:.3f} | {v['right']:.3f} | "
+                     f"{v['audio_embedding_cosine_min']:.5f} | "
                      f"{v['text_embedding_cosine_min']:.5f} | "
                      f"{v['fluency_error_prob_max_abs_diff']} | {v['fluency_flags_same']} | "
                      f"{', '.join(f'{x:.3f}' for x in v['codes_per_codebook_min'])} |")
@@ -448,18 +465,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime even if installed")
     p.add_argument("--quick", action="store_true", help="tiny preset, few windows")
+    p.add_argument("--only", choices=("speed", "agreement"),
+                   help="rerun one part, keeping the other from the existing --out JSON")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_precision.json")
     args = p.parse_args(argv)
     if args.quick:
         args.preset, args.reps, args.candidates, args.steps = "tiny", 1, 4, 4
     torch.set_num_threads(args.threads)
     ort = None if args.no_ort else _ort()
-    report: dict[str, Any] = {"load_start": os.getloadavg(), "machine": machine(args.threads, ort)}
+    report: dict[str, Any] = {}
+    if args.only and args.out.exists():
+        report = json.loads(args.out.read_text(encoding="utf-8"))
+    report.setdefault("runs", []).append({"part": args.only or "all",
+                                          "load_start": os.getloadavg()})
+    if "load_start" not in report:
+        report["load_start"] = os.getloadavg()
+    report["machine"] = machine(args.threads, ort)
     started = time.perf_counter()
-    report["speed"] = speed(args.preset, args.reps, args.threads, args.codec_s, args.candidates,
-                            args.steps, ort)
-    report["agreement"] = agreement(args.model, args.threads, ort, args.quick)
+    if args.only in (None, "speed"):
+        report["speed"] = speed(args.preset, args.reps, args.threads, args.codec_s,
+                                args.candidates, args.steps, ort)
+        report["speed"]["load_start"] = os.getloadavg() if args.only else report["load_start"]
+    if args.only in (None, "agreement"):
+        report["agreement"] = agreement(args.model, args.threads, ort, args.quick)
     report["load_end"] = os.getloadavg()
+    report["runs"][-1]["load_end"] = report["load_end"]
     report["wall_s"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

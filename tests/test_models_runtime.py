@@ -115,7 +115,8 @@ def test_choose_plan_logs_one_line_with_every_component(monkeypatch: pytest.Monk
     [line] = [e for e in logs if e["event"] == "inference precision chosen"]
     assert line["plan"] == plan.summary()
     assert all(f"{c}=" in line["plan"] for c in COMPONENTS)
-    assert "decoder=int8" in line["plan"] and "avx2" in line["why"]
+    assert all(f"{c}=int8" in line["plan"] for c in INT8_AUTO)
+    assert "codec=fp32" in line["plan"] and "avx2" in line["why"]
 
 
 async def test_the_runtime_holds_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
