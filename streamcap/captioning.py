@@ -247,7 +247,7 @@ def caption_files_command(args: argparse.Namespace) -> int:
     """Run ``streamcap caption``; returns the exit code (1 when any file failed, 2 when an
     input is no regular file)."""
     from streamcap.models.captioner import build_captioner
-    from streamcap.models.runtime import choose_device, choose_precision
+    from streamcap.models.runtime import choose_device, choose_plan
 
     model, window_s, hop_s = _settings(args)
     checked = check_files(list(args.files))
@@ -258,14 +258,16 @@ def caption_files_command(args: argparse.Namespace) -> int:
     if not checked.good:
         return EXIT_FAILURE
     device = choose_device(model.device)
-    dtype = choose_precision(model.precision, device)
+    plan = choose_plan(model.precision, device, codec_precision=model.codec_precision)
+    dtype = plan.dtype
     if model.threads:
         import torch
 
         torch.set_num_threads(model.threads)
     captioner: WindowCaptioner = build_captioner(
         args.model or model.bundle, model.decoding, device=device, dtype=dtype,
-        codec_follows_dtype=model.codec_precision == "model", abstention=model.abstention)
+        codec_follows_dtype=model.codec_precision == "model", abstention=model.abstention,
+        int8=plan.int8)
     from streamcap.logs import configure_logging
 
     # transformers replaced our log handler when it loaded

@@ -53,7 +53,7 @@ MAX_WINDOW_S: Final = 30.0
 LOG_FORMATS: Final = ("auto", "json", "console")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 DEVICES: Final = ("auto", "cpu", "cuda")
-PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16", "int8")
 CODEC_PRECISIONS: Final = ("fp32", "model")
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -114,7 +114,9 @@ class ModelConfig:
                          help='a bundle directory, "demo" (built in), a fetched bundle\'s '
                               'name (docs/models-fetch.md) or a preset name')
     device: str = option("auto", choices=DEVICES)
-    precision: str = option("auto", choices=PRECISIONS)
+    precision: str = option("auto", choices=PRECISIONS,
+                            help="auto: per component by what the CPU/GPU supports; int8: "
+                                 "dynamic int8 decoder and text encoders (CPU)")
     threads: int = option(0, min=0, max=1024, help="torch intra-op threads; 0 = all cores")
     codec_precision: str = option("fp32", choices=CODEC_PRECISIONS,
                                   help='DAC encoder: fp32 (exact codes) or "model" '

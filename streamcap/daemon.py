@@ -824,13 +824,14 @@ def run_daemon(*, config_path: Path | None, model: str | None, source_uri: str |
 
     runtime = InferenceRuntime(RuntimeOptions(device=config.model.device,
                                               precision=config.model.precision,
-                                              num_threads=config.model.threads or None))
+                                              num_threads=config.model.threads or None,
+                                              codec_precision=config.model.codec_precision))
 
     def factory() -> WindowCaptioner:
         return build_captioner(model_spec, config.model.decoding, device=runtime.device,
                                dtype=runtime.dtype,
                                codec_follows_dtype=config.model.codec_precision == "model",
-                               abstention=config.model.abstention)
+                               abstention=config.model.abstention, int8=runtime.plan.int8)
 
     try:
         daemon = Daemon(config, factory, runtime=runtime)

@@ -94,8 +94,8 @@ def test_decide_precision_errors() -> None:
         decide_precision(
             "fp16", device_type="cpu", cuda_bf16=False, cpu_bf16=True, option="model.precision"
         )
-    with pytest.raises(ModelError, match="expected one of auto, fp32, bf16, fp16"):
-        decide_precision("int8", device_type="cpu", cuda_bf16=False, cpu_bf16=False)
+    with pytest.raises(ModelError, match="expected one of auto, fp32, bf16, fp16, int8"):
+        decide_precision("int4", device_type="cpu", cuda_bf16=False, cpu_bf16=False)
 
 
 def test_choose_precision_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -99,12 +99,15 @@ class Captioner:
             log-mel features and all scores stay in float32.
         codec_dtype: precision of the DAC encoder (its quantizer is always
             float32); float32 by default because lower precision changes codes.
+        int8: components whose linear layers run dynamic int8 (CPU, float32 only; see
+            :func:`streamcap.models.quantize.quantize_components`).
     """
 
     def __init__(self, components: Components, decoding: DecodingOptions,
                  *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32,
-                 codec_dtype: torch.dtype = torch.float32) -> None:
+                 codec_dtype: torch.dtype = torch.float32,
+                 int8: Collection[str] = ()) -> None:
         self.components = components
         self.device = torch.device(device)
         self.dtype = dtype
@@ -130,6 +133,12 @@ class Captioner:
             c.seq_embedder.to(self.device)
         if c.fluency is not None:
             c.fluency.model.to(self.device, dtype)
+        if int8:
+            from streamcap.models.quantize import quantize_components
+
+            if dtype != torch.float32:
+                raise ModelError("int8 components need float32 for the rest of the model")
+            quantize_components(c, int8)
         self._stream = StreamingCodec(c.codec, streaming_options(c.codec))
         self._vocab_limit = len(c.tokenizer)
         self.task = DecodingTask(decoding, c.tokenizer, device=self.device)
@@ -376,7 +385,8 @@ def streaming_options(codec: AudioTokenizer) -> StreamingOptions:
 
 def build_captioner(spec: str, decoding: DecodingOptions, *, device: torch.device,
                     dtype: torch.dtype, codec_follows_dtype: bool = False,
-                    abstention: AbstentionOptions | None = None) -> Captioner:
+                    abstention: AbstentionOptions | None = None,
+                    int8: Collection[str] = ()) -> Captioner:
     """The captioner ``streamcap run`` and ``streamcap caption`` use.
 
     Args:
@@ -388,10 +398,13 @@ def build_captioner(spec: str, decoding: DecodingOptions, *, device: torch.devic
         codec_follows_dtype: run the codec encoder in ``dtype`` too (else float32,
             which keeps its codes exact).
         abstention: the config's changes to the bundle's abstention rule.
+        int8: components run in dynamic int8 (a :class:`~streamcap.models.runtime.PrecisionPlan`'s
+            ``int8``).
     """
     components = open_components(spec)
     if abstention is not None:
         components.abstention = abstention.apply(components.abstention)
     decoding = decoding.with_defaults(components.decoding)
     codec_dtype = dtype if codec_follows_dtype else torch.float32
-    return Captioner(components, decoding, device=device, dtype=dtype, codec_dtype=codec_dtype)
+    return Captioner(components, decoding, device=device, dtype=dtype, codec_dtype=codec_dtype,
+                     int8=int8)

@@ -11,6 +11,11 @@ the two may run at once; each lane owns whatever caches its callers keep.
 
 The thread count is applied inside each worker thread, because with OpenMP the limit
 is a per-thread setting.
+
+Precision is chosen per component (:class:`PrecisionPlan`, :func:`plan_precision`) from
+what the CPU offers (:func:`cpu_features`): native bf16 where the CPU has it, else
+float32 with dynamic int8 (:mod:`streamcap.models.quantize`) for the components whose
+agreement with float32 held in ``bench/results/cpu_precision.md``.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import platform
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, ParamSpec, Self, TypeVar
 
@@ -34,9 +40,26 @@ _log = get_logger(__name__)
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
-PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16")
-_DTYPES: Final = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS: Final = ("auto", "fp32", "bf16", "fp16", "int8")
+_DTYPES: Final = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                  "int8": torch.float32}
+_NAMES: Final = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _CPU_BF16_FLAGS: Final = frozenset({"avx512_bf16", "amx_bf16"})
+CPU_FLAGS: Final = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                    "amx_tile", "amx_bf16", "amx_int8")
+"""The /proc/cpuinfo flags that matter to the precision choice (reported by benchmarks)."""
+COMPONENTS: Final = ("codec", "audio", "encoder", "decoder", "text_encoder", "fluency")
+"""The components a :class:`PrecisionPlan` chooses for: the DAC/EnCodec encoder, the
+retriever's CNext audio encoder, the BART encoder, the BART decoder with its LM head,
+the retriever's text encoder and the fluency filter."""
+INT8_EXPLICIT: Final = ("decoder", "text_encoder", "fluency")
+"""Components ``precision = "int8"`` makes int8 (the others stay float32)."""
+INT8_AUTO: Final = ("text_encoder",)
+"""Components ``precision = "auto"`` makes int8 on an AVX2 CPU without native bf16: those
+whose agreement with float32 held on trained weights in ``bench/results/cpu_precision.md``
+(every held-out caption identical). The decoder changed 3 of 34 captions (paraphrases
+naming the same sound) and the fluency filter could not be checked on trained weights
+(the demo bundle has none): both stay opt-in through ``precision = "int8"``."""
 THREAD_NAME_PREFIX: Final = "streamcap-infer"
 SIDE_THREADS: Final = 1
 """Torch threads of the side lane (:meth:`InferenceRuntime.run_side`)."""
@@ -105,6 +128,162 @@ def cpu_supports_bf16(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> bool:
     return mkldnn_ok and bool(flags & _CPU_BF16_FLAGS)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CpuFeatures:
+    """What this CPU and torch build offer for inference.
+
+    Attributes:
+        flags: the :data:`CPU_FLAGS` found in /proc/cpuinfo (empty where unreadable).
+        machine: ``platform.machine()``, e.g. ``"x86_64"``.
+        bf16_kernels: torch's oneDNN bf16 kernels are usable here.
+        int8_engine: torch has a quantized engine (fbgemm/x86/qnnpack) for int8 linears.
+    """
+
+    flags: frozenset[str] = frozenset()
+    machine: str = "x86_64"
+    bf16_kernels: bool = False
+    int8_engine: bool = True
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 matrix maths in hardware (AVX512-BF16 or AMX-BF16) and torch kernels for it."""
+        return self.bf16_kernels and bool(self.flags & _CPU_BF16_FLAGS)
+
+    @property
+    def fast_int8(self) -> bool:
+        """Dynamic int8 linears run on vector int8 kernels (x86 with AVX2; measured there)."""
+        return self.int8_engine and "avx2" in self.flags
+
+    def describe(self) -> str:
+        """One line for logs: the flags found and the relevant ones missing."""
+        found = [f for f in CPU_FLAGS if f in self.flags]
+        missing = [f for f in CPU_FLAGS if f not in self.flags]
+        parts = [self.machine, " ".join(found) or "none of " + ",".join(CPU_FLAGS)]
+        if found and missing:
+            parts.append("no " + " ".join(missing))
+        return "; ".join(parts)
+
+
+def cpu_features(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> CpuFeatures:
+    """Read :class:`CpuFeatures` of this machine (flags from ``cpuinfo_path``)."""
+    try:
+        flags = parse_cpu_flags(cpuinfo_path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        flags = frozenset()
+    bf16 = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
+    torch_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if bf16 and torch_check is not None:
+        bf16 = bool(torch_check())
+    engines = set(torch.backends.quantized.supported_engines)
+    return CpuFeatures(flags=flags & frozenset(CPU_FLAGS), machine=platform.machine(),
+                       bf16_kernels=bf16, int8_engine=bool(engines & {"x86", "fbgemm", "qnnpack"}))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrecisionPlan:
+    """The precision of every component (:data:`COMPONENTS`) and why.
+
+    Attributes:
+        requested: the ``precision`` option as given.
+        device: ``"cpu"`` or ``"cuda"``.
+        dtype: the float compute dtype of every component not int8 (what the
+            captioner casts and autocasts to).
+        codec_dtype: the codec encoder's dtype.
+        int8: components whose linear layers run dynamic int8 (CPU only).
+        reason: why, in words (the CPU features found).
+    """
+
+    requested: str
+    device: str
+    dtype: torch.dtype
+    codec_dtype: torch.dtype = torch.float32
+    int8: frozenset[str] = field(default_factory=frozenset)
+    reason: str = ""
+
+    def component(self, name: str) -> str:
+        """``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"`` for one of :data:`COMPONENTS`."""
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; expected one of {', '.join(COMPONENTS)}")
+        if name in self.int8:
+            return "int8"
+        return _NAMES[self.codec_dtype if name == "codec" else self.dtype]
+
+    def by_component(self) -> dict[str, str]:
+        """Every component's precision, in :data:`COMPONENTS` order."""
+        return {name: self.component(name) for name in COMPONENTS}
+
+    def summary(self) -> str:
+        """``codec=fp32 audio=fp32 ...``: one line for logs and reports."""
+        return " ".join(f"{k}={v}" for k, v in self.by_component().items())
+
+
+def plan_precision(requested: str, device: torch.device | str, features: CpuFeatures, *,
+                   cuda_bf16: bool = False, codec_precision: str = "fp32",
+                   option: str = "precision") -> PrecisionPlan:
+    """Pure per-component precision policy (:func:`choose_plan` feeds it the hardware facts).
+
+    ``auto``: on CUDA bf16 (fp16 without bf16 support); on a CPU with native bf16, bf16;
+    on a CPU without it, float32, with :data:`INT8_AUTO` in dynamic int8 where the CPU
+    has AVX2 int8 kernels. ``int8``: float32 with :data:`INT8_EXPLICIT` in int8 (CPU
+    only). ``fp32``/``bf16``/``fp16``: that dtype everywhere (see
+    :func:`decide_precision`). The codec encoder stays float32 unless ``codec_precision``
+    is ``"model"`` (then it follows the float dtype).
+
+    Args:
+        requested: the ``precision`` option.
+        device: where the models run.
+        features: this CPU's features (ignored on CUDA).
+        cuda_bf16: the CUDA device supports bf16.
+        codec_precision: ``"fp32"`` or ``"model"``.
+        option: the config key named in errors.
+
+    Raises:
+        ModelError: unknown value, fp16 or int8 on a device that cannot run it.
+    """
+    device_type = torch.device(device).type
+    value = requested.strip().lower()
+    dtype = decide_precision(value, device_type=device_type, cuda_bf16=cuda_bf16,
+                             cpu_bf16=features.native_bf16, option=option)
+    if value == "int8" and device_type != "cpu":
+        raise ModelError(f"{option} = {requested!r}: int8 runs on the CPU only; "
+                         "use 'auto', 'bf16' or 'fp16' on a GPU")
+    if value == "int8" and not features.int8_engine:
+        raise ModelError(f"{option} = {requested!r}: this torch build has no int8 engine; "
+                         "use 'auto' or 'fp32'")
+    int8: frozenset[str] = frozenset()
+    if device_type != "cpu":
+        reason = f"{device_type}: " + ("bf16 supported" if cuda_bf16 else "no bf16 support")
+    else:
+        reason = features.describe()
+        if value == "int8":
+            int8 = frozenset(INT8_EXPLICIT)
+            if not features.fast_int8:
+                reason += "; no AVX2 int8 kernels: int8 may be slower than fp32"
+        elif value == "auto" and dtype == torch.float32:
+            if features.fast_int8:
+                int8 = frozenset(INT8_AUTO)
+                reason += "; no native bf16: fp32, int8 where it agrees with fp32"
+            else:
+                reason += "; no native bf16 and no AVX2 int8: fp32"
+        elif value == "auto":
+            reason += "; native bf16"
+    codec_dtype = dtype if codec_precision == "model" else torch.float32
+    return PrecisionPlan(requested=requested, device=device_type, dtype=dtype,
+                         codec_dtype=codec_dtype, int8=int8, reason=reason)
+
+
+def choose_plan(requested: str, device: torch.device, *, codec_precision: str = "fp32",
+                option: str = "precision") -> PrecisionPlan:
+    """:func:`plan_precision` for this machine; logs one line with the choice per component."""
+    on_cuda = device.type == "cuda"
+    plan = plan_precision(requested, device, cpu_features(),
+                          cuda_bf16=on_cuda and torch.cuda.is_bf16_supported(),
+                          codec_precision=codec_precision, option=option)
+    _log.info("inference precision chosen", requested=requested, device=str(device),
+              plan=plan.summary(), why=plan.reason)
+    return plan
+
+
 def decide_precision(
     requested: str, *, device_type: str, cuda_bf16: bool, cpu_bf16: bool, option: str = "precision"
 ) -> torch.dtype:
@@ -112,6 +291,8 @@ def decide_precision(
 
     ``auto``: bf16 on CUDA with bf16 support, else fp16 on CUDA; bf16 on a CPU with native
     bf16; else fp32. ``fp16`` on CPU is refused (slow and unsupported by many CPU kernels).
+    ``int8`` gives fp32: the float dtype of the components not made int8
+    (:func:`plan_precision` decides which are).
 
     Raises:
         ModelError: Unknown value, or fp16 on CPU; the message names ``option``.
@@ -162,17 +343,19 @@ class RuntimeOptions:
 
     Attributes:
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``.
         num_threads: Torch intra-op threads; None means every core this process may use.
+        codec_precision: ``"fp32"`` or ``"model"`` (the codec follows ``precision``).
     """
 
     device: str = "auto"
     precision: str = "auto"
     num_threads: int | None = None
+    codec_precision: str = "fp32"
 
 
 class InferenceRuntime:
-    """Owns the inference thread and the chosen device and dtype.
+    """Owns the inference thread and the chosen device, dtype and precision plan.
 
     Use it as ``await runtime.run(fn, *args)``. A cancelled ``run`` does not stop a call
     that has already started (torch cannot be interrupted); the result is dropped.
@@ -191,7 +374,9 @@ class InferenceRuntime:
             )
         self.options: Final = options
         self.device: Final = choose_device(options.device)
-        self.dtype: Final = choose_precision(options.precision, self.device)
+        self.plan: Final = choose_plan(options.precision, self.device,
+                                       codec_precision=options.codec_precision)
+        self.dtype: Final = self.plan.dtype
         self.num_threads: Final = options.num_threads or available_cores()
         self._closed = False
         self._executor = ThreadPoolExecutor(

@@ -225,18 +225,19 @@ def _check_inputs(positives: list[Path], negatives: list[Path],
 
 def _model(config: Config, model: str | None) -> RetrieverTriggerModel:
     from streamcap.models.captioner import build_captioner
-    from streamcap.models.runtime import choose_device, choose_precision
+    from streamcap.models.runtime import choose_device, choose_plan
     from streamcap.triggers.fastpath import trigger_model
 
     m = config.model
     device = choose_device(m.device)
-    dtype = choose_precision(m.precision, device)
+    plan = choose_plan(m.precision, device)
     if m.threads:
         import torch
 
         torch.set_num_threads(m.threads)
     return trigger_model(build_captioner(model or m.bundle, m.decoding, device=device,
-                                         dtype=dtype, abstention=m.abstention))
+                                         dtype=plan.dtype, abstention=m.abstention,
+                                         int8=plan.int8))
 
 
 def score_files(model: RetrieverTriggerModel, files: Sequence[Path], spec: TriggerSpec,
