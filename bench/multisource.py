@@ -49,10 +49,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sources", default="4",
                    help="comma list of batch sizes to measure; the largest is the number of "
                         "sources (e.g. 1,8,32,64,128; default 4: batches of 2 and 4 on 4 sources)")
+    p.add_argument("--window-s", type=float, default=10.0, help="window length (default 10)")
+    p.add_argument("--hop-s", type=float, default=5.0, help="hop between windows (default 5)")
     p.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (as [model])")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own)")
     p.add_argument("--reps", type=int, default=3, help="measured calls per batch size")
+    p.add_argument("--no-warm-each", action="store_true",
+                   help="no unrecorded warm-up batch before each size (medians over --reps "
+                        "absorb a cold first call; saves time on a GPU)")
     p.add_argument("--seconds", type=float, default=900.0,
                    help="measuring budget: no batch size or repetition starts after it")
     p.add_argument("--batch-max", type=int, default=None,
@@ -66,7 +71,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None,
                    help="results file stem (default multisource_<device>_<preset>)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny preset, 2 sources, 8 candidates, 8 tokens, 1 repetition")
+                   help="tiny preset, 2 sources, 8 candidates, 8 tokens, 1 repetition, no "
+                        "warm-up per size, 1 s hop: a smoke run")
     return p.parse_args(argv)
 
 
@@ -97,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> BenchReport:
     decoding = DecodingOptions()
     if args.quick:
         decoding = DecodingOptions(n_candidates=8, max_new_tokens=8, min_new_tokens=2)
-        args.reps = 1
+        args.reps, args.no_warm_each, args.hop_s = 1, True, 1.0
     if args.max_new_tokens is not None:
         decoding = DecodingOptions(n_candidates=decoding.n_candidates,
                                    max_new_tokens=args.max_new_tokens,
@@ -117,9 +123,10 @@ def main(argv: Sequence[str] | None = None) -> BenchReport:
     built = build(preset, decoding, device=args.device, precision=args.precision,
                   threads=args.threads, logit_bias_std=args.logit_bias_std)
     progress(f"built in {built.build_s:.1f} s")
-    plan = BenchPlan(sources=sources, window_s=10.0, hop_s=5.0, batch_sizes=batch_sizes,
+    plan = BenchPlan(sources=sources, window_s=args.window_s, hop_s=args.hop_s,
+                     batch_sizes=batch_sizes,
                      batch_max=args.batch_max or max(batch_sizes, default=1),
-                     seconds=args.seconds, reps=args.reps)
+                     seconds=args.seconds, reps=args.reps, warm_each=not args.no_warm_each)
     notes = ["command: bench/multisource.py "
              + " ".join(sys.argv[1:] if argv is None else list(argv))]
 

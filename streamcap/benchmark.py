@@ -34,7 +34,8 @@ Measuring is separate from reporting: :class:`Sample` records are turned into a
 :class:`BenchReport` (frozen dataclasses) by pure functions, and
 :func:`format_text` / :func:`format_markdown` render one; all testable without models.
 The measuring time is bounded (:attr:`BenchPlan.seconds`): once spent, no further batch
-size or repetition starts (sizes never reached are listed in ``skipped_sizes``).
+size or repetition starts (sizes never reached are listed in ``skipped_sizes``); the
+first windows of every source and one one-at-a-time window are always measured.
 """
 
 from __future__ import annotations
@@ -537,7 +538,7 @@ def format_text(report: BenchReport) -> str:
                       f"{'windows/s':>10} {'vs one':>7}  batched")]
         for p in report.batches:
             sp = f"{p.speedup:.2f}x" if p.speedup is not None else "-"
-            how = "yes" if p.native else "no (looped)"
+            how = "-" if p.size == 1 else "yes" if p.native else "no (looped)"
             lines.append(f"{p.size:>5} {p.batch.n:>5} {p.batch.median_s:>9.3f} "
                          f"{p.per_window_s:>9.3f} {p.windows_per_s:>10.3f} {sp:>7}  {how}")
     if report.skipped_sizes:
@@ -585,7 +586,7 @@ def format_markdown(report: BenchReport, json_name: str) -> str:
             sp = f"{p.speedup:.2f}x" if p.speedup is not None else "-"
             lines.append(f"| {p.size} | {p.batch.n} | {p.batch.median_s:.3f} | "
                          f"{p.per_window_s:.3f} | {p.windows_per_s:.2f} | {sp} | "
-                         f"{'yes' if p.native else 'no (looped)'} | "
+                         f"{'-' if p.size == 1 else 'yes' if p.native else 'no (looped)'} | "
                          f"{'yes' if p.streams_kept_up else 'no'} |")
         lines.append("")
     if report.skipped_sizes:
@@ -614,6 +615,9 @@ class BenchPlan:
         batch_max: the largest batch the worker forms (for the kept-up-with rule).
         seconds: measuring budget: once spent, nothing new starts.
         reps: the most measured calls per batch size (and one-at-a-time windows).
+        warm_each: before the first measured batch of each size, one unrecorded batch of
+            that size (first calls of a shape can be slower: allocator growth, kernel and
+            primitive choice); off, the median over ``reps`` absorbs a cold first call.
     """
 
     sources: int
@@ -623,6 +627,7 @@ class BenchPlan:
     batch_max: int
     seconds: float
     reps: int = 3
+    warm_each: bool = True
 
     def __post_init__(self) -> None:
         if self.sources < 1:
@@ -705,10 +710,12 @@ class Measurer:
             self.progress(f"one at a time, repetition {rep + 1}")
             self.samples.append(self._call("single", self._single_window()))
             on_sample()
-            for k in plan.batch_sizes:
+            # Largest first: the largest batch decides the sources kept up with, so a spent
+            # budget leaves out the small sizes.
+            for k in sorted(plan.batch_sizes, reverse=True):
                 if spent():
                     break
-                if k not in warmed:
+                if plan.warm_each and k not in warmed:
                     self.progress(f"batch of {k}: warm-up")
                     self._call("batch", self._windows(k))
                     warmed.add(k)
