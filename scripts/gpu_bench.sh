@@ -66,10 +66,10 @@ grep -m1 '^model name' /proc/cpuinfo || true
 echo "load average: $(cat /proc/loadavg 2>/dev/null)"
 
 status=0
-# Step 1 gets 60% of the bound (its measuring stops 90 s before, for build and first
-# windows); step 2 the rest.
+# Step 1 gets 60% of the bound (its measuring stops 120 s before: imports, model build,
+# the last call in flight); step 2 the rest.
 step1=$(( $(left) * 60 / 100 ))
-measure1=$(( step1 - 90 > 30 ? step1 - 90 : 30 ))
+measure1=$(( step1 - 120 > 30 ? step1 - 120 : 30 ))
 echo "== step 1: multisource, up to ${step1} s (measuring ${measure1} s)"
 timeout -k 10 "$step1" "$py" bench/multisource.py --device "$device" --preset "$preset" \
     --sources "$sources" --seconds "$measure1" --out-dir "$out" "${multi_extra[@]}"
