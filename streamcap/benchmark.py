@@ -76,6 +76,9 @@ BLOCK_S: Final = 0.1
 MAX_SOURCES: Final = 100_000
 """Where the kept-up-with search stops (reported as "at least")."""
 LOGIT_BIAS_SEED: Final = 1234
+LOOPED_NOTE: Final = (
+    "this captioner's caption_batch captioned its windows one after another: batched and "
+    "one-at-a-time calls did the same work, so their difference is noise (load), not batching")
 KEEP_UP_RULE: Final = (
     "n sources are kept up with when one hop's windows (n, one per source, in batches of B) "
     "are captioned within hop_s: (n // B) * T(B) + T(n % B) <= hop_s for every m <= n, "
@@ -383,6 +386,7 @@ class BenchReport:
     wall_s: float
     complete: bool
     notes: tuple[str, ...] = field(default=())
+    samples: tuple[Sample, ...] = field(default=())  # every measured call, in order
 
 
 def _median_stages(samples: Sequence[Sample]) -> dict[str, float]:
@@ -470,6 +474,9 @@ def summarise(samples: Sequence[Sample], *, setup: BenchSetup, machine: MachineF
         times[1] = one.median_s
     multi = [p for p in points if p.size > 1]
     best = min(points, key=lambda p: p.per_window_s, default=None)
+    native = all(p.native for p in multi) if multi else None
+    if native is False:
+        notes = [*notes, LOOPED_NOTE]
     return BenchReport(
         setup=setup, machine=machine,
         first_window=stats([s.seconds / s.size for s in first]) if first else None,
@@ -480,9 +487,9 @@ def summarise(samples: Sequence[Sample], *, setup: BenchSetup, machine: MachineF
         keep_up=(keep_up(times, setup.batch_max, setup.hop_s, setup.sources)
                  if times else None),
         skipped_sizes=tuple(k for k in setup.batch_sizes if k not in by_size),
-        batching_native=all(p.native for p in multi) if multi else None,
+        batching_native=native,
         loadavg_start=loadavg_start, loadavg_end=loadavg_end, gpu_peak_mib=gpu_peak,
-        wall_s=round(wall_s, 1), complete=complete, notes=tuple(notes))
+        wall_s=round(wall_s, 1), complete=complete, notes=tuple(notes), samples=tuple(samples))
 
 
 def report_dict(report: BenchReport) -> dict[str, Any]:
@@ -614,7 +621,10 @@ class BenchPlan:
         batch_sizes: sizes of ``caption_batch`` calls to measure, each in 1..sources.
         batch_max: the largest batch the worker forms (for the kept-up-with rule).
         seconds: measuring budget: once spent, nothing new starts.
-        reps: the most measured calls per batch size (and one-at-a-time windows).
+        reps: the most measured calls per batch size.
+        singles: one-at-a-time windows measured per repetition (of distinct sources, at
+            most ``sources``), so that one at a time is timed over as many load
+            conditions as the batches.
         warm_each: before the first measured batch of each size, one unrecorded batch of
             that size (first calls of a shape can be slower: allocator growth, kernel and
             primitive choice); off, the median over ``reps`` absorbs a cold first call.
@@ -628,10 +638,13 @@ class BenchPlan:
     seconds: float
     reps: int = 3
     warm_each: bool = True
+    singles: int = 4
 
     def __post_init__(self) -> None:
         if self.sources < 1:
             raise ValueError(f"sources must be >= 1, got {self.sources}")
+        if self.singles < 1:
+            raise ValueError(f"singles must be >= 1, got {self.singles}")
         if self.reps < 1:
             raise ValueError(f"reps must be >= 1, got {self.reps}")
         bad = [k for k in self.batch_sizes if not 1 <= k <= self.sources]
@@ -708,8 +721,9 @@ class Measurer:
             if rep > 0 and spent():
                 break
             self.progress(f"one at a time, repetition {rep + 1}")
-            self.samples.append(self._call("single", self._single_window()))
-            on_sample()
+            for _ in range(min(plan.singles, plan.sources)):
+                self.samples.append(self._call("single", self._single_window()))
+                on_sample()
             # Largest first: the largest batch decides the sources kept up with, so a spent
             # budget leaves out the small sizes.
             for k in sorted(plan.batch_sizes, reverse=True):

@@ -210,6 +210,9 @@ def test_summarise_tells_a_looping_captioner() -> None:
                        loadavg_start=(0, 0, 0), loadavg_end=(0, 0, 0), gpu_peak=None,
                        wall_s=1.0, complete=False)
     assert report.batching_native is False
+    assert any("one after another" in n for n in report.notes)
+    assert [x.kind for x in report.samples] == ["first", "single", "single", "single", "batch",
+                                                "batch"]
     assert report.batches[0].speedup is not None and report.batches[0].speedup < 1.1
 
 
@@ -278,7 +281,7 @@ def _measure(plan: BenchPlan) -> tuple[RecordingCaptioner, Measurer]:
 
 def test_measuring_loop_order_and_stream_continuity() -> None:
     plan = BenchPlan(sources=4, window_s=2.0, hop_s=1.0, batch_sizes=(2, 4), batch_max=4,
-                     seconds=1e9, reps=2)
+                     seconds=1e9, reps=2, singles=1)
     cap, measurer = _measure(plan)
     kinds = [(k, len(w)) for k, w in cap.calls]
     assert kinds == [("batch", 4),  # first windows of all sources
@@ -300,9 +303,11 @@ def test_measuring_loop_order_and_stream_continuity() -> None:
 
 def test_measuring_loop_without_budget_measures_the_minimum() -> None:
     plan = BenchPlan(sources=3, window_s=2.0, hop_s=1.0, batch_sizes=(2, 3), batch_max=8,
-                     seconds=0.0, reps=3, warm_each=False)
-    _cap, measurer = _measure(plan)
-    assert [(s.kind, s.size) for s in measurer.samples] == [("first", 3), ("single", 1)]
+                     seconds=0.0, reps=3, warm_each=False)  # singles: 4, at most the 3 sources
+    cap, measurer = _measure(plan)
+    assert [(s.kind, s.size) for s in measurer.samples] == [("first", 3)] + [("single", 1)] * 3
+    singles = [w[0].source_id for k, w in cap.calls if k == "caption"]
+    assert singles == ["bench-0", "bench-1", "bench-2", "bench-0"]  # warm-up, then one each
 
 
 # --------------------------------------------------------------------------- the command
