@@ -866,8 +866,10 @@ def _notes(built: BuiltCaptioner) -> list[str]:
     if built.random_weights:
         notes.append("random weights: end-of-caption is (almost) never sampled, so every "
                      "candidate runs to max_new_tokens: sampling times are upper bounds; a fixed "
-                     f"random logit bias (std {built.logit_bias_std:g}) keeps candidates "
-                     "distinct, as a trained model's are")
+                     f"random logit bias (std {built.logit_bias_std:g}) makes candidates differ "
+                     "where it can, but the text encoder and fluency filter only see the "
+                     "distinct candidates (with random weights often one: those stages are "
+                     "then under-timed or absent)")
     return notes
 
 
