@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -58,6 +59,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from streamcap.audio.windowing import Windower
+from streamcap.benchmark import gpu_peak_mib, machine_facts
 from streamcap.messages import Window, make_block
 from streamcap.models.bundle.components import Components, build_components
 from streamcap.models.bundle.presets import parameter_counts, preset_spec
@@ -364,8 +366,10 @@ def markdown(report: dict[str, Any]) -> str:
               if r.get("naive") else "no naive baseline")
         lines.append(f"- {r['optimised']}: {r['optimised_median_s']:.2f} s median, "
                      f"{'meets' if r['meets_time_target'] else 'misses'} the time target; {sp}.")
-    lines += ["", f"Peak RSS {report['rss_mib']['peak']:.0f} MiB. Full data: "
-              f"`{Path(report['json_path']).name}`.", ""]
+    gpu = (f" GPU memory peak {report['gpu_peak_mib']:.0f} MiB (torch allocated)."
+           if report.get("gpu_peak_mib") is not None else "")
+    lines += ["", (f"Peak RSS {report['rss_mib']['peak']:.0f} MiB.{gpu} Full data: "
+                   f"`{Path(report['json_path']).name}`."), ""]
     return "\n".join(lines)
 
 
@@ -454,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"warm {p.name}", flush=True)
     counts = parameter_counts(spec)
     out_path = Path(args.out)
+    machine = dataclasses.asdict(machine_facts(device))  # CPU flags; on CUDA the card
 
     def write_report(done: bool) -> dict[str, Any]:
         """Write the JSON and the table (after every round, so a cut run keeps its data)."""
@@ -489,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "comparisons": compare(summaries, args.target_s, args.target_x),
             "pipelines": summaries,
             "rss_mib": {"after_build": rss_built, "peak": _rss_mib()},
+            "machine": machine,
+            "gpu_peak_mib": gpu_peak_mib(device),
             "loadavg_end": list(os.getloadavg()),
             "wall_s": round(time.perf_counter() - wall0, 1),
             "complete": done,

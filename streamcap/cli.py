@@ -120,6 +120,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from streamcap.history.cli import add_parser as add_search_parser
 
     add_search_parser(sub)
+    from streamcap.benchmark import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -225,6 +228,12 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return search_command(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from streamcap.benchmark import bench_command
+
+    return bench_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = _build_parser()
@@ -247,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data": _cmd_training,
         "triggers": _cmd_triggers,
         "search": _cmd_search,
+        "bench": _cmd_bench,
     }
     try:
         code = handlers[args.command](args)
