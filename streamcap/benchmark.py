@@ -843,16 +843,17 @@ def build(spec: str, decoding: DecodingOptions, *, device: str = "auto",
     import torch
 
     from streamcap.models.captioner import build_captioner
-    from streamcap.models.runtime import choose_device, choose_precision
+    from streamcap.models.runtime import choose_device, choose_plan
 
     random_weights = is_random_preset(spec)
     dev = choose_device(device)
-    dtype = choose_precision(precision, dev)
+    plan = choose_plan(precision, dev, codec_precision="model" if codec_follows_dtype else "fp32")
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    captioner = build_captioner(spec, decoding, device=dev, dtype=dtype,
-                                codec_follows_dtype=codec_follows_dtype, abstention=abstention)
+    captioner = build_captioner(spec, decoding, device=dev, dtype=plan.dtype,
+                                codec_follows_dtype=codec_follows_dtype, abstention=abstention,
+                                int8=plan.int8)
     bias = logit_bias_std if random_weights else 0.0
     add_logit_bias(captioner, bias)
     return BuiltCaptioner(captioner=captioner, spec=spec, random_weights=random_weights,
