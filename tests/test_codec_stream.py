@@ -8,6 +8,7 @@ import torch
 
 from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import make_window
+from streamcap.models.codecs import base as codec_base
 from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer, CodecTokens, codec_preset
 from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
 from streamcap.models.codecs.streaming import _Fed as _fed
@@ -172,10 +173,14 @@ def test_bad_options_and_input(tok: CodecTokenizer) -> None:
         StreamingCodec(tok).feed(source_id="s", epoch=0, start_sample=0, audio=np.zeros((2, 320), np.float32))
 
 
+@pytest.mark.parametrize("cpu_batch", [1, 32])
 def test_a_batch_of_sources_gets_each_sources_own_codes(
-        tok: CodecTokenizer, stream_audio: np.ndarray) -> None:
-    """Three sources fed as batches (equal chunks encoded together) get the codes each
-    gets alone, window after window, and the encoder is called once per chunk length."""
+        tok: CodecTokenizer, stream_audio: np.ndarray, cpu_batch: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three sources fed as batches get the codes each gets alone, window after window;
+    with batching (as on a GPU) equal chunks share one encoder call, on a CPU by default
+    each chunk has its own."""
+    monkeypatch.setattr(codec_base, "CPU_CODEC_BATCH", cpu_batch)
     rng = np.random.default_rng(3)
     streams = {f"s{k}": (stream_audio * (0.5 + k) + 0.02 * rng.standard_normal(stream_audio.size)
                          ).astype(np.float32) for k in range(3)}
@@ -194,8 +199,8 @@ def test_a_batch_of_sources_gets_each_sources_own_codes(
                     "audio": x[start : start + WIN]} for s, x in streams.items()]
             calls.clear()
             together = batched.feed_batch([_fed(**f) for f in fed])
-            if start > 0:  # steady state: one call for the fresh chunks, one for the edges
-                assert calls == [3, 3]
+            if start > 0:  # steady state: the fresh chunks, then the edges
+                assert calls == ([3, 3] if cpu_batch > 1 else [1] * 6)
             for f, got in zip(fed, together, strict=True):
                 own = alone.feed(**f)
                 assert got.start_frame == own.start_frame

@@ -116,8 +116,14 @@ ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 MAX_CODEC_BATCH = 32
-"""Clips per encoder call in :meth:`EncoderQuantizerTokenizer.codes_batch` (bounds the memory
-of the encoder's widest activations: 64 channels at the full sample rate per clip)."""
+"""Clips per encoder call in :meth:`EncoderQuantizerTokenizer.codes_batch` on a GPU (bounds the
+memory of the encoder's widest activations: 64 channels at the full sample rate per clip).
+On a CPU every clip is encoded alone: there a batch of 4 five-second chunks took 1.5x the
+time of 4 single calls (base preset, 2-core AVX2 CPU, ``bench/results/multisource_cpu_base.md``):
+the convolutions are compute-bound already, and a batch's activations no longer fit in cache."""
+
+CPU_CODEC_BATCH = 1
+"""Clips per encoder call on a CPU (see :data:`MAX_CODEC_BATCH`)."""
 
 
 class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
@@ -210,11 +216,12 @@ class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
                            frame_rate_hz=self.frame_rate_hz, start_frame=start_frame)
 
     def codes_batch(self, clips: Sequence[Float32Array]) -> list[torch.Tensor]:
-        """The codes of each mono clip; clips of equal length are encoded as one batch.
+        """The codes of each mono clip; on a GPU, clips of equal length are encoded as one batch.
 
         Each clip's codes are :meth:`tokens`'s of that clip alone (a convolution's
         result does not depend on the other rows of its batch, up to float rounding).
-        At most :data:`MAX_CODEC_BATCH` clips go through the encoder at once.
+        At most :data:`MAX_CODEC_BATCH` clips go through the encoder at once on a GPU,
+        one at a time on a CPU.
 
         Returns:
             int64 (n_codebooks, ceil(n / hop_length)) codes per clip, in input order.
@@ -232,12 +239,13 @@ class EncoderQuantizerTokenizer(ABC, Generic[ConfigT, ModuleT]):
                 raise ModelError("codec input: audio holds NaN or inf samples")
             by_length.setdefault(samples.shape[0], []).append(i)
         out: list[torch.Tensor] = [self._no_codes] * len(arrays)
+        limit = MAX_CODEC_BATCH if self.device.type == "cuda" else CPU_CODEC_BATCH
         for length, rows in by_length.items():
             n_frames = self.config.n_frames(length)
             if n_frames == 0:
                 continue
-            for first in range(0, len(rows), MAX_CODEC_BATCH):
-                part = rows[first : first + MAX_CODEC_BATCH]
+            for first in range(0, len(rows), limit):
+                part = rows[first : first + limit]
                 codes = self._encode_clips(np.stack([arrays[i] for i in part]), n_frames)
                 for j, i in enumerate(part):
                     out[i] = codes[j]
