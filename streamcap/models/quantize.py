@@ -1,16 +1,21 @@
 """Dynamic int8 quantization of the captioner's linear layers (CPU only).
 
 Dynamic int8 stores each :class:`torch.nn.Linear`'s weight as int8 (per output
-channel) and quantizes the activations on the fly, row by row; the matrix product
-runs in int8 with int32 accumulation (x86: the fbgemm kernels, which need AVX2) and the
-result comes back in float32. Everything else (layer norms, attention, embeddings,
+channel) and quantizes the activations on the fly with one scale and zero point per
+call, taken from the range of the whole input tensor (per tensor, not row by row); the
+matrix product runs in int8 with int32 accumulation (x86: the fbgemm kernels, which need
+AVX2) and the result comes back in float32. Everything else (layer norms, attention, embeddings,
 softmax) stays float32. It suits the models here whose time goes into matrix products
 with few rows: the BART decoder's steps (one token per candidate) and its LM head, and
 the BERT-style text encoders over a handful of short captions.
 
-What it changes, measured against float32 in ``bench/results/cpu_precision.md``;
-:func:`streamcap.models.runtime.plan_precision` decides where ``precision = "auto"``
-uses it.
+Because the scale is per tensor, rows batched together share it: in a batch of windows
+each window's activations are quantized with a scale set partly by the other windows'
+rows, so its scores (and, for the decoder, rarely its caption) can differ from the same
+window captioned alone. That is why ``precision = "auto"`` never picks int8
+(:data:`streamcap.models.runtime.INT8_AUTO` is empty) and ``precision = "int8"`` is
+opt-in; ``[model] batch_max = 1`` gives exact independence with it. What it changes
+against float32 is measured in ``bench/results/cpu_precision.md``.
 
 The quantized layers replace the float ones in place; modules that call a layer
 directly (:class:`~streamcap.models.decoding.inference.SharedCrossInference` calls

@@ -14,8 +14,9 @@ is a per-thread setting.
 
 Precision is chosen per component (:class:`PrecisionPlan`, :func:`plan_precision`) from
 what the CPU offers (:func:`cpu_features`): native bf16 where the CPU has it, else
-float32 with dynamic int8 (:mod:`streamcap.models.quantize`) for the components whose
-agreement with float32 held in ``bench/results/cpu_precision.md``.
+float32. Dynamic int8 (:mod:`streamcap.models.quantize`) is opt-in
+(``precision = "int8"``): it quantizes each call's activations with one scale for the
+whole batch, so a window's numbers can depend on the windows batched with it.
 """
 
 from __future__ import annotations
@@ -53,13 +54,17 @@ COMPONENTS: Final = ("codec", "audio", "encoder", "decoder", "text_encoder", "fl
 retriever's CNext audio encoder, the BART encoder, the BART decoder with its LM head,
 the retriever's text encoder and the fluency filter."""
 INT8_EXPLICIT: Final = ("decoder", "text_encoder", "fluency")
-"""Components ``precision = "int8"`` makes int8 (the others stay float32)."""
-INT8_AUTO: Final = ("text_encoder",)
-"""Components ``precision = "auto"`` makes int8 on an AVX2 CPU without native bf16: those
-whose agreement with float32 held on trained weights in ``bench/results/cpu_precision.md``
-(every held-out caption identical). The decoder changed 3 of 34 captions (paraphrases
-naming the same sound) and the fluency filter could not be checked on trained weights
-(the demo bundle has none): both stay opt-in through ``precision = "int8"``."""
+"""Components ``precision = "int8"`` makes int8 (the others stay float32). With it a
+window's scores (and, through the decoder, rarely its caption) can depend on the windows
+batched with it; ``[model] batch_max = 1`` restores exact independence."""
+INT8_AUTO: Final[tuple[str, ...]] = ()
+"""Components ``precision = "auto"`` makes int8 on an AVX2 CPU without native bf16: none.
+Dynamic int8 quantizes a call's activations with one scale per tensor, so in a batch of
+windows each window's rows share a scale with the other windows' rows and its scores
+(for the decoder, rarely its caption) depend on what it was batched with; ``auto`` keeps
+every component in float32 so that a window's result never does. The text encoder's
+captions were identical to fp32 on the demo bundle (``bench/results/cpu_precision.md``);
+it and the decoder and fluency filter stay available through ``precision = "int8"``."""
 THREAD_NAME_PREFIX: Final = "streamcap-infer"
 SIDE_THREADS: Final = 1
 """Torch threads of the side lane (:meth:`InferenceRuntime.run_side`)."""
@@ -223,9 +228,9 @@ def plan_precision(requested: str, device: torch.device | str, features: CpuFeat
     """Pure per-component precision policy (:func:`choose_plan` feeds it the hardware facts).
 
     ``auto``: on CUDA bf16 (fp16 without bf16 support); on a CPU with native bf16, bf16;
-    on a CPU without it, float32, with :data:`INT8_AUTO` in dynamic int8 where the CPU
-    has AVX2 int8 kernels. ``int8``: float32 with :data:`INT8_EXPLICIT` in int8 (CPU
-    only). ``fp32``/``bf16``/``fp16``: that dtype everywhere (see
+    on a CPU without it, float32 everywhere (:data:`INT8_AUTO` is empty: int8 breaks the
+    independence of batched windows). ``int8``: float32 with :data:`INT8_EXPLICIT` in
+    int8 (CPU only). ``fp32``/``bf16``/``fp16``: that dtype everywhere (see
     :func:`decide_precision`). The codec encoder stays float32 unless ``codec_precision``
     is ``"model"`` (then it follows the float dtype).
 
@@ -260,11 +265,10 @@ def plan_precision(requested: str, device: torch.device | str, features: CpuFeat
             if not features.fast_int8:
                 reason += "; no AVX2 int8 kernels: int8 may be slower than fp32"
         elif value == "auto" and dtype == torch.float32:
-            if features.fast_int8:
-                int8 = frozenset(INT8_AUTO)
-                reason += "; no native bf16: fp32, int8 where it agrees with fp32"
-            else:
-                reason += "; no native bf16 and no AVX2 int8: fp32"
+            int8 = frozenset(INT8_AUTO) if features.fast_int8 else frozenset()
+            reason += "; no native bf16: fp32" + (
+                f", int8 for {' '.join(sorted(int8))}" if int8
+                else " (int8 is opt-in: precision = 'int8')")
         elif value == "auto":
             reason += "; native bf16"
     codec_dtype = dtype if codec_precision == "model" else torch.float32
