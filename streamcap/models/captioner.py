@@ -4,8 +4,10 @@
 (:meth:`Captioner.caption` is a batch of one: one code path), on the inference thread:
 
 1. **codec**: DAC codes of each window at 24 kHz, from its source's streaming
-   cache (each hop of new audio is encoded once); one window after another
-   (the chunks are long convolutions: batching them gains little on a CPU);
+   cache (each hop of new audio is encoded once), through the streaming codec's
+   batched path (:meth:`~streamcap.models.codecs.streaming.StreamingCodec.codes_for_batch`):
+   the windows' chunks of equal length go through the encoder in one call, at most
+   :data:`~streamcap.models.codecs.base.MAX_CODEC_BATCH` (32) clips per call;
 2. **retriever audio**: CNext clip embedding (EnCLAP's row 0) and the joint
    audio embedding (published as the window's ``Embedding``), at 32 kHz, one
    CNext batch per window length (padding would change an embedding);
