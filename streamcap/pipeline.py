@@ -265,8 +265,9 @@ class InferenceWorker:
     own ``lag_s``.
 
     On shutdown, :meth:`finish_by` bounds the drain: the worker starts no batch it
-    does not expect to finish by the deadline (expected: as long as the last one
-    took), and returns, leaving the rest in the queue.
+    does not expect to finish by the deadline (expected: the last call's seconds per
+    window, :attr:`per_window_s`, times the windows the next batch can hold), and
+    returns, leaving the rest in the queue.
 
     Args:
         captioner: runs on the inference thread through ``run_blocking``.
@@ -319,6 +320,8 @@ class InferenceWorker:
         self.last_lag_s = 0.0
         self.last_latency_s = 0.0
         """Wall time of the last captioner call (a whole batch)."""
+        self.per_window_s = 0.0
+        """Wall time per window of the last captioner call (its seconds / its windows)."""
         self.in_flight: tuple[Window, ...] = ()
         """The windows taken from the queue whose results are not published yet: the batch
         being gathered or captioned (lost if the worker is cancelled)."""
@@ -350,7 +353,14 @@ class InferenceWorker:
         self._deadline = deadline
 
     def _may_start(self) -> bool:
-        return self._deadline is None or time.monotonic() + self.last_latency_s < self._deadline
+        if self._deadline is None:
+            return True
+        return time.monotonic() + self.per_window_s * self.expected_batch() < self._deadline
+
+    def expected_batch(self) -> int:
+        """Windows the next batch is expected to hold: those waiting, up to the batch limit
+        (at least one)."""
+        return max(1, min(self.batch_max, len(self._queue)))
 
     async def run(self) -> None:
         """Consume the queue until it is closed and drained, or :meth:`finish_by` says stop."""
@@ -436,6 +446,7 @@ class InferenceWorker:
         """One captioner call: its wall time, its size and its stages (the whole batch's)."""
         self.batches += 1
         self.last_latency_s = seconds
+        self.per_window_s = seconds / size
         self._seconds.observe(seconds, "total")
         self._batch_size.observe(size)
         captioned = next((r for r in results if isinstance(r, CaptionResult)), None)

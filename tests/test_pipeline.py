@@ -710,6 +710,37 @@ async def test_finish_by_starts_no_batch_expected_to_end_after_the_deadline(
     assert captioner.calls[1] == [("a", 1), ("b", 1)] and len(q) == 0
 
 
+async def test_finish_by_scales_the_time_per_window_by_the_next_batch(
+        runtime: InferenceRuntime) -> None:
+    """After a failed batch the last call is a solo retry (one window's time): the drain
+    estimate is seconds per window times the windows the next batch will hold."""
+    captioner = HeldCaptioner(fail_windows=frozenset({("b", 0)}))
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=8)
+    for source in ("a", "b"):
+        q.offer(window(0, source))
+    captioner.permits.release(3)
+    await asyncio.wait_for(worker.process_batch([w for w in (q.take(), q.take()) if w]), WAIT_S)
+    assert captioner.calls[1:] == [[("a", 0)], [("b", 0)]]
+    assert worker.per_window_s == worker.last_latency_s  # the solo retry of a was the last
+    worker.per_window_s = 10.0  # a known time per window (the fake takes none)
+    for source in "abcd":
+        q.offer(window(1, source))
+    assert worker.expected_batch() == 4
+    worker.finish_by(time.monotonic() + 25.0)  # two windows' time, not four
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert len(captioner.calls) == 3 and len(q) == 4
+    q.take()
+    q.take()
+    q.close()
+    assert worker.expected_batch() == 2  # now it fits
+    captioner.permits.release()
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls[3:] == [[("c", 1), ("d", 1)]] and len(q) == 0
+    assert worker.per_window_s == pytest.approx(worker.last_latency_s / 2)
+
+
 # --------------------------------------------------------------------------- through the Daemon
 
 
