@@ -54,23 +54,26 @@ def int8_engine_available() -> bool:
 def quantize_linears(module: nn.Module) -> int:
     """Replace every :class:`torch.nn.Linear` inside ``module`` by a dynamic int8 one.
 
-    The module must be float32 on the CPU. Returns how many layers were replaced
-    (0 when none was left to replace).
+    The module must be float32 on the CPU (nothing is converted: a module in another
+    dtype is refused, so that no caller quantizes weights it did not mean to cast).
+    Returns how many layers were replaced (0 when none was left to replace).
 
     Raises:
-        ModelError: The module is not on the CPU, or this torch has no int8 engine.
+        ModelError: A linear layer is not float32 or not on the CPU (the error names the
+            layer and its dtype or device), or this torch has no int8 engine.
     """
     if not int8_engine_available():
         raise ModelError("int8: this torch build has no quantized engine (fbgemm/x86/qnnpack)")
-    linears = [m for m in module.modules() if type(m) is nn.Linear]
+    linears = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
     if not linears:
         return 0
-    for layer in linears:
+    for name, layer in linears:
         if layer.weight.device.type != "cpu":
             raise ModelError(f"int8: dynamic quantization runs on the CPU only "
-                             f"(a layer is on {layer.weight.device})")
+                             f"(layer {name or '(root)'!r} is on {layer.weight.device})")
         if layer.weight.dtype != torch.float32:
-            layer.float()
+            raise ModelError(f"int8: dynamic quantization needs float32 layers; layer "
+                             f"{name or '(root)'!r} is {layer.weight.dtype}")
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to another package; the API still works
         warnings.simplefilter("ignore", DeprecationWarning)
