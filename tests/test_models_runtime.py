@@ -120,6 +120,18 @@ def test_choose_plan_logs_one_line_with_every_component(monkeypatch: pytest.Monk
     assert "codec=fp32" in line["plan"] and "avx2" in line["why"]
 
 
+def test_the_runtime_names_the_config_key_of_a_refused_precision(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    with pytest.raises(ModelError, match=r"^model\.precision = 'int8': int8 runs on the CPU only"):
+        InferenceRuntime(RuntimeOptions(device="cuda", precision="int8", num_threads=1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"^model\.device = 'cuda': CUDA is not available"):
+        InferenceRuntime(RuntimeOptions(device="cuda", precision="auto", num_threads=1))
+
+
 async def test_the_runtime_holds_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime_mod, "cpu_features", lambda: AVX2)
     async with InferenceRuntime(RuntimeOptions(device="cpu", precision="int8",

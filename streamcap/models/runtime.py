@@ -377,9 +377,11 @@ class InferenceRuntime:
                 f"num_threads = {options.num_threads}: expected a positive integer or None"
             )
         self.options: Final = options
-        self.device: Final = choose_device(options.device)
+        # the daemon's only source of these options is its config's [model] table
+        self.device: Final = choose_device(options.device, option="model.device")
         self.plan: Final = choose_plan(options.precision, self.device,
-                                       codec_precision=options.codec_precision)
+                                       codec_precision=options.codec_precision,
+                                       option="model.precision")
         self.dtype: Final = self.plan.dtype
         self.num_threads: Final = options.num_threads or available_cores()
         self._closed = False
