@@ -158,7 +158,8 @@ class StreamingCodec:
         """:meth:`codes_for` of windows of distinct sources, their encodes batched.
 
         In a steady stream every source's new chunk (and re-encoded edge) has the same
-        length, so W windows cost two encoder calls instead of 2W.
+        length, so W windows cost ``2 * ceil(W / 32)`` encoder calls instead of 2W (at
+        most :data:`~streamcap.models.codecs.base.MAX_CODEC_BATCH` clips per call).
 
         Raises:
             ValueError: two windows of one source.
