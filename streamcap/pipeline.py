@@ -404,10 +404,6 @@ class InferenceWorker:
             await self._queue.wait_for_offer(remaining)
         return batch
 
-    async def process(self, window: Window) -> None:
-        """Caption one window alone and publish it (a batch of one)."""
-        await self.process_batch((window,))
-
     async def process_batch(self, batch: Sequence[Window]) -> None:
         """Caption ``batch`` (windows of distinct sources) in one call and publish each result."""
         windows = tuple(batch)
