@@ -107,6 +107,9 @@ def test_cpu_features_keep_the_relevant_flags(tmp_path: Path) -> None:
     assert not features.native_bf16  # no avx512_bf16 / amx_bf16 listed
     assert cpu_features(tmp_path / "absent").flags == frozenset()
     assert "avx2 fma avx512f amx_tile" in features.describe()
+    assert features.found == ("avx2", "fma", "avx512f", "amx_tile")
+    assert set(features.found) | set(features.missing) == set(CPU_FLAGS)
+    assert not set(features.found) & set(features.missing)
 
 
 def test_choose_plan_logs_one_line_with_every_component(monkeypatch: pytest.MonkeyPatch) -> None:

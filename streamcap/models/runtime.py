@@ -118,19 +118,10 @@ def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
 def cpu_supports_bf16(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> bool:
     """Tell whether this CPU runs bf16 matrix maths natively (AVX512-BF16 or AMX-BF16).
 
-    Reads the flags from ``cpuinfo_path``; requires oneDNN (mkldnn) in the torch build
-    and, where torch offers the check, its own bf16 support test. Where cpuinfo cannot
-    be read (not Linux), falls back to torch's check alone.
+    :attr:`CpuFeatures.native_bf16` of :func:`cpu_features`: the flags from
+    ``cpuinfo_path`` (none where it cannot be read) and torch's oneDNN bf16 kernels.
     """
-    mkldnn_ok = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
-    torch_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if mkldnn_ok and torch_check is not None:
-        mkldnn_ok = bool(torch_check())
-    try:
-        flags = parse_cpu_flags(cpuinfo_path.read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        return mkldnn_ok
-    return mkldnn_ok and bool(flags & _CPU_BF16_FLAGS)
+    return cpu_features(cpuinfo_path).native_bf16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,10 +150,19 @@ class CpuFeatures:
         """Dynamic int8 linears run on vector int8 kernels (x86 with AVX2; measured there)."""
         return self.int8_engine and "avx2" in self.flags
 
+    @property
+    def found(self) -> tuple[str, ...]:
+        """The :data:`CPU_FLAGS` this CPU has, in that order."""
+        return tuple(f for f in CPU_FLAGS if f in self.flags)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The :data:`CPU_FLAGS` this CPU lacks, in that order."""
+        return tuple(f for f in CPU_FLAGS if f not in self.flags)
+
     def describe(self) -> str:
         """One line for logs: the flags found and the relevant ones missing."""
-        found = [f for f in CPU_FLAGS if f in self.flags]
-        missing = [f for f in CPU_FLAGS if f not in self.flags]
+        found, missing = self.found, self.missing
         parts = [self.machine, " ".join(found) or "none of " + ",".join(CPU_FLAGS)]
         if found and missing:
             parts.append("no " + " ".join(missing))
@@ -291,7 +291,7 @@ def choose_plan(requested: str, device: torch.device, *, codec_precision: str = 
 def decide_precision(
     requested: str, *, device_type: str, cuda_bf16: bool, cpu_bf16: bool, option: str = "precision"
 ) -> torch.dtype:
-    """Pure precision policy; :func:`choose_precision` feeds it the hardware facts.
+    """Pure float dtype policy; :func:`plan_precision` builds the per-component plan on it.
 
     ``auto``: bf16 on CUDA with bf16 support, else fp16 on CUDA; bf16 on a CPU with native
     bf16; else fp32. ``fp16`` on CPU is refused (slow and unsupported by many CPU kernels).
@@ -315,23 +315,6 @@ def decide_precision(
         _log.warning("this CPU has no native bf16; expect it to be slower than fp32",
                      option=option, value="bf16")
     return _DTYPES[value]
-
-
-def choose_precision(
-    requested: str, device: torch.device, *, option: str = "precision"
-) -> torch.dtype:
-    """Pick the compute dtype for ``device`` (see :func:`decide_precision`) and log it."""
-    on_cuda = device.type == "cuda"
-    dtype = decide_precision(
-        requested,
-        device_type=device.type,
-        cuda_bf16=on_cuda and torch.cuda.is_bf16_supported(),
-        cpu_bf16=device.type == "cpu" and cpu_supports_bf16(),
-        option=option,
-    )
-    _log.info("inference precision chosen", dtype=str(dtype), device=str(device),
-              requested=requested)
-    return dtype
 
 
 def available_cores() -> int:
