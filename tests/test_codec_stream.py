@@ -9,8 +9,7 @@ import torch
 from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import make_window
 from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer, CodecTokens, codec_preset
-from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
-from streamcap.models.codecs.streaming import _Fed as _fed
+from streamcap.models.codecs.streaming import FedAudio, StreamingCodec, StreamingOptions
 
 torch.set_num_threads(1)
 SR = 24000
@@ -193,7 +192,7 @@ def test_a_batch_of_sources_gets_each_sources_own_codes(
             fed = [{"source_id": s, "epoch": 0, "start_sample": start,
                     "audio": x[start : start + WIN]} for s, x in streams.items()]
             calls.clear()
-            together = batched.feed_batch([_fed(**f) for f in fed])
+            together = batched.feed_batch([FedAudio(**f) for f in fed])
             if start > 0:  # steady state: one call for the fresh chunks, one for the edges
                 assert calls == [3, 3]
             for f, got in zip(fed, together, strict=True):
