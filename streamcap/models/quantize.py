@@ -42,7 +42,10 @@ INT8_COMPONENTS: Final = ("decoder", "text_encoder", "fluency", "encoder", "audi
 """Components :func:`quantize_components` can make int8: ``decoder`` (the BART decoder's
 linears and the LM head), ``text_encoder`` (the retriever's), ``fluency`` (the fluency
 filter's BERT, not its 2-class head), ``encoder`` (the BART encoder's linears) and ``audio`` (CNext's
-pointwise linears)."""
+pointwise linears). No precision plan offers ``encoder`` or ``audio``
+(:data:`streamcap.models.runtime.INT8_EXPLICIT`); they stay so that
+``bench/cpu_precision.py`` measures them through the real captioner
+(``build_captioner(..., int8=[name])``), the same code path a plan would take."""
 
 
 def int8_engine_available() -> bool:
