@@ -432,9 +432,11 @@ def markdown(report: dict[str, Any]) -> str:
              (f"CPU {m['cpu']} ({m['machine']}, {m['cores']} cores), flags found: "
               f"{', '.join(m['flags']) or 'none'}; native bf16: {m['native_bf16']}; torch "
               f"{m['torch']}, onnxruntime {m['onnxruntime'] or 'not installed'}; "
-              f"{m['threads']} torch threads. Load average (1 min) "
-              f"{report['load_start'][0]:.2f} at start, {report['load_end'][0]:.2f} at end: "
-              "the machine is shared, timings are noisy."), "",
+              f"{m['threads']} torch threads. Load average (1 min) at start and end of each "
+              "run: " + "; ".join(f"{r['part']} {r['load_start'][0]:.2f} to "
+                                  f"{r.get('load_end', r['load_start'])[0]:.2f}"
+                                  for r in report.get("runs", []))
+              + ": the machine is shared, timings are noisy."), "",
              f"## Speed: `{report.get('speed', {}).get('preset')}` preset, random weights", "",
              ("Seconds per call, median (min) of interleaved runs; speed-up over fp32 (of the "
               "medians) in bold. Load average (1 min) when this part started: "
