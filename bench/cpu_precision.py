@@ -21,10 +21,14 @@ embeddings / hidden states, next-token agreement of the decoder under teacher fo
 Part 2, **agreement on trained weights**: the demo bundle captions held-out scenes
 (``bench/scenes``: synthesised independently of the training data, as in
 ``bench/demo_honesty.py``): one event scene per sound type at 20 and at 5 dB SNR, plus
-every sixth silence/background scene (32 windows). Each variant (one component int8, all of
-``precision = "int8"``'s components, ONNX Runtime DAC) is compared with float32 window
-by window with the same random stream (the decoding generator is reseeded per window),
-and float32 with another random stream gives the noise floor of sampling itself:
+every sixth silence/background scene (34 windows). Decoding is nucleus sampling with
+reranking (``mode = "sample"``, set explicitly: the demo bundle's own default is beam
+search, which would skip the text encoder and the fluency filter), with the daemon's
+default candidates. Each variant (one component int8, all of ``precision = "int8"``'s
+components, ONNX Runtime DAC) is compared with float32 window by window with the same
+decoding seed (each window draws from its own stream seeded from the seed, its source and
+its sequence number, so both draw the same random numbers), and float32 with another
+seed gives the noise floor of sampling itself:
 identical chosen caption, identical abstention, the share of windows whose caption names
 the right sound (or quiet; judged as in ``bench/demo_honesty.py``), cosine of the retriever's audio
 embedding, cosine of the text embeddings of float32's candidates, fluency error
@@ -289,11 +293,11 @@ def scene_windows(rates: tuple[int, ...]) -> list[tuple[EvalScene, Window]]:
     return out
 
 
-def caption_all(cap: Captioner, windows: Sequence[tuple[EvalScene, Window]], seed: int = 1000
+def caption_all(cap: Captioner, windows: Sequence[tuple[EvalScene, Window]]
                 ) -> list[dict[str, Any]]:
+    """Caption each window alone; its random stream comes from the captioner's seed."""
     rows = []
-    for i, (scene, window) in enumerate(windows):
-        cap.task.generator.manual_seed(seed + i)
+    for scene, window in windows:
         t = time.perf_counter()
         result = cap.caption(window)
         c = result.caption
@@ -305,9 +309,16 @@ def caption_all(cap: Captioner, windows: Sequence[tuple[EvalScene, Window]], see
     return rows
 
 
+def sampling(seed: int) -> DecodingOptions:
+    """Sampling with reranking, whatever the bundle's default mode (explicit wins over it)."""
+    return DecodingOptions(mode="sample", seed=seed, explicit=frozenset({"mode", "seed"}))
+
+
 def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[str, Any]:
-    decoding = DecodingOptions(seed=0)
+    load_start = os.getloadavg()
+    decoding = sampling(0)
     ref = build_captioner(model, decoding, device=torch.device("cpu"), dtype=torch.float32)
+    assert ref.decoding.mode == "sample", ref.decoding
     windows = scene_windows(ref.sample_rates_hz)
     if quick:
         windows = windows[:4]
@@ -315,7 +326,7 @@ def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[st
     ref_rows = caption_all(ref, windows)
     variants: dict[str, Captioner] = {
         # the noise floor: the same fp32 model with another random stream
-        "fp32, another seed": build_captioner(model, decoding, device=torch.device("cpu"),
+        "fp32, another seed": build_captioner(model, sampling(1), device=torch.device("cpu"),
                                               dtype=torch.float32)}
     for name in ("decoder", "text_encoder", "fluency", "encoder", "audio"):
         variants[f"int8:{name}"] = build_captioner(model, decoding, device=torch.device("cpu"),
@@ -334,11 +345,14 @@ def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[st
         cap._stream = StreamingCodec(ort_codec, streaming_options(ort_codec))
         variants["onnxruntime:codec"] = cap
     report: dict[str, Any] = {"model": model, "windows": len(windows),
+                              "decoding": {"mode": ref.decoding.mode,
+                                           "n_candidates": ref.decoding.n_candidates,
+                                           "seed": 0, "noise_floor_seed": 1},
                               "fp32_right": round(float(np.mean([r["right"] for r in ref_rows])), 4),
                               "fp32_seconds_per_window": round(statistics.median(
                                   r["seconds"] for r in ref_rows), 4), "variants": {}}
     for name, cap in variants.items():
-        rows = caption_all(cap, windows, 5000 if name.startswith("fp32") else 1000)
+        rows = caption_all(cap, windows)
         same_text = [a["text"] == b["text"] for a, b in zip(ref_rows, rows, strict=True)]
         same_abst = [a["abstained"] == b["abstained"] for a, b in zip(ref_rows, rows, strict=True)]
         emb = torch.stack([cosines(a["embedding"][None], b["embedding"][None])[0]
@@ -379,6 +393,7 @@ def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[st
                                    if a["text"] != b["text"]][:8],
         }
         print(f"{name}: same caption {np.mean(same_text):.3f}", flush=True)
+    report["load_start"], report["load_end"] = load_start, os.getloadavg()
     return report
 
 
@@ -417,9 +432,11 @@ def markdown(report: dict[str, Any]) -> str:
              (f"CPU {m['cpu']} ({m['machine']}, {m['cores']} cores), flags found: "
               f"{', '.join(m['flags']) or 'none'}; native bf16: {m['native_bf16']}; torch "
               f"{m['torch']}, onnxruntime {m['onnxruntime'] or 'not installed'}; "
-              f"{m['threads']} torch threads. Load average (1 min) "
-              f"{report['load_start'][0]:.2f} at start, {report['load_end'][0]:.2f} at end: "
-              "the machine is shared, timings are noisy."), "",
+              f"{m['threads']} torch threads. Load average (1 min) at start and end of each "
+              "run: " + "; ".join(f"{r['part']} {r['load_start'][0]:.2f} to "
+                                  f"{r.get('load_end', r['load_start'])[0]:.2f}"
+                                  for r in report.get("runs", []))
+              + ": the machine is shared, timings are noisy."), "",
              f"## Speed: `{report.get('speed', {}).get('preset')}` preset, random weights", "",
              ("Seconds per call, median (min) of interleaved runs; speed-up over fp32 (of the "
               "medians) in bold. Load average (1 min) when this part started: "
@@ -432,11 +449,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['what']} | {fmt_times(row['times'])} | {agree} |")
     a = report.get("agreement", {"model": None, "windows": 0, "fp32_seconds_per_window": 0.0,
                                  "variants": {}})
+    dec = a.get("decoding", {"mode": "beam (the bundle's default)", "n_candidates": "-"})
     lines += ["", (f"## Agreement: `{a['model']}` (trained), {a['windows']} held-out scene "
-                   "windows, sampling with the same seed per window"), "",
+                   f"windows, decoding mode {dec['mode']} ({dec['n_candidates']} candidates), "
+                   "the same seed as fp32 (fp32, another seed: the noise floor)"), "",
               (f"fp32 median {a['fp32_seconds_per_window']:.3f} s per window; fp32 names the "
                f"right sound (or quiet) in {a.get('fp32_right', 0):.3f} of the windows "
-               "(`right`, judged as in `bench/demo_honesty.py`)."), "",
+               "(`right`, judged as in `bench/demo_honesty.py`)."
+               + (f" Load average (1 min) {a['load_start'][0]:.2f} when this part started, "
+                  f"{a['load_end'][0]:.2f} when it ended." if "load_start" in a else "")), "",
               ("| variant | s/window | same caption | same abstention | right | audio emb cos min | "
                "text emb cos min | fluency p diff max | fluency flags same | "
                "codes/codebook min |"),

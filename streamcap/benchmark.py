@@ -68,9 +68,6 @@ if TYPE_CHECKING:
     from streamcap.models.decoding.abstain import AbstentionOptions
     from streamcap.models.decoding.options import DecodingOptions
 
-RELEVANT_CPU_FLAGS: Final = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
-                             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-"""The /proc/cpuinfo flags that decide which precision paths are fast."""
 INPUT_RATE_HZ: Final = 48000
 BLOCK_S: Final = 0.1
 MAX_SOURCES: Final = 100_000
@@ -105,8 +102,8 @@ class MachineFacts:
     """What decides the speed: CPU model and features, threads, library versions, device."""
 
     cpu_model: str
-    cpu_flags: tuple[str, ...]  # the RELEVANT_CPU_FLAGS this CPU has
-    cpu_flags_missing: tuple[str, ...]  # the RELEVANT_CPU_FLAGS it lacks
+    cpu_flags: tuple[str, ...]  # the runtime.CPU_FLAGS this CPU has
+    cpu_flags_missing: tuple[str, ...]  # the runtime.CPU_FLAGS it lacks
     cores: int
     torch_threads: int
     torch_version: str
@@ -114,12 +111,6 @@ class MachineFacts:
     platform: str
     device: str
     gpu: GpuFacts | None = None
-
-
-def relevant_flags(flags: frozenset[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(found, missing) among :data:`RELEVANT_CPU_FLAGS`."""
-    return (tuple(f for f in RELEVANT_CPU_FLAGS if f in flags),
-            tuple(f for f in RELEVANT_CPU_FLAGS if f not in flags))
 
 
 def cpu_model_name(cpuinfo: str) -> str:
@@ -152,10 +143,10 @@ def machine_facts(device: torch.device) -> MachineFacts:
     """Read the facts of this machine (and of ``device`` when it is a CUDA card)."""
     import torch
 
-    from streamcap.models.runtime import available_cores, parse_cpu_flags
+    from streamcap.models.runtime import available_cores, cpu_features
 
     cpuinfo = _read_cpuinfo()
-    found, missing = relevant_flags(parse_cpu_flags(cpuinfo))
+    features = cpu_features()
     gpu: GpuFacts | None = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -164,7 +155,7 @@ def machine_facts(device: torch.device) -> MachineFacts:
                        cuda_version=str(torch.version.cuda))
     return MachineFacts(
         cpu_model=cpu_model_name(cpuinfo) or platform.processor() or platform.machine(),
-        cpu_flags=found, cpu_flags_missing=missing, cores=available_cores(),
+        cpu_flags=features.found, cpu_flags_missing=features.missing, cores=available_cores(),
         torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
         python_version=platform.python_version(), platform=platform.platform(),
         device=str(device), gpu=gpu)

@@ -34,6 +34,9 @@ _T = TypeVar("_T")
 
 BATCH_SIZE_BUCKETS: Final = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 """Buckets of ``streamcap_inference_batch_size`` (``[model] batch_max`` is at most 256)."""
+BATCH_RECOVERY: Final = 10
+"""Successful captioner calls after which a worker whose batch size a failed batch
+halved goes back to ``batch_max``."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -260,13 +263,18 @@ class InferenceWorker:
     any other. The batch goes to ``captioner.caption_batch`` in one call on the
     inference thread. Should that call raise, each of its windows is captioned alone,
     so that one bad window does not lose the others; each window that still fails is
-    counted in ``streamcap_inference_failures_total``. Results are published per
+    counted in ``streamcap_inference_failures_total``. A failed batch also halves the
+    worker's batch size (:attr:`batch_limit`; counted in
+    ``streamcap_inference_batch_failures_total`` and logged), so a batch that always fails
+    (out of memory) does not cost every window twice for ever; after
+    :data:`BATCH_RECOVERY` successful batches it is back to ``batch_max``. Results are published per
     window, in batch order, each with the batch's wall time as ``latency_ms`` and its
     own ``lag_s``.
 
     On shutdown, :meth:`finish_by` bounds the drain: the worker starts no batch it
-    does not expect to finish by the deadline (expected: as long as the last one
-    took), and returns, leaving the rest in the queue.
+    does not expect to finish by the deadline (expected: the last call's seconds per
+    window, :attr:`per_window_s`, times the windows the next batch can hold), and
+    returns, leaving the rest in the queue.
 
     Args:
         captioner: runs on the inference thread through ``run_blocking``.
@@ -312,6 +320,10 @@ class InferenceWorker:
         self._run = run_blocking
         self._clock = clock or SystemClock()
         self.batch_max = batch_max
+        self.batch_limit = batch_max
+        """The largest batch the worker forms now: ``batch_max``, or less for a while after
+        a batch failed."""
+        self._good_calls = 0  # successful batches since the limit was last lowered
         self.batch_wait_s = batch_wait_s
         self.processed = 0
         self.failed = 0
@@ -319,6 +331,8 @@ class InferenceWorker:
         self.last_lag_s = 0.0
         self.last_latency_s = 0.0
         """Wall time of the last captioner call (a whole batch)."""
+        self.per_window_s = 0.0
+        """Wall time per window of the last captioner call (its seconds / its windows)."""
         self.in_flight: tuple[Window, ...] = ()
         """The windows taken from the queue whose results are not published yet: the batch
         being gathered or captioned (lost if the worker is cancelled)."""
@@ -339,6 +353,10 @@ class InferenceWorker:
             "streamcap_captions_total", "Captions published, by source", ["source"])
         self._failures = metrics.counter(
             "streamcap_inference_failures_total", "Windows whose captioning raised", ["source"])
+        self._batch_failures = metrics.counter(
+            "streamcap_inference_batch_failures_total",
+            "Captioner calls of several windows that raised (the windows were retried one at "
+            "a time and the batch size halved for a while)")
         self._skipped = metrics.counter(
             "streamcap_windows_skipped_total",
             "Windows the captioner chose not to caption, by source and reason",
@@ -350,7 +368,14 @@ class InferenceWorker:
         self._deadline = deadline
 
     def _may_start(self) -> bool:
-        return self._deadline is None or time.monotonic() + self.last_latency_s < self._deadline
+        if self._deadline is None:
+            return True
+        return time.monotonic() + self.per_window_s * self.expected_batch() < self._deadline
+
+    def expected_batch(self) -> int:
+        """Windows the next batch is expected to hold: those waiting, up to the batch limit
+        (at least one)."""
+        return max(1, min(self.batch_limit, len(self._queue)))
 
     async def run(self) -> None:
         """Consume the queue until it is closed and drained, or :meth:`finish_by` says stop."""
@@ -368,7 +393,7 @@ class InferenceWorker:
         batch: tuple[Window, ...] = (first,)
         self.in_flight = batch
         deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.batch_max:
+        while len(batch) < self.batch_limit:
             more = self._queue.take(exclude={w.source_id for w in batch})
             if more is not None:
                 batch = self.in_flight = (*batch, more)
@@ -378,10 +403,6 @@ class InferenceWorker:
                 break
             await self._queue.wait_for_offer(remaining)
         return batch
-
-    async def process(self, window: Window) -> None:
-        """Caption one window alone and publish it (a batch of one)."""
-        await self.process_batch((window,))
 
     async def process_batch(self, batch: Sequence[Window]) -> None:
         """Caption ``batch`` (windows of distinct sources) in one call and publish each result."""
@@ -398,11 +419,13 @@ class InferenceWorker:
                 self.in_flight = ()
                 self._count_failure(windows[0])
                 return
+            self._batch_failed(len(windows))
             _log.warning("batch captioning failed; captioning its windows one at a time",
                          windows=[w.window_id for w in windows],
-                         error=f"{type(exc).__name__}: {exc}")
+                         error=f"{type(exc).__name__}: {exc}", batch_limit=self.batch_limit)
             await self._one_at_a_time(windows, started)
             return
+        self._batch_done()
         latency_s = time.monotonic() - started
         self._observe(latency_s, len(windows), results)
         for n, (window, result) in enumerate(zip(windows, results, strict=True)):
@@ -425,6 +448,22 @@ class InferenceWorker:
             self._observe(time.monotonic() - call_started, 1, results)
             self._deliver(window, results[0], time.monotonic() - started, 1)
 
+    def _batch_failed(self, size: int) -> None:
+        """A call of ``size`` windows raised: halve the batch size for the next batches."""
+        self._batch_failures.inc()
+        self.batch_limit = max(1, min(self.batch_limit, size) // 2)
+        self._good_calls = 0
+
+    def _batch_done(self) -> None:
+        """A batch call succeeded: after :data:`BATCH_RECOVERY` of them, back to ``batch_max``."""
+        if self.batch_limit == self.batch_max:
+            return
+        self._good_calls += 1
+        if self._good_calls >= BATCH_RECOVERY:
+            self.batch_limit = self.batch_max
+            _log.info("batch size restored", batch_limit=self.batch_limit,
+                      after_batches=self._good_calls)
+
     def _count_failure(self, window: Window) -> None:
         self.failed += 1
         self._failures.inc(1, window.source_id)
@@ -436,6 +475,7 @@ class InferenceWorker:
         """One captioner call: its wall time, its size and its stages (the whole batch's)."""
         self.batches += 1
         self.last_latency_s = seconds
+        self.per_window_s = seconds / size
         self._seconds.observe(seconds, "total")
         self._batch_size.observe(size)
         captioned = next((r for r in results if isinstance(r, CaptionResult)), None)

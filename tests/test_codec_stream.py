@@ -10,8 +10,7 @@ from streamcap.errors import ConfigError, ModelError
 from streamcap.messages import make_window
 from streamcap.models.codecs import base as codec_base
 from streamcap.models.codecs.dac import CodecConfig, CodecTokenizer, CodecTokens, codec_preset
-from streamcap.models.codecs.streaming import StreamingCodec, StreamingOptions
-from streamcap.models.codecs.streaming import _Fed as _fed
+from streamcap.models.codecs.streaming import FedAudio, StreamingCodec, StreamingOptions
 
 torch.set_num_threads(1)
 SR = 24000
@@ -198,7 +197,7 @@ def test_a_batch_of_sources_gets_each_sources_own_codes(
             fed = [{"source_id": s, "epoch": 0, "start_sample": start,
                     "audio": x[start : start + WIN]} for s, x in streams.items()]
             calls.clear()
-            together = batched.feed_batch([_fed(**f) for f in fed])
+            together = batched.feed_batch([FedAudio(**f) for f in fed])
             if start > 0:  # steady state: the fresh chunks, then the edges
                 assert calls == ([3, 3] if cpu_batch > 1 else [1] * 6)
             for f, got in zip(fed, together, strict=True):

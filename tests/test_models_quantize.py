@@ -90,8 +90,12 @@ def test_bad_requests_are_model_errors() -> None:
                         int8=["decoder"])
 
 
-def test_a_bf16_linear_is_quantized_from_float32() -> None:
+def test_a_bf16_linear_is_refused_not_converted() -> None:
     model = nn.Sequential(nn.Linear(8, 4), nn.ReLU()).to(torch.bfloat16)
+    with pytest.raises(ModelError, match=r"needs float32 layers; layer '0' is torch\.bfloat16"):
+        quantize_linears(model)
+    assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.bfloat16  # untouched
+    model.float()
     assert quantize_linears(model) == 1
     assert isinstance(model[0], DYNAMIC)
     out = model(torch.ones(2, 8))

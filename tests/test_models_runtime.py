@@ -29,15 +29,16 @@ BF16 = CpuFeatures(flags=frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}),
 OLD = CpuFeatures(flags=frozenset(), bf16_kernels=False, int8_engine=True)
 
 
-def test_auto_on_avx2_without_bf16_is_fp32_with_int8_where_it_agrees() -> None:
+def test_auto_on_avx2_without_bf16_is_fp32_everywhere() -> None:
+    # int8 quantizes a batch's activations with one scale: auto never picks it
+    assert INT8_AUTO == ()
     plan = plan_precision("auto", "cpu", AVX2)
-    assert plan.dtype == torch.float32
-    assert plan.int8 == frozenset(INT8_AUTO)
+    assert plan.dtype == torch.float32 and plan.int8 == frozenset()
     by = plan.by_component()
     assert list(by) == list(COMPONENTS)
-    assert {k for k, v in by.items() if v == "int8"} == set(INT8_AUTO)
-    assert {v for k, v in by.items() if k not in INT8_AUTO} == {"fp32"}
+    assert set(by.values()) == {"fp32"}
     assert "avx2" in plan.reason and "no avx512f" in plan.reason and "no native bf16" in plan.reason
+    assert "int8 is opt-in" in plan.reason
 
 
 def test_auto_on_a_bf16_cpu_is_bf16_with_the_codec_in_fp32_unless_asked() -> None:
@@ -59,7 +60,7 @@ def test_the_bf16_flag_without_torch_kernels_is_not_native_bf16() -> None:
 def test_auto_without_avx2_stays_fp32_everywhere() -> None:
     plan = plan_precision("auto", "cpu", OLD)
     assert plan.int8 == frozenset() and set(plan.by_component().values()) == {"fp32"}
-    assert "no AVX2 int8" in plan.reason
+    assert "no native bf16: fp32" in plan.reason
 
 
 @pytest.mark.parametrize(("cuda_bf16", "dtype", "name"),
@@ -106,6 +107,9 @@ def test_cpu_features_keep_the_relevant_flags(tmp_path: Path) -> None:
     assert not features.native_bf16  # no avx512_bf16 / amx_bf16 listed
     assert cpu_features(tmp_path / "absent").flags == frozenset()
     assert "avx2 fma avx512f amx_tile" in features.describe()
+    assert features.found == ("avx2", "fma", "avx512f", "amx_tile")
+    assert set(features.found) | set(features.missing) == set(CPU_FLAGS)
+    assert not set(features.found) & set(features.missing)
 
 
 def test_choose_plan_logs_one_line_with_every_component(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,8 +119,20 @@ def test_choose_plan_logs_one_line_with_every_component(monkeypatch: pytest.Monk
     [line] = [e for e in logs if e["event"] == "inference precision chosen"]
     assert line["plan"] == plan.summary()
     assert all(f"{c}=" in line["plan"] for c in COMPONENTS)
-    assert all(f"{c}=int8" in line["plan"] for c in INT8_AUTO)
+    assert "int8" not in line["plan"]
     assert "codec=fp32" in line["plan"] and "avx2" in line["why"]
+
+
+def test_the_runtime_names_the_config_key_of_a_refused_precision(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    with pytest.raises(ModelError, match=r"^model\.precision = 'int8': int8 runs on the CPU only"):
+        InferenceRuntime(RuntimeOptions(device="cuda", precision="int8", num_threads=1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"^model\.device = 'cuda': CUDA is not available"):
+        InferenceRuntime(RuntimeOptions(device="cuda", precision="auto", num_threads=1))
 
 
 async def test_the_runtime_holds_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:

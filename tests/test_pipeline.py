@@ -31,7 +31,13 @@ from streamcap.config import parse_config
 from streamcap.daemon import Daemon
 from streamcap.messages import Caption, CaptionResult, Embedding, Published, Window, make_window
 from streamcap.models.runtime import THREAD_NAME_PREFIX, InferenceRuntime, RuntimeOptions
-from streamcap.pipeline import InferenceWorker, RoundRobinWindows, SkippedWindow, WindowQueue
+from streamcap.pipeline import (
+    BATCH_RECOVERY,
+    InferenceWorker,
+    RoundRobinWindows,
+    SkippedWindow,
+    WindowQueue,
+)
 from streamcap.stats import Metrics
 
 WAIT_S = scaled(30.0)  # upper bound for something that must happen; never a timing assertion
@@ -619,6 +625,52 @@ async def test_a_raising_batch_is_retried_window_by_window(runtime: InferenceRun
     assert sample_value(text, "streamcap_inference_batch_size_count") == 2
 
 
+async def test_a_batch_that_always_fails_halves_the_batch_size_for_a_while(
+        runtime: InferenceRuntime) -> None:
+    """A captioner that runs out of memory above two windows: each failed batch halves
+    the batch size (counted), so the retries stop doubling the work; after BATCH_RECOVERY
+    successful batches the worker tries batch_max again."""
+
+    class OutOfMemoryAbove2(HeldCaptioner):
+        def caption_batch(self, windows: Sequence[Window]) -> list[CaptionResult]:
+            results = super().caption_batch(windows)
+            if len(windows) > 2:
+                raise MemoryError(f"out of memory for {len(windows)} windows")
+            return results
+
+    captioner = OutOfMemoryAbove2()
+    metrics = Metrics()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, metrics, batch_max=8)
+    captioner.permits.release(1000)
+    sources = "abcdefgh"
+
+    async def hop(seq: int) -> list[int]:
+        """One window of every source; the sizes of the calls that captioned them."""
+        before = len(captioner.calls)
+        for source in sources:
+            q.offer(window(seq, source))
+        while len(q):
+            await asyncio.wait_for(worker.process_batch(await worker.gather()), WAIT_S)
+        return [len(call) for call in captioner.calls[before:]]
+
+    def batch_failures() -> float:
+        return sample_value(metrics.render(), "streamcap_inference_batch_failures_total")
+
+    assert await hop(0) == [8] + [1] * 8  # failed, each window alone
+    assert (worker.batch_limit, batch_failures()) == (4, 1)
+    assert await hop(1) == [4, 1, 1, 1, 1, 2, 2]  # failed again at 4; 2 works
+    assert (worker.batch_limit, batch_failures()) == (2, 2)
+    assert await hop(2) == [2, 2, 2, 2]  # 6 successful batches at 2
+    assert await hop(3) == [2, 2, 2, 2]  # the 10th restores batch_max
+    assert BATCH_RECOVERY == 10 and worker.batch_limit == 8
+    assert await hop(4) == [8] + [1] * 8  # tried again, halved again
+    assert (worker.batch_limit, batch_failures()) == (4, 3)
+    assert worker.failed == 0 and worker.processed == 5 * len(sources)
+    assert len(captions_of(published)) == 5 * len(sources)
+
+
 async def test_the_batch_in_flight_is_every_window_not_yet_published(
         runtime: InferenceRuntime) -> None:
     """What the daemon counts as lost when it cancels the worker on shutdown."""
@@ -708,6 +760,34 @@ async def test_finish_by_starts_no_batch_expected_to_end_after_the_deadline(
     captioner.permits.release()
     await asyncio.wait_for(worker.run(), WAIT_S)
     assert captioner.calls[1] == [("a", 1), ("b", 1)] and len(q) == 0
+
+
+async def test_finish_by_scales_the_time_per_window_by_the_next_batch(
+        runtime: InferenceRuntime) -> None:
+    """The last call may have held one window (a solo retry, a quiet moment): the drain
+    estimate is seconds per window times the windows the next batch will hold."""
+    captioner = HeldCaptioner()
+    published: list[Published] = []
+    q = WindowQueue(4)
+    worker = batch_worker(captioner, q, runtime, published, Metrics(), batch_max=8)
+    captioner.permits.release()
+    await asyncio.wait_for(worker.process_batch([window(0, "a")]), WAIT_S)
+    assert worker.per_window_s == worker.last_latency_s > 0  # a call of one window
+    worker.per_window_s = 10.0  # a known time per window (the fake takes none)
+    for source in "abcd":
+        q.offer(window(1, source))
+    assert worker.expected_batch() == 4
+    worker.finish_by(time.monotonic() + 25.0)  # two windows' time, not four
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert len(captioner.calls) == 1 and len(q) == 4
+    q.take()
+    q.take()
+    q.close()
+    assert worker.expected_batch() == 2  # now it fits
+    captioner.permits.release()
+    await asyncio.wait_for(worker.run(), WAIT_S)
+    assert captioner.calls[1:] == [[("c", 1), ("d", 1)]] and len(q) == 0
+    assert worker.per_window_s == pytest.approx(worker.last_latency_s / 2)
 
 
 # --------------------------------------------------------------------------- through the Daemon

@@ -13,10 +13,11 @@ from streamcap.errors import ModelError
 from streamcap.models import runtime as runtime_mod
 from streamcap.models.runtime import (
     THREAD_NAME_PREFIX,
+    CpuFeatures,
     InferenceRuntime,
     RuntimeOptions,
     choose_device,
-    choose_precision,
+    choose_plan,
     cpu_supports_bf16,
     decide_precision,
     parse_cpu_flags,
@@ -98,11 +99,13 @@ def test_decide_precision_errors() -> None:
         decide_precision("int4", device_type="cpu", cuda_bf16=False, cpu_bf16=False)
 
 
-def test_choose_precision_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime_mod, "cpu_supports_bf16", lambda: False)
-    assert choose_precision("auto", torch.device("cpu")) == torch.float32
-    monkeypatch.setattr(runtime_mod, "cpu_supports_bf16", lambda: True)
-    assert choose_precision("auto", torch.device("cpu")) == torch.bfloat16
+def test_choose_plan_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime_mod, "cpu_features",
+                        lambda: CpuFeatures(flags=frozenset({"avx2"}), bf16_kernels=True))
+    assert choose_plan("auto", torch.device("cpu")).dtype == torch.float32
+    monkeypatch.setattr(runtime_mod, "cpu_features", lambda: CpuFeatures(
+        flags=frozenset({"avx2", "avx512_bf16"}), bf16_kernels=True))
+    assert choose_plan("auto", torch.device("cpu")).dtype == torch.bfloat16
 
 
 async def test_run_on_one_dedicated_thread_in_inference_mode() -> None:

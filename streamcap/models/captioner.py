@@ -4,8 +4,11 @@
 (:meth:`Captioner.caption` is a batch of one: one code path), on the inference thread:
 
 1. **codec**: DAC codes of each window at 24 kHz, from its source's streaming
-   cache (each hop of new audio is encoded once); one window after another
-   (the chunks are long convolutions: batching them gains little on a CPU);
+   cache (each hop of new audio is encoded once), through the streaming codec's
+   batched path (:meth:`~streamcap.models.codecs.streaming.StreamingCodec.codes_for_batch`):
+   on a GPU the windows' chunks of equal length go through the encoder in one call, at
+   most :data:`~streamcap.models.codecs.base.MAX_CODEC_BATCH` (32) clips per call; on a
+   CPU each chunk is encoded alone (batching there was slower);
 2. **retriever audio**: CNext clip embedding (EnCLAP's row 0) and the joint
    audio embedding (published as the window's ``Embedding``), at 32 kHz, one
    CNext batch per window length (padding would change an embedding);
@@ -27,8 +30,11 @@
 
 Each window samples from its own random stream
 (:meth:`~streamcap.models.decoding.task.DecodingTask.stream_for`): with a decoding seed,
-seeded from ``(seed, source_id, seq)``, so a window's caption is the same alone or in
-any batch, in any order, whatever was captioned before (scores up to float rounding).
+seeded from ``(seed, source_id, seq)``, so with float components a window's caption is
+the same alone or in any batch, in any order, whatever was captioned before (scores up
+to float rounding). Components in dynamic int8 (``int8``, opt-in) quantize each call's
+activations with one scale for the whole batch: a window's scores (and, through an int8
+decoder, rarely its caption) can then depend on the windows batched with it.
 A batch's results carry ``batch_size`` and the whole batch's seconds per stage.
 
 Two compositions exist (the bundle manifest names them: component ``codec`` has
@@ -100,7 +106,8 @@ class Captioner:
         codec_dtype: precision of the DAC encoder (its quantizer is always
             float32); float32 by default because lower precision changes codes.
         int8: components whose linear layers run dynamic int8 (CPU, float32 only; see
-            :func:`streamcap.models.quantize.quantize_components`).
+            :func:`streamcap.models.quantize.quantize_components`); they break the exact
+            independence of batched windows (see the module docstring).
     """
 
     def __init__(self, components: Components, decoding: DecodingOptions,

@@ -1,16 +1,21 @@
 """Dynamic int8 quantization of the captioner's linear layers (CPU only).
 
 Dynamic int8 stores each :class:`torch.nn.Linear`'s weight as int8 (per output
-channel) and quantizes the activations on the fly, row by row; the matrix product
-runs in int8 with int32 accumulation (x86: the fbgemm kernels, which need AVX2) and the
-result comes back in float32. Everything else (layer norms, attention, embeddings,
+channel) and quantizes the activations on the fly with one scale and zero point per
+call, taken from the range of the whole input tensor (per tensor, not row by row); the
+matrix product runs in int8 with int32 accumulation (x86: the fbgemm kernels, which need
+AVX2) and the result comes back in float32. Everything else (layer norms, attention, embeddings,
 softmax) stays float32. It suits the models here whose time goes into matrix products
 with few rows: the BART decoder's steps (one token per candidate) and its LM head, and
 the BERT-style text encoders over a handful of short captions.
 
-What it changes, measured against float32 in ``bench/results/cpu_precision.md``;
-:func:`streamcap.models.runtime.plan_precision` decides where ``precision = "auto"``
-uses it.
+Because the scale is per tensor, rows batched together share it: in a batch of windows
+each window's activations are quantized with a scale set partly by the other windows'
+rows, so its scores (and, for the decoder, rarely its caption) can differ from the same
+window captioned alone. That is why ``precision = "auto"`` never picks int8
+(:data:`streamcap.models.runtime.INT8_AUTO` is empty) and ``precision = "int8"`` is
+opt-in; ``[model] batch_max = 1`` gives exact independence with it. What it changes
+against float32 is measured in ``bench/results/cpu_precision.md``.
 
 The quantized layers replace the float ones in place; modules that call a layer
 directly (:class:`~streamcap.models.decoding.inference.SharedCrossInference` calls
@@ -37,7 +42,10 @@ INT8_COMPONENTS: Final = ("decoder", "text_encoder", "fluency", "encoder", "audi
 """Components :func:`quantize_components` can make int8: ``decoder`` (the BART decoder's
 linears and the LM head), ``text_encoder`` (the retriever's), ``fluency`` (the fluency
 filter's BERT, not its 2-class head), ``encoder`` (the BART encoder's linears) and ``audio`` (CNext's
-pointwise linears)."""
+pointwise linears). No precision plan offers ``encoder`` or ``audio``
+(:data:`streamcap.models.runtime.INT8_EXPLICIT`); they stay so that
+``bench/cpu_precision.py`` measures them through the real captioner
+(``build_captioner(..., int8=[name])``), the same code path a plan would take."""
 
 
 def int8_engine_available() -> bool:
@@ -49,23 +57,26 @@ def int8_engine_available() -> bool:
 def quantize_linears(module: nn.Module) -> int:
     """Replace every :class:`torch.nn.Linear` inside ``module`` by a dynamic int8 one.
 
-    The module must be float32 on the CPU. Returns how many layers were replaced
-    (0 when none was left to replace).
+    The module must be float32 on the CPU (nothing is converted: a module in another
+    dtype is refused, so that no caller quantizes weights it did not mean to cast).
+    Returns how many layers were replaced (0 when none was left to replace).
 
     Raises:
-        ModelError: The module is not on the CPU, or this torch has no int8 engine.
+        ModelError: A linear layer is not float32 or not on the CPU (the error names the
+            layer and its dtype or device), or this torch has no int8 engine.
     """
     if not int8_engine_available():
         raise ModelError("int8: this torch build has no quantized engine (fbgemm/x86/qnnpack)")
-    linears = [m for m in module.modules() if type(m) is nn.Linear]
+    linears = [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]
     if not linears:
         return 0
-    for layer in linears:
+    for name, layer in linears:
         if layer.weight.device.type != "cpu":
             raise ModelError(f"int8: dynamic quantization runs on the CPU only "
-                             f"(a layer is on {layer.weight.device})")
+                             f"(layer {name or '(root)'!r} is on {layer.weight.device})")
         if layer.weight.dtype != torch.float32:
-            layer.float()
+            raise ModelError(f"int8: dynamic quantization needs float32 layers; layer "
+                             f"{name or '(root)'!r} is {layer.weight.dtype}")
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to another package; the API still works
         warnings.simplefilter("ignore", DeprecationWarning)

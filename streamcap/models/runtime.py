@@ -14,8 +14,9 @@ is a per-thread setting.
 
 Precision is chosen per component (:class:`PrecisionPlan`, :func:`plan_precision`) from
 what the CPU offers (:func:`cpu_features`): native bf16 where the CPU has it, else
-float32 with dynamic int8 (:mod:`streamcap.models.quantize`) for the components whose
-agreement with float32 held in ``bench/results/cpu_precision.md``.
+float32. Dynamic int8 (:mod:`streamcap.models.quantize`) is opt-in
+(``precision = "int8"``): it quantizes each call's activations with one scale for the
+whole batch, so a window's numbers can depend on the windows batched with it.
 """
 
 from __future__ import annotations
@@ -53,13 +54,17 @@ COMPONENTS: Final = ("codec", "audio", "encoder", "decoder", "text_encoder", "fl
 retriever's CNext audio encoder, the BART encoder, the BART decoder with its LM head,
 the retriever's text encoder and the fluency filter."""
 INT8_EXPLICIT: Final = ("decoder", "text_encoder", "fluency")
-"""Components ``precision = "int8"`` makes int8 (the others stay float32)."""
-INT8_AUTO: Final = ("text_encoder",)
-"""Components ``precision = "auto"`` makes int8 on an AVX2 CPU without native bf16: those
-whose agreement with float32 held on trained weights in ``bench/results/cpu_precision.md``
-(every held-out caption identical). The decoder changed 3 of 34 captions (paraphrases
-naming the same sound) and the fluency filter could not be checked on trained weights
-(the demo bundle has none): both stay opt-in through ``precision = "int8"``."""
+"""Components ``precision = "int8"`` makes int8 (the others stay float32). With it a
+window's scores (and, through the decoder, rarely its caption) can depend on the windows
+batched with it; ``[model] batch_max = 1`` restores exact independence."""
+INT8_AUTO: Final[tuple[str, ...]] = ()
+"""Components ``precision = "auto"`` makes int8 on an AVX2 CPU without native bf16: none.
+Dynamic int8 quantizes a call's activations with one scale per tensor, so in a batch of
+windows each window's rows share a scale with the other windows' rows and its scores
+(for the decoder, rarely its caption) depend on what it was batched with; ``auto`` keeps
+every component in float32 so that a window's result never does. The text encoder's
+captions were identical to fp32 on the demo bundle (``bench/results/cpu_precision.md``);
+it and the decoder and fluency filter stay available through ``precision = "int8"``."""
 THREAD_NAME_PREFIX: Final = "streamcap-infer"
 SIDE_THREADS: Final = 1
 """Torch threads of the side lane (:meth:`InferenceRuntime.run_side`)."""
@@ -113,19 +118,10 @@ def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
 def cpu_supports_bf16(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> bool:
     """Tell whether this CPU runs bf16 matrix maths natively (AVX512-BF16 or AMX-BF16).
 
-    Reads the flags from ``cpuinfo_path``; requires oneDNN (mkldnn) in the torch build
-    and, where torch offers the check, its own bf16 support test. Where cpuinfo cannot
-    be read (not Linux), falls back to torch's check alone.
+    :attr:`CpuFeatures.native_bf16` of :func:`cpu_features`: the flags from
+    ``cpuinfo_path`` (none where it cannot be read) and torch's oneDNN bf16 kernels.
     """
-    mkldnn_ok = bool(torch.backends.mkldnn.is_available())  # type: ignore[no-untyped-call]
-    torch_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if mkldnn_ok and torch_check is not None:
-        mkldnn_ok = bool(torch_check())
-    try:
-        flags = parse_cpu_flags(cpuinfo_path.read_text(encoding="utf-8", errors="replace"))
-    except OSError:
-        return mkldnn_ok
-    return mkldnn_ok and bool(flags & _CPU_BF16_FLAGS)
+    return cpu_features(cpuinfo_path).native_bf16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,10 +150,19 @@ class CpuFeatures:
         """Dynamic int8 linears run on vector int8 kernels (x86 with AVX2; measured there)."""
         return self.int8_engine and "avx2" in self.flags
 
+    @property
+    def found(self) -> tuple[str, ...]:
+        """The :data:`CPU_FLAGS` this CPU has, in that order."""
+        return tuple(f for f in CPU_FLAGS if f in self.flags)
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        """The :data:`CPU_FLAGS` this CPU lacks, in that order."""
+        return tuple(f for f in CPU_FLAGS if f not in self.flags)
+
     def describe(self) -> str:
         """One line for logs: the flags found and the relevant ones missing."""
-        found = [f for f in CPU_FLAGS if f in self.flags]
-        missing = [f for f in CPU_FLAGS if f not in self.flags]
+        found, missing = self.found, self.missing
         parts = [self.machine, " ".join(found) or "none of " + ",".join(CPU_FLAGS)]
         if found and missing:
             parts.append("no " + " ".join(missing))
@@ -223,9 +228,9 @@ def plan_precision(requested: str, device: torch.device | str, features: CpuFeat
     """Pure per-component precision policy (:func:`choose_plan` feeds it the hardware facts).
 
     ``auto``: on CUDA bf16 (fp16 without bf16 support); on a CPU with native bf16, bf16;
-    on a CPU without it, float32, with :data:`INT8_AUTO` in dynamic int8 where the CPU
-    has AVX2 int8 kernels. ``int8``: float32 with :data:`INT8_EXPLICIT` in int8 (CPU
-    only). ``fp32``/``bf16``/``fp16``: that dtype everywhere (see
+    on a CPU without it, float32 everywhere (:data:`INT8_AUTO` is empty: int8 breaks the
+    independence of batched windows). ``int8``: float32 with :data:`INT8_EXPLICIT` in
+    int8 (CPU only). ``fp32``/``bf16``/``fp16``: that dtype everywhere (see
     :func:`decide_precision`). The codec encoder stays float32 unless ``codec_precision``
     is ``"model"`` (then it follows the float dtype).
 
@@ -260,11 +265,10 @@ def plan_precision(requested: str, device: torch.device | str, features: CpuFeat
             if not features.fast_int8:
                 reason += "; no AVX2 int8 kernels: int8 may be slower than fp32"
         elif value == "auto" and dtype == torch.float32:
-            if features.fast_int8:
-                int8 = frozenset(INT8_AUTO)
-                reason += "; no native bf16: fp32, int8 where it agrees with fp32"
-            else:
-                reason += "; no native bf16 and no AVX2 int8: fp32"
+            int8 = frozenset(INT8_AUTO) if features.fast_int8 else frozenset()
+            reason += "; no native bf16: fp32" + (
+                f", int8 for {' '.join(sorted(int8))}" if int8
+                else " (int8 is opt-in: precision = 'int8')")
         elif value == "auto":
             reason += "; native bf16"
     codec_dtype = dtype if codec_precision == "model" else torch.float32
@@ -287,7 +291,7 @@ def choose_plan(requested: str, device: torch.device, *, codec_precision: str = 
 def decide_precision(
     requested: str, *, device_type: str, cuda_bf16: bool, cpu_bf16: bool, option: str = "precision"
 ) -> torch.dtype:
-    """Pure precision policy; :func:`choose_precision` feeds it the hardware facts.
+    """Pure float dtype policy; :func:`plan_precision` builds the per-component plan on it.
 
     ``auto``: bf16 on CUDA with bf16 support, else fp16 on CUDA; bf16 on a CPU with native
     bf16; else fp32. ``fp16`` on CPU is refused (slow and unsupported by many CPU kernels).
@@ -311,23 +315,6 @@ def decide_precision(
         _log.warning("this CPU has no native bf16; expect it to be slower than fp32",
                      option=option, value="bf16")
     return _DTYPES[value]
-
-
-def choose_precision(
-    requested: str, device: torch.device, *, option: str = "precision"
-) -> torch.dtype:
-    """Pick the compute dtype for ``device`` (see :func:`decide_precision`) and log it."""
-    on_cuda = device.type == "cuda"
-    dtype = decide_precision(
-        requested,
-        device_type=device.type,
-        cuda_bf16=on_cuda and torch.cuda.is_bf16_supported(),
-        cpu_bf16=device.type == "cpu" and cpu_supports_bf16(),
-        option=option,
-    )
-    _log.info("inference precision chosen", dtype=str(dtype), device=str(device),
-              requested=requested)
-    return dtype
 
 
 def available_cores() -> int:
@@ -373,9 +360,11 @@ class InferenceRuntime:
                 f"num_threads = {options.num_threads}: expected a positive integer or None"
             )
         self.options: Final = options
-        self.device: Final = choose_device(options.device)
+        # the daemon's only source of these options is its config's [model] table
+        self.device: Final = choose_device(options.device, option="model.device")
         self.plan: Final = choose_plan(options.precision, self.device,
-                                       codec_precision=options.codec_precision)
+                                       codec_precision=options.codec_precision,
+                                       option="model.precision")
         self.dtype: Final = self.plan.dtype
         self.num_threads: Final = options.num_threads or available_cores()
         self._closed = False

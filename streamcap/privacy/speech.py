@@ -123,11 +123,12 @@ class GuardedCaptioner:
         gets its window's ``speech`` verdict, and ``stage_seconds["vad"]`` is the VAD time
         of the whole batch (``stage_seconds`` are the batch's).
 
+        Two windows of one source are refused by the captioner's ``caption_batch`` (this
+        guard only forwards them).
+
         Raises:
-            ValueError: Two windows of one source, or a window without 16 kHz audio.
+            ValueError: A window without 16 kHz audio.
         """
-        if len({w.source_id for w in windows}) < len(windows):
-            raise ValueError("caption_batch: two windows of one source in one batch")
         started = time.perf_counter()
         verdicts = [self.guard.judge(_audio_16k(window)) for window in windows]
         vad_s = time.perf_counter() - started

@@ -322,7 +322,7 @@ class EncodecTokenizer(EncoderQuantizerTokenizer[EncodecCodecConfig, EncodecEnco
         codes = self.encode_tensor(x)
         if codes.shape[-1] != n_frames:  # the encoder's own padding always gives ceil(n / hop)
             raise ModelError(f"codec: encoder returned {codes.shape[-1]} frames for "
-                             f"{samples.shape[0]} samples, expected {n_frames}")
+                             f"{samples.shape[1]} samples, expected {n_frames}")
         return codes
 
     @torch.inference_mode()

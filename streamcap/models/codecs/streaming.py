@@ -97,8 +97,9 @@ class _SourceCache:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class _Fed:
-    """One window's audio handed to :meth:`StreamingCodec.feed_batch`."""
+class FedAudio:
+    """One window's audio handed to :meth:`StreamingCodec.feed_batch` (the arguments of
+    :meth:`StreamingCodec.feed`)."""
 
     source_id: str
     epoch: int
@@ -158,7 +159,9 @@ class StreamingCodec:
         """:meth:`codes_for` of windows of distinct sources, their encodes batched.
 
         In a steady stream every source's new chunk (and re-encoded edge) has the same
-        length, so W windows cost two encoder calls instead of 2W.
+        length, so on a GPU W windows cost ``2 * ceil(W / 32)`` encoder calls instead of
+        2W (at most :data:`~streamcap.models.codecs.base.MAX_CODEC_BATCH` clips per call);
+        on a CPU each chunk is encoded alone (:data:`~streamcap.models.codecs.base.CPU_CODEC_BATCH`).
 
         Raises:
             ValueError: two windows of one source.
@@ -167,7 +170,7 @@ class StreamingCodec:
             raise ValueError("codes_for_batch: two windows of one source")
         rate = self.tokenizer.config.sample_rate_hz
         return self.feed_batch([
-            _Fed(source_id=w.source_id, epoch=w.epoch, start_sample=w.start_sample(rate),
+            FedAudio(source_id=w.source_id, epoch=w.epoch, start_sample=w.start_sample(rate),
                  audio=w.samples(rate)) for w in windows])
 
     def feed(
@@ -188,11 +191,11 @@ class StreamingCodec:
         Raises:
             ModelError: ``audio`` is not 1-D or is not finite.
         """
-        (tokens,) = self.feed_batch([_Fed(source_id=source_id, epoch=epoch,
+        (tokens,) = self.feed_batch([FedAudio(source_id=source_id, epoch=epoch,
                                           start_sample=start_sample, audio=audio)])
         return tokens
 
-    def feed_batch(self, fed: Sequence[_Fed]) -> list[CodecTokens]:
+    def feed_batch(self, fed: Sequence[FedAudio]) -> list[CodecTokens]:
         """:meth:`feed` of several windows (distinct sources): plan each, encode every
         chunk in one :meth:`AudioTokenizer.codes_batch` call, then assemble each."""
         plans = [self._plan(f) for f in fed]
@@ -200,7 +203,7 @@ class StreamingCodec:
         codes = iter(self.tokenizer.codes_batch(chunks))
         return [self._finish(plan, codes) for plan in plans]
 
-    def _plan(self, fed: _Fed) -> _Plan:
+    def _plan(self, fed: FedAudio) -> _Plan:
         samples = np.asarray(fed.audio, dtype=np.float32)
         if samples.ndim != 1:
             raise ModelError(f"codec input: expected mono audio of shape (n,), got {samples.shape}")
