@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 from torch.utils.flop_counter import FlopCounterMode
 
 from streamcap.benchmark import (
@@ -90,7 +91,7 @@ def stage_flops(captioner: Captioner, window: Any) -> dict[str, int]:
     def post(stage: str) -> Any:
         def hook(module: torch.nn.Module, args: Any, _out: Any) -> None:
             counts[stage] += int(counter.get_total_flops()) - before.pop()
-            if hasattr(module, "in_features") and not isinstance(module, torch.nn.Linear):
+            if isinstance(module, Int8Linear):
                 x = args[0]  # a dynamic int8 Linear: 2 * rows * in * out
                 rows = x.numel() // module.in_features
                 flops = 2 * rows * module.in_features * module.out_features
@@ -100,7 +101,8 @@ def stage_flops(captioner: Captioner, window: Any) -> dict[str, int]:
 
     for stage, module in stages.items():
         for leaf in module.modules():
-            if next(leaf.children(), None) is None:
+            # a dynamic int8 Linear holds its packed weights in a child that is never called
+            if next(leaf.children(), None) is None or isinstance(leaf, Int8Linear):
                 handles.append(leaf.register_forward_pre_hook(pre))
                 handles.append(leaf.register_forward_hook(post(stage)))
     try:
