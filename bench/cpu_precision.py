@@ -70,6 +70,7 @@ if str(ROOT) not in sys.path:
 from bench.demo_honesty import judge_scene
 from bench.scenes.generate import SAMPLE_RATE_HZ, EvalScene, render, scene_list
 from streamcap.audio.windowing import Windower
+from streamcap.benchmark import machine_facts
 from streamcap.messages import Window, make_block
 from streamcap.models.bundle.components import build_components
 from streamcap.models.bundle.presets import preset_spec
@@ -402,14 +403,7 @@ def agreement(model: str, threads: int, ort: Any | None, quick: bool) -> dict[st
 
 def machine(threads: int, ort: Any | None) -> dict[str, Any]:
     features = cpu_features()
-    model_name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                model_name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
+    model_name = machine_facts(torch.device("cpu")).cpu_model
     plan = plan_precision("auto", "cpu", features)
     return {"cpu": model_name, "machine": platform.machine(), "cores": os.cpu_count(),
             "flags": sorted(features.flags), "native_bf16": features.native_bf16,
