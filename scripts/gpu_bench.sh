@@ -5,7 +5,8 @@
 #
 # Runs, within an overall time bound (GPU_BENCH_SECONDS, default 420 s, model builds
 # included):
-#   1. bench/multisource.py --device cuda --preset large --sources 1,8,32,64,128
+#   1. bench/multisource.py --device cuda --preset large --sources 1,32,64,128,192
+#      --batch-max 256
 #      -> RESULTS_DIR/multisource_cuda_large.{json,md}: one at a time vs batched, the
 #      number of 10 s / 5 s streams kept up with, GPU name, driver, peak GPU memory;
 #   2. bench/pipeline.py --device cuda --preset large --variants b
@@ -50,8 +51,9 @@ if [ "$quick" = 1 ]; then
 else
     device=${GPU_BENCH_DEVICE:-cuda}
     preset=${GPU_BENCH_PRESET:-large}
-    sources=${GPU_BENCH_SOURCES:-1,8,32,64,128}
-    multi_extra=(--no-warm-each --reps 3)
+    sources=${GPU_BENCH_SOURCES:-1,32,64,128,192}
+    # a GPU gains from batches far larger than the daemon's default batch_max (8)
+    multi_extra=(--no-warm-each --reps 3 --batch-max 256)
     pipe_extra=(--variants b)
 fi
 threads=$(nproc 2>/dev/null || echo 4)
